@@ -1,0 +1,208 @@
+//! Loading the XDP programs, attaching them by interface role, and reading
+//! their maps.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    programs::{Xdp, XdpMode as AyaXdpMode},
+    util::nr_cpus,
+};
+use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names};
+
+use crate::config::{Config, Role, XdpMode};
+
+/// Directory holding this layout version's pins under the configured root.
+pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
+    bpffs_root.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// Maps pinned by the controller so that counters outlive one process.
+const PINNED_MAPS: &[&str] = &[map_names::IF_STATS];
+
+/// A loaded dataplane: the programs are attached while this lives.
+pub struct Dataplane {
+    ebpf: Ebpf,
+}
+
+/// Resolves an interface name to its ifindex in the current network namespace.
+pub fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c_name = std::ffi::CString::new(name).context("interface name contains a NUL byte")?;
+    // SAFETY: c_name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        bail!("interface {name:?} does not exist in this network namespace");
+    }
+    Ok(index)
+}
+
+/// Resolves an ifindex to its name, if it exists in the current namespace.
+pub fn ifname(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated string into buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+fn bpffs_check(root: &Path) -> anyhow::Result<()> {
+    let mut probe = root.to_path_buf();
+    // The root may not exist yet: check the nearest existing ancestor is on bpffs.
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    let c_path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+        .context("bpffs path contains a NUL byte")?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated, st is a valid out pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut st) };
+    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+    if rc != 0 || st.f_type as libc::c_long != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpffs mount. Mount one with `mount -t bpf bpf /sys/fs/bpf`; \
+             note that `ip netns exec` remounts /sys and hides it: use `nsenter --net=/run/netns/NAME` instead",
+            probe.display()
+        );
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// Loads the embedded object with its maps pinned under `bpffs_root`.
+    pub fn load(object: &[u8], bpffs_root: &Path) -> anyhow::Result<Self> {
+        raise_memlock_limit();
+        bpffs_check(bpffs_root)?;
+        let dir = pin_dir(bpffs_root);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+        let mut loader = EbpfLoader::new();
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        let ebpf = loader.load(object).context("loading the eBPF object")?;
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches the program for each interface's role, in the configured mode.
+    pub fn attach_all(&mut self, config: &Config) -> anyhow::Result<()> {
+        let mode = match config.gateway.xdp_mode {
+            XdpMode::Native => AyaXdpMode::Driver,
+            XdpMode::Generic => AyaXdpMode::Skb,
+        };
+        for role in [Role::Consumer, Role::Provider] {
+            let prog_name = match role {
+                Role::Consumer => prog_names::CONSUMER,
+                Role::Provider => prog_names::PROVIDER,
+            };
+            let program: &mut Xdp = self
+                .ebpf
+                .program_mut(prog_name)
+                .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel refused to load {prog_name}"))?;
+            for iface in config.interfaces.iter().filter(|i| i.role == role) {
+                let index = ifindex(&iface.name)?;
+                self.register_interface(index)?;
+                let program: &mut Xdp = self
+                    .ebpf
+                    .program_mut(prog_name)
+                    .ok_or_else(|| anyhow!("program {prog_name} missing"))?
+                    .try_into()?;
+                program.attach_to_if_index(index, mode).map_err(|e| {
+                    let hint = match config.gateway.xdp_mode {
+                        XdpMode::Native => {
+                            "the driver may lack native XDP: set `gateway.xdp_mode: generic` \
+                             (and turn GRO/GSO/TSO off on it), or detach another XDP program \
+                             with `ip link set dev IFACE xdp off`"
+                        }
+                        XdpMode::Generic => {
+                            "another XDP program may be attached: detach it with \
+                             `ip link set dev IFACE xdpgeneric off`"
+                        }
+                    };
+                    anyhow!(
+                        "attaching XDP to interface {:?} failed: {e}. Hint: {hint}",
+                        iface.name
+                    )
+                })?;
+                tracing::info!(interface = %iface.name, ifindex = index, program = prog_name, "XDP attached");
+            }
+        }
+        Ok(())
+    }
+
+    fn register_interface(&mut self, index: u32) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::IF_STATS)
+            .ok_or_else(|| anyhow!("map IF_STATS missing"))?;
+        let mut stats: PerCpuHashMap<_, u32, IfStats> = PerCpuHashMap::try_from(map)?;
+        if stats.get(&index, 0).is_err() {
+            let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+            let zero = PerCpuValues::try_from(vec![IfStats::default(); cpus])?;
+            stats.insert(index, zero, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-interface counters read from the pinned map, summed over CPUs.
+pub fn read_interface_stats(bpffs_root: &Path) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+    let path = pin_dir(bpffs_root).join(map_names::IF_STATS);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {}: is `plink-ctl run` running with this config?",
+            path.display()
+        )
+    })?;
+    let map: PerCpuHashMap<_, u32, IfStats> =
+        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))?;
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (index, per_cpu) = entry?;
+        let mut total = IfStats::default();
+        for v in per_cpu.iter() {
+            total.add(v);
+        }
+        out.insert(index, total);
+    }
+    Ok(out)
+}
+
+/// Removes this layout's pins (what `plink-ctl down` does).
+pub fn remove_pins(bpffs_root: &Path) -> anyhow::Result<bool> {
+    let dir = pin_dir(bpffs_root);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    // Remove the root too when we were its only user.
+    let _ = std::fs::remove_dir(bpffs_root);
+    Ok(true)
+}
+
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer. Kernels with memcg accounting
+    // ignore the limit; failure only matters on old kernels and shows up at load.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if rc != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
