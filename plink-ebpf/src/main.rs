@@ -30,7 +30,7 @@ fn count_interface(ctx: &XdpContext) {
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let len = (ctx.data_end() - ctx.data()) as u64;
     let kind = parse::ether_kind(ctx);
-    if let Some(stats) = maps::IF_STATS.get_ptr_mut(&ifindex) {
+    if let Some(stats) = maps::IF_STATS.get_ptr_mut(ifindex) {
         // Per-CPU slot: plain adds are race-free.
         let stats = unsafe { &mut *stats };
         stats.packets += 1;

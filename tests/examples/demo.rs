@@ -19,7 +19,10 @@ use plink_tests::{
 fn main() -> anyhow::Result<()> {
     netns::require_root_and_tools();
     let mut topo = Topology::new()?;
-    println!("building the topology (namespaces prefixed {})", netns::NETNS_PREFIX);
+    println!(
+        "building the topology (namespaces prefixed {})",
+        netns::NETNS_PREFIX
+    );
     let consumer_a = topo.host("ca")?;
     let consumer_b = topo.host("cb")?;
     let gw = topo.host("gw")?;
@@ -46,8 +49,8 @@ fn main() -> anyhow::Result<()> {
     println!("starting plink-ctl on the gateway with:\n{config}");
     let plink = gateway::start(&mut topo, &gw, &config)?;
 
-    let receiver = provider
-        .run_in(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9999)))??;
+    let receiver =
+        provider.run_in(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9999)))??;
     receiver.set_read_timeout(Some(Duration::from_secs(2)))?;
     send(&consumer_a, 50)?;
     let mut got = 0;
@@ -62,7 +65,10 @@ fn main() -> anyhow::Result<()> {
     println!("\nper-interface counters (plink-ctl stats):");
     print!("{}", plink.ctl(&gw, &["stats"])?);
     let out = topo.stop(plink.child)?;
-    println!("\nplink-ctl stopped ({}); removing the topology", out.status);
+    println!(
+        "\nplink-ctl stopped ({}); removing the topology",
+        out.status
+    );
     drop(topo);
     println!("done: namespaces and pins removed");
     Ok(())

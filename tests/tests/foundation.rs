@@ -78,8 +78,9 @@ fn golden_packet_harness_runs_a_frame_with_ingress_ifindex() {
         9999,
         b"golden",
     );
-    let cases: Vec<(&str, Vec<u8>, u32, Option<Vec<u8>>)> = vec![
-        // (name, input, expected verdict, expected output)
+    // (name, input, expected verdict, expected output)
+    type Case = (&'static str, Vec<u8>, u32, Option<Vec<u8>>);
+    let cases: Vec<Case> = vec![
         (
             "udp passes unchanged",
             frame.clone(),

@@ -154,8 +154,6 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-
-
 /// Builds bpf-linker against rustc's own LLVM (SPEC §7): about 4 minutes.
 fn install_bpf_linker() -> anyhow::Result<()> {
     let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
@@ -199,7 +197,13 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     );
     let feature = format!("llvm-{major}");
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--no-default-features",
+        ])
         .args(["--features", &feature])
         .env("LLVM_PREFIX", &prefix)
         .env("PATH", path_with_cargo_bin())
