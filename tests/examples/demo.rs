@@ -42,9 +42,8 @@ fn main() -> anyhow::Result<()> {
     provider.ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.254"])?;
 
     let config = format!(
-        "gateway:\n  bpffs_root: {}\n  admin_socket: /tmp/plink-demo/admin.sock\n  state_dir: /tmp/plink-demo/state\n\
-         interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: c2, role: consumer, network: vnet-b}}\n  - {{name: p0, role: provider}}\n",
-        topo.bpffs_root().display()
+        "{}interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: c2, role: consumer, network: vnet-b}}\n  - {{name: p0, role: provider}}\n",
+        gateway::gateway_section(&topo)?
     );
     println!("starting plink-ctl on the gateway with:\n{config}");
     let plink = gateway::start(&mut topo, &gw, &config)?;

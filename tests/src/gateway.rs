@@ -32,6 +32,16 @@ pub fn plink_ctl_bin() -> PathBuf {
     bin
 }
 
+/// The `gateway:` section of a config that keeps every path (pins, admin
+/// socket, state) inside the topology's own directories.
+pub fn gateway_section(topo: &Topology) -> anyhow::Result<String> {
+    let scratch = topo.scratch_dir()?.display().to_string();
+    Ok(format!(
+        "gateway:\n  bpffs_root: {}\n  admin_socket: {scratch}/admin.sock\n  state_dir: {scratch}/state\n",
+        topo.bpffs_root().display()
+    ))
+}
+
 /// A running `plink-ctl run`, stopped by the topology's drop.
 pub struct Gateway {
     pub config_path: PathBuf,
@@ -42,9 +52,7 @@ pub struct Gateway {
 /// Writes `config_yaml` next to the topology's pins and starts `plink-ctl run`
 /// in `host`, returning once it says it is ready.
 pub fn start(topo: &mut Topology, host: &Host, config_yaml: &str) -> anyhow::Result<Gateway> {
-    let dir = std::env::temp_dir().join(format!("plink-test-{}", host.name));
-    std::fs::create_dir_all(&dir)?;
-    let config_path = dir.join("plink.yaml");
+    let config_path = topo.scratch_dir()?.join(format!("{}.yaml", host.name));
     std::fs::write(&config_path, config_yaml)?;
     let bin = plink_ctl_bin();
     let bin = bin.to_str().context("non-UTF-8 binary path")?;

@@ -201,6 +201,7 @@ pub struct Topology {
     hosts: Vec<Host>,
     children: Vec<(String, Child)>,
     bpffs_root: PathBuf,
+    scratch: PathBuf,
 }
 
 impl Topology {
@@ -208,12 +209,21 @@ impl Topology {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{NETNS_PREFIX}{}-{id}", std::process::id());
         let bpffs_root = Path::new(BPFFS_TEST_ROOT).join(&prefix);
+        let scratch = std::env::temp_dir().join(format!("plink-test-{prefix}"));
         Ok(Self {
             prefix,
             hosts: Vec::new(),
             children: Vec::new(),
             bpffs_root,
+            scratch,
         })
+    }
+
+    /// A scratch directory for config files, sockets and state (removed on drop).
+    pub fn scratch_dir(&self) -> anyhow::Result<&Path> {
+        std::fs::create_dir_all(&self.scratch)
+            .with_context(|| format!("creating {}", self.scratch.display()))?;
+        Ok(&self.scratch)
     }
 
     /// Where this topology's plink instance pins (removed on drop).
@@ -288,6 +298,9 @@ impl Drop for Topology {
         if self.bpffs_root.exists() {
             let _ = std::fs::remove_dir_all(&self.bpffs_root);
         }
+        // Succeeds only once no other topology pins there.
+        let _ = std::fs::remove_dir(BPFFS_TEST_ROOT);
+        let _ = std::fs::remove_dir_all(&self.scratch);
         // Deleting a namespace destroys its veths, and their XDP links with them.
         for host in self.hosts.iter().rev() {
             let _ = Command::new("ip")

@@ -199,10 +199,8 @@ fn end_to_end_counts_every_udp_packet_through_the_gateway() {
     neigh(&server, "198.51.100.254", &gw_p0, "eth0");
 
     let config = format!(
-        "gateway:\n  xdp_mode: native\n  bpffs_root: {}\n  admin_socket: /tmp/plink-test-{}/admin.sock\n  state_dir: /tmp/plink-test-{}/state\ninterfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\n",
-        topo.bpffs_root().display(),
-        gw.name,
-        gw.name,
+        "{}interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\n",
+        gateway::gateway_section(&topo).unwrap()
     );
     let gwp = gateway::start(&mut topo, &gw, &config).unwrap();
 
@@ -297,6 +295,7 @@ fn a_failing_test_leaves_nothing_behind() {
     netns::require_root_and_tools();
     let mut names = Vec::new();
     let mut pin_root = None;
+    let mut scratch = None;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut topo = Topology::new().unwrap();
         let a = topo.host("a").unwrap();
@@ -307,11 +306,10 @@ fn a_failing_test_leaves_nothing_behind() {
         names.push(b.name.clone());
         pin_root = Some(topo.bpffs_root().to_path_buf());
         let config = format!(
-            "gateway:\n  bpffs_root: {}\n  admin_socket: /tmp/plink-test-{}/admin.sock\n  state_dir: /tmp/plink-test-{}/state\ninterfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\n",
-            topo.bpffs_root().display(),
-            a.name,
-            a.name
+            "{}interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\n",
+            gateway::gateway_section(&topo).unwrap()
         );
+        scratch = Some(topo.scratch_dir().unwrap().to_path_buf());
         let _gw = gateway::start(&mut topo, &a, &config).unwrap();
         assert!(topo.bpffs_root().exists(), "plink pinned its maps");
         panic!("deliberate failure with a running gateway");
@@ -327,4 +325,10 @@ fn a_failing_test_leaves_nothing_behind() {
     }
     let pin_root = pin_root.expect("topology was built");
     assert!(!pin_root.exists(), "pins left at {}", pin_root.display());
+    let scratch = scratch.expect("topology was built");
+    assert!(
+        !scratch.exists(),
+        "scratch dir left at {}",
+        scratch.display()
+    );
 }
