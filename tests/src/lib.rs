@@ -8,3 +8,4 @@
 pub mod gateway;
 pub mod golden;
 pub mod netns;
+pub mod servers;
