@@ -2,9 +2,10 @@
 //! share the config, the model the datapath consumes, the approval workflow
 //! and the admin API.
 
+pub mod admin;
 pub mod approval;
 pub mod config;
-
+pub mod controller;
 pub mod dataplane;
 pub mod model;
 pub mod state;
