@@ -121,7 +121,7 @@ pub async fn serve(
 
 async fn connection(stream: UnixStream, controller: Arc<Mutex<Controller>>) -> io::Result<()> {
     let uid = stream.peer_cred()?.uid();
-    let (read, mut write) = stream.into_split();
+    let (mut read, mut write) = stream.into_split();
     if uid != 0 {
         // The socket's mode already keeps others out; this holds even if
         // someone loosened it.
@@ -131,7 +131,23 @@ async fn connection(stream: UnixStream, controller: Arc<Mutex<Controller>>) -> i
             ),
             Vec::new(),
         );
-        return send(&mut write, &r).await;
+        send(&mut write, &r).await?;
+        write.shutdown().await?;
+        // Closing with the request unread would make the client's read fail
+        // with ECONNRESET before it sees the refusal: drain it (bounded)
+        // until the client hangs up.
+        let drain = async {
+            let mut sink = [0u8; 4096];
+            let mut total = 0;
+            while total <= MAX_LINE {
+                match read.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+        return Ok(());
     }
     let mut lines = BufReader::new(read);
     let mut line = String::new();

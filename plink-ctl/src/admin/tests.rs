@@ -456,6 +456,10 @@ fn as_nobody(f: impl FnOnce() -> i32) -> i32 {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        // Drop every inherited fd at once: the parent's other tests hold
+        // state-dir locks (flock follows the open file) that a child must
+        // not keep alive.
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
         let code = unsafe {
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(65534) != 0

@@ -11,12 +11,15 @@ use std::{
     io::Write as _,
     os::unix::{fs::DirBuilderExt as _, fs::OpenOptionsExt as _, io::AsRawFd as _},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use super::{PersistedState, STATE_VERSION};
 
 pub const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
+/// How long `open` waits for another controller to release the directory.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -77,13 +80,22 @@ impl StateStore {
             .mode(0o600)
             .open(&lock_path)
             .map_err(io(&lock_path, "opening the lock file"))?;
-        // SAFETY: flock on a valid open fd.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let holder = fs::read_to_string(&lock_path).unwrap_or_default();
-            return Err(StateError::Locked {
-                path: lock_path,
-                holder: holder.trim().to_owned(),
-            });
+        // A controller being restarted may still be exiting: poll briefly
+        // before calling the directory taken.
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a valid open fd.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let holder = fs::read_to_string(&lock_path).unwrap_or_default();
+                return Err(StateError::Locked {
+                    path: lock_path,
+                    holder: holder.trim().to_owned(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         // The pid is informational, for the message above.
         let _ = lock.set_len(0);
