@@ -12,11 +12,11 @@ use super::{MAX_LINE, Request, Response};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot connect to {path}: {source}. Is `plink-ctl run` running, with this admin_socket, and are you root?"
+        "cannot connect to {path}: {cause}. Is `plink-ctl run` running, with this admin_socket, and are you root?"
     )]
-    Connect { path: PathBuf, source: io::Error },
-    #[error("talking to {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Connect { path: PathBuf, cause: io::Error },
+    #[error("talking to {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("{path} closed the connection without answering")]
     NoAnswer { path: PathBuf },
     #[error("{path} answered something that is not a plink response: {detail}")]
@@ -26,13 +26,13 @@ pub enum ClientError {
 /// Sends one request and reads its response. A refused request is an
 /// `Ok(Response { ok: false, .. })`.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
-    let io_err = |source| ClientError::Io {
+    let io_err = |cause| ClientError::Io {
         path: socket.to_owned(),
-        source,
+        cause,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+    let mut stream = UnixStream::connect(socket).map_err(|cause| ClientError::Connect {
         path: socket.to_owned(),
-        source,
+        cause,
     })?;
     // A reload can take a moment (it fsyncs); a hung daemon should not hang
     // the CLI forever.

@@ -55,12 +55,26 @@ impl FromStr for HumanDuration {
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Written back the way people write it: 2h4m, 90s -> 1m30s, 500ms.
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
-            write!(f, "{ms}ms")
-        } else {
-            write!(f, "{}s", ms / 1000)
+        if !ms.is_multiple_of(1000) {
+            return write!(f, "{ms}ms");
         }
+        let secs = ms / 1000;
+        if secs == 0 {
+            return f.write_str("0s");
+        }
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        if h > 0 {
+            write!(f, "{h}h")?;
+        }
+        if m > 0 {
+            write!(f, "{m}m")?;
+        }
+        if s > 0 {
+            write!(f, "{s}s")?;
+        }
+        Ok(())
     }
 }
 
@@ -164,6 +178,16 @@ mod tests {
             "500ms".parse::<HumanDuration>().unwrap().0,
             Duration::from_millis(500)
         );
+        for text in ["2h4m", "1m30s", "500ms", "60s", "4m"] {
+            let d: HumanDuration = text.parse().unwrap();
+            let shown = d.to_string();
+            assert_eq!(
+                shown.parse::<HumanDuration>().unwrap(),
+                d,
+                "{text} -> {shown}"
+            );
+        }
+        assert_eq!(HumanDuration::from_secs(7440).to_string(), "2h4m");
         for bad in ["", "s", "10", "10x", "1.5s", "-1s"] {
             assert!(
                 bad.parse::<HumanDuration>().is_err(),

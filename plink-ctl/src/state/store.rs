@@ -23,11 +23,11 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}: {cause}")]
     Io {
         path: PathBuf,
         op: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "{path} is corrupt: {detail}. plink-ctl left it untouched and will not start with it, so that no decision is lost: repair the file, or move it aside to start with no saved decisions (endpoints then get their initial states again)"
@@ -48,10 +48,10 @@ pub enum StateError {
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-    move |source| StateError::Io {
+    move |cause| StateError::Io {
         path: path.to_owned(),
         op,
-        source,
+        cause,
     }
 }
 
@@ -155,7 +155,7 @@ impl StateStore {
         let mut text = serde_json::to_vec_pretty(state).map_err(|e| StateError::Io {
             path: path.clone(),
             op: "encoding",
-            source: std::io::Error::other(e),
+            cause: std::io::Error::other(e),
         })?;
         text.push(b'\n');
         let mut f = OpenOptions::new()
