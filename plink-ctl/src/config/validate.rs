@@ -78,6 +78,15 @@ fn first_seen<K: std::hash::Hash + Eq>(
     }
 }
 
+/// "a, b" or "none defined", for messages that list the valid choices.
+fn listing(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none defined".into()
+    } else {
+        names.join(", ")
+    }
+}
+
 fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -499,10 +508,10 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
             p.push(
                 format!("{path}.network"),
                 format!(
-                    "consumer network {:?} has no interface: add `{{name: IFACE, role: consumer, network: {}}}` under `interfaces`, or use one of the known networks [{}]",
+                    "consumer network {:?} has no interface: add `{{name: IFACE, role: consumer, network: {}}}` under `interfaces`, or use a known network ({})",
                     e.network,
                     e.network,
-                    known.join(", ")
+                    listing(&known)
                 ),
             );
         }
@@ -522,9 +531,9 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
             p.push(
                 format!("{path}.service"),
                 format!(
-                    "unknown service {:?}: use one of the services defined under `services` [{}]",
+                    "unknown service {:?}: use a service defined under `services` ({})",
                     e.service,
-                    known.join(", ")
+                    listing(&known)
                 ),
             );
             continue;
