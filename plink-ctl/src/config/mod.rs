@@ -451,7 +451,7 @@ impl Config {
         if problems.is_empty() {
             return Ok(config);
         }
-        let diagnostics = problems
+        let mut diagnostics: Vec<Diagnostic> = problems
             .into_iter()
             .map(|p| {
                 let (line, column) = index.locate(&p.path);
@@ -463,6 +463,8 @@ impl Config {
                 }
             })
             .collect();
+        // In document order, as an editor would walk them.
+        diagnostics.sort_by_key(|d| (d.line, d.column));
         Err(invalid(diagnostics))
     }
 }
