@@ -57,7 +57,7 @@ fn create(
         .filter(|s| s.enabled != 0)
         .ok_or(Some(DropReason::ServiceMissing))?;
     let hash = flow_hash(key);
-    let (backend_id, backend_addr) = select_backend(svc, hash).ok_or(Some(DropReason::NoBackend))?;
+    let (backend_id, backend_addr) = select_backend(svc, ep.service_id, hash).ok_or(Some(DropReason::NoBackend))?;
 
     v.backend_addr_be = backend_addr;
     v.backend_port_be = ep.target_port_be;
@@ -151,7 +151,11 @@ fn admit(ep: &EndpointValue, now: u64) -> Result<(), DropReason> {
 
 /// `backend = LB_TABLE[lb_offset + hash % lb_size]` (Maglev fills the table).
 #[inline(always)]
-fn select_backend(svc: &ServiceConfig, hash: u32) -> Option<(u32, plink_common::Addr)> {
+fn select_backend(
+    svc: &ServiceConfig,
+    service_id: u32,
+    hash: u32,
+) -> Option<(u32, plink_common::Addr)> {
     if svc.lb_size == 0 {
         return None;
     }
@@ -160,7 +164,8 @@ fn select_backend(svc: &ServiceConfig, hash: u32) -> Option<(u32, plink_common::
         return None;
     }
     let b = BACKENDS.get(id)?;
-    if b.enabled == 0 {
+    // The service check also covers a table read while the controller moved it.
+    if b.enabled == 0 || b.service_id != service_id {
         return None;
     }
     Some((id, b.addr_be))
