@@ -42,7 +42,7 @@ fn count_interface(ctx: &XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     let len = (ctx.data_end() - ctx.data()) as u64;
     let ether_type = parse::ether_type(ctx);
-    if let Some(stats) = maps::IF_STATS.get_ptr_mut(&ifindex) {
+    if let Some(stats) = maps::IF_STATS.get_ptr_mut(ifindex) {
         // SAFETY: per-CPU slot: plain adds are race-free.
         let stats = unsafe { &mut *stats };
         stats.packets += 1;

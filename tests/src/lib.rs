@@ -1,1 +1,11 @@
+//! Harnesses shared by plink's integration tests.
+//!
+//! - [`netns`]: network-namespace topologies with RAII teardown.
+//! - [`golden`]: running crafted packets through the XDP programs with
+//!   BPF_PROG_TEST_RUN inside a test namespace.
+//! - [`gateway`]: starting `plink-ctl` in a gateway namespace.
+
+pub mod gateway;
+pub mod golden;
 pub mod netns;
+pub mod servers;

@@ -1,1 +1,336 @@
+//! Network-namespace topologies for tests: named hosts joined by veth pairs,
+//! torn down on drop (also when the test panics) so a failed test never
+//! poisons the next one.
+//!
+//! Every namespace is named `plt-<pid>-<n>-<host>`; `cargo xtask test` removes
+//! leftovers with that prefix from runs that were killed before they could
+//! clean up.
 
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+/// Prefix of every namespace the tests create.
+pub const NETNS_PREFIX: &str = "plt-";
+/// bpffs directory under which tests pin; one sub-directory per topology.
+pub const BPFFS_TEST_ROOT: &str = "/sys/fs/bpf/plink-test";
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, failing with its stderr when it exits non-zero.
+pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| {
+            format!("running {program}: is it installed? `cargo xtask setup` installs it")
+        })?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Fails with a message that says what to install, never skips silently.
+pub fn require_root_and_tools() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests create network namespaces and load XDP programs: run them as root (cargo xtask test)"
+    );
+    for tool in ["ip", "nsenter", "ethtool", "sysctl"] {
+        assert!(
+            Command::new("which")
+                .arg(tool)
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false),
+            "`{tool}` is missing: run `cargo xtask setup` (installs iproute2, util-linux, ethtool, procps)"
+        );
+    }
+    assert!(
+        Path::new("/sys/fs/bpf").exists(),
+        "/sys/fs/bpf is missing: mount bpffs with `mount -t bpf bpf /sys/fs/bpf`"
+    );
+}
+
+/// One host: a network namespace.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub name: String,
+}
+
+impl Host {
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs a command inside this namespace. `nsenter --net` keeps /sys/fs/bpf
+    /// visible, unlike `ip netns exec` (SPEC §7).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs a command in the namespace and fails with its stderr on error.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {program} in {}", self.name))?;
+        if !out.status.success() {
+            bail!(
+                "`{program} {}` in {} failed ({}): {}",
+                args.join(" "),
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        let out = sh("ip", &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has joined this namespace: sockets it opens
+    /// and BPF_PROG_TEST_RUN calls it makes (FIB lookups, ifindexes) belong here.
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let path = self.netns_path();
+        let handle = std::thread::spawn(move || -> anyhow::Result<T> {
+            enter_netns(&path)?;
+            Ok(f())
+        });
+        handle
+            .join()
+            .map_err(|panic| anyhow!("thread in netns panicked: {}", panic_message(&panic)))?
+    }
+
+    /// ifindex of an interface in this namespace.
+    pub fn ifindex(&self, ifname: &str) -> anyhow::Result<u32> {
+        let out = self.ip(&["-o", "link", "show", "dev", ifname])?;
+        out.split(':')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| anyhow!("cannot parse ifindex of {ifname} from {out:?}"))
+    }
+
+    pub fn mac(&self, ifname: &str) -> anyhow::Result<[u8; 6]> {
+        let out = self.ip(&["-o", "link", "show", "dev", ifname])?;
+        let mac = out
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .ok_or_else(|| anyhow!("no MAC for {ifname} in {out:?}"))?;
+        parse_mac(mac)
+    }
+}
+
+pub fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<_> = text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("bad MAC {text:?}");
+    }
+    for (slot, part) in mac.iter_mut().zip(parts) {
+        *slot = u8::from_str_radix(part, 16).with_context(|| format!("bad MAC {text:?}"))?;
+    }
+    Ok(mac)
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic)".into()
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`.
+pub fn enter_netns(path: &Path) -> anyhow::Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: valid fd; CLONE_NEWNET only affects the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!(
+            "setns({}): {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// A set of namespaces, links, processes and pins owned by one test.
+pub struct Topology {
+    prefix: String,
+    hosts: Vec<Host>,
+    children: Vec<(String, Child)>,
+    bpffs_root: PathBuf,
+    scratch: PathBuf,
+}
+
+impl Topology {
+    pub fn new() -> anyhow::Result<Self> {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{NETNS_PREFIX}{}-{id}", std::process::id());
+        let bpffs_root = Path::new(BPFFS_TEST_ROOT).join(&prefix);
+        let scratch = std::env::temp_dir().join(format!("plink-test-{prefix}"));
+        Ok(Self {
+            prefix,
+            hosts: Vec::new(),
+            children: Vec::new(),
+            bpffs_root,
+            scratch,
+        })
+    }
+
+    /// A scratch directory for config files, sockets and state (removed on drop).
+    pub fn scratch_dir(&self) -> anyhow::Result<&Path> {
+        std::fs::create_dir_all(&self.scratch)
+            .with_context(|| format!("creating {}", self.scratch.display()))?;
+        Ok(&self.scratch)
+    }
+
+    /// Where this topology's plink instance pins (removed on drop).
+    pub fn bpffs_root(&self) -> &Path {
+        &self.bpffs_root
+    }
+
+    /// Creates a namespace with loopback up and IPv6 off (autoconfiguration
+    /// traffic would perturb exact packet counts).
+    pub fn host(&mut self, short: &str) -> anyhow::Result<Host> {
+        let host = Host {
+            name: format!("{}-{short}", self.prefix),
+        };
+        sh("ip", &["netns", "add", &host.name])?;
+        self.hosts.push(host.clone());
+        host.ip(&["link", "set", "lo", "up"])?;
+        host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        Ok(host)
+    }
+
+    /// Joins two hosts with a veth pair, brings both ends up and turns tx
+    /// checksum offload off (XDP cannot see CHECKSUM_PARTIAL, SPEC §7).
+    pub fn link(&mut self, a: &Host, a_if: &str, b: &Host, b_if: &str) -> anyhow::Result<()> {
+        a.ip(&[
+            "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+        ])?;
+        for (host, ifname) in [(a, a_if), (b, b_if)] {
+            host.sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "1")?;
+            host.exec("ethtool", &["-K", ifname, "tx", "off"])?;
+            host.ip(&["link", "set", ifname, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Starts a long-running process in a host; it is killed on drop.
+    pub fn spawn(&mut self, host: &Host, program: &str, args: &[&str]) -> anyhow::Result<usize> {
+        let child = host
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {program} in {}", host.name))?;
+        self.children.push((program.to_owned(), child));
+        Ok(self.children.len() - 1)
+    }
+
+    pub fn child_mut(&mut self, index: usize) -> &mut Child {
+        &mut self.children[index].1
+    }
+
+    /// Sends SIGTERM to a child and waits for it, returning its output.
+    pub fn stop(&mut self, index: usize) -> anyhow::Result<Output> {
+        let (_, child) = &mut self.children[index];
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let (name, child) = self.children.remove(index);
+        child
+            .wait_with_output()
+            .with_context(|| format!("waiting for {name}"))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.bpffs_root.exists() {
+            let _ = std::fs::remove_dir_all(&self.bpffs_root);
+        }
+        // Succeeds only once no other topology pins there.
+        let _ = std::fs::remove_dir(BPFFS_TEST_ROOT);
+        let _ = std::fs::remove_dir_all(&self.scratch);
+        // Deleting a namespace destroys its veths, and their XDP links with them.
+        for host in self.hosts.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &host.name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some` or the deadline passes.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

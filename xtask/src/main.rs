@@ -1,1 +1,157 @@
-fn main() {}
+//! plink's developer workflows. Kept free of heavy dependencies so that
+//! `cargo xtask setup` builds before any eBPF tooling exists.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "plink's developer workflows")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker,
+    /// a bpffs mount) and nothing else. Idempotent.
+    Setup,
+    /// Set up, then build plink-ctl with its embedded eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, then run every check and test: fmt, clippy (host and eBPF),
+    /// unit tests, golden packets (BPF_PROG_TEST_RUN) and end-to-end tests in
+    /// network namespaces. Needs root.
+    Test {
+        /// Only run tests whose name contains this filter.
+        filter: Option<String>,
+    },
+    /// Set up, build, and run plink on a network-namespace topology with real
+    /// traffic; prints what the clients got back and the counters; cleans up.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::run(),
+        Task::Build { release } => setup::run().and_then(|()| build(release)),
+        Task::Test { filter } => setup::run().and_then(|()| test(filter)),
+        Task::Demo => setup::run().and_then(|()| demo()),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// A cargo command in the workspace with ~/.cargo/bin on PATH (bpf-linker).
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn run_step(name: &str, mut cmd: Command) -> anyhow::Result<()> {
+    println!("\n==> {name}");
+    let status = cmd.status().with_context(|| format!("starting {name}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "-p", "plink-ctl"];
+    if release {
+        args.push("--release");
+    }
+    run_step("build plink-ctl", cargo(&args))
+}
+
+fn test(filter: Option<String>) -> anyhow::Result<()> {
+    setup::require_root("the tests create network namespaces and load XDP programs")?;
+    setup::remove_test_leftovers()?;
+    run_step("cargo fmt --check", cargo(&["fmt", "--all", "--check"]))?;
+    run_step(
+        "clippy (host crates)",
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "plink-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    // The eBPF crate only builds for the BPF target with nightly and build-std.
+    let mut ebpf_clippy = Command::new("rustup");
+    ebpf_clippy
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "plink-ebpf",
+            "--release",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"])
+        .current_dir(workspace_root())
+        .env("PATH", setup::path_with_cargo_bin());
+    run_step("clippy (eBPF crate, bpfel-unknown-none)", ebpf_clippy)?;
+    build(false)?;
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "plink-ebpf",
+        "--no-fail-fast",
+    ];
+    if let Some(f) = filter.as_deref() {
+        args.push("--");
+        args.push(f);
+    }
+    let result = run_step(
+        "cargo test (unit, golden packets, end to end)",
+        cargo(&args),
+    );
+    // Whatever happened, nothing may be left behind.
+    let leftovers = setup::test_leftovers()?;
+    result?;
+    if !leftovers.is_empty() {
+        bail!("tests left these behind: {}", leftovers.join(", "));
+    }
+    println!("\nxtask: all checks and tests passed; no namespaces or pins left behind");
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup::require_root("the demo creates network namespaces and attaches XDP")?;
+    build(false)?;
+    run_step(
+        "demo",
+        cargo(&["run", "--quiet", "-p", "plink-tests", "--example", "demo"]),
+    )
+}

@@ -1,0 +1,101 @@
+//! Running `plink-ctl` inside a gateway namespace.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::netns::{Host, Topology};
+
+/// Path of the `plink-ctl` binary under test: `$PLINK_CTL_BIN`, or the one
+/// cargo built next to this test executable.
+pub fn plink_ctl_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PLINK_CTL_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test-exe> -> target/<profile>/plink-ctl
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("plink-ctl");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p plink-ctl`; `cargo xtask test` does) or set PLINK_CTL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The `gateway:` section of a config that keeps every path (pins, admin
+/// socket, state) inside the topology's own directories.
+pub fn gateway_section(topo: &Topology) -> anyhow::Result<String> {
+    let scratch = topo.scratch_dir()?.display().to_string();
+    Ok(format!(
+        "gateway:\n  bpffs_root: {}\n  admin_socket: {scratch}/admin.sock\n  state_dir: {scratch}/state\n",
+        topo.bpffs_root().display()
+    ))
+}
+
+/// A running `plink-ctl run`, stopped by the topology's drop.
+pub struct Gateway {
+    pub config_path: PathBuf,
+    pub child: usize,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+/// Writes `config_yaml` next to the topology's pins and starts `plink-ctl run`
+/// in `host`, returning once it says it is ready.
+pub fn start(topo: &mut Topology, host: &Host, config_yaml: &str) -> anyhow::Result<Gateway> {
+    let config_path = topo.scratch_dir()?.join(format!("{}.yaml", host.name));
+    std::fs::write(&config_path, config_yaml)?;
+    let bin = plink_ctl_bin();
+    let bin = bin.to_str().context("non-UTF-8 binary path")?;
+    let config = config_path.to_str().context("non-UTF-8 config path")?;
+    let index = topo.spawn(host, bin, &["run", "--config", config])?;
+    let child = topo.child_mut(index);
+    let stdout = child.stdout.take().context("stdout")?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.trim() == "ready" {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let (err_tx, err_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[plink-ctl] {line}");
+            let _ = err_tx.send(line);
+        }
+    });
+    match ready_rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(()) => Ok(Gateway {
+            config_path,
+            child: index,
+            stderr: err_rx,
+        }),
+        Err(_) => {
+            let log: Vec<String> = err_rx.try_iter().collect();
+            bail!("plink-ctl did not become ready:\n{}", log.join("\n"))
+        }
+    }
+}
+
+impl Gateway {
+    /// Runs `plink-ctl ARGS --config <this config>` in `host` and returns stdout.
+    pub fn ctl(&self, host: &Host, args: &[&str]) -> anyhow::Result<String> {
+        let bin = plink_ctl_bin();
+        let mut full: Vec<&str> = args.to_vec();
+        let config = self.config_path.to_str().ok_or_else(|| anyhow!("path"))?;
+        full.extend_from_slice(&["--config", config]);
+        host.exec(bin.to_str().ok_or_else(|| anyhow!("path"))?, &full)
+    }
+}
