@@ -58,7 +58,9 @@ mod tests {
 
     #[test]
     fn incremental_matches_full() {
-        let mut data = [0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7];
+        let mut data = [
+            0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
         let c = full(&data);
         data[5] = c;
         assert_eq!(full(&data), 0, "valid header sums to zero");

@@ -541,7 +541,10 @@ fn mix(h: u32, w: u32) -> u32 {
         .wrapping_mul(0xcc9e_2d51)
         .rotate_left(15)
         .wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -626,7 +629,11 @@ mod tests {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*r as u32, i as u32);
             assert_eq!(DropReason::from_index(i as u32), Some(*r));
-            assert!(r.name().bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+            assert!(
+                r.name()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            );
             for other in &DropReason::ALL[..i] {
                 assert_ne!(other.name(), r.name());
             }

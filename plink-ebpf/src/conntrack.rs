@@ -4,15 +4,17 @@
 //! (`CT_REV`) and its NAT port (`NAT_PORTS`). They are inserted with
 //! BPF_NOEXIST in the order port → forward → reverse, and whoever fails
 //! removes what it inserted, so a lost race leaves nothing behind.
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use plink_common::{
     CtFwdKey, CtFwdValue, CtOwner, CtRevKey, DropReason, EndpointValue, IPPROTO_TCP, NO_BACKEND,
     NatPortKey, ServiceConfig, flow_hash, nat_flags, nat_probe_port, nat_probe_slot, tcp_state,
 };
 
 use crate::{
-    maps::{BACKENDS, CT_FWD, CT_REV, EP_GC_FREED, EP_LIMITS, LB_TABLE, NAT_PORTS, SERVICES},
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{
+        BACKENDS, CT_FWD, CT_REV, EP_GC_FREED, EP_LIMITS, LB_TABLE, NAT_PORTS, SCRATCH, SERVICES,
+    },
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, load},
     stats,
 };
 
@@ -29,12 +31,20 @@ pub fn opens_flow(proto: u8, tcp_flags: u8) -> bool {
     proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
-/// Creates the flow `key` for endpoint `ep`. `v` arrives with the link-layer
-/// fields filled and leaves as the inserted forward value. Returns [`CREATED`],
-/// [`RACE_LOST`] or `DropReason as u32 + 1`.
+/// The slow path's working set (in the per-CPU `SCRATCH` map).
+#[repr(C)]
+pub struct Scratch {
+    pub v: CtFwdValue,
+    pub owner: CtOwner,
+    pub rev: CtRevKey,
+    pub port: NatPortKey,
+}
+
+/// Creates the flow `key` for endpoint `ep` from the packet in `ctx`.
+/// Returns [`CREATED`], [`RACE_LOST`] or `DropReason as u32 + 1`.
 #[inline(never)]
-pub fn new_flow(key: &CtFwdKey, ep: &EndpointValue, v: &mut CtFwdValue, now: u64) -> u32 {
-    match create(key, ep, v, now) {
+pub fn new_flow(ctx: XdpContext, key: &CtFwdKey, ep: &EndpointValue, now: u64) -> u32 {
+    match create(&ctx, key, ep, now) {
         Ok(()) => CREATED,
         Err(None) => RACE_LOST,
         Err(Some(r)) => r as u32 + 1,
@@ -43,9 +53,9 @@ pub fn new_flow(key: &CtFwdKey, ep: &EndpointValue, v: &mut CtFwdValue, now: u64
 
 #[inline(always)]
 fn create(
+    ctx: &XdpContext,
     key: &CtFwdKey,
     ep: &EndpointValue,
-    v: &mut CtFwdValue,
     now: u64,
 ) -> Result<(), Option<DropReason>> {
     admit(ep, now).map_err(|r| {
@@ -57,10 +67,24 @@ fn create(
         .filter(|s| s.enabled != 0)
         .ok_or(Some(DropReason::ServiceMissing))?;
     let hash = flow_hash(key);
-    let (backend_id, backend_addr) = select_backend(svc, ep.service_id, hash).ok_or(Some(DropReason::NoBackend))?;
-
+    let (backend_id, backend_addr) =
+        select_backend(svc, ep.service_id, hash).ok_or(Some(DropReason::NoBackend))?;
+    let (Some(gw_mac), Some(client_mac)) = (load::<[u8; 6]>(ctx, 0), load::<[u8; 6]>(ctx, 6))
+    else {
+        return Err(Some(DropReason::Malformed));
+    };
+    let s = SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Some(DropReason::ConntrackFull))?;
+    // SAFETY: this CPU's scratch slot; XDP runs to completion without preemption.
+    let s = unsafe { &mut *s };
+    // Every field is written: the slot holds the previous flow's bytes.
+    let v = &mut s.v;
     v.backend_addr_be = backend_addr;
     v.backend_port_be = ep.target_port_be;
+    v.ingress_ifindex = ctx.ingress_ifindex() as u32;
+    v.client_mac = client_mac;
+    v.gw_mac = gw_mac;
     v.endpoint_id = ep.endpoint_id;
     v.service_id = ep.service_id;
     v.backend_id = backend_id;
@@ -71,33 +95,30 @@ fn create(
     } else {
         0
     };
-    let owner = CtOwner {
-        fwd: *key,
-        _pad: 0,
-        created_ns: now,
-    };
-    let Some(port_key) = alloc_nat_port(svc, hash, key.proto, &owner, v) else {
+    v._pad = [0; 5];
+    s.owner.fwd = *key;
+    s.owner._pad = 0;
+    s.owner.created_ns = now;
+    if !alloc_nat_port(svc, hash, key.proto, s) {
         stats::count_refusal(ep.endpoint_id, ep.service_id, DropReason::NatPortsExhausted);
         return Err(Some(DropReason::NatPortsExhausted));
-    };
-    if let Err(e) = CT_FWD.insert(key, &*v, BPF_NOEXIST as u64) {
-        let _ = NAT_PORTS.remove(&port_key);
+    }
+    if let Err(e) = CT_FWD.insert(key, &s.v, BPF_NOEXIST as u64) {
+        let _ = NAT_PORTS.remove(&s.port);
         if e == -EEXIST {
             return Err(None);
         }
         return Err(Some(DropReason::ConntrackFull));
     }
-    let rev = CtRevKey {
-        nat_addr_be: v.nat_addr_be,
-        backend_addr_be: v.backend_addr_be,
-        nat_port_be: v.nat_port_be,
-        backend_port_be: v.backend_port_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
-    if let Err(e) = CT_REV.insert(&rev, &owner, BPF_NOEXIST as u64) {
+    s.rev.nat_addr_be = s.v.nat_addr_be;
+    s.rev.backend_addr_be = s.v.backend_addr_be;
+    s.rev.nat_port_be = s.v.nat_port_be;
+    s.rev.backend_port_be = s.v.backend_port_be;
+    s.rev.proto = key.proto;
+    s.rev._pad = [0; 3];
+    if let Err(e) = CT_REV.insert(&s.rev, &s.owner, BPF_NOEXIST as u64) {
         let _ = CT_FWD.remove(key);
-        let _ = NAT_PORTS.remove(&port_key);
+        let _ = NAT_PORTS.remove(&s.port);
         // The port was free, so an existing reverse entry is a leftover the
         // controller's GC has not swept yet.
         return Err(Some(if e == -EEXIST {
@@ -110,7 +131,7 @@ fn create(
         // SAFETY: shared by all CPUs, hence the atomic add.
         unsafe { crate::atomic_add(&raw mut (*l).flows_created, 1) };
     }
-    stats::count_flow_created(v);
+    stats::count_flow_created(&s.v);
     Ok(())
 }
 
@@ -171,43 +192,42 @@ fn select_backend(
     Some((id, b.addr_be))
 }
 
-/// Claims a NAT port unique per (NAT address, protocol) with bounded probing;
-/// fills the NAT fields of `v` and returns the claimed key.
+/// Claims a NAT port unique per (NAT address, protocol) with bounded
+/// probing; fills the NAT fields of `s.v` and the claimed key `s.port`.
 #[inline(always)]
-fn alloc_nat_port(
-    svc: &ServiceConfig,
-    hash: u32,
-    proto: u8,
-    owner: &CtOwner,
-    v: &mut CtFwdValue,
-) -> Option<NatPortKey> {
+fn alloc_nat_port(svc: &ServiceConfig, hash: u32, proto: u8, s: &mut Scratch) -> bool {
     let count = svc.nat_count;
     if count == 0 || count > plink_common::MAX_NAT_SLOTS as u32 {
-        return None;
+        return false;
     }
     for i in 0..plink_common::NAT_PORT_PROBES {
         let slot = nat_probe_slot(hash, i, count);
-        let Some(s) = svc.nat.get(slot as usize) else {
+        // LLVM proves slot < 8 and drops the bounds check, but the verifier
+        // cannot follow a modulo: re-bound it where LLVM cannot see.
+        // SAFETY: reading a local.
+        let slot = unsafe { core::ptr::read_volatile(&slot) } & 7;
+        let Some(n) = svc.nat.get(slot as usize) else {
             break;
         };
-        if s.flags & nat_flags::DRAINING != 0 || s.port_max < s.port_min || s.port_min == 0 {
+        if n.flags & nat_flags::DRAINING != 0 || n.port_max < n.port_min || n.port_min == 0 {
             continue;
         }
-        let port = nat_probe_port(hash, i, s.port_min, s.port_max);
-        let key = NatPortKey {
-            addr_be: s.addr_be,
-            port_be: port.to_be(),
-            proto,
-            _pad: 0,
-        };
-        if NAT_PORTS.insert(&key, owner, BPF_NOEXIST as u64).is_ok() {
-            v.nat_addr_be = s.addr_be;
-            v.nat_port_be = key.port_be;
-            v.nat_slot = slot as u8;
-            return Some(key);
+        let port = nat_probe_port(hash, i, n.port_min, n.port_max);
+        s.port.addr_be = n.addr_be;
+        s.port.port_be = port.to_be();
+        s.port.proto = proto;
+        s.port._pad = 0;
+        if NAT_PORTS
+            .insert(&s.port, &s.owner, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            s.v.nat_addr_be = n.addr_be;
+            s.v.nat_port_be = s.port.port_be;
+            s.v.nat_slot = slot as u8;
+            return true;
         }
     }
-    None
+    false
 }
 
 /// TCP state on a consumer → service packet.

@@ -13,7 +13,7 @@ use crate::{
     arp, conntrack,
     fib::{self, NextHop},
     maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES},
-    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, load, parse_ipv4},
+    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
 };
@@ -98,10 +98,17 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
                     }
                     v
                 }
-                None => match open(ctx, &key, &ep, now) {
-                    Ok(v) => v,
-                    Err(r) => return drop(r, ep.endpoint_id),
-                },
+                None => {
+                    let rc = conntrack::new_flow(XdpContext { ctx: ctx.ctx }, &key, &ep, now);
+                    if rc != conntrack::CREATED && rc != conntrack::RACE_LOST {
+                        let r = DropReason::from_index(rc - 1).unwrap_or(DropReason::ConntrackFull);
+                        return drop(r, ep.endpoint_id);
+                    }
+                    match CT_FWD.get_ptr_mut(&key) {
+                        Some(v) => v,
+                        None => return drop(DropReason::CtBroken, ep.endpoint_id),
+                    }
+                }
             }
         }
     };
@@ -151,28 +158,4 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         return drop(DropReason::RedirectFailed, ep.endpoint_id);
     }
     action
-}
-
-/// Miss: create the flow (slow path, out of line) and return its entry.
-#[inline(always)]
-fn open(
-    ctx: &XdpContext,
-    key: &CtFwdKey,
-    ep: &plink_common::EndpointValue,
-    now: u64,
-) -> Result<*mut CtFwdValue, DropReason> {
-    let (Some(dmac), Some(smac)) = (load::<[u8; 6]>(ctx, 0), load::<[u8; 6]>(ctx, 6)) else {
-        return Err(DropReason::Malformed);
-    };
-    let mut v = CtFwdValue {
-        ingress_ifindex: ctx.ingress_ifindex() as u32,
-        client_mac: smac,
-        gw_mac: dmac,
-        ..Default::default()
-    };
-    let rc = conntrack::new_flow(key, ep, &mut v, now);
-    if rc != conntrack::CREATED && rc != conntrack::RACE_LOST {
-        return Err(DropReason::from_index(rc - 1).unwrap_or(DropReason::ConntrackFull));
-    }
-    CT_FWD.get_ptr_mut(key).ok_or(DropReason::CtBroken)
 }

@@ -11,8 +11,8 @@
 #![feature(core_intrinsics)]
 
 mod arp;
-mod consumer;
 mod conntrack;
+mod consumer;
 mod fib;
 mod maps;
 mod parse;

@@ -94,3 +94,8 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::C
 #[map(name = "EP_DROPS")]
 pub static EP_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_ENDPOINTS * DropReason::COUNT, 0);
+
+/// Per-CPU scratch space for the slow path: the new flow's entries are built
+/// here instead of on the 512-byte BPF stack.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);

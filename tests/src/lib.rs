@@ -8,4 +8,5 @@
 pub mod gateway;
 pub mod golden;
 pub mod netns;
+pub mod packet;
 pub mod servers;

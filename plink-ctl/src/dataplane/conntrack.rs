@@ -161,9 +161,7 @@ impl Dataplane {
         let stale: Vec<CtRevKey> = rev
             .iter()
             .filter_map(Result::ok)
-            .filter(|(rk, o)| {
-                old(o) && flows.get(&o.fwd).is_none_or(|v| rev_key(&o.fwd, v) != *rk)
-            })
+            .filter(|(rk, o)| old(o) && flows.get(&o.fwd).is_none_or(|v| rev_key(&o.fwd, v) != *rk))
             .map(|(rk, _)| rk)
             .collect();
         for k in stale {
@@ -245,4 +243,3 @@ fn port_key(k: &CtFwdKey, v: &CtFwdValue) -> NatPortKey {
         _pad: 0,
     }
 }
-

@@ -7,12 +7,14 @@
 
 pub mod conntrack;
 pub mod spec;
+pub mod stats;
 
-pub use conntrack::{FlowEntry, GcReport};
+pub use conntrack::{FlowEntry, GcReport, monotonic_ns};
 pub use spec::{
-    BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState, InterfaceRole, InterfaceSpec,
-    NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+    BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState, InterfaceRole,
+    InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
 };
+pub use stats::CounterKind;
 
 use std::{
     collections::BTreeMap,

@@ -21,9 +21,9 @@ use aya::{
 };
 use plink_common::{
     Addr, BackendInfo, Counters, DropReason, EndpointKey, EndpointValue, EpLimitState,
-    GlobalConfig, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_NAT_SLOTS, MAX_SERVICES,
-    NO_BACKEND, NatAddrInfo, NatSlot, NetAddrKey, ServiceConfig, Timeouts, backend_state,
-    ep_state, map_names, nat_flags, role, v4,
+    GlobalConfig, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_NAT_SLOTS, MAX_SERVICES, NO_BACKEND,
+    NatAddrInfo, NatSlot, NetAddrKey, ServiceConfig, Timeouts, backend_state, ep_state, map_names,
+    nat_flags, role, v4,
 };
 
 use super::Dataplane;
@@ -180,7 +180,10 @@ fn timeouts(t: &TimeoutSpec) -> Timeouts {
 }
 
 /// Writes `desired` into a hash map: changed entries are written, missing ones deleted.
-fn sync_hash<K, V>(map: &mut HashMap<&mut MapData, K, V>, desired: &BTreeMap<K, V>) -> anyhow::Result<()>
+fn sync_hash<K, V>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    desired: &BTreeMap<K, V>,
+) -> anyhow::Result<()>
 where
     K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,
@@ -207,7 +210,10 @@ impl DataplaneSpec {
             .iter()
             .filter(|i| i.role == InterfaceRole::Provider)
             .count();
-        ensure!(providers == 1, "exactly one provider interface is needed, got {providers}");
+        ensure!(
+            providers == 1,
+            "exactly one provider interface is needed, got {providers}"
+        );
         let mut services = BTreeSet::new();
         for s in &self.services {
             ensure!(s.id < MAX_SERVICES, "service id {} ≥ {MAX_SERVICES}", s.id);
@@ -249,7 +255,11 @@ impl DataplaneSpec {
         }
         let mut endpoints = BTreeSet::new();
         for e in &self.endpoints {
-            ensure!(e.id < MAX_ENDPOINTS, "endpoint id {} ≥ {MAX_ENDPOINTS}", e.id);
+            ensure!(
+                e.id < MAX_ENDPOINTS,
+                "endpoint id {} ≥ {MAX_ENDPOINTS}",
+                e.id
+            );
             ensure!(endpoints.insert(e.id), "endpoint id {} used twice", e.id);
             ensure!(
                 services.contains(&e.service_id),
@@ -315,7 +325,8 @@ impl Dataplane {
     fn apply_services(&mut self, spec: &DataplaneSpec) -> anyhow::Result<()> {
         // Backends first: a lookup table never names a backend not yet written.
         {
-            let mut map: Array<_, BackendInfo> = Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+            let mut map: Array<_, BackendInfo> =
+                Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
             let desired: BTreeMap<u32, BackendInfo> = spec
                 .backends
                 .iter()
@@ -513,7 +524,11 @@ impl Dataplane {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let mut stats: PerCpuArray<_, Counters> =
             PerCpuArray::try_from(self.map_mut(map_names::EP_STATS)?)?;
-        stats.set(id, PerCpuValues::try_from(vec![Counters::default(); cpus])?, 0)?;
+        stats.set(
+            id,
+            PerCpuValues::try_from(vec![Counters::default(); cpus])?,
+            0,
+        )?;
         let mut drops: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.map_mut(map_names::EP_DROPS)?)?;
         for r in 0..DropReason::COUNT {
