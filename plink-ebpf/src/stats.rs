@@ -100,9 +100,9 @@ pub fn count_refusal(endpoint_id: u32, service_id: u32, reason: DropReason) {
             _ => c.nat_alloc_failures += 1,
         });
     }
-    if reason == DropReason::NatPortsExhausted {
-        if let Some(c) = SVC_STATS.get_ptr_mut(service_id) {
-            bump(c, |c| c.nat_alloc_failures += 1);
-        }
+    if reason == DropReason::NatPortsExhausted
+        && let Some(c) = SVC_STATS.get_ptr_mut(service_id)
+    {
+        bump(c, |c| c.nat_alloc_failures += 1);
     }
 }

@@ -754,6 +754,23 @@ fn golden_udp_and_checksums() {
             );
             short.timeouts.udp = Duration::from_millis(50);
             b.dp.apply(&short).unwrap();
+            // The datapath applies the rule itself before any GC ran.
+            netns::wait_for(
+                "UDP flows to pass their timeout",
+                Duration::from_secs(5),
+                || {
+                    let flows = b.dp.list_conntrack()?;
+                    Ok(flows.iter().all(|f| f.expires_in.is_zero()).then_some(()))
+                },
+            )
+            .unwrap();
+            b.case(
+                "reply to an expired flow (before GC)",
+                prog_names::PROVIDER,
+                p0,
+                &r.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
             netns::wait_for("UDP flows to expire", Duration::from_secs(5), || {
                 let r = b.dp.gc_conntrack()?;
                 Ok((r.remaining == 0).then_some(r))

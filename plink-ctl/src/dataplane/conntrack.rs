@@ -124,13 +124,11 @@ impl Dataplane {
                     gone.push((*k, v));
                 }
             }
-            drop(fwd);
             let mut rev: HashMap<_, CtRevKey, CtOwner> =
                 HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
             for (k, v) in &gone {
                 let _ = rev.remove(&rev_key(k, v));
             }
-            drop(rev);
             let mut ports: HashMap<_, NatPortKey, CtOwner> =
                 HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
             for (k, v) in &gone {
@@ -167,7 +165,6 @@ impl Dataplane {
         for k in stale {
             n += u64::from(rev.remove(&k).is_ok());
         }
-        drop(rev);
         let mut ports: HashMap<_, NatPortKey, CtOwner> =
             HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
         let stale: Vec<NatPortKey> = ports

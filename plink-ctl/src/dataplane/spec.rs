@@ -358,7 +358,6 @@ impl Dataplane {
         let services: Array<_, ServiceConfig> =
             Array::try_from(self.map_mut(map_names::SERVICES)?)?;
         let current: Vec<ServiceConfig> = services.iter().collect::<Result<_, _>>()?;
-        drop(services);
         let lb_len = {
             let lb: Array<_, u32> = Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
             lb.len()
@@ -500,7 +499,6 @@ impl Dataplane {
             .iter()
             .map(|r| r.map(|(_, v)| v.endpoint_id))
             .collect::<Result<_, _>>()?;
-        drop(map);
         let fresh: BTreeSet<u32> = spec
             .endpoints
             .iter()
