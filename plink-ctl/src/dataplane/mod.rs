@@ -6,6 +6,7 @@
 //! - [`conntrack`]: garbage collection, endpoint purge and flow listing.
 
 pub mod conntrack;
+pub mod garp;
 pub mod spec;
 pub mod stats;
 
@@ -170,6 +171,25 @@ impl Dataplane {
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
             .try_into()?)
+    }
+
+    /// Attaches the program for `role` to `ifindex` (programs are loaded
+    /// first if needed). The link lives as long as this `Dataplane`.
+    pub fn attach(
+        &mut self,
+        ifindex: u32,
+        role: InterfaceRole,
+        mode: AyaXdpMode,
+    ) -> anyhow::Result<()> {
+        self.load_programs()?;
+        let name = match role {
+            InterfaceRole::Consumer { .. } => prog_names::CONSUMER,
+            InterfaceRole::Provider => prog_names::PROVIDER,
+        };
+        self.program(name)?
+            .attach_to_if_index(ifindex, mode)
+            .with_context(|| format!("attaching {name} to ifindex {ifindex}"))?;
+        Ok(())
     }
 
     /// A map by name, for the submodules.
