@@ -412,7 +412,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
         .unwrap();
     }
     // XDP runs in the receiver's softirq: wait until all probes were seen.
-    let mut report = || {
+    let report = || {
         to_gw.send(Cmd::Report).unwrap();
         from_gw.recv_timeout(Duration::from_secs(10)).unwrap()
     };
