@@ -1143,6 +1143,9 @@ fn verified_program_sizes() {
             info.size_translated().unwrap_or(0),
             info.size_jitted()
         );
+        let stack = stack_use(info.id());
+        println!("{name}: stack bytes per BPF function (xlated dump): {stack:?}");
+        assert!(!stack.is_empty(), "{name}: bpftool listed its functions");
         assert!(
             verified > 0,
             "{name}: the kernel reports verified instructions"
@@ -1152,4 +1155,37 @@ fn verified_program_sizes() {
             "{name}: stays well inside the verifier's 1M limit"
         );
     }
+}
+
+/// Deepest `r10` (frame pointer) offset of each BPF function of program `id`,
+/// read from `bpftool prog dump xlated`: the stack each function uses. The
+/// verifier's limit is 512 bytes along any call chain.
+fn stack_use(id: u32) -> Vec<(String, u32)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "dump", "xlated", "id", &id.to_string()])
+        .output()
+        .expect("bpftool is installed (cargo xtask setup)");
+    assert!(out.status.success(), "bpftool prog dump xlated id {id}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut funcs: Vec<(String, u32)> = Vec::new();
+    for line in text.lines() {
+        // Function headers look like `int name(...):` or `name:`.
+        let t = line.trim();
+        if !t.starts_with(';') && t.ends_with(':') && !t.starts_with(|c: char| c.is_ascii_digit()) {
+            let name = t.trim_end_matches(':');
+            let name = name.split('(').next().unwrap_or(name);
+            let name = name.rsplit(' ').next().unwrap_or(name);
+            funcs.push((name.to_string(), 0));
+            continue;
+        }
+        let mut rest = t;
+        while let Some(i) = rest.find("(r10 -") {
+            rest = &rest[i + 6..];
+            let n: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            if let (Ok(n), Some(last)) = (n.parse::<u32>(), funcs.last_mut()) {
+                last.1 = last.1.max(n);
+            }
+        }
+    }
+    funcs
 }
