@@ -99,10 +99,12 @@ fn create(
     s.owner.fwd = *key;
     s.owner._pad = 0;
     s.owner.created_ns = now;
-    if !alloc_nat_port(svc, hash, key.proto, s) {
-        stats::count_refusal(ep.endpoint_id, ep.service_id, DropReason::NatPortsExhausted);
-        return Err(Some(DropReason::NatPortsExhausted));
-    }
+    alloc_nat_port(svc, hash, key.proto, s).map_err(|r| {
+        if r == DropReason::NatPortsExhausted {
+            stats::count_refusal(ep.endpoint_id, ep.service_id, r);
+        }
+        Some(r)
+    })?;
     if let Err(e) = CT_FWD.insert(key, &s.v, BPF_NOEXIST as u64) {
         let _ = NAT_PORTS.remove(&s.port);
         if e == -EEXIST {
@@ -195,10 +197,15 @@ fn select_backend(
 /// Claims a NAT port unique per (NAT address, protocol) with bounded
 /// probing; fills the NAT fields of `s.v` and the claimed key `s.port`.
 #[inline(always)]
-fn alloc_nat_port(svc: &ServiceConfig, hash: u32, proto: u8, s: &mut Scratch) -> bool {
+fn alloc_nat_port(
+    svc: &ServiceConfig,
+    hash: u32,
+    proto: u8,
+    s: &mut Scratch,
+) -> Result<(), DropReason> {
     let count = svc.nat_count;
     if count == 0 || count > plink_common::MAX_NAT_SLOTS as u32 {
-        return false;
+        return Err(DropReason::NatPortsExhausted);
     }
     for i in 0..plink_common::NAT_PORT_PROBES {
         let slot = nat_probe_slot(hash, i, count);
@@ -217,17 +224,20 @@ fn alloc_nat_port(svc: &ServiceConfig, hash: u32, proto: u8, s: &mut Scratch) ->
         s.port.port_be = port.to_be();
         s.port.proto = proto;
         s.port._pad = 0;
-        if NAT_PORTS
-            .insert(&s.port, &s.owner, BPF_NOEXIST as u64)
-            .is_ok()
-        {
-            s.v.nat_addr_be = n.addr_be;
-            s.v.nat_port_be = s.port.port_be;
-            s.v.nat_slot = slot as u8;
-            return true;
+        match NAT_PORTS.insert(&s.port, &s.owner, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                s.v.nat_addr_be = n.addr_be;
+                s.v.nat_port_be = s.port.port_be;
+                s.v.nat_slot = slot as u8;
+                return Ok(());
+            }
+            // Taken by a live flow: probe on.
+            Err(e) if e == -EEXIST => {}
+            // The table is full (E2BIG): probing cannot help.
+            Err(_) => return Err(DropReason::ConntrackFull),
         }
     }
-    false
+    Err(DropReason::NatPortsExhausted)
 }
 
 /// TCP state on a consumer → service packet.

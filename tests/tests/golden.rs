@@ -245,11 +245,15 @@ struct Bench {
 
 impl Bench {
     fn new(spec: &DataplaneSpec) -> Self {
+        Self::with_conntrack(spec, 1024)
+    }
+
+    fn with_conntrack(spec: &DataplaneSpec, conntrack: u32) -> Self {
         let mut dp = Dataplane::load_with(
             EBPF_OBJECT,
             None,
             Sizes {
-                conntrack: 1024,
+                conntrack,
                 lb_table: 1024,
             },
         )
@@ -1124,6 +1128,45 @@ fn golden_drops_arp_and_caps() {
                     .refused_rate,
                 refused as u64
             );
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_conntrack_full_refuses_new_flows() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::with_conntrack(&spec, 4);
+            let q = |port| {
+                Ipv4Packet::udp((CLIENT, port), (EP_UDP, 53), b"q")
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            for port in 1..=4 {
+                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
+                assert_eq!(run.verdict, verdict::REDIRECT, "flow {port} fits");
+            }
+            b.case(
+                "conntrack full",
+                prog_names::CONSUMER,
+                c1,
+                &q(5),
+                Want::Drop(DropReason::ConntrackFull),
+            );
+            // Live flows are untouched by the refusal.
+            for port in 1..=4 {
+                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
+                assert_eq!(
+                    run.verdict,
+                    verdict::REDIRECT,
+                    "flow {port} still forwarded"
+                );
+            }
+            assert_eq!(b.dp.list_conntrack().unwrap().len(), 4);
+            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_UDP), Some(&4));
         })
         .unwrap();
 }
