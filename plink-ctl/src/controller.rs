@@ -101,6 +101,13 @@ pub struct Controller {
     model: Arc<Model>,
     started: SystemTime,
     publish: watch::Sender<Arc<Model>>,
+    dataplane: Option<Arc<dyn DataplaneQueries>>,
+}
+
+/// Questions the admin API asks the running dataplane (answered as JSON).
+pub trait DataplaneQueries: Send + Sync {
+    /// Live flows with their NAT mapping.
+    fn conntrack(&self) -> anyhow::Result<serde_json::Value>;
 }
 
 impl Controller {
@@ -127,6 +134,7 @@ impl Controller {
             model,
             started: SystemTime::now(),
             publish,
+            dataplane: None,
         })
     }
 
@@ -140,6 +148,15 @@ impl Controller {
 
     pub fn model(&self) -> Arc<Model> {
         self.model.clone()
+    }
+
+    /// Connects the admin API's dataplane questions to a running dataplane.
+    pub fn set_dataplane(&mut self, queries: Arc<dyn DataplaneQueries>) {
+        self.dataplane = Some(queries);
+    }
+
+    pub fn dataplane(&self) -> Option<Arc<dyn DataplaneQueries>> {
+        self.dataplane.clone()
     }
 
     /// A receiver that sees every new model (the latest one, if several

@@ -9,11 +9,12 @@ use std::{
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use plink_ctl::{
-    EBPF_OBJECT,
     admin::{self, AdminListener, Request, Response},
     config::{Config, DEFAULT_ADMIN_SOCKET},
     controller::{ActionOutcome, Controller, ReloadOutcome, Status},
     dataplane,
+    gateway::{self, AllHealthy, Gateway, GatewayQueries},
+    metrics,
     model::{EndpointModel, Model},
 };
 
@@ -79,6 +80,9 @@ enum Command {
     /// state is left unchanged; so is a change to a field that only takes
     /// effect on restart (sizes, paths, interfaces).
     Reload(AdminArgs),
+    /// List the live flows with their NAT mapping: consumer network and
+    /// client, endpoint, NAT address and port, backend, time left.
+    Conntrack(AdminArgs),
 }
 
 #[derive(Subcommand)]
@@ -178,6 +182,37 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for line in out.changes {
                 println!("  {line}");
             }
+            Ok(())
+        }),
+        Command::Conntrack(a) => admin_command(&a, Request::Conntrack, |r| {
+            let data = r.data.context("the controller answered without data")?;
+            let flows = data["flows"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>9}",
+                "ENDPOINT",
+                "NETWORK",
+                "PROTO",
+                "CLIENT",
+                "ENDPOINT ADDR",
+                "NAT",
+                "BACKEND",
+                "EXPIRES"
+            );
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+            for f in &flows {
+                println!(
+                    "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>8}s",
+                    text(&f["endpoint"]),
+                    text(&f["network"]),
+                    text(&f["protocol"]),
+                    text(&f["client"]),
+                    text(&f["endpoint_address"]),
+                    text(&f["nat"]),
+                    text(&f["backend"]),
+                    f["expires_in_ms"].as_u64().unwrap_or(0) / 1000
+                );
+            }
+            println!("{} flows", flows.len());
             Ok(())
         }),
         Command::Endpoints { command } => match command {
@@ -346,8 +381,15 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     // The saved decisions are restored before anything touches the system:
     // a corrupt state file stops us here.
     let controller = Controller::with_config(&config_path, config.clone())?;
-    let mut dp = dataplane::Dataplane::load(EBPF_OBJECT, &config.gateway.bpffs_root)?;
-    dp.attach_all(&config)?;
+    let gateway = Gateway::start(&config)?;
+    let gateway = Arc::new(Mutex::new(gateway));
+    {
+        let model = controller.model();
+        let mut gw = gateway::lock(&gateway);
+        gw.apply_model(&model, &AllHealthy)
+            .context("writing the config into the dataplane maps")?;
+        gw.announce();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -362,20 +404,73 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let listener = AdminListener::bind(&socket)
             .with_context(|| format!("serving the admin API on {}", socket.display()))?;
         let controller = Arc::new(Mutex::new(controller));
+        let models = lock(&controller).subscribe();
+        lock(&controller).set_dataplane(Arc::new(GatewayQueries {
+            gateway: gateway.clone(),
+            models: models.clone(),
+        }));
 
         // The model-change hook: every committed change (admin action,
-        // reload) publishes a new Model. The datapath applies the diff from
-        // the model it last applied; until its map updates land, log it.
-        let mut models = lock(&controller).subscribe();
-        let model_task = tokio::spawn(async move {
-            let mut applied: Arc<Model> = models.borrow_and_update().clone();
-            while models.changed().await.is_ok() {
-                let latest = models.borrow_and_update().clone();
-                let diff = Model::diff(&applied, &latest);
-                tracing::info!(changes = ?diff.summary(), "model changed");
-                applied = latest;
-            }
-        });
+        // reload) publishes a new Model, which the dataplane applies as a diff.
+        let model_task = {
+            let mut models = models.clone();
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let mut applied: Arc<Model> = models.borrow_and_update().clone();
+                while models.changed().await.is_ok() {
+                    let latest = models.borrow_and_update().clone();
+                    let diff = Model::diff(&applied, &latest);
+                    tracing::info!(changes = ?diff.summary(), "model changed");
+                    let gw = gateway.clone();
+                    let model = latest.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        let mut g = gateway::lock(&gw);
+                        g.apply_model(&model, &AllHealthy)?;
+                        g.announce();
+                        anyhow::Ok(())
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok(())) => applied = latest,
+                        Ok(Err(e)) => tracing::error!("applying the new model failed: {e:#}"),
+                        Err(e) => tracing::error!("applying the new model panicked: {e}"),
+                    }
+                }
+            })
+        };
+
+        // Conntrack GC on the datapath's clock, once a second.
+        let gc_task = {
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let gw = gateway.clone();
+                    let r = tokio::task::spawn_blocking(move || gateway::lock(&gw).gc()).await;
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!("conntrack GC: {e:#}");
+                    }
+                }
+            })
+        };
+
+        let metrics_listener = metrics::bind(config.gateway.metrics).await?;
+        let metrics_task = {
+            let gateway = gateway.clone();
+            let models = models.clone();
+            let snapshot: metrics::SnapshotFn = Arc::new(move || {
+                let model = models.borrow().clone();
+                match gateway::lock(&gateway).snapshot(&model) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("reading counters for /metrics: {e:#}");
+                        metrics::Snapshot::default()
+                    }
+                }
+            });
+            tokio::spawn(metrics::serve(metrics_listener, snapshot))
+        };
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(admin::serve(listener, controller.clone(), async {
@@ -402,9 +497,11 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let _ = stop.send(());
         let _ = server.await;
         model_task.abort();
+        gc_task.abort();
+        metrics_task.abort();
         anyhow::Ok(())
     })?;
-    drop(dp);
+    drop(gateway);
     Ok(())
 }
 

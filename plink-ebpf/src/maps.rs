@@ -1,9 +1,101 @@
-//! Every map the datapath uses, defined in one place.
-use aya_ebpf::{macros::map, maps::PerCpuHashMap};
-use plink_common::{IfStats, MAX_INTERFACES};
+//! Every map the datapath uses, defined in one place. Sizes marked "sized at
+//! load" are overridden by the controller (`EbpfLoader::map_max_entries`).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+};
+use plink_common::{
+    Addr, BackendInfo, Counters, CtFwdKey, CtFwdValue, CtOwner, CtRevKey,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EndpointKey, EndpointValue,
+    EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_INTERFACES,
+    MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey, NetAddrKey, ServiceConfig,
+};
 
 /// Per-interface counters keyed by ifindex. The controller inserts a zeroed
 /// entry for each interface it attaches to; frames on other interfaces are not counted.
 #[map(name = "IF_STATS")]
 pub static IF_STATS: PerCpuHashMap<u32, IfStats> =
     PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// ifindex → role, consumer network, MAC.
+#[map(name = "INTERFACES")]
+pub static INTERFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// Timeouts and the provider ifindex (one entry).
+#[map(name = "GLOBAL")]
+pub static GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+/// (network, endpoint addr, proto, port) → endpoint.
+#[map(name = "ENDPOINTS")]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS * 4, 0);
+
+/// (network, endpoint addr) the consumer program answers ARP for; value unused.
+#[map(name = "ARP_ENDPOINTS")]
+pub static ARP_ENDPOINTS: HashMap<NetAddrKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// NAT address → owning service slot; the provider program handles traffic
+/// and ARP for these addresses only.
+#[map(name = "NAT_ADDRS")]
+pub static NAT_ADDRS: HashMap<Addr, NatAddrInfo> = HashMap::with_max_entries(MAX_NAT_COUNTERS, 0);
+
+#[map(name = "SERVICES")]
+pub static SERVICES: Array<ServiceConfig> = Array::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Backend ids, each service owning `lb_size` slots from `lb_offset`. Sized at load.
+#[map(name = "LB_TABLE")]
+pub static LB_TABLE: Array<u32> = Array::with_max_entries(DEFAULT_LB_TABLE_ENTRIES, 0);
+
+/// Forward conntrack. Plain hash (not LRU): a full table refuses new flows
+/// instead of silently evicting a live one. Sized at load.
+#[map(name = "CT_FWD")]
+pub static CT_FWD: HashMap<CtFwdKey, CtFwdValue> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Reverse conntrack → owning forward key. Sized at load.
+#[map(name = "CT_REV")]
+pub static CT_REV: HashMap<CtRevKey, CtOwner> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// NAT ports in use → owning forward key. Sized at load.
+#[map(name = "NAT_PORTS")]
+pub static NAT_PORTS: HashMap<NatPortKey, CtOwner> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Per-endpoint cap state, shared by all CPUs (atomic updates).
+#[map(name = "EP_LIMITS")]
+pub static EP_LIMITS: Array<EpLimitState> = Array::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Per-endpoint flows freed by the controller's GC (written by userspace only).
+#[map(name = "EP_GC_FREED")]
+pub static EP_GC_FREED: Array<u64> = Array::with_max_entries(MAX_ENDPOINTS, 0);
+
+#[map(name = "EP_STATS")]
+pub static EP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_ENDPOINTS, 0);
+
+#[map(name = "SVC_STATS")]
+pub static SVC_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Indexed by `service_id * MAX_NAT_SLOTS + slot`.
+#[map(name = "NAT_STATS")]
+pub static NAT_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_NAT_COUNTERS, 0);
+
+/// Drops by reason.
+#[map(name = "DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// Drops by endpoint and reason: `endpoint_id * DropReason::COUNT + reason`.
+#[map(name = "EP_DROPS")]
+pub static EP_DROPS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_ENDPOINTS * DropReason::COUNT, 0);
+
+/// Per-CPU scratch space for the slow path: the new flow's entries are built
+/// here instead of on the 512-byte BPF stack.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -1,40 +1,137 @@
 //! Header parsing with the bounds checks the verifier wants.
+//!
+//! Offsets are fixed: plink handles IPv4 without options only (options are
+//! dropped with a reason on the consumer side), so L4 starts at byte 34.
 use aya_ebpf::programs::XdpContext;
-use network_types::eth::{EthHdr, EtherType};
+use plink_common::{DropReason, IPPROTO_TCP, IPPROTO_UDP};
 
-pub enum EtherKind {
-    Ipv4,
-    Arp,
-    Other,
-}
+pub const ETH_LEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IP_OFF: usize = ETH_LEN;
+pub const IP_LEN: usize = 20;
+pub const L4_OFF: usize = IP_OFF + IP_LEN;
+/// Offsets inside the IPv4 header.
+pub const IP_TTL: usize = IP_OFF + 8;
+pub const IP_CHECK: usize = IP_OFF + 10;
+pub const IP_SADDR: usize = IP_OFF + 12;
+pub const IP_DADDR: usize = IP_OFF + 16;
+pub const TCP_CHECK: usize = L4_OFF + 16;
+pub const UDP_CHECK: usize = L4_OFF + 6;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Returns a pointer to a `T` at `offset`, or `None` when the frame is too short.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + offset) as *const T)
+    Some((start + offset) as *mut T)
 }
 
+/// Reads a `T` at `offset` (no alignment assumed).
 #[inline(always)]
-pub fn ether_kind(ctx: &XdpContext) -> EtherKind {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return EtherKind::Other;
-    };
-    // Read the raw field: an unknown ether type must not be turned into the enum.
-    let ether_type = unsafe {
-        core::ptr::addr_of!((*eth).ether_type)
-            .cast::<u16>()
-            .read_unaligned()
-    };
-    if ether_type == EtherType::Ipv4 as u16 {
-        EtherKind::Ipv4
-    } else if ether_type == EtherType::Arp as u16 {
-        EtherKind::Arp
-    } else {
-        EtherKind::Other
+pub fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { p.read_unaligned() })
+}
+
+/// Writes a `T` at `offset` (no alignment assumed); false when out of bounds.
+#[inline(always)]
+pub fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> bool {
+    match ptr_at::<T>(ctx, offset) {
+        Some(p) => {
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { p.write_unaligned(v) };
+            true
+        }
+        None => false,
     }
+}
+
+/// The EtherType in host order, or `None` for a runt frame.
+#[inline(always)]
+pub fn ether_type(ctx: &XdpContext) -> Option<u16> {
+    load::<u16>(ctx, 12).map(u16::from_be)
+}
+
+/// What the datapath needs from an IPv4 TCP/UDP packet. Addresses and ports
+/// are raw (network byte order).
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub ttl: u8,
+    /// IP total length: the byte count of counters.
+    pub tot_len: u16,
+}
+
+/// Why an IPv4 packet could not be parsed into a [`Flow`].
+#[inline(always)]
+pub fn parse_ipv4(ctx: &XdpContext) -> Result<Flow, DropReason> {
+    let Some(ip) = ptr_at::<[u8; IP_LEN]>(ctx, IP_OFF) else {
+        return Err(DropReason::Malformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    if ip[0] & 0x0f != 5 {
+        return Err(DropReason::IpOptions);
+    }
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+    // More-fragments set or a non-zero offset: no L4 header to place it by.
+    if (ip[6] & 0x3f) != 0 || ip[7] != 0 {
+        return Err(DropReason::Fragment);
+    }
+    let proto = ip[9];
+    let l4_min = match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    // The IP length must cover the L4 header and fit in the frame (trailing
+    // Ethernet padding is allowed): a truncated packet never gets rewritten.
+    let frame_ip_len = ctx.data_end() - ctx.data() - IP_OFF;
+    if (tot_len as usize) < IP_LEN + l4_min || tot_len as usize > frame_ip_len {
+        return Err(DropReason::Malformed);
+    }
+    let Some(ports) = load::<[u16; 2]>(ctx, L4_OFF) else {
+        return Err(DropReason::Malformed);
+    };
+    let mut tcp_flags = 0;
+    if proto == IPPROTO_TCP {
+        let Some(f) = load::<u8>(ctx, L4_OFF + 13) else {
+            return Err(DropReason::Malformed);
+        };
+        // The checksum we update must be inside the frame.
+        if ptr_at::<u16>(ctx, TCP_CHECK).is_none() {
+            return Err(DropReason::Malformed);
+        }
+        tcp_flags = f;
+    } else if ptr_at::<u16>(ctx, UDP_CHECK).is_none() {
+        return Err(DropReason::Malformed);
+    }
+    Ok(Flow {
+        src_be: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        dst_be: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport_be: ports[0],
+        dport_be: ports[1],
+        proto,
+        tcp_flags,
+        ttl: ip[8],
+        tot_len,
+    })
 }

@@ -28,7 +28,10 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const ENDPOINT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
 pub const DNS_ENDPOINT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
-pub const ORDERS_BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 51, 100, 10), Ipv4Addr::new(198, 51, 100, 11)];
+pub const ORDERS_BACKENDS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(198, 51, 100, 10),
+    Ipv4Addr::new(198, 51, 100, 11),
+];
 pub const BILLING_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 12);
 pub const DNS_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 pub const GATEWAY_PROVIDER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
@@ -38,7 +41,11 @@ pub const DNS_NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 202);
 
 /// Services and endpoints of the reference topology; `extra` is appended to
 /// the `gateway:` section (e.g. short timeouts).
-pub fn config(topo: &Topology, gateway_extra: &str, orders_b_tenant: &str) -> anyhow::Result<String> {
+pub fn config(
+    topo: &Topology,
+    gateway_extra: &str,
+    orders_b_tenant: &str,
+) -> anyhow::Result<String> {
     Ok(format!(
         "{gw}{gateway_extra}\
 interfaces:
@@ -122,19 +129,24 @@ impl PrivateLink {
             gw.sysctl(&format!("net.ipv4.conf.{c}.forwarding"), "0")?;
         }
 
-        for addr in ["198.51.100.10", "198.51.100.11", "198.51.100.12", "198.51.100.20"] {
+        for addr in [
+            "198.51.100.10",
+            "198.51.100.11",
+            "198.51.100.12",
+            "198.51.100.20",
+        ] {
             provider.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         }
 
-        // Frames that XDP redirects into a veth are delivered only when the
-        // peer runs NAPI: GRO on the far ends does that (SPEC §7).
+        // Frames that XDP redirects or transmits into a veth are delivered
+        // only when the peer runs NAPI: a pass program on the far ends (SPEC §7).
         for (host, dev) in [
             (&consumer_a, "eth0"),
             (&consumer_b, "eth0"),
             (&router_a, "eth0"),
             (&provider, "eth0"),
         ] {
-            host.exec("ethtool", &["-K", dev, "gro", "on"])?;
+            topo.enable_napi(host, dev)?;
         }
 
         let mut servers = Vec::new();

@@ -18,10 +18,18 @@ pub use server::{AdminListener, serve};
 pub enum Request {
     Status,
     ListEndpoints,
-    Approve { name: String },
-    Reject { name: String },
-    Remove { name: String },
+    Approve {
+        name: String,
+    },
+    Reject {
+        name: String,
+    },
+    Remove {
+        name: String,
+    },
     Reload,
+    /// Live flows with their NAT mapping.
+    Conntrack,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -204,6 +204,17 @@ pub fn handle(controller: &Mutex<Controller>, request: Request) -> Response {
         Request::Approve { name } => act(&mut c, &name, Action::Approve),
         Request::Reject { name } => act(&mut c, &name, Action::Reject),
         Request::Remove { name } => act(&mut c, &name, Action::Remove),
+        Request::Conntrack => match c.dataplane() {
+            Some(dp) => {
+                // Release the controller while the dataplane is read.
+                drop(c);
+                match dp.conntrack() {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::error(format!("reading conntrack: {e:#}"), Vec::new()),
+                }
+            }
+            None => Response::error("this controller runs no dataplane", Vec::new()),
+        },
         Request::Reload => match c.reload() {
             Ok(outcome) => Response::ok(outcome),
             Err(e) => {

@@ -1,5 +1,21 @@
 //! Loading the XDP programs, attaching them by interface role, and reading
 //! their maps.
+//!
+//! - [`spec`]: the plain [`DataplaneSpec`] and [`Dataplane::apply`], which
+//!   writes it into the maps as a diff.
+//! - [`conntrack`]: garbage collection, endpoint purge and flow listing.
+
+pub mod conntrack;
+pub mod garp;
+pub mod spec;
+pub mod stats;
+
+pub use conntrack::{FlowEntry, GcReport, monotonic_ns};
+pub use spec::{
+    BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState, InterfaceRole,
+    InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+};
+pub use stats::CounterKind;
 
 use std::{
     collections::BTreeMap,
@@ -22,8 +38,27 @@ pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
     bpffs_root.join(format!("v{LAYOUT_VERSION}"))
 }
 
-/// Maps pinned by the controller so that counters outlive one process.
-const PINNED_MAPS: &[&str] = &[map_names::IF_STATS];
+/// Maps pinned by the controller: every map, so that flows and counters
+/// outlive one process.
+const PINNED_MAPS: &[&str] = map_names::ALL;
+
+/// Map sizes fixed at load (they take effect on a fresh start only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// Flows: entries of CT_FWD, CT_REV and NAT_PORTS each.
+    pub conntrack: u32,
+    /// Slots of the backend lookup table shared by all services.
+    pub lb_table: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            conntrack: plink_common::DEFAULT_CONNTRACK_ENTRIES,
+            lb_table: plink_common::DEFAULT_LB_TABLE_ENTRIES,
+        }
+    }
+}
 
 /// A loaded dataplane: the programs are attached while this lives.
 pub struct Dataplane {
@@ -81,17 +116,87 @@ fn bpffs_check(root: &Path) -> anyhow::Result<()> {
 impl Dataplane {
     /// Loads the embedded object with its maps pinned under `bpffs_root`.
     pub fn load(object: &[u8], bpffs_root: &Path) -> anyhow::Result<Self> {
+        Self::load_with(object, Some(bpffs_root), Sizes::default())
+    }
+
+    /// Loads the object with the given map sizes; maps are pinned under
+    /// `bpffs_root` when one is given (tests load unpinned).
+    pub fn load_with(
+        object: &[u8],
+        bpffs_root: Option<&Path>,
+        sizes: Sizes,
+    ) -> anyhow::Result<Self> {
         raise_memlock_limit();
-        bpffs_check(bpffs_root)?;
-        let dir = pin_dir(bpffs_root);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating the pin directory {}", dir.display()))?;
         let mut loader = EbpfLoader::new();
-        for name in PINNED_MAPS {
-            loader.map_pin_path(name, dir.join(name));
+        let dir = match bpffs_root {
+            Some(root) => {
+                bpffs_check(root)?;
+                let dir = pin_dir(root);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+                Some(dir)
+            }
+            None => None,
+        };
+        if let Some(dir) = &dir {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
         }
+        for name in [map_names::CT_FWD, map_names::CT_REV, map_names::NAT_PORTS] {
+            loader.map_max_entries(name, sizes.conntrack);
+        }
+        loader.map_max_entries(map_names::LB_TABLE, sizes.lb_table);
         let ebpf = loader.load(object).context("loading the eBPF object")?;
         Ok(Self { ebpf })
+    }
+
+    /// Loads both programs into the kernel (verifier) without attaching them.
+    pub fn load_programs(&mut self) -> anyhow::Result<()> {
+        for name in [prog_names::CONSUMER, prog_names::PROVIDER] {
+            let program = self.program(name)?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .with_context(|| format!("the kernel refused to load {name}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One of the XDP programs, by name ([`prog_names`]).
+    pub fn program(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?)
+    }
+
+    /// Attaches the program for `role` to `ifindex` (programs are loaded
+    /// first if needed). The link lives as long as this `Dataplane`.
+    pub fn attach(
+        &mut self,
+        ifindex: u32,
+        role: InterfaceRole,
+        mode: AyaXdpMode,
+    ) -> anyhow::Result<()> {
+        self.load_programs()?;
+        let name = match role {
+            InterfaceRole::Consumer { .. } => prog_names::CONSUMER,
+            InterfaceRole::Provider => prog_names::PROVIDER,
+        };
+        self.program(name)?
+            .attach_to_if_index(ifindex, mode)
+            .with_context(|| format!("attaching {name} to ifindex {ifindex}"))?;
+        Ok(())
+    }
+
+    /// A map by name, for the submodules.
+    pub(crate) fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
     }
 
     /// Attaches the program for each interface's role, in the configured mode.
@@ -105,14 +210,7 @@ impl Dataplane {
                 Role::Consumer => prog_names::CONSUMER,
                 Role::Provider => prog_names::PROVIDER,
             };
-            let program: &mut Xdp = self
-                .ebpf
-                .program_mut(prog_name)
-                .ok_or_else(|| anyhow!("program {prog_name} missing from the eBPF object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel refused to load {prog_name}"))?;
+            self.load_programs()?;
             for iface in config.interfaces.iter().filter(|i| i.role == role) {
                 let index = ifindex(&iface.name)?;
                 self.register_interface(index)?;
@@ -144,7 +242,7 @@ impl Dataplane {
         Ok(())
     }
 
-    fn register_interface(&mut self, index: u32) -> anyhow::Result<()> {
+    pub(crate) fn register_interface(&mut self, index: u32) -> anyhow::Result<()> {
         let map = self
             .ebpf
             .map_mut(map_names::IF_STATS)

@@ -1,0 +1,242 @@
+//! Conntrack maintenance from userspace: garbage collection with the
+//! datapath's own expiry rule, purging an endpoint's flows, and listing flows
+//! with their NAT mapping.
+//!
+//! A flow is three entries: forward (the state), reverse and NAT port. The GC
+//! deletes the forward entry first, so the datapath stops using the flow
+//! before its port is freed, then the reverse entry and the port.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap};
+use plink_common::{
+    CtFwdKey, CtFwdValue, CtOwner, CtRevKey, GlobalConfig, NatPortKey, flow_expired,
+    flow_timeout_ns, map_names,
+};
+
+use super::Dataplane;
+
+/// Reverse or NAT-port entries whose owner is gone are removed only when
+/// older than this, so the GC never races a flow being inserted.
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What one GC or purge pass removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Flows removed (forward entries).
+    pub flows: u64,
+    /// Reverse and NAT-port entries removed without their flow (leftovers).
+    pub orphans: u64,
+    /// Flows left.
+    pub remaining: u64,
+}
+
+/// One flow with its NAT mapping, for `plink-ctl conntrack`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub network_id: u32,
+    pub protocol: u8,
+    pub client: (Ipv4Addr, u16),
+    pub endpoint: (Ipv4Addr, u16),
+    pub nat: (Ipv4Addr, u16),
+    pub backend: (Ipv4Addr, u16),
+    pub endpoint_id: u32,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub tcp_state: u8,
+    pub ingress_ifindex: u32,
+    /// Time left before the flow expires (zero if it already has).
+    pub expires_in: Duration,
+}
+
+fn ip(a: &plink_common::Addr) -> Ipv4Addr {
+    Ipv4Addr::from(a[0].to_ne_bytes())
+}
+
+impl Dataplane {
+    fn global(&mut self) -> anyhow::Result<GlobalConfig> {
+        let g: Array<_, GlobalConfig> = Array::try_from(self.map_mut(map_names::GLOBAL)?)?;
+        Ok(g.get(&0, 0)?)
+    }
+
+    fn flows(&mut self) -> anyhow::Result<Vec<(CtFwdKey, CtFwdValue)>> {
+        let fwd: HashMap<_, CtFwdKey, CtFwdValue> =
+            HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+        // Entries deleted while we iterate are skipped, not errors.
+        Ok(fwd.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Removes expired flows (the rule the datapath applies, on its clock),
+    /// frees their NAT ports, and sweeps leftover reverse / port entries.
+    pub fn gc_conntrack(&mut self) -> anyhow::Result<GcReport> {
+        let g = self.global()?;
+        self.remove_flows(|k, v, now| {
+            let _ = k;
+            flow_expired(v, now, &g.timeouts)
+        })
+    }
+
+    /// Removes every flow of `endpoint_id` (the endpoint was rejected or
+    /// removed: set its state with `apply` first so no new flow appears).
+    pub fn purge_endpoint(&mut self, endpoint_id: u32) -> anyhow::Result<GcReport> {
+        self.remove_flows(|_, v, _| v.endpoint_id == endpoint_id)
+    }
+
+    /// Removes every flow to `backend_id` (a backend removed without draining).
+    pub fn purge_backend(&mut self, backend_id: u32) -> anyhow::Result<GcReport> {
+        self.remove_flows(|_, v, _| v.backend_id == backend_id)
+    }
+
+    fn remove_flows(
+        &mut self,
+        doomed: impl Fn(&CtFwdKey, &CtFwdValue, u64) -> bool,
+    ) -> anyhow::Result<GcReport> {
+        let mut report = GcReport::default();
+        let flows = self.flows()?;
+        let mut freed_per_endpoint: BTreeMap<u32, u64> = BTreeMap::new();
+        {
+            let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
+                HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+            let mut gone = Vec::new();
+            for (k, _) in &flows {
+                // Re-read just before deleting: the datapath may have
+                // refreshed the flow since the listing.
+                let Ok(v) = fwd.get(k, 0) else { continue };
+                if !doomed(k, &v, monotonic_ns()) {
+                    report.remaining += 1;
+                    continue;
+                }
+                if fwd.remove(k).is_ok() {
+                    *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
+                    report.flows += 1;
+                    gone.push((*k, v));
+                }
+            }
+            let mut rev: HashMap<_, CtRevKey, CtOwner> =
+                HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
+            for (k, v) in &gone {
+                let _ = rev.remove(&rev_key(k, v));
+            }
+            let mut ports: HashMap<_, NatPortKey, CtOwner> =
+                HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
+            for (k, v) in &gone {
+                let _ = ports.remove(&port_key(k, v));
+            }
+        }
+        // Live-flow accounting for the max-flows cap (the datapath adds, we
+        // subtract; one writer per map).
+        let mut freed: Array<_, u64> = Array::try_from(self.map_mut(map_names::EP_GC_FREED)?)?;
+        for (id, n) in freed_per_endpoint {
+            if let Ok(old) = freed.get(&id, 0) {
+                freed.set(id, old.wrapping_add(n), 0)?;
+            }
+        }
+        report.orphans = self.sweep_orphans()?;
+        Ok(report)
+    }
+
+    /// Reverse and NAT-port entries whose owner flow is gone or maps differently.
+    fn sweep_orphans(&mut self) -> anyhow::Result<u64> {
+        let grace = ORPHAN_GRACE.as_nanos() as u64;
+        let flows: BTreeMap<CtFwdKey, CtFwdValue> = self.flows()?.into_iter().collect();
+        let now = monotonic_ns();
+        let old = |o: &CtOwner| now.saturating_sub(o.created_ns) > grace;
+        let mut n = 0;
+        let mut rev: HashMap<_, CtRevKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
+        let stale: Vec<CtRevKey> = rev
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(rk, o)| old(o) && flows.get(&o.fwd).is_none_or(|v| rev_key(&o.fwd, v) != *rk))
+            .map(|(rk, _)| rk)
+            .collect();
+        for k in stale {
+            n += u64::from(rev.remove(&k).is_ok());
+        }
+        let mut ports: HashMap<_, NatPortKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
+        let stale: Vec<NatPortKey> = ports
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(pk, o)| {
+                old(o) && flows.get(&o.fwd).is_none_or(|v| port_key(&o.fwd, v) != *pk)
+            })
+            .map(|(pk, _)| pk)
+            .collect();
+        for k in stale {
+            n += u64::from(ports.remove(&k).is_ok());
+        }
+        Ok(n)
+    }
+
+    /// Every flow with its NAT mapping.
+    pub fn list_conntrack(&mut self) -> anyhow::Result<Vec<FlowEntry>> {
+        let g = self.global().context("reading the timeouts")?;
+        let now = monotonic_ns();
+        Ok(self
+            .flows()?
+            .into_iter()
+            .map(|(k, v)| {
+                let timeout = flow_timeout_ns(v.proto, v.tcp_state, &g.timeouts);
+                let age = now.saturating_sub(v.last_seen_ns);
+                FlowEntry {
+                    network_id: k.network_id,
+                    protocol: k.proto,
+                    client: (ip(&k.src_addr_be), u16::from_be(k.src_port_be)),
+                    endpoint: (ip(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
+                    nat: (ip(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
+                    backend: (ip(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
+                    endpoint_id: v.endpoint_id,
+                    service_id: v.service_id,
+                    backend_id: v.backend_id,
+                    tcp_state: v.tcp_state,
+                    ingress_ifindex: v.ingress_ifindex,
+                    expires_in: Duration::from_nanos(timeout.saturating_sub(age)),
+                }
+            })
+            .collect())
+    }
+
+    /// NAT ports in use per NAT address (host-order IPv4), all protocols.
+    pub fn nat_ports_in_use(&mut self) -> anyhow::Result<BTreeMap<Ipv4Addr, u64>> {
+        let ports: HashMap<_, NatPortKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
+        let mut out = BTreeMap::new();
+        for k in ports.keys().filter_map(Result::ok) {
+            *out.entry(ip(&k.addr_be)).or_default() += 1;
+        }
+        Ok(out)
+    }
+}
+
+fn rev_key(k: &CtFwdKey, v: &CtFwdValue) -> CtRevKey {
+    CtRevKey {
+        nat_addr_be: v.nat_addr_be,
+        backend_addr_be: v.backend_addr_be,
+        nat_port_be: v.nat_port_be,
+        backend_port_be: v.backend_port_be,
+        proto: k.proto,
+        _pad: [0; 3],
+    }
+}
+
+fn port_key(k: &CtFwdKey, v: &CtFwdValue) -> NatPortKey {
+    NatPortKey {
+        addr_be: v.nat_addr_be,
+        port_be: v.nat_port_be,
+        proto: k.proto,
+        _pad: 0,
+    }
+}

@@ -1,0 +1,574 @@
+//! What the dataplane should contain, as plain data, and [`Dataplane::apply`],
+//! which writes it into the maps as a diff: entries that changed are written,
+//! entries that went away are deleted, nothing is ever cleared wholesale, so
+//! established flows keep forwarding across a reload.
+//!
+//! Ids are chosen by the controller and must be stable across reloads: an id
+//! names a counter slot. Endpoint ids `< MAX_ENDPOINTS`, service ids
+//! `< MAX_SERVICES`, backend ids `< MAX_BACKENDS` (unique across services).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    ops::RangeInclusive,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use plink_common::{
+    Addr, BackendInfo, Counters, DropReason, EndpointKey, EndpointValue, EpLimitState,
+    GlobalConfig, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_NAT_SLOTS, MAX_SERVICES, NO_BACKEND,
+    NatAddrInfo, NatSlot, NetAddrKey, ServiceConfig, Timeouts, backend_state, ep_state, map_names,
+    nat_flags, role, v4,
+};
+
+use super::Dataplane;
+
+/// Everything the datapath needs to know, as the controller decided it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataplaneSpec {
+    /// Interfaces XDP is attached to (resolved to ifindex by the caller).
+    pub interfaces: Vec<InterfaceSpec>,
+    /// Conntrack idle timeouts; `Timeouts::default()` is RFC 5382/4787/5508.
+    pub timeouts: TimeoutSpec,
+    pub services: Vec<ServiceSpec>,
+    pub backends: Vec<BackendSpec>,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterfaceRole {
+    /// Carries a consumer network; `network_id` names it.
+    Consumer { network_id: u32 },
+    /// The provider side. Exactly one interface has this role: FIB lookups
+    /// for consumer → service packets are made as if they came in here.
+    Provider,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceSpec {
+    pub ifindex: u32,
+    pub role: InterfaceRole,
+    /// The interface's MAC (source of ARP replies).
+    pub mac: [u8; 6],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeoutSpec {
+    pub tcp_established: Duration,
+    /// SYN seen but not established, and FIN/RST seen.
+    pub tcp_transitory: Duration,
+    pub udp: Duration,
+    pub icmp: Duration,
+}
+
+impl Default for TimeoutSpec {
+    fn default() -> Self {
+        let t = Timeouts::default();
+        Self {
+            tcp_established: Duration::from_nanos(t.tcp_established_ns),
+            tcp_transitory: Duration::from_nanos(t.tcp_transitory_ns),
+            udp: Duration::from_nanos(t.udp_ns),
+            icmp: Duration::from_nanos(t.icmp_ns),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => plink_common::IPPROTO_TCP,
+            Protocol::Udp => plink_common::IPPROTO_UDP,
+        }
+    }
+}
+
+/// A NAT source address of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatSpec {
+    pub addr: Ipv4Addr,
+    /// Source ports handed to flows (host order, inclusive; 0 not allowed).
+    pub ports: RangeInclusive<u16>,
+    /// No new flows; existing flows and ARP stay until they expire.
+    pub draining: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub id: u32,
+    /// Up to 8 NAT addresses; their position is the NAT slot (counter index),
+    /// keep it stable across reloads.
+    pub nat: Vec<NatSpec>,
+    /// The backend lookup table (Maglev): backend ids, `NO_BACKEND` for an
+    /// empty slot. A flow goes to `lookup[flow_hash % lookup.len()]`; empty
+    /// means the service has no backend and new flows are dropped.
+    pub lookup: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Active,
+    Draining,
+    Down,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub id: u32,
+    pub service_id: u32,
+    pub addr: Ipv4Addr,
+    /// For the record: which backends get new flows is decided by the lookup table.
+    pub state: BackendState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointState {
+    Pending,
+    Approved,
+    Rejected,
+    Removed,
+}
+
+/// An endpoint port and the backends' port it maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub id: u32,
+    pub network_id: u32,
+    pub addr: Ipv4Addr,
+    pub service_id: u32,
+    pub protocol: Protocol,
+    pub ports: Vec<PortSpec>,
+    /// Only `Approved` passes traffic; the others are dropped with their own
+    /// reason. ARP is answered for every state but `Removed`. Moving an
+    /// endpoint away from `Approved` does not cut its flows: call
+    /// [`Dataplane::purge_endpoint`] after `apply`.
+    pub state: EndpointState,
+    /// Live flows allowed; 0 = unlimited.
+    pub max_flows: u32,
+    /// New flows per second allowed; 0 = unlimited.
+    pub new_flows_per_sec: u32,
+}
+
+fn addr(a: Ipv4Addr) -> Addr {
+    v4(a.octets())
+}
+
+fn timeouts(t: &TimeoutSpec) -> Timeouts {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    Timeouts {
+        tcp_established_ns: ns(t.tcp_established),
+        tcp_transitory_ns: ns(t.tcp_transitory),
+        udp_ns: ns(t.udp),
+        icmp_ns: ns(t.icmp),
+    }
+}
+
+/// Writes `desired` into a hash map: changed entries are written, missing ones deleted.
+fn sync_hash<K, V>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    desired: &BTreeMap<K, V>,
+) -> anyhow::Result<()>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let existing: Vec<K> = map.keys().collect::<Result<_, _>>()?;
+    for k in existing {
+        if !desired.contains_key(&k) {
+            map.remove(&k)?;
+        }
+    }
+    for (k, v) in desired {
+        if map.get(k, 0).ok().as_ref() != Some(v) {
+            map.insert(k, v, 0)?;
+        }
+    }
+    Ok(())
+}
+
+impl DataplaneSpec {
+    /// Checks ids, sizes and references before anything is written.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let providers = self
+            .interfaces
+            .iter()
+            .filter(|i| i.role == InterfaceRole::Provider)
+            .count();
+        ensure!(
+            providers == 1,
+            "exactly one provider interface is needed, got {providers}"
+        );
+        let mut services = BTreeSet::new();
+        for s in &self.services {
+            ensure!(s.id < MAX_SERVICES, "service id {} ≥ {MAX_SERVICES}", s.id);
+            ensure!(services.insert(s.id), "service id {} used twice", s.id);
+            ensure!(
+                s.nat.len() <= MAX_NAT_SLOTS,
+                "service {}: {} NAT addresses, at most {MAX_NAT_SLOTS}",
+                s.id,
+                s.nat.len()
+            );
+            for n in &s.nat {
+                ensure!(
+                    *n.ports.start() > 0 && n.ports.start() <= n.ports.end(),
+                    "service {}: NAT port range {:?} is empty or includes 0",
+                    s.id,
+                    n.ports
+                );
+            }
+        }
+        let mut backends = BTreeMap::new();
+        for b in &self.backends {
+            ensure!(b.id < MAX_BACKENDS, "backend id {} ≥ {MAX_BACKENDS}", b.id);
+            ensure!(
+                backends.insert(b.id, b.service_id).is_none(),
+                "backend id {} used twice",
+                b.id
+            );
+        }
+        for s in &self.services {
+            for id in &s.lookup {
+                if *id != NO_BACKEND {
+                    ensure!(
+                        backends.get(id) == Some(&s.id),
+                        "service {}: lookup table names backend {id}, which is not one of its backends",
+                        s.id
+                    );
+                }
+            }
+        }
+        let mut endpoints = BTreeSet::new();
+        for e in &self.endpoints {
+            ensure!(
+                e.id < MAX_ENDPOINTS,
+                "endpoint id {} ≥ {MAX_ENDPOINTS}",
+                e.id
+            );
+            ensure!(endpoints.insert(e.id), "endpoint id {} used twice", e.id);
+            ensure!(
+                services.contains(&e.service_id),
+                "endpoint {} names unknown service {}",
+                e.id,
+                e.service_id
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane {
+    /// Writes `spec` into the maps as a diff. A new endpoint id (one no
+    /// endpoint entry carries yet) gets its counter and cap slots zeroed first.
+    pub fn apply(&mut self, spec: &DataplaneSpec) -> anyhow::Result<()> {
+        spec.validate()?;
+        self.apply_interfaces(spec)?;
+        self.apply_services(spec)?;
+        self.apply_endpoints(spec)?;
+        Ok(())
+    }
+
+    fn apply_interfaces(&mut self, spec: &DataplaneSpec) -> anyhow::Result<()> {
+        let mut desired = BTreeMap::new();
+        let mut provider_ifindex = 0;
+        for i in &spec.interfaces {
+            let (r, network_id) = match i.role {
+                InterfaceRole::Consumer { network_id } => (role::CONSUMER, network_id),
+                InterfaceRole::Provider => {
+                    provider_ifindex = i.ifindex;
+                    (role::PROVIDER, 0)
+                }
+            };
+            desired.insert(
+                i.ifindex,
+                IfaceInfo {
+                    network_id,
+                    mac: i.mac,
+                    role: r,
+                    _pad: 0,
+                },
+            );
+        }
+        for i in &spec.interfaces {
+            self.register_interface(i.ifindex)?;
+        }
+        let mut map: HashMap<_, u32, IfaceInfo> =
+            HashMap::try_from(self.map_mut(map_names::INTERFACES)?)?;
+        sync_hash(&mut map, &desired)?;
+        let mut global: Array<_, GlobalConfig> = Array::try_from(self.map_mut(map_names::GLOBAL)?)?;
+        let g = GlobalConfig {
+            timeouts: timeouts(&spec.timeouts),
+            provider_ifindex,
+            _pad: 0,
+        };
+        if global.get(&0, 0)? != g {
+            global.set(0, g, 0)?;
+        }
+        Ok(())
+    }
+
+    fn apply_services(&mut self, spec: &DataplaneSpec) -> anyhow::Result<()> {
+        // Backends first: a lookup table never names a backend not yet written.
+        {
+            let mut map: Array<_, BackendInfo> =
+                Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+            let desired: BTreeMap<u32, BackendInfo> = spec
+                .backends
+                .iter()
+                .map(|b| {
+                    (
+                        b.id,
+                        BackendInfo {
+                            addr_be: addr(b.addr),
+                            service_id: b.service_id,
+                            state: match b.state {
+                                BackendState::Active => backend_state::ACTIVE,
+                                BackendState::Draining => backend_state::DRAINING,
+                                BackendState::Down => backend_state::DOWN,
+                            },
+                            enabled: 1,
+                            _pad: [0; 2],
+                        },
+                    )
+                })
+                .collect();
+            for id in 0..map.len() {
+                let want = desired.get(&id).copied().unwrap_or_default();
+                if map.get(&id, 0)? != want {
+                    map.set(id, want, 0)?;
+                }
+            }
+        }
+
+        let services: Array<_, ServiceConfig> =
+            Array::try_from(self.map_mut(map_names::SERVICES)?)?;
+        let current: Vec<ServiceConfig> = services.iter().collect::<Result<_, _>>()?;
+        let lb_len = {
+            let lb: Array<_, u32> = Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
+            lb.len()
+        };
+        // Regions of the shared lookup table in use, to place new tables.
+        let mut used: Vec<(u32, u32)> = current
+            .iter()
+            .filter(|s| s.enabled != 0 && s.lb_size != 0)
+            .map(|s| (s.lb_offset, s.lb_size))
+            .collect();
+        let mut desired: BTreeMap<u32, ServiceConfig> = BTreeMap::new();
+        for s in &spec.services {
+            let size = u32::try_from(s.lookup.len()).context("lookup table too large")?;
+            let old = current.get(s.id as usize).copied().unwrap_or_default();
+            // Same size: rewrite in place (each slot is one atomic u32 update,
+            // as Katran does). Other size: a fresh region, then flip the service.
+            let offset = if old.enabled != 0 && old.lb_size == size {
+                old.lb_offset
+            } else if size == 0 {
+                0
+            } else {
+                let off = first_fit(&used, size, lb_len).with_context(|| {
+                    format!("the backend lookup table ({lb_len} slots) is full: raise its size")
+                })?;
+                used.push((off, size));
+                off
+            };
+            if size != 0 {
+                let mut lb: Array<_, u32> = Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
+                for (i, id) in s.lookup.iter().enumerate() {
+                    let idx = offset + i as u32;
+                    if lb.get(&idx, 0)? != *id {
+                        lb.set(idx, *id, 0)?;
+                    }
+                }
+            }
+            let mut nat = [NatSlot::default(); MAX_NAT_SLOTS];
+            for (slot, n) in nat.iter_mut().zip(&s.nat) {
+                *slot = NatSlot {
+                    addr_be: addr(n.addr),
+                    port_min: *n.ports.start(),
+                    port_max: *n.ports.end(),
+                    flags: if n.draining { nat_flags::DRAINING } else { 0 },
+                    _pad: [0; 3],
+                };
+            }
+            desired.insert(
+                s.id,
+                ServiceConfig {
+                    nat,
+                    nat_count: s.nat.len() as u32,
+                    lb_offset: offset,
+                    lb_size: size,
+                    enabled: 1,
+                },
+            );
+        }
+        let mut services: Array<_, ServiceConfig> =
+            Array::try_from(self.map_mut(map_names::SERVICES)?)?;
+        for (id, old) in current.iter().enumerate() {
+            let id = id as u32;
+            let want = desired.get(&id).copied().unwrap_or_default();
+            if *old != want {
+                services.set(id, want, 0)?;
+            }
+        }
+
+        // NAT addresses (draining ones included: their flows and ARP stay).
+        let mut nat_desired = BTreeMap::new();
+        for s in &spec.services {
+            for (slot, n) in s.nat.iter().enumerate() {
+                let prev = nat_desired.insert(
+                    addr(n.addr),
+                    NatAddrInfo {
+                        service_id: s.id,
+                        slot: slot as u32,
+                    },
+                );
+                if prev.is_some() {
+                    bail!("NAT address {} is used twice", n.addr);
+                }
+            }
+        }
+        let mut nat_map: HashMap<_, Addr, NatAddrInfo> =
+            HashMap::try_from(self.map_mut(map_names::NAT_ADDRS)?)?;
+        sync_hash(&mut nat_map, &nat_desired)?;
+        Ok(())
+    }
+
+    fn apply_endpoints(&mut self, spec: &DataplaneSpec) -> anyhow::Result<()> {
+        let mut desired = BTreeMap::new();
+        let mut arp = BTreeMap::new();
+        for e in &spec.endpoints {
+            for p in &e.ports {
+                let key = EndpointKey {
+                    network_id: e.network_id,
+                    addr_be: addr(e.addr),
+                    port_be: p.port.to_be(),
+                    proto: e.protocol.number(),
+                    _pad: 0,
+                };
+                let value = EndpointValue {
+                    endpoint_id: e.id,
+                    service_id: e.service_id,
+                    target_port_be: p.target_port.to_be(),
+                    state: match e.state {
+                        EndpointState::Pending => ep_state::PENDING,
+                        EndpointState::Approved => ep_state::APPROVED,
+                        EndpointState::Rejected => ep_state::REJECTED,
+                        EndpointState::Removed => ep_state::REMOVED,
+                    },
+                    _pad: 0,
+                    max_flows: e.max_flows,
+                    new_flows_per_sec: e.new_flows_per_sec,
+                };
+                if desired.insert(key, value).is_some() {
+                    bail!(
+                        "two endpoints claim {}:{} ({:?}) in network {}",
+                        e.addr,
+                        p.port,
+                        e.protocol,
+                        e.network_id
+                    );
+                }
+            }
+            if e.state != EndpointState::Removed {
+                arp.insert(
+                    NetAddrKey {
+                        network_id: e.network_id,
+                        addr_be: addr(e.addr),
+                    },
+                    1u32,
+                );
+            }
+        }
+        let map: HashMap<_, EndpointKey, EndpointValue> =
+            HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)?;
+        let known: BTreeSet<u32> = map
+            .iter()
+            .map(|r| r.map(|(_, v)| v.endpoint_id))
+            .collect::<Result<_, _>>()?;
+        let fresh: BTreeSet<u32> = spec
+            .endpoints
+            .iter()
+            .map(|e| e.id)
+            .filter(|id| !known.contains(id))
+            .collect();
+        for id in fresh {
+            self.zero_endpoint_slots(id)?;
+        }
+        let mut map: HashMap<_, EndpointKey, EndpointValue> =
+            HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)?;
+        sync_hash(&mut map, &desired)?;
+        let mut arp_map: HashMap<_, NetAddrKey, u32> =
+            HashMap::try_from(self.map_mut(map_names::ARP_ENDPOINTS)?)?;
+        sync_hash(&mut arp_map, &arp)?;
+        Ok(())
+    }
+
+    /// Zeroes an endpoint id's counters and cap state before the id is (re)used.
+    fn zero_endpoint_slots(&mut self, id: u32) -> anyhow::Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let mut stats: PerCpuArray<_, Counters> =
+            PerCpuArray::try_from(self.map_mut(map_names::EP_STATS)?)?;
+        stats.set(
+            id,
+            PerCpuValues::try_from(vec![Counters::default(); cpus])?,
+            0,
+        )?;
+        let mut drops: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map_mut(map_names::EP_DROPS)?)?;
+        for r in 0..DropReason::COUNT {
+            drops.set(
+                id * DropReason::COUNT + r,
+                PerCpuValues::try_from(vec![0u64; cpus])?,
+                0,
+            )?;
+        }
+        let mut limits: Array<_, EpLimitState> =
+            Array::try_from(self.map_mut(map_names::EP_LIMITS)?)?;
+        limits.set(id, EpLimitState::default(), 0)?;
+        let mut freed: Array<_, u64> = Array::try_from(self.map_mut(map_names::EP_GC_FREED)?)?;
+        freed.set(id, 0, 0)?;
+        Ok(())
+    }
+}
+
+/// First offset where `size` slots fit in `0..len` without overlapping `used`.
+fn first_fit(used: &[(u32, u32)], size: u32, len: u32) -> Option<u32> {
+    let mut regions = used.to_vec();
+    regions.sort_unstable();
+    let mut start = 0u32;
+    for (off, sz) in regions {
+        if off >= start && off - start >= size {
+            return Some(start);
+        }
+        start = start.max(off.saturating_add(sz));
+    }
+    (len.checked_sub(start)? >= size).then_some(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_fit;
+
+    #[test]
+    fn first_fit_finds_gaps() {
+        assert_eq!(first_fit(&[], 10, 100), Some(0));
+        assert_eq!(first_fit(&[(0, 10)], 10, 100), Some(10));
+        assert_eq!(first_fit(&[(20, 10), (0, 10)], 10, 100), Some(10));
+        assert_eq!(first_fit(&[(20, 10), (0, 10)], 11, 100), Some(30));
+        assert_eq!(first_fit(&[(0, 95)], 10, 100), None);
+    }
+}

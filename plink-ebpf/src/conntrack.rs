@@ -1,0 +1,268 @@
+//! Flow creation (the slow path) and TCP state tracking.
+//!
+//! A flow owns three entries: forward (`CT_FWD`, the state), reverse
+//! (`CT_REV`) and its NAT port (`NAT_PORTS`). They are inserted with
+//! BPF_NOEXIST in the order port → forward → reverse, and whoever fails
+//! removes what it inserted, so a lost race leaves nothing behind.
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use plink_common::{
+    CtFwdKey, CtFwdValue, CtOwner, CtRevKey, DropReason, EndpointValue, IPPROTO_TCP, NO_BACKEND,
+    NatPortKey, ServiceConfig, flow_hash, nat_flags, nat_probe_port, nat_probe_slot, tcp_state,
+};
+
+use crate::{
+    maps::{
+        BACKENDS, CT_FWD, CT_REV, EP_GC_FREED, EP_LIMITS, LB_TABLE, NAT_PORTS, SCRATCH, SERVICES,
+    },
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, load},
+    stats,
+};
+
+/// `new_flow` results other than a drop reason.
+pub const CREATED: u32 = 0;
+/// Another CPU inserted the same forward key first: use its entry.
+pub const RACE_LOST: u32 = 0xffff;
+
+const EEXIST: i32 = 17;
+
+/// May this packet open a flow? For TCP only a bare SYN does.
+#[inline(always)]
+pub fn opens_flow(proto: u8, tcp_flags: u8) -> bool {
+    proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// The slow path's working set (in the per-CPU `SCRATCH` map).
+#[repr(C)]
+pub struct Scratch {
+    pub v: CtFwdValue,
+    pub owner: CtOwner,
+    pub rev: CtRevKey,
+    pub port: NatPortKey,
+}
+
+/// Creates the flow `key` for endpoint `ep` from the packet in `ctx`.
+/// Returns [`CREATED`], [`RACE_LOST`] or `DropReason as u32 + 1`.
+#[inline(never)]
+pub fn new_flow(ctx: XdpContext, key: &CtFwdKey, ep: &EndpointValue, now: u64) -> u32 {
+    match create(&ctx, key, ep, now) {
+        Ok(()) => CREATED,
+        Err(None) => RACE_LOST,
+        Err(Some(r)) => r as u32 + 1,
+    }
+}
+
+#[inline(always)]
+fn create(
+    ctx: &XdpContext,
+    key: &CtFwdKey,
+    ep: &EndpointValue,
+    now: u64,
+) -> Result<(), Option<DropReason>> {
+    admit(ep, now).map_err(|r| {
+        stats::count_refusal(ep.endpoint_id, ep.service_id, r);
+        Some(r)
+    })?;
+    let svc = SERVICES
+        .get(ep.service_id)
+        .filter(|s| s.enabled != 0)
+        .ok_or(Some(DropReason::ServiceMissing))?;
+    let hash = flow_hash(key);
+    let (backend_id, backend_addr) =
+        select_backend(svc, ep.service_id, hash).ok_or(Some(DropReason::NoBackend))?;
+    let (Some(gw_mac), Some(client_mac)) = (load::<[u8; 6]>(ctx, 0), load::<[u8; 6]>(ctx, 6))
+    else {
+        return Err(Some(DropReason::Malformed));
+    };
+    let s = SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Some(DropReason::ConntrackFull))?;
+    // SAFETY: this CPU's scratch slot; XDP runs to completion without preemption.
+    let s = unsafe { &mut *s };
+    // Every field is written: the slot holds the previous flow's bytes.
+    let v = &mut s.v;
+    v.backend_addr_be = backend_addr;
+    v.backend_port_be = ep.target_port_be;
+    v.ingress_ifindex = ctx.ingress_ifindex() as u32;
+    v.client_mac = client_mac;
+    v.gw_mac = gw_mac;
+    v.endpoint_id = ep.endpoint_id;
+    v.service_id = ep.service_id;
+    v.backend_id = backend_id;
+    v.last_seen_ns = now;
+    v.proto = key.proto;
+    v.tcp_state = if key.proto == IPPROTO_TCP {
+        tcp_state::SYN_SENT
+    } else {
+        0
+    };
+    v._pad = [0; 5];
+    s.owner.fwd = *key;
+    s.owner._pad = 0;
+    s.owner.created_ns = now;
+    alloc_nat_port(svc, hash, key.proto, s).map_err(|r| {
+        if r == DropReason::NatPortsExhausted {
+            stats::count_refusal(ep.endpoint_id, ep.service_id, r);
+        }
+        Some(r)
+    })?;
+    if let Err(e) = CT_FWD.insert(key, &s.v, BPF_NOEXIST as u64) {
+        let _ = NAT_PORTS.remove(&s.port);
+        if e == -EEXIST {
+            return Err(None);
+        }
+        return Err(Some(DropReason::ConntrackFull));
+    }
+    s.rev.nat_addr_be = s.v.nat_addr_be;
+    s.rev.backend_addr_be = s.v.backend_addr_be;
+    s.rev.nat_port_be = s.v.nat_port_be;
+    s.rev.backend_port_be = s.v.backend_port_be;
+    s.rev.proto = key.proto;
+    s.rev._pad = [0; 3];
+    if let Err(e) = CT_REV.insert(&s.rev, &s.owner, BPF_NOEXIST as u64) {
+        let _ = CT_FWD.remove(key);
+        let _ = NAT_PORTS.remove(&s.port);
+        // The port was free, so an existing reverse entry is a leftover the
+        // controller's GC has not swept yet.
+        return Err(Some(if e == -EEXIST {
+            DropReason::CtBroken
+        } else {
+            DropReason::ConntrackFull
+        }));
+    }
+    if let Some(l) = EP_LIMITS.get_ptr_mut(ep.endpoint_id) {
+        // SAFETY: shared by all CPUs, hence the atomic add.
+        unsafe { crate::atomic_add(&raw mut (*l).flows_created, 1) };
+    }
+    stats::count_flow_created(&s.v);
+    Ok(())
+}
+
+/// Per-endpoint caps: live flows and new flows per second.
+#[inline(always)]
+fn admit(ep: &EndpointValue, now: u64) -> Result<(), DropReason> {
+    if ep.max_flows == 0 && ep.new_flows_per_sec == 0 {
+        return Ok(());
+    }
+    let Some(l) = EP_LIMITS.get_ptr_mut(ep.endpoint_id) else {
+        return Ok(());
+    };
+    if ep.max_flows != 0 {
+        let freed = EP_GC_FREED.get(ep.endpoint_id).copied().unwrap_or(0);
+        // SAFETY: map value pointer; a torn read only makes the cap approximate.
+        let created = unsafe { (*l).flows_created };
+        if created.wrapping_sub(freed) >= ep.max_flows as u64 {
+            return Err(DropReason::CapMaxFlows);
+        }
+    }
+    if ep.new_flows_per_sec != 0 {
+        let sec = now / 1_000_000_000;
+        // SAFETY: map value pointer. Two CPUs may both reset a new window;
+        // that admits at most a few extra flows at the boundary.
+        unsafe {
+            if (*l).window_sec != sec {
+                (*l).window_sec = sec;
+                (*l).window_count = 0;
+            }
+            if (*l).window_count >= ep.new_flows_per_sec as u64 {
+                return Err(DropReason::CapNewFlowRate);
+            }
+            crate::atomic_add(&raw mut (*l).window_count, 1);
+        }
+    }
+    Ok(())
+}
+
+/// `backend = LB_TABLE[lb_offset + hash % lb_size]` (Maglev fills the table).
+#[inline(always)]
+fn select_backend(
+    svc: &ServiceConfig,
+    service_id: u32,
+    hash: u32,
+) -> Option<(u32, plink_common::Addr)> {
+    if svc.lb_size == 0 {
+        return None;
+    }
+    let id = *LB_TABLE.get(svc.lb_offset.wrapping_add(hash.checked_rem(svc.lb_size)?))?;
+    if id == NO_BACKEND {
+        return None;
+    }
+    let b = BACKENDS.get(id)?;
+    // The service check also covers a table read while the controller moved it.
+    if b.enabled == 0 || b.service_id != service_id {
+        return None;
+    }
+    Some((id, b.addr_be))
+}
+
+/// Claims a NAT port unique per (NAT address, protocol) with bounded
+/// probing; fills the NAT fields of `s.v` and the claimed key `s.port`.
+#[inline(always)]
+fn alloc_nat_port(
+    svc: &ServiceConfig,
+    hash: u32,
+    proto: u8,
+    s: &mut Scratch,
+) -> Result<(), DropReason> {
+    let count = svc.nat_count;
+    if count == 0 || count > plink_common::MAX_NAT_SLOTS as u32 {
+        return Err(DropReason::NatPortsExhausted);
+    }
+    for i in 0..plink_common::NAT_PORT_PROBES {
+        let slot = nat_probe_slot(hash, i, count);
+        // LLVM proves slot < 8 and drops the bounds check, but the verifier
+        // cannot follow a modulo: re-bound it where LLVM cannot see.
+        // SAFETY: reading a local.
+        let slot = unsafe { core::ptr::read_volatile(&slot) } & 7;
+        let Some(n) = svc.nat.get(slot as usize) else {
+            break;
+        };
+        if n.flags & nat_flags::DRAINING != 0 || n.port_max < n.port_min || n.port_min == 0 {
+            continue;
+        }
+        let port = nat_probe_port(hash, i, n.port_min, n.port_max);
+        s.port.addr_be = n.addr_be;
+        s.port.port_be = port.to_be();
+        s.port.proto = proto;
+        s.port._pad = 0;
+        match NAT_PORTS.insert(&s.port, &s.owner, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                s.v.nat_addr_be = n.addr_be;
+                s.v.nat_port_be = s.port.port_be;
+                s.v.nat_slot = slot as u8;
+                return Ok(());
+            }
+            // Taken by a live flow: probe on.
+            Err(e) if e == -EEXIST => {}
+            // The table is full (E2BIG): probing cannot help.
+            Err(_) => return Err(DropReason::ConntrackFull),
+        }
+    }
+    Err(DropReason::NatPortsExhausted)
+}
+
+/// TCP state on a consumer → service packet.
+#[inline(always)]
+pub fn tcp_forward(state: u8, flags: u8) -> u8 {
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        tcp_state::CLOSING
+    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A new connection on a closing tuple reuses the mapping.
+        tcp_state::SYN_SENT
+    } else if flags & TCP_ACK != 0 && state == tcp_state::SYN_RECV {
+        tcp_state::ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// TCP state on a service → consumer packet.
+#[inline(always)]
+pub fn tcp_reverse(state: u8, flags: u8) -> u8 {
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        tcp_state::CLOSING
+    } else if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) && state == tcp_state::SYN_SENT {
+        tcp_state::SYN_RECV
+    } else {
+        state
+    }
+}

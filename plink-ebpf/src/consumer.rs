@@ -1,0 +1,161 @@
+//! Consumer side: only approved endpoint flows are forwarded; everything else
+//! is dropped with a reason (never XDP_PASS: the kernel must not route it).
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, helpers::generated::bpf_redirect,
+    programs::XdpContext,
+};
+use plink_common::{
+    CtFwdKey, CtFwdValue, DropReason, EndpointKey, IPPROTO_TCP, ep_state, flow_expired, role,
+    tcp_state, v4_be,
+};
+
+use crate::{
+    arp, conntrack,
+    fib::{self, NextHop},
+    maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES},
+    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4},
+    rewrite::{Nat, rewrite},
+    stats::{self, NO_EP, drop},
+};
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
+    match ether_type(ctx) {
+        Some(ETH_P_IP) => ipv4(ctx, ifindex),
+        Some(ETH_P_ARP) => arp::handle(XdpContext { ctx: ctx.ctx }, ifindex, role::CONSUMER as u32),
+        Some(ETH_P_IPV6) => drop(DropReason::Ipv6, NO_EP),
+        Some(_) => drop(DropReason::UnsupportedEthertype, NO_EP),
+        None => drop(DropReason::Malformed, NO_EP),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
+    // Step 0: the interface must be a consumer interface we were told about.
+    // SAFETY: map value, read only.
+    let network_id = match unsafe { INTERFACES.get(&ifindex) } {
+        Some(i) if i.role == role::CONSUMER => i.network_id,
+        _ => return drop(DropReason::UnknownInterface, NO_EP),
+    };
+    // Step 1: parse.
+    let f = match parse_ipv4(ctx) {
+        Ok(f) => f,
+        Err(r) => return drop(r, NO_EP),
+    };
+    // Step 2: endpoint lookup.
+    let ep_key = EndpointKey {
+        network_id,
+        addr_be: v4_be(f.dst_be),
+        port_be: f.dport_be,
+        proto: f.proto,
+        _pad: 0,
+    };
+    // SAFETY: map value copied out.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ep_key) }).copied() else {
+        return drop(DropReason::NoEndpoint, NO_EP);
+    };
+    match ep.state {
+        ep_state::APPROVED => {}
+        ep_state::PENDING => return drop(DropReason::EndpointPending, ep.endpoint_id),
+        ep_state::REJECTED => return drop(DropReason::EndpointRejected, ep.endpoint_id),
+        _ => return drop(DropReason::EndpointRemoved, ep.endpoint_id),
+    }
+    let Some(g) = GLOBAL.get(0) else {
+        return drop(DropReason::FibFailed, ep.endpoint_id);
+    };
+    // Step 3: conntrack.
+    let key = CtFwdKey {
+        src_addr_be: v4_be(f.src_be),
+        dst_addr_be: v4_be(f.dst_be),
+        network_id,
+        src_port_be: f.sport_be,
+        dst_port_be: f.dport_be,
+        proto: f.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let v: *mut CtFwdValue = match CT_FWD.get_ptr_mut(&key) {
+        // SAFETY: map value pointer, valid for this program run.
+        Some(v) if !flow_expired(unsafe { &*v }, now, &g.timeouts) => v,
+        found => {
+            if !conntrack::opens_flow(f.proto, f.tcp_flags) {
+                return drop(DropReason::TcpNoFlow, ep.endpoint_id);
+            }
+            match found {
+                Some(v) => {
+                    // An expired flow that the GC has not removed yet keeps
+                    // its mapping (and its place in the caps): it restarts.
+                    // SAFETY: map value pointer.
+                    unsafe {
+                        (*v).last_seen_ns = now;
+                        (*v).tcp_state = if f.proto == IPPROTO_TCP {
+                            tcp_state::SYN_SENT
+                        } else {
+                            0
+                        };
+                        stats::count_flow_created(&*v);
+                    }
+                    v
+                }
+                None => {
+                    let rc = conntrack::new_flow(XdpContext { ctx: ctx.ctx }, &key, &ep, now);
+                    if rc != conntrack::CREATED && rc != conntrack::RACE_LOST {
+                        let r = DropReason::from_index(rc - 1).unwrap_or(DropReason::ConntrackFull);
+                        return drop(r, ep.endpoint_id);
+                    }
+                    match CT_FWD.get_ptr_mut(&key) {
+                        Some(v) => v,
+                        None => return drop(DropReason::CtBroken, ep.endpoint_id),
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: map value pointer; concurrent CPUs write the same fields with
+    // the same kind of values (benign races, as in every XDP conntrack).
+    let v = unsafe { &mut *v };
+    v.last_seen_ns = now;
+    if f.proto == IPPROTO_TCP {
+        v.tcp_state = conntrack::tcp_forward(v.tcp_state, f.tcp_flags);
+    }
+    if f.ttl <= 1 {
+        return drop(DropReason::TtlExceeded, ep.endpoint_id);
+    }
+    // Step 5 before 4: route first, so a drop leaves the packet untouched.
+    let mut hop = NextHop {
+        src_be: v.nat_addr_be[0],
+        dst_be: v.backend_addr_be[0],
+        tot_len: f.tot_len,
+        provider_ifindex: g.provider_ifindex,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+    let rc = fib::lookup(ctx, &mut hop);
+    if rc != 0 {
+        return match DropReason::from_index(rc - 1) {
+            Some(r) => drop(r, ep.endpoint_id),
+            None => drop(DropReason::FibFailed, ep.endpoint_id),
+        };
+    }
+    // Step 4: rewrite.
+    let nat = Nat {
+        src_be: v.nat_addr_be[0],
+        dst_be: v.backend_addr_be[0],
+        sport_be: v.nat_port_be,
+        dport_be: v.backend_port_be,
+        smac: hop.smac,
+        dmac: hop.dmac,
+    };
+    if !rewrite(ctx, &f, &nat) {
+        return drop(DropReason::Malformed, ep.endpoint_id);
+    }
+    stats::count_packet(v, f.tot_len as u64, false);
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
+    if action != xdp_action::XDP_REDIRECT {
+        return drop(DropReason::RedirectFailed, ep.endpoint_id);
+    }
+    action
+}

@@ -1,0 +1,73 @@
+//! Route lookup for consumer → service packets, constrained to the provider side.
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+    },
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    programs::XdpContext,
+};
+use plink_common::{DropReason, role};
+
+use crate::maps::INTERFACES;
+
+const AF_INET: u8 = 2;
+
+/// A route query and, on success, where to send the rewritten packet.
+pub struct NextHop {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub tot_len: u16,
+    pub provider_ifindex: u32,
+    /// Out: egress ifindex and link-layer addresses.
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Looks up the route from `src_be` to `dst_be` as if the packet arrived on
+/// `provider_ifindex`; the egress must be a provider interface and the
+/// neighbour resolved (the controller keeps backends' neighbours managed).
+#[inline(never)]
+pub fn lookup(ctx: &XdpContext, hop: &mut NextHop) -> u32 {
+    match lookup_inner(ctx, hop) {
+        Ok(()) => 0,
+        Err(r) => r as u32 + 1,
+    }
+}
+
+#[inline(always)]
+fn lookup_inner(ctx: &XdpContext, out: &mut NextHop) -> Result<(), DropReason> {
+    // SAFETY: plain C struct, all-zero is a valid value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.__bindgen_anon_1.tot_len = out.tot_len;
+    p.ifindex = out.provider_ifindex;
+    p.__bindgen_anon_3.ipv4_src = out.src_be;
+    p.__bindgen_anon_4.ipv4_dst = out.dst_be;
+    // SAFETY: p is a valid bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx.cast(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(DropReason::FibNoNeigh),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::FragNeeded),
+        BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(DropReason::FibForwardingDisabled),
+        _ => return Err(DropReason::FibFailed),
+    }
+    // SAFETY: map value, read only.
+    match unsafe { INTERFACES.get(&p.ifindex) } {
+        Some(i) if i.role == role::PROVIDER => {}
+        _ => return Err(DropReason::FibNotProvider),
+    }
+    out.ifindex = p.ifindex;
+    out.smac = p.smac;
+    out.dmac = p.dmac;
+    Ok(())
+}

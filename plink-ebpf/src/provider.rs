@@ -1,0 +1,98 @@
+//! Provider side: replies to NAT addresses go back to their consumer; ARP for
+//! NAT addresses is answered; everything else is the gateway's own traffic
+//! and passes to the kernel.
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, helpers::generated::bpf_redirect,
+    programs::XdpContext,
+};
+use plink_common::{CtRevKey, DropReason, IPPROTO_TCP, flow_expired, role, v4_be};
+
+use crate::{
+    arp, conntrack,
+    maps::{CT_FWD, CT_REV, GLOBAL, NAT_ADDRS},
+    parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, ether_type, load, parse_ipv4},
+    rewrite::{Nat, rewrite},
+    stats::{self, NO_EP, drop},
+};
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
+    match ether_type(ctx) {
+        Some(ETH_P_IP) => ipv4(ctx),
+        Some(ETH_P_ARP) => arp::handle(XdpContext { ctx: ctx.ctx }, ifindex, role::PROVIDER as u32),
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext) -> u32 {
+    let Some(dst_be) = load::<u32>(ctx, IP_DADDR) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: map lookup, value unused.
+    if unsafe { NAT_ADDRS.get(&v4_be(dst_be)) }.is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    let f = match parse_ipv4(ctx) {
+        Ok(f) => f,
+        Err(r) => return drop(r, NO_EP),
+    };
+    let rev = CtRevKey {
+        nat_addr_be: v4_be(f.dst_be),
+        backend_addr_be: v4_be(f.src_be),
+        nat_port_be: f.dport_be,
+        backend_port_be: f.sport_be,
+        proto: f.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: map value copied out.
+    let Some(owner) = (unsafe { CT_REV.get(&rev) }).copied() else {
+        return drop(DropReason::ReplyNoFlow, NO_EP);
+    };
+    let Some(v) = CT_FWD.get_ptr_mut(&owner.fwd) else {
+        return drop(DropReason::CtBroken, NO_EP);
+    };
+    // SAFETY: map value pointer, benign races as on the consumer side.
+    let v = unsafe { &mut *v };
+    // The owner may have been replaced by a new flow with another mapping.
+    if v.nat_addr_be != rev.nat_addr_be
+        || v.nat_port_be != rev.nat_port_be
+        || v.backend_addr_be != rev.backend_addr_be
+        || v.backend_port_be != rev.backend_port_be
+    {
+        return drop(DropReason::CtBroken, v.endpoint_id);
+    }
+    let Some(g) = GLOBAL.get(0) else {
+        return drop(DropReason::ReplyNoFlow, v.endpoint_id);
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if flow_expired(v, now, &g.timeouts) {
+        return drop(DropReason::ReplyNoFlow, v.endpoint_id);
+    }
+    v.last_seen_ns = now;
+    if f.proto == IPPROTO_TCP {
+        v.tcp_state = conntrack::tcp_reverse(v.tcp_state, f.tcp_flags);
+    }
+    if f.ttl <= 1 {
+        return drop(DropReason::TtlExceeded, v.endpoint_id);
+    }
+    let nat = Nat {
+        src_be: owner.fwd.dst_addr_be[0],
+        dst_be: owner.fwd.src_addr_be[0],
+        sport_be: owner.fwd.dst_port_be,
+        dport_be: owner.fwd.src_port_be,
+        smac: v.gw_mac,
+        dmac: v.client_mac,
+    };
+    if !rewrite(ctx, &f, &nat) {
+        return drop(DropReason::Malformed, v.endpoint_id);
+    }
+    stats::count_packet(v, f.tot_len as u64, true);
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(v.ingress_ifindex, 0) } as u32;
+    if action != xdp_action::XDP_REDIRECT {
+        return drop(DropReason::RedirectFailed, v.endpoint_id);
+    }
+    action
+}

@@ -1,0 +1,63 @@
+//! NAT rewrite of an IPv4 TCP/UDP packet in place, with incremental
+//! checksums (RFC 1624) and the TTL decrement.
+use aya_ebpf::programs::XdpContext;
+use plink_common::{IPPROTO_UDP, csum};
+
+use crate::parse::{
+    Flow, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, L4_OFF, TCP_CHECK, UDP_CHECK, load, store,
+};
+
+/// New addresses, ports (all raw, network order) and link-layer addresses.
+pub struct Nat {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Rewrites the packet parsed as `f`. The caller checked `f.ttl > 1`.
+/// Returns false if the frame is shorter than `parse_ipv4` promised (never).
+#[inline(always)]
+pub fn rewrite(ctx: &XdpContext, f: &Flow, n: &Nat) -> bool {
+    let (Some(ttl_word), Some(ip_check)) = (load::<u16>(ctx, IP_TTL), load::<u16>(ctx, IP_CHECK))
+    else {
+        return false;
+    };
+    // TTL and protocol share one 16-bit word of the header checksum.
+    let new_ttl_word = {
+        let mut b = ttl_word.to_ne_bytes();
+        b[0] = f.ttl - 1;
+        u16::from_ne_bytes(b)
+    };
+    let mut c = csum::update16(ip_check, ttl_word, new_ttl_word);
+    c = csum::update32(c, f.src_be, n.src_be);
+    c = csum::update32(c, f.dst_be, n.dst_be);
+
+    let l4_check_off = if f.proto == IPPROTO_UDP {
+        UDP_CHECK
+    } else {
+        TCP_CHECK
+    };
+    let Some(l4_check) = load::<u16>(ctx, l4_check_off) else {
+        return false;
+    };
+    // The pseudo-header carries both addresses; the ports are in the header.
+    let mut l = csum::update32(l4_check, f.src_be, n.src_be);
+    l = csum::update32(l, f.dst_be, n.dst_be);
+    l = csum::update16(l, f.sport_be, n.sport_be);
+    l = csum::update16(l, f.dport_be, n.dport_be);
+    if f.proto == IPPROTO_UDP {
+        l = csum::udp_finish(l4_check, l);
+    }
+
+    store::<[u8; 6]>(ctx, 0, n.dmac)
+        && store::<[u8; 6]>(ctx, 6, n.smac)
+        && store::<u16>(ctx, IP_TTL, new_ttl_word)
+        && store::<u16>(ctx, IP_CHECK, c)
+        && store::<u32>(ctx, IP_SADDR, n.src_be)
+        && store::<u32>(ctx, IP_DADDR, n.dst_be)
+        && store::<[u16; 2]>(ctx, L4_OFF, [n.sport_be, n.dport_be])
+        && store::<u16>(ctx, l4_check_off, l)
+}

@@ -1,0 +1,231 @@
+//! Packet builders and checksum verifiers for golden tests. Everything here
+//! computes checksums from scratch, never incrementally, so it is an
+//! independent check on the datapath's RFC 1624 updates.
+
+use std::net::Ipv4Addr;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// One's-complement sum of `bytes` (odd length padded with a zero byte).
+pub fn sum16(bytes: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    for chunk in bytes.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u32;
+    }
+    sum
+}
+
+pub fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The Internet checksum of `bytes` (checksum field included as it is).
+pub fn checksum(bytes: &[u8]) -> u16 {
+    !fold(sum16(bytes))
+}
+
+/// The L4 header + payload part of a frame, and its pseudo-header sum.
+fn l4_sum(frame: &[u8]) -> (u8, usize, u32) {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let proto = frame[23];
+    let l4 = &frame[14 + ihl..14 + tot_len];
+    let pseudo = sum16(&frame[26..34]) + proto as u32 + l4.len() as u32;
+    (proto, 14 + ihl, pseudo + sum16(l4))
+}
+
+/// Is the IPv4 header checksum of an Ethernet frame valid?
+pub fn ip_checksum_ok(frame: &[u8]) -> bool {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    fold(sum16(&frame[14..14 + ihl])) == 0xffff
+}
+
+/// Is the TCP/UDP checksum of an Ethernet/IPv4 frame valid? (UDP 0 = none = valid.)
+pub fn l4_checksum_ok(frame: &[u8]) -> bool {
+    let (proto, l4_off, sum) = l4_sum(frame);
+    if proto == IPPROTO_UDP && frame[l4_off + 6..l4_off + 8] == [0, 0] {
+        return true;
+    }
+    fold(sum) == 0xffff
+}
+
+/// How far the L4 checksum field is from the correct one (0 = valid), in
+/// one's-complement arithmetic: an incremental update must preserve it.
+pub fn l4_checksum_error(frame: &[u8]) -> u16 {
+    let (_, _, sum) = l4_sum(frame);
+    // A valid checksum makes the total 0xffff; the error is the excess.
+    let s = fold(sum);
+    if s == 0xffff { 0 } else { s }
+}
+
+/// Recomputes the IP and L4 checksums of a frame in place.
+pub fn fix_checksums(frame: &mut [u8]) {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&frame[14..14 + ihl]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    let proto = frame[23];
+    let off = 14 + ihl + if proto == IPPROTO_TCP { 16 } else { 6 };
+    frame[off..off + 2].copy_from_slice(&[0, 0]);
+    let (_, _, sum) = l4_sum(frame);
+    let mut c = !fold(sum);
+    if proto == IPPROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    frame[off..off + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// An Ethernet/IPv4/TCP-or-UDP frame description.
+#[derive(Clone, Debug)]
+pub struct Ipv4Packet {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub ttl: u8,
+    pub ip_id: u16,
+    /// TCP flags (ignored for UDP).
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Ipv4Packet {
+    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Self {
+        Self {
+            eth_dst: [0; 6],
+            eth_src: [0; 6],
+            src: src.0,
+            dst: dst.0,
+            proto: IPPROTO_TCP,
+            sport: src.1,
+            dport: dst.1,
+            ttl: 64,
+            ip_id: 0x1234,
+            tcp_flags: flags,
+            seq: 1000,
+            ack: if flags & TCP_ACK != 0 { 2000 } else { 0 },
+            payload: Vec::new(),
+        }
+    }
+
+    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Self {
+        Self {
+            proto: IPPROTO_UDP,
+            payload: payload.to_vec(),
+            ..Self::tcp(src, dst, 0)
+        }
+    }
+
+    pub fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        self.eth_src = src;
+        self.eth_dst = dst;
+        self
+    }
+
+    /// The frame with correct checksums.
+    pub fn build(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(64 + self.payload.len());
+        f.extend_from_slice(&self.eth_dst);
+        f.extend_from_slice(&self.eth_src);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let l4_len = if self.proto == IPPROTO_TCP { 20 } else { 8 } + self.payload.len();
+        let tot_len = (20 + l4_len) as u16;
+        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&tot_len.to_be_bytes());
+        f.extend_from_slice(&self.ip_id.to_be_bytes());
+        f.extend_from_slice(&[0x40, 0]); // DF
+        f.extend_from_slice(&[self.ttl, self.proto, 0, 0]);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        f.extend_from_slice(&self.sport.to_be_bytes());
+        f.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == IPPROTO_TCP {
+            f.extend_from_slice(&self.seq.to_be_bytes());
+            f.extend_from_slice(&self.ack.to_be_bytes());
+            f.extend_from_slice(&[0x50, self.tcp_flags]);
+            f.extend_from_slice(&64240u16.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else {
+            f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+        }
+        f.extend_from_slice(&self.payload);
+        fix_checksums(&mut f);
+        f
+    }
+}
+
+/// An ARP request from `sender` asking for `target`.
+pub fn arp_request(sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+/// The ARP reply `owner_mac` should send for `target` to that request.
+pub fn arp_reply(
+    owner_mac: [u8; 6],
+    target: Ipv4Addr,
+    requester_mac: [u8; 6],
+    requester: Ipv4Addr,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&requester_mac);
+    f.extend_from_slice(&owner_mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&owner_mac);
+    f.extend_from_slice(&target.octets());
+    f.extend_from_slice(&requester_mac);
+    f.extend_from_slice(&requester.octets());
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_frames_have_valid_checksums() {
+        let a = (Ipv4Addr::new(192, 0, 2, 1), 40000);
+        let b = (Ipv4Addr::new(192, 0, 2, 50), 80);
+        for f in [
+            Ipv4Packet::tcp(a, b, TCP_SYN).build(),
+            Ipv4Packet::udp(a, b, b"hello").build(),
+        ] {
+            assert!(ip_checksum_ok(&f));
+            assert!(l4_checksum_ok(&f));
+            assert_eq!(l4_checksum_error(&f), 0);
+            let mut bad = f.clone();
+            let n = bad.len();
+            bad[n - 1] ^= 1;
+            assert!(!l4_checksum_ok(&bad));
+        }
+    }
+}

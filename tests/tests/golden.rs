@@ -1,0 +1,1234 @@
+//! Golden packets through the XDP programs (BPF_PROG_TEST_RUN), as Katran
+//! tests its datapath: tables of (input frame, expected verdict, expected
+//! output bytes or drop reason), run inside a test namespace whose routes and
+//! permanent neighbours the FIB lookups see. Expected frames are built with
+//! checksums computed from scratch (tests/src/packet.rs).
+//!
+//! Topology (gateway namespace `gw`):
+//!   c1 ── consumer network 1    c2 ── consumer network 2
+//!   p0 ── provider, 198.51.100.1/24, neighbours .10 and .11 permanent,
+//!         .99 routed but unresolved (NO_NEIGH)
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use plink_common::{
+    CtFwdKey, DropReason, IPPROTO_TCP, IPPROTO_UDP, flow_hash, nat_probe_port, prog_names,
+    tcp_state, v4,
+};
+use plink_ctl::{
+    EBPF_OBJECT,
+    dataplane::{
+        BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
+        EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
+        Sizes, TimeoutSpec,
+    },
+};
+use plink_tests::{
+    golden::{self, XdpRun, verdict},
+    netns::{self, Host, Topology},
+    packet::{
+        Ipv4Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, arp_reply, arp_request, fix_checksums,
+        ip_checksum_ok, l4_checksum_error, l4_checksum_ok,
+    },
+};
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const BACKEND10_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x10];
+const BACKEND11_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x11];
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const EP_TCP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
+const EP_UDP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 51);
+const EP_PENDING: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 52);
+const EP_REJECTED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
+const EP_REMOVED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 54);
+const EP_NONEIGH: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 60);
+const EP_CAPPED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 61);
+const EP_RATED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 62);
+const BACKEND10: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const BACKEND11: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
+const BACKEND_NONEIGH: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
+const NAT_TCP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+const NAT_UDP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 201);
+const NAT_NONEIGH: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 202);
+const UDP_PORTS: std::ops::RangeInclusive<u16> = 20000..=20009;
+
+/// The gateway namespace and what the cases need to know about it.
+struct Gw {
+    _topo: Topology,
+    host: Host,
+    c1: u32,
+    c2: u32,
+    p0: u32,
+    c1_mac: [u8; 6],
+    c2_mac: [u8; 6],
+    p0_mac: [u8; 6],
+}
+
+fn gateway() -> Gw {
+    netns::require_root_and_tools();
+    let mut topo = Topology::new().unwrap();
+    let host = topo.host("gw").unwrap();
+    let cn1 = topo.host("cn1").unwrap();
+    let cn2 = topo.host("cn2").unwrap();
+    let pv = topo.host("pv").unwrap();
+    topo.link(&host, "c1", &cn1, "eth0").unwrap();
+    topo.link(&host, "c2", &cn2, "eth0").unwrap();
+    topo.link(&host, "p0", &pv, "eth0").unwrap();
+    host.ip(&["addr", "add", "198.51.100.1/24", "dev", "p0"])
+        .unwrap();
+    // bpf_fib_lookup refuses to route for an input device without forwarding;
+    // consumer interfaces keep it off (the forwarding contract).
+    host.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
+    for (ip, mac) in [
+        ("198.51.100.10", BACKEND10_MAC),
+        ("198.51.100.11", BACKEND11_MAC),
+    ] {
+        let mac = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        host.ip(&[
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            &mac,
+            "dev",
+            "p0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    Gw {
+        c1: host.ifindex("c1").unwrap(),
+        c2: host.ifindex("c2").unwrap(),
+        p0: host.ifindex("p0").unwrap(),
+        c1_mac: host.mac("c1").unwrap(),
+        c2_mac: host.mac("c2").unwrap(),
+        p0_mac: host.mac("p0").unwrap(),
+        host,
+        _topo: topo,
+    }
+}
+
+fn tcp_endpoint(id: u32, network_id: u32, addr: Ipv4Addr, service_id: u32) -> EndpointSpec {
+    EndpointSpec {
+        id,
+        network_id,
+        addr,
+        service_id,
+        protocol: Protocol::Tcp,
+        ports: vec![PortSpec {
+            port: 80,
+            target_port: 8080,
+        }],
+        state: EndpointState::Approved,
+        max_flows: 0,
+        new_flows_per_sec: 0,
+    }
+}
+
+/// Service 0 (TCP 80→8080, backends 0 and 1), service 1 (UDP 53→5353,
+/// backend 2, ten NAT ports), service 2 (TCP, an unresolved backend).
+fn spec(gw: &Gw) -> DataplaneSpec {
+    let backend = |id, service_id, addr| BackendSpec {
+        id,
+        service_id,
+        addr,
+        state: BackendState::Active,
+    };
+    let nat = |addr, ports| NatSpec {
+        addr,
+        ports,
+        draining: false,
+    };
+    let mut endpoints = vec![
+        tcp_endpoint(0, 1, EP_TCP, 0),
+        EndpointSpec {
+            protocol: Protocol::Udp,
+            ports: vec![PortSpec {
+                port: 53,
+                target_port: 5353,
+            }],
+            ..tcp_endpoint(1, 1, EP_UDP, 1)
+        },
+        EndpointSpec {
+            state: EndpointState::Pending,
+            ..tcp_endpoint(2, 1, EP_PENDING, 0)
+        },
+        EndpointSpec {
+            state: EndpointState::Rejected,
+            ..tcp_endpoint(3, 1, EP_REJECTED, 0)
+        },
+        EndpointSpec {
+            state: EndpointState::Removed,
+            ..tcp_endpoint(4, 1, EP_REMOVED, 0)
+        },
+        // Network 2 reuses network 1's endpoint address.
+        tcp_endpoint(5, 2, EP_TCP, 0),
+        tcp_endpoint(6, 1, EP_NONEIGH, 2),
+        EndpointSpec {
+            max_flows: 1,
+            ..tcp_endpoint(7, 1, EP_CAPPED, 0)
+        },
+        EndpointSpec {
+            new_flows_per_sec: 1,
+            ..tcp_endpoint(8, 1, EP_RATED, 0)
+        },
+    ];
+    endpoints.sort_by_key(|e| e.id);
+    DataplaneSpec {
+        interfaces: vec![
+            InterfaceSpec {
+                ifindex: gw.c1,
+                role: InterfaceRole::Consumer { network_id: 1 },
+                mac: gw.c1_mac,
+            },
+            InterfaceSpec {
+                ifindex: gw.c2,
+                role: InterfaceRole::Consumer { network_id: 2 },
+                mac: gw.c2_mac,
+            },
+            InterfaceSpec {
+                ifindex: gw.p0,
+                role: InterfaceRole::Provider,
+                mac: gw.p0_mac,
+            },
+        ],
+        timeouts: TimeoutSpec::default(),
+        services: vec![
+            ServiceSpec {
+                id: 0,
+                nat: vec![nat(NAT_TCP, 1024..=65535)],
+                lookup: vec![0, 1, 0, 1, 0, 1, 0],
+            },
+            ServiceSpec {
+                id: 1,
+                nat: vec![nat(NAT_UDP, UDP_PORTS)],
+                lookup: vec![2],
+            },
+            ServiceSpec {
+                id: 2,
+                nat: vec![nat(NAT_NONEIGH, 1024..=65535)],
+                lookup: vec![3],
+            },
+        ],
+        backends: vec![
+            backend(0, 0, BACKEND10),
+            backend(1, 0, BACKEND11),
+            backend(2, 1, BACKEND10),
+            backend(3, 2, BACKEND_NONEIGH),
+        ],
+        endpoints,
+    }
+}
+
+/// What a case expects.
+enum Want {
+    /// XDP_REDIRECT out of `ifindex` with exactly these bytes.
+    Redirect(Vec<u8>),
+    /// XDP_TX with exactly these bytes.
+    Tx(Vec<u8>),
+    /// XDP_DROP counted under this reason.
+    Drop(DropReason),
+    Pass,
+}
+
+/// The loaded dataplane inside the gateway namespace.
+struct Bench {
+    dp: Dataplane,
+}
+
+impl Bench {
+    fn new(spec: &DataplaneSpec) -> Self {
+        Self::with_conntrack(spec, 1024)
+    }
+
+    fn with_conntrack(spec: &DataplaneSpec, conntrack: u32) -> Self {
+        let mut dp = Dataplane::load_with(
+            EBPF_OBJECT,
+            None,
+            Sizes {
+                conntrack,
+                lb_table: 1024,
+            },
+        )
+        .unwrap();
+        dp.apply(spec).unwrap();
+        dp.load_programs().unwrap();
+        Self { dp }
+    }
+
+    fn raw(&mut self, prog: &str, ifindex: u32, frame: &[u8]) -> XdpRun {
+        golden::run(self.dp.program(prog).unwrap(), ifindex, frame).unwrap()
+    }
+
+    fn drops(&mut self) -> BTreeMap<DropReason, u64> {
+        self.dp.drop_counts().unwrap()
+    }
+
+    /// Runs one case and checks verdict, output bytes, checksums and the
+    /// drop counters (exactly the expected reason moved, by one).
+    fn case(&mut self, name: &str, prog: &str, ifindex: u32, frame: &[u8], want: Want) -> XdpRun {
+        let before = self.drops();
+        let run = self.raw(prog, ifindex, frame);
+        let after = self.drops();
+        let moved: Vec<(DropReason, u64)> = after
+            .iter()
+            .filter(|(r, n)| before.get(r) != Some(n))
+            .map(|(r, n)| (*r, n - before.get(r).copied().unwrap_or(0)))
+            .collect();
+        match want {
+            Want::Redirect(out) | Want::Tx(out) => {
+                let v = if frame.len() >= 14 && frame[12..14] == [8, 6] {
+                    verdict::TX
+                } else {
+                    verdict::REDIRECT
+                };
+                assert_eq!(run.verdict, v, "{name}: verdict (drops moved: {moved:?})");
+                assert_eq!(
+                    hex(&run.output),
+                    hex(&out),
+                    "{name}: output bytes (got, want)"
+                );
+                if run.output[12..14] == [8, 0] {
+                    assert!(ip_checksum_ok(&run.output), "{name}: IP checksum");
+                    assert!(l4_checksum_ok(&run.output), "{name}: L4 checksum");
+                }
+                assert!(moved.is_empty(), "{name}: no drop counted, got {moved:?}");
+            }
+            Want::Drop(reason) => {
+                assert_eq!(run.verdict, verdict::DROP, "{name}: verdict");
+                assert_eq!(moved, vec![(reason, 1)], "{name}: drop reason");
+            }
+            Want::Pass => {
+                assert_eq!(run.verdict, verdict::PASS, "{name}: verdict");
+                assert_eq!(run.output, frame, "{name}: passed unchanged");
+                assert!(moved.is_empty(), "{name}: no drop counted, got {moved:?}");
+            }
+        }
+        run
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The forward key the datapath builds for a consumer packet.
+fn fwd_key(network_id: u32, client: (Ipv4Addr, u16), ep: (Ipv4Addr, u16), proto: u8) -> CtFwdKey {
+    CtFwdKey {
+        src_addr_be: v4(client.0.octets()),
+        dst_addr_be: v4(ep.0.octets()),
+        network_id,
+        src_port_be: client.1.to_be(),
+        dst_port_be: ep.1.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// (backend address, backend MAC) that service 0's table gives this flow.
+fn service0_backend(key: &CtFwdKey) -> (Ipv4Addr, [u8; 6]) {
+    let table = [0, 1, 0, 1, 0, 1, 0];
+    match table[(flow_hash(key) % 7) as usize] {
+        0 => (BACKEND10, BACKEND10_MAC),
+        _ => (BACKEND11, BACKEND11_MAC),
+    }
+}
+
+/// The NAT port the first probe gives a flow (the table is empty).
+fn first_port(key: &CtFwdKey, range: std::ops::RangeInclusive<u16>) -> u16 {
+    nat_probe_port(flow_hash(key), 0, *range.start(), *range.end())
+}
+
+/// What the provider sees for a consumer packet, translated.
+fn translated(
+    p: &Ipv4Packet,
+    gw_p0: [u8; 6],
+    backend: (Ipv4Addr, u16, [u8; 6]),
+    nat: (Ipv4Addr, u16),
+) -> Vec<u8> {
+    let mut t = p.clone().macs(gw_p0, backend.2);
+    t.src = nat.0;
+    t.sport = nat.1;
+    t.dst = backend.0;
+    t.dport = backend.1;
+    t.ttl -= 1;
+    t.build()
+}
+
+#[test]
+fn golden_tcp_flow_lifecycle() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c2, p0, c1_mac, c2_mac, p0_mac) =
+        (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.c2_mac, gw.p0_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 40000);
+            let ep = (EP_TCP, 80);
+            let key = fwd_key(1, client, ep, IPPROTO_TCP);
+            let (backend, backend_mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            let to_backend =
+                |p: &Ipv4Packet| translated(p, p0_mac, (backend, 8080, backend_mac), nat);
+
+            // New flow: only a SYN opens it.
+            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "tcp syn new flow",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Redirect(to_backend(&syn)),
+            );
+            let flows = b.dp.list_conntrack().unwrap();
+            assert_eq!(flows.len(), 1);
+            assert_eq!(flows[0].nat, nat, "NAT mapping as predicted");
+            assert_eq!(flows[0].backend, (backend, 8080));
+            assert_eq!(flows[0].tcp_state, tcp_state::SYN_SENT);
+            assert_eq!(flows[0].ingress_ifindex, c1);
+
+            // Reverse: the backend's SYN-ACK goes back to the client's MAC on c1.
+            let mut synack =
+                Ipv4Packet::tcp((backend, 8080), nat, TCP_SYN | TCP_ACK).macs(backend_mac, p0_mac);
+            synack.seq = 5000;
+            let mut back = synack.clone().macs(c1_mac, CLIENT_MAC);
+            back.src = EP_TCP;
+            back.sport = 80;
+            back.dst = CLIENT;
+            back.dport = 40000;
+            back.ttl -= 1;
+            b.case(
+                "reverse translation",
+                prog_names::PROVIDER,
+                p0,
+                &synack.build(),
+                Want::Redirect(back.build()),
+            );
+            assert_eq!(
+                b.dp.list_conntrack().unwrap()[0].tcp_state,
+                tcp_state::SYN_RECV
+            );
+
+            // Established: the ACK and data reuse the mapping.
+            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "established reuse (ack)",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to_backend(&ack)),
+            );
+            assert_eq!(
+                b.dp.list_conntrack().unwrap()[0].tcp_state,
+                tcp_state::ESTABLISHED
+            );
+            let mut data = ack.clone();
+            data.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+            b.case(
+                "established reuse (data)",
+                prog_names::CONSUMER,
+                c1,
+                &data.build(),
+                Want::Redirect(to_backend(&data)),
+            );
+
+            // A bad L4 checksum stays bad by the same amount; same for the IP header.
+            let mut bad = data.build();
+            let n = bad.len();
+            bad[n - 1] ^= 0x5a;
+            let run = b.raw(prog_names::CONSUMER, c1, &bad);
+            assert_eq!(run.verdict, verdict::REDIRECT);
+            assert_ne!(l4_checksum_error(&bad), 0);
+            assert_eq!(
+                l4_checksum_error(&run.output),
+                l4_checksum_error(&bad),
+                "bad L4 checksum stays bad"
+            );
+            assert!(ip_checksum_ok(&run.output));
+            let mut bad_ip = data.build();
+            bad_ip[24] ^= 0x01;
+            let run = b.raw(prog_names::CONSUMER, c1, &bad_ip);
+            assert_eq!(run.verdict, verdict::REDIRECT);
+            assert!(!ip_checksum_ok(&run.output), "bad IP checksum stays bad");
+            let mut fixed = run.output.clone();
+            fix_checksums(&mut fixed);
+            assert_eq!(fixed, to_backend(&data), "only the checksum differs");
+
+            // Overlapping network 2: the identical 5-tuple is another flow.
+            let key2 = fwd_key(2, client, ep, IPPROTO_TCP);
+            let (backend2, backend2_mac) = service0_backend(&key2);
+            let nat2 = (NAT_TCP, first_port(&key2, 1024..=65535));
+            assert_ne!(
+                nat2, nat,
+                "the two networks' flows hash apart (else pick other ports)"
+            );
+            let syn2 = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(ROUTER_MAC, c2_mac);
+            b.case(
+                "same 5-tuple from network 2",
+                prog_names::CONSUMER,
+                c2,
+                &syn2.build(),
+                Want::Redirect(translated(
+                    &syn2,
+                    p0_mac,
+                    (backend2, 8080, backend2_mac),
+                    nat2,
+                )),
+            );
+            let mut synack2 = Ipv4Packet::tcp((backend2, 8080), nat2, TCP_SYN | TCP_ACK)
+                .macs(backend2_mac, p0_mac);
+            synack2.seq = 7000;
+            let mut back2 = synack2.clone().macs(c2_mac, ROUTER_MAC);
+            back2.src = EP_TCP;
+            back2.sport = 80;
+            back2.dst = CLIENT;
+            back2.dport = 40000;
+            back2.ttl -= 1;
+            b.case(
+                "network 2 reply goes to c2, to its router",
+                prog_names::PROVIDER,
+                p0,
+                &synack2.build(),
+                Want::Redirect(back2.build()),
+            );
+            assert_eq!(b.dp.list_conntrack().unwrap().len(), 2);
+
+            // FIN moves the flow to closing (transitory timeout).
+            let fin = Ipv4Packet::tcp(client, ep, TCP_FIN | TCP_ACK).macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "fin",
+                prog_names::CONSUMER,
+                c1,
+                &fin.build(),
+                Want::Redirect(to_backend(&fin)),
+            );
+            let f =
+                b.dp.list_conntrack()
+                    .unwrap()
+                    .into_iter()
+                    .find(|f| f.network_id == 1)
+                    .unwrap();
+            assert_eq!(f.tcp_state, tcp_state::CLOSING);
+            assert!(
+                f.expires_in <= Duration::from_secs(240),
+                "closing uses the transitory timeout"
+            );
+
+            // RST from the backend on network 2's flow.
+            let rst = Ipv4Packet::tcp((backend2, 8080), nat2, TCP_RST | TCP_ACK)
+                .macs(backend2_mac, p0_mac);
+            let mut rst_back = rst.clone().macs(c2_mac, ROUTER_MAC);
+            rst_back.src = EP_TCP;
+            rst_back.sport = 80;
+            rst_back.dst = CLIENT;
+            rst_back.dport = 40000;
+            rst_back.ttl -= 1;
+            b.case(
+                "rst",
+                prog_names::PROVIDER,
+                p0,
+                &rst.build(),
+                Want::Redirect(rst_back.build()),
+            );
+            let f =
+                b.dp.list_conntrack()
+                    .unwrap()
+                    .into_iter()
+                    .find(|f| f.network_id == 2)
+                    .unwrap();
+            assert_eq!(f.tcp_state, tcp_state::CLOSING);
+
+            // No flow: non-SYN packets are dropped, nothing is created.
+            let other = (CLIENT, 40001);
+            for (name, flags) in [
+                ("ack without flow", TCP_ACK),
+                ("syn-ack without flow", TCP_SYN | TCP_ACK),
+                ("rst without flow", TCP_RST),
+            ] {
+                let p = Ipv4Packet::tcp(other, ep, flags).macs(CLIENT_MAC, c1_mac);
+                b.case(
+                    name,
+                    prog_names::CONSUMER,
+                    c1,
+                    &p.build(),
+                    Want::Drop(DropReason::TcpNoFlow),
+                );
+            }
+            assert_eq!(b.dp.list_conntrack().unwrap().len(), 2);
+            // Forged replies to a NAT address with no flow never reach a consumer.
+            let forged = Ipv4Packet::tcp((BACKEND10, 8080), (NAT_TCP, 1), TCP_SYN | TCP_ACK)
+                .macs(BACKEND10_MAC, p0_mac);
+            b.case(
+                "forged reply to a NAT port without flow",
+                prog_names::PROVIDER,
+                p0,
+                &forged.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
+            let forged =
+                Ipv4Packet::tcp((BACKEND11, 9999), nat, TCP_ACK).macs(BACKEND11_MAC, p0_mac);
+            b.case(
+                "reply to a live NAT port from the wrong peer",
+                prog_names::PROVIDER,
+                p0,
+                &forged.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
+            // The gateway's own traffic on the provider side passes.
+            let own = Ipv4Packet::tcp(
+                (BACKEND10, 8080),
+                (Ipv4Addr::new(198, 51, 100, 1), 5555),
+                TCP_ACK,
+            )
+            .macs(BACKEND10_MAC, p0_mac);
+            b.case(
+                "provider traffic to the gateway itself",
+                prog_names::PROVIDER,
+                p0,
+                &own.build(),
+                Want::Pass,
+            );
+
+            // Counters: bytes are IP lengths, per direction.
+            let c = b.dp.counters(CounterKind::Endpoint, 0).unwrap();
+            assert_eq!(c.flows_created, 1);
+            assert_eq!(c.packets_in, 6, "syn, ack, data, bad l4, bad ip, fin");
+            assert_eq!(c.packets_out, 1);
+            assert_eq!(c.bytes_out, 40);
+            let svc = b.dp.counters(CounterKind::Service, 0).unwrap();
+            assert_eq!(svc.flows_created, 2);
+            assert_eq!(svc.packets_out, 3);
+            let nat_c = b.dp.nat_counters(0, 0).unwrap();
+            assert_eq!(nat_c.packets_in + nat_c.packets_out, 10);
+            let ports = b.dp.nat_ports_in_use().unwrap();
+            assert_eq!(ports.get(&NAT_TCP), Some(&2));
+
+            // Purging endpoint 0 removes its flow and frees its port, not network 2's.
+            let r = b.dp.purge_endpoint(0).unwrap();
+            assert_eq!((r.flows, r.remaining), (1, 1));
+            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_TCP), Some(&1));
+            b.case(
+                "data after purge",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Drop(DropReason::TcpNoFlow),
+            );
+            let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, p0_mac);
+            b.case(
+                "reply after purge",
+                prog_names::PROVIDER,
+                p0,
+                &reply.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_udp_and_checksums() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, p0, c1_mac, p0_mac) = (gw.c1, gw.p0, gw.c1_mac, gw.p0_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 5000);
+            let ep = (EP_UDP, 53);
+            let key = fwd_key(1, client, ep, IPPROTO_UDP);
+            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+            let to_backend =
+                |p: &Ipv4Packet| translated(p, p0_mac, (BACKEND10, 5353, BACKEND10_MAC), nat);
+
+            let q = Ipv4Packet::udp(client, ep, b"query").macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "udp new flow",
+                prog_names::CONSUMER,
+                c1,
+                &q.build(),
+                Want::Redirect(to_backend(&q)),
+            );
+            let r = Ipv4Packet::udp((BACKEND10, 5353), nat, b"answer!").macs(BACKEND10_MAC, p0_mac);
+            let mut back = r.clone().macs(c1_mac, CLIENT_MAC);
+            back.src = EP_UDP;
+            back.sport = 53;
+            back.dst = CLIENT;
+            back.dport = 5000;
+            back.ttl -= 1;
+            b.case(
+                "udp reply",
+                prog_names::PROVIDER,
+                p0,
+                &r.build(),
+                Want::Redirect(back.build()),
+            );
+
+            // Checksum 0 ("none") stays 0.
+            let mut zero = q.build();
+            zero[40..42].copy_from_slice(&[0, 0]);
+            let mut want = to_backend(&q);
+            want[40..42].copy_from_slice(&[0, 0]);
+            let run = b.raw(prog_names::CONSUMER, c1, &zero);
+            assert_eq!(run.verdict, verdict::REDIRECT);
+            assert_eq!(hex(&run.output), hex(&want), "udp checksum 0 stays 0");
+
+            // A payload chosen so that the translated checksum computes to 0:
+            // it must leave as 0xffff.
+            let mut probe = q.clone();
+            probe.payload = vec![0, 0];
+            let out = to_backend(&probe);
+            // Sum of the translated packet with a zero payload word and the
+            // checksum field zeroed; the payload word that completes it to
+            // 0xffff makes the computed checksum 0.
+            let mut zeroed = out.clone();
+            zeroed[40..42].copy_from_slice(&[0, 0]);
+            let tot = zeroed.len();
+            let s = plink_tests::packet::fold(
+                plink_tests::packet::sum16(&zeroed[26..34])
+                    + IPPROTO_UDP as u32
+                    + (tot - 34) as u32
+                    + plink_tests::packet::sum16(&zeroed[34..]),
+            );
+            probe.payload = (!s).to_be_bytes().to_vec();
+            let input = probe.build();
+            let want = to_backend(&probe);
+            assert_eq!(
+                want[40..42],
+                [0xff, 0xff],
+                "the case really computes to zero"
+            );
+            assert_ne!(input[40..42], [0, 0]);
+            b.case(
+                "udp checksum that becomes 0 leaves as 0xffff",
+                prog_names::CONSUMER,
+                c1,
+                &input,
+                Want::Redirect(want),
+            );
+
+            // Ten NAT ports, ten flows: all distinct; the eleventh is refused.
+            let mut seen = std::collections::BTreeSet::new();
+            seen.insert(nat.1);
+            for port in 5001..5010u16 {
+                let p = Ipv4Packet::udp((CLIENT, port), ep, b"q").macs(CLIENT_MAC, c1_mac);
+                let run = b.raw(prog_names::CONSUMER, c1, &p.build());
+                assert_eq!(run.verdict, verdict::REDIRECT, "flow from port {port}");
+                assert!(ip_checksum_ok(&run.output) && l4_checksum_ok(&run.output));
+                let nat_port = u16::from_be_bytes([run.output[34], run.output[35]]);
+                assert!(UDP_PORTS.contains(&nat_port));
+                assert!(
+                    seen.insert(nat_port),
+                    "NAT port {nat_port} handed out twice"
+                );
+            }
+            let p = Ipv4Packet::udp((CLIENT, 6000), ep, b"q").macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "nat ports exhausted",
+                prog_names::CONSUMER,
+                c1,
+                &p.build(),
+                Want::Drop(DropReason::NatPortsExhausted),
+            );
+            assert_eq!(
+                b.dp.counters(CounterKind::Service, 1)
+                    .unwrap()
+                    .nat_alloc_failures,
+                1
+            );
+            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_UDP), Some(&10));
+
+            // Expiry: with a short UDP timeout the GC frees flows and ports
+            // (the datapath refuses replies to them first).
+            let mut short = spec.clone();
+            short.timeouts.udp = Duration::from_secs(1);
+            b.dp.apply(&short).unwrap();
+            assert_eq!(
+                b.dp.gc_conntrack().unwrap().flows,
+                0,
+                "nothing expires before its timeout"
+            );
+            short.timeouts.udp = Duration::from_millis(50);
+            b.dp.apply(&short).unwrap();
+            // The datapath applies the rule itself before any GC ran.
+            netns::wait_for(
+                "UDP flows to pass their timeout",
+                Duration::from_secs(5),
+                || {
+                    let flows = b.dp.list_conntrack()?;
+                    Ok(flows.iter().all(|f| f.expires_in.is_zero()).then_some(()))
+                },
+            )
+            .unwrap();
+            b.case(
+                "reply to an expired flow (before GC)",
+                prog_names::PROVIDER,
+                p0,
+                &r.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
+            netns::wait_for("UDP flows to expire", Duration::from_secs(5), || {
+                let r = b.dp.gc_conntrack()?;
+                Ok((r.remaining == 0).then_some(r))
+            })
+            .unwrap();
+            assert_eq!(
+                b.dp.nat_ports_in_use().unwrap().get(&NAT_UDP),
+                None,
+                "ports freed"
+            );
+            b.case(
+                "reply after expiry",
+                prog_names::PROVIDER,
+                p0,
+                &r.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
+            b.dp.apply(&spec).unwrap();
+            b.case(
+                "a freed port is handed out again",
+                prog_names::CONSUMER,
+                c1,
+                &q.build(),
+                Want::Redirect(to_backend(&q)),
+            );
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_drops_arp_and_caps() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c2, p0, c1_mac, p0_mac) = (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.p0_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let syn = |dst: Ipv4Addr, port: u16| {
+                Ipv4Packet::tcp((CLIENT, 40000), (dst, port), TCP_SYN).macs(CLIENT_MAC, c1_mac)
+            };
+            for (name, ep, reason, id) in [
+                (
+                    "pending endpoint",
+                    EP_PENDING,
+                    DropReason::EndpointPending,
+                    2,
+                ),
+                (
+                    "rejected endpoint",
+                    EP_REJECTED,
+                    DropReason::EndpointRejected,
+                    3,
+                ),
+                (
+                    "removed endpoint",
+                    EP_REMOVED,
+                    DropReason::EndpointRemoved,
+                    4,
+                ),
+            ] {
+                b.case(
+                    name,
+                    prog_names::CONSUMER,
+                    c1,
+                    &syn(ep, 80).build(),
+                    Want::Drop(reason),
+                );
+                assert_eq!(
+                    b.dp.endpoint_drop_counts(id).unwrap()[&reason],
+                    1,
+                    "{name}: counted per endpoint"
+                );
+            }
+            b.case(
+                "unknown destination",
+                prog_names::CONSUMER,
+                c1,
+                &syn(Ipv4Addr::new(192, 0, 2, 99), 80).build(),
+                Want::Drop(DropReason::NoEndpoint),
+            );
+            b.case(
+                "wrong port",
+                prog_names::CONSUMER,
+                c1,
+                &syn(EP_TCP, 81).build(),
+                Want::Drop(DropReason::NoEndpoint),
+            );
+            b.case(
+                "provider address from a consumer",
+                prog_names::CONSUMER,
+                c1,
+                &syn(BACKEND10, 8080).build(),
+                Want::Drop(DropReason::NoEndpoint),
+            );
+            b.case(
+                "nat address from a consumer",
+                prog_names::CONSUMER,
+                c1,
+                &syn(NAT_TCP, 1024).build(),
+                Want::Drop(DropReason::NoEndpoint),
+            );
+            let udp80 =
+                Ipv4Packet::udp((CLIENT, 40000), (EP_TCP, 80), b"x").macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "wrong protocol",
+                prog_names::CONSUMER,
+                c1,
+                &udp80.build(),
+                Want::Drop(DropReason::NoEndpoint),
+            );
+            b.case(
+                "endpoint of network 1 seen on network 2",
+                prog_names::CONSUMER,
+                c2,
+                &syn(EP_UDP, 53).build(),
+                Want::Drop(DropReason::NoEndpoint),
+            );
+            b.case(
+                "unknown ingress interface",
+                prog_names::CONSUMER,
+                p0,
+                &syn(EP_TCP, 80).build(),
+                Want::Drop(DropReason::UnknownInterface),
+            );
+
+            let good = syn(EP_TCP, 80).build();
+            let mut frag = good.clone();
+            frag[20] |= 0x20; // more fragments
+            fix_checksums(&mut frag);
+            b.case(
+                "fragment",
+                prog_names::CONSUMER,
+                c1,
+                &frag,
+                Want::Drop(DropReason::Fragment),
+            );
+            let mut frag2 = good.clone();
+            frag2[21] = 8; // offset
+            fix_checksums(&mut frag2);
+            b.case(
+                "non-first fragment",
+                prog_names::CONSUMER,
+                c1,
+                &frag2,
+                Want::Drop(DropReason::Fragment),
+            );
+            let mut opts = good.clone();
+            opts[14] = 0x46;
+            b.case(
+                "ip options",
+                prog_names::CONSUMER,
+                c1,
+                &opts,
+                Want::Drop(DropReason::IpOptions),
+            );
+            let mut icmp = good.clone();
+            icmp[23] = 1;
+            b.case(
+                "icmp (not yet)",
+                prog_names::CONSUMER,
+                c1,
+                &icmp,
+                Want::Drop(DropReason::UnsupportedProtocol),
+            );
+            let mut v6 = good.clone();
+            v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+            b.case(
+                "ipv6",
+                prog_names::CONSUMER,
+                c1,
+                &v6,
+                Want::Drop(DropReason::Ipv6),
+            );
+            let mut vlan = good.clone();
+            vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+            b.case(
+                "vlan",
+                prog_names::CONSUMER,
+                c1,
+                &vlan,
+                Want::Drop(DropReason::UnsupportedEthertype),
+            );
+            let mut ttl1 = syn(EP_TCP, 80);
+            ttl1.ttl = 1;
+            b.case(
+                "ttl 1",
+                prog_names::CONSUMER,
+                c1,
+                &ttl1.build(),
+                Want::Drop(DropReason::TtlExceeded),
+            );
+            b.case(
+                "no neighbour for the backend",
+                prog_names::CONSUMER,
+                c1,
+                &syn(EP_NONEIGH, 80).build(),
+                Want::Drop(DropReason::FibNoNeigh),
+            );
+
+            // Every truncation of a valid packet (with payload) is dropped as
+            // malformed on the consumer side and creates no flow.
+            let mut p =
+                Ipv4Packet::tcp((CLIENT, 41000), (EP_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
+            p.payload = b"0123456789".to_vec();
+            let full = p.build();
+            for n in 0..14 {
+                // The kernel never hands XDP a frame shorter than Ethernet.
+                assert!(
+                    golden::run(b.dp.program(prog_names::CONSUMER).unwrap(), c1, &full[..n])
+                        .is_err()
+                );
+            }
+            for n in 14..full.len() {
+                b.case(
+                    &format!("truncated to {n} bytes"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &full[..n],
+                    Want::Drop(DropReason::Malformed),
+                );
+            }
+            assert!(
+                b.dp.list_conntrack()
+                    .unwrap()
+                    .iter()
+                    .all(|f| f.client.1 != 41000)
+            );
+            // Provider side: a truncated reply to a NAT address is dropped once
+            // its destination is readable, passed before.
+            let r = Ipv4Packet::tcp((BACKEND10, 8080), (NAT_TCP, 3000), TCP_ACK)
+                .macs(BACKEND10_MAC, p0_mac)
+                .build();
+            for n in 14..r.len() {
+                let want = if n < 34 {
+                    Want::Pass
+                } else {
+                    Want::Drop(DropReason::Malformed)
+                };
+                b.case(
+                    &format!("provider truncated to {n}"),
+                    prog_names::PROVIDER,
+                    p0,
+                    &r[..n],
+                    want,
+                );
+            }
+
+            // ARP.
+            let req = arp_request(CLIENT_MAC, CLIENT, EP_TCP);
+            b.case(
+                "arp for an endpoint",
+                prog_names::CONSUMER,
+                c1,
+                &req,
+                Want::Tx(arp_reply(c1_mac, EP_TCP, CLIENT_MAC, CLIENT)),
+            );
+            let req = arp_request(CLIENT_MAC, CLIENT, EP_PENDING);
+            b.case(
+                "arp for a pending endpoint",
+                prog_names::CONSUMER,
+                c1,
+                &req,
+                Want::Tx(arp_reply(c1_mac, EP_PENDING, CLIENT_MAC, CLIENT)),
+            );
+            b.case(
+                "arp for a removed endpoint",
+                prog_names::CONSUMER,
+                c1,
+                &arp_request(CLIENT_MAC, CLIENT, EP_REMOVED),
+                Want::Drop(DropReason::ArpNotOurs),
+            );
+            b.case(
+                "arp for another address",
+                prog_names::CONSUMER,
+                c1,
+                &arp_request(CLIENT_MAC, CLIENT, Ipv4Addr::new(192, 0, 2, 99)),
+                Want::Drop(DropReason::ArpNotOurs),
+            );
+            b.case(
+                "arp for network 1's endpoint on network 2",
+                prog_names::CONSUMER,
+                c2,
+                &arp_request(CLIENT_MAC, CLIENT, EP_UDP),
+                Want::Drop(DropReason::ArpNotOurs),
+            );
+            b.case(
+                "arp truncated",
+                prog_names::CONSUMER,
+                c1,
+                &arp_request(CLIENT_MAC, CLIENT, EP_TCP)[..30],
+                Want::Drop(DropReason::Malformed),
+            );
+            let gw_ip = Ipv4Addr::new(198, 51, 100, 1);
+            b.case(
+                "arp for a nat address",
+                prog_names::PROVIDER,
+                p0,
+                &arp_request(BACKEND10_MAC, BACKEND10, NAT_TCP),
+                Want::Tx(arp_reply(p0_mac, NAT_TCP, BACKEND10_MAC, BACKEND10)),
+            );
+            b.case(
+                "arp for the gateway's own address passes",
+                prog_names::PROVIDER,
+                p0,
+                &arp_request(BACKEND10_MAC, BACKEND10, gw_ip),
+                Want::Pass,
+            );
+
+            // Caps: one live flow on endpoint 7; one new flow per second on 8.
+            let capped = |port| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_CAPPED, 80), TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &capped(100)).verdict,
+                verdict::REDIRECT
+            );
+            b.case(
+                "max flows cap",
+                prog_names::CONSUMER,
+                c1,
+                &capped(101),
+                Want::Drop(DropReason::CapMaxFlows),
+            );
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &capped(100)).verdict,
+                verdict::REDIRECT,
+                "the live flow is untouched"
+            );
+            assert_eq!(
+                b.dp.counters(CounterKind::Endpoint, 7)
+                    .unwrap()
+                    .refused_max_flows,
+                1
+            );
+            let rated = |port| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_RATED, 80), TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            // Three SYNs within microseconds cross at most one second boundary.
+            let verdicts: Vec<u32> = (200..203)
+                .map(|p| b.raw(prog_names::CONSUMER, c1, &rated(p)).verdict)
+                .collect();
+            let refused = verdicts.iter().filter(|v| **v == verdict::DROP).count();
+            assert!(refused >= 1, "rate cap refused none of {verdicts:?}");
+            assert_eq!(
+                b.dp.counters(CounterKind::Endpoint, 8)
+                    .unwrap()
+                    .refused_rate,
+                refused as u64
+            );
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_conntrack_full_refuses_new_flows() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::with_conntrack(&spec, 4);
+            let q = |port| {
+                Ipv4Packet::udp((CLIENT, port), (EP_UDP, 53), b"q")
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            for port in 1..=4 {
+                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
+                assert_eq!(run.verdict, verdict::REDIRECT, "flow {port} fits");
+            }
+            b.case(
+                "conntrack full",
+                prog_names::CONSUMER,
+                c1,
+                &q(5),
+                Want::Drop(DropReason::ConntrackFull),
+            );
+            // Live flows are untouched by the refusal.
+            for port in 1..=4 {
+                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
+                assert_eq!(
+                    run.verdict,
+                    verdict::REDIRECT,
+                    "flow {port} still forwarded"
+                );
+            }
+            assert_eq!(b.dp.list_conntrack().unwrap().len(), 4);
+            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_UDP), Some(&4));
+        })
+        .unwrap();
+}
+
+/// Loads both programs and prints what the verifier accepted, so CI logs show
+/// program growth.
+#[test]
+fn verified_program_sizes() {
+    netns::require_root_and_tools();
+    let mut dp = Dataplane::load_with(EBPF_OBJECT, None, Sizes::default()).unwrap();
+    dp.load_programs().unwrap();
+    for name in [prog_names::CONSUMER, prog_names::PROVIDER] {
+        let info = dp.program(name).unwrap().info().unwrap();
+        let verified = info.verified_instruction_count().unwrap_or(0);
+        println!(
+            "{name}: verified_insns={verified} xlated_bytes={} jited_bytes={}",
+            info.size_translated().unwrap_or(0),
+            info.size_jitted()
+        );
+        let stack = stack_use(info.id());
+        println!("{name}: stack bytes per BPF function (xlated dump): {stack:?}");
+        assert!(!stack.is_empty(), "{name}: bpftool listed its functions");
+        assert!(
+            verified > 0,
+            "{name}: the kernel reports verified instructions"
+        );
+        assert!(
+            verified < 200_000,
+            "{name}: stays well inside the verifier's 1M limit"
+        );
+    }
+}
+
+/// Deepest `r10` (frame pointer) offset of each BPF function of program `id`,
+/// read from `bpftool prog dump xlated`: the stack each function uses. The
+/// verifier's limit is 512 bytes along any call chain.
+fn stack_use(id: u32) -> Vec<(String, u32)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "dump", "xlated", "id", &id.to_string()])
+        .output()
+        .expect("bpftool is installed (cargo xtask setup)");
+    assert!(out.status.success(), "bpftool prog dump xlated id {id}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut funcs: Vec<(String, u32)> = Vec::new();
+    for line in text.lines() {
+        // Function headers look like `int name(...):` or `name:`.
+        let t = line.trim();
+        if !t.starts_with(';') && t.ends_with(':') && !t.starts_with(|c: char| c.is_ascii_digit()) {
+            let name = t.trim_end_matches(':');
+            let name = name.split('(').next().unwrap_or(name);
+            let name = name.rsplit(' ').next().unwrap_or(name);
+            funcs.push((name.to_string(), 0));
+            continue;
+        }
+        let mut rest = t;
+        while let Some(i) = rest.find("(r10 -") {
+            rest = &rest[i + 6..];
+            let n: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            if let (Ok(n), Some(last)) = (n.parse::<u32>(), funcs.last_mut()) {
+                last.1 = last.1.max(n);
+            }
+        }
+    }
+    funcs
+}
