@@ -37,7 +37,7 @@ fn consumers_cannot_reach_anything_but_their_endpoints() {
     };
     // Not endpoints: backends, the gateway's own address, NAT addresses,
     // other ports and protocols of the endpoint address.
-    let no_endpoint = vec![
+    let no_endpoint = [
         tcp(ip([198, 51, 100, 10]), 8080, TCP_SYN),
         udp(ip([198, 51, 100, 20]), 5353),
         tcp(pl::GATEWAY_PROVIDER_ADDR, 22, TCP_SYN),
@@ -127,7 +127,7 @@ fn forged_replies_never_reach_a_consumer() {
     let plink = net.start_plink("").unwrap();
     let gw_p0 = net.gw.mac("p0").unwrap();
     let pv = net.provider.mac("eth0").unwrap();
-    let forged = vec![
+    let forged = [
         Ipv4Packet::udp((pl::DNS_BACKEND, 5353), (pl::DNS_NAT, 25000), b"forged")
             .macs(pv, gw_p0)
             .build(),
