@@ -340,8 +340,10 @@ impl Gateway {
     /// endpoints that stopped passing traffic or left, and backends that left
     /// the config without being drained first.
     pub fn apply_model(&mut self, model: &Model, health: &dyn Health) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let spec = spec_from_model(model, self.spec.as_ref(), health)?;
-        self.dp.apply(&spec)?;
+        self.dp.apply_after(&spec, self.spec.as_ref())?;
+        tracing::debug!(elapsed = ?started.elapsed(), "model applied to the maps");
         if let Some(provider) = model.interfaces.values().find(|i| i.role == Role::Provider) {
             let backends: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.addr).collect();
             manage_neighbours(&provider.name, &backends);

@@ -168,7 +168,17 @@ impl PrivateLink {
 
     /// Starts plink on the gateway with the reference config.
     pub fn start_plink(&mut self, gateway_extra: &str) -> anyhow::Result<Gateway> {
-        let cfg = config(&self.topo, gateway_extra, "tenant-b")?;
+        self.start_plink_with(gateway_extra, "tenant-b")
+    }
+
+    /// Like `start_plink`, with `billing-b` owned by `billing_b_tenant`
+    /// (`tenant-b` is auto-approved; any other tenant starts pending).
+    pub fn start_plink_with(
+        &mut self,
+        gateway_extra: &str,
+        billing_b_tenant: &str,
+    ) -> anyhow::Result<Gateway> {
+        let cfg = config(&self.topo, gateway_extra, billing_b_tenant)?;
         let gw = self.gw.clone();
         gateway::start(&mut self.topo, &gw, &cfg).context("starting plink")
     }
