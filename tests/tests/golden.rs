@@ -1306,3 +1306,38 @@ fn stack_use(id: u32) -> Vec<(String, u32)> {
     }
     funcs
 }
+
+#[test]
+fn managed_neighbours_are_created_once_and_removed() {
+    use plink_ctl::dataplane::neigh::{self, NeighOutcome};
+    let gw = gateway();
+    let p0 = gw.p0;
+    let backend = Ipv4Addr::new(198, 51, 100, 77);
+    let outcomes = gw
+        .host
+        .run_in(move || -> anyhow::Result<Vec<NeighOutcome>> {
+            Ok(vec![
+                neigh::ensure_managed(p0, backend)?,
+                neigh::ensure_managed(p0, backend)?,
+            ])
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcomes, vec![NeighOutcome::Created, NeighOutcome::Exists]);
+    let shown = gw.host.ip(&["neigh", "show", "198.51.100.77"]).unwrap();
+    assert!(shown.contains("managed"), "{shown:?}");
+    gw.host
+        .run_in(move || -> anyhow::Result<()> {
+            neigh::remove(p0, backend)?;
+            neigh::remove(p0, backend)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        gw.host
+            .ip(&["neigh", "show", "198.51.100.77"])
+            .unwrap()
+            .trim(),
+        ""
+    );
+}

@@ -24,7 +24,7 @@ use plink_ctl::{
     dataplane::{
         BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
         EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
-        Sizes, TimeoutSpec, garp,
+        Sizes, TimeoutSpec, garp, neigh,
     },
 };
 use plink_tests::{
@@ -172,22 +172,6 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
     gw.ip(&["addr", "add", "198.51.100.1/24", "dev", "p0"])
         .unwrap();
     gw.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
-    // The controller keeps backends' neighbours resolved; here: permanent.
-    let pv_mac = mac_text(pv.mac("eth0").unwrap());
-    for b in ["198.51.100.10", "198.51.100.11"] {
-        gw.ip(&[
-            "neigh",
-            "replace",
-            b,
-            "lladdr",
-            &pv_mac,
-            "dev",
-            "p0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-    }
     // Isolation probes from cn1 need a next hop into the gateway.
     let c1_mac = gw.mac("c1").unwrap();
     cn1.ip(&[
@@ -305,6 +289,10 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                 for i in &spec.interfaces {
                     dp.attach(i.ifindex, i.role, XdpMode::Driver)?;
                 }
+                // Managed neighbours: the kernel keeps the backends resolved.
+                for (ifindex, addr) in spec.managed_neighbours() {
+                    neigh::ensure_managed(ifindex, addr)?;
+                }
                 for (ifindex, mac, addrs) in spec.garp_plan() {
                     garp::announce(ifindex, mac, &addrs)?;
                 }
@@ -344,6 +332,22 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
     )
     .unwrap();
 
+    netns::wait_for(
+        "managed neighbours to resolve",
+        Duration::from_secs(5),
+        || {
+            let n = gw.ip(&["neigh", "show", "dev", "p0"])?;
+            let ok = |ip: &str| {
+                n.lines().any(|l| {
+                    l.starts_with(&format!("{ip} "))
+                        && l.contains("managed")
+                        && l.contains("REACHABLE")
+                })
+            };
+            Ok((ok("198.51.100.10") && ok("198.51.100.11")).then_some(()))
+        },
+    )
+    .unwrap();
     let fwd_before = forwarded(&gw);
     let redirects_before = ethtool_sum(&gw, "c1", "xdp_redirect");
     let pv_rx_before = rx_packets(&pv, "eth0");
