@@ -1207,6 +1207,81 @@ fn golden_reload_keeps_established_flows() {
 }
 
 #[test]
+fn golden_approval_cycle() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let set_state = |spec: &mut DataplaneSpec, state| {
+                for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
+                    e.state = state;
+                }
+            };
+            set_state(&mut spec, EndpointState::Pending);
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 40000);
+            let ep = (EP_TCP, 80);
+            let key = fwd_key(1, client, ep, IPPROTO_TCP);
+            let (backend, backend_mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
+            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
+            let to_backend =
+                |p: &Ipv4Packet| translated(p, p0_mac, (backend, 8080, backend_mac), nat);
+            b.case(
+                "pending drops",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Drop(DropReason::EndpointPending),
+            );
+            set_state(&mut spec, EndpointState::Approved);
+            b.dp.apply(&spec).unwrap();
+            b.case(
+                "approved passes",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Redirect(to_backend(&syn)),
+            );
+            b.case(
+                "established",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to_backend(&ack)),
+            );
+            // Reject: the state first (no new flow can appear), then the purge.
+            set_state(&mut spec, EndpointState::Rejected);
+            b.dp.apply(&spec).unwrap();
+            let purged = b.dp.purge_endpoint(0).unwrap();
+            assert_eq!(purged.flows, 1);
+            assert!(b.dp.list_conntrack().unwrap().is_empty());
+            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_TCP), None);
+            b.case(
+                "rejected cuts the established flow",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Drop(DropReason::EndpointRejected),
+            );
+            let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, p0_mac);
+            b.case(
+                "its replies no longer reach the consumer",
+                prog_names::PROVIDER,
+                p0,
+                &reply.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
+            let drops = b.dp.endpoint_drop_counts(0).unwrap();
+            assert_eq!(drops[&DropReason::EndpointPending], 1);
+            assert_eq!(drops[&DropReason::EndpointRejected], 1);
+        })
+        .unwrap();
+}
+
+#[test]
 fn golden_conntrack_full_refuses_new_flows() {
     let gw = gateway();
     let spec = spec(&gw);
