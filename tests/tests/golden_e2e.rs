@@ -441,6 +441,34 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
         served_b
     );
 
+    // Forged "replies" from the provider side to a NAT port without a flow
+    // never reach a consumer.
+    let cn1_rx = rx_packets(&cn1, "eth0");
+    let forged_before = after.drops[&DropReason::ReplyNoFlow];
+    pv.run_in(|| {
+        let s = std::net::UdpSocket::bind("198.51.100.10:9999").unwrap();
+        s.send_to(b"forged", "198.51.100.200:1").unwrap();
+    })
+    .unwrap();
+    let after = netns::wait_for(
+        "the forged reply to be dropped",
+        Duration::from_secs(5),
+        || {
+            let a = report();
+            Ok((a.drops[&DropReason::ReplyNoFlow] > forged_before).then_some(a))
+        },
+    )
+    .unwrap();
+    assert_eq!(after.drops[&DropReason::ReplyNoFlow], forged_before + 1);
+    assert_eq!(rx_packets(&cn1, "eth0"), cn1_rx, "nothing reached cn1");
+
+    // No kernel NAT on the gateway: no nftables rules, no conntrack entries.
+    let rules = gw.exec("nft", &["list", "ruleset"]).unwrap();
+    assert!(rules.trim().is_empty(), "nftables ruleset: {rules}");
+    if let Ok(count) = gw.exec("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"]) {
+        assert_eq!(count.trim(), "0", "kernel conntrack entries on the gateway");
+    }
+
     // Per-endpoint counters saw both directions; flows are in conntrack.
     let c = &after.ep_counters;
     assert!(
