@@ -94,6 +94,8 @@ pub mod map_names {
 pub mod prog_names {
     pub const CONSUMER: &str = "plink_consumer";
     pub const PROVIDER: &str = "plink_provider";
+    /// Passes everything: enables NAPI on the far end of a veth pair.
+    pub const PASS: &str = "plink_pass";
 }
 
 /// An address: four words in network byte order. IPv4 is word 0, rest zero.

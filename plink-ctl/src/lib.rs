@@ -1,9 +1,17 @@
 //! plink's controller as a library: the CLI binary and the integration tests
-//! share the config model and the dataplane loader.
+//! share the config, the model the datapath consumes, the approval workflow
+//! and the admin API.
 
+pub mod admin;
+pub mod approval;
 pub mod config;
+pub mod controller;
 pub mod dataplane;
+pub mod gateway;
 pub mod maglev;
+pub mod metrics;
+pub mod model;
+pub mod state;
 
 /// The eBPF object built by `build.rs`, embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/plink"));

@@ -1,16 +1,33 @@
 //! `plink-ctl`: the plink controller.
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use plink_ctl::{EBPF_OBJECT, config::Config, dataplane};
+use clap::{Args, Parser, Subcommand};
+use plink_ctl::{
+    admin::{self, AdminListener, Request, Response},
+    config::{Config, DEFAULT_ADMIN_SOCKET},
+    controller::{ActionOutcome, Controller, ReloadOutcome, Status},
+    dataplane,
+    gateway::{self, AllHealthy, Gateway, GatewayQueries},
+    metrics,
+    model::{EndpointModel, Model},
+};
+
+const DEFAULT_CONFIG: &str = "/etc/plink/plink.yaml";
 
 /// plink: a Private Link gateway. XDP programs do endpoint DNAT, SNAT and load
 /// balancing in the kernel; this controller loads them, fills their maps from
 /// a YAML config and runs the approval workflow.
+///
+/// The admin commands (status, endpoints, reload) talk to a running
+/// `plink-ctl run` over its Unix socket and must be run as root.
 #[derive(Parser)]
-#[command(name = "plink-ctl", version, about, long_about = None)]
+#[command(name = "plink-ctl", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,22 +35,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the config, load and attach the XDP programs to every interface
-    /// it names, and keep running until SIGINT or SIGTERM.
+    /// Validate the config, restore saved decisions, load and attach the XDP
+    /// programs to every interface it names, and serve the admin socket until
+    /// SIGINT or SIGTERM. SIGHUP reloads the config.
     Run {
         /// The YAML config file.
-        #[arg(short, long, default_value = "/etc/plink/plink.yaml")]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Validate a config file without touching the system. Errors name the
-    /// file, line and column.
+    /// Validate a config file (syntax and meaning) without touching the
+    /// system. Every error names file:line:column and how to fix it; exits
+    /// non-zero if there is any.
     Check {
-        #[arg(short, long, default_value = "/etc/plink/plink.yaml")]
+        /// The YAML config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Print the per-interface packet counters of the running dataplane.
     Stats {
-        #[arg(short, long, default_value = "/etc/plink/plink.yaml")]
+        /// The YAML config file (for `gateway.bpffs_root`).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -41,12 +62,77 @@ enum Command {
     },
     /// Detach the dataplane and remove its bpffs pins.
     Down {
-        #[arg(short, long, default_value = "/etc/plink/plink.yaml")]
+        /// The YAML config file (for `gateway.bpffs_root`).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Show the running controller: config, state file, uptime, counts of
+    /// services, backends and endpoints by connection state.
+    Status(AdminArgs),
+    /// List endpoints, or approve, reject or remove one (the approval
+    /// workflow; decisions are saved and survive restarts).
+    Endpoints {
+        #[command(subcommand)]
+        command: EndpointsCommand,
+    },
+    /// Make the running controller re-read the config file it was started
+    /// with. An invalid config is refused with its errors and the running
+    /// state is left unchanged; so is a change to a field that only takes
+    /// effect on restart (sizes, paths, interfaces).
+    Reload(AdminArgs),
+    /// List the live flows with their NAT mapping: consumer network and
+    /// client, endpoint, NAT address and port, backend, time left.
+    Conntrack(AdminArgs),
+}
+
+#[derive(Subcommand)]
+enum EndpointsCommand {
+    /// List every endpoint with its tenant, network, address, service,
+    /// connection state and the reason for it.
+    List(AdminArgs),
+    /// Approve an endpoint: it starts passing traffic. Refused if its tenant
+    /// is not in the service's visibility list, or if it was removed.
+    Approve {
+        /// The endpoint's name in the config.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Reject an endpoint: its flows are purged and it passes no traffic
+    /// until approved again. Refused if it was removed.
+    Reject {
+        /// The endpoint's name in the config.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove an endpoint: final for its identity (name, network, address,
+    /// service). To offer it again, delete it from the config, reload, and
+    /// add it back.
+    Remove {
+        /// The endpoint's name in the config.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
-fn main() -> std::process::ExitCode {
+#[derive(Args)]
+struct AdminArgs {
+    /// The admin socket of the running controller. Default: the config's
+    /// `gateway.admin_socket` (from --config, else /etc/plink/plink.yaml if it
+    /// exists), else /run/plink/plink.sock.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The config whose `gateway.admin_socket` to use when --socket is not given.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Print the response as JSON (for scripts) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -57,23 +143,23 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     match dispatch(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<()> {
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
         Command::Check { config } => {
             Config::load(&config)?;
             println!("{}: OK", config.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Stats { config, json } => stats(config, json),
+        Command::Stats { config, json } => stats(config, json).map(|()| ExitCode::SUCCESS),
         Command::Down { config } => {
             let cfg = Config::load(&config)?;
             if dataplane::remove_pins(&cfg.gateway.bpffs_root)? {
@@ -81,15 +167,229 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("nothing pinned under {}", cfg.gateway.bpffs_root.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(a) => admin_command(&a, Request::Status, |r| {
+            print_status(&decode::<Status>(r)?);
             Ok(())
+        }),
+        Command::Reload(a) => admin_command(&a, Request::Reload, |r| {
+            let out: ReloadOutcome = decode(r)?;
+            println!("reloaded {}", out.config.display());
+            if out.changes.is_empty() {
+                println!("  no changes");
+            }
+            for line in out.changes {
+                println!("  {line}");
+            }
+            Ok(())
+        }),
+        Command::Conntrack(a) => admin_command(&a, Request::Conntrack, |r| {
+            let data = r.data.context("the controller answered without data")?;
+            let flows = data["flows"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>9}",
+                "ENDPOINT",
+                "NETWORK",
+                "PROTO",
+                "CLIENT",
+                "ENDPOINT ADDR",
+                "NAT",
+                "BACKEND",
+                "EXPIRES"
+            );
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+            for f in &flows {
+                println!(
+                    "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>8}s",
+                    text(&f["endpoint"]),
+                    text(&f["network"]),
+                    text(&f["protocol"]),
+                    text(&f["client"]),
+                    text(&f["endpoint_address"]),
+                    text(&f["nat"]),
+                    text(&f["backend"]),
+                    f["expires_in_ms"].as_u64().unwrap_or(0) / 1000
+                );
+            }
+            println!("{} flows", flows.len());
+            Ok(())
+        }),
+        Command::Endpoints { command } => match command {
+            EndpointsCommand::List(a) => admin_command(&a, Request::ListEndpoints, |r| {
+                print_endpoints(&decode::<Vec<EndpointModel>>(r)?);
+                Ok(())
+            }),
+            EndpointsCommand::Approve { name, admin } => {
+                admin_command(&admin, Request::Approve { name }, print_action)
+            }
+            EndpointsCommand::Reject { name, admin } => {
+                admin_command(&admin, Request::Reject { name }, print_action)
+            }
+            EndpointsCommand::Remove { name, admin } => {
+                admin_command(&admin, Request::Remove { name }, print_action)
+            }
+        },
+    }
+}
+
+/// Where the admin socket is: --socket, else the config's, else the default.
+fn admin_socket(a: &AdminArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &a.socket {
+        return Ok(s.clone());
+    }
+    let from_config = |path: &Path| -> anyhow::Result<Option<PathBuf>> {
+        // Only this one field matters here: read it leniently so that a
+        // client still finds the daemon while the file is being edited.
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {} for gateway.admin_socket", path.display()))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("{} is not valid YAML; pass --socket", path.display()))?;
+        Ok(doc
+            .get("gateway")
+            .and_then(|g| g.get("admin_socket"))
+            .and_then(|s| s.as_str())
+            .map(PathBuf::from))
+    };
+    let configured = match &a.config {
+        Some(c) => from_config(c)?,
+        None if Path::new(DEFAULT_CONFIG).exists() => {
+            from_config(Path::new(DEFAULT_CONFIG)).ok().flatten()
+        }
+        None => None,
+    };
+    Ok(configured.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)))
+}
+
+/// Sends `req`; prints the answer with `human` (or as JSON). A refusal is
+/// printed with its reasons and gives a non-zero exit.
+fn admin_command(
+    a: &AdminArgs,
+    req: Request,
+    human: impl FnOnce(Response) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let socket = admin_socket(a)?;
+    let response = admin::request(&socket, &req)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(if response.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if !response.ok {
+        eprintln!(
+            "error: {}",
+            response
+                .error
+                .as_deref()
+                .unwrap_or("refused without a reason")
+        );
+        for d in &response.details {
+            eprintln!("  {d}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    human(response)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(r: Response) -> anyhow::Result<T> {
+    let data = r.data.context("the controller answered without data")?;
+    serde_json::from_value(data)
+        .context("the controller's answer does not match this plink-ctl's version")
+}
+
+fn print_action(r: Response) -> anyhow::Result<()> {
+    let out: ActionOutcome = decode(r)?;
+    let e = &out.endpoint;
+    if out.changed {
+        println!("{}: {} ({})", e.name, e.state, e.reason);
+    } else {
+        println!(
+            "{}: already {} ({}); nothing changed",
+            e.name, e.state, e.reason
+        );
+    }
+    Ok(())
+}
+
+fn print_endpoints(list: &[EndpointModel]) {
+    let rows: Vec<[String; 9]> = list
+        .iter()
+        .map(|e| {
+            let ports: Vec<String> = e.ports.iter().map(|p| p.port.to_string()).collect();
+            [
+                e.name.clone(),
+                e.tenant.clone(),
+                e.network.clone(),
+                e.address.to_string(),
+                e.service.clone(),
+                format!("{}/{}", e.protocol, ports.join(",")),
+                e.state.to_string(),
+                e.reason.to_string(),
+                e.id.to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME", "TENANT", "NETWORK", "ADDRESS", "SERVICE", "PORTS", "STATE", "REASON", "ID",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
         }
     }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_status(s: &Status) {
+    println!("plink-ctl {} (pid {})", s.version, s.pid);
+    println!("config:      {}", s.config.display());
+    println!(
+        "state file:  {} (generation {})",
+        s.state_file.display(),
+        s.generation
+    );
+    println!("uptime:      {}s", s.uptime_seconds);
+    println!(
+        "interfaces:  {} ({} consumer networks)",
+        s.interfaces, s.networks
+    );
+    println!("services:    {} ({} backends)", s.services, s.backends);
+    println!(
+        "endpoints:   {} approved, {} pending, {} rejected, {} removed",
+        s.endpoints_approved, s.endpoints_pending, s.endpoints_rejected, s.endpoints_removed
+    );
 }
 
 fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
-    let mut dp = dataplane::Dataplane::load(EBPF_OBJECT, &config.gateway.bpffs_root)?;
-    dp.attach_all(&config)?;
+    // The saved decisions are restored before anything touches the system:
+    // a corrupt state file stops us here.
+    let controller = Controller::with_config(&config_path, config.clone())?;
+    let gateway = Gateway::start(&config)?;
+    let gateway = Arc::new(Mutex::new(gateway));
+    {
+        let model = controller.model();
+        let mut gw = gateway::lock(&gateway);
+        gw.apply_model(&model, &AllHealthy)
+            .context("writing the config into the dataplane maps")?;
+        gw.announce();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -99,17 +399,116 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tracing::info!("plink is running; SIGINT or SIGTERM stops the controller");
+        let mut hup = signal(SignalKind::hangup())?;
+        let socket = config.gateway.admin_socket.clone();
+        let listener = AdminListener::bind(&socket)
+            .with_context(|| format!("serving the admin API on {}", socket.display()))?;
+        let controller = Arc::new(Mutex::new(controller));
+        let models = lock(&controller).subscribe();
+        lock(&controller).set_dataplane(Arc::new(GatewayQueries {
+            gateway: gateway.clone(),
+            models: models.clone(),
+        }));
+
+        // The model-change hook: every committed change (admin action,
+        // reload) publishes a new Model, which the dataplane applies as a diff.
+        let model_task = {
+            let mut models = models.clone();
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let mut applied: Arc<Model> = models.borrow_and_update().clone();
+                while models.changed().await.is_ok() {
+                    let latest = models.borrow_and_update().clone();
+                    let diff = Model::diff(&applied, &latest);
+                    tracing::info!(changes = ?diff.summary(), "model changed");
+                    let gw = gateway.clone();
+                    let model = latest.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        let mut g = gateway::lock(&gw);
+                        g.apply_model(&model, &AllHealthy)?;
+                        g.announce();
+                        anyhow::Ok(())
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok(())) => applied = latest,
+                        Ok(Err(e)) => tracing::error!("applying the new model failed: {e:#}"),
+                        Err(e) => tracing::error!("applying the new model panicked: {e}"),
+                    }
+                }
+            })
+        };
+
+        // Conntrack GC on the datapath's clock, once a second.
+        let gc_task = {
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let gw = gateway.clone();
+                    let r = tokio::task::spawn_blocking(move || gateway::lock(&gw).gc()).await;
+                    if let Ok(Err(e)) = r {
+                        tracing::warn!("conntrack GC: {e:#}");
+                    }
+                }
+            })
+        };
+
+        let metrics_listener = metrics::bind(config.gateway.metrics).await?;
+        let metrics_task = {
+            let gateway = gateway.clone();
+            let models = models.clone();
+            let snapshot: metrics::SnapshotFn = Arc::new(move || {
+                let model = models.borrow().clone();
+                match gateway::lock(&gateway).snapshot(&model) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("reading counters for /metrics: {e:#}");
+                        metrics::Snapshot::default()
+                    }
+                }
+            });
+            tokio::spawn(metrics::serve(metrics_listener, snapshot))
+        };
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(admin::serve(listener, controller.clone(), async {
+            let _ = stopped.await;
+        }));
+        tracing::info!(socket = %socket.display(), "plink is running; SIGHUP reloads, SIGINT or SIGTERM stops the controller");
         // Readiness marker on stdout for supervisors and tests.
         println!("ready");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+                _ = hup.recv() => {
+                    let c = controller.clone();
+                    let result = tokio::task::spawn_blocking(move || lock(&c).reload()).await;
+                    match result {
+                        Ok(Ok(out)) => tracing::info!(changes = ?out.changes, "SIGHUP: config reloaded"),
+                        Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, running state unchanged:\n{e}"),
+                        Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+                    }
+                }
+            }
         }
+        let _ = stop.send(());
+        let _ = server.await;
+        model_task.abort();
+        gc_task.abort();
+        metrics_task.abort();
         anyhow::Ok(())
     })?;
-    drop(dp);
+    drop(gateway);
     Ok(())
+}
+
+fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
+    // Changes replace the state whole (Controller::commit), so a poisoned
+    // lock still guards a coherent state.
+    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn stats(config_path: PathBuf, json: bool) -> anyhow::Result<()> {

@@ -23,7 +23,7 @@ mod provider;
 mod rewrite;
 mod stats;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 /// Consumer-facing interfaces.
 #[xdp]
@@ -37,6 +37,14 @@ pub fn plink_consumer(ctx: XdpContext) -> u32 {
 pub fn plink_provider(ctx: XdpContext) -> u32 {
     let ifindex = count_interface(&ctx);
     provider::handle(&ctx, ifindex)
+}
+
+/// Passes every frame. Attached to the far end of a veth pair, it turns on
+/// NAPI there, without which frames that XDP redirects or transmits into the
+/// pair are dropped (test topologies use it; see the README).
+#[xdp]
+pub fn plink_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// Counts the frame against its ingress interface; returns the ifindex.

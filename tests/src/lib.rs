@@ -9,4 +9,5 @@ pub mod gateway;
 pub mod golden;
 pub mod netns;
 pub mod packet;
+pub mod privatelink;
 pub mod servers;

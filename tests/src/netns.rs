@@ -202,6 +202,8 @@ pub struct Topology {
     children: Vec<(String, Child)>,
     bpffs_root: PathBuf,
     scratch: PathBuf,
+    /// Pass programs keeping NAPI on at veth far ends (detached on drop).
+    napi: Vec<aya::Ebpf>,
 }
 
 impl Topology {
@@ -216,7 +218,37 @@ impl Topology {
             children: Vec::new(),
             bpffs_root,
             scratch,
+            napi: Vec::new(),
         })
+    }
+
+    /// Attaches plink's pass-everything XDP program (native mode) to `ifname`
+    /// in `host`: frames that the gateway redirects or transmits into this
+    /// veth pair are delivered only when this end runs NAPI (SPEC §7).
+    pub fn enable_napi(&mut self, host: &Host, ifname: &str) -> anyhow::Result<()> {
+        let ifindex = host.ifindex(ifname)?;
+        let ebpf = host.run_in(move || -> anyhow::Result<aya::Ebpf> {
+            let mut loader = aya::EbpfLoader::new();
+            // Only the pass program is used: keep the object's big maps tiny.
+            for map in [
+                plink_common::map_names::CT_FWD,
+                plink_common::map_names::CT_REV,
+                plink_common::map_names::NAT_PORTS,
+                plink_common::map_names::LB_TABLE,
+            ] {
+                loader.map_max_entries(map, 1);
+            }
+            let mut ebpf = loader.load(plink_ctl::EBPF_OBJECT)?;
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut(plink_common::prog_names::PASS)
+                .ok_or_else(|| anyhow!("no pass program in the object"))?
+                .try_into()?;
+            prog.load()?;
+            prog.attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)?;
+            Ok(ebpf)
+        })??;
+        self.napi.push(ebpf);
+        Ok(())
     }
 
     /// A scratch directory for config files, sockets and state (removed on drop).
@@ -291,6 +323,7 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        self.napi.clear();
         for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();

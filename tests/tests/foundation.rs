@@ -146,9 +146,9 @@ fn golden_packet_harness_runs_a_frame_with_ingress_ifindex() {
 
 /// consumer — gateway — provider, with `plink-ctl run` on the gateway: the
 /// per-interface IPv4 counter equals exactly what was sent.
+/// consumer — gateway — provider, with `plink-ctl run` on the gateway and one
+/// UDP endpoint: the per-interface IPv4 counter equals exactly what was sent.
 #[test]
-#[ignore = "kernel-routed consumer traffic is dropped by the datapath now (forwarding contract); \
-            rewire through an endpoint once `run` applies a DataplaneSpec"]
 fn end_to_end_counts_every_udp_packet_through_the_gateway() {
     netns::require_root_and_tools();
     let mut topo = Topology::new().unwrap();
@@ -160,53 +160,51 @@ fn end_to_end_counts_every_udp_packet_through_the_gateway() {
     client
         .ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"])
         .unwrap();
-    client
-        .ip(&["route", "add", "default", "via", "192.0.2.254"])
-        .unwrap();
-    gw.ip(&["addr", "add", "192.0.2.254/24", "dev", "c1"])
-        .unwrap();
     gw.ip(&["addr", "add", "198.51.100.254/24", "dev", "p0"])
         .unwrap();
-    gw.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    gw.sysctl("net.ipv4.conf.all.forwarding", "1").unwrap();
+    gw.sysctl("net.ipv4.conf.c1.forwarding", "0").unwrap();
     server
         .ip(&["addr", "add", "198.51.100.10/24", "dev", "eth0"])
         .unwrap();
-    server
-        .ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.254"])
-        .unwrap();
-
-    // Static neighbours: no ARP exchange may queue or drop the first datagrams.
-    let mac = |host: &netns::Host, ifname: &str| {
-        let m = host.mac(ifname).unwrap();
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    let (gw_c1, gw_p0, sv_eth0) = (mac(&gw, "c1"), mac(&gw, "p0"), mac(&server, "eth0"));
-    let neigh = |host: &netns::Host, addr: &str, lladdr: &str, dev: &str| {
-        host.ip(&[
-            "neigh",
-            "replace",
-            addr,
-            "lladdr",
-            lladdr,
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-    };
-    neigh(&client, "192.0.2.254", &gw_c1, "eth0");
-    neigh(&gw, "198.51.100.10", &sv_eth0, "p0");
-    neigh(&server, "198.51.100.254", &gw_p0, "eth0");
+    topo.enable_napi(&client, "eth0").unwrap();
+    topo.enable_napi(&server, "eth0").unwrap();
 
     let config = format!(
-        "{}interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\n",
+        "{}interfaces:
+  - {{name: c1, role: consumer, network: vnet-a}}
+  - {{name: p0, role: provider}}
+services:
+  - name: sink
+    protocol: udp
+    ports: [{{port: 9999}}]
+    backends: [{{address: 198.51.100.10}}]
+    nat: {{addresses: [198.51.100.200]}}
+    visibility: ['*']
+    auto_approve: ['*']
+endpoints:
+  - {{name: sink-a, tenant: t, network: vnet-a, address: 192.0.2.50, service: sink}}
+",
         gateway::gateway_section(&topo).unwrap()
     );
     let gwp = gateway::start(&mut topo, &gw, &config).unwrap();
+    // The endpoint answers ARP from XDP: resolve it before counting.
+    client
+        .exec("ping", &["-c", "1", "-W", "2", "192.0.2.50"])
+        .ok();
+    client
+        .ip(&["neigh", "show", "192.0.2.50"])
+        .map(|n| assert!(n.contains("lladdr"), "endpoint ARP unanswered: {n}"))
+        .unwrap();
+    let before = wait_for("counters", Duration::from_secs(5), || {
+        let out = gwp.ctl(&gw, &["stats", "--json"])?;
+        let json: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(json["interfaces"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == "c1"))
+            .and_then(|i| i["ipv4_packets"].as_u64()))
+    })
+    .unwrap();
 
     // Receiver in the provider namespace counts what arrives.
     const COUNT: usize = 200;
@@ -236,7 +234,7 @@ fn end_to_end_counts_every_udp_packet_through_the_gateway() {
             for i in 0..COUNT {
                 let mut payload = [0u8; PAYLOAD];
                 payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                sock.send_to(&payload, "198.51.100.10:9999")?;
+                sock.send_to(&payload, "192.0.2.50:9999")?;
             }
             Ok(())
         })
@@ -266,13 +264,14 @@ fn end_to_end_counts_every_udp_packet_through_the_gateway() {
             let (Some(c1s), Some(p0s)) = (find(c1), find(p0)) else {
                 return Ok(None);
             };
-            Ok((c1s["ipv4_packets"] == COUNT as u64).then_some((c1s, p0s)))
+            Ok((c1s["ipv4_packets"] == before + COUNT as u64).then_some((c1s, p0s)))
         },
     )
     .unwrap();
     let (c1s, p0s) = stats;
     assert_eq!(
-        c1s["ipv4_packets"], COUNT as u64,
+        c1s["ipv4_packets"],
+        before + COUNT as u64,
         "consumer interface IPv4 count"
     );
     assert_eq!(c1s["name"], "c1");

@@ -141,7 +141,8 @@ pub fn run() -> anyhow::Result<()> {
         installed_something = true;
     }
 
-    if output("bpf-linker", &["--version"]).is_none() {
+    // bpf-linker loads rustc's libLLVM, which `rustup run` puts on the library path.
+    if output("rustup", &["run", "nightly", "bpf-linker", "--version"]).is_none() {
         install_bpf_linker()?;
         installed_something = true;
     }

@@ -1,34 +1,84 @@
 //! The YAML configuration: schema, parsing and validation.
 //!
-//! The schema mirrors SPEC §4. Every struct denies unknown fields so that a
-//! misspelt key is an error, never silently ignored.
+//! The schema mirrors SPEC §4 and is documented field by field in
+//! `docs/CONFIG.md`. Every struct denies unknown fields so that a misspelt
+//! key is an error, never silently ignored. Loading is two passes: serde
+//! checks syntax and types (and gives a position), then [`validate`] checks
+//! meaning (cross references, duplicates, limits) and reports every problem
+//! it finds, each mapped back to a line and column through [`positions`].
 
+mod positions;
 mod units;
+mod validate;
 
-use std::{net::Ipv4Addr, net::SocketAddr, path::Path, path::PathBuf};
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
 pub use units::{HumanDuration, PortRange};
+pub use validate::MAX_NAT_ADDRESSES;
+
+/// One problem in a config file, with the position it refers to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Where in the document, e.g. `services[1].nat.addresses[0]`; empty for
+    /// syntax errors.
+    pub yaml_path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}:{line}:{column}: {message}")]
+    #[error("{}", render_diagnostics(path, diagnostics))]
     Invalid {
         path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
+        diagnostics: Vec<Diagnostic>,
     },
-    #[error("{path}: {message}")]
-    InvalidNoLocation { path: PathBuf, message: String },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+impl ConfigError {
+    /// The problems found, empty for a read error.
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { diagnostics, .. } => diagnostics,
+        }
+    }
+}
+
+fn render_diagnostics(path: &Path, diagnostics: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for d in diagnostics {
+        out.push_str(&format!("{}:{}:{}: ", path.display(), d.line, d.column));
+        if !d.yaml_path.is_empty() {
+            out.push_str(&format!("{}: ", d.yaml_path));
+        }
+        out.push_str(&d.message);
+        out.push('\n');
+    }
+    let n = diagnostics.len();
+    out.push_str(&format!(
+        "{}: {n} error{} found",
+        path.display(),
+        if n == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -40,7 +90,7 @@ pub struct Config {
     pub endpoints: Vec<Endpoint>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// Driver mode: the fast path. The default.
@@ -50,7 +100,7 @@ pub enum XdpMode {
     Generic,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gateway {
     pub xdp_mode: XdpMode,
@@ -58,12 +108,14 @@ pub struct Gateway {
     pub metrics: SocketAddr,
     /// The admin API's Unix socket (mode 0600).
     pub admin_socket: PathBuf,
-    /// Where approval decisions persist.
+    /// Where approval decisions and id assignments persist.
     pub state_dir: PathBuf,
     /// Root of the bpffs pins; the layout version is appended.
     pub bpffs_root: PathBuf,
     pub conntrack: ConntrackConfig,
     pub timeouts: Timeouts,
+    /// Per-endpoint caps applied where an endpoint sets none.
+    pub endpoint_defaults: EndpointLimits,
 }
 
 impl Default for Gateway {
@@ -71,16 +123,20 @@ impl Default for Gateway {
         Self {
             xdp_mode: XdpMode::Native,
             metrics: SocketAddr::from(([127, 0, 0, 1], 9430)),
-            admin_socket: PathBuf::from("/run/plink/plink.sock"),
+            admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             state_dir: PathBuf::from("/var/lib/plink"),
             bpffs_root: PathBuf::from("/sys/fs/bpf/plink"),
             conntrack: ConntrackConfig::default(),
             timeouts: Timeouts::default(),
+            endpoint_defaults: EndpointLimits::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Where the admin socket is when no config says otherwise.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/plink/plink.sock";
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConntrackConfig {
     /// Maximum number of flows (each flow takes a forward and a reverse entry).
@@ -93,8 +149,28 @@ impl Default for ConntrackConfig {
     }
 }
 
+/// Per-endpoint caps, so that one consumer cannot exhaust a service's NAT
+/// pool or the conntrack table.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointLimits {
+    /// Live flows through one endpoint.
+    pub max_flows: u32,
+    /// New flows per second through one endpoint.
+    pub new_flows_per_second: u32,
+}
+
+impl Default for EndpointLimits {
+    fn default() -> Self {
+        Self {
+            max_flows: 65_536,
+            new_flows_per_second: 10_000,
+        }
+    }
+}
+
 /// Flow timeouts; defaults per RFC 5382 (TCP), 4787 (UDP) and 5508 (ICMP).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     pub tcp_established: HumanDuration,
@@ -114,31 +190,50 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Consumer,
     Provider,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Consumer => "consumer",
+            Role::Provider => "provider",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Interface {
     pub name: String,
     pub role: Role,
-    /// Consumer network id; required for consumer interfaces.
+    /// Consumer network name; required for consumer interfaces, refused on
+    /// the provider interface.
     #[serde(default)]
     pub network: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
@@ -147,18 +242,32 @@ pub struct ServicePort {
     pub target_port: Option<u16>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
+    /// Takes new flows.
     #[default]
     Active,
+    /// Keeps its flows, takes no new ones.
     Draining,
+    /// Takes nothing; its flows are reset.
     Down,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+            BackendState::Down => "down",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
+    #[serde(deserialize_with = "ipv4")]
     pub address: Ipv4Addr,
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -170,9 +279,10 @@ fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NatPool {
+    #[serde(deserialize_with = "ipv4_list")]
     pub addresses: Vec<Ipv4Addr>,
     #[serde(default = "default_nat_ports")]
     pub ports: PortRange,
@@ -185,29 +295,47 @@ fn default_nat_ports() -> PortRange {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthCheckKind {
+    /// A TCP connect to the backend.
     Tcp,
+    /// An HTTP GET that must answer 2xx or 3xx.
     Http,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     #[serde(rename = "type")]
     pub kind: HealthCheckKind,
+    /// HTTP path; only for `type: http`, defaults to `/`.
     #[serde(default)]
     pub path: Option<String>,
+    /// Port to probe; defaults to the service's first target port.
     #[serde(default)]
     pub port: Option<u16>,
+    #[serde(default = "default_hc_interval")]
     pub interval: HumanDuration,
+    #[serde(default = "default_hc_timeout")]
     pub timeout: HumanDuration,
+    #[serde(default = "default_hc_threshold")]
     pub rise: u32,
+    #[serde(default = "default_hc_threshold")]
     pub fall: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+fn default_hc_interval() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_hc_timeout() -> HumanDuration {
+    HumanDuration::from_secs(2)
+}
+fn default_hc_threshold() -> u32 {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: String,
@@ -215,8 +343,10 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     pub backends: Vec<Backend>,
     pub nat: NatPool,
+    /// Tenants that may have endpoints to this service; `*` for all.
     #[serde(default)]
     pub visibility: Vec<String>,
+    /// Visible tenants whose endpoints are approved without an admin; `*` for all.
     #[serde(default)]
     pub auto_approve: Vec<String>,
     #[serde(default)]
@@ -230,44 +360,187 @@ fn default_maglev_size() -> u32 {
     65_537
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     pub name: String,
     pub tenant: String,
     pub network: String,
+    #[serde(deserialize_with = "ipv4")]
     pub address: Ipv4Addr,
     pub service: String,
-    /// Cap on live flows through this endpoint.
+    /// Cap on live flows through this endpoint; default `gateway.endpoint_defaults`.
     #[serde(default)]
     pub max_flows: Option<u32>,
-    /// Cap on new flows per second through this endpoint.
+    /// Cap on new flows per second; default `gateway.endpoint_defaults`.
     #[serde(default)]
     pub new_flows_per_second: Option<u32>,
 }
 
+impl Endpoint {
+    /// The caps in force for this endpoint.
+    pub fn limits(&self, defaults: &EndpointLimits) -> EndpointLimits {
+        EndpointLimits {
+            max_flows: self.max_flows.unwrap_or(defaults.max_flows),
+            new_flows_per_second: self
+                .new_flows_per_second
+                .unwrap_or(defaults.new_flows_per_second),
+        }
+    }
+}
+
+/// Parses an IPv4 address with a message that says how to write one.
+fn parse_ipv4<E: serde::de::Error>(s: &str) -> Result<Ipv4Addr, E> {
+    s.trim().parse().map_err(|_| {
+        E::custom(format!(
+            "invalid IPv4 address {s:?}: write four decimal numbers 0-255 separated by dots, e.g. 198.51.100.10 (IPv6 is not supported yet)"
+        ))
+    })
+}
+
+fn ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_ipv4(&s)
+}
+
+fn ipv4_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error> {
+    // Each element goes through `parse_ipv4` for the helpful message; serde
+    // then reports the sequence's position, the validator cannot help here.
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            parse_ipv4::<D::Error>(s).map_err(|e| D::Error::custom(format!("[{i}]: {e}")))
+        })
+        .collect()
+}
+
 impl Config {
-    /// Reads and parses a config file. Semantic validation is in `validate`.
+    /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Self::parse(path, &text)
     }
 
+    /// Parses and validates config text; `path` only names it in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        serde_yaml::from_str(text).map_err(|e| match e.location() {
-            Some(loc) => ConfigError::Invalid {
-                path: path.to_owned(),
-                line: loc.line(),
-                column: loc.column(),
-                message: e.to_string(),
-            },
-            None => ConfigError::InvalidNoLocation {
-                path: path.to_owned(),
-                message: e.to_string(),
-            },
-        })
+        let invalid = |diagnostics| ConfigError::Invalid {
+            path: path.to_owned(),
+            diagnostics,
+        };
+        // The marked parser runs first: it locates syntax errors precisely
+        // (serde_yaml may report a type error found before a later syntax
+        // error), and its index locates everything else.
+        let index = positions::PositionIndex::build(text).map_err(|e| {
+            invalid(vec![Diagnostic {
+                line: e.line,
+                column: e.column,
+                yaml_path: String::new(),
+                message: format!(
+                    "YAML syntax error: {}; check the indentation, the colons after keys and that every [ and {{ is closed",
+                    e.message
+                ),
+            }])
+        })?;
+        let config: Config =
+            serde_yaml::from_str(text).map_err(|e| invalid(vec![serde_diagnostic(&e, &index)]))?;
+        let problems = validate::validate(&config);
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        let mut diagnostics: Vec<Diagnostic> = problems
+            .into_iter()
+            .map(|p| {
+                let (line, column) = index.locate(&p.path);
+                Diagnostic {
+                    line,
+                    column,
+                    yaml_path: p.path,
+                    message: p.message,
+                }
+            })
+            .collect();
+        // In document order, as an editor would walk them.
+        diagnostics.sort_by_key(|d| (d.line, d.column));
+        Err(invalid(diagnostics))
     }
 }
+
+/// Turns a serde_yaml error into a diagnostic: its message without the
+/// trailing position, which the diagnostic carries instead.
+fn serde_diagnostic(e: &serde_yaml::Error, index: &positions::PositionIndex) -> Diagnostic {
+    let full = e.to_string();
+    let message = match full.find(" at line ") {
+        Some(at) => {
+            // Keep what follows the position (libyaml adds context like
+            // ", while parsing a block mapping ...").
+            let rest = &full[at + 1..];
+            let tail = rest.find(", ").map(|i| &rest[i..]).unwrap_or("");
+            format!("{}{}", &full[..at], tail)
+        }
+        None => full,
+    };
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((1, 1));
+    // serde_yaml prefixes the document path as "a.b[0].c: "; split it off so
+    // the diagnostic renders the same way as the validator's.
+    let (yaml_path, message) = match message.split_once(": ") {
+        Some((p, m)) if looks_like_yaml_path(p) => (p.to_owned(), m.to_owned()),
+        _ => (String::new(), message),
+    };
+    // For a value our parsers refused (`invalid IPv4 address "x"`), serde
+    // points at the enclosing mapping; the index finds the value itself.
+    if let Some(bad) = quoted_value(&message)
+        && let Some((path, (line, column))) = index.find_scalar(&yaml_path, bad)
+    {
+        return Diagnostic {
+            line,
+            column,
+            yaml_path: path.to_owned(),
+            message: hint_for_serde(message),
+        };
+    }
+    Diagnostic {
+        line,
+        column,
+        yaml_path,
+        message: hint_for_serde(message),
+    }
+}
+
+/// The first double-quoted string in a message, as our parse errors write
+/// the offending value.
+fn quoted_value(message: &str) -> Option<&str> {
+    let start = message.find('"')? + 1;
+    let len = message[start..].find('"')?;
+    Some(&message[start..start + len])
+}
+
+fn looks_like_yaml_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']' | '-'))
+}
+
+/// Adds a fix to serde's terse messages where it has none.
+fn hint_for_serde(message: String) -> String {
+    if message.starts_with("unknown field") {
+        format!(
+            "{message}; fix the spelling or remove the field (docs/CONFIG.md lists every field)"
+        )
+    } else if message.starts_with("missing field") {
+        format!("{message}; add it (docs/CONFIG.md lists every field)")
+    } else if message.starts_with("unknown variant") {
+        format!("{message}; use one of the listed values")
+    } else {
+        message
+    }
+}
+
+#[cfg(test)]
+mod tests;

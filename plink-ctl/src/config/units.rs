@@ -2,7 +2,7 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use serde::{Deserialize, Deserializer, de::Error as _};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
 /// A duration written as a sequence of `<number><unit>` with units `ms`, `s`, `m`, `h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -55,12 +55,32 @@ impl FromStr for HumanDuration {
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Written back the way people write it: 2h4m, 90s -> 1m30s, 500ms.
         let ms = self.0.as_millis();
         if !ms.is_multiple_of(1000) {
-            write!(f, "{ms}ms")
-        } else {
-            write!(f, "{}s", ms / 1000)
+            return write!(f, "{ms}ms");
         }
+        let secs = ms / 1000;
+        if secs == 0 {
+            return f.write_str("0s");
+        }
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        if h > 0 {
+            write!(f, "{h}h")?;
+        }
+        if m > 0 {
+            write!(f, "{m}m")?;
+        }
+        if s > 0 {
+            write!(f, "{s}s")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -118,6 +138,12 @@ impl fmt::Display for PortRange {
     }
 }
 
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // Accept `8080` as well as `"1024-65535"`.
@@ -152,6 +178,16 @@ mod tests {
             "500ms".parse::<HumanDuration>().unwrap().0,
             Duration::from_millis(500)
         );
+        for text in ["2h4m", "1m30s", "500ms", "60s", "4m"] {
+            let d: HumanDuration = text.parse().unwrap();
+            let shown = d.to_string();
+            assert_eq!(
+                shown.parse::<HumanDuration>().unwrap(),
+                d,
+                "{text} -> {shown}"
+            );
+        }
+        assert_eq!(HumanDuration::from_secs(7440).to_string(), "2h4m");
         for bad in ["", "s", "10", "10x", "1.5s", "-1s"] {
             assert!(
                 bad.parse::<HumanDuration>().is_err(),

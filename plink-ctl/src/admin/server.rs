@@ -1,0 +1,251 @@
+//! The admin socket's server side.
+
+use std::{
+    io,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use super::{MAX_LINE, Request, Response};
+use crate::{approval::Action, controller::Controller};
+
+/// A bound admin socket. Removes its socket file when dropped (if the file
+/// is still the one it created).
+pub struct AdminListener {
+    listener: UnixListener,
+    path: PathBuf,
+    inode: u64,
+}
+
+impl AdminListener {
+    /// Binds `path` with mode 0600. The socket is created under a temporary
+    /// name, chmod-ed, then renamed into place, so it is never reachable
+    /// with a wider mode. A stale socket left by a dead controller is
+    /// replaced; a live one (something answers) is an error.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)?;
+        if path.exists() {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "{} is in use: another plink-ctl is serving it",
+                            path.display()
+                        ),
+                    ));
+                }
+                Err(_) => std::fs::remove_file(path)?,
+            }
+        }
+        let file_name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "socket path has no file name")
+        })?;
+        let tmp = parent.join(format!(
+            ".{}.{}.tmp",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        let setup = (|| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::metadata(path).map(|m| m.ino())
+        })();
+        match setup {
+            Ok(inode) => Ok(Self {
+                listener,
+                path: path.to_owned(),
+                inode,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for AdminListener {
+    fn drop(&mut self) {
+        if std::fs::metadata(&self.path).map(|m| m.ino()).ok() == Some(self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves admin requests until `shutdown` completes.
+pub async fn serve(
+    listener: AdminListener,
+    controller: Arc<Mutex<Controller>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let controller = controller.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(stream, controller).await {
+                            tracing::debug!("admin connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("admin socket accept: {e}");
+                    // Do not spin if the error persists (e.g. EMFILE).
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+}
+
+async fn connection(stream: UnixStream, controller: Arc<Mutex<Controller>>) -> io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let (mut read, mut write) = stream.into_split();
+    if uid != 0 {
+        // The socket's mode already keeps others out; this holds even if
+        // someone loosened it.
+        let r = Response::error(
+            format!(
+                "permission denied: the plink admin API serves root only, and you are uid {uid}; run the command as root"
+            ),
+            Vec::new(),
+        );
+        send(&mut write, &r).await?;
+        write.shutdown().await?;
+        // Closing with the request unread would make the client's read fail
+        // with ECONNRESET before it sees the refusal: drain it (bounded)
+        // until the client hangs up.
+        let drain = async {
+            let mut sink = [0u8; 4096];
+            let mut total = 0;
+            while total <= MAX_LINE {
+                match read.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+        return Ok(());
+    }
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut lines)
+            .take(MAX_LINE as u64 + 1)
+            .read_line(&mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_LINE {
+            let r = Response::error(format!("request longer than {MAX_LINE} bytes"), Vec::new());
+            return send(&mut write, &r).await;
+        }
+        let response = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(request) => {
+                let controller = controller.clone();
+                // Requests write the state file (fsync): keep them off the
+                // async workers.
+                tokio::task::spawn_blocking(move || handle(&controller, request))
+                    .await
+                    .unwrap_or_else(|e| Response::error(format!("internal error: {e}"), Vec::new()))
+            }
+            Err(e) => Response::error(format!("bad request: {e}"), Vec::new()),
+        };
+        send(&mut write, &response).await?;
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(r).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    write.write_all(&bytes).await?;
+    write.flush().await
+}
+
+/// Runs one request against the controller.
+pub fn handle(controller: &Mutex<Controller>, request: Request) -> Response {
+    let mut c = match controller.lock() {
+        Ok(c) => c,
+        // A panic elsewhere poisoned the lock; the state itself is only
+        // replaced whole (see Controller::commit), so it is still coherent.
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let act = |c: &mut Controller, name: &str, action| match c.act(name, action) {
+        Ok(outcome) => Response::ok(outcome),
+        Err(e) => Response::error(e.to_string(), Vec::new()),
+    };
+    match request {
+        Request::Status => Response::ok(c.status()),
+        Request::ListEndpoints => Response::ok(c.endpoints()),
+        Request::Approve { name } => act(&mut c, &name, Action::Approve),
+        Request::Reject { name } => act(&mut c, &name, Action::Reject),
+        Request::Remove { name } => act(&mut c, &name, Action::Remove),
+        Request::Conntrack => match c.dataplane() {
+            Some(dp) => {
+                // Release the controller while the dataplane is read.
+                drop(c);
+                match dp.conntrack() {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::error(format!("reading conntrack: {e:#}"), Vec::new()),
+                }
+            }
+            None => Response::error("this controller runs no dataplane", Vec::new()),
+        },
+        Request::Reload => match c.reload() {
+            Ok(outcome) => Response::ok(outcome),
+            Err(e) => {
+                let details = e
+                    .diagnostics()
+                    .iter()
+                    .map(|d| {
+                        let at = if d.yaml_path.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{}: ", d.yaml_path)
+                        };
+                        format!(
+                            "{}:{}:{}: {at}{}",
+                            c.config_path().display(),
+                            d.line,
+                            d.column,
+                            d.message
+                        )
+                    })
+                    .collect();
+                let headline = if e.diagnostics().is_empty() {
+                    e.to_string()
+                } else {
+                    format!(
+                        "reload refused: {} is invalid; the running configuration is unchanged",
+                        c.config_path().display()
+                    )
+                };
+                Response::error(headline, details)
+            }
+        },
+    }
+}

@@ -1,0 +1,526 @@
+//! The admin API end to end, in-process: a real Unix socket in a temp dir,
+//! the real controller and state file, no XDP.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use super::*;
+use crate::{
+    approval::{ConnectionState, Reason},
+    controller::{ActionOutcome, Controller, ControllerError, ReloadOutcome, Status},
+    model::EndpointModel,
+    state::StateError,
+};
+
+const CONFIG: &str = "\
+gateway:
+  admin_socket: DIR/plink.sock
+  state_dir: DIR/state
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a}
+  - {name: c2, role: consumer, network: vnet-b}
+  - {name: p0, role: provider}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.10}, {address: 198.51.100.11}]
+    nat: {addresses: [198.51.100.200]}
+    visibility: [tenant-a, tenant-b]
+    auto_approve: [tenant-a]
+endpoints:
+  - {name: orders-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.50, service: orders}
+  - {name: orders-b, tenant: tenant-b, network: vnet-b, address: 192.0.2.50, service: orders}
+  - {name: orders-c, tenant: tenant-c, network: vnet-b, address: 192.0.2.51, service: orders}
+";
+
+/// A temp dir with a config file in it.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Self { dir };
+        s.write_config(CONFIG);
+        s
+    }
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("plink.yaml")
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("plink.sock")
+    }
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state/state.json")
+    }
+    fn write_config(&self, text: &str) {
+        let text = text.replace("DIR", &self.dir.path().display().to_string());
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+    fn start(&self) -> Daemon {
+        Daemon::start(&self.config_path()).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// An admin server on its own thread and runtime; stopped when dropped.
+struct Daemon {
+    controller: Arc<Mutex<Controller>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Result<Self, ControllerError> {
+        let controller = Controller::open(config)?;
+        let socket = controller.config().gateway.admin_socket.clone();
+        let controller = Arc::new(Mutex::new(controller));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // Bound before the thread starts: once `start` returns, clients connect.
+        let listener = rt
+            .block_on(async { AdminListener::bind(&socket) })
+            .expect("bind");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let c = controller.clone();
+        let thread = std::thread::spawn(move || {
+            rt.block_on(serve(listener, c, async {
+                let _ = stopped.await;
+            }))
+        });
+        Ok(Self {
+            controller,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn call(socket: &Path, req: Request) -> Response {
+    request(socket, &req).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn data<T: serde::de::DeserializeOwned>(r: Response) -> T {
+    assert!(r.ok, "refused: {r:?}");
+    serde_json::from_value(r.data.expect("data")).expect("decode")
+}
+
+fn endpoint(socket: &Path, name: &str) -> EndpointModel {
+    let list: Vec<EndpointModel> = data(call(socket, Request::ListEndpoints));
+    list.into_iter().find(|e| e.name == name).expect("listed")
+}
+
+fn refused(r: Response, words: &str) {
+    assert!(!r.ok, "accepted: {r:?}");
+    let all = format!(
+        "{} {}",
+        r.error.clone().unwrap_or_default(),
+        r.details.join("\n")
+    );
+    assert!(all.contains(words), "{words:?} not in {all}");
+}
+
+#[test]
+fn approval_workflow_over_the_socket() {
+    let s = Setup::new();
+    let _d = s.start();
+    let sock = s.socket();
+    let list: Vec<EndpointModel> = data(call(&sock, Request::ListEndpoints));
+    let states: Vec<_> = list
+        .iter()
+        .map(|e| (e.name.as_str(), e.state, e.reason))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("orders-a", ConnectionState::Approved, Reason::AutoApproved),
+            (
+                "orders-b",
+                ConnectionState::Pending,
+                Reason::AwaitingApproval
+            ),
+            ("orders-c", ConnectionState::Rejected, Reason::NotVisible),
+        ]
+    );
+
+    let out: ActionOutcome = data(call(
+        &sock,
+        Request::Approve {
+            name: "orders-b".into(),
+        },
+    ));
+    assert!(out.changed);
+    assert_eq!(out.endpoint.state, ConnectionState::Approved);
+    let again: ActionOutcome = data(call(
+        &sock,
+        Request::Approve {
+            name: "orders-b".into(),
+        },
+    ));
+    assert!(!again.changed);
+
+    // Approving an endpoint whose tenant is not visible is refused, with why.
+    refused(
+        call(
+            &sock,
+            Request::Approve {
+                name: "orders-c".into(),
+            },
+        ),
+        "tenant \"tenant-c\" is not in the visibility list of service \"orders\"",
+    );
+    assert_eq!(endpoint(&sock, "orders-c").state, ConnectionState::Rejected);
+
+    let out: ActionOutcome = data(call(
+        &sock,
+        Request::Reject {
+            name: "orders-a".into(),
+        },
+    ));
+    assert_eq!(out.endpoint.state, ConnectionState::Rejected);
+    let out: ActionOutcome = data(call(
+        &sock,
+        Request::Approve {
+            name: "orders-a".into(),
+        },
+    ));
+    assert_eq!(out.endpoint.state, ConnectionState::Approved);
+
+    let out: ActionOutcome = data(call(
+        &sock,
+        Request::Remove {
+            name: "orders-b".into(),
+        },
+    ));
+    assert_eq!(out.endpoint.state, ConnectionState::Removed);
+    refused(
+        call(
+            &sock,
+            Request::Approve {
+                name: "orders-b".into(),
+            },
+        ),
+        "removed, which is final",
+    );
+    refused(
+        call(
+            &sock,
+            Request::Reject {
+                name: "orders-b".into(),
+            },
+        ),
+        "removed, which is final",
+    );
+
+    refused(
+        call(
+            &sock,
+            Request::Approve {
+                name: "nope".into(),
+            },
+        ),
+        "no endpoint named \"nope\"",
+    );
+
+    let st: Status = data(call(&sock, Request::Status));
+    assert_eq!(
+        (
+            st.endpoints_approved,
+            st.endpoints_rejected,
+            st.endpoints_removed,
+            st.endpoints_pending
+        ),
+        (1, 1, 1, 0)
+    );
+    assert_eq!(st.state_file, s.state_file());
+}
+
+#[test]
+fn bad_requests_are_answered_not_dropped() {
+    use std::io::{BufRead as _, Write as _};
+    let s = Setup::new();
+    let _d = s.start();
+    let mut stream = std::os::unix::net::UnixStream::connect(s.socket()).expect("connect");
+    stream
+        .write_all(b"{\"command\":\"fly\"}\n{\"command\":\"status\"}\n")
+        .expect("write");
+    let mut lines = std::io::BufReader::new(stream).lines();
+    let first: Response =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("json");
+    refused(first, "bad request");
+    let second: Response =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("json");
+    assert!(second.ok, "the connection stays usable: {second:?}");
+}
+
+#[test]
+fn decisions_persist_across_a_restart() {
+    let s = Setup::new();
+    {
+        let _d = s.start();
+        data::<ActionOutcome>(call(
+            &s.socket(),
+            Request::Approve {
+                name: "orders-b".into(),
+            },
+        ));
+        data::<ActionOutcome>(call(
+            &s.socket(),
+            Request::Remove {
+                name: "orders-a".into(),
+            },
+        ));
+    }
+    assert!(!s.socket().exists(), "a stopped server removes its socket");
+    let saved = std::fs::read_to_string(s.state_file()).expect("state file");
+    assert!(saved.contains("\"approved\""), "{saved}");
+
+    let _d = s.start();
+    assert_eq!(
+        endpoint(&s.socket(), "orders-b").state,
+        ConnectionState::Approved
+    );
+    assert_eq!(
+        endpoint(&s.socket(), "orders-a").state,
+        ConnectionState::Removed
+    );
+    let ids_before = endpoint(&s.socket(), "orders-b").id;
+    drop(_d);
+    let _d = s.start();
+    assert_eq!(
+        endpoint(&s.socket(), "orders-b").id,
+        ids_before,
+        "ids survive restarts"
+    );
+}
+
+#[test]
+fn a_corrupt_state_file_is_refused_and_kept() {
+    let s = Setup::new();
+    drop(s.start());
+    let garbage = "{\"version\": 1, \"generation\": 3, \"networks\": tru";
+    std::fs::write(s.state_file(), garbage).expect("write");
+    let err = match Daemon::start(&s.config_path()) {
+        Ok(_) => panic!("started with a corrupt state file"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, ControllerError::State(StateError::Corrupt { .. })),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&s.state_file().display().to_string()), "{msg}");
+    assert!(
+        msg.contains("is corrupt") && msg.contains("line 1 column"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.state_file()).expect("read"),
+        garbage,
+        "left untouched"
+    );
+    assert!(!s.socket().exists(), "nothing was served");
+
+    // A state file from a future format says so.
+    std::fs::write(s.state_file(), "{\"version\": 99}").expect("write");
+    let err = Controller::open(&s.config_path()).err().expect("refused");
+    assert!(err.to_string().contains("format version 99"), "{err}");
+}
+
+#[test]
+fn one_controller_per_state_dir() {
+    let s = Setup::new();
+    let _c = Controller::open(&s.config_path()).expect("first");
+    let err = Controller::open(&s.config_path())
+        .err()
+        .expect("second refused");
+    assert!(
+        matches!(err, ControllerError::State(StateError::Locked { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn reload_applies_valid_and_refuses_invalid_config() {
+    let s = Setup::new();
+    let d = s.start();
+    let mut models = d.controller.lock().expect("lock").subscribe();
+    let sock = s.socket();
+    data::<ActionOutcome>(call(
+        &sock,
+        Request::Approve {
+            name: "orders-b".into(),
+        },
+    ));
+    assert!(
+        models.has_changed().expect("sender alive"),
+        "approval published a model"
+    );
+    let published = models.borrow_and_update().clone();
+    assert_eq!(
+        published.endpoint_by_name("orders-b").expect("b").state,
+        ConnectionState::Approved
+    );
+
+    // Invalid: refused with file:line:column, nothing changes.
+    s.write_config(&CONFIG.replace("[198.51.100.200]", "[198.51.100.10]"));
+    let r = call(&sock, Request::Reload);
+    let cfg = s.config_path().display().to_string();
+    refused(r.clone(), "running configuration is unchanged");
+    refused(
+        r,
+        &format!(
+            "{cfg}:13:23: services[0].nat.addresses[0]: NAT address 198.51.100.10 is also a backend"
+        ),
+    );
+    assert_eq!(endpoint(&sock, "orders-b").state, ConnectionState::Approved);
+    assert!(
+        !models.has_changed().expect("alive"),
+        "a refused reload publishes nothing"
+    );
+
+    // Restart-only fields are refused and named.
+    s.write_config(&CONFIG.replace("gateway:\n", "gateway:\n  conntrack: {max_flows: 1000}\n"));
+    refused(
+        call(&sock, Request::Reload),
+        "gateway.conntrack.max_flows changed",
+    );
+
+    // Narrowing visibility turns approved into rejected.
+    s.write_config(&CONFIG.replace("visibility: [tenant-a, tenant-b]", "visibility: [tenant-a]"));
+    let out: ReloadOutcome = data(call(&sock, Request::Reload));
+    assert_eq!(out.changes, ["endpoints: 0 added, 0 removed, 1 changed"]);
+    let b = endpoint(&sock, "orders-b");
+    assert_eq!(
+        (b.state, b.reason),
+        (ConnectionState::Rejected, Reason::VisibilityNarrowed)
+    );
+    assert!(models.has_changed().expect("alive"));
+}
+
+#[test]
+fn socket_mode_is_0600() {
+    let s = Setup::new();
+    let _d = s.start();
+    let mode = std::fs::metadata(s.socket())
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+}
+
+#[test]
+fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
+    let s = Setup::new();
+    let _d = s.start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let err = rt
+        .block_on(async { AdminListener::bind(&s.socket()) })
+        .err()
+        .expect("in use");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    drop(_d);
+    // A socket file nobody listens on (a crashed daemon's) is replaced.
+    let stale = std::os::unix::net::UnixListener::bind(s.socket()).expect("stale");
+    drop(stale);
+    assert!(s.socket().exists());
+    let _d = s.start();
+    assert!(call(&s.socket(), Request::Status).ok);
+}
+
+/// Runs `f` in a forked child that has dropped to uid/gid 65534 (nobody)
+/// and returns the child's exit code. The tests run as root.
+fn as_nobody(f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: plain fork; the child only makes syscalls and small
+    // allocations (glibc's malloc is fork-safe), then _exit()s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // Drop every inherited fd at once: the parent's other tests hold
+        // state-dir locks (flock follows the open file) that a child must
+        // not keep alive.
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+        let code = unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                100
+            } else {
+                f()
+            }
+        };
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid);
+    assert!(libc::WIFEXITED(status), "child died: {status}");
+    libc::WEXITSTATUS(status)
+}
+
+#[test]
+fn non_root_clients_are_refused() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root to drop to nobody"
+    );
+    let s = Setup::new();
+    let _d = s.start();
+    // Let nobody reach the socket file, so the socket's own mode decides.
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod dir");
+    let sock = s.socket();
+
+    // Mode 0600: the kernel refuses the connect itself.
+    let code = as_nobody(|| match std::os::unix::net::UnixStream::connect(&sock) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => 0,
+        Err(_) => 2,
+        Ok(_) => 1,
+    });
+    assert_eq!(
+        code, 0,
+        "a non-root connect to the 0600 socket must fail with EACCES"
+    );
+
+    // Even with the mode loosened, SO_PEERCRED keeps non-root out.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod sock");
+    let code = as_nobody(|| match request(&sock, &Request::ListEndpoints) {
+        Ok(r)
+            if !r.ok
+                && r.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("permission denied"))
+                && r.data.is_none() =>
+        {
+            0
+        }
+        Ok(_) => 1,
+        Err(_) => 2,
+    });
+    assert_eq!(code, 0, "a non-root client must get a refusal and no data");
+    // Root still gets served.
+    assert!(call(&sock, Request::Status).ok);
+}

@@ -1,0 +1,401 @@
+//! Config validation tests: every error names the right line and column.
+
+use std::path::Path;
+
+use super::*;
+
+const BASE: &str = "\
+gateway:
+  state_dir: /var/lib/plink
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a}
+  - {name: c2, role: consumer, network: vnet-b}
+  - {name: p0, role: provider}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.10, weight: 1}, {address: 198.51.100.11, weight: 2}]
+    nat: {addresses: [198.51.100.200], ports: 1024-65535}
+    visibility: [tenant-a, tenant-b]
+    auto_approve: [tenant-a]
+    health_check: {type: http, path: /healthz, interval: 2s, timeout: 1s, rise: 2, fall: 2}
+  - name: billing
+    protocol: udp
+    ports: [{port: 53}]
+    backends: [{address: 198.51.100.20}]
+    nat: {addresses: [198.51.100.201]}
+    visibility: ['*']
+endpoints:
+  - {name: orders-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.50, service: orders}
+  - {name: orders-b, tenant: tenant-b, network: vnet-b, address: 192.0.2.50, service: orders}
+";
+
+const FILE: &str = "/etc/plink/test.yaml";
+
+/// Replaces exactly one occurrence of `from`, so a typo in a test fails loudly.
+fn edit(from: &str, to: &str) -> String {
+    assert_eq!(
+        BASE.matches(from).count(),
+        1,
+        "{from:?} must occur once in BASE"
+    );
+    BASE.replacen(from, to, 1)
+}
+
+/// 1-based line and column of the `nth` occurrence of `needle` in `text`,
+/// computed independently of any YAML parser.
+fn at(text: &str, needle: &str, nth: usize) -> (usize, usize) {
+    let (offset, _) = text
+        .match_indices(needle)
+        .nth(nth)
+        .unwrap_or_else(|| panic!("{needle:?} #{nth} not in text"));
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = offset - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+fn errors(text: &str) -> Vec<Diagnostic> {
+    match Config::parse(Path::new(FILE), text) {
+        Ok(_) => panic!("config was accepted:\n{text}"),
+        Err(e) => {
+            // The rendered error names the file, line and column of each diagnostic.
+            let rendered = e.to_string();
+            for d in e.diagnostics() {
+                assert!(
+                    rendered.contains(&format!("{FILE}:{}:{}: ", d.line, d.column)),
+                    "{rendered}"
+                );
+            }
+            e.diagnostics().to_vec()
+        }
+    }
+}
+
+/// Asserts an error at `pos` whose message contains `words`.
+#[track_caller]
+fn assert_error(diags: &[Diagnostic], pos: (usize, usize), words: &str) {
+    assert!(
+        diags
+            .iter()
+            .any(|d| (d.line, d.column) == pos && d.message.contains(words)),
+        "no error at {}:{} containing {words:?}; got {diags:#?}",
+        pos.0,
+        pos.1
+    );
+}
+
+#[test]
+fn base_config_is_valid() {
+    let cfg = Config::parse(Path::new(FILE), BASE).expect("BASE is valid");
+    assert_eq!(cfg.services.len(), 2);
+    assert_eq!(
+        cfg.services[1].nat.ports,
+        PortRange {
+            first: 1024,
+            last: 65535
+        }
+    );
+    assert_eq!(cfg.gateway.timeouts.udp, HumanDuration::from_secs(120));
+}
+
+#[test]
+fn shipped_example_passes_check() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plink.yaml");
+    let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<_> = cfg.interfaces.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["c1", "c2", "p0"]);
+}
+
+#[test]
+fn yaml_syntax_error() {
+    // A key without its colon, followed by more keys.
+    let text = edit("    protocol: tcp\n", "    protocol: tcp\n    oops\n");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    // The parser notices at the next key.
+    assert_eq!((d[0].line, d[0].column), at(&text, "ports: [", 0), "{d:#?}");
+    assert!(
+        d[0].message.starts_with("YAML syntax error: "),
+        "{}",
+        d[0].message
+    );
+}
+
+#[test]
+fn unknown_field() {
+    let text = edit("    protocol: tcp", "    protocl: tcp");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_eq!((d[0].line, d[0].column), at(&text, "protocl", 0));
+    assert!(
+        d[0].message.contains("unknown field `protocl`"),
+        "{}",
+        d[0].message
+    );
+    assert!(
+        d[0].message.contains("fix the spelling"),
+        "{}",
+        d[0].message
+    );
+}
+
+#[test]
+fn bad_ip_address() {
+    let text = edit("198.51.100.11", "198.51.100.311");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].yaml_path, "services[0].backends[1].address");
+    assert_eq!((d[0].line, d[0].column), at(&text, "198.51.100.311", 0));
+    assert!(
+        d[0].message
+            .contains("invalid IPv4 address \"198.51.100.311\"")
+    );
+}
+
+#[test]
+fn bad_ip_in_nat_list() {
+    let text = edit("[198.51.100.200]", "[198.51.100.200, 198.51.100.x]");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    // serde reports the list; the message names the element.
+    assert_eq!((d[0].line, d[0].column), at(&text, "198.51.100.x", 0));
+    assert!(
+        d[0].message.contains("[1]: invalid IPv4 address"),
+        "{}",
+        d[0].message
+    );
+}
+
+#[test]
+fn bad_port_range() {
+    let text = edit("ports: 1024-65535", "ports: 2000-1000");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_eq!((d[0].line, d[0].column), at(&text, "2000-1000", 0));
+    assert!(d[0].message.contains("invalid port range \"2000-1000\""));
+}
+
+#[test]
+fn nat_port_range_too_small() {
+    let text = edit("ports: 1024-65535", "ports: 2000-2009");
+    let d = errors(&text);
+    assert_error(&d, at(&text, "2000-2009", 0), "too few");
+}
+
+#[test]
+fn consumer_network_without_interface() {
+    let text = edit("network: vnet-b, address", "network: vnet-c, address");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(
+        &d,
+        at(&text, "vnet-c", 0),
+        "consumer network \"vnet-c\" has no interface",
+    );
+}
+
+#[test]
+fn consumer_interface_without_network() {
+    let text = edit(
+        "{name: c2, role: consumer, network: vnet-b}",
+        "{name: c2, role: consumer}",
+    );
+    let d = errors(&text);
+    // Reported at the interface entry; orders-b's network lost its interface too.
+    assert_error(&d, at(&text, "{name: c2", 0), "has no network");
+    assert_error(&d, at(&text, "vnet-b", 0), "has no interface");
+}
+
+#[test]
+fn provider_interface_with_network() {
+    let text = edit(
+        "{name: p0, role: provider}",
+        "{name: p0, role: provider, network: vnet-a}",
+    );
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_error(&d, at(&text, "vnet-a", 1), "cannot have a network");
+}
+
+#[test]
+fn exactly_one_provider_interface() {
+    let none = edit("  - {name: p0, role: provider}\n", "");
+    assert_error(
+        &errors(&none),
+        at(&none, "interfaces:", 0)
+            .0
+            .checked_add(1)
+            .map(|l| (l, 3))
+            .unwrap(),
+        "no provider interface",
+    );
+    let two = edit(
+        "  - {name: p0, role: provider}\n",
+        "  - {name: p0, role: provider}\n  - {name: p1, role: provider}\n",
+    );
+    let d = errors(&two);
+    assert_eq!(d.len(), 1);
+    assert_error(&d, at(&two, "provider", 1), "second provider interface");
+}
+
+#[test]
+fn interface_with_two_roles() {
+    let text = edit(
+        "  - {name: p0, role: provider}\n",
+        "  - {name: p0, role: provider}\n  - {name: c1, role: provider}\n",
+    );
+    let d = errors(&text);
+    assert_error(&d, at(&text, "c1", 1), "has two roles");
+}
+
+#[test]
+fn duplicate_names() {
+    let ifaces = edit("{name: c2, role: consumer", "{name: c1, role: consumer");
+    assert_error(
+        &errors(&ifaces),
+        at(&ifaces, "c1", 1),
+        "duplicate interface \"c1\"",
+    );
+
+    let services = edit("  - name: billing", "  - name: orders");
+    assert_error(
+        &errors(&services),
+        at(&services, "orders", 1),
+        "duplicate service name \"orders\"",
+    );
+
+    let endpoints = edit("name: orders-b", "name: orders-a");
+    assert_error(
+        &errors(&endpoints),
+        at(&endpoints, "orders-a", 1),
+        "duplicate endpoint name \"orders-a\"",
+    );
+}
+
+#[test]
+fn endpoint_with_unknown_service() {
+    let text = edit(
+        "address: 192.0.2.50, service: orders}\n  - {name: orders-b",
+        "address: 192.0.2.50, service: shipping}\n  - {name: orders-b",
+    );
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_error(&d, at(&text, "shipping", 0), "unknown service \"shipping\"");
+}
+
+#[test]
+fn endpoints_sharing_address_protocol_port_in_one_network() {
+    let text = edit("tenant-b, network: vnet-b", "tenant-b, network: vnet-a");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_error(
+        &d,
+        at(&text, "192.0.2.50", 1),
+        "already taken by endpoints[0]",
+    );
+    // The same address in another network is fine (BASE), and so is another port.
+}
+
+#[test]
+fn nat_address_shared_by_two_services() {
+    let text = edit("[198.51.100.201]", "[198.51.100.200]");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_error(&d, at(&text, "198.51.100.200", 1), "shared by two services");
+}
+
+#[test]
+fn nat_address_equal_to_a_backend() {
+    let text = edit("[198.51.100.201]", "[198.51.100.10]");
+    assert_error(
+        &errors(&text),
+        at(&text, "198.51.100.10", 1),
+        "also a backend",
+    );
+}
+
+#[test]
+fn more_than_eight_nat_addresses() {
+    let list: Vec<String> = (200..209).map(|i| format!("198.51.100.{i}")).collect();
+    let text = edit("[198.51.100.200]", &format!("[{}]", list.join(", ")))
+        .replace("[198.51.100.201]", "[198.51.100.220]");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(
+        &d,
+        at(&text, "198.51.100.208", 0),
+        "9 NAT addresses, at most 8",
+    );
+}
+
+#[test]
+fn empty_backend_list() {
+    let text = edit(
+        "    backends: [{address: 198.51.100.20}]",
+        "    backends: []",
+    );
+    let d = errors(&text);
+    assert_eq!(d.len(), 1);
+    assert_error(&d, at(&text, "[]", 0), "empty backend list");
+}
+
+#[test]
+fn weight_zero_only_where_allowed() {
+    let active = edit("198.51.100.11, weight: 2", "198.51.100.11, weight: 0");
+    let d = errors(&active);
+    assert_eq!(d.len(), 1);
+    assert_error(&d, at(&active, "0}]", 1), "weight 0 on an active backend");
+
+    let draining = edit(
+        "198.51.100.11, weight: 2",
+        "198.51.100.11, weight: 0, state: draining",
+    );
+    assert!(Config::parse(Path::new(FILE), &draining).is_ok());
+}
+
+#[test]
+fn maglev_table_size_must_be_prime() {
+    let text = edit(
+        "    visibility: ['*']",
+        "    visibility: ['*']\n    maglev_table_size: 65536",
+    );
+    assert_error(&errors(&text), at(&text, "65536", 0), "not a prime");
+}
+
+#[test]
+fn health_check_sanity() {
+    let text = edit(
+        "interval: 2s, timeout: 1s, rise: 2, fall: 2",
+        "interval: 2s, timeout: 2s, rise: 0, fall: 2",
+    );
+    let d = errors(&text);
+    assert_eq!(d.len(), 2, "{d:#?}");
+    assert_error(&d, at(&text, "2s, rise", 0), "not shorter than interval");
+    assert_error(&d, at(&text, "0, fall", 0), "rise 0 is out of range");
+}
+
+#[test]
+fn auto_approved_tenant_must_be_visible() {
+    let text = edit("auto_approve: [tenant-a]", "auto_approve: [tenant-c]");
+    assert_error(&errors(&text), at(&text, "tenant-c", 0), "not visible");
+}
+
+#[test]
+fn every_error_is_reported_not_just_the_first() {
+    let text = edit("[198.51.100.201]", "[198.51.100.200]")
+        .replace(
+            "service: orders}\n  - {name: orders-b",
+            "service: nope}\n  - {name: orders-b",
+        )
+        .replace(
+            "    backends: [{address: 198.51.100.20}]",
+            "    backends: []",
+        );
+    let d = errors(&text);
+    assert_eq!(d.len(), 3, "{d:#?}");
+    // In document order, each at its own line.
+    let lines: Vec<_> = d.iter().map(|d| d.line).collect();
+    assert_eq!(lines, [19, 20, 23]);
+}

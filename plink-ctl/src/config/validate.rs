@@ -1,0 +1,555 @@
+//! Semantic validation: what serde cannot see (cross references, duplicates,
+//! limits). Every check reports the document path of the offending node and a
+//! message that says what is wrong and how to fix it; all problems are
+//! collected, not just the first.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use super::{BackendState, Config, HealthCheckKind, Role};
+
+/// The datapath's NAT pool holds at most this many addresses per service.
+pub const MAX_NAT_ADDRESSES: usize = 8;
+/// Largest backend weight; Maglev fills its table in proportion to weights.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn check_name(p: &mut Problems, path: String, what: &str, name: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        p.push(
+            path,
+            format!(
+                "invalid {what} name {name:?}: use 1-63 characters from letters, digits, '-', '_' and '.'"
+            ),
+        );
+    }
+}
+
+fn check_unicast(p: &mut Problems, path: String, what: &str, a: Ipv4Addr) {
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+        p.push(
+            path,
+            format!(
+                "{what} {a} is not a unicast address: use a host address such as 198.51.100.10"
+            ),
+        );
+    }
+}
+
+/// Records the first path of each key; a second occurrence is reported
+/// through `on_dup` with the first path.
+fn first_seen<K: std::hash::Hash + Eq>(
+    seen: &mut HashMap<K, String>,
+    key: K,
+    path: &str,
+) -> Option<String> {
+    match seen.get(&key) {
+        Some(first) => Some(first.clone()),
+        None => {
+            seen.insert(key, path.to_owned());
+            None
+        }
+    }
+}
+
+/// "a, b" or "none defined", for messages that list the valid choices.
+fn listing(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none defined".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u64;
+    while d * d <= u64::from(n) {
+        if u64::from(n) % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+pub fn validate(cfg: &Config) -> Vec<Problem> {
+    let mut p = Problems::default();
+    gateway(cfg, &mut p);
+    let consumer_networks = interfaces(cfg, &mut p);
+    services(cfg, &mut p);
+    endpoints(cfg, &consumer_networks, &mut p);
+    p.0
+}
+
+fn gateway(cfg: &Config, p: &mut Problems) {
+    let g = &cfg.gateway;
+    if g.conntrack.max_flows == 0 {
+        p.push(
+            "gateway.conntrack.max_flows",
+            "must be at least 1: it sizes the flow table (default 262144)",
+        );
+    }
+    for (field, d) in [
+        ("tcp_established", g.timeouts.tcp_established),
+        ("tcp_transitory", g.timeouts.tcp_transitory),
+        ("udp", g.timeouts.udp),
+        ("icmp", g.timeouts.icmp),
+    ] {
+        if d.0.as_secs() == 0 {
+            p.push(
+                format!("gateway.timeouts.{field}"),
+                format!("timeout {d} is too short: flows expire in whole seconds, use at least 1s"),
+            );
+        }
+    }
+    if g.endpoint_defaults.max_flows == 0 {
+        p.push(
+            "gateway.endpoint_defaults.max_flows",
+            "must be at least 1 (0 would refuse every flow); default 65536",
+        );
+    }
+    if g.endpoint_defaults.new_flows_per_second == 0 {
+        p.push(
+            "gateway.endpoint_defaults.new_flows_per_second",
+            "must be at least 1 (0 would refuse every flow); default 10000",
+        );
+    }
+    if g.admin_socket.as_os_str().is_empty() || !g.admin_socket.is_absolute() {
+        p.push(
+            "gateway.admin_socket",
+            "must be an absolute path, e.g. /run/plink/plink.sock",
+        );
+    }
+    if g.state_dir.as_os_str().is_empty() || !g.state_dir.is_absolute() {
+        p.push(
+            "gateway.state_dir",
+            "must be an absolute path, e.g. /var/lib/plink",
+        );
+    }
+}
+
+/// Checks interfaces; returns the consumer network names that have an interface.
+fn interfaces(cfg: &Config, p: &mut Problems) -> BTreeMap<String, String> {
+    let mut networks = BTreeMap::new();
+    let mut seen: HashMap<&str, (usize, Role)> = HashMap::new();
+    let mut providers = Vec::new();
+    if cfg.interfaces.is_empty() {
+        p.push(
+            "interfaces",
+            "no interfaces: list one provider interface and at least one consumer interface",
+        );
+    }
+    for (i, iface) in cfg.interfaces.iter().enumerate() {
+        let path = format!("interfaces[{i}]");
+        if iface.name.is_empty()
+            || iface.name.len() > MAX_IFNAME
+            || iface.name.contains(['/', ' ', '\t', ':'])
+        {
+            p.push(
+                format!("{path}.name"),
+                format!(
+                    "invalid interface name {:?}: Linux names are 1-15 characters without '/', ':' or spaces",
+                    iface.name
+                ),
+            );
+        }
+        match seen.get(iface.name.as_str()) {
+            Some(&(first, role)) if role != iface.role => p.push(
+                format!("{path}.name"),
+                format!(
+                    "interface {:?} has two roles: interfaces[{first}] makes it a {role} interface, this entry a {} interface; an interface has exactly one role, remove one entry",
+                    iface.name, iface.role
+                ),
+            ),
+            Some(&(first, _)) => p.push(
+                format!("{path}.name"),
+                format!(
+                    "duplicate interface {:?}: already listed at interfaces[{first}]; list each interface once",
+                    iface.name
+                ),
+            ),
+            None => {
+                seen.insert(&iface.name, (i, iface.role));
+            }
+        }
+        match (iface.role, &iface.network) {
+            (Role::Consumer, None) => p.push(
+                path.clone(),
+                format!(
+                    "consumer interface {:?} has no network: add `network: NAME` naming its consumer network",
+                    iface.name
+                ),
+            ),
+            (Role::Consumer, Some(net)) => {
+                check_name(p, format!("{path}.network"), "network", net);
+                networks.entry(net.clone()).or_insert_with(|| iface.name.clone());
+            }
+            (Role::Provider, network) => {
+                providers.push(i);
+                if network.is_some() {
+                    p.push(
+                        format!("{path}.network"),
+                        format!(
+                            "provider interface {:?} cannot have a network: networks belong to consumer interfaces; remove `network`",
+                            iface.name
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    match providers.as_slice() {
+        [] if !cfg.interfaces.is_empty() => p.push(
+            "interfaces",
+            "no provider interface: add exactly one `{name: IFACE, role: provider}`",
+        ),
+        [_, rest @ ..] => {
+            for i in rest {
+                p.push(
+                    format!("interfaces[{i}].role"),
+                    format!(
+                        "a second provider interface: plink uses exactly one (interfaces[{}]); make this one a consumer or remove it",
+                        providers[0]
+                    ),
+                );
+            }
+        }
+        _ => {}
+    }
+    networks
+}
+
+fn services(cfg: &Config, p: &mut Problems) {
+    let mut names: HashMap<&str, String> = HashMap::new();
+    let mut nat_owner: HashMap<Ipv4Addr, String> = HashMap::new();
+    let backend_addrs: HashMap<Ipv4Addr, String> = cfg
+        .services
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.backends
+                .iter()
+                .enumerate()
+                .map(move |(j, b)| (b.address, format!("services[{i}].backends[{j}]")))
+        })
+        .collect();
+    for (i, s) in cfg.services.iter().enumerate() {
+        let path = format!("services[{i}]");
+        check_name(p, format!("{path}.name"), "service", &s.name);
+        if let Some(first) = first_seen(&mut names, s.name.as_str(), &format!("{path}.name")) {
+            p.push(
+                format!("{path}.name"),
+                format!(
+                    "duplicate service name {:?}: already used at {first}; service names are unique",
+                    s.name
+                ),
+            );
+        }
+
+        if s.ports.is_empty() {
+            p.push(
+                format!("{path}.ports"),
+                "no ports: list at least one `{port: N, target_port: M}`",
+            );
+        }
+        let mut ports: HashMap<u16, String> = HashMap::new();
+        for (j, sp) in s.ports.iter().enumerate() {
+            let pp = format!("{path}.ports[{j}]");
+            if sp.port == 0 {
+                p.push(format!("{pp}.port"), "port 0 is not a port: use 1-65535");
+            }
+            if sp.target_port == Some(0) {
+                p.push(
+                    format!("{pp}.target_port"),
+                    "target_port 0 is not a port: use 1-65535, or leave it out to use `port`",
+                );
+            }
+            if let Some(first) = first_seen(&mut ports, sp.port, &pp) {
+                p.push(
+                    format!("{pp}.port"),
+                    format!(
+                        "port {} is listed twice (also at {first}): list it once",
+                        sp.port
+                    ),
+                );
+            }
+        }
+
+        if s.backends.is_empty() {
+            p.push(
+                format!("{path}.backends"),
+                "empty backend list: add at least one `{address: A.B.C.D}` (mark it `state: down` to keep it idle)",
+            );
+        }
+        let mut seen_backends: HashMap<Ipv4Addr, String> = HashMap::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let bp = format!("{path}.backends[{j}]");
+            check_unicast(p, format!("{bp}.address"), "backend address", b.address);
+            if let Some(first) = first_seen(&mut seen_backends, b.address, &bp) {
+                p.push(
+                    format!("{bp}.address"),
+                    format!(
+                        "backend {} is listed twice (also at {first}): list it once",
+                        b.address
+                    ),
+                );
+            }
+            if b.weight == 0 && b.state == BackendState::Active {
+                p.push(
+                    format!("{bp}.weight"),
+                    "weight 0 on an active backend: use a weight of 1 or more, or set `state: draining` (or `down`) to stop sending it new flows",
+                );
+            }
+            if b.weight > MAX_WEIGHT {
+                p.push(
+                    format!("{bp}.weight"),
+                    format!("weight {} is too large: use 1-{MAX_WEIGHT}", b.weight),
+                );
+            }
+        }
+
+        let nat = &s.nat;
+        if nat.addresses.is_empty() {
+            p.push(
+                format!("{path}.nat.addresses"),
+                "no NAT addresses: list 1 to 8 provider-side addresses that consumers' flows are source-NATed to",
+            );
+        }
+        if nat.addresses.len() > MAX_NAT_ADDRESSES {
+            p.push(
+                format!("{path}.nat.addresses[{MAX_NAT_ADDRESSES}]"),
+                format!(
+                    "{} NAT addresses, at most {MAX_NAT_ADDRESSES} per service: remove {}",
+                    nat.addresses.len(),
+                    nat.addresses.len() - MAX_NAT_ADDRESSES
+                ),
+            );
+        }
+        for (j, a) in nat.addresses.iter().enumerate() {
+            let ap = format!("{path}.nat.addresses[{j}]");
+            check_unicast(p, ap.clone(), "NAT address", *a);
+            if let Some(first) = first_seen(&mut nat_owner, *a, &ap) {
+                let same_service = first.starts_with(&format!("{path}."));
+                p.push(
+                    ap.clone(),
+                    if same_service {
+                        format!("NAT address {a} is listed twice (also at {first}): list it once")
+                    } else {
+                        format!(
+                            "NAT address {a} is shared by two services (also at {first}): a NAT address belongs to one service, pick another address"
+                        )
+                    },
+                );
+            }
+            if let Some(b) = backend_addrs.get(a) {
+                p.push(
+                    ap,
+                    format!(
+                        "NAT address {a} is also a backend ({b}): replies would loop; use an address no backend has"
+                    ),
+                );
+            }
+        }
+        if nat.ports.len() < 64 {
+            p.push(
+                format!("{path}.nat.ports"),
+                format!(
+                    "NAT port range {} has {} ports, too few to be useful: use at least 64, e.g. 1024-65535",
+                    nat.ports,
+                    nat.ports.len()
+                ),
+            );
+        }
+
+        let mut vis: HashMap<&str, String> = HashMap::new();
+        for (j, t) in s.visibility.iter().enumerate() {
+            let tp = format!("{path}.visibility[{j}]");
+            if t != "*" {
+                check_name(p, tp.clone(), "tenant", t);
+            }
+            if let Some(first) = first_seen(&mut vis, t.as_str(), &tp) {
+                p.push(
+                    tp,
+                    format!("tenant {t:?} is listed twice (also at {first})"),
+                );
+            }
+        }
+        let all_visible = s.visibility.iter().any(|t| t == "*");
+        for (j, t) in s.auto_approve.iter().enumerate() {
+            let tp = format!("{path}.auto_approve[{j}]");
+            if t != "*" && !all_visible && !s.visibility.contains(t) {
+                p.push(
+                    tp,
+                    format!(
+                        "tenant {t:?} is auto-approved but not visible: add it to `visibility` (or remove it here)"
+                    ),
+                );
+            }
+        }
+
+        if let Some(hc) = &s.health_check {
+            let hp = format!("{path}.health_check");
+            if hc.interval.0.is_zero() {
+                p.push(
+                    format!("{hp}.interval"),
+                    "interval must be more than 0, e.g. 2s",
+                );
+            }
+            if hc.timeout.0.is_zero() {
+                p.push(
+                    format!("{hp}.timeout"),
+                    "timeout must be more than 0, e.g. 1s",
+                );
+            } else if hc.timeout >= hc.interval {
+                p.push(
+                    format!("{hp}.timeout"),
+                    format!(
+                        "timeout {} is not shorter than interval {}: a probe must finish before the next starts; lower the timeout",
+                        hc.timeout, hc.interval
+                    ),
+                );
+            }
+            for (field, v) in [("rise", hc.rise), ("fall", hc.fall)] {
+                if !(1..=100).contains(&v) {
+                    p.push(
+                        format!("{hp}.{field}"),
+                        format!("{field} {v} is out of range: use 1-100 consecutive probes"),
+                    );
+                }
+            }
+            if hc.port == Some(0) {
+                p.push(
+                    format!("{hp}.port"),
+                    "port 0 is not a port: use 1-65535 or leave it out",
+                );
+            }
+            match (hc.kind, &hc.path) {
+                (HealthCheckKind::Tcp, Some(_)) => p.push(
+                    format!("{hp}.path"),
+                    "`path` is for `type: http` only: remove it or change the type",
+                ),
+                (HealthCheckKind::Http, Some(hp_path)) if !hp_path.starts_with('/') => p.push(
+                    format!("{hp}.path"),
+                    format!("HTTP path {hp_path:?} must start with '/', e.g. /healthz"),
+                ),
+                _ => {}
+            }
+        }
+
+        let m = s.maglev_table_size;
+        let min = (s.backends.len() as u64 * 100).max(101);
+        if !is_prime(m) {
+            p.push(
+                format!("{path}.maglev_table_size"),
+                format!("{m} is not a prime: Maglev needs a prime table size, e.g. 65537 (the default) or 251"),
+            );
+        } else if u64::from(m) < min || m > 16_777_213 {
+            p.push(
+                format!("{path}.maglev_table_size"),
+                format!(
+                    "{m} is out of range: use a prime from {min} (100 slots per backend spread load evenly) to 16777213"
+                ),
+            );
+        }
+    }
+}
+
+fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut Problems) {
+    let services: HashMap<&str, &super::Service> =
+        cfg.services.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut names: HashMap<&str, String> = HashMap::new();
+    // (network, address, protocol, port) → path of the first endpoint using it.
+    let mut listeners: HashMap<(&str, Ipv4Addr, super::Protocol, u16), String> = HashMap::new();
+    for (i, e) in cfg.endpoints.iter().enumerate() {
+        let path = format!("endpoints[{i}]");
+        check_name(p, format!("{path}.name"), "endpoint", &e.name);
+        if let Some(first) = first_seen(&mut names, e.name.as_str(), &path) {
+            p.push(
+                format!("{path}.name"),
+                format!(
+                    "duplicate endpoint name {:?}: already used at {first}; endpoint names are unique",
+                    e.name
+                ),
+            );
+        }
+        check_name(p, format!("{path}.tenant"), "tenant", &e.tenant);
+        check_unicast(p, format!("{path}.address"), "endpoint address", e.address);
+        if !consumer_networks.contains_key(&e.network) {
+            let known: Vec<&str> = consumer_networks.keys().map(String::as_str).collect();
+            p.push(
+                format!("{path}.network"),
+                format!(
+                    "consumer network {:?} has no interface: add `{{name: IFACE, role: consumer, network: {}}}` under `interfaces`, or use a known network ({})",
+                    e.network,
+                    e.network,
+                    listing(&known)
+                ),
+            );
+        }
+        for (field, v) in [
+            ("max_flows", e.max_flows),
+            ("new_flows_per_second", e.new_flows_per_second),
+        ] {
+            if v == Some(0) {
+                p.push(
+                    format!("{path}.{field}"),
+                    format!("{field} 0 would refuse every flow: use 1 or more, or leave it out for the gateway default"),
+                );
+            }
+        }
+        let Some(service) = services.get(e.service.as_str()) else {
+            let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+            p.push(
+                format!("{path}.service"),
+                format!(
+                    "unknown service {:?}: use a service defined under `services` ({})",
+                    e.service,
+                    listing(&known)
+                ),
+            );
+            continue;
+        };
+        for sp in &service.ports {
+            let key = (e.network.as_str(), e.address, service.protocol, sp.port);
+            if let Some(first) = first_seen(&mut listeners, key, &path) {
+                p.push(
+                    format!("{path}.address"),
+                    format!(
+                        "{}:{}/{} in network {:?} is already taken by {first}: two endpoints in one network cannot share an address, protocol and port; pick another address",
+                        e.address, sp.port, service.protocol, e.network
+                    ),
+                );
+                break;
+            }
+        }
+    }
+}

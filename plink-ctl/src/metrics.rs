@@ -1,0 +1,515 @@
+//! Prometheus metrics: a plain snapshot of what the dataplane counted, its
+//! rendering in the text exposition format, and the `/metrics` HTTP server.
+//!
+//! Kernel counters are absolute values read at scrape time, so they are
+//! rendered through a snapshot rather than accumulated in client-side
+//! counters; Prometheus handles the reset of a fresh start.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+/// Per-endpoint counters and state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndpointSample {
+    pub endpoint: String,
+    pub service: String,
+    /// `pending`, `approved`, `rejected` (removed endpoints have no series).
+    pub state: String,
+    /// Transport protocol of the service, the `protocol` label of connections.
+    pub protocol: String,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub connections: u64,
+    /// New flows refused by this endpoint's caps, by cap.
+    pub refused_max_flows: u64,
+    pub refused_rate: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceSample {
+    pub service: String,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub nat_port_allocation_failures: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BackendSample {
+    pub service: String,
+    pub backend: String,
+    pub bytes: u64,
+    pub connections: u64,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NatSample {
+    pub service: String,
+    pub nat_address: String,
+    pub ports_in_use: u64,
+    pub ports_capacity: u64,
+}
+
+/// XDP transmit errors of a device: redirects and XDP_TX that failed after
+/// the program returned, which the program itself cannot see.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceSample {
+    pub device: String,
+    pub xdp_tx_errors: u64,
+    pub xdp_redirect_errors: u64,
+}
+
+/// Everything `/metrics` shows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub endpoints: Vec<EndpointSample>,
+    pub services: Vec<ServiceSample>,
+    pub backends: Vec<BackendSample>,
+    pub nat: Vec<NatSample>,
+    /// Flows (not map entries), from the last GC sweep.
+    pub conntrack_entries: u64,
+    pub conntrack_capacity: u64,
+    /// Drops by reason name; every reason appears, zero or not.
+    pub drops: Vec<(String, u64)>,
+    pub devices: Vec<DeviceSample>,
+}
+
+struct FamilyBuilder {
+    family: MetricFamily,
+}
+
+impl FamilyBuilder {
+    fn new(name: &str, help: &str, kind: MetricType) -> Self {
+        let mut family = MetricFamily::default();
+        family.set_name(name.to_owned());
+        family.set_help(help.to_owned());
+        family.set_field_type(kind);
+        Self { family }
+    }
+
+    fn sample(&mut self, labels: &[(&str, &str)], value: f64) {
+        let mut metric = Metric::default();
+        metric.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut pair = LabelPair::default();
+                    pair.set_name((*k).to_owned());
+                    pair.set_value((*v).to_owned());
+                    pair
+                })
+                .collect(),
+        );
+        match self.family.get_field_type() {
+            MetricType::COUNTER => {
+                let mut c = Counter::default();
+                c.set_value(value);
+                metric.set_counter(c);
+            }
+            _ => {
+                let mut g = Gauge::default();
+                g.set_value(value);
+                metric.set_gauge(g);
+            }
+        }
+        self.family.mut_metric().push(metric);
+    }
+}
+
+/// Renders a snapshot in the Prometheus text format.
+pub fn render(s: &Snapshot) -> String {
+    use MetricType::{COUNTER, GAUGE};
+    let mut families = Vec::new();
+    let mut push = |b: FamilyBuilder| {
+        families.push(b.family);
+    };
+
+    let mut ep_bytes = FamilyBuilder::new(
+        "plink_endpoint_bytes_total",
+        "IP bytes forwarded through the endpoint (in = consumer to service, out = service to consumer).",
+        COUNTER,
+    );
+    let mut ep_packets = FamilyBuilder::new(
+        "plink_endpoint_packets_total",
+        "Packets forwarded through the endpoint.",
+        COUNTER,
+    );
+    let mut ep_conns = FamilyBuilder::new(
+        "plink_endpoint_connections_total",
+        "Flows created through the endpoint.",
+        COUNTER,
+    );
+    let mut ep_refused = FamilyBuilder::new(
+        "plink_endpoint_refused_flows_total",
+        "New flows refused by the endpoint's caps.",
+        COUNTER,
+    );
+    let mut ep_state = FamilyBuilder::new(
+        "plink_endpoint_state",
+        "Connection state of the endpoint (value 1; the state is in the label).",
+        GAUGE,
+    );
+    for e in &s.endpoints {
+        let base = [
+            ("endpoint", e.endpoint.as_str()),
+            ("service", e.service.as_str()),
+        ];
+        for (dir, bytes, packets) in [
+            ("in", e.bytes_in, e.packets_in),
+            ("out", e.bytes_out, e.packets_out),
+        ] {
+            let labels = [base[0], base[1], ("direction", dir)];
+            ep_bytes.sample(&labels, bytes as f64);
+            ep_packets.sample(&labels, packets as f64);
+        }
+        ep_conns.sample(
+            &[base[0], base[1], ("protocol", &e.protocol)],
+            e.connections as f64,
+        );
+        ep_refused.sample(
+            &[base[0], base[1], ("cap", "max_flows")],
+            e.refused_max_flows as f64,
+        );
+        ep_refused.sample(
+            &[base[0], base[1], ("cap", "new_flows_per_second")],
+            e.refused_rate as f64,
+        );
+        ep_state.sample(&[base[0], base[1], ("state", &e.state)], 1.0);
+    }
+    push(ep_bytes);
+    push(ep_packets);
+    push(ep_conns);
+    push(ep_refused);
+    push(ep_state);
+
+    let mut svc_bytes = FamilyBuilder::new(
+        "plink_service_bytes_total",
+        "IP bytes forwarded for the service, all endpoints together.",
+        COUNTER,
+    );
+    let mut svc_packets = FamilyBuilder::new(
+        "plink_service_packets_total",
+        "Packets forwarded for the service.",
+        COUNTER,
+    );
+    let mut nat_fail = FamilyBuilder::new(
+        "plink_nat_port_allocation_failures_total",
+        "New flows refused because no NAT port was free.",
+        COUNTER,
+    );
+    for v in &s.services {
+        for (dir, bytes, packets) in [
+            ("in", v.bytes_in, v.packets_in),
+            ("out", v.bytes_out, v.packets_out),
+        ] {
+            let labels = [("service", v.service.as_str()), ("direction", dir)];
+            svc_bytes.sample(&labels, bytes as f64);
+            svc_packets.sample(&labels, packets as f64);
+        }
+        nat_fail.sample(
+            &[("service", &v.service)],
+            v.nat_port_allocation_failures as f64,
+        );
+    }
+    push(svc_bytes);
+    push(svc_packets);
+    push(nat_fail);
+
+    let mut be_bytes = FamilyBuilder::new(
+        "plink_backend_bytes_total",
+        "IP bytes forwarded to and from the backend.",
+        COUNTER,
+    );
+    let mut be_conns = FamilyBuilder::new(
+        "plink_backend_connections_total",
+        "Flows assigned to the backend.",
+        COUNTER,
+    );
+    let mut be_up = FamilyBuilder::new(
+        "plink_backend_up",
+        "1 when the backend takes new flows (healthy and active), else 0.",
+        GAUGE,
+    );
+    for b in &s.backends {
+        let labels = [
+            ("service", b.service.as_str()),
+            ("backend", b.backend.as_str()),
+        ];
+        be_bytes.sample(&labels, b.bytes as f64);
+        be_conns.sample(&labels, b.connections as f64);
+        be_up.sample(&labels, if b.up { 1.0 } else { 0.0 });
+    }
+    push(be_bytes);
+    push(be_conns);
+    push(be_up);
+
+    let mut nat_used = FamilyBuilder::new(
+        "plink_nat_ports_in_use",
+        "NAT ports held by live flows, summed over protocols.",
+        GAUGE,
+    );
+    let mut nat_cap = FamilyBuilder::new(
+        "plink_nat_ports_capacity",
+        "NAT ports available per protocol on the address.",
+        GAUGE,
+    );
+    for n in &s.nat {
+        let labels = [
+            ("service", n.service.as_str()),
+            ("nat_address", n.nat_address.as_str()),
+        ];
+        nat_used.sample(&labels, n.ports_in_use as f64);
+        nat_cap.sample(&labels, n.ports_capacity as f64);
+    }
+    push(nat_used);
+    push(nat_cap);
+
+    let mut ct = FamilyBuilder::new(
+        "plink_conntrack_entries",
+        "Live flows in the conntrack table.",
+        GAUGE,
+    );
+    ct.sample(&[], s.conntrack_entries as f64);
+    push(ct);
+    let mut ct_cap = FamilyBuilder::new(
+        "plink_conntrack_capacity",
+        "Flows the conntrack table can hold.",
+        GAUGE,
+    );
+    ct_cap.sample(&[], s.conntrack_capacity as f64);
+    push(ct_cap);
+
+    let mut drops = FamilyBuilder::new(
+        "plink_drops_total",
+        "Packets dropped by the datapath, by reason.",
+        COUNTER,
+    );
+    for (reason, count) in &s.drops {
+        drops.sample(&[("reason", reason)], *count as f64);
+    }
+    push(drops);
+
+    let mut dev_tx = FamilyBuilder::new(
+        "plink_device_xdp_tx_errors_total",
+        "XDP_TX transmissions the device failed after the program returned.",
+        COUNTER,
+    );
+    let mut dev_redir = FamilyBuilder::new(
+        "plink_device_xdp_redirect_errors_total",
+        "XDP redirects the device failed after the program returned.",
+        COUNTER,
+    );
+    for d in &s.devices {
+        dev_tx.sample(&[("device", &d.device)], d.xdp_tx_errors as f64);
+        dev_redir.sample(&[("device", &d.device)], d.xdp_redirect_errors as f64);
+    }
+    push(dev_tx);
+    push(dev_redir);
+
+    // Empty families would print HELP/TYPE with no samples; leave them out.
+    families.retain(|f| !f.get_metric().is_empty());
+    let mut out = Vec::new();
+    // Encoding plain structs into a Vec cannot fail.
+    let _ = TextEncoder::new().encode(&families, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Produces the snapshot at scrape time.
+pub type SnapshotFn = Arc<dyn Fn() -> Snapshot + Send + Sync>;
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    snapshot: SnapshotFn,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() != "/metrics" {
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            "not found: plink serves /metrics\n",
+        ));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: use GET\n",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(resp);
+    }
+    let body = tokio::task::spawn_blocking(move || render(&snapshot()))
+        .await
+        .unwrap_or_default();
+    let mut resp = text(StatusCode::OK, &body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(resp)
+}
+
+/// Binds the metrics address; serving happens in [`serve`].
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr} (gateway.metrics)"))
+}
+
+/// Serves `/metrics` forever. Slow or broken clients only cost their own
+/// connection: headers must arrive within 10 s.
+pub async fn serve(listener: tokio::net::TcpListener, snapshot: SnapshotFn) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!("metrics accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, snapshot.clone()));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_snapshot() -> Snapshot {
+        Snapshot {
+            endpoints: vec![EndpointSample {
+                endpoint: "orders-a".into(),
+                service: "orders".into(),
+                state: "approved".into(),
+                protocol: "tcp".into(),
+                packets_in: 3,
+                bytes_in: 300,
+                packets_out: 2,
+                bytes_out: 1200,
+                connections: 1,
+                ..Default::default()
+            }],
+            services: vec![ServiceSample {
+                service: "orders".into(),
+                bytes_in: 300,
+                ..Default::default()
+            }],
+            backends: vec![BackendSample {
+                service: "orders".into(),
+                backend: "198.51.100.10".into(),
+                up: true,
+                ..Default::default()
+            }],
+            nat: vec![NatSample {
+                service: "orders".into(),
+                nat_address: "198.51.100.200".into(),
+                ports_in_use: 1,
+                ports_capacity: 64512,
+            }],
+            conntrack_entries: 1,
+            conntrack_capacity: 1024,
+            drops: vec![("no_endpoint".into(), 7)],
+            devices: vec![],
+        }
+    }
+
+    #[test]
+    fn renders_names_labels_and_values() {
+        let text = render(&sample_snapshot());
+        for line in [
+            "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"in\"} 300",
+            "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"out\"} 1200",
+            "plink_endpoint_connections_total{endpoint=\"orders-a\",service=\"orders\",protocol=\"tcp\"} 1",
+            "plink_endpoint_state{endpoint=\"orders-a\",service=\"orders\",state=\"approved\"} 1",
+            "plink_nat_ports_capacity{service=\"orders\",nat_address=\"198.51.100.200\"} 64512",
+            "plink_drops_total{reason=\"no_endpoint\"} 7",
+            "plink_conntrack_capacity 1024",
+            "# TYPE plink_backend_up gauge",
+            "# TYPE plink_drops_total counter",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains("plink_device_xdp_tx_errors_total"),
+            "empty families are left out"
+        );
+    }
+
+    fn request(addr: SocketAddr, raw: &str) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(raw.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn http_serves_get_only_and_survives_garbage() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt.block_on(bind("127.0.0.1:0".parse().unwrap())).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let snap: SnapshotFn = Arc::new(sample_snapshot);
+        rt.spawn(serve(listener, snap));
+        let get = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let ok = request(addr, get);
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("plink_drops_total{reason=\"no_endpoint\"} 7"));
+        let post = request(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        let other = request(
+            addr,
+            "GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        let garbage = request(addr, "\x00\x01 not http at all\r\n\r\n");
+        assert!(!garbage.starts_with("HTTP/1.1 200"), "{garbage}");
+        // Still serving after the garbage.
+        assert!(request(addr, get).starts_with("HTTP/1.1 200"));
+    }
+}
