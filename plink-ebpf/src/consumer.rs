@@ -115,10 +115,6 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
     // SAFETY: map value pointer; concurrent CPUs write the same fields with
     // the same kind of values (benign races, as in every XDP conntrack).
     let v = unsafe { &mut *v };
-    v.last_seen_ns = now;
-    if f.proto == IPPROTO_TCP {
-        v.tcp_state = conntrack::tcp_forward(v.tcp_state, f.tcp_flags);
-    }
     if f.ttl <= 1 {
         return drop(DropReason::TtlExceeded, ep.endpoint_id);
     }
@@ -138,6 +134,11 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
             Some(r) => drop(r, ep.endpoint_id),
             None => drop(DropReason::FibFailed, ep.endpoint_id),
         };
+    }
+    // Only a packet that leaves refreshes the flow and moves its TCP state.
+    v.last_seen_ns = now;
+    if f.proto == IPPROTO_TCP {
+        v.tcp_state = conntrack::tcp_forward(v.tcp_state, f.tcp_flags);
     }
     // Step 4: rewrite.
     let nat = Nat {

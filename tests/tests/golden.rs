@@ -1133,6 +1133,155 @@ fn golden_drops_arp_and_caps() {
 }
 
 #[test]
+fn golden_reload_keeps_established_flows() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, p0_mac, c1_mac) = (gw.c1, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 40000);
+            let ep = (EP_TCP, 80);
+            let key = fwd_key(1, client, ep, IPPROTO_TCP);
+            let (backend, backend_mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
+            let to_backend =
+                |p: &Ipv4Packet| translated(p, p0_mac, (backend, 8080, backend_mac), nat);
+            b.case(
+                "flow before reload",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Redirect(to_backend(&syn)),
+            );
+            // Reload: service 0's table changes size (a new region) and names
+            // only the other backend; endpoint 1 disappears.
+            let other = if backend == BACKEND10 { 1 } else { 0 };
+            let mut next = spec.clone();
+            next.services[0].lookup = vec![other; 11];
+            next.endpoints.retain(|e| e.id != 1);
+            b.dp.apply(&next).unwrap();
+            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "established flow keeps its backend and NAT port",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to_backend(&ack)),
+            );
+            let run = b.raw(
+                prog_names::CONSUMER,
+                c1,
+                &Ipv4Packet::tcp((CLIENT, 40100), ep, TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build(),
+            );
+            assert_eq!(run.verdict, verdict::REDIRECT);
+            let new_backend = Ipv4Addr::new(
+                run.output[30],
+                run.output[31],
+                run.output[32],
+                run.output[33],
+            );
+            assert_ne!(new_backend, backend, "a new flow follows the new table");
+            let q = Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"q").macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "removed endpoint is gone",
+                prog_names::CONSUMER,
+                c1,
+                &q.build(),
+                Want::Drop(DropReason::NoEndpoint),
+            );
+            // Applying the same spec twice writes nothing and changes nothing.
+            b.dp.apply(&next).unwrap();
+            b.case(
+                "still forwarded after a no-op apply",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to_backend(&ack)),
+            );
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_approval_cycle() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let set_state = |spec: &mut DataplaneSpec, state| {
+                for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
+                    e.state = state;
+                }
+            };
+            set_state(&mut spec, EndpointState::Pending);
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 40000);
+            let ep = (EP_TCP, 80);
+            let key = fwd_key(1, client, ep, IPPROTO_TCP);
+            let (backend, backend_mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
+            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
+            let to_backend =
+                |p: &Ipv4Packet| translated(p, p0_mac, (backend, 8080, backend_mac), nat);
+            b.case(
+                "pending drops",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Drop(DropReason::EndpointPending),
+            );
+            set_state(&mut spec, EndpointState::Approved);
+            b.dp.apply(&spec).unwrap();
+            b.case(
+                "approved passes",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Redirect(to_backend(&syn)),
+            );
+            b.case(
+                "established",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to_backend(&ack)),
+            );
+            // Reject: the state first (no new flow can appear), then the purge.
+            set_state(&mut spec, EndpointState::Rejected);
+            b.dp.apply(&spec).unwrap();
+            let purged = b.dp.purge_endpoint(0).unwrap();
+            assert_eq!(purged.flows, 1);
+            assert!(b.dp.list_conntrack().unwrap().is_empty());
+            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_TCP), None);
+            b.case(
+                "rejected cuts the established flow",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Drop(DropReason::EndpointRejected),
+            );
+            let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, p0_mac);
+            b.case(
+                "its replies no longer reach the consumer",
+                prog_names::PROVIDER,
+                p0,
+                &reply.build(),
+                Want::Drop(DropReason::ReplyNoFlow),
+            );
+            let drops = b.dp.endpoint_drop_counts(0).unwrap();
+            assert_eq!(drops[&DropReason::EndpointPending], 1);
+            assert_eq!(drops[&DropReason::EndpointRejected], 1);
+        })
+        .unwrap();
+}
+
+#[test]
 fn golden_conntrack_full_refuses_new_flows() {
     let gw = gateway();
     let spec = spec(&gw);
@@ -1231,4 +1380,39 @@ fn stack_use(id: u32) -> Vec<(String, u32)> {
         }
     }
     funcs
+}
+
+#[test]
+fn managed_neighbours_are_created_once_and_removed() {
+    use plink_ctl::dataplane::neigh::{self, NeighOutcome};
+    let gw = gateway();
+    let p0 = gw.p0;
+    let backend = Ipv4Addr::new(198, 51, 100, 77);
+    let outcomes = gw
+        .host
+        .run_in(move || -> anyhow::Result<Vec<NeighOutcome>> {
+            Ok(vec![
+                neigh::ensure_managed(p0, backend)?,
+                neigh::ensure_managed(p0, backend)?,
+            ])
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcomes, vec![NeighOutcome::Created, NeighOutcome::Exists]);
+    let shown = gw.host.ip(&["neigh", "show", "198.51.100.77"]).unwrap();
+    assert!(shown.contains("managed"), "{shown:?}");
+    gw.host
+        .run_in(move || -> anyhow::Result<()> {
+            neigh::remove(p0, backend)?;
+            neigh::remove(p0, backend)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        gw.host
+            .ip(&["neigh", "show", "198.51.100.77"])
+            .unwrap()
+            .trim(),
+        ""
+    );
 }

@@ -24,7 +24,7 @@ use plink_ctl::{
     dataplane::{
         BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
         EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
-        Sizes, TimeoutSpec, garp,
+        Sizes, TimeoutSpec, garp, neigh,
     },
 };
 use plink_tests::{
@@ -172,22 +172,6 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
     gw.ip(&["addr", "add", "198.51.100.1/24", "dev", "p0"])
         .unwrap();
     gw.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
-    // The controller keeps backends' neighbours resolved; here: permanent.
-    let pv_mac = mac_text(pv.mac("eth0").unwrap());
-    for b in ["198.51.100.10", "198.51.100.11"] {
-        gw.ip(&[
-            "neigh",
-            "replace",
-            b,
-            "lladdr",
-            &pv_mac,
-            "dev",
-            "p0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-    }
     // Isolation probes from cn1 need a next hop into the gateway.
     let c1_mac = gw.mac("c1").unwrap();
     cn1.ip(&[
@@ -305,6 +289,10 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                 for i in &spec.interfaces {
                     dp.attach(i.ifindex, i.role, XdpMode::Driver)?;
                 }
+                // Managed neighbours: the kernel keeps the backends resolved.
+                for (ifindex, addr) in spec.managed_neighbours() {
+                    neigh::ensure_managed(ifindex, addr)?;
+                }
                 for (ifindex, mac, addrs) in spec.garp_plan() {
                     garp::announce(ifindex, mac, &addrs)?;
                 }
@@ -344,6 +332,22 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
     )
     .unwrap();
 
+    netns::wait_for(
+        "managed neighbours to resolve",
+        Duration::from_secs(5),
+        || {
+            let n = gw.ip(&["neigh", "show", "dev", "p0"])?;
+            let ok = |ip: &str| {
+                n.lines().any(|l| {
+                    l.starts_with(&format!("{ip} "))
+                        && l.contains("managed")
+                        && l.contains("REACHABLE")
+                })
+            };
+            Ok((ok("198.51.100.10") && ok("198.51.100.11")).then_some(()))
+        },
+    )
+    .unwrap();
     let fwd_before = forwarded(&gw);
     let redirects_before = ethtool_sum(&gw, "c1", "xdp_redirect");
     let pv_rx_before = rx_packets(&pv, "eth0");
@@ -436,6 +440,34 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
         srv_b.served.load(std::sync::atomic::Ordering::SeqCst),
         served_b
     );
+
+    // Forged "replies" from the provider side to a NAT port without a flow
+    // never reach a consumer.
+    let cn1_rx = rx_packets(&cn1, "eth0");
+    let forged_before = after.drops[&DropReason::ReplyNoFlow];
+    pv.run_in(|| {
+        let s = std::net::UdpSocket::bind("198.51.100.10:9999").unwrap();
+        s.send_to(b"forged", "198.51.100.200:1").unwrap();
+    })
+    .unwrap();
+    let after = netns::wait_for(
+        "the forged reply to be dropped",
+        Duration::from_secs(5),
+        || {
+            let a = report();
+            Ok((a.drops[&DropReason::ReplyNoFlow] > forged_before).then_some(a))
+        },
+    )
+    .unwrap();
+    assert_eq!(after.drops[&DropReason::ReplyNoFlow], forged_before + 1);
+    assert_eq!(rx_packets(&cn1, "eth0"), cn1_rx, "nothing reached cn1");
+
+    // No kernel NAT on the gateway: no nftables rules, no conntrack entries.
+    let rules = gw.exec("nft", &["list", "ruleset"]).unwrap();
+    assert!(rules.trim().is_empty(), "nftables ruleset: {rules}");
+    if let Ok(count) = gw.exec("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"]) {
+        assert_eq!(count.trim(), "0", "kernel conntrack entries on the gateway");
+    }
 
     // Per-endpoint counters saw both directions; flows are in conntrack.
     let c = &after.ep_counters;

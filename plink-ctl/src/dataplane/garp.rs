@@ -95,3 +95,22 @@ impl super::DataplaneSpec {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gratuitous_arp_frame_layout() {
+        let mac = [2, 0, 0, 0, 0, 9];
+        let f = frame(mac, Ipv4Addr::new(192, 0, 2, 50));
+        assert_eq!(f[0..6], [0xff; 6], "broadcast");
+        assert_eq!(f[6..12], mac);
+        assert_eq!(f[12..14], [0x08, 0x06]);
+        assert_eq!(f[20..22], [0, 1], "request");
+        assert_eq!(f[22..28], mac, "sender MAC");
+        assert_eq!(f[28..32], [192, 0, 2, 50], "sender IP");
+        assert_eq!(f[32..38], [0; 6]);
+        assert_eq!(f[38..42], [192, 0, 2, 50], "target IP = sender IP");
+    }
+}

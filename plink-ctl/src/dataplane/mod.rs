@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 pub mod garp;
+pub mod neigh;
 pub mod spec;
 pub mod stats;
 

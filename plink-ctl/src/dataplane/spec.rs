@@ -580,7 +580,103 @@ fn first_fit(used: &[(u32, u32)], size: u32, len: u32) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::first_fit;
+    use super::*;
+
+    fn valid() -> DataplaneSpec {
+        DataplaneSpec {
+            interfaces: vec![
+                InterfaceSpec {
+                    ifindex: 2,
+                    role: InterfaceRole::Consumer { network_id: 1 },
+                    mac: [2, 0, 0, 0, 0, 1],
+                },
+                InterfaceSpec {
+                    ifindex: 3,
+                    role: InterfaceRole::Provider,
+                    mac: [2, 0, 0, 0, 0, 2],
+                },
+            ],
+            timeouts: TimeoutSpec::default(),
+            services: vec![ServiceSpec {
+                id: 0,
+                nat: vec![NatSpec {
+                    addr: Ipv4Addr::new(198, 51, 100, 200),
+                    ports: 1024..=65535,
+                    draining: false,
+                }],
+                lookup: vec![0, NO_BACKEND, 0],
+            }],
+            backends: vec![BackendSpec {
+                id: 0,
+                service_id: 0,
+                addr: Ipv4Addr::new(198, 51, 100, 10),
+                state: BackendState::Active,
+            }],
+            endpoints: vec![EndpointSpec {
+                id: 0,
+                network_id: 1,
+                addr: Ipv4Addr::new(192, 0, 2, 50),
+                service_id: 0,
+                protocol: Protocol::Tcp,
+                ports: vec![PortSpec {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                state: EndpointState::Approved,
+                max_flows: 0,
+                new_flows_per_sec: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn validate_accepts_a_valid_spec_and_names_each_mistake() {
+        valid().validate().unwrap();
+        let err = |f: fn(&mut DataplaneSpec)| {
+            let mut s = valid();
+            f(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        assert!(
+            err(|s| s.interfaces[0].role = InterfaceRole::Provider)
+                .contains("exactly one provider")
+        );
+        assert!(err(|s| s.services.push(s.services[0].clone())).contains("used twice"));
+        assert!(err(|s| s.services[0].nat[0].ports = 0..=10).contains("includes 0"));
+        assert!(
+            err(|s| s.services[0].nat = vec![s.services[0].nat[0].clone(); 9])
+                .contains("at most 8")
+        );
+        assert!(err(|s| s.services[0].lookup.push(7)).contains("not one of its backends"));
+        assert!(err(|s| s.backends[0].service_id = 5).contains("not one of its backends"));
+        assert!(err(|s| s.endpoints[0].service_id = 9).contains("unknown service"));
+        assert!(err(|s| s.endpoints[0].id = MAX_ENDPOINTS).contains("endpoint id"));
+        assert!(err(|s| s.backends.push(s.backends[0].clone())).contains("used twice"));
+    }
+
+    #[test]
+    fn garp_plan_and_managed_neighbours_follow_the_spec() {
+        let mut s = valid();
+        s.endpoints.push(EndpointSpec {
+            id: 1,
+            state: EndpointState::Removed,
+            addr: Ipv4Addr::new(192, 0, 2, 51),
+            ..s.endpoints[0].clone()
+        });
+        let plan = s.garp_plan();
+        assert_eq!(
+            plan[0].2,
+            vec![Ipv4Addr::new(192, 0, 2, 50)],
+            "removed endpoints are not announced"
+        );
+        assert_eq!(plan[1].2, vec![Ipv4Addr::new(198, 51, 100, 200)]);
+        assert_eq!(
+            s.managed_neighbours(),
+            vec![(3, Ipv4Addr::new(198, 51, 100, 10))]
+        );
+        s.backends[0].state = BackendState::Down;
+        assert!(s.managed_neighbours().is_empty());
+    }
 
     #[test]
     fn first_fit_finds_gaps() {

@@ -1,0 +1,151 @@
+//! Managed neighbour entries (kernel ≥ 5.16, `NTF_EXT_MANAGED`): the kernel
+//! keeps them resolved by itself, so `bpf_fib_lookup` finds the backend's
+//! link-layer address instead of returning NO_NEIGH. The controller creates
+//! one per backend (and next hop) on the provider interface.
+//!
+//! Plain rtnetlink over a raw socket: two small messages do not justify an
+//! async netlink stack.
+
+use std::{io, net::Ipv4Addr, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
+
+use anyhow::{Context as _, bail};
+
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const NDA_DST: u16 = 1;
+const NDA_FLAGS_EXT: u16 = 15;
+const NTF_EXT_MANAGED: u32 = 1;
+
+/// What `ensure_managed` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NeighOutcome {
+    Created,
+    /// An entry for the address exists already (managed or not); it was left alone
+    /// so that a resolved entry never goes back through INCOMPLETE.
+    Exists,
+}
+
+fn message(kind: u16, flags: u16, ifindex: u32, addr: Ipv4Addr, managed: bool) -> Vec<u8> {
+    let mut m = Vec::with_capacity(44);
+    m.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    // struct ndmsg: family, pad, pad, ifindex, state (NUD_NONE), flags, type.
+    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    m.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    m.extend_from_slice(&0u16.to_ne_bytes());
+    m.extend_from_slice(&[0, 0]);
+    // NDA_DST
+    m.extend_from_slice(&8u16.to_ne_bytes());
+    m.extend_from_slice(&NDA_DST.to_ne_bytes());
+    m.extend_from_slice(&addr.octets());
+    if managed {
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&NDA_FLAGS_EXT.to_ne_bytes());
+        m.extend_from_slice(&NTF_EXT_MANAGED.to_ne_bytes());
+    }
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m
+}
+
+/// Sends one request and returns the kernel's errno (0 = success).
+fn request(msg: &[u8]) -> anyhow::Result<i32> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("netlink socket");
+    }
+    // SAFETY: fd is ours; closed when `sock` drops.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is plain data; zero means "the kernel".
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: valid buffer and address.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error()).context("netlink send");
+    }
+    let mut buf = [0u8; 4096];
+    // SAFETY: valid buffer.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error()).context("netlink receive");
+    }
+    let n = n as usize;
+    // nlmsghdr (16 bytes) + nlmsgerr { int error; ... }
+    if n < 20 || u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
+        bail!("unexpected netlink answer ({n} bytes)");
+    }
+    let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+    Ok(-err)
+}
+
+/// Creates a managed neighbour entry for `addr` on `ifindex` unless one exists.
+pub fn ensure_managed(ifindex: u32, addr: Ipv4Addr) -> anyhow::Result<NeighOutcome> {
+    let msg = message(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, ifindex, addr, true);
+    match request(&msg)? {
+        0 => Ok(NeighOutcome::Created),
+        libc::EEXIST => Ok(NeighOutcome::Exists),
+        e => Err(io::Error::from_raw_os_error(e)).with_context(|| {
+            format!(
+                "adding a managed neighbour for {addr} on ifindex {ifindex} \
+                 (managed neighbours need Linux 5.16 or later)"
+            )
+        }),
+    }
+}
+
+/// Removes the neighbour entry for `addr` on `ifindex` (a backend left the config).
+pub fn remove(ifindex: u32, addr: Ipv4Addr) -> anyhow::Result<()> {
+    match request(&message(RTM_DELNEIGH, 0, ifindex, addr, false))? {
+        0 | libc::ENOENT => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e))
+            .with_context(|| format!("removing the neighbour {addr} on ifindex {ifindex}")),
+    }
+}
+
+impl super::DataplaneSpec {
+    /// Backend addresses whose neighbours the provider interface must keep
+    /// resolved: every backend that is not down.
+    pub fn managed_neighbours(&self) -> Vec<(u32, Ipv4Addr)> {
+        let Some(provider) = self
+            .interfaces
+            .iter()
+            .find(|i| i.role == super::InterfaceRole::Provider)
+        else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u32, Ipv4Addr)> = self
+            .backends
+            .iter()
+            .filter(|b| b.state != super::BackendState::Down)
+            .map(|b| (provider.ifindex, b.addr))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
