@@ -19,7 +19,12 @@ use plink_tests::{
 fn pending_drops_approve_opens_reject_cuts() {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build().unwrap();
-    let plink = net.start_plink_with("", "tenant-x").unwrap();
+    let plink = net
+        .start_plink_with(&pl::Options {
+            billing_b_tenant: "tenant-x".into(),
+            ..Default::default()
+        })
+        .unwrap();
     let list = plink
         .ctl(&net.gw, &["endpoints", "list", "--json"])
         .unwrap();

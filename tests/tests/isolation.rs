@@ -21,7 +21,7 @@ fn ip(a: [u8; 4]) -> Ipv4Addr {
 fn consumers_cannot_reach_anything_but_their_endpoints() {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build().unwrap();
-    let plink = net.start_plink("").unwrap();
+    let plink = net.start_plink().unwrap();
     let gw_c1 = net.gw.mac("c1").unwrap();
     let ca = net.consumer_a.mac("eth0").unwrap();
     let client = pl::CLIENT;
@@ -124,7 +124,7 @@ fn consumers_cannot_reach_anything_but_their_endpoints() {
 fn forged_replies_never_reach_a_consumer() {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build().unwrap();
-    let plink = net.start_plink("").unwrap();
+    let plink = net.start_plink().unwrap();
     let gw_p0 = net.gw.mac("p0").unwrap();
     let pv = net.provider.mac("eth0").unwrap();
     let forged = [
