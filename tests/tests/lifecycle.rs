@@ -1,0 +1,185 @@
+//! The dataplane outlives the controller: maps and XDP links are pinned, a
+//! killed or stopped controller leaves forwarding running, and a new one
+//! adopts the pins (same map and link ids, same flows).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use plink_tests::{
+    gateway,
+    netns::{self, Host},
+    privatelink::{self as pl, PrivateLink},
+    servers,
+};
+
+/// The ids of a pinned BPF object (`bpftool {map|link} show pinned PATH`).
+fn pinned_id(host: &Host, kind: &str, path: &std::path::Path) -> u64 {
+    let out = host
+        .exec(
+            "bpftool",
+            &["-j", kind, "show", "pinned", path.to_str().unwrap()],
+        )
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no id in {out}"))
+}
+
+/// Pinned map and link ids, in a stable order.
+fn pinned_ids(net: &PrivateLink) -> Vec<(String, u64)> {
+    let dir = net
+        .topo
+        .bpffs_root()
+        .join(format!("v{}", plink_common::LAYOUT_VERSION));
+    let mut ids = Vec::new();
+    for name in plink_common::map_names::ALL {
+        ids.push((
+            format!("map {name}"),
+            pinned_id(&net.gw, "map", &dir.join(name)),
+        ));
+    }
+    for link in ["c1", "c2", "c3", "p0"] {
+        ids.push((
+            format!("link {link}"),
+            pinned_id(&net.gw, "link", &dir.join("links").join(link)),
+        ));
+    }
+    ids
+}
+
+/// A slow reader: the stream spans the controller's restart.
+fn start_stream(host: &Host, bytes: usize) -> std::thread::JoinHandle<Result<usize, String>> {
+    let stream = host
+        .run_in(|| TcpStream::connect_timeout(&pl::endpoint_tcp().into(), Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut stream = stream;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(format!("GET {bytes}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut header = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            header.push(byte[0]);
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut total = 0usize;
+        loop {
+            let n = stream
+                .read(&mut buf)
+                .map_err(|e| format!("after {total} bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter().enumerate() {
+                if *b != servers::pattern_byte(total + i) {
+                    return Err(format!("byte {} corrupted", total + i));
+                }
+            }
+            total += n;
+            // Throttle so the transfer lasts several seconds.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(total)
+    })
+}
+
+fn survives(kill: bool) {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let plink = net.start_plink().unwrap();
+    let ids_before = pinned_ids(&net);
+    const BYTES: usize = 24 * 1024 * 1024;
+    let stream = start_stream(&net.consumer_a, BYTES);
+    std::thread::sleep(Duration::from_millis(300));
+    if kill {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(net.topo.child_mut(plink.child).id() as i32, libc::SIGKILL) };
+        let _ = net.topo.child_mut(plink.child).wait();
+    } else {
+        let out = net.topo.stop(plink.child).unwrap();
+        assert!(out.status.success(), "SIGTERM exit: {:?}", out.status);
+    }
+    // No controller: a new connection still goes through.
+    let reply = servers::tcp_request(&net.consumer_b, None, pl::endpoint_tcp(), 4096).unwrap();
+    assert_eq!(*reply.local.ip(), pl::BILLING_BACKEND);
+    assert!(!stream.is_finished(), "the stream should still be running");
+
+    // A new controller adopts the same objects.
+    let cfg = pl::config(&net.topo, &pl::Options::default()).unwrap();
+    let gw = net.gw.clone();
+    let plink2 = gateway::start(&mut net.topo, &gw, &cfg).unwrap();
+    assert_eq!(
+        pinned_ids(&net),
+        ids_before,
+        "maps and links were replaced, not adopted"
+    );
+    let flows = plink2.ctl(&net.gw, &["conntrack", "--json"]).unwrap();
+    assert!(
+        flows.contains("orders-a"),
+        "the stream's flow was lost: {flows}"
+    );
+
+    let got = stream.join().unwrap();
+    assert_eq!(got, Ok(BYTES), "the stream did not finish intact");
+}
+
+#[test]
+fn forwarding_survives_kill_9_and_a_new_controller_adopts() {
+    survives(true);
+}
+
+#[test]
+fn forwarding_survives_sigterm_and_a_new_controller_adopts() {
+    survives(false);
+}
+
+#[test]
+fn a_pinned_map_with_another_layout_is_refused() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let dir = net
+        .topo
+        .bpffs_root()
+        .join(format!("v{}", plink_common::LAYOUT_VERSION));
+    std::fs::create_dir_all(&dir).unwrap();
+    // IF_STATS with the wrong value size, as an older build might have left it.
+    let pin = dir.join(plink_common::map_names::IF_STATS);
+    net.gw
+        .exec(
+            "bpftool",
+            &[
+                "map",
+                "create",
+                pin.to_str().unwrap(),
+                "type",
+                "percpu_hash",
+                "key",
+                "4",
+                "value",
+                "8",
+                "entries",
+                "64",
+                "name",
+                "IF_STATS",
+            ],
+        )
+        .unwrap();
+    let err = match net.start_plink() {
+        Ok(_) => panic!("plink adopted an incompatible map"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("IF_STATS") && err.contains("value size") && err.contains("plink-ctl down"),
+        "the refusal says what differs and what to do: {err}"
+    );
+}
