@@ -4,6 +4,18 @@
 //! - [`spec`]: the plain [`DataplaneSpec`] and [`Dataplane::apply`], which
 //!   writes it into the maps as a diff.
 //! - [`conntrack`]: garbage collection, endpoint purge and flow listing.
+//! - [`stats`]: per-CPU counters summed (endpoint, service, backend, NAT
+//!   address, drops by reason and by endpoint).
+//! - [`garp`]: gratuitous ARP for endpoint and NAT addresses.
+//! - [`neigh`]: managed neighbour entries so FIB lookups never see NO_NEIGH.
+//!
+//! Life of a gateway: [`Dataplane::load_with`] (map sizes) → [`Dataplane::apply`]
+//! (the spec) → [`Dataplane::attach`] / [`Dataplane::attach_all`] → announce
+//! ([`DataplaneSpec::garp_plan`] + [`garp::announce`]) and keep backends
+//! resolved ([`DataplaneSpec::managed_neighbours`] + [`neigh::ensure_managed`])
+//! → periodically [`Dataplane::gc_conntrack`]; after an `apply` that takes an
+//! endpoint out of `Approved` (or removes a backend without draining),
+//! [`Dataplane::purge_endpoint`] / [`Dataplane::purge_backend`].
 
 pub mod conntrack;
 pub mod garp;
