@@ -1158,6 +1158,30 @@ fn golden_reload_keeps_established_flows() {
             // Reload: service 0's table changes size (a new region) and names
             // only the other backend; endpoint 1 disappears.
             let other = if backend == BACKEND10 { 1 } else { 0 };
+            let other_addr = if other == 1 { BACKEND11 } else { BACKEND10 };
+            let new_flow_backend = |b: &mut Bench, port: u16| {
+                let run = b.raw(
+                    prog_names::CONSUMER,
+                    c1,
+                    &Ipv4Packet::tcp((CLIENT, port), ep, TCP_SYN)
+                        .macs(CLIENT_MAC, c1_mac)
+                        .build(),
+                );
+                assert_eq!(run.verdict, verdict::REDIRECT);
+                Ipv4Addr::new(
+                    run.output[30],
+                    run.output[31],
+                    run.output[32],
+                    run.output[33],
+                )
+            };
+            // Same table size: rewritten in place, slot by slot.
+            let mut same_size = spec.clone();
+            same_size.services[0].lookup = vec![other; 7];
+            b.dp.apply(&same_size).unwrap();
+            for port in 41000..41004 {
+                assert_eq!(new_flow_backend(&mut b, port), other_addr, "in-place table");
+            }
             let mut next = spec.clone();
             next.services[0].lookup = vec![other; 11];
             next.endpoints.retain(|e| e.id != 1);
@@ -1170,21 +1194,11 @@ fn golden_reload_keeps_established_flows() {
                 &ack.build(),
                 Want::Redirect(to_backend(&ack)),
             );
-            let run = b.raw(
-                prog_names::CONSUMER,
-                c1,
-                &Ipv4Packet::tcp((CLIENT, 40100), ep, TCP_SYN)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build(),
+            assert_eq!(
+                new_flow_backend(&mut b, 40100),
+                other_addr,
+                "a new flow follows the new table"
             );
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            let new_backend = Ipv4Addr::new(
-                run.output[30],
-                run.output[31],
-                run.output[32],
-                run.output[33],
-            );
-            assert_ne!(new_backend, backend, "a new flow follows the new table");
             let q = Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"q").macs(CLIENT_MAC, c1_mac);
             b.case(
                 "removed endpoint is gone",

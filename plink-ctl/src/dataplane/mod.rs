@@ -76,6 +76,9 @@ impl Default for Sizes {
 /// A loaded dataplane: the programs are attached while this lives.
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// What this process last wrote to the large arrays, so that `apply`
+    /// diffs against memory instead of reading every slot back.
+    written: spec::Written,
 }
 
 /// Resolves an interface name to its ifindex in the current network namespace.
@@ -161,7 +164,10 @@ impl Dataplane {
         }
         loader.map_max_entries(map_names::LB_TABLE, sizes.lb_table);
         let ebpf = loader.load(object).context("loading the eBPF object")?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            written: spec::Written::default(),
+        })
     }
 
     /// Loads both programs into the kernel (verifier) without attaching them.
