@@ -1296,6 +1296,108 @@ fn golden_approval_cycle() {
 }
 
 #[test]
+fn golden_draining_nat_and_caps_after_gc() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 5000);
+            let ep = (EP_UDP, 53);
+            let key = fwd_key(1, client, ep, IPPROTO_UDP);
+            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+            let q = Ipv4Packet::udp(client, ep, b"q").macs(CLIENT_MAC, c1_mac);
+            let to_backend =
+                |p: &Ipv4Packet| translated(p, p0_mac, (BACKEND10, 5353, BACKEND10_MAC), nat);
+            b.case(
+                "before draining",
+                prog_names::CONSUMER,
+                c1,
+                &q.build(),
+                Want::Redirect(to_backend(&q)),
+            );
+
+            // Draining the NAT address: its flow and ARP stay, new flows do not start.
+            let mut draining = spec.clone();
+            draining.services[1].nat[0].draining = true;
+            b.dp.apply(&draining).unwrap();
+            b.case(
+                "a draining address keeps its flow",
+                prog_names::CONSUMER,
+                c1,
+                &q.build(),
+                Want::Redirect(to_backend(&q)),
+            );
+            let r = Ipv4Packet::udp((BACKEND10, 5353), nat, b"a").macs(BACKEND10_MAC, p0_mac);
+            assert_eq!(
+                b.raw(prog_names::PROVIDER, p0, &r.build()).verdict,
+                verdict::REDIRECT
+            );
+            b.case(
+                "and its ARP",
+                prog_names::PROVIDER,
+                p0,
+                &arp_request(BACKEND10_MAC, BACKEND10, NAT_UDP),
+                Want::Tx(arp_reply(p0_mac, NAT_UDP, BACKEND10_MAC, BACKEND10)),
+            );
+            let q2 = Ipv4Packet::udp((CLIENT, 5001), ep, b"q").macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "no new flow on a draining address",
+                prog_names::CONSUMER,
+                c1,
+                &q2.build(),
+                Want::Drop(DropReason::NatPortsExhausted),
+            );
+
+            // Max flows: the GC's frees make room again.
+            let capped = |port| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_CAPPED, 80), TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &capped(100)).verdict,
+                verdict::REDIRECT
+            );
+            b.case(
+                "cap reached",
+                prog_names::CONSUMER,
+                c1,
+                &capped(101),
+                Want::Drop(DropReason::CapMaxFlows),
+            );
+            let mut short = draining.clone();
+            short.timeouts.tcp_transitory = Duration::from_millis(50);
+            b.dp.apply(&short).unwrap();
+            netns::wait_for(
+                "the capped flow to expire and be collected",
+                Duration::from_secs(5),
+                || {
+                    b.dp.gc_conntrack()?;
+                    let live = b.dp.list_conntrack()?;
+                    Ok((!live.iter().any(|f| f.endpoint_id == 7)).then_some(()))
+                },
+            )
+            .unwrap();
+            b.dp.apply(&draining).unwrap();
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &capped(101)).verdict,
+                verdict::REDIRECT,
+                "room again after GC"
+            );
+            b.case(
+                "cap reached again",
+                prog_names::CONSUMER,
+                c1,
+                &capped(102),
+                Want::Drop(DropReason::CapMaxFlows),
+            );
+        })
+        .unwrap();
+}
+
+#[test]
 fn golden_conntrack_full_refuses_new_flows() {
     let gw = gateway();
     let spec = spec(&gw);
