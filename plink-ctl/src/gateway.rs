@@ -257,13 +257,15 @@ pub struct Gateway {
 
 /// Keeps the next hop of every backend resolved with a managed neighbour
 /// entry, so the datapath's FIB lookups find a neighbour (NO_NEIGH is a drop).
-pub fn manage_neighbours(provider: &str, addrs: &BTreeSet<Ipv4Addr>) {
+/// Returns the next hops.
+pub fn manage_neighbours(provider: &str, addrs: &BTreeSet<Ipv4Addr>) -> BTreeSet<Ipv4Addr> {
     let mut hops = BTreeSet::new();
     for addr in addrs {
         let a = addr.to_string();
         let route = Command::new("ip")
             .args(["-o", "-4", "route", "get", &a])
             .output();
+        // A backend behind a router: the router is the neighbour to keep.
         let hop = match route {
             Ok(out) if out.status.success() => {
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -278,20 +280,57 @@ pub fn manage_neighbours(provider: &str, addrs: &BTreeSet<Ipv4Addr>) {
         };
         hops.insert(hop);
     }
-    for hop in hops {
-        let h = hop.to_string();
-        let result = Command::new("ip")
-            .args(["neigh", "replace", &h, "dev", provider, "managed"])
-            .output();
-        match result {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => tracing::warn!(
-                next_hop = %hop,
-                "cannot add a managed neighbour entry: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => tracing::warn!("running ip neigh: {e}"),
+    let ifindex = match crate::dataplane::ifindex(provider) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("managed neighbours: {e:#}");
+            return hops;
         }
+    };
+    for hop in &hops {
+        if let Err(e) = crate::dataplane::neigh::ensure_managed(ifindex, *hop) {
+            tracing::warn!(next_hop = %hop, "cannot keep the next hop resolved: {e:#}");
+        }
+    }
+    hops
+}
+
+/// Waits (bounded) until the kernel has resolved `hops` on `provider`, so the
+/// first packets after start are not NO_NEIGH drops. Unresolved hops are
+/// logged: their backends answer once they appear.
+pub fn wait_for_neighbours(
+    provider: &str,
+    hops: &BTreeSet<Ipv4Addr>,
+    timeout: std::time::Duration,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let out = Command::new("ip")
+            .args(["-4", "neigh", "show", "dev", provider])
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let unresolved: Vec<&Ipv4Addr> = hops
+            .iter()
+            .filter(|h| {
+                !text.lines().any(|l| {
+                    l.split_whitespace().next() == Some(h.to_string().as_str())
+                        && l.contains("lladdr")
+                })
+            })
+            .collect();
+        if unresolved.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?unresolved,
+                "next hops not resolved yet; their flows drop as fib_no_neigh until they are"
+            );
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -340,11 +379,21 @@ impl Gateway {
     /// endpoints that stopped passing traffic or left, and backends that left
     /// the config without being drained first.
     pub fn apply_model(&mut self, model: &Model, health: &dyn Health) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let spec = spec_from_model(model, self.spec.as_ref(), health)?;
-        self.dp.apply(&spec)?;
+        self.dp.apply_after(&spec, self.spec.as_ref())?;
+        tracing::debug!(elapsed = ?started.elapsed(), "model applied to the maps");
         if let Some(provider) = model.interfaces.values().find(|i| i.role == Role::Provider) {
-            let backends: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.addr).collect();
-            manage_neighbours(&provider.name, &backends);
+            let backends: BTreeSet<Ipv4Addr> = spec
+                .backends
+                .iter()
+                .filter(|b| b.state != BackendState::Down)
+                .map(|b| b.addr)
+                .collect();
+            let hops = manage_neighbours(&provider.name, &backends);
+            if self.spec.is_none() {
+                wait_for_neighbours(&provider.name, &hops, std::time::Duration::from_secs(3));
+            }
         }
         if let Some(old) = &self.spec {
             let approved: BTreeSet<u32> = spec

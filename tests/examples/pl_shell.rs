@@ -4,7 +4,7 @@
 fn main() -> anyhow::Result<()> {
     plink_tests::netns::require_root_and_tools();
     let mut net = plink_tests::privatelink::PrivateLink::build()?;
-    let plink = net.start_plink("")?;
+    let plink = net.start_plink()?;
     println!(
         "gateway ns: {}  config: {}",
         net.gw.name,

@@ -90,6 +90,40 @@ pub fn start(topo: &mut Topology, host: &Host, config_yaml: &str) -> anyhow::Res
 }
 
 impl Gateway {
+    /// Scrapes `/metrics` of the plink running in `host` (default address).
+    pub fn scrape(&self, host: &Host) -> anyhow::Result<String> {
+        host.run_in(|| -> anyhow::Result<String> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9430")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: plink\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+            if !head.starts_with("HTTP/1.1 200") {
+                bail!("scrape failed: {head}");
+            }
+            Ok(body.to_owned())
+        })?
+    }
+
+    /// One sample's value from a scrape: `name{labels}` exactly as printed.
+    pub fn sample(scrape: &str, series: &str) -> u64 {
+        scrape
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .map(|v| v as u64)
+            .unwrap_or(0)
+    }
+
+    /// plink_drops_total for `reason`.
+    pub fn drops(scrape: &str, reason: &str) -> u64 {
+        Self::sample(scrape, &format!("plink_drops_total{{reason=\"{reason}\"}}"))
+    }
+
     /// Runs `plink-ctl ARGS --config <this config>` in `host` and returns stdout.
     pub fn ctl(&self, host: &Host, args: &[&str]) -> anyhow::Result<String> {
         let bin = plink_ctl_bin();

@@ -195,6 +195,66 @@ pub fn enter_netns(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Host {
+    /// Sends raw Ethernet frames out of `ifname` (AF_PACKET), for traffic no
+    /// socket would produce: forged replies, fragments, IPv6, bad headers.
+    pub fn send_frames(&self, ifname: &str, frames: Vec<Vec<u8>>) -> anyhow::Result<()> {
+        let ifindex = self.ifindex(ifname)?;
+        self.run_in(move || -> anyhow::Result<()> {
+            // SAFETY: plain socket(2); the fd is owned below.
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: fd was just opened and is closed once, by this guard.
+            let _guard =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            // SAFETY: sockaddr_ll is plain data.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            for frame in &frames {
+                // SAFETY: valid buffer and address with the sizes given.
+                let rc = unsafe {
+                    libc::sendto(
+                        fd,
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&sll as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if rc < 0 {
+                    bail!("sending a raw frame: {}", std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })?
+    }
+
+    /// A counter of /proc/net/snmp in this namespace, e.g. (`Ip`, `InReceives`).
+    pub fn snmp(&self, section: &str, field: &str) -> anyhow::Result<u64> {
+        let text = self.exec("cat", &["/proc/net/snmp"])?;
+        let prefix = format!("{section}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no {section} section in /proc/net/snmp");
+        };
+        let i = header
+            .split_whitespace()
+            .position(|h| h == field)
+            .ok_or_else(|| anyhow!("no {section} {field} in /proc/net/snmp"))?;
+        values
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("bad {section} {field} value"))
+    }
+}
+
 /// A set of namespaces, links, processes and pins owned by one test.
 pub struct Topology {
     prefix: String,

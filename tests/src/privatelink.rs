@@ -39,13 +39,32 @@ pub const ORDERS_NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 pub const BILLING_NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 201);
 pub const DNS_NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 202);
 
-/// Services and endpoints of the reference topology; `extra` is appended to
-/// the `gateway:` section (e.g. short timeouts).
-pub fn config(
-    topo: &Topology,
-    gateway_extra: &str,
-    orders_b_tenant: &str,
-) -> anyhow::Result<String> {
+/// Knobs of the reference config.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Appended to the `gateway:` section (e.g. short timeouts), indented.
+    pub gateway_extra: String,
+    /// Owner of `billing-b`: `tenant-b` is auto-approved, others start pending.
+    pub billing_b_tenant: String,
+    /// NAT port range of the `dns` service.
+    pub dns_nat_ports: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            gateway_extra: String::new(),
+            billing_b_tenant: "tenant-b".into(),
+            dns_nat_ports: "20000-29999".into(),
+        }
+    }
+}
+
+/// Services and endpoints of the reference topology.
+pub fn config(topo: &Topology, opts: &Options) -> anyhow::Result<String> {
+    let gateway_extra = &opts.gateway_extra;
+    let orders_b_tenant = &opts.billing_b_tenant;
+    let dns_nat_ports = &opts.dns_nat_ports;
     Ok(format!(
         "{gw}{gateway_extra}\
 interfaces:
@@ -72,7 +91,7 @@ services:
     protocol: udp
     ports: [{{port: 53, target_port: 5353}}]
     backends: [{{address: 198.51.100.20}}]
-    nat: {{addresses: [198.51.100.202], ports: 20000-29999}}
+    nat: {{addresses: [198.51.100.202], ports: {dns_nat_ports}}}
     visibility: ['*']
     auto_approve: ['*']
 endpoints:
@@ -167,8 +186,13 @@ impl PrivateLink {
     }
 
     /// Starts plink on the gateway with the reference config.
-    pub fn start_plink(&mut self, gateway_extra: &str) -> anyhow::Result<Gateway> {
-        let cfg = config(&self.topo, gateway_extra, "tenant-b")?;
+    pub fn start_plink(&mut self) -> anyhow::Result<Gateway> {
+        self.start_plink_with(&Options::default())
+    }
+
+    /// Starts plink with a variant of the reference config.
+    pub fn start_plink_with(&mut self, opts: &Options) -> anyhow::Result<Gateway> {
+        let cfg = config(&self.topo, opts)?;
         let gw = self.gw.clone();
         gateway::start(&mut self.topo, &gw, &cfg).context("starting plink")
     }

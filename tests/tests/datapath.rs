@@ -29,7 +29,7 @@ fn snmp(host: &Host, section: &str, field: &str) -> u64 {
 fn overlapping_consumers_reach_their_own_services_through_nat() {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build().unwrap();
-    let _plink = net.start_plink("").unwrap();
+    let _plink = net.start_plink().unwrap();
 
     // The identical 5-tuple from both consumers, at the same time.
     let src = SocketAddrV4::new(pl::CLIENT, 40000);
@@ -83,7 +83,7 @@ fn overlapping_consumers_reach_their_own_services_through_nat() {
 fn the_fast_path_bypasses_the_kernel_stack() {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build().unwrap();
-    let _plink = net.start_plink("").unwrap();
+    let _plink = net.start_plink().unwrap();
     // Warm up (neighbours), then measure.
     servers::tcp_request(&net.consumer_a, None, pl::endpoint_tcp(), 1024).unwrap();
     let forwarded_before = snmp(&net.gw, "Ip", "ForwDatagrams");
@@ -118,7 +118,7 @@ fn the_fast_path_bypasses_the_kernel_stack() {
 fn conntrack_lists_flows_with_their_nat_mapping() {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build().unwrap();
-    let plink = net.start_plink("").unwrap();
+    let plink = net.start_plink().unwrap();
     let src = SocketAddrV4::new(pl::CLIENT, 42000);
     servers::udp_request(&net.consumer_a, src, pl::endpoint_udp()).unwrap();
     let out = plink.ctl(&net.gw, &["conntrack", "--json"]).unwrap();

@@ -216,13 +216,18 @@ endpoints:
     receiver
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    // Receive concurrently so the socket buffer never overflows.
+    // Lock-step: each datagram is sent once the previous one arrived, so no
+    // queue on the path can overflow and the counts must be exact.
+    let (arrived_tx, arrived_rx) = std::sync::mpsc::channel::<usize>();
     let receiving = std::thread::spawn(move || {
         let mut sizes = Vec::new();
         let mut buf = [0u8; 2048];
         while sizes.len() < COUNT {
             match receiver.recv(&mut buf) {
-                Ok(n) => sizes.push(n),
+                Ok(n) => {
+                    sizes.push(n);
+                    let _ = arrived_tx.send(n);
+                }
                 Err(_) => break,
             }
         }
@@ -235,17 +240,27 @@ endpoints:
                 let mut payload = [0u8; PAYLOAD];
                 payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
                 sock.send_to(&payload, "192.0.2.50:9999")?;
+                if arrived_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                    break;
+                }
             }
             Ok(())
         })
         .unwrap()
         .unwrap();
     let sizes = receiving.join().unwrap();
-    assert_eq!(
-        sizes.len(),
-        COUNT,
-        "datagrams received in the provider namespace"
-    );
+    if sizes.len() != COUNT {
+        let scrape = gwp.scrape(&gw).unwrap_or_default();
+        let drops: Vec<&str> = scrape
+            .lines()
+            .filter(|l| l.starts_with("plink_drops_total") && !l.ends_with(" 0"))
+            .collect();
+        panic!(
+            "{} of {COUNT} datagrams received in the provider namespace; drops: {drops:?}; neighbours: {}",
+            sizes.len(),
+            gw.ip(&["neigh"]).unwrap_or_default()
+        );
+    }
     assert!(sizes.iter().all(|&n| n == PAYLOAD));
 
     let c1 = gw.ifindex("c1").unwrap();

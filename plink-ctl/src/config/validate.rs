@@ -379,11 +379,13 @@ fn services(cfg: &Config, p: &mut Problems) {
                 );
             }
         }
-        if nat.ports.len() < 64 {
+        // Small pools are legitimate (tests, tightly capped services); a
+        // handful of ports is almost certainly a typo.
+        if nat.ports.len() < 8 {
             p.push(
                 format!("{path}.nat.ports"),
                 format!(
-                    "NAT port range {} has {} ports, too few to be useful: use at least 64, e.g. 1024-65535",
+                    "NAT port range {} has {} ports, too few to be useful: use at least 8, e.g. 1024-65535",
                     nat.ports,
                     nat.ports.len()
                 ),
