@@ -1398,6 +1398,62 @@ fn golden_draining_nat_and_caps_after_gc() {
 }
 
 #[test]
+fn golden_nat_port_is_not_reused_before_the_closing_timeout() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    // One NAT port: whoever holds it blocks every other flow.
+    spec.services[0].nat[0].ports = 30000..=30000;
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let pkt = |port, flags| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_TCP, 80), flags)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            let nat_port = |run: &XdpRun| u16::from_be_bytes([run.output[34], run.output[35]]);
+            let a = b.raw(prog_names::CONSUMER, c1, &pkt(40000, TCP_SYN));
+            assert_eq!(a.verdict, verdict::REDIRECT);
+            assert_eq!(nat_port(&a), 30000);
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &pkt(40000, TCP_FIN | TCP_ACK))
+                    .verdict,
+                verdict::REDIRECT
+            );
+            assert_eq!(
+                b.dp.list_conntrack().unwrap()[0].tcp_state,
+                tcp_state::CLOSING
+            );
+            // Closing, not expired: the port stays with its flow.
+            assert_eq!(b.dp.gc_conntrack().unwrap().flows, 0);
+            b.case(
+                "port held by a closing flow",
+                prog_names::CONSUMER,
+                c1,
+                &pkt(40001, TCP_SYN),
+                Want::Drop(DropReason::NatPortsExhausted),
+            );
+            // Once the closing timeout has passed and the GC collected the
+            // flow, the port is handed out again.
+            let mut short = spec.clone();
+            short.timeouts.tcp_transitory = Duration::from_millis(50);
+            b.dp.apply(&short).unwrap();
+            netns::wait_for(
+                "the closing flow to be collected",
+                Duration::from_secs(5),
+                || Ok((b.dp.gc_conntrack()?.remaining == 0).then_some(())),
+            )
+            .unwrap();
+            b.dp.apply(&spec).unwrap();
+            let c = b.raw(prog_names::CONSUMER, c1, &pkt(40001, TCP_SYN));
+            assert_eq!(c.verdict, verdict::REDIRECT);
+            assert_eq!(nat_port(&c), 30000);
+        })
+        .unwrap();
+}
+
+#[test]
 fn golden_conntrack_full_refuses_new_flows() {
     let gw = gateway();
     let spec = spec(&gw);
