@@ -100,6 +100,23 @@ fn serve_tcp(stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
+    if line.starts_with("GET /") {
+        // A minimal HTTP/1.0 answer for curl-like clients and the demo.
+        let mut header = String::new();
+        while reader.read_line(&mut header)? > 2 {
+            header.clear();
+        }
+        let body = format!("hello from backend {local}; you came from {peer}\n");
+        let mut stream = stream;
+        stream.write_all(
+            format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )?;
+        return stream.shutdown(std::net::Shutdown::Write);
+    }
     let n: usize = line
         .trim()
         .strip_prefix("GET ")
@@ -253,6 +270,24 @@ fn connect_from(src: SocketAddrV4, dst: SocketAddrV4) -> anyhow::Result<TcpStrea
         }
         Ok(stream)
     }
+}
+
+/// HTTP GET `path` from `host` to `dst`; returns the status line and body.
+pub fn http_get(host: &Host, dst: SocketAddrV4, path: &str) -> anyhow::Result<(String, String)> {
+    let path = path.to_owned();
+    host.run_in(move || -> anyhow::Result<(String, String)> {
+        let mut stream = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(2))
+            .with_context(|| format!("connecting to {dst}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {dst}\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("not an HTTP response: {response:?}"))?;
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        Ok((status, body.to_owned()))
+    })?
 }
 
 /// One UDP request/reply from `host` bound to `src` (port 0 for any).

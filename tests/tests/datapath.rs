@@ -87,6 +87,15 @@ fn the_fast_path_bypasses_the_kernel_stack() {
     // Warm up (neighbours), then measure.
     servers::tcp_request(&net.consumer_a, None, pl::endpoint_tcp(), 1024).unwrap();
     let forwarded_before = snmp(&net.gw, "Ip", "ForwDatagrams");
+    let redirects = |dev: &str| -> u64 {
+        let stats = net.gw.exec("ethtool", &["-S", dev]).unwrap();
+        stats
+            .lines()
+            .filter(|l| l.trim_start().starts_with("rx_queue_") && l.contains("_xdp_redirect:"))
+            .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
+            .sum()
+    };
+    let (c1_before, p0_before) = (redirects("c1"), redirects("p0"));
     for _ in 0..5 {
         servers::tcp_request(&net.consumer_a, None, pl::endpoint_tcp(), 256 * 1024).unwrap();
         servers::udp_request(
@@ -97,6 +106,10 @@ fn the_fast_path_bypasses_the_kernel_stack() {
         .unwrap();
     }
     let forwarded_after = snmp(&net.gw, "Ip", "ForwDatagrams");
+    // The kernel's own evidence that XDP moved the packets: redirect
+    // counters on both sides grew.
+    assert!(redirects("c1") > c1_before, "no XDP redirects on c1");
+    assert!(redirects("p0") > p0_before, "no XDP redirects on p0");
     assert_eq!(
         forwarded_before, forwarded_after,
         "the gateway kernel forwarded packets: the flows did not stay in XDP"

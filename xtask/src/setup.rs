@@ -222,6 +222,15 @@ fn is_bpffs(path: &Path) -> bool {
         .is_some_and(|t| t.trim() == "bpf_fs")
 }
 
+/// Whether a test object named `plt-<pid>-...` belongs to a process that is
+/// gone (a live one may be another test run on this machine).
+fn owner_gone(name: &str) -> bool {
+    name.strip_prefix("plt-")
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
 /// Namespaces and pins the tests create, left by a run that was killed.
 pub fn test_leftovers() -> anyhow::Result<Vec<String>> {
     let mut found = Vec::new();
@@ -229,6 +238,7 @@ pub fn test_leftovers() -> anyhow::Result<Vec<String>> {
         for line in list.lines() {
             if let Some(name) = line.split_whitespace().next()
                 && name.starts_with("plt-")
+                && owner_gone(name)
             {
                 found.push(format!("netns {name}"));
             }
@@ -237,7 +247,9 @@ pub fn test_leftovers() -> anyhow::Result<Vec<String>> {
     let pins = Path::new("/sys/fs/bpf/plink-test");
     if let Ok(entries) = std::fs::read_dir(pins) {
         for entry in entries.flatten() {
-            found.push(format!("pin {}", entry.path().display()));
+            if owner_gone(&entry.file_name().to_string_lossy()) {
+                found.push(format!("pin {}", entry.path().display()));
+            }
         }
     }
     Ok(found)
