@@ -4,6 +4,18 @@
 //! - [`spec`]: the plain [`DataplaneSpec`] and [`Dataplane::apply`], which
 //!   writes it into the maps as a diff.
 //! - [`conntrack`]: garbage collection, endpoint purge and flow listing.
+//! - [`stats`]: per-CPU counters summed (endpoint, service, backend, NAT
+//!   address, drops by reason and by endpoint).
+//! - [`garp`]: gratuitous ARP for endpoint and NAT addresses.
+//! - [`neigh`]: managed neighbour entries so FIB lookups never see NO_NEIGH.
+//!
+//! Life of a gateway: [`Dataplane::load_with`] (map sizes) → [`Dataplane::apply`]
+//! (the spec) → [`Dataplane::attach`] / [`Dataplane::attach_all`] → announce
+//! ([`DataplaneSpec::garp_plan`] + [`garp::announce`]) and keep backends
+//! resolved ([`DataplaneSpec::managed_neighbours`] + [`neigh::ensure_managed`])
+//! → periodically [`Dataplane::gc_conntrack`]; after an `apply` that takes an
+//! endpoint out of `Approved` (or removes a backend without draining),
+//! [`Dataplane::purge_endpoint`] / [`Dataplane::purge_backend`].
 
 pub mod conntrack;
 pub mod garp;
@@ -70,6 +82,9 @@ impl Default for Sizes {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    /// What this process last wrote to the large arrays, so that `apply`
+    /// diffs against memory instead of reading every slot back.
+    written: spec::Written,
 }
 
 /// Where the XDP link of `ifname` is pinned.
@@ -254,7 +269,11 @@ impl Dataplane {
         }
         loader.map_max_entries(map_names::LB_TABLE, sizes.lb_table);
         let ebpf = loader.load(object).context("loading the eBPF object")?;
-        Ok(Self { ebpf, pin_dir: dir })
+        Ok(Self {
+            ebpf,
+            pin_dir: dir,
+            written: spec::Written::default(),
+        })
     }
 
     /// Loads both programs into the kernel (verifier) without attaching them.
