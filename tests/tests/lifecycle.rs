@@ -183,3 +183,103 @@ fn a_pinned_map_with_another_layout_is_refused() {
         "the refusal says what differs and what to do: {err}"
     );
 }
+
+/// A TCP stream runs across five reloads that each change something real; it
+/// sees no reset and every byte arrives.
+#[test]
+fn a_stream_survives_five_reloads() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let plink = net.start_plink().unwrap();
+    const BYTES: usize = 24 * 1024 * 1024;
+    let stream = start_stream(&net.consumer_a, BYTES);
+    let original = std::fs::read_to_string(&plink.config_path).unwrap();
+    let edits: [(&str, &str, &str); 5] = [
+        (
+            "add an endpoint",
+            "endpoints:\n",
+            "endpoints:\n  - {name: orders-a2, tenant: tenant-a, network: vnet-a, address: 192.0.2.51, service: orders}\n",
+        ),
+        (
+            "add a backend",
+            "backends: [{address: 198.51.100.10}, {address: 198.51.100.11}]",
+            "backends: [{address: 198.51.100.10}, {address: 198.51.100.11}, {address: 198.51.100.13}]",
+        ),
+        (
+            "change a weight",
+            "{address: 198.51.100.11}, {address: 198.51.100.13}",
+            "{address: 198.51.100.11, weight: 3}, {address: 198.51.100.13}",
+        ),
+        (
+            "remove an unrelated endpoint",
+            "  - {name: dns-b, tenant: tenant-b, network: vnet-b, address: 192.0.2.53, service: dns}\n",
+            "",
+        ),
+        (
+            "add a NAT address",
+            "addresses: [198.51.100.200]",
+            "addresses: [198.51.100.200, 198.51.100.210]",
+        ),
+    ];
+    let mut text = original;
+    for (what, from, to) in edits {
+        assert!(text.contains(from), "{what}: pattern missing");
+        text = text.replacen(from, to, 1);
+        std::fs::write(&plink.config_path, &text).unwrap();
+        let out = plink
+            .ctl(&net.gw, &["reload"])
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert!(
+            !out.contains("no changes"),
+            "{what}: the reload changed nothing: {out}"
+        );
+        assert!(!stream.is_finished(), "the stream ended during '{what}'");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let got = stream.join().unwrap();
+    assert_eq!(got, Ok(BYTES), "the stream did not survive the reloads");
+    // The new endpoint works too.
+    let reply = servers::tcp_request(
+        &net.consumer_a,
+        None,
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 51), 80),
+        1024,
+    )
+    .unwrap();
+    assert!(*reply.peer.ip() == pl::ORDERS_NAT || reply.peer.ip().octets()[3] == 210);
+}
+
+/// `plink-ctl down` detaches XDP and removes every pin.
+#[test]
+fn down_detaches_and_removes_the_pins() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let plink = net.start_plink().unwrap();
+    let config = plink.config_path.clone();
+    let out = net.topo.stop(plink.child).unwrap();
+    assert!(out.status.success());
+    let link = net.gw.ip(&["link", "show", "dev", "c1"]).unwrap();
+    assert!(
+        link.contains("xdp"),
+        "XDP stays attached after SIGTERM: {link}"
+    );
+    let bin = gateway::plink_ctl_bin();
+    net.gw
+        .exec(
+            bin.to_str().unwrap(),
+            &["down", "--config", config.to_str().unwrap()],
+        )
+        .unwrap();
+    for dev in ["c1", "c2", "c3", "p0"] {
+        let link = net.gw.ip(&["link", "show", "dev", dev]).unwrap();
+        assert!(
+            !link.contains("prog/xdp"),
+            "{dev} still has XDP after down: {link}"
+        );
+    }
+    let dir = net
+        .topo
+        .bpffs_root()
+        .join(format!("v{}", plink_common::LAYOUT_VERSION));
+    assert!(!dir.exists(), "pins left at {}", dir.display());
+}
