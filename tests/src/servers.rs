@@ -290,6 +290,30 @@ pub fn http_get(host: &Host, dst: SocketAddrV4, path: &str) -> anyhow::Result<(S
     })?
 }
 
+/// One UDP datagram and its reply, no retry: for probes that expect refusal.
+pub fn udp_probe(
+    host: &Host,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    host.run_in(move || -> anyhow::Result<Reply> {
+        let socket = UdpSocket::bind(src).with_context(|| format!("binding {src}"))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send_to(b"GET 0\n", dst)?;
+        let mut buf = [0u8; 2048];
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .with_context(|| format!("no UDP reply from {dst} within {timeout:?}"))?;
+        let (peer, local) = parse_header(&String::from_utf8_lossy(&buf[..n]))?;
+        Ok(Reply {
+            peer,
+            local,
+            body_len: 0,
+        })
+    })?
+}
+
 /// One UDP request/reply from `host` bound to `src` (port 0 for any).
 pub fn udp_request(host: &Host, src: SocketAddrV4, dst: SocketAddrV4) -> anyhow::Result<Reply> {
     host.run_in(move || -> anyhow::Result<Reply> {
