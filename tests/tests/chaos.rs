@@ -66,7 +66,7 @@ fn sixty_seconds_of_reloads_and_kills_lose_nothing() {
     const STREAM_BYTES: usize = 9 * 1024 * 1024;
     let mut streams = Vec::new();
     for i in 0..10 {
-        let host = if i % 2 == 0 {
+        let host = if i.is_multiple_of(2) {
             &net.consumer_a
         } else {
             &net.consumer_b
@@ -99,7 +99,7 @@ fn sixty_seconds_of_reloads_and_kills_lose_nothing() {
 
     // Reloads that change something real, alternating two configs.
     let variant = |i: usize| -> String {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             base.replacen(
                 "endpoints:\n",
                 "endpoints:\n  - {name: orders-a2, tenant: tenant-a, network: vnet-a, address: 192.0.2.51, service: orders}\n",
