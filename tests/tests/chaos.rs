@@ -65,7 +65,7 @@ fn sixty_seconds_of_reloads_and_kills_lose_nothing() {
 
     const STREAM_BYTES: usize = 9 * 1024 * 1024;
     let mut streams = Vec::new();
-    for i in 0..10 {
+    for i in 0..10u32 {
         let host = if i.is_multiple_of(2) {
             &net.consumer_a
         } else {
