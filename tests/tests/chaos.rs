@@ -3,8 +3,6 @@
 //! and restarted. Zero failed connections, zero resets, every byte intact.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -13,47 +11,10 @@ use std::{
 };
 
 use plink_tests::{
-    gateway,
-    netns::{self, Host},
+    gateway, netns,
     privatelink::{self as pl, PrivateLink},
     servers,
 };
-
-/// A throttled stream: `bytes` read at about 160 kB/s, every byte checked.
-fn long_stream(host: &Host, bytes: usize) -> std::thread::JoinHandle<Result<usize, String>> {
-    let stream = host
-        .run_in(|| TcpStream::connect_timeout(&pl::endpoint_tcp().into(), Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        let mut stream = stream;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(format!("GET {bytes}\n").as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut byte = [0u8; 1];
-        while byte[0] != b'\n' {
-            stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
-        }
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut total = 0usize;
-        loop {
-            let n = stream
-                .read(&mut buf)
-                .map_err(|e| format!("after {total} bytes: {e}"))?;
-            if n == 0 {
-                return Ok(total);
-            }
-            if let Some(i) = (0..n).find(|&i| buf[i] != servers::pattern_byte(total + i)) {
-                return Err(format!("byte {} corrupted", total + i));
-            }
-            total += n;
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    })
-}
 
 #[test]
 fn sixty_seconds_of_reloads_and_kills_lose_nothing() {
@@ -71,7 +32,15 @@ fn sixty_seconds_of_reloads_and_kills_lose_nothing() {
         } else {
             &net.consumer_b
         };
-        streams.push(long_stream(host, STREAM_BYTES));
+        streams.push(
+            servers::slow_stream(
+                host,
+                pl::endpoint_tcp(),
+                STREAM_BYTES,
+                Duration::from_millis(100),
+            )
+            .unwrap(),
+        );
     }
 
     // Continuous new connections from both consumers.

@@ -2,11 +2,7 @@
 //! killed or stopped controller leaves forwarding running, and a new one
 //! adopts the pins (same map and link ids, same flows).
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
+use std::time::Duration;
 
 use plink_tests::{
     gateway,
@@ -53,44 +49,7 @@ fn pinned_ids(net: &PrivateLink) -> Vec<(String, u64)> {
 
 /// A slow reader: the stream spans the controller's restart.
 fn start_stream(host: &Host, bytes: usize) -> std::thread::JoinHandle<Result<usize, String>> {
-    let stream = host
-        .run_in(|| TcpStream::connect_timeout(&pl::endpoint_tcp().into(), Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        let mut stream = stream;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(format!("GET {bytes}\n").as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut header = Vec::new();
-        let mut byte = [0u8; 1];
-        while byte[0] != b'\n' {
-            stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
-            header.push(byte[0]);
-        }
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut total = 0usize;
-        loop {
-            let n = stream
-                .read(&mut buf)
-                .map_err(|e| format!("after {total} bytes: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            for (i, b) in buf[..n].iter().enumerate() {
-                if *b != servers::pattern_byte(total + i) {
-                    return Err(format!("byte {} corrupted", total + i));
-                }
-            }
-            total += n;
-            // Throttle so the transfer lasts several seconds.
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(total)
-    })
+    servers::slow_stream(host, pl::endpoint_tcp(), bytes, Duration::from_millis(2)).unwrap()
 }
 
 fn survives(kill: bool) {
