@@ -417,7 +417,12 @@ fn mutated_configs_never_panic() {
     let alphabet = b" :-[]{},'\"#\n\t*&!|>%@`0123456789abcxyz.";
     let path = std::path::Path::new("fuzz.yaml");
     let mut parsed_ok = 0;
-    for round in 0..3000 {
+    // `cargo xtask fuzz` raises this for the long run.
+    let rounds: u64 = std::env::var("PLINK_FUZZ_CONFIGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    for round in 0..rounds {
         let mut bytes = example.as_bytes().to_vec();
         for _ in 0..(1 + next() % 4) {
             if bytes.is_empty() {
