@@ -387,32 +387,48 @@ impl Dataplane {
         for s in &spec.services {
             let size = u32::try_from(s.lookup.len()).context("lookup table too large")?;
             let old = current.get(s.id as usize).copied().unwrap_or_default();
-            // Same size: rewrite in place (each slot is one atomic u32 update,
-            // as Katran does). Other size: a fresh region, then flip the service.
-            let offset = if old.enabled != 0 && old.lb_size == size {
+            // A changed table is never rewritten in place, where a new flow
+            // could read a half-written table: it is written whole to a free
+            // region, then the service entry is flipped to it (one value
+            // update) and the old region becomes free. An unchanged table
+            // stays where it is.
+            let in_place = old.enabled != 0 && old.lb_size == size && size != 0;
+            let unchanged = in_place
+                && match previous.and_then(|p| p.services.iter().find(|p| p.id == s.id)) {
+                    Some(p) => p.lookup == s.lookup,
+                    // Adopted maps: compare with what the region holds.
+                    None => {
+                        let lb: Array<_, u32> =
+                            Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
+                        let mut same = true;
+                        for (i, id) in s.lookup.iter().enumerate() {
+                            if lb.get(&(old.lb_offset + i as u32), 0)? != *id {
+                                same = false;
+                                break;
+                            }
+                        }
+                        same
+                    }
+                };
+            let offset = if unchanged {
                 old.lb_offset
             } else if size == 0 {
                 0
             } else {
                 let off = first_fit(&used, size, lb_len).with_context(|| {
-                    format!("the backend lookup table ({lb_len} slots) is full: raise its size")
+                    format!(
+                        "the backend lookup table ({lb_len} slots, fixed at start) has no free \
+                         region of {size} slots for service {}: restart with fewer or smaller tables",
+                        s.id
+                    )
                 })?;
                 used.push((off, size));
-                off
-            };
-            let unchanged = offset == old.lb_offset
-                && previous
-                    .and_then(|p| p.services.iter().find(|p| p.id == s.id))
-                    .is_some_and(|p| p.lookup == s.lookup);
-            if size != 0 && !unchanged {
                 let mut lb: Array<_, u32> = Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
                 for (i, id) in s.lookup.iter().enumerate() {
-                    let idx = offset + i as u32;
-                    if lb.get(&idx, 0)? != *id {
-                        lb.set(idx, *id, 0)?;
-                    }
+                    lb.set(off + i as u32, *id, 0)?;
                 }
-            }
+                off
+            };
             let mut nat = [NatSlot::default(); MAX_NAT_SLOTS];
             for (slot, n) in nat.iter_mut().zip(&s.nat) {
                 *slot = NatSlot {
