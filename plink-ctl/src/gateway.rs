@@ -545,6 +545,7 @@ impl Gateway {
                 serde_json::json!({
                     "endpoint": endpoint,
                     "network": network,
+                    "network_id": f.network_id,
                     "protocol": match f.protocol {
                         plink_common::IPPROTO_TCP => "tcp",
                         plink_common::IPPROTO_UDP => "udp",
