@@ -458,3 +458,191 @@ fn with_every_backend_down_new_flows_are_dropped_as_no_backend() {
     )
     .unwrap();
 }
+
+/// Atomicity of the table swap, at the datapath: a writer rewrites service
+/// 0's lookup table again and again (generation `g` sends every slot to
+/// backend `g % 8`) through `Dataplane::apply`, while a BPF_PROG_TEST_RUN
+/// loop sends new flows (hashes all over the table) through the consumer
+/// program of a second handle on the same pinned maps. If a table were
+/// rewritten in place, a flow hashing to a slot not yet rewritten would see
+/// the previous generation after another flow saw the new one; with the
+/// swap, the generations the flows see never go back.
+#[test]
+fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
+    use plink_common::prog_names;
+    use plink_ctl::{
+        EBPF_OBJECT,
+        dataplane::{
+            BackendSpec, BackendState, Dataplane, DataplaneSpec, EndpointSpec, EndpointState,
+            InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, Sizes,
+            TimeoutSpec,
+        },
+    };
+    use plink_tests::{golden, packet::Ipv4Packet};
+
+    const BACKENDS: u32 = 8;
+    const TABLE: usize = 4099;
+    netns::require_root_and_tools();
+    let mut topo = netns::Topology::new().unwrap();
+    let gw = topo.host("gw").unwrap();
+    let cn = topo.host("cn").unwrap();
+    let pv = topo.host("pv").unwrap();
+    topo.link(&gw, "c1", &cn, "eth0").unwrap();
+    topo.link(&gw, "p0", &pv, "eth0").unwrap();
+    gw.ip(&["addr", "add", "198.51.100.1/24", "dev", "p0"])
+        .unwrap();
+    gw.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
+    let backend_addr = |id: u32| Ipv4Addr::new(198, 51, 100, 10 + id as u8);
+    for id in 0..BACKENDS {
+        gw.ip(&[
+            "neigh",
+            "replace",
+            &backend_addr(id).to_string(),
+            "lladdr",
+            &format!("02:00:00:00:01:{:02x}", 0x10 + id),
+            "dev",
+            "p0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    let (c1, p0) = (gw.ifindex("c1").unwrap(), gw.ifindex("p0").unwrap());
+    let (c1_mac, p0_mac) = (gw.mac("c1").unwrap(), gw.mac("p0").unwrap());
+    let endpoint = Ipv4Addr::new(192, 0, 2, 51);
+    let spec = move |generation: u32| DataplaneSpec {
+        interfaces: vec![
+            InterfaceSpec {
+                ifindex: c1,
+                role: InterfaceRole::Consumer { network_id: 1 },
+                mac: c1_mac,
+            },
+            InterfaceSpec {
+                ifindex: p0,
+                role: InterfaceRole::Provider,
+                mac: p0_mac,
+            },
+        ],
+        timeouts: TimeoutSpec::default(),
+        services: vec![ServiceSpec {
+            id: 0,
+            nat: vec![NatSpec {
+                addr: Ipv4Addr::new(198, 51, 100, 200),
+                ports: 1024..=65535,
+                draining: false,
+            }],
+            lookup: vec![generation % BACKENDS; TABLE],
+        }],
+        backends: (0..BACKENDS)
+            .map(|id| BackendSpec {
+                id,
+                service_id: 0,
+                addr: backend_addr(id),
+                state: BackendState::Active,
+            })
+            .collect(),
+        endpoints: vec![EndpointSpec {
+            id: 0,
+            network_id: 1,
+            addr: endpoint,
+            service_id: 0,
+            protocol: Protocol::Udp,
+            ports: vec![PortSpec {
+                port: 53,
+                target_port: 5353,
+            }],
+            state: EndpointState::Approved,
+            max_flows: 0,
+            new_flows_per_sec: 0,
+        }],
+    };
+    let sizes = Sizes {
+        conntrack: 131_072,
+        lb_table: 4 * TABLE as u32,
+    };
+    let root = topo.bpffs_root().to_path_buf();
+
+    // The writer: the product's apply path, on the pinned maps.
+    let mut writer_dp = {
+        let root = root.clone();
+        gw.run_in(move || -> anyhow::Result<Dataplane> {
+            let mut dp = Dataplane::load_with(EBPF_OBJECT, Some(&root), sizes)?;
+            dp.apply(&spec(0))?;
+            Ok(dp)
+        })
+        .unwrap()
+        .unwrap()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> anyhow::Result<u32> {
+            let mut generation = 0;
+            while !stop.load(Ordering::SeqCst) {
+                generation += 1;
+                writer_dp.apply(&spec(generation))?;
+            }
+            Ok(generation)
+        })
+    };
+    // The reader: a second handle on the same maps, running new flows.
+    let seen = gw
+        .run_in(move || -> anyhow::Result<Vec<u32>> {
+            let mut dp = Dataplane::load_with(EBPF_OBJECT, Some(&root), sizes)?;
+            dp.load_programs()?;
+            let program = dp.program(prog_names::CONSUMER)?;
+            let mut seen = Vec::new();
+            let started = Instant::now();
+            for i in 0..20_000u32 {
+                if started.elapsed() > Duration::from_secs(4) {
+                    break;
+                }
+                let src = Ipv4Addr::new(192, 0, 2, 1 + (i / 60_000) as u8);
+                let frame =
+                    Ipv4Packet::udp((src, 1024 + (i % 60_000) as u16), (endpoint, 53), b"q")
+                        .macs([2, 0, 0, 0, 0, 1], c1_mac)
+                        .build();
+                let run = golden::run(program, c1, &frame)?;
+                if run.verdict != golden::verdict::REDIRECT {
+                    bail!("flow {i}: verdict {} instead of a redirect", run.verdict);
+                }
+                let dst = Ipv4Addr::new(
+                    run.output[30],
+                    run.output[31],
+                    run.output[32],
+                    run.output[33],
+                );
+                let id = u32::from(dst.octets()[3]) - 10;
+                seen.push(id);
+            }
+            Ok(seen)
+        })
+        .unwrap()
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let generations = writer.join().unwrap().unwrap();
+    // Consecutive flows: the generation moves forward (mod 8) by at most a
+    // few steps, never back.
+    let mut changes = 0;
+    for (i, pair) in seen.windows(2).enumerate() {
+        let step = (pair[1] + BACKENDS - pair[0]) % BACKENDS;
+        assert!(
+            step < BACKENDS / 2,
+            "flow {} saw backend {} after flow {} saw {}: an older generation after a newer one",
+            i + 1,
+            pair[1],
+            i,
+            pair[0]
+        );
+        changes += usize::from(step != 0);
+    }
+    eprintln!(
+        "{} flows, {generations} table generations written, {changes} generation changes seen",
+        seen.len()
+    );
+    assert!(seen.len() >= 1000, "only {} flows ran", seen.len());
+    assert!(
+        changes >= 5,
+        "the table changed only {changes} times under the flows"
+    );
+}
