@@ -338,12 +338,16 @@ impl Gateway {
     /// Loads the programs with maps sized from the config, pinned under
     /// `gateway.bpffs_root`, and attaches them to every configured interface.
     pub fn start(config: &Config) -> anyhow::Result<Self> {
+        // Room for two tables per service: a changed table is written to a
+        // free region and the service flipped to it (see `apply_services`).
         let lb_table: u32 = config
             .services
             .iter()
-            .map(|s| s.maglev_table_size)
-            .sum::<u32>()
-            .max(plink_common::DEFAULT_LB_TABLE_ENTRIES);
+            .map(|s| u64::from(s.maglev_table_size) * 2)
+            .sum::<u64>()
+            .max(u64::from(plink_common::DEFAULT_LB_TABLE_ENTRIES))
+            .try_into()
+            .context("the Maglev tables of all services exceed 2^32 slots")?;
         let sizes = Sizes {
             conntrack: config.gateway.conntrack.max_flows,
             lb_table,
@@ -357,6 +361,30 @@ impl Gateway {
             last_gc: GcReport::default(),
             conntrack_capacity: u64::from(sizes.conntrack),
         })
+    }
+
+    /// Backends that the running dataplane (adopted from its pins) records
+    /// as down while the config has them active: a previous controller's
+    /// health checks took them out, and they stay out until they pass again.
+    pub fn adopted_down_backends(&mut self, model: &Model) -> Vec<BackendId> {
+        let Ok(map) = self.dp.map_mut(plink_common::map_names::BACKENDS) else {
+            return Vec::new();
+        };
+        let Ok(map) = aya::maps::Array::<_, plink_common::BackendInfo>::try_from(map) else {
+            return Vec::new();
+        };
+        model
+            .services
+            .values()
+            .filter(|s| s.health_check.is_some())
+            .flat_map(|s| s.backends.iter())
+            .filter(|b| b.state == CfgBackendState::Active)
+            .filter(|b| {
+                map.get(&b.id.0, 0)
+                    .is_ok_and(|i| i.enabled != 0 && i.state == plink_common::backend_state::DOWN)
+            })
+            .map(|b| b.id)
+            .collect()
     }
 
     /// Sends gratuitous ARP for every endpoint and NAT address.
@@ -517,6 +545,7 @@ impl Gateway {
                 serde_json::json!({
                     "endpoint": endpoint,
                     "network": network,
+                    "network_id": f.network_id,
                     "protocol": match f.protocol {
                         plink_common::IPPROTO_TCP => "tcp",
                         plink_common::IPPROTO_UDP => "udp",

@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod gateway;
+pub mod health;
 pub mod hostcheck;
 pub mod maglev;
 pub mod metrics;

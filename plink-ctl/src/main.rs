@@ -13,7 +13,8 @@ use plink_ctl::{
     config::{Config, DEFAULT_ADMIN_SOCKET},
     controller::{ActionOutcome, Controller, ReloadOutcome, Status},
     dataplane,
-    gateway::{self, AllHealthy, Gateway, GatewayQueries},
+    gateway::{self, Gateway, GatewayQueries},
+    health::{HealthChecker, HealthMap},
     hostcheck, metrics,
     model::{EndpointModel, Model},
 };
@@ -424,12 +425,18 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
-    let gateway = Gateway::start(&config)?;
+    let mut gateway = Gateway::start(&config)?;
+    // Health as the running dataplane recorded it: a backend a previous
+    // controller took down stays out of the table until it passes `rise` probes.
+    let health = HealthMap::default();
+    for id in gateway.adopted_down_backends(&controller.model()) {
+        health.seed_down(id);
+    }
     let gateway = Arc::new(Mutex::new(gateway));
     {
         let model = controller.model();
         let mut gw = gateway::lock(&gateway);
-        gw.apply_model(&model, &AllHealthy)
+        gw.apply_model(&model, &health)
             .context("writing the config into the dataplane maps")?;
         gw.announce();
     }
@@ -454,21 +461,43 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }));
 
         // The model-change hook: every committed change (admin action,
-        // reload) publishes a new Model, which the dataplane applies as a diff.
+        // reload) publishes a new Model, which the dataplane applies as a
+        // diff. A health change (a backend went down or came back) re-applies
+        // the current model: the lookup tables follow the health map.
+        let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut checker = HealthChecker::new(health.clone(), health_tx);
+        checker.reconcile(&models.borrow().clone());
         let model_task = {
             let mut models = models.clone();
             let gateway = gateway.clone();
+            let health = health.clone();
             tokio::spawn(async move {
                 let mut applied: Arc<Model> = models.borrow_and_update().clone();
-                while models.changed().await.is_ok() {
-                    let latest = models.borrow_and_update().clone();
-                    let diff = Model::diff(&applied, &latest);
-                    tracing::info!(changes = ?diff.summary(), "model changed");
+                loop {
+                    let latest = tokio::select! {
+                        changed = models.changed() => {
+                            if changed.is_err() {
+                                break;
+                            }
+                            let latest = models.borrow_and_update().clone();
+                            let diff = Model::diff(&applied, &latest);
+                            tracing::info!(changes = ?diff.summary(), "model changed");
+                            checker.reconcile(&latest);
+                            latest
+                        }
+                        Some(()) = health_rx.recv() => {
+                            // Several backends may have changed at once: one apply.
+                            while health_rx.try_recv().is_ok() {}
+                            tracing::info!("backend health changed: updating the lookup tables");
+                            models.borrow().clone()
+                        }
+                    };
                     let gw = gateway.clone();
                     let model = latest.clone();
+                    let health = health.clone();
                     let result = tokio::task::spawn_blocking(move || {
                         let mut g = gateway::lock(&gw);
-                        g.apply_model(&model, &AllHealthy)?;
+                        g.apply_model(&model, &health)?;
                         g.announce();
                         anyhow::Ok(())
                     })

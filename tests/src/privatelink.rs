@@ -48,6 +48,10 @@ pub struct Options {
     pub billing_b_tenant: String,
     /// NAT port range of the `dns` service.
     pub dns_nat_ports: String,
+    /// Backends of the `dns` service (a YAML flow list).
+    pub dns_backends: String,
+    /// Extra lines of the `orders` service (e.g. a `health_check`), indented.
+    pub orders_extra: String,
 }
 
 impl Default for Options {
@@ -56,6 +60,8 @@ impl Default for Options {
             gateway_extra: String::new(),
             billing_b_tenant: "tenant-b".into(),
             dns_nat_ports: "20000-29999".into(),
+            dns_backends: "[{address: 198.51.100.20}]".into(),
+            orders_extra: String::new(),
         }
     }
 }
@@ -65,6 +71,8 @@ pub fn config(topo: &Topology, opts: &Options) -> anyhow::Result<String> {
     let gateway_extra = &opts.gateway_extra;
     let orders_b_tenant = &opts.billing_b_tenant;
     let dns_nat_ports = &opts.dns_nat_ports;
+    let dns_backends = &opts.dns_backends;
+    let orders_extra = &opts.orders_extra;
     Ok(format!(
         "{gw}{gateway_extra}\
 interfaces:
@@ -80,7 +88,7 @@ services:
     nat: {{addresses: [198.51.100.200], ports: 20000-29999}}
     visibility: [tenant-a, tenant-b]
     auto_approve: [tenant-a]
-  - name: billing
+{orders_extra}  - name: billing
     protocol: tcp
     ports: [{{port: 80, target_port: 8080}}]
     backends: [{{address: 198.51.100.12}}]
@@ -90,7 +98,7 @@ services:
   - name: dns
     protocol: udp
     ports: [{{port: 53, target_port: 5353}}]
-    backends: [{{address: 198.51.100.20}}]
+    backends: {dns_backends}
     nat: {{addresses: [198.51.100.202], ports: {dns_nat_ports}}}
     visibility: ['*']
     auto_approve: ['*']

@@ -395,43 +395,48 @@ impl Dataplane {
         for s in &spec.services {
             let size = u32::try_from(s.lookup.len()).context("lookup table too large")?;
             let old = current.get(s.id as usize).copied().unwrap_or_default();
-            // Same size: rewrite in place (each slot is one atomic u32 update,
-            // as Katran does). Other size: a fresh region, then flip the service.
-            let offset = if old.enabled != 0 && old.lb_size == size {
+            // A changed table is never rewritten in place, where a new flow
+            // could read a half-written table: it is written whole to a free
+            // region, then the service entry is flipped to it (one value
+            // update) and the old region becomes free. An unchanged table
+            // stays where it is.
+            let in_place = old.enabled != 0 && old.lb_size == size && size != 0;
+            let unchanged = in_place
+                && match previous.and_then(|p| p.services.iter().find(|p| p.id == s.id)) {
+                    Some(p) => p.lookup == s.lookup,
+                    // Adopted maps: compare with what the region holds.
+                    None => {
+                        let lb: Array<_, u32> =
+                            Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
+                        let mut same = true;
+                        for (i, id) in s.lookup.iter().enumerate() {
+                            if lb.get(&(old.lb_offset + i as u32), 0)? != *id {
+                                same = false;
+                                break;
+                            }
+                        }
+                        same
+                    }
+                };
+            let offset = if unchanged {
                 old.lb_offset
             } else if size == 0 {
                 0
             } else {
                 let off = first_fit(&used, size, lb_len).with_context(|| {
-                    format!("the backend lookup table ({lb_len} slots) is full: raise its size")
+                    format!(
+                        "the backend lookup table ({lb_len} slots, fixed at start) has no free \
+                         region of {size} slots for service {}: restart with fewer or smaller tables",
+                        s.id
+                    )
                 })?;
                 used.push((off, size));
-                off
-            };
-            // The caller may vouch that the table did not change (`apply_after`).
-            let unchanged = offset == old.lb_offset
-                && previous
-                    .and_then(|p| p.services.iter().find(|p| p.id == s.id))
-                    .is_some_and(|p| p.lookup == s.lookup);
-            if size != 0 && !unchanged {
-                let known = self
-                    .written
-                    .lb
-                    .remove(&offset)
-                    .filter(|t| t.len() == s.lookup.len());
                 let mut lb: Array<_, u32> = Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
                 for (i, id) in s.lookup.iter().enumerate() {
-                    let idx = offset + i as u32;
-                    let old = match &known {
-                        Some(t) => t[i],
-                        None => lb.get(&idx, 0)?,
-                    };
-                    if old != *id {
-                        lb.set(idx, *id, 0)?;
-                    }
+                    lb.set(off + i as u32, *id, 0)?;
                 }
-                self.written.remember_lb(offset, s.lookup.clone());
-            }
+                off
+            };
             let mut nat = [NatSlot::default(); MAX_NAT_SLOTS];
             for (slot, n) in nat.iter_mut().zip(&s.nat) {
                 *slot = NatSlot {
@@ -587,20 +592,9 @@ impl Dataplane {
 /// controller writes these maps, so memory stays true to the kernel.
 #[derive(Default)]
 pub(crate) struct Written {
-    /// The whole BACKENDS array.
+    /// The whole BACKENDS array. (Lookup tables need no cache: a changed
+    /// table is written whole to a fresh region, see `apply_services`.)
     backends: Option<Vec<BackendInfo>>,
-    /// Lookup-table regions by offset.
-    lb: BTreeMap<u32, Vec<u32>>,
-}
-
-impl Written {
-    /// Records a region's contents and forgets every region it overlaps.
-    fn remember_lb(&mut self, offset: u32, table: Vec<u32>) {
-        let end = offset as u64 + table.len() as u64;
-        self.lb
-            .retain(|o, t| *o as u64 + t.len() as u64 <= offset as u64 || *o as u64 >= end);
-        self.lb.insert(offset, table);
-    }
 }
 
 /// First offset where `size` slots fit in `0..len` without overlapping `used`.
@@ -715,16 +709,6 @@ mod tests {
         );
         s.backends[0].state = BackendState::Down;
         assert!(s.managed_neighbours().is_empty());
-    }
-
-    #[test]
-    fn written_regions_forget_what_they_overlap() {
-        let mut w = Written::default();
-        w.remember_lb(0, vec![1; 10]);
-        w.remember_lb(10, vec![2; 5]);
-        w.remember_lb(20, vec![3; 5]);
-        w.remember_lb(8, vec![4; 4]);
-        assert_eq!(w.lb.keys().copied().collect::<Vec<_>>(), vec![8, 20]);
     }
 
     #[test]
