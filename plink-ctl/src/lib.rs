@@ -9,6 +9,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod devstats;
 pub mod gateway;
+pub mod hostcheck;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

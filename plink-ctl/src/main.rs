@@ -14,7 +14,7 @@ use plink_ctl::{
     controller::{ActionOutcome, Controller, ReloadOutcome, Status},
     dataplane,
     gateway::{self, AllHealthy, Gateway, GatewayQueries},
-    metrics,
+    hostcheck, metrics,
     model::{EndpointModel, Model},
 };
 
@@ -50,6 +50,15 @@ enum Command {
         /// The YAML config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Also check this host against the forwarding contract: bpffs,
+        /// kernel features, native XDP per interface, MTUs, offloads,
+        /// forwarding and rp_filter, managed neighbour support. Exits
+        /// non-zero if any check fails.
+        #[arg(long)]
+        host: bool,
+        /// With --host: print the findings as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the per-interface packet counters of the running dataplane.
     Stats {
@@ -154,10 +163,31 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
-        Command::Check { config } => {
-            Config::load(&config)?;
+        Command::Check { config, host, json } => {
+            let cfg = Config::load(&config)?;
             println!("{}: OK", config.display());
-            Ok(ExitCode::SUCCESS)
+            if !host {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let findings = hostcheck::check_host(&cfg);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&findings)?);
+            } else {
+                for f in &findings {
+                    println!(
+                        "{:<4} {:<20} {:<10} {}",
+                        f.severity, f.check, f.subject, f.message
+                    );
+                }
+            }
+            let failed = findings
+                .iter()
+                .any(|f| f.severity == hostcheck::Severity::Fail);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Stats { config, json } => stats(config, json).map(|()| ExitCode::SUCCESS),
         Command::Down { config } => {
@@ -381,6 +411,19 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     // The saved decisions are restored before anything touches the system:
     // a corrupt state file stops us here.
     let controller = Controller::with_config(&config_path, config.clone())?;
+    for f in hostcheck::check_host(&config) {
+        match f.severity {
+            hostcheck::Severity::Ok => {
+                tracing::debug!(check = f.check, subject = %f.subject, "{}", f.message)
+            }
+            hostcheck::Severity::Warn => {
+                tracing::warn!(check = f.check, subject = %f.subject, "{}", f.message)
+            }
+            hostcheck::Severity::Fail => {
+                tracing::error!(check = f.check, subject = %f.subject, "{} (see `plink-ctl check --host`)", f.message)
+            }
+        }
+    }
     let gateway = Gateway::start(&config)?;
     let gateway = Arc::new(Mutex::new(gateway));
     {

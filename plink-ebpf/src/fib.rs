@@ -4,7 +4,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
     },
-    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper},
     programs::XdpContext,
 };
 use plink_common::{DropReason, role};
@@ -70,4 +70,15 @@ fn lookup_inner(ctx: &XdpContext, out: &mut NextHop) -> Result<(), DropReason> {
     out.smac = p.smac;
     out.dmac = p.dmac;
     Ok(())
+}
+
+/// Does the frame fit the MTU of `ifindex`? The reverse path redirects
+/// without a route lookup; an oversized frame would be dropped by the driver
+/// after XDP returned, invisibly, so it is checked and counted here.
+#[inline(always)]
+pub fn fits_mtu(ctx: &XdpContext, ifindex: u32) -> bool {
+    let mut mtu_len: u32 = 0;
+    // SAFETY: valid ctx and out pointer; 0 = check the frame as it is.
+    let rc = unsafe { bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu_len, 0, 0) };
+    rc == 0
 }

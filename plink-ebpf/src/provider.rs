@@ -8,7 +8,7 @@ use aya_ebpf::{
 use plink_common::{CtRevKey, DropReason, IPPROTO_TCP, flow_expired, role, v4_be};
 
 use crate::{
-    arp, conntrack,
+    arp, conntrack, fib,
     maps::{CT_FWD, CT_REV, GLOBAL, NAT_ADDRS},
     parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, ether_type, load, parse_ipv4},
     rewrite::{Nat, rewrite},
@@ -70,12 +70,16 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     if flow_expired(v, now, &g.timeouts) {
         return drop(DropReason::ReplyNoFlow, v.endpoint_id);
     }
+    if f.ttl <= 1 {
+        return drop(DropReason::TtlExceeded, v.endpoint_id);
+    }
+    if !fib::fits_mtu(ctx, v.ingress_ifindex) {
+        return drop(DropReason::FragNeeded, v.endpoint_id);
+    }
+    // Only a packet that leaves refreshes the flow and moves its TCP state.
     v.last_seen_ns = now;
     if f.proto == IPPROTO_TCP {
         v.tcp_state = conntrack::tcp_reverse(v.tcp_state, f.tcp_flags);
-    }
-    if f.ttl <= 1 {
-        return drop(DropReason::TtlExceeded, v.endpoint_id);
     }
     let nat = Nat {
         src_be: owner.fwd.dst_addr_be[0],

@@ -72,6 +72,13 @@ pub fn l4_checksum_error(frame: &[u8]) -> u16 {
     if s == 0xffff { 0 } else { s }
 }
 
+/// How far the IPv4 header checksum is from the correct one (0 = valid).
+pub fn ip_checksum_error(frame: &[u8]) -> u16 {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    let s = fold(sum16(&frame[14..14 + ihl]));
+    if s == 0xffff { 0 } else { s }
+}
+
 /// Recomputes the IP and L4 checksums of a frame in place.
 pub fn fix_checksums(frame: &mut [u8]) {
     let ihl = ((frame[14] & 0x0f) as usize) * 4;

@@ -290,6 +290,73 @@ pub fn http_get(host: &Host, dst: SocketAddrV4, path: &str) -> anyhow::Result<(S
     })?
 }
 
+/// Opens a TCP connection from `host` to `dst`, asks for `bytes` and reads
+/// them on a thread, pausing `pause` after each 16 KiB read so the transfer
+/// spans whatever the test does meanwhile. The thread returns the byte count
+/// once the server closes, or what went wrong (reset, timeout, corruption).
+pub fn slow_stream(
+    host: &Host,
+    dst: SocketAddrV4,
+    bytes: usize,
+    pause: Duration,
+) -> anyhow::Result<JoinHandle<Result<usize, String>>> {
+    let stream = host
+        .run_in(move || TcpStream::connect_timeout(&dst.into(), Duration::from_secs(2)))?
+        .with_context(|| format!("connecting to {dst}"))?;
+    Ok(std::thread::spawn(move || {
+        let mut stream = stream;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(format!("GET {bytes}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut total = 0usize;
+        loop {
+            let n = stream
+                .read(&mut buf)
+                .map_err(|e| format!("after {total} bytes: {e}"))?;
+            if n == 0 {
+                return Ok(total);
+            }
+            if let Some(i) = (0..n).find(|&i| buf[i] != pattern_byte(total + i)) {
+                return Err(format!("byte {} corrupted", total + i));
+            }
+            total += n;
+            std::thread::sleep(pause);
+        }
+    }))
+}
+
+/// One UDP datagram and its reply, no retry: for probes that expect refusal.
+pub fn udp_probe(
+    host: &Host,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    host.run_in(move || -> anyhow::Result<Reply> {
+        let socket = UdpSocket::bind(src).with_context(|| format!("binding {src}"))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send_to(b"GET 0\n", dst)?;
+        let mut buf = [0u8; 2048];
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .with_context(|| format!("no UDP reply from {dst} within {timeout:?}"))?;
+        let (peer, local) = parse_header(&String::from_utf8_lossy(&buf[..n]))?;
+        Ok(Reply {
+            peer,
+            local,
+            body_len: 0,
+        })
+    })?
+}
+
 /// One UDP request/reply from `host` bound to `src` (port 0 for any).
 pub fn udp_request(host: &Host, src: SocketAddrV4, dst: SocketAddrV4) -> anyhow::Result<Reply> {
     host.run_in(move || -> anyhow::Result<Reply> {

@@ -1158,6 +1158,30 @@ fn golden_reload_keeps_established_flows() {
             // Reload: service 0's table changes size (a new region) and names
             // only the other backend; endpoint 1 disappears.
             let other = if backend == BACKEND10 { 1 } else { 0 };
+            let other_addr = if other == 1 { BACKEND11 } else { BACKEND10 };
+            let new_flow_backend = |b: &mut Bench, port: u16| {
+                let run = b.raw(
+                    prog_names::CONSUMER,
+                    c1,
+                    &Ipv4Packet::tcp((CLIENT, port), ep, TCP_SYN)
+                        .macs(CLIENT_MAC, c1_mac)
+                        .build(),
+                );
+                assert_eq!(run.verdict, verdict::REDIRECT);
+                Ipv4Addr::new(
+                    run.output[30],
+                    run.output[31],
+                    run.output[32],
+                    run.output[33],
+                )
+            };
+            // Same table size: rewritten in place, slot by slot.
+            let mut same_size = spec.clone();
+            same_size.services[0].lookup = vec![other; 7];
+            b.dp.apply(&same_size).unwrap();
+            for port in 41000..41004 {
+                assert_eq!(new_flow_backend(&mut b, port), other_addr, "in-place table");
+            }
             let mut next = spec.clone();
             next.services[0].lookup = vec![other; 11];
             next.endpoints.retain(|e| e.id != 1);
@@ -1170,21 +1194,11 @@ fn golden_reload_keeps_established_flows() {
                 &ack.build(),
                 Want::Redirect(to_backend(&ack)),
             );
-            let run = b.raw(
-                prog_names::CONSUMER,
-                c1,
-                &Ipv4Packet::tcp((CLIENT, 40100), ep, TCP_SYN)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build(),
+            assert_eq!(
+                new_flow_backend(&mut b, 40100),
+                other_addr,
+                "a new flow follows the new table"
             );
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            let new_backend = Ipv4Addr::new(
-                run.output[30],
-                run.output[31],
-                run.output[32],
-                run.output[33],
-            );
-            assert_ne!(new_backend, backend, "a new flow follows the new table");
             let q = Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"q").macs(CLIENT_MAC, c1_mac);
             b.case(
                 "removed endpoint is gone",
@@ -1277,6 +1291,202 @@ fn golden_approval_cycle() {
             let drops = b.dp.endpoint_drop_counts(0).unwrap();
             assert_eq!(drops[&DropReason::EndpointPending], 1);
             assert_eq!(drops[&DropReason::EndpointRejected], 1);
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_draining_nat_and_caps_after_gc() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 5000);
+            let ep = (EP_UDP, 53);
+            let key = fwd_key(1, client, ep, IPPROTO_UDP);
+            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+            let q = Ipv4Packet::udp(client, ep, b"q").macs(CLIENT_MAC, c1_mac);
+            let to_backend =
+                |p: &Ipv4Packet| translated(p, p0_mac, (BACKEND10, 5353, BACKEND10_MAC), nat);
+            b.case(
+                "before draining",
+                prog_names::CONSUMER,
+                c1,
+                &q.build(),
+                Want::Redirect(to_backend(&q)),
+            );
+
+            // Draining the NAT address: its flow and ARP stay, new flows do not start.
+            let mut draining = spec.clone();
+            draining.services[1].nat[0].draining = true;
+            b.dp.apply(&draining).unwrap();
+            b.case(
+                "a draining address keeps its flow",
+                prog_names::CONSUMER,
+                c1,
+                &q.build(),
+                Want::Redirect(to_backend(&q)),
+            );
+            let r = Ipv4Packet::udp((BACKEND10, 5353), nat, b"a").macs(BACKEND10_MAC, p0_mac);
+            assert_eq!(
+                b.raw(prog_names::PROVIDER, p0, &r.build()).verdict,
+                verdict::REDIRECT
+            );
+            b.case(
+                "and its ARP",
+                prog_names::PROVIDER,
+                p0,
+                &arp_request(BACKEND10_MAC, BACKEND10, NAT_UDP),
+                Want::Tx(arp_reply(p0_mac, NAT_UDP, BACKEND10_MAC, BACKEND10)),
+            );
+            let q2 = Ipv4Packet::udp((CLIENT, 5001), ep, b"q").macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "no new flow on a draining address",
+                prog_names::CONSUMER,
+                c1,
+                &q2.build(),
+                Want::Drop(DropReason::NatPortsExhausted),
+            );
+
+            // Max flows: the GC's frees make room again.
+            let capped = |port| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_CAPPED, 80), TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &capped(100)).verdict,
+                verdict::REDIRECT
+            );
+            b.case(
+                "cap reached",
+                prog_names::CONSUMER,
+                c1,
+                &capped(101),
+                Want::Drop(DropReason::CapMaxFlows),
+            );
+            let mut short = draining.clone();
+            short.timeouts.tcp_transitory = Duration::from_millis(50);
+            b.dp.apply(&short).unwrap();
+            netns::wait_for(
+                "the capped flow to expire and be collected",
+                Duration::from_secs(5),
+                || {
+                    b.dp.gc_conntrack()?;
+                    let live = b.dp.list_conntrack()?;
+                    Ok((!live.iter().any(|f| f.endpoint_id == 7)).then_some(()))
+                },
+            )
+            .unwrap();
+            b.dp.apply(&draining).unwrap();
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &capped(101)).verdict,
+                verdict::REDIRECT,
+                "room again after GC"
+            );
+            b.case(
+                "cap reached again",
+                prog_names::CONSUMER,
+                c1,
+                &capped(102),
+                Want::Drop(DropReason::CapMaxFlows),
+            );
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_nat_port_is_not_reused_before_the_closing_timeout() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    // One NAT port: whoever holds it blocks every other flow.
+    spec.services[0].nat[0].ports = 30000..=30000;
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let pkt = |port, flags| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_TCP, 80), flags)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            let nat_port = |run: &XdpRun| u16::from_be_bytes([run.output[34], run.output[35]]);
+            let a = b.raw(prog_names::CONSUMER, c1, &pkt(40000, TCP_SYN));
+            assert_eq!(a.verdict, verdict::REDIRECT);
+            assert_eq!(nat_port(&a), 30000);
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &pkt(40000, TCP_FIN | TCP_ACK))
+                    .verdict,
+                verdict::REDIRECT
+            );
+            assert_eq!(
+                b.dp.list_conntrack().unwrap()[0].tcp_state,
+                tcp_state::CLOSING
+            );
+            // Closing, not expired: the port stays with its flow.
+            assert_eq!(b.dp.gc_conntrack().unwrap().flows, 0);
+            b.case(
+                "port held by a closing flow",
+                prog_names::CONSUMER,
+                c1,
+                &pkt(40001, TCP_SYN),
+                Want::Drop(DropReason::NatPortsExhausted),
+            );
+            // Once the closing timeout has passed and the GC collected the
+            // flow, the port is handed out again.
+            let mut short = spec.clone();
+            short.timeouts.tcp_transitory = Duration::from_millis(50);
+            b.dp.apply(&short).unwrap();
+            netns::wait_for(
+                "the closing flow to be collected",
+                Duration::from_secs(5),
+                || Ok((b.dp.gc_conntrack()?.remaining == 0).then_some(())),
+            )
+            .unwrap();
+            b.dp.apply(&spec).unwrap();
+            let c = b.raw(prog_names::CONSUMER, c1, &pkt(40001, TCP_SYN));
+            assert_eq!(c.verdict, verdict::REDIRECT);
+            assert_eq!(nat_port(&c), 30000);
+        })
+        .unwrap();
+}
+
+#[test]
+fn golden_oversized_reply_is_a_counted_drop() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "c1", "mtu", "1000"]).unwrap();
+    let spec = spec(&gw);
+    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 5000);
+            let ep = (EP_UDP, 53);
+            let key = fwd_key(1, client, ep, IPPROTO_UDP);
+            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+            let q = Ipv4Packet::udp(client, ep, b"q").macs(CLIENT_MAC, c1_mac);
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &q.build()).verdict,
+                verdict::REDIRECT
+            );
+            // 20 + 8 + 972 = 1000 bytes of IP: fits c1's MTU exactly.
+            let fits =
+                Ipv4Packet::udp((BACKEND10, 5353), nat, &[7; 972]).macs(BACKEND10_MAC, p0_mac);
+            assert_eq!(
+                b.raw(prog_names::PROVIDER, p0, &fits.build()).verdict,
+                verdict::REDIRECT
+            );
+            let too_big =
+                Ipv4Packet::udp((BACKEND10, 5353), nat, &[7; 973]).macs(BACKEND10_MAC, p0_mac);
+            b.case(
+                "reply larger than the consumer interface's MTU",
+                prog_names::PROVIDER,
+                p0,
+                &too_big.build(),
+                Want::Drop(DropReason::FragNeeded),
+            );
         })
         .unwrap();
 }
@@ -1415,4 +1625,131 @@ fn managed_neighbours_are_created_once_and_removed() {
             .trim(),
         ""
     );
+}
+
+/// Random corruptions of valid frames through both programs: no verdict is
+/// ever XDP_ABORTED or a consumer-side PASS, and every forwarded frame keeps
+/// its checksums exactly as (in)valid as they came in.
+#[test]
+fn golden_random_corruptions_keep_the_invariants() {
+    use plink_tests::packet::ip_checksum_error;
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            // Flows for the provider-side templates to hit.
+            let syn = Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_SYN)
+                .macs(CLIENT_MAC, c1_mac)
+                .build();
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &syn).verdict,
+                verdict::REDIRECT
+            );
+            let key = fwd_key(1, (CLIENT, 40000), (EP_TCP, 80), IPPROTO_TCP);
+            let (backend, backend_mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            let mut data =
+                Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_ACK).macs(CLIENT_MAC, c1_mac);
+            data.payload = b"payload!".to_vec();
+            let templates: Vec<(&str, u32, Vec<u8>)> = vec![
+                (prog_names::CONSUMER, c1, syn.clone()),
+                (prog_names::CONSUMER, c1, data.build()),
+                (
+                    prog_names::CONSUMER,
+                    c1,
+                    Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"query")
+                        .macs(CLIENT_MAC, c1_mac)
+                        .build(),
+                ),
+                (
+                    prog_names::CONSUMER,
+                    c1,
+                    arp_request(CLIENT_MAC, CLIENT, EP_TCP),
+                ),
+                (
+                    prog_names::PROVIDER,
+                    p0,
+                    Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK)
+                        .macs(backend_mac, p0_mac)
+                        .build(),
+                ),
+                (
+                    prog_names::PROVIDER,
+                    p0,
+                    arp_request(BACKEND10_MAC, BACKEND10, NAT_TCP),
+                ),
+            ];
+            // xorshift64: reproducible without a dependency.
+            let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut rnd = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let mut forwarded = 0;
+            for round in 0..3000 {
+                let (prog, ifindex, template) =
+                    &templates[(rnd() % templates.len() as u64) as usize];
+                let mut f = template.clone();
+                for _ in 0..1 + rnd() % 3 {
+                    let i = (rnd() % f.len() as u64) as usize;
+                    f[i] = rnd() as u8;
+                }
+                if rnd() % 4 == 0 {
+                    let n = 14 + (rnd() % (f.len() as u64 - 13)) as usize;
+                    f.truncate(n);
+                }
+                let run = b.raw(prog, *ifindex, &f);
+                assert_ne!(run.verdict, verdict::ABORTED, "round {round}: {}", hex(&f));
+                if *prog == prog_names::CONSUMER {
+                    assert_ne!(
+                        run.verdict,
+                        verdict::PASS,
+                        "round {round}: consumer never passes"
+                    );
+                }
+                if run.verdict == verdict::REDIRECT {
+                    forwarded += 1;
+                    let o = &run.output;
+                    assert_eq!(o.len(), f.len(), "round {round}: length kept");
+                    assert_eq!(o[22], f[22] - 1, "round {round}: TTL decremented");
+                    assert_eq!(
+                        ip_checksum_error(o),
+                        ip_checksum_error(&f),
+                        "round {round}: IP checksum (in)validity kept"
+                    );
+                    let udp_none = f[23] == IPPROTO_UDP && f[40..42] == [0, 0];
+                    if udp_none {
+                        assert_eq!(o[40..42], [0, 0], "round {round}: UDP checksum 0 stays 0");
+                    } else {
+                        assert_eq!(
+                            l4_checksum_error(o),
+                            l4_checksum_error(&f),
+                            "round {round}: L4 checksum (in)validity kept"
+                        );
+                    }
+                    if *prog == prog_names::CONSUMER {
+                        let src = Ipv4Addr::new(o[26], o[27], o[28], o[29]);
+                        assert!(
+                            [NAT_TCP, NAT_UDP].contains(&src),
+                            "round {round}: source NATed"
+                        );
+                    } else {
+                        assert_eq!(
+                            o[30..34],
+                            CLIENT.octets(),
+                            "round {round}: back to the client"
+                        );
+                    }
+                }
+            }
+            assert!(
+                forwarded > 100,
+                "enough corruptions stayed forwardable ({forwarded})"
+            );
+        })
+        .unwrap();
 }

@@ -38,6 +38,10 @@ enum Task {
     /// Set up, build, and run plink on a network-namespace topology with real
     /// traffic; prints what the clients got back and the counters; cleans up.
     Demo,
+    /// The long fuzz runs: 1,000,000 packets through the XDP programs
+    /// (BPF_PROG_TEST_RUN) and 100,000 mutated configs. `cargo xtask test`
+    /// runs short seeded versions of both.
+    Fuzz,
 }
 
 fn main() {
@@ -47,6 +51,7 @@ fn main() {
         Task::Build { release } => setup::run().and_then(|()| build(release)),
         Task::Test { filter } => setup::run().and_then(|()| test(filter)),
         Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Fuzz => setup::run().and_then(|()| fuzz()),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -145,6 +150,32 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
     }
     println!("\nxtask: all checks and tests passed; no namespaces or pins left behind");
     Ok(())
+}
+
+fn fuzz() -> anyhow::Result<()> {
+    setup::require_root("packet fuzzing loads XDP programs in a test namespace")?;
+    build(false)?;
+    let mut configs = cargo(&[
+        "test",
+        "-p",
+        "plink-ctl",
+        "--release",
+        "--",
+        "mutated_configs_never_panic",
+    ]);
+    configs.env("PLINK_FUZZ_CONFIGS", "100000");
+    run_step("fuzz: 100,000 mutated configs", configs)?;
+    let mut packets = cargo(&[
+        "test",
+        "-p",
+        "plink-tests",
+        "--test",
+        "golden",
+        "--",
+        "random_corruptions",
+    ]);
+    packets.env("PLINK_FUZZ_PACKETS", "1000000");
+    run_step("fuzz: 1,000,000 packets through the XDP programs", packets)
 }
 
 fn demo() -> anyhow::Result<()> {

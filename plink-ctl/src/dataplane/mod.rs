@@ -4,6 +4,18 @@
 //! - [`spec`]: the plain [`DataplaneSpec`] and [`Dataplane::apply`], which
 //!   writes it into the maps as a diff.
 //! - [`conntrack`]: garbage collection, endpoint purge and flow listing.
+//! - [`stats`]: per-CPU counters summed (endpoint, service, backend, NAT
+//!   address, drops by reason and by endpoint).
+//! - [`garp`]: gratuitous ARP for endpoint and NAT addresses.
+//! - [`neigh`]: managed neighbour entries so FIB lookups never see NO_NEIGH.
+//!
+//! Life of a gateway: [`Dataplane::load_with`] (map sizes) → [`Dataplane::apply`]
+//! (the spec) → [`Dataplane::attach`] / [`Dataplane::attach_all`] → announce
+//! ([`DataplaneSpec::garp_plan`] + [`garp::announce`]) and keep backends
+//! resolved ([`DataplaneSpec::managed_neighbours`] + [`neigh::ensure_managed`])
+//! → periodically [`Dataplane::gc_conntrack`]; after an `apply` that takes an
+//! endpoint out of `Approved` (or removes a backend without draining),
+//! [`Dataplane::purge_endpoint`] / [`Dataplane::purge_backend`].
 
 pub mod conntrack;
 pub mod garp;
@@ -27,7 +39,11 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuHashMap, PerCpuValues},
-    programs::{Xdp, XdpMode as AyaXdpMode},
+    programs::{
+        Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
     util::nr_cpus,
 };
 use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names};
@@ -61,9 +77,93 @@ impl Default for Sizes {
     }
 }
 
-/// A loaded dataplane: the programs are attached while this lives.
+/// A loaded dataplane. With a pin directory, maps and XDP links are pinned
+/// and outlive the process; without one (tests), links detach on drop.
 pub struct Dataplane {
     ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    /// What this process last wrote to the large arrays, so that `apply`
+    /// diffs against memory instead of reading every slot back.
+    written: spec::Written,
+}
+
+/// Where the XDP link of `ifname` is pinned.
+fn link_pin_path(pin_dir: &Option<PathBuf>, ifname: &str) -> Option<PathBuf> {
+    pin_dir.as_ref().map(|d| d.join("links").join(ifname))
+}
+
+/// A pinned map whose layout differs from what this build expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapMismatch {
+    pub map: String,
+    pub what: &'static str,
+    pub pinned: u64,
+    pub expected: u64,
+}
+
+/// Compares every pinned map under `dir` with the object's definition (with
+/// `sizes` applied): type, key and value size, max entries and flags.
+/// aya reuses a pinned map by name without checking any of this.
+pub fn check_pinned_maps(
+    object: &[u8],
+    dir: &Path,
+    sizes: Sizes,
+) -> anyhow::Result<Vec<MapMismatch>> {
+    let obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    let mut out = Vec::new();
+    for (name, def) in &obj.maps {
+        let pin = dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&pin)
+            .with_context(|| format!("reading the pinned map {}", pin.display()))?;
+        let expected_entries = match name.as_str() {
+            n if n == map_names::CT_FWD || n == map_names::CT_REV || n == map_names::NAT_PORTS => {
+                sizes.conntrack
+            }
+            n if n == map_names::LB_TABLE => sizes.lb_table,
+            _ => def.max_entries(),
+        };
+        let checks: [(&'static str, u64, u64); 5] = [
+            (
+                "type",
+                u64::from(info.map_type().map(|t| t as u32).unwrap_or(u32::MAX)),
+                u64::from(def.map_type()),
+            ),
+            (
+                "key size",
+                u64::from(info.key_size()),
+                u64::from(def.key_size()),
+            ),
+            (
+                "value size",
+                u64::from(info.value_size()),
+                u64::from(def.value_size()),
+            ),
+            (
+                "max entries",
+                u64::from(info.max_entries()),
+                u64::from(expected_entries),
+            ),
+            (
+                "flags",
+                u64::from(info.map_flags()),
+                u64::from(def.map_flags()),
+            ),
+        ];
+        for (what, pinned, expected) in checks {
+            if pinned != expected {
+                out.push(MapMismatch {
+                    map: name.clone(),
+                    what,
+                    pinned,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Resolves an interface name to its ifindex in the current network namespace.
@@ -140,6 +240,26 @@ impl Dataplane {
             None => None,
         };
         if let Some(dir) = &dir {
+            let mismatches = check_pinned_maps(object, dir, sizes)?;
+            if !mismatches.is_empty() {
+                let list: Vec<String> = mismatches
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}: {} is {} pinned, this build expects {}",
+                            m.map, m.what, m.pinned, m.expected
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "refusing to adopt the dataplane pinned under {}: its maps do not match this build \
+                     ({}). A sizing field changed, or the pins come from another plink version. \
+                     Sizes take effect on a fresh start: `plink-ctl down` removes the pins \
+                     (flows and counters are lost), then start again",
+                    dir.display(),
+                    list.join("; ")
+                );
+            }
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -149,7 +269,11 @@ impl Dataplane {
         }
         loader.map_max_entries(map_names::LB_TABLE, sizes.lb_table);
         let ebpf = loader.load(object).context("loading the eBPF object")?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            pin_dir: dir,
+            written: spec::Written::default(),
+        })
     }
 
     /// Loads both programs into the kernel (verifier) without attaching them.
@@ -220,7 +344,23 @@ impl Dataplane {
                     .program_mut(prog_name)
                     .ok_or_else(|| anyhow!("program {prog_name} missing"))?
                     .try_into()?;
-                program.attach_to_if_index(index, mode).map_err(|e| {
+                let pin = link_pin_path(&self.pin_dir, &iface.name);
+                if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+                    // Adopt the running link: the new program replaces the
+                    // old one atomically (BPF_LINK_UPDATE); no packet sees
+                    // the interface without a program.
+                    let pinned = PinnedLink::from_pin(pin)
+                        .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+                    let fd_link: FdLink = pinned.into();
+                    let link = XdpLink::try_from(fd_link)
+                        .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+                    program
+                        .attach_to_link(link)
+                        .with_context(|| format!("replacing the program of {}", pin.display()))?;
+                    tracing::info!(interface = %iface.name, ifindex = index, program = prog_name, "XDP link adopted");
+                    continue;
+                }
+                let link_id = program.attach_to_if_index(index, mode).map_err(|e| {
                     let hint = match config.gateway.xdp_mode {
                         XdpMode::Native => {
                             "the driver may lack native XDP: set `gateway.xdp_mode: generic` \
@@ -237,6 +377,21 @@ impl Dataplane {
                         iface.name
                     )
                 })?;
+                if let Some(pin) = pin {
+                    // Pinned, the link outlives this process: forwarding goes
+                    // on while the controller is down.
+                    let link = program.take_link(link_id)?;
+                    let fd_link: FdLink = link
+                        .try_into()
+                        .map_err(|_| anyhow!("the kernel gave a netlink XDP attachment, not a bpf_link (Linux 5.9+ needed)"))?;
+                    if let Some(dir) = pin.parent() {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("creating {}", dir.display()))?;
+                    }
+                    fd_link
+                        .pin(&pin)
+                        .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+                }
                 tracing::info!(interface = %iface.name, ifindex = index, program = prog_name, "XDP attached");
             }
         }

@@ -340,6 +340,7 @@ impl Dataplane {
     ) -> anyhow::Result<()> {
         // Backends first: a lookup table never names a backend not yet written.
         {
+            let cached = self.written.backends.take();
             let mut map: Array<_, BackendInfo> =
                 Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
             let desired: BTreeMap<u32, BackendInfo> = spec
@@ -362,12 +363,19 @@ impl Dataplane {
                     )
                 })
                 .collect();
-            for id in 0..map.len() {
-                let want = desired.get(&id).copied().unwrap_or_default();
-                if map.get(&id, 0)? != want {
-                    map.set(id, want, 0)?;
+            // Read the array once per process; afterwards diff against what we wrote.
+            let mut current = match cached {
+                Some(c) => c,
+                None => map.iter().collect::<Result<Vec<_>, _>>()?,
+            };
+            for (id, slot) in current.iter_mut().enumerate() {
+                let want = desired.get(&(id as u32)).copied().unwrap_or_default();
+                if *slot != want {
+                    map.set(id as u32, want, 0)?;
+                    *slot = want;
                 }
             }
+            self.written.backends = Some(current);
         }
 
         let services: Array<_, ServiceConfig> =
@@ -400,18 +408,29 @@ impl Dataplane {
                 used.push((off, size));
                 off
             };
+            // The caller may vouch that the table did not change (`apply_after`).
             let unchanged = offset == old.lb_offset
                 && previous
                     .and_then(|p| p.services.iter().find(|p| p.id == s.id))
                     .is_some_and(|p| p.lookup == s.lookup);
             if size != 0 && !unchanged {
+                let known = self
+                    .written
+                    .lb
+                    .remove(&offset)
+                    .filter(|t| t.len() == s.lookup.len());
                 let mut lb: Array<_, u32> = Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
                 for (i, id) in s.lookup.iter().enumerate() {
                     let idx = offset + i as u32;
-                    if lb.get(&idx, 0)? != *id {
+                    let old = match &known {
+                        Some(t) => t[i],
+                        None => lb.get(&idx, 0)?,
+                    };
+                    if old != *id {
                         lb.set(idx, *id, 0)?;
                     }
                 }
+                self.written.remember_lb(offset, s.lookup.clone());
             }
             let mut nat = [NatSlot::default(); MAX_NAT_SLOTS];
             for (slot, n) in nat.iter_mut().zip(&s.nat) {
@@ -564,6 +583,26 @@ impl Dataplane {
     }
 }
 
+/// What this process wrote last (see `Dataplane::written`). Only the
+/// controller writes these maps, so memory stays true to the kernel.
+#[derive(Default)]
+pub(crate) struct Written {
+    /// The whole BACKENDS array.
+    backends: Option<Vec<BackendInfo>>,
+    /// Lookup-table regions by offset.
+    lb: BTreeMap<u32, Vec<u32>>,
+}
+
+impl Written {
+    /// Records a region's contents and forgets every region it overlaps.
+    fn remember_lb(&mut self, offset: u32, table: Vec<u32>) {
+        let end = offset as u64 + table.len() as u64;
+        self.lb
+            .retain(|o, t| *o as u64 + t.len() as u64 <= offset as u64 || *o as u64 >= end);
+        self.lb.insert(offset, table);
+    }
+}
+
 /// First offset where `size` slots fit in `0..len` without overlapping `used`.
 fn first_fit(used: &[(u32, u32)], size: u32, len: u32) -> Option<u32> {
     let mut regions = used.to_vec();
@@ -676,6 +715,16 @@ mod tests {
         );
         s.backends[0].state = BackendState::Down;
         assert!(s.managed_neighbours().is_empty());
+    }
+
+    #[test]
+    fn written_regions_forget_what_they_overlap() {
+        let mut w = Written::default();
+        w.remember_lb(0, vec![1; 10]);
+        w.remember_lb(10, vec![2; 5]);
+        w.remember_lb(20, vec![3; 5]);
+        w.remember_lb(8, vec![4; 4]);
+        assert_eq!(w.lb.keys().copied().collect::<Vec<_>>(), vec![8, 20]);
     }
 
     #[test]

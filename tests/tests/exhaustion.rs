@@ -1,0 +1,109 @@
+//! Exhaustion and fairness: one consumer flooding new flows hits its own
+//! endpoint caps without hurting another consumer or established flows; a
+//! full conntrack table refuses new flows (counted) and loses no live one.
+
+use std::{net::SocketAddrV4, time::Duration};
+
+use plink_tests::{
+    gateway::Gateway,
+    netns,
+    privatelink::{self as pl, PrivateLink},
+    servers,
+};
+
+/// Neighbours are resolved by the first flows: a refused probe needs no retry.
+const PROBE: Duration = Duration::from_millis(300);
+
+#[test]
+fn a_flooding_consumer_hits_its_own_caps_only() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    const CAP: u16 = 20;
+    let plink = net
+        .start_plink_with(&pl::Options {
+            gateway_extra: format!(
+                "  endpoint_defaults: {{max_flows: {CAP}, new_flows_per_second: 10000}}\n"
+            ),
+            ..Default::default()
+        })
+        .unwrap();
+    // An established flow of consumer A before the flood, and one of B.
+    let keep_a = SocketAddrV4::new(pl::CLIENT, 46000);
+    let keep_b = SocketAddrV4::new(pl::CLIENT, 46001);
+    servers::udp_request(&net.consumer_a, keep_a, pl::endpoint_udp()).unwrap();
+    servers::udp_request(&net.consumer_b, keep_b, pl::endpoint_udp()).unwrap();
+
+    // Consumer A floods new flows to dns-a: the cap admits CAP flows in all.
+    let mut admitted = 1; // keep_a
+    for i in 0..(2 * CAP) {
+        let src = SocketAddrV4::new(pl::CLIENT, 47000 + i);
+        if servers::udp_probe(&net.consumer_a, src, pl::endpoint_udp(), PROBE).is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, CAP, "dns-a admitted {admitted} flows, cap {CAP}");
+    let scrape = plink.scrape(&net.gw).unwrap();
+    let refused = Gateway::sample(
+        &scrape,
+        "plink_endpoint_refused_flows_total{endpoint=\"dns-a\",service=\"dns\",cap=\"max_flows\"}",
+    );
+    assert!(
+        refused >= u64::from(CAP),
+        "refusals counted per endpoint: {refused}"
+    );
+
+    // A's established flow still works; B's established and new flows too.
+    servers::udp_request(&net.consumer_a, keep_a, pl::endpoint_udp()).unwrap();
+    servers::udp_request(&net.consumer_b, keep_b, pl::endpoint_udp()).unwrap();
+    for i in 0..5 {
+        let src = SocketAddrV4::new(pl::CLIENT, 48000 + i);
+        servers::udp_request(&net.consumer_b, src, pl::endpoint_udp())
+            .unwrap_or_else(|e| panic!("consumer B's new flow {i} was refused: {e:#}"));
+    }
+    let b_refused = Gateway::sample(
+        &plink.scrape(&net.gw).unwrap(),
+        "plink_endpoint_refused_flows_total{endpoint=\"dns-b\",service=\"dns\",cap=\"max_flows\"}",
+    );
+    assert_eq!(b_refused, 0, "consumer B paid for consumer A's flood");
+}
+
+#[test]
+fn a_full_conntrack_refuses_new_flows_and_keeps_live_ones() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    const TABLE: u16 = 16;
+    let plink = net
+        .start_plink_with(&pl::Options {
+            gateway_extra: format!("  conntrack: {{max_flows: {TABLE}}}\n"),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut live = Vec::new();
+    for i in 0..TABLE {
+        let src = SocketAddrV4::new(pl::CLIENT, 49000 + i);
+        if servers::udp_request(&net.consumer_a, src, pl::endpoint_udp()).is_ok() {
+            live.push(src);
+        }
+    }
+    assert!(!live.is_empty());
+    let before = plink.scrape(&net.gw).unwrap();
+    // Beyond the table: refused and counted.
+    let mut refused = 0;
+    for i in 0..8 {
+        let src = SocketAddrV4::new(pl::CLIENT, 50000 + i);
+        if servers::udp_probe(&net.consumer_b, src, pl::endpoint_udp(), PROBE).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "a full table admitted every new flow");
+    let after = plink.scrape(&net.gw).unwrap();
+    assert!(
+        Gateway::drops(&after, "conntrack_full") > Gateway::drops(&before, "conntrack_full"),
+        "conntrack_full drops counted"
+    );
+    // Every flow that was admitted still works.
+    for src in &live {
+        servers::udp_request(&net.consumer_a, *src, pl::endpoint_udp())
+            .unwrap_or_else(|e| panic!("live flow from {src} lost: {e:#}"));
+    }
+}
