@@ -23,6 +23,7 @@ use crate::{
         InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, Sizes, TimeoutSpec,
         garp,
     },
+    devstats,
     maglev::{self, MaglevBackend},
     metrics,
     model::{BackendId, Model},
@@ -252,6 +253,8 @@ pub struct Gateway {
     pub spec: Option<DataplaneSpec>,
     /// Flows at the last GC sweep (gauges are served from it, not a scan per scrape).
     pub last_gc: GcReport,
+    /// NAT ports held per NAT address at the last GC sweep.
+    pub nat_in_use: BTreeMap<Ipv4Addr, u64>,
     pub conntrack_capacity: u64,
 }
 
@@ -359,6 +362,7 @@ impl Gateway {
             dp,
             spec: None,
             last_gc: GcReport::default(),
+            nat_in_use: BTreeMap::new(),
             conntrack_capacity: u64::from(sizes.conntrack),
         })
     }
@@ -397,9 +401,11 @@ impl Gateway {
         }
     }
 
-    /// Removes expired flows; remembers the flow count for metrics.
+    /// Removes expired flows; remembers the flow count and the NAT ports in
+    /// use for metrics (gauges come from this sweep, not a scan per scrape).
     pub fn gc(&mut self) -> anyhow::Result<()> {
         self.last_gc = self.dp.gc_conntrack()?;
+        self.nat_in_use = self.dp.nat_ports_in_use()?;
         Ok(())
     }
 
@@ -463,6 +469,17 @@ impl Gateway {
                 continue;
             }
             let c = self.dp.counters(CounterKind::Endpoint, e.id.0)?;
+            for (reason, count) in self.dp.endpoint_drop_counts(e.id.0)? {
+                // Only reasons that happened: endpoints x reasons is a lot of zeros.
+                if count > 0 {
+                    snap.endpoint_drops.push(metrics::EndpointDropSample {
+                        endpoint: e.name.clone(),
+                        service: e.service.clone(),
+                        reason: reason.name().to_owned(),
+                        count,
+                    });
+                }
+            }
             snap.endpoints.push(metrics::EndpointSample {
                 endpoint: e.name.clone(),
                 service: e.service.clone(),
@@ -477,7 +494,7 @@ impl Gateway {
                 refused_rate: c.refused_rate,
             });
         }
-        let in_use = self.dp.nat_ports_in_use()?;
+        let in_use = &self.nat_in_use;
         let up: BTreeSet<u32> = self
             .spec
             .iter()
@@ -522,6 +539,18 @@ impl Gateway {
         }
         for (reason, count) in self.dp.drop_counts()? {
             snap.drops.push((reason.name().to_owned(), count));
+        }
+        for iface in model.interfaces.values() {
+            // A device we cannot read is left out, not a failed scrape.
+            match devstats::read(&iface.name) {
+                Ok(d) => snap.devices.push(metrics::DeviceSample {
+                    device: iface.name.clone(),
+                    xdp_tx_errors: d.tx_errors,
+                    xdp_redirect_errors: d.redirect_errors,
+                    tx_dropped: d.tx_dropped,
+                }),
+                Err(e) => tracing::debug!(device = %iface.name, "device counters: {e:#}"),
+            }
         }
         Ok(snap)
     }

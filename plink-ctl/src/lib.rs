@@ -7,6 +7,7 @@ pub mod approval;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
+pub mod devstats;
 pub mod gateway;
 pub mod health;
 pub mod hostcheck;

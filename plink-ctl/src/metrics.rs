@@ -75,6 +75,18 @@ pub struct DeviceSample {
     pub device: String,
     pub xdp_tx_errors: u64,
     pub xdp_redirect_errors: u64,
+    /// Packets the device dropped on transmit; on veth this includes frames
+    /// redirected into it while its peer runs no NAPI.
+    pub tx_dropped: u64,
+}
+
+/// Drops attributed to an endpoint (the packet matched it), by reason.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndpointDropSample {
+    pub endpoint: String,
+    pub service: String,
+    pub reason: String,
+    pub count: u64,
 }
 
 /// Everything `/metrics` shows.
@@ -89,6 +101,8 @@ pub struct Snapshot {
     pub conntrack_capacity: u64,
     /// Drops by reason name; every reason appears, zero or not.
     pub drops: Vec<(String, u64)>,
+    /// Drops with the endpoint they matched; reasons that never happened are left out.
+    pub endpoint_drops: Vec<EndpointDropSample>,
     pub devices: Vec<DeviceSample>,
 }
 
@@ -307,6 +321,23 @@ pub fn render(s: &Snapshot) -> String {
     }
     push(drops);
 
+    let mut ep_drops = FamilyBuilder::new(
+        "plink_endpoint_drops_total",
+        "Packets dropped after matching an endpoint, by reason (also in plink_drops_total).",
+        COUNTER,
+    );
+    for d in &s.endpoint_drops {
+        ep_drops.sample(
+            &[
+                ("endpoint", &d.endpoint),
+                ("service", &d.service),
+                ("reason", &d.reason),
+            ],
+            d.count as f64,
+        );
+    }
+    push(ep_drops);
+
     let mut dev_tx = FamilyBuilder::new(
         "plink_device_xdp_tx_errors_total",
         "XDP_TX transmissions the device failed after the program returned.",
@@ -314,15 +345,22 @@ pub fn render(s: &Snapshot) -> String {
     );
     let mut dev_redir = FamilyBuilder::new(
         "plink_device_xdp_redirect_errors_total",
-        "XDP redirects the device failed after the program returned.",
+        "XDP redirects into the device that it failed to transmit, after the redirecting program returned.",
+        COUNTER,
+    );
+    let mut dev_dropped = FamilyBuilder::new(
+        "plink_device_tx_dropped_total",
+        "Packets the device dropped on transmit (veth: includes redirects into it while its peer runs no NAPI).",
         COUNTER,
     );
     for d in &s.devices {
         dev_tx.sample(&[("device", &d.device)], d.xdp_tx_errors as f64);
         dev_redir.sample(&[("device", &d.device)], d.xdp_redirect_errors as f64);
+        dev_dropped.sample(&[("device", &d.device)], d.tx_dropped as f64);
     }
     push(dev_tx);
     push(dev_redir);
+    push(dev_dropped);
 
     // Empty families would print HELP/TYPE with no samples; leave them out.
     families.retain(|f| !f.get_metric().is_empty());
@@ -444,7 +482,18 @@ mod tests {
             conntrack_entries: 1,
             conntrack_capacity: 1024,
             drops: vec![("no_endpoint".into(), 7)],
-            devices: vec![],
+            endpoint_drops: vec![EndpointDropSample {
+                endpoint: "orders-a".into(),
+                service: "orders".into(),
+                reason: "endpoint_max_flows".into(),
+                count: 2,
+            }],
+            devices: vec![DeviceSample {
+                device: "c1".into(),
+                xdp_tx_errors: 0,
+                xdp_redirect_errors: 5,
+                tx_dropped: 1,
+            }],
         }
     }
 
@@ -461,11 +510,16 @@ mod tests {
             "plink_conntrack_capacity 1024",
             "# TYPE plink_backend_up gauge",
             "# TYPE plink_drops_total counter",
+            "plink_endpoint_drops_total{endpoint=\"orders-a\",service=\"orders\",reason=\"endpoint_max_flows\"} 2",
+            "plink_device_xdp_redirect_errors_total{device=\"c1\"} 5",
+            "plink_device_xdp_tx_errors_total{device=\"c1\"} 0",
+            "plink_device_tx_dropped_total{device=\"c1\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
+        let empty = render(&Snapshot::default());
         assert!(
-            !text.contains("plink_device_xdp_tx_errors_total"),
+            !empty.contains("plink_device_xdp_tx_errors_total"),
             "empty families are left out"
         );
     }

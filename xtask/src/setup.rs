@@ -19,6 +19,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("netcat-openbsd", "nc"),
     ("nftables", "nft"),
     ("tcpdump", "tcpdump"),
+    // promtool and a real Prometheus server for the metrics tests.
+    ("prometheus", "promtool"),
 ];
 
 /// Prefix under which rustc's own libLLVM is linked for building bpf-linker.
