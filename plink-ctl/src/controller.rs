@@ -102,6 +102,9 @@ pub struct Controller {
     started: SystemTime,
     publish: watch::Sender<Arc<Model>>,
     dataplane: Option<Arc<dyn DataplaneQueries>>,
+    /// The model the dataplane last applied, when one runs: admin changes
+    /// answer once their model is live.
+    applied: Option<watch::Receiver<Arc<Model>>>,
 }
 
 /// Questions the admin API asks the running dataplane (answered as JSON).
@@ -135,6 +138,7 @@ impl Controller {
             started: SystemTime::now(),
             publish,
             dataplane: None,
+            applied: None,
         })
     }
 
@@ -157,6 +161,17 @@ impl Controller {
 
     pub fn dataplane(&self) -> Option<Arc<dyn DataplaneQueries>> {
         self.dataplane.clone()
+    }
+
+    /// Tells the controller which model the dataplane has applied.
+    pub fn set_applied(&mut self, applied: watch::Receiver<Arc<Model>>) {
+        self.applied = Some(applied);
+    }
+
+    /// What to wait on after a change: the committed model and the
+    /// dataplane's applied one (`None` without a dataplane).
+    pub fn apply_wait(&self) -> Option<(Arc<Model>, watch::Receiver<Arc<Model>>)> {
+        self.applied.clone().map(|rx| (self.model.clone(), rx))
     }
 
     /// A receiver that sees every new model (the latest one, if several

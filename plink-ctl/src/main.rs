@@ -455,6 +455,8 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             .with_context(|| format!("serving the admin API on {}", socket.display()))?;
         let controller = Arc::new(Mutex::new(controller));
         let models = lock(&controller).subscribe();
+        let (applied_tx, applied_rx) = tokio::sync::watch::channel(models.borrow().clone());
+        lock(&controller).set_applied(applied_rx);
         lock(&controller).set_dataplane(Arc::new(GatewayQueries {
             gateway: gateway.clone(),
             models: models.clone(),
@@ -503,7 +505,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
                     })
                     .await;
                     match result {
-                        Ok(Ok(())) => applied = latest,
+                        Ok(Ok(())) => {
+                            applied_tx.send_replace(latest.clone());
+                            applied = latest;
+                        }
                         Ok(Err(e)) => tracing::error!("applying the new model failed: {e:#}"),
                         Err(e) => tracing::error!("applying the new model panicked: {e}"),
                     }
