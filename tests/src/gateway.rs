@@ -83,7 +83,16 @@ pub fn start(topo: &mut Topology, host: &Host, config_yaml: &str) -> anyhow::Res
             stderr: err_rx,
         }),
         Err(_) => {
-            let log: Vec<String> = err_rx.try_iter().collect();
+            // The process may have exited: drain its stderr until it closes
+            // (bounded), so the failure says why.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut log = Vec::new();
+            while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                match err_rx.recv_timeout(left) {
+                    Ok(line) => log.push(line),
+                    Err(_) => break,
+                }
+            }
             bail!("plink-ctl did not become ready:\n{}", log.join("\n"))
         }
     }

@@ -431,6 +431,7 @@ impl Dataplane {
                     )
                 })?;
                 used.push((off, size));
+                self.written.quiesce(off, size);
                 let mut lb: Array<_, u32> = Array::try_from(self.map_mut(map_names::LB_TABLE)?)?;
                 for (i, id) in s.lookup.iter().enumerate() {
                     lb.set(off + i as u32, *id, 0)?;
@@ -458,6 +459,7 @@ impl Dataplane {
                 },
             );
         }
+        let mut freed: Vec<(u32, u32, std::time::Instant)> = Vec::new();
         let mut services: Array<_, ServiceConfig> =
             Array::try_from(self.map_mut(map_names::SERVICES)?)?;
         for (id, old) in current.iter().enumerate() {
@@ -465,8 +467,15 @@ impl Dataplane {
             let want = desired.get(&id).copied().unwrap_or_default();
             if *old != want {
                 services.set(id, want, 0)?;
+                if old.enabled != 0
+                    && old.lb_size != 0
+                    && (old.lb_offset != want.lb_offset || want.enabled == 0)
+                {
+                    freed.push((old.lb_offset, old.lb_size, std::time::Instant::now()));
+                }
             }
         }
+        self.written.freed_lb.extend(freed);
 
         // NAT addresses (draining ones included: their flows and ARP stay).
         let mut nat_desired = BTreeMap::new();
@@ -595,6 +604,37 @@ pub(crate) struct Written {
     /// The whole BACKENDS array. (Lookup tables need no cache: a changed
     /// table is written whole to a fresh region, see `apply_services`.)
     backends: Option<Vec<BackendInfo>>,
+    /// Lookup-table regions a service stopped using, and when. A program that
+    /// read the old offset just before the flip may still read the region for
+    /// a moment: it is not rewritten until `LB_QUIESCE` has passed.
+    freed_lb: Vec<(u32, u32, std::time::Instant)>,
+}
+
+/// How long a freed lookup-table region rests before it is rewritten: far
+/// longer than one XDP program run (microseconds, preemption off).
+const LB_QUIESCE: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Written {
+    /// Waits until no region overlapping `off..off+size` was freed less than
+    /// `LB_QUIESCE` ago, then forgets regions that rested long enough.
+    fn quiesce(&mut self, off: u32, size: u32) {
+        let end = u64::from(off) + u64::from(size);
+        let latest = self
+            .freed_lb
+            .iter()
+            .filter(|(o, sz, _)| {
+                u64::from(*o) < end && u64::from(*o) + u64::from(*sz) > u64::from(off)
+            })
+            .map(|(_, _, at)| *at)
+            .max();
+        if let Some(at) = latest {
+            let rested = at.elapsed();
+            if rested < LB_QUIESCE {
+                std::thread::sleep(LB_QUIESCE - rested);
+            }
+        }
+        self.freed_lb.retain(|(_, _, at)| at.elapsed() < LB_QUIESCE);
+    }
 }
 
 /// First offset where `size` slots fit in `0..len` without overlapping `used`.
