@@ -5,8 +5,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use plink_common::{
-    CtFwdKey, CtFwdValue, DropReason, EndpointKey, IPPROTO_TCP, ep_state, flow_expired, role,
-    tcp_state, v4_be,
+    CtFwdKey, CtFwdValue, DropReason, EndpointKey, IPPROTO_ICMP, IPPROTO_TCP, ep_state,
+    flow_expired, icmp_type, role, tcp_state, v4_be,
 };
 
 use crate::{
@@ -42,6 +42,10 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         Ok(f) => f,
         Err(r) => return drop(r, NO_EP),
     };
+    // Only echo requests open or use ICMP flows from a consumer.
+    if f.proto == IPPROTO_ICMP && f.tcp_flags != icmp_type::ECHO_REQUEST {
+        return drop(DropReason::IcmpUnsupported, NO_EP);
+    }
     // Step 2: endpoint lookup.
     let ep_key = EndpointKey {
         network_id,
