@@ -12,6 +12,7 @@ use plink_common::{
 use crate::{
     arp, conntrack,
     fib::{self, NextHop},
+    icmp,
     maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES},
     parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4},
     rewrite::{Nat, rewrite},
@@ -63,6 +64,16 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         ep_state::PENDING => return drop(DropReason::EndpointPending, ep.endpoint_id),
         ep_state::REJECTED => return drop(DropReason::EndpointRejected, ep.endpoint_id),
         _ => return drop(DropReason::EndpointRemoved, ep.endpoint_id),
+    }
+    // A packet that cannot be forwarded opens no flow: time exceeded comes
+    // back from the endpoint address (the consumer's view of the next hop).
+    if f.ttl <= 1 {
+        return icmp::reply_error(
+            XdpContext { ctx: ctx.ctx },
+            icmp::TIME_EXCEEDED,
+            0,
+            ep.endpoint_id,
+        );
     }
     let Some(g) = GLOBAL.get(0) else {
         return drop(DropReason::FibFailed, ep.endpoint_id);
@@ -119,9 +130,6 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
     // SAFETY: map value pointer; concurrent CPUs write the same fields with
     // the same kind of values (benign races, as in every XDP conntrack).
     let v = unsafe { &mut *v };
-    if f.ttl <= 1 {
-        return drop(DropReason::TtlExceeded, ep.endpoint_id);
-    }
     // Step 5 before 4: route first, so a drop leaves the packet untouched.
     let mut hop = NextHop {
         src_be: v.nat_addr_be[0],
@@ -131,8 +139,18 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         ifindex: 0,
         smac: [0; 6],
         dmac: [0; 6],
+        mtu: 0,
     };
     let rc = fib::lookup(ctx, &mut hop);
+    if rc == DropReason::FragNeeded as u32 + 1 {
+        // Path MTU discovery: the consumer learns the provider side's MTU.
+        return icmp::reply_error(
+            XdpContext { ctx: ctx.ctx },
+            icmp::FRAG_NEEDED,
+            hop.mtu as u32,
+            ep.endpoint_id,
+        );
+    }
     if rc != 0 {
         return match DropReason::from_index(rc - 1) {
             Some(r) => drop(r, ep.endpoint_id),

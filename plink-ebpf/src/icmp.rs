@@ -7,7 +7,10 @@
 //! A slow path: out of line so the verifier checks it once, apart from the
 //! per-packet path.
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, helpers::generated::bpf_redirect,
+    bindings::xdp_action,
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     programs::XdpContext,
 };
 use plink_common::{
@@ -239,4 +242,118 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     }
     stats::count_packet(v, tot_len as u64, true);
     Ok(v.ingress_ifindex)
+}
+
+/// [`reply_error`] kinds.
+pub const TIME_EXCEEDED: u32 = 1;
+pub const FRAG_NEEDED: u32 = 2;
+
+/// Bytes of the offending packet an error quotes: its header and 8 bytes.
+const QUOTE: usize = IP_LEN + 8;
+/// Length of the error frame: Ethernet, IP, ICMP header, quote.
+const ERR_LEN: usize = L4_OFF + 8 + QUOTE;
+
+/// Answers the consumer packet in `ctx` (IPv4 without options, 8 transport
+/// bytes checked by `parse_ipv4`) with an ICMP error from the address it was
+/// sent to, transmitted back out of the interface it came in on: time
+/// exceeded (`kind` [`TIME_EXCEEDED`]) or fragmentation needed with the
+/// next-hop `mtu` ([`FRAG_NEEDED`]; only for DF packets: others are a
+/// counted drop, XDP cannot fragment). The frame is reused in place: trimmed
+/// to the quote and grown at the head by the new headers, so nothing is copied.
+#[inline(never)]
+pub fn reply_error(ctx: XdpContext, kind: u32, mtu: u32, endpoint_id: u32) -> u32 {
+    let reason = if kind == FRAG_NEEDED {
+        DropReason::FragNeeded
+    } else {
+        DropReason::TtlExceeded
+    };
+    let Some(old) = ptr_at::<[u8; L4_OFF + 8]>(&ctx, 0) else {
+        return drop(DropReason::Malformed, endpoint_id);
+    };
+    // SAFETY: inside the checked region.
+    let (macs, df, src, dst) = unsafe {
+        let o = old.cast::<u8>();
+        (
+            o.cast::<[u8; 12]>().read_unaligned(),
+            *o.add(IP_OFF + 6) & 0x40 != 0,
+            o.add(IP_SADDR).cast::<u32>().read_unaligned(),
+            o.add(IP_DADDR).cast::<u32>().read_unaligned(),
+        )
+    };
+    if kind == FRAG_NEEDED && !df {
+        return drop(reason, endpoint_id);
+    }
+    let len = ctx.data_end() - ctx.data();
+    let keep = IP_OFF + QUOTE;
+    // SAFETY: plain helper calls on this program's context.
+    let resized = unsafe {
+        (len <= keep || bpf_xdp_adjust_tail(ctx.ctx.cast(), keep as i32 - len as i32) == 0)
+            && bpf_xdp_adjust_head(ctx.ctx.cast(), -((L4_OFF + 8 - IP_OFF) as i32)) == 0
+    };
+    if !resized {
+        return drop(reason, endpoint_id);
+    }
+    let Some(p) = ptr_at::<[u8; ERR_LEN]>(&ctx, 0) else {
+        return drop(reason, endpoint_id);
+    };
+    if ctx.data_end() - ctx.data() != ERR_LEN {
+        return drop(reason, endpoint_id);
+    }
+    let p = p.cast::<u8>();
+    let (ty, code) = if kind == FRAG_NEEDED {
+        (icmp_type::DEST_UNREACH, icmp_type::CODE_FRAG_NEEDED)
+    } else {
+        (icmp_type::TIME_EXCEEDED, 0)
+    };
+    let tot_len = ((ERR_LEN - IP_OFF) as u16).to_be_bytes();
+    let ip: [u8; 12] = [
+        0x45,
+        0,
+        tot_len[0],
+        tot_len[1],
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        IPPROTO_ICMP,
+        0,
+        0,
+    ];
+    let mtu = (mtu as u16).to_be_bytes();
+    // SAFETY: every offset is inside the checked ERR_LEN bytes.
+    unsafe {
+        // Back to where it came from: the MACs swap.
+        p.cast::<[u8; 6]>()
+            .write_unaligned([macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]]);
+        p.add(6)
+            .cast::<[u8; 6]>()
+            .write_unaligned([macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]]);
+        p.add(12).cast::<[u8; 2]>().write_unaligned([0x08, 0x00]);
+        p.add(IP_OFF).cast::<[u8; 12]>().write_unaligned(ip);
+        p.add(IP_SADDR).cast::<u32>().write_unaligned(dst);
+        p.add(IP_DADDR).cast::<u32>().write_unaligned(src);
+        p.add(L4_OFF)
+            .cast::<[u8; 8]>()
+            .write_unaligned([ty, code, 0, 0, 0, 0, mtu[0], mtu[1]]);
+        let sum = |from: usize, words: usize| {
+            let mut s: u32 = 0;
+            for i in 0..words {
+                s += p.add(from + 2 * i).cast::<u16>().read_unaligned() as u32;
+            }
+            s
+        };
+        let ip_check = !fold(sum(IP_OFF, IP_LEN / 2));
+        p.add(IP_CHECK).cast::<u16>().write_unaligned(ip_check);
+        let icmp_check = !fold(sum(L4_OFF, (8 + QUOTE) / 2));
+        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(icmp_check);
+    }
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
 }

@@ -283,9 +283,9 @@ impl Bench {
             .filter(|(r, n)| before.get(r) != Some(n))
             .map(|(r, n)| (*r, n - before.get(r).copied().unwrap_or(0)))
             .collect();
-        match want {
+        match &want {
             Want::Redirect(out) | Want::Tx(out) => {
-                let v = if frame.len() >= 14 && frame[12..14] == [8, 6] {
+                let v = if matches!(want, Want::Tx(_)) {
                     verdict::TX
                 } else {
                     verdict::REDIRECT
@@ -304,7 +304,7 @@ impl Bench {
             }
             Want::Drop(reason) => {
                 assert_eq!(run.verdict, verdict::DROP, "{name}: verdict");
-                assert_eq!(moved, vec![(reason, 1)], "{name}: drop reason");
+                assert_eq!(moved, vec![(*reason, 1)], "{name}: drop reason");
             }
             Want::Pass => {
                 assert_eq!(run.verdict, verdict::PASS, "{name}: verdict");
@@ -960,12 +960,13 @@ fn golden_drops_arp_and_caps() {
             );
             let mut ttl1 = syn(EP_TCP, 80);
             ttl1.ttl = 1;
+            let ttl1 = ttl1.build();
             b.case(
-                "ttl 1",
+                "ttl 1: time exceeded back to the sender",
                 prog_names::CONSUMER,
                 c1,
-                &ttl1.build(),
-                Want::Drop(DropReason::TtlExceeded),
+                &ttl1,
+                Want::Tx(error_reply(&ttl1, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
             );
             b.case(
                 "no neighbour for the backend",
@@ -1958,6 +1959,135 @@ fn golden_icmp_errors_from_the_provider() {
                 Want::Drop(DropReason::Malformed),
             );
             let _ = c2;
+        })
+        .unwrap();
+}
+
+/// The ICMP error the gateway sends back to a consumer about `offending`
+/// (a frame it received): from the address it was sent to, quoting its IP
+/// header and 8 bytes, TTL 64, id 0.
+fn error_reply(offending: &[u8], ty: u8, code: u8, mtu: u16, gw_mac: [u8; 6]) -> Vec<u8> {
+    let src = Ipv4Addr::new(offending[30], offending[31], offending[32], offending[33]);
+    let dst = Ipv4Addr::new(offending[26], offending[27], offending[28], offending[29]);
+    let mut p = Ipv4Packet::icmp(src, dst, ty, code, mtu as u32, &offending[14..42]);
+    p.ip_id = 0;
+    let mac: [u8; 6] = offending[6..12].try_into().unwrap();
+    p.macs(gw_mac, mac).build()
+}
+
+/// TTL ≤ 1 on the forward path: time exceeded from the endpoint address,
+/// no flow opened.
+#[test]
+fn golden_ttl_exceeded_answers_from_the_endpoint() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            for ttl in [1, 0] {
+                let mut q = Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"query")
+                    .macs(CLIENT_MAC, c1_mac);
+                q.ttl = ttl;
+                let frame = q.build();
+                b.case(
+                    &format!("udp with ttl {ttl}"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &frame,
+                    Want::Tx(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
+                );
+            }
+            let mut syn =
+                Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_SYN).macs(ROUTER_MAC, c1_mac);
+            syn.ttl = 1;
+            syn.payload = vec![1; 100];
+            let frame = syn.build();
+            b.case(
+                "tcp syn with ttl 1 from behind a router",
+                prog_names::CONSUMER,
+                c1,
+                &frame,
+                Want::Tx(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
+            );
+            let mut ping = Ipv4Packet::echo(CLIENT, EP_TCP, true, 9, 1).macs(CLIENT_MAC, c1_mac);
+            ping.ttl = 1;
+            let frame = ping.build();
+            b.case(
+                "echo with ttl 1",
+                prog_names::CONSUMER,
+                c1,
+                &frame,
+                Want::Tx(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
+            );
+            assert!(b.dp.list_conntrack().unwrap().is_empty(), "no flow opened");
+            let mut pending = Ipv4Packet::tcp((CLIENT, 40000), (EP_PENDING, 80), TCP_SYN)
+                .macs(CLIENT_MAC, c1_mac);
+            pending.ttl = 1;
+            b.case(
+                "ttl 1 to a pending endpoint: no answer",
+                prog_names::CONSUMER,
+                c1,
+                &pending.build(),
+                Want::Drop(DropReason::EndpointPending),
+            );
+        })
+        .unwrap();
+}
+
+/// Too big for the provider side's MTU: fragmentation needed (with the
+/// MTU) back to the consumer for DF packets; a counted drop without DF.
+#[test]
+fn golden_frag_needed_on_the_forward_path() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "p0", "mtu", "1000"]).unwrap();
+    let spec = spec(&gw);
+    let (c1, p0_mac, c1_mac) = (gw.c1, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 5000);
+            let ep = (EP_UDP, 53);
+            let key = fwd_key(1, client, ep, IPPROTO_UDP);
+            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+            let fits = Ipv4Packet::udp(client, ep, &[7; 972]).macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "1000 bytes fit",
+                prog_names::CONSUMER,
+                c1,
+                &fits.build(),
+                Want::Redirect(translated(
+                    &fits,
+                    p0_mac,
+                    (BACKEND10, 5353, BACKEND10_MAC),
+                    nat,
+                )),
+            );
+            let big = Ipv4Packet::udp(client, ep, &[7; 973]).macs(CLIENT_MAC, c1_mac);
+            let frame = big.build();
+            b.case(
+                "1001 bytes with DF",
+                prog_names::CONSUMER,
+                c1,
+                &frame,
+                Want::Tx(error_reply(
+                    &frame,
+                    ICMP_DEST_UNREACH,
+                    ICMP_FRAG_NEEDED,
+                    1000,
+                    c1_mac,
+                )),
+            );
+            let mut no_df = frame.clone();
+            no_df[20] = 0;
+            fix_checksums(&mut no_df);
+            b.case(
+                "1001 bytes without DF",
+                prog_names::CONSUMER,
+                c1,
+                &no_df,
+                Want::Drop(DropReason::FragNeeded),
+            );
         })
         .unwrap();
 }
