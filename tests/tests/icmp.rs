@@ -103,3 +103,111 @@ fn closed_backend_port_yields_port_unreachable_at_the_right_client() {
         Err(ErrorKind::ConnectionRefused)
     );
 }
+
+#[test]
+fn ttl_limited_probes_see_the_endpoint_then_the_service() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let _plink = net.start_plink().unwrap();
+    // Warm the neighbours so the TTL-1 probe is the only thing under test.
+    ping(&net.consumer_a, "192.0.2.50").unwrap();
+    // TTL 1: the gateway answers time exceeded, from the endpoint address.
+    let out = net
+        .consumer_a
+        .command("ping")
+        .args(["-n", "-c", "1", "-W", "2", "-t", "1", "192.0.2.50"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("From 192.0.2.50") && text.contains("Time to live exceeded"),
+        "time exceeded from the endpoint:\n{text}"
+    );
+    // TTL 2 reaches the backend: an echo reply.
+    let out = net
+        .consumer_a
+        .exec(
+            "ping",
+            &["-n", "-c", "1", "-W", "2", "-t", "2", "192.0.2.50"],
+        )
+        .unwrap();
+    assert!(out.contains("1 received"), "{out}");
+}
+
+/// A provider-side path with a smaller MTU than the consumer's: the gateway
+/// tells the consumer (fragmentation needed), the consumer's kernel lowers
+/// its path MTU, and a large upload completes instead of black-holing.
+#[test]
+fn path_mtu_discovery_across_a_smaller_provider_mtu() {
+    use std::io::{Read, Write};
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    // The orders backends become upload sinks that answer with the byte count.
+    net.servers.drain(..2);
+    for b in pl::ORDERS_BACKENDS {
+        let listener = net
+            .provider
+            .run_in(move || std::net::TcpListener::bind(SocketAddrV4::new(b, 8080)))
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut n = 0usize;
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(k) = s.read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k;
+                    }
+                    let _ = s.write_all(format!("{n}\n").as_bytes());
+                });
+            }
+        });
+    }
+    // Only the gateway's route to the backends has the small MTU: the backends'
+    // SYN-ACK still offers MSS 1460, so only PMTUD can fix the size.
+    net.gw
+        .ip(&[
+            "route",
+            "replace",
+            "198.51.100.0/24",
+            "dev",
+            "p0",
+            "src",
+            "198.51.100.254",
+            "mtu",
+            "lock",
+            "1200",
+        ])
+        .unwrap();
+    let _plink = net.start_plink().unwrap();
+    const SIZE: usize = 2 << 20;
+    let got = net
+        .consumer_a
+        .run_in(move || -> anyhow::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(
+                &pl::endpoint_tcp().into(),
+                Duration::from_secs(5),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.set_write_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(&vec![0x5a; SIZE])?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok(reply)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.trim(), SIZE.to_string(), "the whole upload arrived");
+    let cache = net
+        .consumer_a
+        .exec("ip", &["route", "get", "192.0.2.50"])
+        .unwrap();
+    assert!(
+        cache.contains("mtu 1200"),
+        "consumer learned the path MTU: {cache}"
+    );
+}
