@@ -13,8 +13,8 @@ use crate::{
     arp, conntrack,
     fib::{self, NextHop},
     icmp,
-    maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES},
-    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4},
+    maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES, SCRATCH},
+    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4, store},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
 };
@@ -43,8 +43,12 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         Ok(f) => f,
         Err(r) => return drop(r, NO_EP),
     };
-    // Only echo requests open or use ICMP flows from a consumer.
+    // Only echo requests open or use ICMP flows from a consumer; errors about
+    // a reply (from a router in front of the client) go on to the backend.
     if f.proto == IPPROTO_ICMP && f.tcp_flags != icmp_type::ECHO_REQUEST {
+        if icmp::is_error(f.tcp_flags) {
+            return forward_error(ctx, network_id, f.tot_len);
+        }
         return drop(DropReason::IcmpUnsupported, NO_EP);
     }
     // Step 2: endpoint lookup.
@@ -179,6 +183,53 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
     let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
     if action != xdp_action::XDP_REDIRECT {
         return drop(DropReason::RedirectFailed, ep.endpoint_id);
+    }
+    action
+}
+
+/// An ICMP error from a consumer-side router about a reply, translated by
+/// `icmp::consumer_error`, routed to the backend from here.
+#[inline(always)]
+fn forward_error(ctx: &XdpContext, network_id: u32, tot_len: u16) -> u32 {
+    let rc = icmp::consumer_error(XdpContext { ctx: ctx.ctx }, network_id, tot_len as u32);
+    if rc != 0 {
+        return rc;
+    }
+    let (Some(s), Some(g)) = (SCRATCH.get_ptr(0), GLOBAL.get(0)) else {
+        return drop(DropReason::FibFailed, NO_EP);
+    };
+    // SAFETY: this CPU's scratch slot, just written by consumer_error.
+    let (src_be, dst_be, ep) = unsafe {
+        (
+            (*s).rev.nat_addr_be[0],
+            (*s).rev.backend_addr_be[0],
+            (*s).v.endpoint_id,
+        )
+    };
+    let mut hop = NextHop {
+        src_be,
+        dst_be,
+        tot_len,
+        provider_ifindex: g.provider_ifindex,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        mtu: 0,
+    };
+    let rc = fib::lookup(ctx, &mut hop);
+    if rc != 0 {
+        return drop(
+            DropReason::from_index(rc - 1).unwrap_or(DropReason::FibFailed),
+            ep,
+        );
+    }
+    if !(store::<[u8; 6]>(ctx, 0, hop.dmac) && store::<[u8; 6]>(ctx, 6, hop.smac)) {
+        return drop(DropReason::Malformed, ep);
+    }
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
+    if action != xdp_action::XDP_REDIRECT {
+        return drop(DropReason::RedirectFailed, ep);
     }
     action
 }

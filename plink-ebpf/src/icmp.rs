@@ -357,3 +357,176 @@ fn fold(mut s: u32) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s as u16
 }
+
+/// Translates an ICMP error that a consumer-side router sent about a reply
+/// (e.g. fragmentation needed on the way to a client behind it) for its
+/// flow's backend: the quote becomes backend → NAT address/port, as the
+/// backend sent it, and the outer header NAT address → backend. The flow
+/// key includes `network_id`, so a consumer can only reach its own flows.
+///
+/// Returns 0 when translated, leaving the route query (NAT address →
+/// backend) and the endpoint id in the scratch slot's `rev` and `v` for the
+/// caller, whose frame already holds a `NextHop` (routing here would put a
+/// third frame on the 512-byte stack); otherwise the XDP action (a counted drop).
+#[inline(never)]
+pub fn consumer_error(ctx: XdpContext, network_id: u32, tot_len: u32) -> u32 {
+    match consumer_translate(&ctx, network_id, tot_len as u16) {
+        Ok(()) => 0,
+        Err((r, ep)) => drop(r, ep),
+    }
+}
+
+#[inline(always)]
+fn consumer_translate(
+    ctx: &XdpContext,
+    network_id: u32,
+    tot_len: u16,
+) -> Result<(), (DropReason, u32)> {
+    let malformed = (DropReason::Malformed, NO_EP);
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    if (tot_len as usize) < IP_LEN + 8 + IP_LEN + 8 {
+        return Err(malformed);
+    }
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: offsets below IN_L4 + 8 are inside the checked region.
+    let rd16 = |off: usize| unsafe { p.add(off).cast::<u16>().read_unaligned() };
+    // SAFETY: as above.
+    let rd32 = |off: usize| unsafe { p.add(off).cast::<u32>().read_unaligned() };
+    // SAFETY: as above.
+    let (ver_ihl, frag, proto) = unsafe { (*p.add(IN_IP), rd16(IN_IP + 6), *p.add(IN_IP + 9)) };
+    if ver_ihl != 0x45 || frag & u16::from_ne_bytes([0x3f, 0xff]) != 0 {
+        return Err(no_flow);
+    }
+    // Quoted: a reply, endpoint → client. The error goes to the endpoint.
+    let (in_src, in_dst, out_dst) = (rd32(IN_SADDR), rd32(IN_DADDR), rd32(IP_DADDR));
+    if in_src != out_dst {
+        return Err(no_flow);
+    }
+    let l4 = [rd16(IN_L4), rd16(IN_L4 + 2), rd16(IN_L4 + 4)];
+    // (client port, endpoint port) as the forward key has them.
+    let (client_port, endpoint_port) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (l4[1], l4[0]),
+        IPPROTO_ICMP if l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REPLY => (l4[2], 0),
+        _ => return Err(no_flow),
+    };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Err(no_flow);
+    };
+    // SAFETY: this CPU's slot; XDP runs to completion.
+    let key = unsafe { &mut (*s).owner.fwd };
+    key.src_addr_be = v4_be(in_dst);
+    key.dst_addr_be = v4_be(in_src);
+    key.network_id = network_id;
+    key.src_port_be = client_port;
+    key.dst_port_be = endpoint_port;
+    key.proto = proto;
+    key._pad = [0; 3];
+    // SAFETY: map value, read only; errors do not refresh flows.
+    let Some(v) = (unsafe { CT_FWD.get(key) }) else {
+        return Err(no_flow);
+    };
+    let ep = v.endpoint_id;
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if flow_expired(v, now, &g.timeouts) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    let (ttl_word, out_check, out_src, icmp_check, in_check) = (
+        rd16(IP_TTL),
+        rd16(IP_CHECK),
+        rd32(IP_SADDR),
+        rd16(ICMP_CHECK),
+        rd16(IN_CHECK),
+    );
+    let ttl = ttl_word.to_ne_bytes()[0];
+    if ttl <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let (nat, backend) = (v.nat_addr_be[0], v.backend_addr_be[0]);
+    let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);
+    // SAFETY: this CPU's slot (the key above lives in another field).
+    unsafe {
+        (*s).rev.nat_addr_be[0] = nat;
+        (*s).rev.backend_addr_be[0] = backend;
+        (*s).v.endpoint_id = ep;
+    }
+    // Quoted header: endpoint → backend (source), client → NAT (destination).
+    let mut new_in_check = csum::update32(in_check, in_src, backend);
+    new_in_check = csum::update32(new_in_check, in_dst, nat);
+    let mut ic = csum::update32(icmp_check, in_src, backend);
+    ic = csum::update32(ic, in_dst, nat);
+    ic = csum::update16(ic, in_check, new_in_check);
+    if proto == IPPROTO_ICMP {
+        let (old_id, inner_icmp_check) = (l4[2], l4[1]);
+        let new_inner = csum::update16(inner_icmp_check, old_id, nat_port);
+        ic = csum::update16(ic, old_id, nat_port);
+        ic = csum::update16(ic, inner_icmp_check, new_inner);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_ICMP_ID).cast::<u16>().write_unaligned(nat_port);
+            p.add(IN_ICMP_CHECK)
+                .cast::<u16>()
+                .write_unaligned(new_inner);
+        }
+    } else {
+        ic = csum::update16(ic, l4[0], backend_port);
+        ic = csum::update16(ic, l4[1], nat_port);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_L4)
+                .cast::<[u16; 2]>()
+                .write_unaligned([backend_port, nat_port]);
+        }
+        let check_off = if proto == IPPROTO_UDP {
+            IN_UDP_CHECK
+        } else {
+            IN_TCP_CHECK
+        };
+        if IP_OFF + tot_len as usize >= check_off + 2
+            && let Some(old) = load::<u16>(ctx, check_off)
+        {
+            let mut l = csum::update32(old, in_src, backend);
+            l = csum::update32(l, in_dst, nat);
+            l = csum::update16(l, l4[0], backend_port);
+            l = csum::update16(l, l4[1], nat_port);
+            if proto == IPPROTO_UDP {
+                l = csum::udp_finish(old, l);
+            }
+            ic = csum::update16(ic, old, l);
+            if !store::<u16>(ctx, check_off, l) {
+                return Err((DropReason::Malformed, ep));
+            }
+        }
+    }
+    let new_ttl_word = {
+        let mut b = ttl_word.to_ne_bytes();
+        b[0] = ttl - 1;
+        u16::from_ne_bytes(b)
+    };
+    let mut oc = csum::update16(out_check, ttl_word, new_ttl_word);
+    oc = csum::update32(oc, out_src, nat);
+    oc = csum::update32(oc, out_dst, backend);
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err((DropReason::Malformed, ep));
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: inside the checked region.
+    unsafe {
+        p.add(IN_SADDR).cast::<u32>().write_unaligned(backend);
+        p.add(IN_DADDR).cast::<u32>().write_unaligned(nat);
+        p.add(IN_CHECK).cast::<u16>().write_unaligned(new_in_check);
+        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(ic);
+        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
+        p.add(IP_SADDR).cast::<u32>().write_unaligned(nat);
+        p.add(IP_DADDR).cast::<u32>().write_unaligned(backend);
+        p.add(IP_CHECK).cast::<u16>().write_unaligned(oc);
+    }
+    stats::count_packet(v, tot_len as u64, false);
+    Ok(())
+}

@@ -293,7 +293,7 @@ impl Bench {
                 assert_eq!(run.verdict, v, "{name}: verdict (drops moved: {moved:?})");
                 assert_eq!(
                     hex(&run.output),
-                    hex(&out),
+                    hex(out),
                     "{name}: output bytes (got, want)"
                 );
                 if run.output[12..14] == [8, 0] {
@@ -2087,6 +2087,131 @@ fn golden_frag_needed_on_the_forward_path() {
                 c1,
                 &no_df,
                 Want::Drop(DropReason::FragNeeded),
+            );
+        })
+        .unwrap();
+}
+
+/// Fragmentation needed (and other errors) from a router in front of a
+/// client, about a reply: on to the backend, quote as the backend sent it.
+#[test]
+fn golden_icmp_errors_from_a_consumer_router() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c2, p0, c1_mac, c2_mac, p0_mac) =
+        (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.c2_mac, gw.p0_mac);
+    let router = Ipv4Addr::new(192, 0, 2, 2);
+    let far_client = Ipv4Addr::new(203, 0, 113, 10);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (far_client, 40000);
+            let ep = (EP_TCP, 80);
+            let key = fwd_key(1, client, ep, IPPROTO_TCP);
+            let (backend, backend_mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(ROUTER_MAC, c1_mac);
+            assert_eq!(
+                b.raw(prog_names::CONSUMER, c1, &syn.build()).verdict,
+                verdict::REDIRECT
+            );
+            // The backend's reply, and what the consumer side saw of it.
+            let mut reply =
+                Ipv4Packet::tcp((backend, 8080), nat, TCP_SYN | TCP_ACK).macs(backend_mac, p0_mac);
+            reply.payload = vec![3; 40];
+            let run = b.raw(prog_names::PROVIDER, p0, &reply.build());
+            assert_eq!(run.verdict, verdict::REDIRECT);
+            let seen = run.output;
+            let mut as_sent = reply.clone();
+            as_sent.ttl = 63;
+            let as_sent = as_sent.build();
+            for (name, n) in [
+                (
+                    "frag needed from a consumer router, TCP checksum quoted",
+                    14 + 40,
+                ),
+                (
+                    "frag needed from a consumer router, 8 bytes quoted",
+                    14 + 28,
+                ),
+            ] {
+                let e = Ipv4Packet::icmp(
+                    router,
+                    EP_TCP,
+                    ICMP_DEST_UNREACH,
+                    ICMP_FRAG_NEEDED,
+                    1280,
+                    &seen[14..n],
+                )
+                .macs(ROUTER_MAC, c1_mac);
+                let mut w = Ipv4Packet::icmp(
+                    NAT_TCP,
+                    backend,
+                    ICMP_DEST_UNREACH,
+                    ICMP_FRAG_NEEDED,
+                    1280,
+                    &as_sent[14..n],
+                )
+                .macs(p0_mac, backend_mac);
+                w.ttl = 63;
+                b.case(
+                    name,
+                    prog_names::CONSUMER,
+                    c1,
+                    &e.build(),
+                    Want::Redirect(w.build()),
+                );
+            }
+            // Network 2 has no such flow: isolation holds for errors too.
+            let e = Ipv4Packet::icmp(
+                router,
+                EP_TCP,
+                ICMP_DEST_UNREACH,
+                ICMP_FRAG_NEEDED,
+                1280,
+                &seen[14..42],
+            )
+            .macs(ROUTER_MAC, c2_mac);
+            b.case(
+                "the same error from the other network",
+                prog_names::CONSUMER,
+                c2,
+                &e.build(),
+                Want::Drop(DropReason::IcmpErrorNoFlow),
+            );
+            let mut forged = seen.clone();
+            forged[26..30].copy_from_slice(&EP_UDP.octets());
+            let e = Ipv4Packet::icmp(
+                router,
+                EP_TCP,
+                ICMP_DEST_UNREACH,
+                ICMP_FRAG_NEEDED,
+                1280,
+                &forged[14..42],
+            )
+            .macs(ROUTER_MAC, c1_mac);
+            b.case(
+                "error quoting another endpoint than it is sent to",
+                prog_names::CONSUMER,
+                c1,
+                &e.build(),
+                Want::Drop(DropReason::IcmpErrorNoFlow),
+            );
+            let e = Ipv4Packet::icmp(
+                router,
+                EP_TCP,
+                ICMP_DEST_UNREACH,
+                ICMP_FRAG_NEEDED,
+                1280,
+                &seen[14..40],
+            )
+            .macs(ROUTER_MAC, c1_mac);
+            b.case(
+                "consumer error with a truncated quote",
+                prog_names::CONSUMER,
+                c1,
+                &e.build(),
+                Want::Drop(DropReason::Malformed),
             );
         })
         .unwrap();
