@@ -10,6 +10,7 @@ use std::{
 use plink_tests::{
     netns::{self, Host},
     privatelink::{self as pl, PrivateLink},
+    servers,
 };
 
 fn ping(host: &Host, dst: &str) -> anyhow::Result<String> {
@@ -209,5 +210,41 @@ fn path_mtu_discovery_across_a_smaller_provider_mtu() {
     assert!(
         cache.contains("mtu 1200"),
         "consumer learned the path MTU: {cache}"
+    );
+}
+
+/// A client behind a router whose last link has a smaller MTU: the router's
+/// fragmentation-needed about the backend's large segments reaches the
+/// backend through plink, and the download completes.
+#[test]
+fn frag_needed_from_a_consumer_router_reaches_the_backend() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    // Only the router's side of the last link shrinks: the client still
+    // offers MSS 1460, so only PMTUD can fix the backend's segment size.
+    net.router_a
+        .ip(&["link", "set", "eth1", "mtu", "1200"])
+        .unwrap();
+    let _plink = net.start_plink().unwrap();
+    let reply = servers::tcp_request(&net.routed_client, None, pl::endpoint_tcp(), 1 << 20)
+        .expect("the download completes");
+    assert_eq!(reply.body_len, 1 << 20);
+    let backend = reply.local.ip().to_string();
+    let cache = net
+        .provider
+        .exec(
+            "ip",
+            &[
+                "route",
+                "get",
+                &pl::ORDERS_NAT.to_string(),
+                "from",
+                &backend,
+            ],
+        )
+        .unwrap();
+    assert!(
+        cache.contains("mtu 1200"),
+        "the backend learned the path MTU: {cache}"
     );
 }
