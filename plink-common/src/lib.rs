@@ -14,7 +14,7 @@ pub mod csum;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -41,6 +41,17 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// ICMP types plink translates.
+pub mod icmp_type {
+    pub const ECHO_REPLY: u8 = 0;
+    pub const DEST_UNREACH: u8 = 3;
+    pub const ECHO_REQUEST: u8 = 8;
+    pub const TIME_EXCEEDED: u8 = 11;
+    pub const PARAMETER_PROBLEM: u8 = 12;
+    /// Destination-unreachable code "fragmentation needed and DF set".
+    pub const CODE_FRAG_NEEDED: u8 = 4;
+}
 
 /// Names of the maps, shared so userspace never spells one differently.
 pub mod map_names {
@@ -510,10 +521,12 @@ drop_reasons! {
     CtBroken = 25 => "conntrack_broken",
     ServiceMissing = 26 => "service_missing",
     FibForwardingDisabled = 27 => "fib_forwarding_disabled",
+    IcmpUnsupported = 28 => "icmp_unsupported",
+    IcmpErrorNoFlow = 29 => "icmp_error_no_flow",
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
 }
 const _: () = assert!(DropReason::ALL.len() == DropReason::COUNT as usize);
 

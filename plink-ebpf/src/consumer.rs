@@ -5,15 +5,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use plink_common::{
-    CtFwdKey, CtFwdValue, DropReason, EndpointKey, IPPROTO_TCP, ep_state, flow_expired, role,
-    tcp_state, v4_be,
+    CtFwdKey, CtFwdValue, DropReason, EndpointKey, IPPROTO_ICMP, IPPROTO_TCP, ep_state,
+    flow_expired, icmp_type, role, tcp_state, v4_be,
 };
 
 use crate::{
     arp, conntrack,
     fib::{self, NextHop},
-    maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES},
-    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4},
+    icmp,
+    maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES, SCRATCH},
+    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4, store},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
 };
@@ -42,6 +43,14 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         Ok(f) => f,
         Err(r) => return drop(r, NO_EP),
     };
+    // Only echo requests open or use ICMP flows from a consumer; errors about
+    // a reply (from a router in front of the client) go on to the backend.
+    if f.proto == IPPROTO_ICMP && f.tcp_flags != icmp_type::ECHO_REQUEST {
+        if icmp::is_error(f.tcp_flags) {
+            return forward_error(ctx, network_id, f.tot_len);
+        }
+        return drop(DropReason::IcmpUnsupported, NO_EP);
+    }
     // Step 2: endpoint lookup.
     let ep_key = EndpointKey {
         network_id,
@@ -59,6 +68,16 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         ep_state::PENDING => return drop(DropReason::EndpointPending, ep.endpoint_id),
         ep_state::REJECTED => return drop(DropReason::EndpointRejected, ep.endpoint_id),
         _ => return drop(DropReason::EndpointRemoved, ep.endpoint_id),
+    }
+    // A packet that cannot be forwarded opens no flow: time exceeded comes
+    // back from the endpoint address (the consumer's view of the next hop).
+    if f.ttl <= 1 {
+        return icmp::reply_error(
+            XdpContext { ctx: ctx.ctx },
+            icmp::TIME_EXCEEDED,
+            0,
+            ep.endpoint_id,
+        );
     }
     let Some(g) = GLOBAL.get(0) else {
         return drop(DropReason::FibFailed, ep.endpoint_id);
@@ -115,9 +134,6 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
     // SAFETY: map value pointer; concurrent CPUs write the same fields with
     // the same kind of values (benign races, as in every XDP conntrack).
     let v = unsafe { &mut *v };
-    if f.ttl <= 1 {
-        return drop(DropReason::TtlExceeded, ep.endpoint_id);
-    }
     // Step 5 before 4: route first, so a drop leaves the packet untouched.
     let mut hop = NextHop {
         src_be: v.nat_addr_be[0],
@@ -127,8 +143,18 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
         ifindex: 0,
         smac: [0; 6],
         dmac: [0; 6],
+        mtu: 0,
     };
     let rc = fib::lookup(ctx, &mut hop);
+    if rc == DropReason::FragNeeded as u32 + 1 {
+        // Path MTU discovery: the consumer learns the provider side's MTU.
+        return icmp::reply_error(
+            XdpContext { ctx: ctx.ctx },
+            icmp::FRAG_NEEDED,
+            hop.mtu as u32,
+            ep.endpoint_id,
+        );
+    }
     if rc != 0 {
         return match DropReason::from_index(rc - 1) {
             Some(r) => drop(r, ep.endpoint_id),
@@ -157,6 +183,53 @@ fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
     let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
     if action != xdp_action::XDP_REDIRECT {
         return drop(DropReason::RedirectFailed, ep.endpoint_id);
+    }
+    action
+}
+
+/// An ICMP error from a consumer-side router about a reply, translated by
+/// `icmp::consumer_error`, routed to the backend from here.
+#[inline(always)]
+fn forward_error(ctx: &XdpContext, network_id: u32, tot_len: u16) -> u32 {
+    let rc = icmp::consumer_error(XdpContext { ctx: ctx.ctx }, network_id, tot_len as u32);
+    if rc != 0 {
+        return rc;
+    }
+    let (Some(s), Some(g)) = (SCRATCH.get_ptr(0), GLOBAL.get(0)) else {
+        return drop(DropReason::FibFailed, NO_EP);
+    };
+    // SAFETY: this CPU's scratch slot, just written by consumer_error.
+    let (src_be, dst_be, ep) = unsafe {
+        (
+            (*s).rev.nat_addr_be[0],
+            (*s).rev.backend_addr_be[0],
+            (*s).v.endpoint_id,
+        )
+    };
+    let mut hop = NextHop {
+        src_be,
+        dst_be,
+        tot_len,
+        provider_ifindex: g.provider_ifindex,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        mtu: 0,
+    };
+    let rc = fib::lookup(ctx, &mut hop);
+    if rc != 0 {
+        return drop(
+            DropReason::from_index(rc - 1).unwrap_or(DropReason::FibFailed),
+            ep,
+        );
+    }
+    if !(store::<[u8; 6]>(ctx, 0, hop.dmac) && store::<[u8; 6]>(ctx, 6, hop.smac)) {
+        return drop(DropReason::Malformed, ep);
+    }
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
+    if action != xdp_action::XDP_REDIRECT {
+        return drop(DropReason::RedirectFailed, ep);
     }
     action
 }

@@ -23,6 +23,8 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// Out, on `FragNeeded`: the egress MTU.
+    pub mtu: u16,
 }
 
 /// Looks up the route from `src_be` to `dst_be` as if the packet arrived on
@@ -57,7 +59,11 @@ fn lookup_inner(ctx: &XdpContext, out: &mut NextHop) -> Result<(), DropReason> {
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err(DropReason::FibNoNeigh),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(DropReason::FragNeeded),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: on FRAG_NEEDED the kernel wrote mtu_result over tot_len.
+            out.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            return Err(DropReason::FragNeeded);
+        }
         BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(DropReason::FibForwardingDisabled),
         _ => return Err(DropReason::FibFailed),
     }

@@ -17,6 +17,7 @@ mod arp;
 mod conntrack;
 mod consumer;
 mod fib;
+mod icmp;
 mod maps;
 mod parse;
 mod provider;

@@ -3,7 +3,7 @@
 //! Offsets are fixed: plink handles IPv4 without options only (options are
 //! dropped with a reason on the consumer side), so L4 starts at byte 34.
 use aya_ebpf::programs::XdpContext;
-use plink_common::{DropReason, IPPROTO_TCP, IPPROTO_UDP};
+use plink_common::{DropReason, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, icmp_type};
 
 pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -19,6 +19,9 @@ pub const IP_SADDR: usize = IP_OFF + 12;
 pub const IP_DADDR: usize = IP_OFF + 16;
 pub const TCP_CHECK: usize = L4_OFF + 16;
 pub const UDP_CHECK: usize = L4_OFF + 6;
+pub const ICMP_CHECK: usize = L4_OFF + 2;
+/// Echo identifier: translated like a port.
+pub const ICMP_ID: usize = L4_OFF + 4;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -62,8 +65,13 @@ pub fn ether_type(ctx: &XdpContext) -> Option<u16> {
     load::<u16>(ctx, 12).map(u16::from_be)
 }
 
-/// What the datapath needs from an IPv4 TCP/UDP packet. Addresses and ports
-/// are raw (network byte order).
+/// What the datapath needs from an IPv4 TCP/UDP/ICMP packet. Addresses and
+/// ports are raw (network byte order).
+///
+/// ICMP echo is keyed like a port: a request carries its identifier as the
+/// source "port" (destination 0), a reply as the destination "port" (source
+/// 0), so requests and replies hit the same forward and reverse entries as
+/// any flow. Other ICMP types carry 0 in both.
 #[derive(Clone, Copy)]
 pub struct Flow {
     pub src_be: u32,
@@ -71,6 +79,7 @@ pub struct Flow {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
+    /// TCP flags, or the ICMP type.
     pub tcp_flags: u8,
     pub ttl: u8,
     /// IP total length: the byte count of counters.
@@ -100,6 +109,7 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<Flow, DropReason> {
     let l4_min = match proto {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
+        IPPROTO_ICMP => 8,
         _ => return Err(DropReason::UnsupportedProtocol),
     };
     // The IP length must cover the L4 header and fit in the frame (trailing
@@ -112,7 +122,19 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<Flow, DropReason> {
         return Err(DropReason::Malformed);
     };
     let mut tcp_flags = 0;
-    if proto == IPPROTO_TCP {
+    let mut ports = ports;
+    if proto == IPPROTO_ICMP {
+        // Type, code, checksum and the echo identifier: all in the 8 bytes checked.
+        let Some(h) = load::<[u16; 4]>(ctx, L4_OFF) else {
+            return Err(DropReason::Malformed);
+        };
+        tcp_flags = h[0].to_ne_bytes()[0];
+        ports = match tcp_flags {
+            icmp_type::ECHO_REQUEST => [h[2], 0],
+            icmp_type::ECHO_REPLY => [0, h[2]],
+            _ => [0, 0],
+        };
+    } else if proto == IPPROTO_TCP {
         let Some(f) = load::<u8>(ctx, L4_OFF + 13) else {
             return Err(DropReason::Malformed);
         };

@@ -5,10 +5,12 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, helpers::generated::bpf_redirect,
     programs::XdpContext,
 };
-use plink_common::{CtRevKey, DropReason, IPPROTO_TCP, flow_expired, role, v4_be};
+use plink_common::{
+    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, flow_expired, icmp_type, role, v4_be,
+};
 
 use crate::{
-    arp, conntrack, fib,
+    arp, conntrack, fib, icmp,
     maps::{CT_FWD, CT_REV, GLOBAL, NAT_ADDRS},
     parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, ether_type, load, parse_ipv4},
     rewrite::{Nat, rewrite},
@@ -37,6 +39,12 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         Ok(f) => f,
         Err(r) => return drop(r, NO_EP),
     };
+    if f.proto == IPPROTO_ICMP && f.tcp_flags != icmp_type::ECHO_REPLY {
+        if icmp::is_error(f.tcp_flags) {
+            return icmp::provider_error(XdpContext { ctx: ctx.ctx }, f.tot_len as u32);
+        }
+        return drop(DropReason::IcmpUnsupported, NO_EP);
+    }
     let rev = CtRevKey {
         nat_addr_be: v4_be(f.dst_be),
         backend_addr_be: v4_be(f.src_be),

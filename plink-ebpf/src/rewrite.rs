@@ -1,10 +1,11 @@
-//! NAT rewrite of an IPv4 TCP/UDP packet in place, with incremental
+//! NAT rewrite of an IPv4 TCP/UDP/ICMP-echo packet in place, with incremental
 //! checksums (RFC 1624) and the TTL decrement.
 use aya_ebpf::programs::XdpContext;
-use plink_common::{IPPROTO_UDP, csum};
+use plink_common::{IPPROTO_ICMP, IPPROTO_UDP, csum};
 
 use crate::parse::{
-    Flow, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, L4_OFF, TCP_CHECK, UDP_CHECK, load, store,
+    Flow, ICMP_CHECK, ICMP_ID, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, L4_OFF, TCP_CHECK, UDP_CHECK,
+    load, ptr_at, store,
 };
 
 /// New addresses, ports (all raw, network order) and link-layer addresses.
@@ -21,6 +22,9 @@ pub struct Nat {
 /// Returns false if the frame is shorter than `parse_ipv4` promised (never).
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, f: &Flow, n: &Nat) -> bool {
+    if f.proto == IPPROTO_ICMP {
+        return rewrite_echo(ctx, f, n);
+    }
     let (Some(ttl_word), Some(ip_check)) = (load::<u16>(ctx, IP_TTL), load::<u16>(ctx, IP_CHECK))
     else {
         return false;
@@ -60,4 +64,41 @@ pub fn rewrite(ctx: &XdpContext, f: &Flow, n: &Nat) -> bool {
         && store::<u32>(ctx, IP_DADDR, n.dst_be)
         && store::<[u16; 2]>(ctx, L4_OFF, [n.sport_be, n.dport_be])
         && store::<u16>(ctx, l4_check_off, l)
+}
+
+/// Echo request or reply: addresses and TTL as any flow; no pseudo-header,
+/// and the identifier (in whichever "port" is non-zero, see `parse::Flow`)
+/// is the only ICMP word that changes. One bounds check covers every byte
+/// written, so the verifier sees a single straight-line store sequence.
+#[inline(always)]
+fn rewrite_echo(ctx: &XdpContext, f: &Flow, n: &Nat) -> bool {
+    let Some(p) = ptr_at::<[u8; ICMP_ID + 2]>(ctx, 0) else {
+        return false;
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: every offset below is inside the checked `ICMP_ID + 2` bytes.
+    unsafe {
+        let rd = |off: usize| p.add(off).cast::<u16>().read_unaligned();
+        let (ttl_word, ip_check, icmp_check) = (rd(IP_TTL), rd(IP_CHECK), rd(ICMP_CHECK));
+        let new_ttl_word = {
+            let mut b = ttl_word.to_ne_bytes();
+            b[0] = f.ttl - 1;
+            u16::from_ne_bytes(b)
+        };
+        let mut c = csum::update16(ip_check, ttl_word, new_ttl_word);
+        c = csum::update32(c, f.src_be, n.src_be);
+        c = csum::update32(c, f.dst_be, n.dst_be);
+        let (old_id, new_id) = (f.sport_be | f.dport_be, n.sport_be | n.dport_be);
+        p.cast::<[u8; 6]>().write_unaligned(n.dmac);
+        p.add(6).cast::<[u8; 6]>().write_unaligned(n.smac);
+        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
+        p.add(IP_CHECK).cast::<u16>().write_unaligned(c);
+        p.add(IP_SADDR).cast::<u32>().write_unaligned(n.src_be);
+        p.add(IP_DADDR).cast::<u32>().write_unaligned(n.dst_be);
+        p.add(ICMP_ID).cast::<u16>().write_unaligned(new_id);
+        p.add(ICMP_CHECK)
+            .cast::<u16>()
+            .write_unaligned(csum::update16(icmp_check, old_id, new_id));
+    }
+    true
 }

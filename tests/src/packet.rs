@@ -4,6 +4,7 @@
 
 use std::net::Ipv4Addr;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -11,6 +12,13 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// One's-complement sum of `bytes` (odd length padded with a zero byte).
 pub fn sum16(bytes: &[u8]) -> u32 {
@@ -44,6 +52,10 @@ fn l4_sum(frame: &[u8]) -> (u8, usize, u32) {
     let tot_len = u16::from_be_bytes([frame[16], frame[17]]) as usize;
     let proto = frame[23];
     let l4 = &frame[14 + ihl..14 + tot_len];
+    // ICMP has no pseudo-header.
+    if proto == IPPROTO_ICMP {
+        return (proto, 14 + ihl, sum16(l4));
+    }
     let pseudo = sum16(&frame[26..34]) + proto as u32 + l4.len() as u32;
     (proto, 14 + ihl, pseudo + sum16(l4))
 }
@@ -86,7 +98,13 @@ pub fn fix_checksums(frame: &mut [u8]) {
     let c = checksum(&frame[14..14 + ihl]);
     frame[24..26].copy_from_slice(&c.to_be_bytes());
     let proto = frame[23];
-    let off = 14 + ihl + if proto == IPPROTO_TCP { 16 } else { 6 };
+    let off = 14
+        + ihl
+        + match proto {
+            IPPROTO_TCP => 16,
+            IPPROTO_ICMP => 2,
+            _ => 6,
+        };
     frame[off..off + 2].copy_from_slice(&[0, 0]);
     let (_, _, sum) = l4_sum(frame);
     let mut c = !fold(sum);
@@ -96,7 +114,9 @@ pub fn fix_checksums(frame: &mut [u8]) {
     frame[off..off + 2].copy_from_slice(&c.to_be_bytes());
 }
 
-/// An Ethernet/IPv4/TCP-or-UDP frame description.
+/// An Ethernet/IPv4/TCP, UDP or ICMP frame description. For ICMP the
+/// header is `[tcp_flags (type), icmp_code, checksum, seq (4 bytes)]`: an
+/// echo's identifier and sequence number, or an error's unused/MTU word.
 #[derive(Clone, Debug)]
 pub struct Ipv4Packet {
     pub eth_dst: [u8; 6],
@@ -112,6 +132,7 @@ pub struct Ipv4Packet {
     pub tcp_flags: u8,
     pub seq: u32,
     pub ack: u32,
+    pub icmp_code: u8,
     pub payload: Vec<u8>,
 }
 
@@ -130,8 +151,39 @@ impl Ipv4Packet {
             tcp_flags: flags,
             seq: 1000,
             ack: if flags & TCP_ACK != 0 { 2000 } else { 0 },
+            icmp_code: 0,
             payload: Vec::new(),
         }
+    }
+
+    /// An ICMP message: type, code, the 4-byte rest of the header, and the
+    /// data after it (an echo's payload, or an error's quoted packet).
+    pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr, ty: u8, code: u8, rest: u32, data: &[u8]) -> Self {
+        Self {
+            proto: IPPROTO_ICMP,
+            tcp_flags: ty,
+            icmp_code: code,
+            seq: rest,
+            payload: data.to_vec(),
+            ..Self::tcp((src, 0), (dst, 0), 0)
+        }
+    }
+
+    /// An echo request (`request`) or reply with identifier `id`.
+    pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, request: bool, id: u16, seq: u16) -> Self {
+        let ty = if request {
+            ICMP_ECHO_REQUEST
+        } else {
+            ICMP_ECHO_REPLY
+        };
+        Self::icmp(
+            src,
+            dst,
+            ty,
+            0,
+            ((id as u32) << 16) | seq as u32,
+            b"plink-ping-payload",
+        )
     }
 
     pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Self {
@@ -163,17 +215,26 @@ impl Ipv4Packet {
         f.extend_from_slice(&[self.ttl, self.proto, 0, 0]);
         f.extend_from_slice(&self.src.octets());
         f.extend_from_slice(&self.dst.octets());
-        f.extend_from_slice(&self.sport.to_be_bytes());
-        f.extend_from_slice(&self.dport.to_be_bytes());
-        if self.proto == IPPROTO_TCP {
-            f.extend_from_slice(&self.seq.to_be_bytes());
-            f.extend_from_slice(&self.ack.to_be_bytes());
-            f.extend_from_slice(&[0x50, self.tcp_flags]);
-            f.extend_from_slice(&64240u16.to_be_bytes());
-            f.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
-        } else {
-            f.extend_from_slice(&(l4_len as u16).to_be_bytes());
-            f.extend_from_slice(&[0, 0]);
+        match self.proto {
+            IPPROTO_ICMP => {
+                f.extend_from_slice(&[self.tcp_flags, self.icmp_code, 0, 0]);
+                f.extend_from_slice(&self.seq.to_be_bytes());
+            }
+            IPPROTO_TCP => {
+                f.extend_from_slice(&self.sport.to_be_bytes());
+                f.extend_from_slice(&self.dport.to_be_bytes());
+                f.extend_from_slice(&self.seq.to_be_bytes());
+                f.extend_from_slice(&self.ack.to_be_bytes());
+                f.extend_from_slice(&[0x50, self.tcp_flags]);
+                f.extend_from_slice(&64240u16.to_be_bytes());
+                f.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+            }
+            _ => {
+                f.extend_from_slice(&self.sport.to_be_bytes());
+                f.extend_from_slice(&self.dport.to_be_bytes());
+                f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+                f.extend_from_slice(&[0, 0]);
+            }
         }
         f.extend_from_slice(&self.payload);
         fix_checksums(&mut f);

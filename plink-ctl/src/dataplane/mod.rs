@@ -278,12 +278,28 @@ impl Dataplane {
 
     /// Loads both programs into the kernel (verifier) without attaching them.
     pub fn load_programs(&mut self) -> anyhow::Result<()> {
+        const EAGAIN: i32 = 11;
         for name in [prog_names::CONSUMER, prog_names::PROVIDER] {
             let program = self.program(name)?;
             if program.fd().is_err() {
-                program
-                    .load()
-                    .with_context(|| format!("the kernel refused to load {name}"))?;
+                // The verifier gives up with EAGAIN when a signal arrives
+                // mid-check (longer programs, longer window); libbpf retries
+                // such loads a few times, and so do we.
+                let mut attempts = 0;
+                loop {
+                    match program.load() {
+                        Ok(()) => break,
+                        Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                            if io_error.raw_os_error() == Some(EAGAIN) && attempts < 4 =>
+                        {
+                            attempts += 1;
+                        }
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("the kernel refused to load {name}"));
+                        }
+                    }
+                }
             }
         }
         Ok(())

@@ -502,6 +502,7 @@ impl Dataplane {
     fn apply_endpoints(&mut self, spec: &DataplaneSpec) -> anyhow::Result<()> {
         let mut desired = BTreeMap::new();
         let mut arp = BTreeMap::new();
+        let mut echo: BTreeMap<EndpointKey, EndpointValue> = BTreeMap::new();
         for e in &spec.endpoints {
             for p in &e.ports {
                 let key = EndpointKey {
@@ -515,12 +516,7 @@ impl Dataplane {
                     endpoint_id: e.id,
                     service_id: e.service_id,
                     target_port_be: p.target_port.to_be(),
-                    state: match e.state {
-                        EndpointState::Pending => ep_state::PENDING,
-                        EndpointState::Approved => ep_state::APPROVED,
-                        EndpointState::Rejected => ep_state::REJECTED,
-                        EndpointState::Removed => ep_state::REMOVED,
-                    },
+                    state: endpoint_state(e.state),
                     _pad: 0,
                     max_flows: e.max_flows,
                     new_flows_per_sec: e.new_flows_per_sec,
@@ -535,6 +531,34 @@ impl Dataplane {
                     );
                 }
             }
+            // Echo (ICMP, "port" 0) is answered by every endpoint address, whatever
+            // its service's protocol, with the endpoint's state and caps. Where
+            // endpoints share an address the approved one with the lowest id
+            // owns echo (spec endpoints are sorted by id).
+            if !e.ports.is_empty() {
+                let key = EndpointKey {
+                    network_id: e.network_id,
+                    addr_be: addr(e.addr),
+                    port_be: 0,
+                    proto: plink_common::IPPROTO_ICMP,
+                    _pad: 0,
+                };
+                let value = EndpointValue {
+                    endpoint_id: e.id,
+                    service_id: e.service_id,
+                    target_port_be: 0,
+                    state: endpoint_state(e.state),
+                    _pad: 0,
+                    max_flows: e.max_flows,
+                    new_flows_per_sec: e.new_flows_per_sec,
+                };
+                let replace = echo.get(&key).is_none_or(|v| {
+                    v.state != ep_state::APPROVED && value.state == ep_state::APPROVED
+                });
+                if replace {
+                    echo.insert(key, value);
+                }
+            }
             if e.state != EndpointState::Removed {
                 arp.insert(
                     NetAddrKey {
@@ -545,6 +569,7 @@ impl Dataplane {
                 );
             }
         }
+        desired.extend(echo);
         let map: HashMap<_, EndpointKey, EndpointValue> =
             HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)?;
         let known: BTreeSet<u32> = map
@@ -649,6 +674,15 @@ fn first_fit(used: &[(u32, u32)], size: u32, len: u32) -> Option<u32> {
         start = start.max(off.saturating_add(sz));
     }
     (len.checked_sub(start)? >= size).then_some(start)
+}
+
+fn endpoint_state(s: EndpointState) -> u8 {
+    match s {
+        EndpointState::Pending => ep_state::PENDING,
+        EndpointState::Approved => ep_state::APPROVED,
+        EndpointState::Rejected => ep_state::REJECTED,
+        EndpointState::Removed => ep_state::REMOVED,
+    }
 }
 
 #[cfg(test)]

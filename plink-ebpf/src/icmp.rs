@@ -1,0 +1,532 @@
+//! ICMP errors about a flow, from the provider side back to its consumer
+//! (RFC 5508 §4.2): the error quotes the packet we sent (NAT address/port →
+//! backend), so both the outer header (to the consumer, from the endpoint
+//! address) and the quoted header (consumer → endpoint, as the consumer sent
+//! it) are translated, with every checksum updated incrementally.
+//!
+//! A slow path: out of line so the verifier checks it once, apart from the
+//! per-packet path.
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    programs::XdpContext,
+};
+use plink_common::{
+    DropReason, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, csum, flow_expired, icmp_type, v4_be,
+};
+
+use crate::{
+    fib,
+    maps::{CT_FWD, CT_REV, GLOBAL, SCRATCH},
+    parse::{
+        ICMP_CHECK, IP_CHECK, IP_DADDR, IP_LEN, IP_OFF, IP_SADDR, IP_TTL, L4_OFF, load, ptr_at,
+        store,
+    },
+    stats::{self, NO_EP, drop},
+};
+
+/// The quoted (inner) IPv4 header: after the 8-byte ICMP error header.
+const IN_IP: usize = L4_OFF + 8;
+const IN_CHECK: usize = IN_IP + 10;
+const IN_SADDR: usize = IN_IP + 12;
+const IN_DADDR: usize = IN_IP + 16;
+/// The quoted transport header: only its first 8 bytes are guaranteed.
+const IN_L4: usize = IN_IP + IP_LEN;
+const IN_UDP_CHECK: usize = IN_L4 + 6;
+const IN_TCP_CHECK: usize = IN_L4 + 16;
+const IN_ICMP_CHECK: usize = IN_L4 + 2;
+const IN_ICMP_ID: usize = IN_L4 + 4;
+
+/// Is this ICMP type an error that quotes a packet plink translates?
+#[inline(always)]
+pub fn is_error(t: u8) -> bool {
+    t == icmp_type::DEST_UNREACH
+        || t == icmp_type::TIME_EXCEEDED
+        || t == icmp_type::PARAMETER_PROBLEM
+}
+
+/// Translates an ICMP error that arrived on the provider interface for a
+/// NAT address (already parsed as a header-only IPv4/ICMP packet of
+/// `tot_len` bytes) and redirects it to the flow's consumer.
+#[inline(never)]
+pub fn provider_error(ctx: XdpContext, tot_len: u32) -> u32 {
+    match translate(&ctx, tot_len as u16) {
+        Ok(ifindex) => {
+            // SAFETY: plain helper call.
+            let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+            if action != xdp_action::XDP_REDIRECT {
+                return drop(DropReason::RedirectFailed, NO_EP);
+            }
+            action
+        }
+        Err((r, ep)) => drop(r, ep),
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
+    let malformed = (DropReason::Malformed, NO_EP);
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    // Outer ICMP header, quoted IP header and 8 quoted transport bytes must
+    // all be inside the IP packet (not just the frame: padding is not data).
+    if (tot_len as usize) < IP_LEN + 8 + IP_LEN + 8 {
+        return Err(malformed);
+    }
+    // One bounds check for everything up to the 8 quoted transport bytes.
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: offsets below IN_L4 + 8 are inside the checked region.
+    let rd16 = |off: usize| unsafe { p.add(off).cast::<u16>().read_unaligned() };
+    // SAFETY: as above.
+    let rd32 = |off: usize| unsafe { p.add(off).cast::<u32>().read_unaligned() };
+    // SAFETY: as above.
+    let (ver_ihl, frag, proto) = unsafe { (*p.add(IN_IP), rd16(IN_IP + 6), *p.add(IN_IP + 9)) };
+    // plink never sends IP options or fragments, so a quoted header with them
+    // is not about a packet of ours.
+    if ver_ihl != 0x45 || frag & u16::from_ne_bytes([0x3f, 0xff]) != 0 {
+        return Err(no_flow);
+    }
+    let (in_src, in_dst, out_dst) = (rd32(IN_SADDR), rd32(IN_DADDR), rd32(IP_DADDR));
+    // The error must go to the address that sent the quoted packet.
+    if in_src != out_dst {
+        return Err(no_flow);
+    }
+    let l4 = [rd16(IN_L4), rd16(IN_L4 + 2), rd16(IN_L4 + 4)];
+    // (NAT port, backend port) of the quoted packet, as the reverse key has them.
+    let (nat_port, backend_port) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (l4[0], l4[1]),
+        // Only an echo request of ours can be quoted; its id is the NAT "port".
+        IPPROTO_ICMP if l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REQUEST => (l4[2], 0),
+        _ => return Err(no_flow),
+    };
+    // The key is built in the per-CPU scratch slot: this slow path runs
+    // below the provider program's frame and the stack is 512 bytes in all.
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Err(no_flow);
+    };
+    // SAFETY: this CPU's slot; XDP runs to completion.
+    let rev = unsafe { &mut (*s).rev };
+    rev.nat_addr_be = v4_be(in_src);
+    rev.backend_addr_be = v4_be(in_dst);
+    rev.nat_port_be = nat_port;
+    rev.backend_port_be = backend_port;
+    rev.proto = proto;
+    rev._pad = [0; 3];
+    // SAFETY: map value, read only.
+    let Some(owner) = (unsafe { CT_REV.get(rev) }) else {
+        return Err(no_flow);
+    };
+    // SAFETY: map value, read only: an error does not refresh the flow
+    // (RFC 5508: only the flow's own packets keep its mapping alive).
+    let Some(v) = (unsafe { CT_FWD.get(&owner.fwd) }) else {
+        return Err(no_flow);
+    };
+    if v.nat_addr_be[0] != in_src
+        || v.nat_port_be != nat_port
+        || v.backend_addr_be[0] != in_dst
+        || v.backend_port_be != backend_port
+    {
+        return Err((DropReason::CtBroken, v.endpoint_id));
+    }
+    let ep = v.endpoint_id;
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if flow_expired(v, now, &g.timeouts) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    let (ttl_word, out_check, out_src, icmp_check, in_check) = (
+        rd16(IP_TTL),
+        rd16(IP_CHECK),
+        rd32(IP_SADDR),
+        rd16(ICMP_CHECK),
+        rd16(IN_CHECK),
+    );
+    let ttl = ttl_word.to_ne_bytes()[0];
+    if ttl <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let client = owner.fwd.src_addr_be[0];
+    let endpoint = owner.fwd.dst_addr_be[0];
+    let (client_port, endpoint_port) = (owner.fwd.src_port_be, owner.fwd.dst_port_be);
+
+    // Quoted header: NAT → client, backend → endpoint.
+    let mut new_in_check = csum::update32(in_check, in_src, client);
+    new_in_check = csum::update32(new_in_check, in_dst, endpoint);
+    // The outer ICMP checksum covers every quoted byte that changes.
+    let mut ic = csum::update32(icmp_check, in_src, client);
+    ic = csum::update32(ic, in_dst, endpoint);
+    ic = csum::update16(ic, in_check, new_in_check);
+
+    if proto == IPPROTO_ICMP {
+        let (old_id, inner_icmp_check) = (l4[2], l4[1]);
+        let new_inner = csum::update16(inner_icmp_check, old_id, client_port);
+        ic = csum::update16(ic, old_id, client_port);
+        ic = csum::update16(ic, inner_icmp_check, new_inner);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_ICMP_ID).cast::<u16>().write_unaligned(client_port);
+            p.add(IN_ICMP_CHECK)
+                .cast::<u16>()
+                .write_unaligned(new_inner);
+        }
+    } else {
+        ic = csum::update16(ic, l4[0], client_port);
+        ic = csum::update16(ic, l4[1], endpoint_port);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_L4)
+                .cast::<[u16; 2]>()
+                .write_unaligned([client_port, endpoint_port]);
+        }
+        // The quoted transport checksum is updated only where it was quoted
+        // (inside the IP packet), as Linux does: a truncated quote keeps its bytes.
+        let check_off = if proto == IPPROTO_UDP {
+            IN_UDP_CHECK
+        } else {
+            IN_TCP_CHECK
+        };
+        if IP_OFF + tot_len as usize >= check_off + 2
+            && let Some(old) = load::<u16>(ctx, check_off)
+        {
+            let mut l = csum::update32(old, in_src, client);
+            l = csum::update32(l, in_dst, endpoint);
+            l = csum::update16(l, l4[0], client_port);
+            l = csum::update16(l, l4[1], endpoint_port);
+            if proto == IPPROTO_UDP {
+                l = csum::udp_finish(old, l);
+            }
+            ic = csum::update16(ic, old, l);
+            if !store::<u16>(ctx, check_off, l) {
+                return Err((DropReason::Malformed, ep));
+            }
+        }
+    }
+
+    // Outer header: from the endpoint address to the client, TTL - 1.
+    let new_ttl_word = {
+        let mut b = ttl_word.to_ne_bytes();
+        b[0] = ttl - 1;
+        u16::from_ne_bytes(b)
+    };
+    let mut oc = csum::update16(out_check, ttl_word, new_ttl_word);
+    oc = csum::update32(oc, out_src, endpoint);
+    oc = csum::update32(oc, out_dst, client);
+    // Re-derive the region: the store above may have been the last use the
+    // verifier tracked for `p`.
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err((DropReason::Malformed, ep));
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: inside the checked region.
+    unsafe {
+        p.add(IN_SADDR).cast::<u32>().write_unaligned(client);
+        p.add(IN_DADDR).cast::<u32>().write_unaligned(endpoint);
+        p.add(IN_CHECK).cast::<u16>().write_unaligned(new_in_check);
+        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(ic);
+        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
+        p.add(IP_SADDR).cast::<u32>().write_unaligned(endpoint);
+        p.add(IP_DADDR).cast::<u32>().write_unaligned(client);
+        p.add(IP_CHECK).cast::<u16>().write_unaligned(oc);
+        p.cast::<[u8; 6]>().write_unaligned(v.client_mac);
+        p.add(6).cast::<[u8; 6]>().write_unaligned(v.gw_mac);
+    }
+    if !fib::fits_mtu(ctx, v.ingress_ifindex) {
+        return Err((DropReason::FragNeeded, ep));
+    }
+    stats::count_packet(v, tot_len as u64, true);
+    Ok(v.ingress_ifindex)
+}
+
+/// [`reply_error`] kinds.
+pub const TIME_EXCEEDED: u32 = 1;
+pub const FRAG_NEEDED: u32 = 2;
+
+/// Bytes of the offending packet an error quotes: its header and 8 bytes.
+const QUOTE: usize = IP_LEN + 8;
+/// Length of the error frame: Ethernet, IP, ICMP header, quote.
+const ERR_LEN: usize = L4_OFF + 8 + QUOTE;
+
+/// Answers the consumer packet in `ctx` (IPv4 without options, 8 transport
+/// bytes checked by `parse_ipv4`) with an ICMP error from the address it was
+/// sent to, transmitted back out of the interface it came in on: time
+/// exceeded (`kind` [`TIME_EXCEEDED`]) or fragmentation needed with the
+/// next-hop `mtu` ([`FRAG_NEEDED`]; only for DF packets: others are a
+/// counted drop, XDP cannot fragment). The frame is reused in place: trimmed
+/// to the quote and grown at the head by the new headers, so nothing is copied.
+#[inline(never)]
+pub fn reply_error(ctx: XdpContext, kind: u32, mtu: u32, endpoint_id: u32) -> u32 {
+    let reason = if kind == FRAG_NEEDED {
+        DropReason::FragNeeded
+    } else {
+        DropReason::TtlExceeded
+    };
+    let Some(old) = ptr_at::<[u8; L4_OFF + 8]>(&ctx, 0) else {
+        return drop(DropReason::Malformed, endpoint_id);
+    };
+    // SAFETY: inside the checked region.
+    let (macs, df, src, dst) = unsafe {
+        let o = old.cast::<u8>();
+        (
+            o.cast::<[u8; 12]>().read_unaligned(),
+            *o.add(IP_OFF + 6) & 0x40 != 0,
+            o.add(IP_SADDR).cast::<u32>().read_unaligned(),
+            o.add(IP_DADDR).cast::<u32>().read_unaligned(),
+        )
+    };
+    if kind == FRAG_NEEDED && !df {
+        return drop(reason, endpoint_id);
+    }
+    let len = ctx.data_end() - ctx.data();
+    let keep = IP_OFF + QUOTE;
+    // SAFETY: plain helper calls on this program's context.
+    let resized = unsafe {
+        (len <= keep || bpf_xdp_adjust_tail(ctx.ctx.cast(), keep as i32 - len as i32) == 0)
+            && bpf_xdp_adjust_head(ctx.ctx.cast(), -((L4_OFF + 8 - IP_OFF) as i32)) == 0
+    };
+    if !resized {
+        return drop(reason, endpoint_id);
+    }
+    let Some(p) = ptr_at::<[u8; ERR_LEN]>(&ctx, 0) else {
+        return drop(reason, endpoint_id);
+    };
+    if ctx.data_end() - ctx.data() != ERR_LEN {
+        return drop(reason, endpoint_id);
+    }
+    let p = p.cast::<u8>();
+    let (ty, code) = if kind == FRAG_NEEDED {
+        (icmp_type::DEST_UNREACH, icmp_type::CODE_FRAG_NEEDED)
+    } else {
+        (icmp_type::TIME_EXCEEDED, 0)
+    };
+    let tot_len = ((ERR_LEN - IP_OFF) as u16).to_be_bytes();
+    let ip: [u8; 12] = [
+        0x45,
+        0,
+        tot_len[0],
+        tot_len[1],
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        IPPROTO_ICMP,
+        0,
+        0,
+    ];
+    let mtu = (mtu as u16).to_be_bytes();
+    // SAFETY: every offset is inside the checked ERR_LEN bytes.
+    unsafe {
+        // Back to where it came from: the MACs swap.
+        p.cast::<[u8; 6]>()
+            .write_unaligned([macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]]);
+        p.add(6)
+            .cast::<[u8; 6]>()
+            .write_unaligned([macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]]);
+        p.add(12).cast::<[u8; 2]>().write_unaligned([0x08, 0x00]);
+        p.add(IP_OFF).cast::<[u8; 12]>().write_unaligned(ip);
+        p.add(IP_SADDR).cast::<u32>().write_unaligned(dst);
+        p.add(IP_DADDR).cast::<u32>().write_unaligned(src);
+        p.add(L4_OFF)
+            .cast::<[u8; 8]>()
+            .write_unaligned([ty, code, 0, 0, 0, 0, mtu[0], mtu[1]]);
+        let sum = |from: usize, words: usize| {
+            let mut s: u32 = 0;
+            for i in 0..words {
+                s += p.add(from + 2 * i).cast::<u16>().read_unaligned() as u32;
+            }
+            s
+        };
+        let ip_check = !fold(sum(IP_OFF, IP_LEN / 2));
+        p.add(IP_CHECK).cast::<u16>().write_unaligned(ip_check);
+        let icmp_check = !fold(sum(L4_OFF, (8 + QUOTE) / 2));
+        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(icmp_check);
+    }
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// Translates an ICMP error that a consumer-side router sent about a reply
+/// (e.g. fragmentation needed on the way to a client behind it) for its
+/// flow's backend: the quote becomes backend → NAT address/port, as the
+/// backend sent it, and the outer header NAT address → backend. The flow
+/// key includes `network_id`, so a consumer can only reach its own flows.
+///
+/// Returns 0 when translated, leaving the route query (NAT address →
+/// backend) and the endpoint id in the scratch slot's `rev` and `v` for the
+/// caller, whose frame already holds a `NextHop` (routing here would put a
+/// third frame on the 512-byte stack); otherwise the XDP action (a counted drop).
+#[inline(never)]
+pub fn consumer_error(ctx: XdpContext, network_id: u32, tot_len: u32) -> u32 {
+    match consumer_translate(&ctx, network_id, tot_len as u16) {
+        Ok(()) => 0,
+        Err((r, ep)) => drop(r, ep),
+    }
+}
+
+#[inline(always)]
+fn consumer_translate(
+    ctx: &XdpContext,
+    network_id: u32,
+    tot_len: u16,
+) -> Result<(), (DropReason, u32)> {
+    let malformed = (DropReason::Malformed, NO_EP);
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    if (tot_len as usize) < IP_LEN + 8 + IP_LEN + 8 {
+        return Err(malformed);
+    }
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: offsets below IN_L4 + 8 are inside the checked region.
+    let rd16 = |off: usize| unsafe { p.add(off).cast::<u16>().read_unaligned() };
+    // SAFETY: as above.
+    let rd32 = |off: usize| unsafe { p.add(off).cast::<u32>().read_unaligned() };
+    // SAFETY: as above.
+    let (ver_ihl, frag, proto) = unsafe { (*p.add(IN_IP), rd16(IN_IP + 6), *p.add(IN_IP + 9)) };
+    if ver_ihl != 0x45 || frag & u16::from_ne_bytes([0x3f, 0xff]) != 0 {
+        return Err(no_flow);
+    }
+    // Quoted: a reply, endpoint → client. The error goes to the endpoint.
+    let (in_src, in_dst, out_dst) = (rd32(IN_SADDR), rd32(IN_DADDR), rd32(IP_DADDR));
+    if in_src != out_dst {
+        return Err(no_flow);
+    }
+    let l4 = [rd16(IN_L4), rd16(IN_L4 + 2), rd16(IN_L4 + 4)];
+    // (client port, endpoint port) as the forward key has them.
+    let (client_port, endpoint_port) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (l4[1], l4[0]),
+        IPPROTO_ICMP if l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REPLY => (l4[2], 0),
+        _ => return Err(no_flow),
+    };
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Err(no_flow);
+    };
+    // SAFETY: this CPU's slot; XDP runs to completion.
+    let key = unsafe { &mut (*s).owner.fwd };
+    key.src_addr_be = v4_be(in_dst);
+    key.dst_addr_be = v4_be(in_src);
+    key.network_id = network_id;
+    key.src_port_be = client_port;
+    key.dst_port_be = endpoint_port;
+    key.proto = proto;
+    key._pad = [0; 3];
+    // SAFETY: map value, read only; errors do not refresh flows.
+    let Some(v) = (unsafe { CT_FWD.get(key) }) else {
+        return Err(no_flow);
+    };
+    let ep = v.endpoint_id;
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if flow_expired(v, now, &g.timeouts) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    let (ttl_word, out_check, out_src, icmp_check, in_check) = (
+        rd16(IP_TTL),
+        rd16(IP_CHECK),
+        rd32(IP_SADDR),
+        rd16(ICMP_CHECK),
+        rd16(IN_CHECK),
+    );
+    let ttl = ttl_word.to_ne_bytes()[0];
+    if ttl <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let (nat, backend) = (v.nat_addr_be[0], v.backend_addr_be[0]);
+    let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);
+    // SAFETY: this CPU's slot (the key above lives in another field).
+    unsafe {
+        (*s).rev.nat_addr_be[0] = nat;
+        (*s).rev.backend_addr_be[0] = backend;
+        (*s).v.endpoint_id = ep;
+    }
+    // Quoted header: endpoint → backend (source), client → NAT (destination).
+    let mut new_in_check = csum::update32(in_check, in_src, backend);
+    new_in_check = csum::update32(new_in_check, in_dst, nat);
+    let mut ic = csum::update32(icmp_check, in_src, backend);
+    ic = csum::update32(ic, in_dst, nat);
+    ic = csum::update16(ic, in_check, new_in_check);
+    if proto == IPPROTO_ICMP {
+        let (old_id, inner_icmp_check) = (l4[2], l4[1]);
+        let new_inner = csum::update16(inner_icmp_check, old_id, nat_port);
+        ic = csum::update16(ic, old_id, nat_port);
+        ic = csum::update16(ic, inner_icmp_check, new_inner);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_ICMP_ID).cast::<u16>().write_unaligned(nat_port);
+            p.add(IN_ICMP_CHECK)
+                .cast::<u16>()
+                .write_unaligned(new_inner);
+        }
+    } else {
+        ic = csum::update16(ic, l4[0], backend_port);
+        ic = csum::update16(ic, l4[1], nat_port);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_L4)
+                .cast::<[u16; 2]>()
+                .write_unaligned([backend_port, nat_port]);
+        }
+        let check_off = if proto == IPPROTO_UDP {
+            IN_UDP_CHECK
+        } else {
+            IN_TCP_CHECK
+        };
+        if IP_OFF + tot_len as usize >= check_off + 2
+            && let Some(old) = load::<u16>(ctx, check_off)
+        {
+            let mut l = csum::update32(old, in_src, backend);
+            l = csum::update32(l, in_dst, nat);
+            l = csum::update16(l, l4[0], backend_port);
+            l = csum::update16(l, l4[1], nat_port);
+            if proto == IPPROTO_UDP {
+                l = csum::udp_finish(old, l);
+            }
+            ic = csum::update16(ic, old, l);
+            if !store::<u16>(ctx, check_off, l) {
+                return Err((DropReason::Malformed, ep));
+            }
+        }
+    }
+    let new_ttl_word = {
+        let mut b = ttl_word.to_ne_bytes();
+        b[0] = ttl - 1;
+        u16::from_ne_bytes(b)
+    };
+    let mut oc = csum::update16(out_check, ttl_word, new_ttl_word);
+    oc = csum::update32(oc, out_src, nat);
+    oc = csum::update32(oc, out_dst, backend);
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err((DropReason::Malformed, ep));
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: inside the checked region.
+    unsafe {
+        p.add(IN_SADDR).cast::<u32>().write_unaligned(backend);
+        p.add(IN_DADDR).cast::<u32>().write_unaligned(nat);
+        p.add(IN_CHECK).cast::<u16>().write_unaligned(new_in_check);
+        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(ic);
+        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
+        p.add(IP_SADDR).cast::<u32>().write_unaligned(nat);
+        p.add(IP_DADDR).cast::<u32>().write_unaligned(backend);
+        p.add(IP_CHECK).cast::<u16>().write_unaligned(oc);
+    }
+    stats::count_packet(v, tot_len as u64, false);
+    Ok(())
+}
