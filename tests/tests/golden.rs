@@ -2377,7 +2377,12 @@ fn golden_random_corruptions_keep_the_invariants() {
                 seed
             };
             let mut forwarded = 0;
-            for round in 0..3000 {
+            // `cargo xtask fuzz` runs 1,000,000; the suite a seeded 50,000.
+            let rounds: u64 = std::env::var("PLINK_FUZZ_PACKETS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(50_000);
+            for round in 0..rounds {
                 let (prog, ifindex, template) =
                     &templates[(rnd() % templates.len() as u64) as usize];
                 let mut f = template.clone();
