@@ -138,10 +138,26 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         args.push("--");
         args.push(f);
     }
-    let result = run_step(
+    let mut result = run_step(
         "cargo test (unit, golden packets, end to end)",
         cargo(&args),
     );
+    if result.is_ok() && filter.is_none() {
+        // The verifier's view of each program, in the CI log.
+        result = run_step(
+            "verified instructions and stack use per program",
+            cargo(&[
+                "test",
+                "-p",
+                "plink-tests",
+                "--test",
+                "golden",
+                "--",
+                "verified_program_sizes",
+                "--nocapture",
+            ]),
+        );
+    }
     // Whatever happened, nothing may be left behind.
     let leftovers = setup::test_leftovers()?;
     result?;
