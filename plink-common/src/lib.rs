@@ -107,6 +107,9 @@ pub mod prog_names {
     pub const PROVIDER: &str = "plink_provider";
     /// Passes everything: enables NAPI on the far end of a veth pair.
     pub const PASS: &str = "plink_pass";
+    /// The minimal forwarder `cargo xtask bench` compares plink against;
+    /// never attached by `plink-ctl`.
+    pub const BENCH_FWD: &str = "plink_bench_fwd";
 }
 
 /// An address: four words in network byte order. IPv4 is word 0, rest zero.

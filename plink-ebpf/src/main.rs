@@ -14,6 +14,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod arp;
+mod bench_fwd;
 mod conntrack;
 mod consumer;
 mod fib;
@@ -46,6 +47,13 @@ pub fn plink_provider(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn plink_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The benchmark reference forwarder (see `bench_fwd.rs`): never loaded or
+/// attached by `plink-ctl`, only by `cargo xtask bench`.
+#[xdp]
+pub fn plink_bench_fwd(ctx: XdpContext) -> u32 {
+    bench_fwd::forward(&ctx)
 }
 
 /// Counts the frame against its ingress interface; returns the ifindex.
