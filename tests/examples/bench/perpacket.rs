@@ -1,0 +1,416 @@
+//! Per-packet cost of each datapath path, with BPF_PROG_TEST_RUN.
+//!
+//! Why not one call with `repeat = N`: plink rewrites the packet in place
+//! (addresses, ports, TTL), so a repeated run sees its own output from the
+//! second repetition on; and BPF_F_TEST_XDP_LIVE_FRAMES does not help:
+//! recycled pages keep the rewritten content (Documentation/bpf/bpf_prog_run.rst:
+//! "the page content is not rewritten"). So every run here is one call with
+//! `repeat = 1` on a pristine copy of the frame it is meant to measure, the
+//! verdict of every single run is asserted, the datapath's counters are
+//! checked to have moved exactly as the path implies, and the cost is the
+//! kernel's own accounting of program run time (`bpf_enable_stats
+//! (BPF_STATS_RUN_TIME)`: Δrun_time_ns ÷ Δrun_cnt of the program), which
+//! excludes the syscall and the copy of the frame.
+//!
+//! Rows, interleaved in each round (fresh dataplane per round):
+//! - `bench_fwd`: the minimal forwarder (plink_bench_fwd), ingress c1 →
+//!   fib lookup → redirect to p0;
+//! - `forward established`: plink_consumer, a packet of one of 1,024 live
+//!   UDP flows (round-robin) to an approved endpoint → redirect to p0;
+//! - `reverse established`: plink_provider, the backend's reply of one of
+//!   those flows → redirect to c1;
+//! - `new flow`: plink_consumer, a packet of a flow never seen (conntrack
+//!   miss, admission caps, Maglev, NAT port allocation, three inserts) and
+//!   then the whole forward path;
+//! - `drop`: plink_consumer, a packet to an address with no endpoint
+//!   (counted as `no_endpoint`).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use plink_common::{DropReason, prog_names};
+use plink_ctl::{
+    EBPF_OBJECT,
+    dataplane::{
+        BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
+        EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
+        Sizes, TimeoutSpec,
+    },
+};
+use plink_tests::{
+    golden::verdict,
+    netns::{Host, Topology},
+    packet::Ipv4Packet,
+};
+
+use crate::{Settings, Spread, generator::pin_thread};
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x10];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const NOT_AN_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// Established flows of the established rows.
+const FLOWS: u16 = 1024;
+/// CPU the measuring thread is pinned to.
+const CPU: usize = 0;
+
+pub struct Output {
+    pub markdown: String,
+    pub json: serde_json::Value,
+}
+
+const ROWS: [&str; 5] = [
+    "bench_fwd (minimal forwarder)",
+    "forward established",
+    "reverse established",
+    "new flow",
+    "drop (no endpoint)",
+];
+
+struct Ifaces {
+    c1: u32,
+    p0: u32,
+    c1_mac: [u8; 6],
+    p0_mac: [u8; 6],
+}
+
+fn build() -> anyhow::Result<(Topology, Host, Ifaces)> {
+    let mut topo = Topology::new()?;
+    let gw = topo.host("ppgw")?;
+    let cn = topo.host("ppcn")?;
+    let pv = topo.host("pppv")?;
+    topo.link(&gw, "c1", &cn, "eth0")?;
+    topo.link(&gw, "p0", &pv, "eth0")?;
+    gw.ip(&["addr", "add", "198.18.0.254/24", "dev", "c1"])?;
+    gw.ip(&["addr", "add", "198.19.0.254/24", "dev", "p0"])?;
+    // bpf_fib_lookup from an ingress device needs forwarding on it (the
+    // minimal forwarder looks up from c1, plink from p0).
+    gw.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+    gw.ip(&[
+        "neigh",
+        "replace",
+        &BACKEND.to_string(),
+        "lladdr",
+        "02:00:00:00:01:10",
+        "dev",
+        "p0",
+        "nud",
+        "permanent",
+    ])?;
+    let ifaces = Ifaces {
+        c1: gw.ifindex("c1")?,
+        p0: gw.ifindex("p0")?,
+        c1_mac: gw.mac("c1")?,
+        p0_mac: gw.mac("p0")?,
+    };
+    Ok((topo, gw, ifaces))
+}
+
+/// One UDP service (53 → 5353, one backend, eight NAT addresses with the
+/// full port range) behind one approved endpoint. Caps are set (as
+/// `plink-ctl run` always sets them) but never reached.
+fn spec(i: &Ifaces) -> DataplaneSpec {
+    DataplaneSpec {
+        interfaces: vec![
+            InterfaceSpec {
+                ifindex: i.c1,
+                role: InterfaceRole::Consumer { network_id: 1 },
+                mac: i.c1_mac,
+            },
+            InterfaceSpec {
+                ifindex: i.p0,
+                role: InterfaceRole::Provider,
+                mac: i.p0_mac,
+            },
+        ],
+        timeouts: TimeoutSpec::default(),
+        services: vec![ServiceSpec {
+            id: 0,
+            nat: (0..8)
+                .map(|n| NatSpec {
+                    addr: Ipv4Addr::new(198, 19, 0, 200 + n),
+                    ports: 1024..=65535,
+                    draining: false,
+                })
+                .collect(),
+            lookup: vec![0],
+        }],
+        backends: vec![BackendSpec {
+            id: 0,
+            service_id: 0,
+            addr: BACKEND,
+            state: BackendState::Active,
+        }],
+        endpoints: vec![EndpointSpec {
+            id: 0,
+            network_id: 1,
+            addr: ENDPOINT,
+            service_id: 0,
+            protocol: Protocol::Udp,
+            ports: vec![PortSpec {
+                port: 53,
+                target_port: 5353,
+            }],
+            state: EndpointState::Approved,
+            max_flows: 100_000_000,
+            new_flows_per_sec: 100_000_000,
+        }],
+    }
+}
+
+/// 60-byte UDP frame (18 bytes of payload).
+fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    Ipv4Packet::udp(src, dst, &[0x5a; 18])
+        .macs(smac, dmac)
+        .build()
+}
+
+/// The `xdp_md` context: data_end = the frame's length (the kernel checks
+/// it), the ingress ifindex set.
+fn ctx(ifindex: u32, len: usize) -> [u8; 24] {
+    let mut c = [0u8; 24];
+    c[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    c[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    c
+}
+
+/// Runs `runs` frames (frame `i` = `frame(i)`) through `prog` one call each,
+/// asserting every verdict; returns ns per run from the kernel's run-time
+/// stats and the mean of the calls' own `duration`.
+fn measure(
+    prog: &Xdp,
+    ifindex: u32,
+    runs: u32,
+    want: u32,
+    mut frame: impl FnMut(u32) -> std::borrow::Cow<'static, [u8]>,
+) -> anyhow::Result<(f64, f64)> {
+    let before = prog.info()?;
+    let mut duration_ns = 0u128;
+    for i in 0..runs {
+        let f = frame(i);
+        let ctx = ctx(ifindex, f.len());
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&f),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        if r.return_value != want {
+            bail!("run {i}: verdict {} instead of {want}", r.return_value);
+        }
+        duration_ns += r.duration.as_nanos();
+    }
+    let after = prog.info()?;
+    let cnt = after.run_count() - before.run_count();
+    ensure!(
+        cnt == u64::from(runs),
+        "run_cnt moved by {cnt}, not {runs}: are run-time stats enabled?"
+    );
+    let ns = (after.run_time() - before.run_time()).as_nanos() as f64 / cnt as f64;
+    Ok((ns, duration_ns as f64 / f64::from(runs)))
+}
+
+/// The frame of new flow number `n` (distinct source address and port).
+fn new_flow_frame(n: u32, c1_mac: [u8; 6]) -> Vec<u8> {
+    let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + n / 50_000);
+    udp(
+        (src, 10_000 + (n % 50_000) as u16),
+        (ENDPOINT, 53),
+        CLIENT_MAC,
+        c1_mac,
+    )
+}
+
+/// One round: a fresh dataplane, 1,024 established flows, every row.
+/// Returns ns per packet (run-time stats) and per-call duration per row.
+fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut dp = Dataplane::load_with(
+        EBPF_OBJECT,
+        None,
+        Sizes {
+            conntrack: 1 << 20,
+            lb_table: 1024,
+        },
+    )?;
+    dp.apply(&spec(i))?;
+    dp.load_programs()?;
+    dp.program(prog_names::BENCH_FWD)?.load()?;
+
+    // The established flows, and the replies their NAT mappings imply.
+    let fwd: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|n| udp((CLIENT, 20_000 + n), (ENDPOINT, 53), CLIENT_MAC, i.c1_mac))
+        .collect();
+    let mut rev = Vec::with_capacity(fwd.len());
+    for f in &fwd {
+        let r = plink_tests::golden::run(dp.program(prog_names::CONSUMER)?, i.c1, f)?;
+        ensure!(
+            r.verdict == verdict::REDIRECT,
+            "opening a flow: verdict {}",
+            r.verdict
+        );
+        let o = &r.output;
+        let nat = Ipv4Addr::new(o[26], o[27], o[28], o[29]);
+        let nat_port = u16::from_be_bytes([o[34], o[35]]);
+        rev.push(udp((BACKEND, 5353), (nat, nat_port), BACKEND_MAC, i.p0_mac));
+    }
+    let ref_frames: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|n| udp((CLIENT, 20_000 + n), (BACKEND, 5353), CLIENT_MAC, i.c1_mac))
+        .collect();
+    let drop_frames: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|n| {
+            udp(
+                (CLIENT, 20_000 + n),
+                (NOT_AN_ENDPOINT, 53),
+                CLIENT_MAC,
+                i.c1_mac,
+            )
+        })
+        .collect();
+
+    let created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
+        Ok(dp.counters(CounterKind::Endpoint, 0)?.flows_created)
+    };
+    let drops =
+        |dp: &mut Dataplane| -> anyhow::Result<u64> { Ok(dp.drop_counts()?.values().sum()) };
+    let no_ep = |dp: &mut Dataplane| -> anyhow::Result<u64> {
+        Ok(dp
+            .drop_counts()?
+            .get(&DropReason::NoEndpoint)
+            .copied()
+            .unwrap_or(0))
+    };
+    let pick = |v: &[Vec<u8>], n: u32| std::borrow::Cow::Owned(v[n as usize % v.len()].clone());
+
+    let mut out = Vec::new();
+    // bench_fwd.
+    out.push(measure(
+        dp.program(prog_names::BENCH_FWD)?,
+        i.c1,
+        runs,
+        verdict::REDIRECT,
+        |n| pick(&ref_frames, n),
+    )?);
+    // Forward established: no flow created, nothing dropped.
+    let (c0, d0) = (created(&mut dp)?, drops(&mut dp)?);
+    out.push(measure(
+        dp.program(prog_names::CONSUMER)?,
+        i.c1,
+        runs,
+        verdict::REDIRECT,
+        |n| pick(&fwd, n),
+    )?);
+    ensure!(created(&mut dp)? == c0, "forward established created flows");
+    ensure!(drops(&mut dp)? == d0, "forward established dropped packets");
+    // Reverse established.
+    out.push(measure(
+        dp.program(prog_names::PROVIDER)?,
+        i.p0,
+        runs,
+        verdict::REDIRECT,
+        |n| pick(&rev, n),
+    )?);
+    ensure!(drops(&mut dp)? == d0, "reverse established dropped packets");
+    // New flows: every run creates exactly one.
+    out.push(measure(
+        dp.program(prog_names::CONSUMER)?,
+        i.c1,
+        runs,
+        verdict::REDIRECT,
+        |n| std::borrow::Cow::Owned(new_flow_frame(new_flow_base + n, i.c1_mac)),
+    )?);
+    ensure!(
+        created(&mut dp)? == c0 + u64::from(runs),
+        "new flow: not every run created a flow"
+    );
+    ensure!(drops(&mut dp)? == d0, "new flow dropped packets");
+    // Drop: every run counted as no_endpoint.
+    let e0 = no_ep(&mut dp)?;
+    out.push(measure(
+        dp.program(prog_names::CONSUMER)?,
+        i.c1,
+        runs,
+        verdict::DROP,
+        |n| pick(&drop_frames, n),
+    )?);
+    ensure!(
+        no_ep(&mut dp)? == e0 + u64::from(runs),
+        "drop: not every run counted as no_endpoint"
+    );
+    Ok(out)
+}
+
+pub fn run(settings: &Settings) -> anyhow::Result<Output> {
+    let (_topo, gw, ifaces) = build()?;
+    let rounds = settings.rounds;
+    let runs = settings.runs_per_round;
+    let results = gw.run_in(move || -> anyhow::Result<Vec<Vec<(f64, f64)>>> {
+        pin_thread(CPU)?;
+        // Held for the whole measurement: the kernel accounts run time
+        // while at least one such fd is open.
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map_err(|e| anyhow!("bpf_enable_stats(BPF_STATS_RUN_TIME): {e}"))?;
+        let mut all = Vec::new();
+        for r in 0..rounds {
+            let res = round(&ifaces, runs, 0)?;
+            eprintln!(
+                "per-packet round {}: {}",
+                r + 1,
+                res.iter()
+                    .zip(ROWS)
+                    .map(|((ns, _), name)| format!("{name} {ns:.1} ns"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            all.push(res);
+        }
+        Ok(all)
+    })??;
+
+    let mut md =
+        String::from("### Per-packet cost (BPF_PROG_TEST_RUN, one pristine frame per call)\n\n");
+    md.push_str(&format!(
+        "{} runs per path per round × {} rounds; ns per packet = Δrun_time_ns ÷ Δrun_cnt \
+         (bpf_enable_stats); ratio = row ÷ bench_fwd within each round, then medianed.\n\n",
+        runs, rounds
+    ));
+    md.push_str("| path | ns/packet median (min–max) | ratio to bench_fwd | call duration ns (kernel timer) | target | met |\n");
+    md.push_str("| --- | --- | --- | --- | --- | --- |\n");
+    let mut json_rows = Vec::new();
+    for (k, name) in ROWS.iter().enumerate() {
+        let ns: Vec<f64> = results.iter().map(|r| r[k].0).collect();
+        let dur: Vec<f64> = results.iter().map(|r| r[k].1).collect();
+        let ratio: Vec<f64> = results.iter().map(|r| r[k].0 / r[0].0).collect();
+        let (ns, dur, ratio) = (Spread::of(&ns), Spread::of(&dur), Spread::of(&ratio));
+        let (target, met) = match k {
+            1 | 2 => (
+                "≤ 1.5× bench_fwd",
+                if ratio.median <= 1.5 { "yes" } else { "no" },
+            ),
+            _ => ("—", "—"),
+        };
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {target} | {met} |\n",
+            ns.fmt(1.0, 1),
+            ratio.fmt(1.0, 2),
+            dur.fmt(1.0, 0)
+        ));
+        json_rows.push(serde_json::json!({
+            "path": name,
+            "ns_per_packet": ns.json(),
+            "ratio_to_bench_fwd": ratio.json(),
+            "call_duration_ns": dur.json(),
+            "target": target,
+            "met": met,
+        }));
+    }
+    md.push('\n');
+    Ok(Output {
+        markdown: md,
+        json: serde_json::json!({"runs_per_round": runs, "rounds": rounds, "rows": json_rows}),
+    })
+}
