@@ -153,7 +153,12 @@ fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/bench"));
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let machine = machine();
+    let mut machine = machine();
+    // The machine may be shared: record how busy it was when we started.
+    machine["loadavg_at_start"] = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .into();
     println!("machine: {machine}");
     println!("settings: {settings:?}");
     let started = std::time::Instant::now();
@@ -169,13 +174,32 @@ fn main() -> anyhow::Result<()> {
         if settings.quick { " (--quick)" } else { "" }
     ));
 
-    println!("\n=== per-packet cost (BPF_PROG_TEST_RUN)");
-    let pp = perpacket::run(&settings).context("per-packet benchmark")?;
+    // PLINK_BENCH_ONLY=perpacket|live runs one part (development only).
+    let only = std::env::var("PLINK_BENCH_ONLY").unwrap_or_default();
+    let none = || perpacket::Output {
+        markdown: String::new(),
+        json: serde_json::Value::Null,
+    };
+    let pp = if only.is_empty() || only == "perpacket" {
+        println!("\n=== per-packet cost (BPF_PROG_TEST_RUN)");
+        perpacket::run(&settings).context("per-packet benchmark")?
+    } else {
+        none()
+    };
     md.push_str(&pp.markdown);
     println!("{}", pp.markdown);
 
-    println!("\n=== live forwarding through a gateway namespace");
-    let lv = live::run(&settings).context("live benchmark")?;
+    let lv = if only == "scale" {
+        live::scale_only(&settings)?
+    } else if only.is_empty() || only == "live" {
+        println!("\n=== live forwarding through a gateway namespace");
+        live::run(&settings).context("live benchmark")?
+    } else {
+        live::Output {
+            markdown: String::new(),
+            json: serde_json::Value::Null,
+        }
+    };
     md.push_str(&lv.markdown);
     println!("{}", lv.markdown);
 
@@ -191,6 +215,12 @@ fn main() -> anyhow::Result<()> {
         "live": lv.json,
         "elapsed_seconds": started.elapsed().as_secs(),
     });
+    let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    md.push_str(&format!(
+        "Load average (1, 5, 15 min) at start: {}; at the end: {}.\n",
+        machine["loadavg_at_start"].as_str().unwrap_or("?"),
+        load_end.trim()
+    ));
     let json_path = out_dir.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
