@@ -38,6 +38,16 @@ enum Task {
     /// Set up, build, and run plink on a network-namespace topology with real
     /// traffic; prints what the clients got back and the counters; cleans up.
     Demo,
+    /// Set up, build in release mode, and run the benchmarks (per-packet cost
+    /// through BPF_PROG_TEST_RUN; live forwarding through kernel routing,
+    /// nftables, a minimal XDP forwarder and plink; TCP connection cost;
+    /// scale over 1k/100k/1M flows). Prints markdown tables and writes
+    /// target/bench/results.{json,md}; see BENCHMARKS.md. Needs root.
+    Bench {
+        /// A short development run (2 rounds of 1 s, fewer test runs, no 1M-flow run).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The long fuzz runs: 1,000,000 packets through the XDP programs
     /// (BPF_PROG_TEST_RUN) and 100,000 mutated configs. `cargo xtask test`
     /// runs short seeded versions of both.
@@ -52,6 +62,7 @@ fn main() {
         Task::Test { filter } => setup::run().and_then(|()| test(filter)),
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Fuzz => setup::run().and_then(|()| fuzz()),
+        Task::Bench { quick } => setup::run().and_then(|()| bench(quick)),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -201,4 +212,27 @@ fn demo() -> anyhow::Result<()> {
         "demo",
         cargo(&["run", "--quiet", "-p", "plink-tests", "--example", "demo"]),
     )
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    setup::require_root("the benchmarks create network namespaces and attach XDP")?;
+    // Release builds: the benchmark drives millions of packets itself, and
+    // runs the release plink-ctl (found next to the example's binary).
+    build(true)?;
+    let mut args = vec![
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "plink-tests",
+        "--example",
+        "bench",
+        "--",
+    ];
+    if quick {
+        args.push("--quick");
+    }
+    let mut cmd = cargo(&args);
+    cmd.env("PLINK_BENCH_OUT", workspace_root().join("target/bench"));
+    run_step("bench", cmd)
 }
