@@ -147,7 +147,7 @@ fn send_here(
             if out.sent + out.enobufs >= total {
                 break;
             }
-        } else if calls % 16 == 0 && started.elapsed() >= duration {
+        } else if calls.is_multiple_of(16) && started.elapsed() >= duration {
             break;
         }
         let n = BATCH.min(msgs.len() - pos);
