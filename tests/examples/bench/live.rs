@@ -141,13 +141,18 @@ fn threaded_napi(host: &Host, dev: &str) -> anyhow::Result<Vec<i32>> {
     )
 }
 
-/// CPU time of a task in ns (schedstat: precise; stat: clock ticks).
+/// CPU time of a task (a kthread) in ns, from /proc/PID/schedstat.
 fn cpu_ns(pid: i32) -> anyhow::Result<u64> {
-    if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
-        && let Some(v) = s.split_whitespace().next().and_then(|v| v.parse().ok())
-    {
-        return Ok(v);
-    }
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .with_context(|| format!("reading /proc/{pid}/schedstat"))?;
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("bad /proc/{pid}/schedstat: {s:?}"))
+}
+
+/// CPU time of a whole process (all its threads) in ns, from /proc/PID/stat.
+fn process_cpu_ns(pid: i32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the `(comm)`: utime and stime are the 12th and 13th.
@@ -421,12 +426,17 @@ impl Line {
 
     /// The id of the XDP program attached to the gateway's ingress.
     fn xdp_prog_id(&self) -> anyhow::Result<u32> {
-        let out = self.gw.ip(&["-d", "link", "show", "dev", &self.in_if])?;
+        self.xdp_prog_id_on(&self.in_if)
+    }
+
+    /// The id of the XDP program attached to the gateway's `dev`.
+    fn xdp_prog_id_on(&self, dev: &str) -> anyhow::Result<u32> {
+        let out = self.gw.ip(&["-d", "link", "show", "dev", dev])?;
         out.split_whitespace()
             .skip_while(|w| *w != "prog/xdp")
             .nth(2)
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow!("no XDP program on {}: {out}", self.in_if))
+            .ok_or_else(|| anyhow!("no XDP program on {dev}: {out}"))
     }
 }
 
@@ -532,7 +542,12 @@ fn tcp_server(host: &Host, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread:
 /// close) from the client namespace, pinned to the generator's CPU.
 fn tcp_client(line: &Line, d: Duration) -> anyhow::Result<Vec<Duration>> {
     let path = line.netns();
-    let vip = TCP_VIP;
+    // Kernel routing has no NAT: the client talks to the server itself.
+    let target = if line.kind == Kind::Kernel {
+        SocketAddrV4::new(SERVER, 8080)
+    } else {
+        SocketAddrV4::new(TCP_VIP, 80)
+    };
     let handle = std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
         netns::enter_netns(&path)?;
         generator::pin_thread(GEN_CPU)?;
@@ -540,10 +555,7 @@ fn tcp_client(line: &Line, d: Duration) -> anyhow::Result<Vec<Duration>> {
         let started = Instant::now();
         while started.elapsed() < d {
             let t0 = Instant::now();
-            let mut s = TcpStream::connect_timeout(
-                &SocketAddrV4::new(vip, 80).into(),
-                Duration::from_secs(2),
-            )?;
+            let mut s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             s.write_all(&[b'q'; 16])?;
             let mut resp = Vec::with_capacity(64);
@@ -800,6 +812,10 @@ pub fn scale_only(settings: &Settings) -> anyhow::Result<Output> {
     })
 }
 
+/// One TCP round: connections/s, gateway CPU µs per connection, latency
+/// p50 and p99 µs, plink's XDP µs per connection.
+type TcpRow = (f64, f64, f64, f64, f64);
+
 /// Gateway CPU per TCP connection and request latency, nftables vs plink.
 fn tcp_bench(
     lines: &[Line],
@@ -807,7 +823,7 @@ fn tcp_bench(
     rounds: usize,
     d: Duration,
 ) -> anyhow::Result<(String, serde_json::Value)> {
-    let pick = [Kind::Nft, Kind::Plink];
+    let pick = [Kind::Kernel, Kind::Nft, Kind::Plink];
     let mut servers = Vec::new();
     let mut pids: Vec<Vec<i32>> = Vec::new();
     for kind in pick {
@@ -827,18 +843,37 @@ fn tcp_bench(
         let stop = Arc::new(AtomicBool::new(false));
         servers.push((tcp_server(&line.server, stop.clone())?, stop, line));
     }
-    let mut res: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); pick.len()];
+    // plink's own XDP run time per connection (both programs), from the
+    // kernel's run-time stats (on for the TCP rounds; a few sched_clock
+    // reads per packet, charged to plink only).
+    let plink_line = &lines[kinds.iter().position(|k| *k == Kind::Plink).unwrap_or(0)];
+    let plink_progs = [
+        plink_line.xdp_prog_id_on(&plink_line.in_if)?,
+        plink_line.xdp_prog_id_on(&plink_line.out_if)?,
+    ];
+    let plink_run_time = || -> anyhow::Result<Duration> {
+        let mut t = Duration::ZERO;
+        for id in plink_progs {
+            t += prog_stats(id)?.0;
+        }
+        Ok(t)
+    };
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow!("bpf_enable_stats: {e}"))?;
+    let mut res: Vec<Vec<TcpRow>> = vec![Vec::new(); pick.len()];
     for r in 0..rounds {
         for (k, kind) in pick.iter().enumerate() {
             let line = servers[k].2;
             tcp_client(line, Duration::from_millis(200))?;
             let c0 = cpu_sum(&pids[k])?;
+            let x0 = plink_run_time()?;
             let t0 = Instant::now();
             let mut lat = tcp_client(line, d)
                 .with_context(|| format!("TCP through {} round {}", kind.name(), r + 1))?;
             let secs = t0.elapsed().as_secs_f64();
             std::thread::sleep(Duration::from_millis(50));
             let c1 = cpu_sum(&pids[k])?;
+            let x1 = plink_run_time()?;
             lat.sort();
             let n = lat.len() as f64;
             let row = (
@@ -846,6 +881,11 @@ fn tcp_bench(
                 (c1 - c0) as f64 / 1e3 / n,
                 pct(&lat, 0.5),
                 pct(&lat, 0.99),
+                if *kind == Kind::Plink {
+                    (x1 - x0).as_nanos() as f64 / 1e3 / n
+                } else {
+                    f64::NAN
+                },
             );
             eprintln!(
                 "tcp round {} {}: {:.0} conn/s, {:.1} µs gateway CPU/conn, p50 {:.0} µs, p99 {:.0} µs",
@@ -875,10 +915,19 @@ fn tcp_bench(
         let _ = handle.join();
     }
     let ratio = Spread::of(
-        &res[1]
+        &res[2]
             .iter()
-            .zip(&res[0])
+            .zip(&res[1])
             .map(|(p, n)| p.1 / n.1)
+            .collect::<Vec<_>>(),
+    );
+    // The part of the gateway CPU a NAT gateway adds over plain routing.
+    let excess = Spread::of(
+        &res[2]
+            .iter()
+            .zip(&res[1])
+            .zip(&res[0])
+            .map(|((p, n), k)| (p.1 - k.1) / (n.1 - k.1))
             .collect::<Vec<_>>(),
     );
     let mut md = String::from(
@@ -890,18 +939,31 @@ fn tcp_bench(
          and server's veths have their own kthreads.\n\n",
         d.as_secs()
     ));
-    md.push_str("| gateway | connections/s | gateway CPU µs per connection | latency p50 µs | latency p99 µs |\n| --- | --- | --- | --- | --- |\n");
+    md.push_str("| gateway | connections/s | gateway CPU µs per connection | of which plink's XDP programs, µs | latency p50 µs | latency p99 µs |\n| --- | --- | --- | --- | --- | --- |\n");
     let mut json = Vec::new();
     for (k, kind) in pick.iter().enumerate() {
-        let col = |f: fn(&(f64, f64, f64, f64)) -> f64| {
-            Spread::of(&res[k].iter().map(f).collect::<Vec<_>>())
+        let col = |f: fn(&TcpRow) -> f64| Spread::of(&res[k].iter().map(f).collect::<Vec<_>>());
+        let (rate, cpu, p50, p99, xdp) = (
+            col(|r| r.0),
+            col(|r| r.1),
+            col(|r| r.2),
+            col(|r| r.3),
+            col(|r| r.4),
+        );
+        let name = if *kind == Kind::Kernel {
+            "kernel routing (no NAT; reference)"
+        } else {
+            kind.name()
         };
-        let (rate, cpu, p50, p99) = (col(|r| r.0), col(|r| r.1), col(|r| r.2), col(|r| r.3));
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
-            kind.name(),
+            "| {name} | {} | {} | {} | {} | {} |\n",
             rate.fmt(1.0, 0),
             cpu.fmt(1.0, 1),
+            if *kind == Kind::Plink {
+                xdp.fmt(1.0, 2)
+            } else {
+                "—".into()
+            },
             p50.fmt(1.0, 0),
             p99.fmt(1.0, 0)
         ));
@@ -909,16 +971,25 @@ fn tcp_bench(
             "gateway": kind.name(), "connections_per_second": rate.json(),
             "gateway_cpu_us_per_connection": cpu.json(),
             "latency_p50_us": p50.json(), "latency_p99_us": p99.json(),
+            "plink_xdp_us_per_connection": xdp.json(),
         }));
     }
     md.push_str(&format!(
-        "\n| ratio | value | target | met |\n| --- | --- | --- | --- |\n| plink ÷ nftables, gateway CPU per connection | {} | ≤ 0.5 | {} |\n\n",
+        "\n| ratio | value | target | met |\n| --- | --- | --- | --- |\n| plink ÷ nftables, gateway CPU per connection | {} | ≤ 0.5 | {} |\n",
         ratio.fmt(1.0, 2),
         yes_no(ratio.median <= 0.5)
     ));
+    md.push_str(&format!(
+        "| plink ÷ nftables, gateway CPU per connection above kernel routing's (same round) | {} | — | — |\n\n",
+        excess.fmt(1.0, 2)
+    ));
     Ok((
         md,
-        serde_json::json!({"gateways": json, "plink_over_nftables_cpu_per_connection": ratio.json()}),
+        serde_json::json!({
+            "gateways": json,
+            "plink_over_nftables_cpu_per_connection": ratio.json(),
+            "plink_over_nftables_cpu_per_connection_above_kernel": excess.json(),
+        }),
     ))
 }
 
@@ -982,16 +1053,27 @@ fn scale_bench(settings: &Settings) -> anyhow::Result<(String, serde_json::Value
         sets.push((n, frames));
     }
     let id = line.xdp_prog_id()?;
+    let ctl_pid = {
+        let gw = line
+            .plink
+            .as_ref()
+            .ok_or_else(|| anyhow!("plink not started"))?;
+        // nsenter execs plink-ctl: the child's pid is plink-ctl's.
+        topo.child_mut(gw.child).id() as i32
+    };
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| anyhow!("bpf_enable_stats: {e}"))?;
-    let mut res: Vec<Vec<(f64, f64, u64)>> = vec![Vec::new(); sets.len()];
+    let mut res: Vec<Vec<(f64, f64, u64, f64)>> = vec![Vec::new(); sets.len()];
     for r in 0..settings.rounds {
         for (k, (n, frames)) in sets.iter().enumerate() {
             let conn0 = connections()?;
             let (t0, c0) = prog_stats(id)?;
+            let ctl0 = process_cpu_ns(ctl_pid)?;
             let sent = line.send(frames, d, None)?;
             let (t1, c1) = prog_stats(id)?;
+            let ctl1 = process_cpu_ns(ctl_pid)?;
             let conn1 = connections()?;
+            let ctl = (ctl1 - ctl0) as f64 / 1e9 / sent.elapsed.as_secs_f64();
             let ns = (t1 - t0).as_nanos() as f64 / (c1 - c0).max(1) as f64;
             let pps = (c1 - c0) as f64 / sent.elapsed.as_secs_f64();
             eprintln!(
@@ -1000,7 +1082,7 @@ fn scale_bench(settings: &Settings) -> anyhow::Result<(String, serde_json::Value
                 c1 - c0,
                 conn1 - conn0
             );
-            res[k].push((ns, pps, conn1 - conn0));
+            res[k].push((ns, pps, conn1 - conn0, ctl));
         }
     }
     let mut md = String::from(
@@ -1013,11 +1095,12 @@ fn scale_bench(settings: &Settings) -> anyhow::Result<(String, serde_json::Value
         settings.rounds,
         d.as_secs()
     ));
-    md.push_str("| flows | ns/packet median (min–max) | ratio to 1k | packets/s through XDP | flows never opened | new flows during runs | target | met |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    md.push_str("| flows | ns/packet median (min–max) | ratio to 1k | packets/s through XDP | plink-ctl CPU (of one core) | flows never opened | new flows during runs | target | met |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     let mut json = Vec::new();
     for (k, (n, _)) in sets.iter().enumerate() {
         let ns = Spread::of(&res[k].iter().map(|r| r.0).collect::<Vec<_>>());
         let pps = Spread::of(&res[k].iter().map(|r| r.1).collect::<Vec<_>>());
+        let ctl = Spread::of(&res[k].iter().map(|r| r.3).collect::<Vec<_>>());
         let ratio = Spread::of(
             &res[k]
                 .iter()
@@ -1032,15 +1115,17 @@ fn scale_bench(settings: &Settings) -> anyhow::Result<(String, serde_json::Value
             ("—", "—")
         };
         md.push_str(&format!(
-            "| {n} | {} | {} | {} | {} | {new} | {target} | {met} |\n",
+            "| {n} | {} | {} | {} | {} | {} | {new} | {target} | {met} |\n",
             ns.fmt(1.0, 1),
             ratio.fmt(1.0, 2),
             pps.fmt(1e6, 3),
+            ctl.fmt(1.0, 2),
             refused[k],
         ));
         json.push(serde_json::json!({
             "flows": n, "ns_per_packet": ns.json(), "ratio_to_1k": ratio.json(),
             "pps": pps.json(), "new_flows_during_runs": new, "flows_never_opened": refused[k],
+            "plink_ctl_cpu": ctl.json(),
         }));
     }
     md.push('\n');
