@@ -23,7 +23,11 @@
 //!   miss, admission caps, Maglev, NAT port allocation, three inserts) and
 //!   then the whole forward path;
 //! - `drop`: plink_consumer, a packet to an address with no endpoint
-//!   (counted as `no_endpoint`).
+//!   (counted as `no_endpoint`); an IPv6 frame (dropped after the
+//!   EtherType); a TCP ACK to an approved endpoint without a flow (endpoint
+//!   hit, conntrack miss). The drop rows are a ladder: each adds a known
+//!   set of steps of the established path, so their differences say where
+//!   the established path's time goes.
 
 use std::net::Ipv4Addr;
 
@@ -41,7 +45,7 @@ use plink_ctl::{
 use plink_tests::{
     golden::verdict,
     netns::{Host, Topology},
-    packet::Ipv4Packet,
+    packet::{Ipv4Packet, TCP_ACK},
 };
 
 use crate::{Settings, Spread, generator::pin_thread};
@@ -62,12 +66,14 @@ pub struct Output {
     pub json: serde_json::Value,
 }
 
-const ROWS: [&str; 5] = [
+const ROWS: [&str; 7] = [
     "bench_fwd (minimal forwarder)",
     "forward established",
     "reverse established",
     "new flow",
     "drop (no endpoint)",
+    "drop (IPv6)",
+    "drop (TCP without a flow)",
 ];
 
 struct Ifaces {
@@ -144,20 +150,42 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
             addr: BACKEND,
             state: BackendState::Active,
         }],
-        endpoints: vec![EndpointSpec {
-            id: 0,
-            network_id: 1,
-            addr: ENDPOINT,
-            service_id: 0,
-            protocol: Protocol::Udp,
-            ports: vec![PortSpec {
-                port: 53,
-                target_port: 5353,
-            }],
-            state: EndpointState::Approved,
-            max_flows: 100_000_000,
-            new_flows_per_sec: 100_000_000,
-        }],
+        endpoints: vec![
+            EndpointSpec {
+                id: 0,
+                network_id: 1,
+                addr: ENDPOINT,
+                service_id: 0,
+                protocol: Protocol::Udp,
+                ports: vec![PortSpec {
+                    port: 53,
+                    target_port: 5353,
+                }],
+                state: EndpointState::Approved,
+                max_flows: 100_000_000,
+                new_flows_per_sec: 100_000_000,
+            },
+            // For the `TCP without a flow` row: an ACK that opens nothing.
+            EndpointSpec {
+                id: 1,
+                protocol: Protocol::Tcp,
+                ports: vec![PortSpec {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                ..EndpointSpec {
+                    id: 0,
+                    network_id: 1,
+                    addr: ENDPOINT,
+                    service_id: 0,
+                    protocol: Protocol::Udp,
+                    ports: Vec::new(),
+                    state: EndpointState::Approved,
+                    max_flows: 100_000_000,
+                    new_flows_per_sec: 100_000_000,
+                }
+            },
+        ],
     }
 }
 
@@ -277,13 +305,23 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
     };
     let drops =
         |dp: &mut Dataplane| -> anyhow::Result<u64> { Ok(dp.drop_counts()?.values().sum()) };
-    let no_ep = |dp: &mut Dataplane| -> anyhow::Result<u64> {
-        Ok(dp
-            .drop_counts()?
-            .get(&DropReason::NoEndpoint)
-            .copied()
-            .unwrap_or(0))
+    let reason = |dp: &mut Dataplane, r: DropReason| -> anyhow::Result<u64> {
+        Ok(dp.drop_counts()?.get(&r).copied().unwrap_or(0))
     };
+    // A 60-byte IPv6 frame (header only): dropped right after the EtherType.
+    let mut v6 = vec![0u8; 60];
+    v6[..6].copy_from_slice(&i.c1_mac);
+    v6[6..12].copy_from_slice(&CLIENT_MAC);
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    v6[14] = 0x60;
+    let v6_frames = vec![v6];
+    let ack_frames: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|n| {
+            Ipv4Packet::tcp((CLIENT, 30_000 + n), (ENDPOINT, 80), TCP_ACK)
+                .macs(CLIENT_MAC, i.c1_mac)
+                .build()
+        })
+        .collect();
     let pick = |v: &[Vec<u8>], n: u32| std::borrow::Cow::Owned(v[n as usize % v.len()].clone());
 
     let mut out = Vec::new();
@@ -328,8 +366,8 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         "new flow: not every run created a flow"
     );
     ensure!(drops(&mut dp)? == d0, "new flow dropped packets");
-    // Drop: every run counted as no_endpoint.
-    let e0 = no_ep(&mut dp)?;
+    // Drops: every run counted under its reason.
+    let e0 = reason(&mut dp, DropReason::NoEndpoint)?;
     out.push(measure(
         dp.program(prog_names::CONSUMER)?,
         i.c1,
@@ -338,9 +376,26 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         |n| pick(&drop_frames, n),
     )?);
     ensure!(
-        no_ep(&mut dp)? == e0 + u64::from(runs),
+        reason(&mut dp, DropReason::NoEndpoint)? == e0 + u64::from(runs),
         "drop: not every run counted as no_endpoint"
     );
+    for (frames, r) in [
+        (&v6_frames, DropReason::Ipv6),
+        (&ack_frames, DropReason::TcpNoFlow),
+    ] {
+        let before = reason(&mut dp, r)?;
+        out.push(measure(
+            dp.program(prog_names::CONSUMER)?,
+            i.c1,
+            runs,
+            verdict::DROP,
+            |n| pick(frames, n),
+        )?);
+        ensure!(
+            reason(&mut dp, r)? == before + u64::from(runs),
+            "drop: not every run counted as {r:?}"
+        );
+    }
     Ok(out)
 }
 
