@@ -29,6 +29,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::process::Command;
+
 use anyhow::{Context as _, anyhow, bail, ensure};
 use plink_common::prog_names;
 use plink_tests::{
@@ -60,6 +62,8 @@ pub struct Output {
 enum Kind {
     Kernel,
     Nft,
+    /// nftables as above plus a flowtable (the software fast path).
+    NftFt,
     XdpFwd,
     Plink,
     /// The generator's own ceiling: the peer has no route and drops.
@@ -73,6 +77,7 @@ impl Kind {
         match self {
             Kind::Kernel => "k",
             Kind::Nft => "n",
+            Kind::NftFt => "f",
             Kind::XdpFwd => "x",
             Kind::Plink => "p",
             Kind::Sink => "g",
@@ -83,6 +88,7 @@ impl Kind {
         match self {
             Kind::Kernel => "kernel routing (no NAT)",
             Kind::Nft => "nftables DNAT+SNAT, conntrack",
+            Kind::NftFt => "nftables DNAT+SNAT, conntrack + flowtable",
             Kind::XdpFwd => "bench_fwd (minimal native XDP forwarder)",
             Kind::Plink => "plink",
             Kind::Sink => "generator ceiling (peer drops, no route)",
@@ -90,7 +96,10 @@ impl Kind {
         }
     }
     fn nat(self) -> bool {
-        matches!(self, Kind::Nft | Kind::Plink | Kind::PlinkScale)
+        matches!(
+            self,
+            Kind::Nft | Kind::NftFt | Kind::Plink | Kind::PlinkScale
+        )
     }
 }
 
@@ -310,7 +319,7 @@ fn build_line(topo: &mut Topology, kind: Kind) -> anyhow::Result<Line> {
             ])?;
         }
     }
-    if kind == Kind::Nft {
+    if matches!(kind, Kind::Nft | Kind::NftFt) {
         gw.ip(&["addr", "add", "198.18.0.100/24", "dev", &in_if])?;
         gw.ip(&["addr", "add", "198.18.0.101/24", "dev", &in_if])?;
         gw.ip(&["addr", "add", "198.19.0.200/24", "dev", &out_if])?;
@@ -323,6 +332,20 @@ fn build_line(topo: &mut Topology, kind: Kind) -> anyhow::Result<Line> {
                  add rule ip nat pre ip daddr {TCP_VIP} tcp dport 80 dnat to 198.19.0.1:8080; \
                  add chain ip nat post {{ type nat hook postrouting priority srcnat; policy accept; }}; \
                  add rule ip nat post oifname \"{out_if}\" snat to 198.19.0.200"
+            )],
+        )?;
+    }
+    if kind == Kind::NftFt {
+        // Connections conntrack has confirmed (UDP: from the second packet;
+        // TCP: established) move to the flowtable, which forwards and NATs
+        // them from the ingress hook, before the rest of the stack.
+        gw.exec(
+            "nft",
+            &[&format!(
+                "add table inet ft; \
+                 add flowtable inet ft f {{ hook ingress priority 0; devices = {{ {in_if}, {out_if} }}; }}; \
+                 add chain inet ft fastpath {{ type filter hook forward priority 0; policy accept; }}; \
+                 add rule inet ft fastpath meta l4proto {{ tcp, udp }} flow add @f"
             )],
         )?;
     }
@@ -586,19 +609,36 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
     let d = settings.run;
     let rounds = settings.rounds;
     let mut topo = Topology::new()?;
-    let kinds = [
-        Kind::Kernel,
-        Kind::Nft,
-        Kind::XdpFwd,
-        Kind::Plink,
-        Kind::Sink,
-    ];
+    let mut kinds = Vec::new();
     let mut lines = Vec::new();
     let mut napi = Vec::new();
     let mut frames = Vec::new();
-    for kind in kinds {
+    let mut skipped = Vec::new();
+    for kind in [
+        Kind::Kernel,
+        Kind::Nft,
+        Kind::NftFt,
+        Kind::XdpFwd,
+        Kind::Plink,
+        Kind::Sink,
+    ] {
         eprintln!("live: building the {} line", kind.name());
-        let line = build_line(&mut topo, kind)?;
+        let line = match build_line(&mut topo, kind) {
+            Ok(line) => line,
+            // A kernel without flowtables (CONFIG_NF_FLOW_TABLE) cannot run
+            // this variant: say so in the results instead of failing.
+            Err(e) if kind == Kind::NftFt => {
+                eprintln!("live: skipping {}: {e:#}", kind.name());
+                skipped.push(format!(
+                    "{}: not run, the kernel refused the flowtable ({})",
+                    kind.name(),
+                    flowtable_config()
+                ));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        kinds.push(kind);
         // After XDP/GRO set NAPI up: threaded, its kthread on the gateway CPU.
         let pids = threaded_napi(&line.gw, &line.in_if)?;
         for p in &pids {
@@ -627,6 +667,13 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
             runs[k].push(run);
         }
     }
+    // Did the flowtable take the flows over? conntrack marks them [OFFLOAD].
+    let offloaded = kinds
+        .iter()
+        .position(|k| *k == Kind::NftFt)
+        .and_then(|i| lines[i].gw.exec("cat", &["/proc/net/nf_conntrack"]).ok())
+        .map(|t| t.lines().filter(|l| l.contains("[OFFLOAD]")).count());
+    eprintln!("nftables + flowtable: conntrack entries marked [OFFLOAD]: {offloaded:?}");
     // Sanity: every gateway delivered traffic.
     for (k, kind) in kinds.iter().enumerate() {
         if *kind != Kind::Sink {
@@ -705,9 +752,24 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
     };
     let plink_vs_xdp = ratio(Kind::Plink, Kind::XdpFwd, |r| r.received_pps);
     let plink_vs_nft = ratio(Kind::Plink, Kind::Nft, |r| r.received_pps);
+    let has_ft = kinds.contains(&Kind::NftFt);
+    let plink_vs_nftft = if has_ft {
+        ratio(Kind::Plink, Kind::NftFt, |r| r.received_pps)
+    } else {
+        Spread::of(&[])
+    };
     let plink_vs_kernel = ratio(Kind::Plink, Kind::Kernel, |r| r.received_pps);
     let xdp_vs_kernel = ratio(Kind::XdpFwd, Kind::Kernel, |r| r.received_pps);
     let cpu_plink_vs_xdp = ratio(Kind::Plink, Kind::XdpFwd, |r| r.gw_ns_per_pkt);
+    if kinds.contains(&Kind::NftFt) {
+        md.push_str(&format!(
+            "\nnftables + flowtable: conntrack entries marked `[OFFLOAD]` after the rounds: {} (of {FLOWS} flows).\n",
+            offloaded.map_or("unknown".to_string(), |n| n.to_string())
+        ));
+    }
+    for s in &skipped {
+        md.push_str(&format!("\nNot measured — {s}.\n"));
+    }
     md.push_str("\n| ratio (within each round, median (min–max)) | value | target | met |\n| --- | --- | --- | --- |\n");
     md.push_str(&format!(
         "| plink ÷ bench_fwd, received pps | {} | ≥ 0.9 | {} |\n",
@@ -718,6 +780,12 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
         "| plink ÷ nftables, received pps | {} | reported (≈ 1.5 expected on veth) | — |\n",
         plink_vs_nft.fmt(1.0, 2)
     ));
+    if has_ft {
+        md.push_str(&format!(
+            "| plink ÷ nftables + flowtable, received pps | {} | reported | — |\n",
+            plink_vs_nftft.fmt(1.0, 2)
+        ));
+    }
     md.push_str(&format!(
         "| plink ÷ kernel routing, received pps | {} | — | — |\n",
         plink_vs_kernel.fmt(1.0, 2)
@@ -789,9 +857,11 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
         markdown: md,
         json: serde_json::json!({
             "udp_1024_flows": json_gw,
+            "nftables_flowtable_offloaded_entries": offloaded,
             "ratios": {
                 "plink_over_bench_fwd_pps": plink_vs_xdp.json(),
                 "plink_over_nftables_pps": plink_vs_nft.json(),
+                "plink_over_nftables_flowtable_pps": plink_vs_nftft.json(),
                 "plink_over_kernel_pps": plink_vs_kernel.json(),
                 "bench_fwd_over_kernel_pps": xdp_vs_kernel.json(),
                 "plink_over_bench_fwd_gw_cpu_ns_per_packet": cpu_plink_vs_xdp.json(),
@@ -801,6 +871,23 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
             "scale": scale.1,
         }),
     })
+}
+
+/// What the running kernel's config says about flowtables, if readable.
+fn flowtable_config() -> String {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "zcat /proc/config.gz 2>/dev/null | grep NF_FLOW_TABLE",
+        ])
+        .output();
+    match out {
+        Ok(o) if !o.stdout.is_empty() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "kernel config not readable".into(),
+    }
 }
 
 /// The scale runs alone (development: PLINK_BENCH_ONLY=scale).
@@ -823,10 +910,14 @@ fn tcp_bench(
     rounds: usize,
     d: Duration,
 ) -> anyhow::Result<(String, serde_json::Value)> {
-    let pick = [Kind::Kernel, Kind::Nft, Kind::Plink];
+    let pick: Vec<Kind> = [Kind::Kernel, Kind::Nft, Kind::NftFt, Kind::Plink]
+        .into_iter()
+        .filter(|k| kinds.contains(k))
+        .collect();
+    let at = |k: Kind| pick.iter().position(|x| *x == k);
     let mut servers = Vec::new();
     let mut pids: Vec<Vec<i32>> = Vec::new();
-    for kind in pick {
+    for &kind in &pick {
         let line = &lines[kinds.iter().position(|k| *k == kind).unwrap_or(0)];
         // Both gateway veths threaded and pinned: the gateway's work in
         // both directions lands in its own kthreads. The far ends get
@@ -914,22 +1005,18 @@ fn tcp_bench(
         .join();
         let _ = handle.join();
     }
-    let ratio = Spread::of(
-        &res[2]
-            .iter()
-            .zip(&res[1])
-            .map(|(p, n)| p.1 / n.1)
-            .collect::<Vec<_>>(),
-    );
-    // The part of the gateway CPU a NAT gateway adds over plain routing.
-    let excess = Spread::of(
-        &res[2]
-            .iter()
-            .zip(&res[1])
-            .zip(&res[0])
-            .map(|((p, n), k)| (p.1 - k.1) / (n.1 - k.1))
-            .collect::<Vec<_>>(),
-    );
+    // plink against each nftables variant, within each round.
+    let vs = |n: Option<usize>| match (at(Kind::Plink), n) {
+        (Some(p), Some(n)) => Spread::of(
+            &res[p]
+                .iter()
+                .zip(&res[n])
+                .map(|(p, x)| p.1 / x.1)
+                .collect::<Vec<_>>(),
+        ),
+        _ => Spread::of(&[]),
+    };
+    let (ratio, ratio_ft) = (vs(at(Kind::Nft)), vs(at(Kind::NftFt)));
     let mut md = String::from(
         "### TCP connections through an endpoint (connect, 16-byte request, 64-byte response, close)\n\n",
     );
@@ -979,16 +1066,20 @@ fn tcp_bench(
         ratio.fmt(1.0, 2),
         yes_no(ratio.median <= 0.5)
     ));
-    md.push_str(&format!(
-        "| plink ÷ nftables, gateway CPU per connection above kernel routing's (same round) | {} | — | — |\n\n",
-        excess.fmt(1.0, 2)
-    ));
+    if at(Kind::NftFt).is_some() {
+        md.push_str(&format!(
+            "| plink ÷ nftables + flowtable, gateway CPU per connection | {} | ≤ 0.5 | {} |\n",
+            ratio_ft.fmt(1.0, 2),
+            yes_no(ratio_ft.median <= 0.5)
+        ));
+    }
+    md.push('\n');
     Ok((
         md,
         serde_json::json!({
             "gateways": json,
             "plink_over_nftables_cpu_per_connection": ratio.json(),
-            "plink_over_nftables_cpu_per_connection_above_kernel": excess.json(),
+            "plink_over_nftables_flowtable_cpu_per_connection": ratio_ft.json(),
         }),
     ))
 }
