@@ -14,7 +14,7 @@ pub mod csum;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -124,6 +124,9 @@ pub const fn v4(octets: [u8; 4]) -> Addr {
     v4_be(u32::from_ne_bytes(octets))
 }
 
+/// XDP verdicts in the order of `xdp_action` (index of [`IfStats::verdicts`]).
+pub const XDP_VERDICT_NAMES: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
+
 /// Per-interface, per-CPU packet counters (value of `IF_STATS`, keyed by ifindex).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,8 +139,11 @@ pub struct IfStats {
     pub ipv4_packets: u64,
     /// Frames that carried ARP.
     pub arp_packets: u64,
+    /// Frames by the verdict the program returned, indexed by `xdp_action`
+    /// (names in [`XDP_VERDICT_NAMES`]); they add up to `packets`.
+    pub verdicts: [u64; 5],
 }
-const _: () = assert!(core::mem::size_of::<IfStats>() == 32);
+const _: () = assert!(core::mem::size_of::<IfStats>() == 72);
 
 impl IfStats {
     /// Sums per-CPU values into one total.
@@ -146,6 +152,9 @@ impl IfStats {
         self.bytes = self.bytes.wrapping_add(other.bytes);
         self.ipv4_packets = self.ipv4_packets.wrapping_add(other.ipv4_packets);
         self.arp_packets = self.arp_packets.wrapping_add(other.arp_packets);
+        for (mine, theirs) in self.verdicts.iter_mut().zip(other.verdicts) {
+            *mine = mine.wrapping_add(theirs);
+        }
     }
 }
 
@@ -523,10 +532,11 @@ drop_reasons! {
     FibForwardingDisabled = 27 => "fib_forwarding_disabled",
     IcmpUnsupported = 28 => "icmp_unsupported",
     IcmpErrorNoFlow = 29 => "icmp_error_no_flow",
+    OtherHost = 30 => "other_host",
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
 }
 const _: () = assert!(DropReason::ALL.len() == DropReason::COUNT as usize);
 

@@ -540,6 +540,13 @@ impl Gateway {
         for (reason, count) in self.dp.drop_counts()? {
             snap.drops.push((reason.name().to_owned(), count));
         }
+        for (index, stats) in self.dp.interface_stats()? {
+            let interface = crate::dataplane::ifname(index).unwrap_or_else(|| index.to_string());
+            snap.interfaces.push(metrics::InterfaceSample {
+                interface,
+                verdicts: stats.verdicts,
+            });
+        }
         for iface in model.interfaces.values() {
             // A device we cannot read is left out, not a failed scrape.
             match devstats::read(&iface.name) {

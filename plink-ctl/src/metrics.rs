@@ -80,6 +80,14 @@ pub struct DeviceSample {
     pub tx_dropped: u64,
 }
 
+/// Frames plink's XDP program saw on an interface, by the verdict it returned.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InterfaceSample {
+    pub interface: String,
+    /// Indexed like `plink_common::XDP_VERDICT_NAMES`.
+    pub verdicts: [u64; 5],
+}
+
 /// Drops attributed to an endpoint (the packet matched it), by reason.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EndpointDropSample {
@@ -104,6 +112,7 @@ pub struct Snapshot {
     /// Drops with the endpoint they matched; reasons that never happened are left out.
     pub endpoint_drops: Vec<EndpointDropSample>,
     pub devices: Vec<DeviceSample>,
+    pub interfaces: Vec<InterfaceSample>,
 }
 
 struct FamilyBuilder {
@@ -362,6 +371,21 @@ pub fn render(s: &Snapshot) -> String {
     push(dev_redir);
     push(dev_dropped);
 
+    let mut if_packets = FamilyBuilder::new(
+        "plink_interface_xdp_packets_total",
+        "Frames plink's XDP program saw on the interface, by the verdict it returned (drop reasons are in plink_drops_total).",
+        COUNTER,
+    );
+    for i in &s.interfaces {
+        for (verdict, n) in plink_common::XDP_VERDICT_NAMES.iter().zip(i.verdicts) {
+            if_packets.sample(
+                &[("interface", &i.interface), ("verdict", verdict)],
+                n as f64,
+            );
+        }
+    }
+    push(if_packets);
+
     // Empty families would print HELP/TYPE with no samples; leave them out.
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();
@@ -494,6 +518,10 @@ mod tests {
                 xdp_redirect_errors: 5,
                 tx_dropped: 1,
             }],
+            interfaces: vec![InterfaceSample {
+                interface: "c1".into(),
+                verdicts: [0, 4, 0, 1, 9],
+            }],
         }
     }
 
@@ -502,6 +530,8 @@ mod tests {
         let text = render(&sample_snapshot());
         for line in [
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"in\"} 300",
+            "plink_interface_xdp_packets_total{interface=\"c1\",verdict=\"redirect\"} 9",
+            "plink_interface_xdp_packets_total{interface=\"c1\",verdict=\"aborted\"} 0",
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"out\"} 1200",
             "plink_endpoint_connections_total{endpoint=\"orders-a\",service=\"orders\",protocol=\"tcp\"} 1",
             "plink_endpoint_state{endpoint=\"orders-a\",service=\"orders\",state=\"approved\"} 1",
