@@ -298,7 +298,11 @@ endpoints:
             .as_object()
             .map(|v| v.values().filter_map(|n| n.as_u64()).sum())
             .unwrap_or(0);
-        assert_eq!(Some(verdicts), s["packets"].as_u64(), "verdicts add up: {s}");
+        assert_eq!(
+            Some(verdicts),
+            s["packets"].as_u64(),
+            "verdicts add up: {s}"
+        );
     }
     assert!(
         c1s["verdicts"]["redirect"].as_u64() >= Some(COUNT as u64),
