@@ -30,14 +30,19 @@ use plink_common::IfStats;
 /// Consumer-facing interfaces.
 #[xdp]
 pub fn plink_consumer(ctx: XdpContext) -> u32 {
-    let (ifindex, stats) = count_interface(&ctx);
+    let Some((ifindex, stats)) = count_interface(&ctx) else {
+        return stats::drop(plink_common::DropReason::UnknownInterface, stats::NO_EP);
+    };
     count_verdict(stats, consumer::handle(&ctx, ifindex))
 }
 
 /// Provider-facing interface.
 #[xdp]
 pub fn plink_provider(ctx: XdpContext) -> u32 {
-    let (ifindex, stats) = count_interface(&ctx);
+    let Some((ifindex, stats)) = count_interface(&ctx) else {
+        // Not an interface plink was told about: the kernel's.
+        return xdp_action::XDP_PASS;
+    };
     count_verdict(stats, provider::handle(&ctx, ifindex))
 }
 
@@ -50,15 +55,16 @@ pub fn plink_pass(_ctx: XdpContext) -> u32 {
 }
 
 /// Counts the frame against its ingress interface; returns the ifindex and
-/// the interface's counters (null when the interface is not registered).
+/// the interface's counters, or `None` for an interface plink did not
+/// register (its frames are not plink's). The pointer is never null past
+/// this point: a maybe-null pointer kept across the handler would double
+/// the states the verifier walks.
 #[inline(always)]
-fn count_interface(ctx: &XdpContext) -> (u32, *mut IfStats) {
+fn count_interface(ctx: &XdpContext) -> Option<(u32, *mut IfStats)> {
     let ifindex = ctx.ingress_ifindex() as u32;
     let len = (ctx.data_end() - ctx.data()) as u64;
     let ether_type = parse::ether_type(ctx);
-    let Some(stats) = maps::IF_STATS.get_ptr_mut(ifindex) else {
-        return (ifindex, core::ptr::null_mut());
-    };
+    let stats = maps::IF_STATS.get_ptr_mut(ifindex)?;
     // SAFETY: per-CPU slot: plain adds are race-free.
     let s = unsafe { &mut *stats };
     s.packets += 1;
@@ -68,20 +74,19 @@ fn count_interface(ctx: &XdpContext) -> (u32, *mut IfStats) {
         Some(parse::ETH_P_ARP) => s.arp_packets += 1,
         _ => {}
     }
-    (ifindex, stats)
+    Some((ifindex, stats))
 }
 
 /// Counts the verdict against the interface, so that verdicts add up to
 /// the frames seen; returns it.
 #[inline(always)]
 fn count_verdict(stats: *mut IfStats, verdict: u32) -> u32 {
-    // SAFETY: null or the per-CPU slot count_interface returned.
-    if let Some(s) = unsafe { stats.as_mut() } {
-        // An unknown verdict stays uncounted: the sum then falls short of
-        // `packets`, which the fuzz test checks.
-        if let Some(c) = s.verdicts.get_mut(verdict as usize) {
-            *c += 1;
-        }
+    // SAFETY: the per-CPU slot count_interface returned.
+    let s = unsafe { &mut *stats };
+    // An unknown verdict stays uncounted: the sum then falls short of
+    // `packets`, which the fuzz test checks.
+    if let Some(c) = s.verdicts.get_mut(verdict as usize) {
+        *c += 1;
     }
     verdict
 }
