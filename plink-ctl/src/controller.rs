@@ -45,6 +45,10 @@ pub enum ControllerError {
         "reload refused: {0} changed; it takes effect only when plink-ctl starts. Restart plink-ctl, or put the old value back and reload"
     )]
     RestartOnly(String),
+    #[error(
+        "reload refused: the Maglev tables need {needed} lookup-table slots (two per table slot, for the swap) but the table was sized at start for {capacity}; reduce maglev_table_size or the number of services, or restart plink-ctl to resize"
+    )]
+    LookupTableFull { needed: u64, capacity: u64 },
 }
 
 impl ControllerError {
@@ -105,6 +109,8 @@ pub struct Controller {
     /// The model the dataplane last applied, when one runs: admin changes
     /// answer once their model is live.
     applied: Option<watch::Receiver<Arc<Model>>>,
+    /// Lookup-table slots the dataplane was sized for at start.
+    lb_capacity: u64,
 }
 
 /// Questions the admin API asks the running dataplane (answered as JSON).
@@ -129,6 +135,7 @@ impl Controller {
         let model = Arc::new(Model::build(&config, &state)?);
         store.save(&state)?;
         let (publish, _) = watch::channel(model.clone());
+        let lb_capacity = config.lb_table_slots();
         Ok(Self {
             config_path: config_path.to_owned(),
             config,
@@ -139,6 +146,7 @@ impl Controller {
             publish,
             dataplane: None,
             applied: None,
+            lb_capacity,
         })
     }
 
@@ -252,6 +260,13 @@ impl Controller {
         let config = Config::load(&self.config_path)?;
         if let Some(field) = restart_only_change(&self.config, &config) {
             return Err(ControllerError::RestartOnly(field));
+        }
+        let needed = config.lb_table_slots();
+        if needed > self.lb_capacity {
+            return Err(ControllerError::LookupTableFull {
+                needed,
+                capacity: self.lb_capacity,
+            });
         }
         let state = state::reconcile(&config, &self.state)?;
         let diff = self.commit(config, state)?;

@@ -341,14 +341,8 @@ impl Gateway {
     /// Loads the programs with maps sized from the config, pinned under
     /// `gateway.bpffs_root`, and attaches them to every configured interface.
     pub fn start(config: &Config) -> anyhow::Result<Self> {
-        // Room for two tables per service: a changed table is written to a
-        // free region and the service flipped to it (see `apply_services`).
         let lb_table: u32 = config
-            .services
-            .iter()
-            .map(|s| u64::from(s.maglev_table_size) * 2)
-            .sum::<u64>()
-            .max(u64::from(plink_common::DEFAULT_LB_TABLE_ENTRIES))
+            .lb_table_slots()
             .try_into()
             .context("the Maglev tables of all services exceed 2^32 slots")?;
         let sizes = Sizes {
@@ -539,6 +533,13 @@ impl Gateway {
         }
         for (reason, count) in self.dp.drop_counts()? {
             snap.drops.push((reason.name().to_owned(), count));
+        }
+        for (index, stats) in self.dp.interface_stats()? {
+            let interface = crate::dataplane::ifname(index).unwrap_or_else(|| index.to_string());
+            snap.interfaces.push(metrics::InterfaceSample {
+                interface,
+                verdicts: stats.verdicts,
+            });
         }
         for iface in model.interfaces.values() {
             // A device we cannot read is left out, not a failed scrape.

@@ -602,20 +602,46 @@ fn stats(config_path: PathBuf, json: bool) -> anyhow::Result<()> {
                     "bytes": s.bytes,
                     "ipv4_packets": s.ipv4_packets,
                     "arp_packets": s.arp_packets,
+                    "verdicts": plink_common::XDP_VERDICT_NAMES
+                        .iter()
+                        .zip(s.verdicts)
+                        .map(|(name, n)| (name.to_string(), serde_json::json!(n)))
+                        .collect::<serde_json::Map<_, _>>(),
                 })
             })
             .collect();
         println!("{}", serde_json::json!({ "interfaces": rows }));
     } else {
         println!(
-            "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12}",
-            "INTERFACE", "IFINDEX", "PACKETS", "BYTES", "IPV4", "ARP"
+            "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "INTERFACE",
+            "IFINDEX",
+            "PACKETS",
+            "BYTES",
+            "IPV4",
+            "ARP",
+            "ABORTED",
+            "DROP",
+            "PASS",
+            "TX",
+            "REDIRECT"
         );
         for (index, s) in &stats {
             let name = dataplane::ifname(*index).unwrap_or_else(|| "?".into());
+            let [aborted, drop, pass, tx, redirect] = s.verdicts;
             println!(
-                "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12}",
-                name, index, s.packets, s.bytes, s.ipv4_packets, s.arp_packets
+                "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+                name,
+                index,
+                s.packets,
+                s.bytes,
+                s.ipv4_packets,
+                s.arp_packets,
+                aborted,
+                drop,
+                pass,
+                tx,
+                redirect
             );
         }
     }

@@ -80,6 +80,14 @@ pub struct DeviceSample {
     pub tx_dropped: u64,
 }
 
+/// Frames plink's XDP program saw on an interface, by the verdict it returned.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InterfaceSample {
+    pub interface: String,
+    /// Indexed like `plink_common::XDP_VERDICT_NAMES`.
+    pub verdicts: [u64; 5],
+}
+
 /// Drops attributed to an endpoint (the packet matched it), by reason.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EndpointDropSample {
@@ -104,6 +112,7 @@ pub struct Snapshot {
     /// Drops with the endpoint they matched; reasons that never happened are left out.
     pub endpoint_drops: Vec<EndpointDropSample>,
     pub devices: Vec<DeviceSample>,
+    pub interfaces: Vec<InterfaceSample>,
 }
 
 struct FamilyBuilder {
@@ -362,6 +371,21 @@ pub fn render(s: &Snapshot) -> String {
     push(dev_redir);
     push(dev_dropped);
 
+    let mut if_packets = FamilyBuilder::new(
+        "plink_interface_xdp_packets_total",
+        "Frames plink's XDP program saw on the interface, by the verdict it returned (drop reasons are in plink_drops_total).",
+        COUNTER,
+    );
+    for i in &s.interfaces {
+        for (verdict, n) in plink_common::XDP_VERDICT_NAMES.iter().zip(i.verdicts) {
+            if_packets.sample(
+                &[("interface", &i.interface), ("verdict", verdict)],
+                n as f64,
+            );
+        }
+    }
+    push(if_packets);
+
     // Empty families would print HELP/TYPE with no samples; leave them out.
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();
@@ -420,11 +444,44 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding the metrics address {addr} (gateway.metrics)"))
 }
 
-/// Serves `/metrics` forever. Slow or broken clients only cost their own
-/// connection: headers must arrive within 10 s.
+/// What one client may hold of the metrics server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Connections served at once; more are closed on accept, so a client
+    /// opening many cannot exhaust the controller's file descriptors.
+    pub max_connections: usize,
+    /// Time for a request's headers to arrive (slow-loris clients).
+    pub header_timeout: Duration,
+    /// Time a connection may live, response included (clients that never
+    /// read their response).
+    pub connection_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            connection_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Serves `/metrics` forever with the default [`ServeLimits`].
 pub async fn serve(listener: tokio::net::TcpListener, snapshot: SnapshotFn) {
+    serve_with(listener, snapshot, ServeLimits::default()).await
+}
+
+/// Serves `/metrics` forever. Slow or broken clients only cost their own
+/// connection, within `limits`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    snapshot: SnapshotFn,
+    limits: ServeLimits,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!("metrics accept failed: {e}");
@@ -432,14 +489,20 @@ pub async fn serve(listener: tokio::net::TcpListener, snapshot: SnapshotFn) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: connection limit reached, closing");
+            drop(stream);
+            continue;
+        };
         let snapshot = snapshot.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, snapshot.clone()));
-            let _ = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
+            drop(slot);
         });
     }
 }
@@ -494,6 +557,10 @@ mod tests {
                 xdp_redirect_errors: 5,
                 tx_dropped: 1,
             }],
+            interfaces: vec![InterfaceSample {
+                interface: "c1".into(),
+                verdicts: [0, 4, 0, 1, 9],
+            }],
         }
     }
 
@@ -502,6 +569,8 @@ mod tests {
         let text = render(&sample_snapshot());
         for line in [
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"in\"} 300",
+            "plink_interface_xdp_packets_total{interface=\"c1\",verdict=\"redirect\"} 9",
+            "plink_interface_xdp_packets_total{interface=\"c1\",verdict=\"aborted\"} 0",
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"out\"} 1200",
             "plink_endpoint_connections_total{endpoint=\"orders-a\",service=\"orders\",protocol=\"tcp\"} 1",
             "plink_endpoint_state{endpoint=\"orders-a\",service=\"orders\",state=\"approved\"} 1",
@@ -534,6 +603,86 @@ mod tests {
         let mut out = String::new();
         let _ = stream.read_to_string(&mut out);
         out
+    }
+
+    /// Slow clients, clients that never finish their request and more
+    /// clients than the server takes: a well-behaved scrape still answers.
+    #[test]
+    fn http_survives_slow_and_too_many_clients() {
+        use std::io::{Read as _, Write as _};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt.block_on(bind("127.0.0.1:0".parse().unwrap())).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServeLimits {
+            max_connections: 8,
+            header_timeout: Duration::from_millis(500),
+            connection_timeout: Duration::from_secs(5),
+        };
+        rt.spawn(serve_with(listener, Arc::new(sample_snapshot), limits));
+        let get = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+        // A client that trickles its request byte by byte is served.
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for b in get.bytes() {
+            slow.write_all(&[b]).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut out = String::new();
+        let _ = slow.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 200"), "trickled request: {out}");
+
+        // Half a request that never ends is cut at the header timeout.
+        let mut stuck = std::net::TcpStream::connect(addr).unwrap();
+        stuck.write_all(b"GET /metr").unwrap();
+        stuck
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = Vec::new();
+        let read = stuck.read_to_end(&mut buf);
+        assert!(
+            read.is_ok(),
+            "a stuck request is closed by the server: {read:?}"
+        );
+
+        // More stuck clients than the limit: the extra ones are closed at
+        // once, and once the stuck ones time out a scrape works again.
+        let held: Vec<_> = (0..limits.max_connections)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET /").unwrap();
+                s
+            })
+            .collect();
+        let mut extra = std::net::TcpStream::connect(addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = extra.read(&mut buf);
+        assert!(
+            matches!(n, Ok(0))
+                || n.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "a connection over the limit is closed: {n:?}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = request(addr, get);
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no scrape answered after the stuck clients"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(held);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::{
     fib::{self, NextHop},
     icmp,
     maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES, SCRATCH},
-    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ether_type, parse_ipv4, store},
+    parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, addressed_to_us, ether_type, parse_ipv4, store},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
 };
@@ -22,6 +22,9 @@ use crate::{
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
     match ether_type(ctx) {
+        Some(t @ (ETH_P_IP | ETH_P_ARP)) if !addressed_to_us(ctx, ifindex, role::CONSUMER, t) => {
+            drop(DropReason::OtherHost, NO_EP)
+        }
         Some(ETH_P_IP) => ipv4(ctx, ifindex),
         Some(ETH_P_ARP) => arp::handle(XdpContext { ctx: ctx.ctx }, ifindex, role::CONSUMER as u32),
         Some(ETH_P_IPV6) => drop(DropReason::Ipv6, NO_EP),

@@ -26,19 +26,25 @@ mod rewrite;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use plink_common::IfStats;
 
 /// Consumer-facing interfaces.
 #[xdp]
 pub fn plink_consumer(ctx: XdpContext) -> u32 {
-    let ifindex = count_interface(&ctx);
-    consumer::handle(&ctx, ifindex)
+    let Some((ifindex, stats)) = count_interface(&ctx) else {
+        return stats::drop(plink_common::DropReason::UnknownInterface, stats::NO_EP);
+    };
+    count_verdict(stats, consumer::handle(&ctx, ifindex))
 }
 
 /// Provider-facing interface.
 #[xdp]
 pub fn plink_provider(ctx: XdpContext) -> u32 {
-    let ifindex = count_interface(&ctx);
-    provider::handle(&ctx, ifindex)
+    let Some((ifindex, stats)) = count_interface(&ctx) else {
+        // Not an interface plink was told about: the kernel's.
+        return xdp_action::XDP_PASS;
+    };
+    count_verdict(stats, provider::handle(&ctx, ifindex))
 }
 
 /// Passes every frame. Attached to the far end of a veth pair, it turns on
@@ -56,24 +62,41 @@ pub fn plink_bench_fwd(ctx: XdpContext) -> u32 {
     bench_fwd::forward(&ctx)
 }
 
-/// Counts the frame against its ingress interface; returns the ifindex.
+/// Counts the frame against its ingress interface; returns the ifindex and
+/// the interface's counters, or `None` for an interface plink did not
+/// register (its frames are not plink's). The pointer is never null past
+/// this point: a maybe-null pointer kept across the handler would double
+/// the states the verifier walks.
 #[inline(always)]
-fn count_interface(ctx: &XdpContext) -> u32 {
+fn count_interface(ctx: &XdpContext) -> Option<(u32, *mut IfStats)> {
     let ifindex = ctx.ingress_ifindex() as u32;
     let len = (ctx.data_end() - ctx.data()) as u64;
     let ether_type = parse::ether_type(ctx);
-    if let Some(stats) = maps::IF_STATS.get_ptr_mut(ifindex) {
-        // SAFETY: per-CPU slot: plain adds are race-free.
-        let stats = unsafe { &mut *stats };
-        stats.packets += 1;
-        stats.bytes += len;
-        match ether_type {
-            Some(parse::ETH_P_IP) => stats.ipv4_packets += 1,
-            Some(parse::ETH_P_ARP) => stats.arp_packets += 1,
-            _ => {}
-        }
+    let stats = maps::IF_STATS.get_ptr_mut(ifindex)?;
+    // SAFETY: per-CPU slot: plain adds are race-free.
+    let s = unsafe { &mut *stats };
+    s.packets += 1;
+    s.bytes += len;
+    match ether_type {
+        Some(parse::ETH_P_IP) => s.ipv4_packets += 1,
+        Some(parse::ETH_P_ARP) => s.arp_packets += 1,
+        _ => {}
     }
-    ifindex
+    Some((ifindex, stats))
+}
+
+/// Counts the verdict against the interface, so that verdicts add up to
+/// the frames seen; returns it.
+#[inline(always)]
+fn count_verdict(stats: *mut IfStats, verdict: u32) -> u32 {
+    // SAFETY: the per-CPU slot count_interface returned.
+    let s = unsafe { &mut *stats };
+    // An unknown verdict stays uncounted: the sum then falls short of
+    // `packets`, which the fuzz test checks.
+    if let Some(c) = s.verdicts.get_mut(verdict as usize) {
+        *c += 1;
+    }
+    verdict
 }
 
 /// `*dst += n` atomically across CPUs (result unused: a plain BPF atomic add).

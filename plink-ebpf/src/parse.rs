@@ -59,6 +59,31 @@ pub fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> bool {
     }
 }
 
+/// Is the frame addressed to this interface's MAC (or, for ARP, broadcast)?
+/// Frames for other hosts reach XDP on veth and on promiscuous NICs; the
+/// kernel would drop them (PACKET_OTHERHOST), and plink must not forward or
+/// answer them either. An interface not in `INTERFACES` with this role
+/// passes this step: the next one counts it.
+#[inline(always)]
+pub fn addressed_to_us(ctx: &XdpContext, ifindex: u32, role: u8, ether_type: u16) -> bool {
+    // Compared as a 4- and a 2-byte word: a 6-byte array in a 64-bit
+    // register leaves LLVM two undefined bytes, which the verifier rejects.
+    let (Some(dst_hi), Some(dst_lo)) = (load::<u32>(ctx, 0), load::<u16>(ctx, 4)) else {
+        return false;
+    };
+    if ether_type == ETH_P_ARP && dst_hi == u32::MAX && dst_lo == u16::MAX {
+        return true;
+    }
+    // SAFETY: map value, read only.
+    match unsafe { crate::maps::INTERFACES.get(&ifindex) } {
+        Some(i) if i.role == role => {
+            let [a, b, c, d, e, f] = i.mac;
+            u32::from_ne_bytes([a, b, c, d]) == dst_hi && u16::from_ne_bytes([e, f]) == dst_lo
+        }
+        _ => true,
+    }
+}
+
 /// The EtherType in host order, or `None` for a runt frame.
 #[inline(always)]
 pub fn ether_type(ctx: &XdpContext) -> Option<u16> {

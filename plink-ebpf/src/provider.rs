@@ -12,7 +12,7 @@ use plink_common::{
 use crate::{
     arp, conntrack, fib, icmp,
     maps::{CT_FWD, CT_REV, GLOBAL, NAT_ADDRS},
-    parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, ether_type, load, parse_ipv4},
+    parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
 };
@@ -20,6 +20,11 @@ use crate::{
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
     match ether_type(ctx) {
+        // Not ours to translate or answer: the kernel decides (and drops
+        // frames for other hosts).
+        Some(t @ (ETH_P_IP | ETH_P_ARP)) if !addressed_to_us(ctx, ifindex, role::PROVIDER, t) => {
+            xdp_action::XDP_PASS
+        }
         Some(ETH_P_IP) => ipv4(ctx),
         Some(ETH_P_ARP) => arp::handle(XdpContext { ctx: ctx.ctx }, ifindex, role::PROVIDER as u32),
         _ => xdp_action::XDP_PASS,

@@ -25,16 +25,10 @@ pub fn rewrite(ctx: &XdpContext, f: &Flow, n: &Nat) -> bool {
     if f.proto == IPPROTO_ICMP {
         return rewrite_echo(ctx, f, n);
     }
-    let (Some(ttl_word), Some(ip_check)) = (load::<u16>(ctx, IP_TTL), load::<u16>(ctx, IP_CHECK))
-    else {
+    let Some(ip_check) = load::<u16>(ctx, IP_CHECK) else {
         return false;
     };
-    // TTL and protocol share one 16-bit word of the header checksum.
-    let new_ttl_word = {
-        let mut b = ttl_word.to_ne_bytes();
-        b[0] = f.ttl - 1;
-        u16::from_ne_bytes(b)
-    };
+    let (ttl_word, new_ttl_word) = ttl_words(f);
     let mut c = csum::update16(ip_check, ttl_word, new_ttl_word);
     c = csum::update32(c, f.src_be, n.src_be);
     c = csum::update32(c, f.dst_be, n.dst_be);
@@ -58,12 +52,26 @@ pub fn rewrite(ctx: &XdpContext, f: &Flow, n: &Nat) -> bool {
 
     store::<[u8; 6]>(ctx, 0, n.dmac)
         && store::<[u8; 6]>(ctx, 6, n.smac)
-        && store::<u16>(ctx, IP_TTL, new_ttl_word)
+        // Only the TTL byte: the protocol byte stays as it is (a word store
+        // let LLVM build the untouched byte from an undefined register).
+        && store::<u8>(ctx, IP_TTL, f.ttl - 1)
         && store::<u16>(ctx, IP_CHECK, c)
         && store::<u32>(ctx, IP_SADDR, n.src_be)
         && store::<u32>(ctx, IP_DADDR, n.dst_be)
         && store::<[u16; 2]>(ctx, L4_OFF, [n.sport_be, n.dport_be])
         && store::<u16>(ctx, l4_check_off, l)
+}
+
+/// The header checksum word holding TTL and protocol, before and after the
+/// TTL decrement. Built from the parsed fields, not reloaded from the packet:
+/// with a reloaded word LLVM kept the protocol byte in a register it did not
+/// set on every path, which the verifier rejects.
+#[inline(always)]
+fn ttl_words(f: &Flow) -> (u16, u16) {
+    (
+        u16::from_ne_bytes([f.ttl, f.proto]),
+        u16::from_ne_bytes([f.ttl.wrapping_sub(1), f.proto]),
+    )
 }
 
 /// Echo request or reply: addresses and TTL as any flow; no pseudo-header,
@@ -79,19 +87,15 @@ fn rewrite_echo(ctx: &XdpContext, f: &Flow, n: &Nat) -> bool {
     // SAFETY: every offset below is inside the checked `ICMP_ID + 2` bytes.
     unsafe {
         let rd = |off: usize| p.add(off).cast::<u16>().read_unaligned();
-        let (ttl_word, ip_check, icmp_check) = (rd(IP_TTL), rd(IP_CHECK), rd(ICMP_CHECK));
-        let new_ttl_word = {
-            let mut b = ttl_word.to_ne_bytes();
-            b[0] = f.ttl - 1;
-            u16::from_ne_bytes(b)
-        };
+        let (ip_check, icmp_check) = (rd(IP_CHECK), rd(ICMP_CHECK));
+        let (ttl_word, new_ttl_word) = ttl_words(f);
         let mut c = csum::update16(ip_check, ttl_word, new_ttl_word);
         c = csum::update32(c, f.src_be, n.src_be);
         c = csum::update32(c, f.dst_be, n.dst_be);
         let (old_id, new_id) = (f.sport_be | f.dport_be, n.sport_be | n.dport_be);
         p.cast::<[u8; 6]>().write_unaligned(n.dmac);
         p.add(6).cast::<[u8; 6]>().write_unaligned(n.smac);
-        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
+        p.add(IP_TTL).write(f.ttl - 1);
         p.add(IP_CHECK).cast::<u16>().write_unaligned(c);
         p.add(IP_SADDR).cast::<u32>().write_unaligned(n.src_be);
         p.add(IP_DADDR).cast::<u32>().write_unaligned(n.dst_be);

@@ -293,6 +293,21 @@ endpoints:
     // Nothing came back from the provider but the reply to the ARP warm-up
     // ping (endpoints answer echo through their service since issue 6).
     assert_eq!(p0s["ipv4_packets"], 1u64, "provider interface IPv4 count");
+    for s in [&c1s, &p0s] {
+        let verdicts: u64 = s["verdicts"]
+            .as_object()
+            .map(|v| v.values().filter_map(|n| n.as_u64()).sum())
+            .unwrap_or(0);
+        assert_eq!(
+            Some(verdicts),
+            s["packets"].as_u64(),
+            "verdicts add up: {s}"
+        );
+    }
+    assert!(
+        c1s["verdicts"]["redirect"].as_u64() >= Some(COUNT as u64),
+        "the consumer frames were redirected: {c1s}"
+    );
     let ip_len = (20 + 8 + PAYLOAD) as u64;
     assert!(
         c1s["bytes"].as_u64().unwrap() >= COUNT as u64 * (14 + ip_len),

@@ -151,6 +151,13 @@ fn a_stream_survives_five_reloads() {
     let mut net = PrivateLink::build().unwrap();
     let plink = net.start_plink().unwrap();
     const BYTES: usize = 24 * 1024 * 1024;
+    // The backend the reloads add is a real one: new flows hash to it too.
+    let added = std::net::Ipv4Addr::new(198, 51, 100, 13);
+    net.provider
+        .ip(&["addr", "add", &format!("{added}/24"), "dev", "eth0"])
+        .unwrap();
+    net.servers
+        .push(servers::start(&net.provider, added, 8080, true, false).unwrap());
     let stream = start_stream(&net.consumer_a, BYTES);
     let original = std::fs::read_to_string(&plink.config_path).unwrap();
     let edits: [(&str, &str, &str); 5] = [
@@ -197,15 +204,31 @@ fn a_stream_survives_five_reloads() {
     }
     let got = stream.join().unwrap();
     assert_eq!(got, Ok(BYTES), "the stream did not survive the reloads");
-    // The new endpoint works too.
-    let reply = servers::tcp_request(
-        &net.consumer_a,
-        None,
-        std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 51), 80),
-        1024,
-    )
-    .unwrap();
-    assert!(*reply.peer.ip() == pl::ORDERS_NAT || reply.peer.ip().octets()[3] == 210);
+    // The new endpoint works too, on every backend and both NAT addresses
+    // (enough connections that each backend takes some).
+    let mut backends = std::collections::BTreeSet::new();
+    let mut nats = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let reply = servers::tcp_request(
+            &net.consumer_a,
+            None,
+            std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 51), 80),
+            1024,
+        )
+        .unwrap();
+        backends.insert(*reply.local.ip());
+        nats.insert(*reply.peer.ip());
+    }
+    assert!(
+        backends.contains(&added),
+        "no connection reached the added backend: {backends:?}"
+    );
+    for nat in &nats {
+        assert!(
+            *nat == pl::ORDERS_NAT || nat.octets()[3] == 210,
+            "a backend saw a source that is no NAT address: {nat}"
+        );
+    }
 }
 
 /// `plink-ctl down` detaches XDP and removes every pin.

@@ -9,7 +9,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -577,29 +577,71 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
         .unwrap()
         .unwrap()
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    // Writer and reader are paced against each other, not against the clock:
+    // the writer starts generation g+1 only after the reader has run
+    // FLOWS_PER_GENERATION flows since generation g was complete, so a loaded
+    // machine slows the test down but cannot change what it sees.
+    const GENERATIONS: u32 = 12;
+    const FLOWS_PER_GENERATION: u32 = 40;
+    const MAX_FLOWS_PER_GENERATION: u32 = 3000;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let completed = Arc::new(AtomicU32::new(0));
+    let flows_run = Arc::new(AtomicU32::new(0));
+    let abort = Arc::new(AtomicBool::new(false));
     let writer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || -> anyhow::Result<u32> {
-            let mut generation = 0;
-            while !stop.load(Ordering::SeqCst) {
-                generation += 1;
+        let (completed, flows_run, abort) = (completed.clone(), flows_run.clone(), abort.clone());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            for generation in 1..=GENERATIONS {
+                let wait_for = flows_run.load(Ordering::SeqCst) + FLOWS_PER_GENERATION;
+                while flows_run.load(Ordering::SeqCst) < wait_for {
+                    if abort.load(Ordering::SeqCst) || Instant::now() > deadline {
+                        bail!("the reader stopped before generation {generation}");
+                    }
+                    std::thread::yield_now();
+                }
                 writer_dp.apply(&spec(generation))?;
+                completed.store(generation, Ordering::SeqCst);
             }
-            Ok(generation)
+            Ok(())
         })
     };
-    // The reader: a second handle on the same maps, running new flows.
-    let seen = gw
-        .run_in(move || -> anyhow::Result<Vec<u32>> {
+    // The reader: a second handle on the same maps, running new flows. For
+    // each flow it notes the last generation completed before the flow ran.
+    let reader_result = {
+        let (completed, flows_run) = (completed.clone(), flows_run.clone());
+        gw.run_in(move || -> anyhow::Result<Vec<(u32, u32)>> {
             let mut dp = Dataplane::load_with(EBPF_OBJECT, Some(&root), sizes)?;
             dp.load_programs()?;
             let program = dp.program(prog_names::CONSUMER)?;
             let mut seen = Vec::new();
-            let started = Instant::now();
-            for i in 0..20_000u32 {
-                if started.elapsed() > Duration::from_secs(4) {
-                    break;
+            let mut after_last = 0;
+            let (mut current, mut flows_in_current) = (0, 0);
+            for i in 0u32.. {
+                if Instant::now() > deadline {
+                    bail!(
+                        "only {} generations written by the deadline",
+                        completed.load(Ordering::SeqCst)
+                    );
+                }
+                let mut before = completed.load(Ordering::SeqCst);
+                // Bound the flows per generation (conntrack and NAT ports
+                // are finite) by waiting for a slow writer.
+                if before != current {
+                    (current, flows_in_current) = (before, 0);
+                }
+                flows_in_current += 1;
+                while flows_in_current > MAX_FLOWS_PER_GENERATION && before == current {
+                    if Instant::now() > deadline {
+                        bail!("generation {} was not written by the deadline", current + 1);
+                    }
+                    std::thread::yield_now();
+                    before = completed.load(Ordering::SeqCst);
+                }
+                if before == GENERATIONS {
+                    after_last += 1;
+                    if after_last > FLOWS_PER_GENERATION {
+                        break;
+                    }
                 }
                 let src = Ipv4Addr::new(192, 0, 2, 1 + (i / 60_000) as u8);
                 let frame =
@@ -610,43 +652,51 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
                 if run.verdict != golden::verdict::REDIRECT {
                     bail!("flow {i}: verdict {} instead of a redirect", run.verdict);
                 }
-                let dst = Ipv4Addr::new(
-                    run.output[30],
-                    run.output[31],
-                    run.output[32],
-                    run.output[33],
-                );
-                let id = u32::from(dst.octets()[3]) - 10;
-                seen.push(id);
+                let backend = u32::from(run.output[33]) - 10;
+                seen.push((before, backend));
+                flows_run.fetch_add(1, Ordering::SeqCst);
             }
             Ok(seen)
         })
         .unwrap()
-        .unwrap();
-    stop.store(true, Ordering::SeqCst);
-    let generations = writer.join().unwrap().unwrap();
-    // Consecutive flows: the generation moves forward (mod 8) by at most a
-    // few steps, never back.
+    };
+    abort.store(true, Ordering::SeqCst);
+    let writer_result = writer.join().unwrap();
+    let seen = reader_result.unwrap();
+    writer_result.unwrap();
+    // A flow that ran while generation g+1 was being written sees g or g+1
+    // (at most one write is in progress, by the pacing); once it has seen
+    // g+1, no later flow may see g.
+    let mut last_generation = 0;
     let mut changes = 0;
-    for (i, pair) in seen.windows(2).enumerate() {
-        let step = (pair[1] + BACKENDS - pair[0]) % BACKENDS;
+    for (i, &(completed_before, backend)) in seen.iter().enumerate() {
+        let generation = if backend == completed_before % BACKENDS {
+            completed_before
+        } else if backend == (completed_before + 1) % BACKENDS {
+            completed_before + 1
+        } else {
+            panic!(
+                "flow {i} saw backend {backend} while generation {completed_before} was the last complete one"
+            );
+        };
         assert!(
-            step < BACKENDS / 2,
-            "flow {} saw backend {} after flow {} saw {}: an older generation after a newer one",
-            i + 1,
-            pair[1],
-            i,
-            pair[0]
+            generation >= last_generation,
+            "flow {i} saw generation {generation} after an earlier flow saw {last_generation}: \
+             an older table after a newer one"
         );
-        changes += usize::from(step != 0);
+        changes += usize::from(generation != last_generation);
+        last_generation = generation;
     }
     eprintln!(
-        "{} flows, {generations} table generations written, {changes} generation changes seen",
+        "{} flows, {GENERATIONS} table generations written, {changes} generation changes seen",
         seen.len()
     );
-    assert!(seen.len() >= 1000, "only {} flows ran", seen.len());
-    assert!(
-        changes >= 5,
-        "the table changed only {changes} times under the flows"
+    assert_eq!(
+        last_generation, GENERATIONS,
+        "the flows after the last write did not see it"
+    );
+    assert_eq!(
+        changes, GENERATIONS as usize,
+        "every generation is seen by the flows run while it is current"
     );
 }

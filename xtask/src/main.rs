@@ -199,7 +199,8 @@ fn fuzz() -> anyhow::Result<()> {
         "--test",
         "golden",
         "--",
-        "random_corruptions",
+        "golden_fuzz_keeps_the_invariants",
+        "--nocapture",
     ]);
     packets.env("PLINK_FUZZ_PACKETS", "1000000");
     run_step("fuzz: 1,000,000 packets through the XDP programs", packets)

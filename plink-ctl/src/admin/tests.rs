@@ -403,6 +403,21 @@ fn reload_applies_valid_and_refuses_invalid_config() {
         "gateway.conntrack.max_flows changed",
     );
 
+    // Tables that do not fit the lookup table sized at start are refused
+    // before anything changes (the dataplane could not apply them).
+    s.write_config(&CONFIG.replace(
+        "    auto_approve: [tenant-a]\n",
+        "    auto_approve: [tenant-a]\n    maglev_table_size: 16777213\n",
+    ));
+    refused(
+        call(&sock, Request::Reload),
+        "need 33554426 lookup-table slots",
+    );
+    assert!(
+        !models.has_changed().expect("alive"),
+        "a refused reload publishes nothing"
+    );
+
     // Narrowing visibility turns approved into rejected.
     s.write_config(&CONFIG.replace("visibility: [tenant-a, tenant-b]", "visibility: [tenant-a]"));
     let out: ReloadOutcome = data(call(&sock, Request::Reload));

@@ -416,6 +416,18 @@ fn ipv4_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error>
 }
 
 impl Config {
+    /// Slots of the shared backend lookup table this config needs: room for
+    /// two tables per service (a changed table is written to a free region
+    /// and the service flipped to it), at least the default size. The table
+    /// is sized once, at start; a reload must fit in it.
+    pub fn lb_table_slots(&self) -> u64 {
+        self.services
+            .iter()
+            .map(|s| u64::from(s.maglev_table_size) * 2)
+            .sum::<u64>()
+            .max(u64::from(plink_common::DEFAULT_LB_TABLE_ENTRIES))
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {

@@ -458,10 +458,47 @@ pub fn remove_pins(bpffs_root: &Path) -> anyhow::Result<bool> {
     if !dir.exists() {
         return Ok(false);
     }
+    // Detach explicitly: unpinning only drops a reference, and the kernel
+    // releases the last one later, so XDP could outlive `down` for a moment.
+    if let Ok(links) = std::fs::read_dir(dir.join("links")) {
+        for link in links.flatten() {
+            detach_pinned_link(&link.path()).with_context(|| {
+                format!("detaching the XDP link pinned at {}", link.path().display())
+            })?;
+        }
+    }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     // Remove the root too when we were its only user.
     let _ = std::fs::remove_dir(bpffs_root);
     Ok(true)
+}
+
+/// BPF_OBJ_GET on a pinned link, then BPF_LINK_DETACH: the program leaves
+/// the interface now, whoever else holds the link.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr: obj_get starts with the pathname pointer;
+    // link_detach with the link fd. Zeroed beyond what each command reads.
+    let mut attr = [0u64; 8];
+    attr[0] = pathname.as_ptr() as u64;
+    let size = std::mem::size_of_val(&attr);
+    // SAFETY: bpf(2) with a zeroed attr of the given size and a valid C string.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut attr = [0u64; 8];
+    attr[0] = fd as u64 & 0xffff_ffff;
+    // SAFETY: as above; `fd` is ours and closed below.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), size) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd BPF_OBJ_GET returned.
+    unsafe { libc::close(fd as libc::c_int) };
+    if rc < 0 { Err(err) } else { Ok(()) }
 }
 
 fn raise_memlock_limit() {

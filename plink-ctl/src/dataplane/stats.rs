@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::PerCpuArray;
-use plink_common::{Counters, DropReason, MAX_NAT_SLOTS, map_names};
+use aya::maps::{PerCpuArray, PerCpuHashMap};
+use plink_common::{Counters, DropReason, IfStats, MAX_NAT_SLOTS, map_names};
 
 use super::Dataplane;
 
@@ -49,6 +49,22 @@ impl Dataplane {
             .get(&index, 0)?
             .iter()
             .fold(0u64, |a, v| a.wrapping_add(*v)))
+    }
+
+    /// Per-interface counters by ifindex, summed over CPUs.
+    pub fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+        let map: PerCpuHashMap<_, u32, IfStats> =
+            PerCpuHashMap::try_from(self.map_mut(map_names::IF_STATS)?)?;
+        let mut out = BTreeMap::new();
+        for entry in map.iter() {
+            let (index, per_cpu) = entry?;
+            let mut total = IfStats::default();
+            for v in per_cpu.iter() {
+                total.add(v);
+            }
+            out.insert(index, total);
+        }
+        Ok(out)
     }
 
     /// Drops by reason, over all endpoints.

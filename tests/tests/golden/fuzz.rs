@@ -1,0 +1,681 @@
+//! Packet fuzzing through BPF_PROG_TEST_RUN: random frames, mutated valid
+//! frames (bytes, header fields, IP options, fragments, TCP data offset,
+//! forged or cut ICMP error quotes, replies to flows that do not exist) and
+//! every truncation of every template. A model of the flows the programs
+//! opened checks each verdict:
+//!
+//! - the verdict is a valid one, never XDP_ABORTED; a consumer interface
+//!   never passes a frame to the host;
+//! - a frame redirected to the provider belongs to an approved endpoint's
+//!   service (a backend of that service, its target port, one of its NAT
+//!   addresses and ports) or is an ICMP error about one of the model's flows;
+//! - a frame redirected to a consumer is the reverse of one of the model's
+//!   flows, out of that flow's interface to that flow's client;
+//! - a forwarded frame keeps its length and the (in)validity of its IP and L4
+//!   checksums; a frame the gateway answers itself goes back to its sender
+//!   with valid checksums;
+//! - per interface, the programs' verdict counters add up to the frames sent
+//!   and match the verdicts the test saw; drop reasons add up to the drops.
+//!
+//! The suite runs a seeded 50,000 rounds; `cargo xtask fuzz` runs 1,000,000
+//! (`PLINK_FUZZ_PACKETS`).
+
+use std::collections::HashMap;
+
+use plink_common::XDP_VERDICT_NAMES;
+use plink_tests::packet::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ip_checksum_error};
+
+use super::*;
+
+/// The forward key of a flow: (network, protocol, client, client port or
+/// echo id, endpoint, endpoint port or 0 for echo).
+type FwdKey = (u32, u8, Ipv4Addr, u16, Ipv4Addr, u16);
+/// The reverse key: (protocol, backend, backend port or 0, NAT address, NAT
+/// port or echo id).
+type RevKey = (u8, Ipv4Addr, u16, Ipv4Addr, u16);
+
+#[derive(Clone, Debug)]
+struct Flow {
+    consumer_if: u32,
+    /// Source MACs the client used on this flow's forwarded frames.
+    client_macs: Vec<[u8; 6]>,
+    nat: (Ipv4Addr, u16),
+    backend: (Ipv4Addr, u16),
+}
+
+/// The addresses and ports of a TCP, UDP or ICMP echo header at `ip` (an
+/// IPv4 header without options): (protocol, src, src port, dst, dst port),
+/// with an echo request's id as its source port and a reply's as its
+/// destination port. None for anything else.
+fn ports(ip: &[u8]) -> Option<(u8, Ipv4Addr, u16, Ipv4Addr, u16)> {
+    if ip.len() < 28 || ip[0] != 0x45 {
+        return None;
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let a = u16::from_be_bytes([ip[20], ip[21]]);
+    let b = u16::from_be_bytes([ip[22], ip[23]]);
+    let id = u16::from_be_bytes([ip[24], ip[25]]);
+    match ip[9] {
+        IPPROTO_TCP | IPPROTO_UDP => Some((ip[9], src, a, dst, b)),
+        IPPROTO_ICMP if ip[20] == ICMP_ECHO_REQUEST => Some((IPPROTO_ICMP, src, id, dst, 0)),
+        IPPROTO_ICMP if ip[20] == ICMP_ECHO_REPLY => Some((IPPROTO_ICMP, src, 0, dst, id)),
+        _ => None,
+    }
+}
+
+/// The quoted IP header of an ICMP error frame, if the frame is one.
+fn icmp_error_quote(frame: &[u8]) -> Option<&[u8]> {
+    let is_error = frame.len() >= 14 + 28
+        && frame[12..14] == [8, 0]
+        && frame[23] == IPPROTO_ICMP
+        && matches!(frame[34], 3 | 4 | 5 | 11 | 12);
+    is_error.then(|| &frame[42..])
+}
+
+fn is_plain_ipv4(frame: &[u8]) -> bool {
+    frame.len() >= 34
+        && frame[12..14] == [8, 0]
+        && frame[14] == 0x45
+        && u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff == 0
+}
+
+fn mac(frame: &[u8], at: usize) -> [u8; 6] {
+    frame[at..at + 6].try_into().unwrap()
+}
+
+/// Recomputes the checksums of a frame whose headers make that possible.
+fn try_fix_checksums(f: &mut [u8]) {
+    if f.len() < 34 || f[12..14] != [8, 0] {
+        return;
+    }
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let tot = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    let l4_min = match f[23] {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        IPPROTO_ICMP => 4,
+        _ => return,
+    };
+    if ihl >= 20 && tot >= ihl + l4_min && 14 + tot <= f.len() {
+        fix_checksums(f);
+    }
+}
+
+struct Checker<'a> {
+    spec: &'a DataplaneSpec,
+    c1: u32,
+    c2: u32,
+    p0: u32,
+    macs: HashMap<u32, [u8; 6]>,
+    backend_macs: HashMap<Ipv4Addr, [u8; 6]>,
+    fwd: HashMap<FwdKey, Flow>,
+    rev: HashMap<RevKey, FwdKey>,
+    /// Verdicts seen, by (ifindex, verdict).
+    verdicts: BTreeMap<(u32, u32), u64>,
+    forwarded: u64,
+}
+
+impl Checker<'_> {
+    fn network(&self, ifindex: u32) -> u32 {
+        if ifindex == self.c1 { 1 } else { 2 }
+    }
+
+    /// Checks one run of `prog` on `f`; panics with `what` on a violation.
+    fn check(&mut self, what: &str, prog: &str, ifindex: u32, f: &[u8], run: &XdpRun) {
+        let o = &run.output;
+        *self.verdicts.entry((ifindex, run.verdict)).or_default() += 1;
+        let consumer = prog == prog_names::CONSUMER;
+        match run.verdict {
+            verdict::DROP => {}
+            verdict::PASS => {
+                assert!(!consumer, "{what}: a consumer interface passed a frame");
+                assert_eq!(o, f, "{what}: a passed frame changed");
+            }
+            verdict::TX => {
+                // ARP answers the request's sender hardware address.
+                let sender = if f[12..14] == [8, 6] {
+                    mac(f, 22)
+                } else {
+                    mac(f, 6)
+                };
+                assert_eq!(mac(o, 0), sender, "{what}: answer not to the sender");
+                assert_eq!(
+                    mac(o, 6),
+                    self.macs[&ifindex],
+                    "{what}: answer not from the ingress interface"
+                );
+                if o[12..14] == [8, 0] {
+                    assert!(ip_checksum_ok(o), "{what}: answer's IP checksum");
+                    assert!(l4_checksum_ok(o), "{what}: answer's L4 checksum");
+                    assert_eq!(o[30..34], f[26..30], "{what}: answer to another address");
+                }
+            }
+            verdict::REDIRECT => {
+                self.forwarded += 1;
+                assert!(
+                    is_plain_ipv4(f) && is_plain_ipv4(o),
+                    "{what}: forwarded something else than unfragmented IPv4 without options"
+                );
+                assert_eq!(o.len(), f.len(), "{what}: length kept");
+                assert_eq!(o[22], f[22].wrapping_sub(1), "{what}: TTL decremented");
+                assert_eq!(
+                    ip_checksum_error(o),
+                    ip_checksum_error(f),
+                    "{what}: IP checksum (in)validity kept"
+                );
+                let udp_none = f[23] == IPPROTO_UDP && f[40..42] == [0, 0];
+                if udp_none {
+                    assert_eq!(o[40..42], [0, 0], "{what}: UDP checksum 0 stays 0");
+                } else {
+                    assert_eq!(
+                        l4_checksum_error(o),
+                        l4_checksum_error(f),
+                        "{what}: L4 checksum (in)validity kept"
+                    );
+                }
+                if consumer {
+                    self.forwarded_to_provider(what, ifindex, f, o);
+                } else {
+                    self.forwarded_to_consumer(what, f, o);
+                }
+            }
+            v => panic!("{what}: verdict {v}"),
+        }
+    }
+
+    fn forwarded_to_provider(&mut self, what: &str, ifindex: u32, f: &[u8], o: &[u8]) {
+        let network = self.network(ifindex);
+        assert_eq!(mac(o, 6), self.macs[&self.p0], "{what}: not out of p0");
+        if let Some(quote) = icmp_error_quote(f) {
+            // An error about a reply the client got: the reverse of a flow.
+            let (proto, ep, eport, client, cport) =
+                ports(quote).unwrap_or_else(|| panic!("{what}: forwarded an unparsable quote"));
+            let key = (network, proto, client, cport, ep, eport);
+            let flow = self
+                .fwd
+                .get(&key)
+                .unwrap_or_else(|| panic!("{what}: forwarded an error about no flow {key:?}"));
+            assert_eq!(
+                o[30..34],
+                flow.backend.0.octets(),
+                "{what}: error to another backend"
+            );
+            assert_eq!(
+                o[26..30],
+                flow.nat.0.octets(),
+                "{what}: error from another NAT address"
+            );
+            return;
+        }
+        let (proto, client, cport, ep_addr, eport) =
+            ports(&f[14..]).unwrap_or_else(|| panic!("{what}: forwarded an unknown protocol"));
+        let (_, nat, nport, backend, bport) =
+            ports(&o[14..]).unwrap_or_else(|| panic!("{what}: output unparsable"));
+        // The endpoint the frame was addressed to, approved, on its network.
+        let endpoint = self
+            .spec
+            .endpoints
+            .iter()
+            .find(|e| {
+                e.network_id == network
+                    && e.addr == ep_addr
+                    && match proto {
+                        IPPROTO_ICMP => true,
+                        p => {
+                            let want = if p == IPPROTO_TCP {
+                                Protocol::Tcp
+                            } else {
+                                Protocol::Udp
+                            };
+                            e.protocol == want && e.ports.iter().any(|m| m.port == eport)
+                        }
+                    }
+            })
+            .unwrap_or_else(|| panic!("{what}: forwarded to {ep_addr}:{eport}, no endpoint"));
+        assert_eq!(
+            endpoint.state,
+            EndpointState::Approved,
+            "{what}: forwarded for an endpoint that is not approved"
+        );
+        let service = endpoint.service_id;
+        assert!(
+            self.spec
+                .backends
+                .iter()
+                .any(|b| b.service_id == service && b.addr == backend),
+            "{what}: {backend} is no backend of service {service}"
+        );
+        if proto != IPPROTO_ICMP {
+            let target = endpoint.ports.iter().find(|m| m.port == eport).unwrap();
+            assert_eq!(bport, target.target_port, "{what}: target port");
+        }
+        let svc = self.spec.services.iter().find(|s| s.id == service).unwrap();
+        assert!(
+            svc.nat
+                .iter()
+                .any(|n| n.addr == nat && n.ports.contains(&nport)),
+            "{what}: source {nat}:{nport} is no NAT port of service {service}"
+        );
+        assert_eq!(
+            Some(&mac(o, 0)),
+            self.backend_macs.get(&backend),
+            "{what}: not to the backend's MAC"
+        );
+        // The model: a new mapping for a known key replaces the old one.
+        let key = (network, proto, client, cport, ep_addr, eport);
+        let rev = (proto, backend, bport, nat, nport);
+        let client_mac = mac(f, 6);
+        let flow = self.fwd.entry(key).or_insert_with(|| Flow {
+            consumer_if: ifindex,
+            client_macs: Vec::new(),
+            nat: (nat, nport),
+            backend: (backend, bport),
+        });
+        if flow.nat != (nat, nport) || flow.backend != (backend, bport) {
+            let old = (
+                proto,
+                flow.backend.0,
+                flow.backend.1,
+                flow.nat.0,
+                flow.nat.1,
+            );
+            self.rev.remove(&old);
+            flow.nat = (nat, nport);
+            flow.backend = (backend, bport);
+            flow.client_macs.clear();
+        }
+        if !flow.client_macs.contains(&client_mac) {
+            flow.client_macs.push(client_mac);
+        }
+        if let Some(previous) = self.rev.insert(rev, key)
+            && previous != key
+        {
+            // The NAT port was handed to a new flow: the old one is gone.
+            self.fwd.remove(&previous);
+        }
+    }
+
+    fn forwarded_to_consumer(&mut self, what: &str, f: &[u8], o: &[u8]) {
+        let (key, inner_out) = if let Some(quote) = icmp_error_quote(f) {
+            let (proto, nat, nport, backend, bport) =
+                ports(quote).unwrap_or_else(|| panic!("{what}: forwarded an unparsable quote"));
+            ((proto, backend, bport, nat, nport), true)
+        } else {
+            let (proto, backend, bport, nat, nport) =
+                ports(&f[14..]).unwrap_or_else(|| panic!("{what}: forwarded an unknown protocol"));
+            ((proto, backend, bport, nat, nport), false)
+        };
+        let fwd = *self
+            .rev
+            .get(&key)
+            .unwrap_or_else(|| panic!("{what}: sent to a consumer, reverse of no flow {key:?}"));
+        let flow = &self.fwd[&fwd];
+        let (network, _, client, cport, ep, eport) = fwd;
+        assert_eq!(
+            mac(o, 6),
+            self.macs[&flow.consumer_if],
+            "{what}: out of another interface than the flow's (network {network})"
+        );
+        assert!(
+            flow.client_macs.contains(&mac(o, 0)),
+            "{what}: to a MAC the client never used"
+        );
+        assert_eq!(o[30..34], client.octets(), "{what}: to another address");
+        assert_eq!(o[26..30], ep.octets(), "{what}: from another address");
+        if !inner_out {
+            let (_, src, sport, dst, dport) = ports(&o[14..]).unwrap();
+            assert_eq!(
+                (src, sport, dst, dport),
+                (ep, eport, client, cport),
+                "{what}: ports"
+            );
+        }
+    }
+}
+
+#[test]
+fn golden_fuzz_keeps_the_invariants() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c2, p0) = (gw.c1, gw.c2, gw.p0);
+    let macs = HashMap::from([(c1, gw.c1_mac), (c2, gw.c2_mac), (p0, gw.p0_mac)]);
+    gw.host
+        .run_in(move || fuzz_in_gateway(&spec, c1, c2, p0, &macs))
+        .unwrap();
+}
+
+/// The fuzz run, inside the gateway namespace (FIB lookups see its routes).
+fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashMap<u32, [u8; 6]>) {
+    let mut b = Bench::with_conntrack(spec, 16_384);
+    let mut model = Checker {
+        spec,
+        c1,
+        c2,
+        p0,
+        macs: macs.clone(),
+        backend_macs: HashMap::from([(BACKEND10, BACKEND10_MAC), (BACKEND11, BACKEND11_MAC)]),
+        fwd: HashMap::new(),
+        rev: HashMap::new(),
+        verdicts: BTreeMap::new(),
+        forwarded: 0,
+    };
+    let ifstats0 = b.dp.interface_stats().unwrap();
+    let drops0: u64 = b.drops().values().sum();
+    let (c1_mac, c2_mac, p0_mac) = (macs[&c1], macs[&c2], macs[&p0]);
+
+    // Flows for the provider-side templates to answer.
+    let mut opened = Vec::new();
+    for (ifindex, frame) in [
+        (
+            c1,
+            Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c1,
+            Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"query").macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c1,
+            Ipv4Packet::echo(CLIENT, EP_TCP, true, 0x77, 1).macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c2,
+            Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c2_mac),
+        ),
+    ] {
+        let f = frame.build();
+        let run = b.raw(prog_names::CONSUMER, ifindex, &f);
+        model.check("setup", prog_names::CONSUMER, ifindex, &f, &run);
+        assert_eq!(run.verdict, verdict::REDIRECT, "setup flow opened");
+        opened.push(run.output);
+    }
+    // A backend's answer to each forwarded frame.
+    let answer = |sent: &[u8]| -> Vec<u8> {
+        let (proto, nat, nport, backend, bport) = ports(&sent[14..]).unwrap();
+        let p = match proto {
+            IPPROTO_TCP => Ipv4Packet::tcp((backend, bport), (nat, nport), TCP_SYN | TCP_ACK),
+            IPPROTO_UDP => Ipv4Packet::udp((backend, bport), (nat, nport), b"answer"),
+            _ => Ipv4Packet::echo(backend, nat, false, nport, 1),
+        };
+        p.macs(mac(sent, 0), p0_mac).build()
+    };
+    let mut templates: Vec<(&str, u32, Vec<u8>)> = Vec::new();
+    for sent in &opened {
+        templates.push((prog_names::PROVIDER, p0, answer(sent)));
+        // An ICMP error about the forwarded frame, from a router.
+        let router = Ipv4Addr::new(198, 51, 100, 254);
+        let nat = Ipv4Addr::new(sent[26], sent[27], sent[28], sent[29]);
+        templates.push((
+            prog_names::PROVIDER,
+            p0,
+            Ipv4Packet::icmp(router, nat, ICMP_TIME_EXCEEDED, 0, 0, &sent[14..42])
+                .macs(mac(sent, 0), p0_mac)
+                .build(),
+        ));
+        // A reply to a flow that does not exist (another NAT port).
+        let mut stray = answer(sent);
+        stray[36] ^= 0x5a;
+        try_fix_checksums(&mut stray);
+        templates.push((prog_names::PROVIDER, p0, stray));
+    }
+    let mut data = Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_ACK).macs(CLIENT_MAC, c1_mac);
+    data.payload = b"payload!".to_vec();
+    // What the client got from the endpoint, quoted in its own error.
+    let reply_seen = Ipv4Packet::tcp((EP_TCP, 80), (CLIENT, 40000), TCP_SYN | TCP_ACK).build();
+    let mut with_options = Ipv4Packet::udp((CLIENT, 5001), (EP_UDP, 53), b"query")
+        .macs(CLIENT_MAC, c1_mac)
+        .build();
+    with_options.splice(34..34, [1, 1, 1, 0]);
+    with_options[14] = 0x46;
+    let tot = u16::from_be_bytes([with_options[16], with_options[17]]) + 4;
+    with_options[16..18].copy_from_slice(&tot.to_be_bytes());
+    try_fix_checksums(&mut with_options);
+    let mut fragment = data.build();
+    fragment[20] |= 0x20;
+    try_fix_checksums(&mut fragment);
+    let on = |ifindex: u32, p: Ipv4Packet| {
+        let mac = if ifindex == c1 { c1_mac } else { c2_mac };
+        (ifindex, p.macs(CLIENT_MAC, mac).build())
+    };
+    let syn = |sport: u16, dst: Ipv4Addr| Ipv4Packet::tcp((CLIENT, sport), (dst, 80), TCP_SYN);
+    let query = |sport: u16, dst: Ipv4Addr| Ipv4Packet::udp((CLIENT, sport), (dst, 53), b"q");
+    let client_error = Ipv4Packet::icmp(
+        CLIENT,
+        EP_TCP,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+        0,
+        &reply_seen[14..42],
+    );
+    for (ifindex, frame) in [
+        on(c1, data),
+        on(c1, syn(40001, EP_TCP)),
+        on(c1, query(5000, EP_UDP)),
+        on(c1, Ipv4Packet::echo(CLIENT, EP_TCP, true, 0x78, 1)),
+        on(c1, syn(40002, EP_PENDING)),
+        on(c1, syn(40003, EP_REJECTED)),
+        on(c1, syn(40004, EP_CAPPED)),
+        on(c1, syn(40005, EP_RATED)),
+        on(c1, query(5002, Ipv4Addr::new(192, 0, 2, 99))),
+        on(c1, client_error),
+        (c1, arp_request(CLIENT_MAC, CLIENT, EP_TCP)),
+        (c1, with_options),
+        (c1, fragment),
+        on(c2, syn(40010, EP_TCP)),
+        on(c2, query(5000, EP_UDP)),
+        (c2, arp_request(CLIENT_MAC, CLIENT, EP_TCP)),
+    ] {
+        templates.push((prog_names::CONSUMER, ifindex, frame));
+    }
+    templates.push((
+        prog_names::PROVIDER,
+        p0,
+        arp_request(BACKEND10_MAC, BACKEND10, NAT_TCP),
+    ));
+    templates.push((
+        prog_names::PROVIDER,
+        p0,
+        Ipv4Packet::udp(
+            (BACKEND10, 9000),
+            (Ipv4Addr::new(198, 51, 100, 1), 9000),
+            b"to the host",
+        )
+        .macs(BACKEND10_MAC, p0_mac)
+        .build(),
+    ));
+
+    // Every truncation of every template.
+    for (prog, ifindex, t) in &templates {
+        for n in 14..t.len() {
+            let f = &t[..n];
+            let run = b.raw(prog, *ifindex, f);
+            model.check(
+                &format!("{prog} truncated to {n}: {}", hex(f)),
+                prog,
+                *ifindex,
+                f,
+                &run,
+            );
+        }
+    }
+
+    // xorshift64: reproducible without a dependency.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let rounds: u64 = std::env::var("PLINK_FUZZ_PACKETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let started = std::time::Instant::now();
+    let mut kinds = [0u64; 8];
+    for round in 0..rounds {
+        let (prog, ifindex, f) = if rnd().is_multiple_of(10) {
+            // Random bytes; half of them look like IPv4 to get deeper.
+            let ifindex = [c1, c2, p0][(rnd() % 3) as usize];
+            let prog = if ifindex == p0 {
+                prog_names::PROVIDER
+            } else {
+                prog_names::CONSUMER
+            };
+            let len = 14 + (rnd() % 140) as usize;
+            let mut f: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            if rnd().is_multiple_of(2) && len > 14 {
+                f[12..14].copy_from_slice(&[8, 0]);
+                f[14] = 0x45;
+            }
+            kinds[0] += 1;
+            (prog, ifindex, f)
+        } else {
+            let (prog, ifindex, t) = &templates[(rnd() % templates.len() as u64) as usize];
+            let mut f = t.clone();
+            for _ in 0..1 + rnd() % 3 {
+                let kind = (1 + rnd() % 7) as usize;
+                kinds[kind] += 1;
+                mutate(&mut f, kind, &mut rnd);
+            }
+            if rnd().is_multiple_of(2) {
+                try_fix_checksums(&mut f);
+            }
+            if rnd().is_multiple_of(4) {
+                let n = 14 + (rnd() % (f.len() as u64 - 13)) as usize;
+                f.truncate(n);
+            }
+            (*prog, *ifindex, f)
+        };
+        let run = b.raw(prog, ifindex, &f);
+        model.check(
+            &format!("round {round} ({prog}, {}): {}", ifindex, hex(&f)),
+            prog,
+            ifindex,
+            &f,
+            &run,
+        );
+        if round % 10_000 == 9_999 || round + 1 == rounds {
+            check_counters(&mut b, &model, &ifstats0, drops0);
+        }
+    }
+    check_counters(&mut b, &model, &ifstats0, drops0);
+    let sent: u64 = model.verdicts.values().sum();
+    eprintln!(
+        "{sent} frames in {:?}: {} forwarded, {} flows in the model; mutations by kind {kinds:?}",
+        started.elapsed(),
+        model.forwarded,
+        model.fwd.len()
+    );
+    for ((ifindex, v), n) in &model.verdicts {
+        eprintln!(
+            "  ifindex {ifindex} {:<8} {n}",
+            XDP_VERDICT_NAMES[*v as usize]
+        );
+    }
+    assert!(
+        model.forwarded > rounds / 100,
+        "enough frames stayed forwardable ({})",
+        model.forwarded
+    );
+}
+
+/// Verdict counters per interface add up to the frames sent and match the
+/// verdicts seen; drop reasons add up to the drops.
+fn check_counters(
+    b: &mut Bench,
+    model: &Checker,
+    before: &BTreeMap<u32, plink_common::IfStats>,
+    drops_before: u64,
+) {
+    let now = b.dp.interface_stats().unwrap();
+    for ifindex in [model.c1, model.c2, model.p0] {
+        let (n, b0) = (now[&ifindex], before[&ifindex]);
+        let sent: u64 = model
+            .verdicts
+            .iter()
+            .filter(|((i, _), _)| *i == ifindex)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(
+            n.packets - b0.packets,
+            sent,
+            "ifindex {ifindex}: frames counted"
+        );
+        for (v, name) in XDP_VERDICT_NAMES.iter().enumerate() {
+            let seen = model
+                .verdicts
+                .get(&(ifindex, v as u32))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(
+                n.verdicts[v] - b0.verdicts[v],
+                seen,
+                "ifindex {ifindex}: {name} verdicts counted"
+            );
+        }
+    }
+    let drops: u64 = model
+        .verdicts
+        .iter()
+        .filter(|((_, v), _)| *v == verdict::DROP)
+        .map(|(_, n)| n)
+        .sum();
+    let counted: u64 = b.drops().values().sum::<u64>() - drops_before;
+    assert_eq!(counted, drops, "every drop has exactly one reason counted");
+}
+
+/// One mutation of a frame of kind 1..=7.
+fn mutate(f: &mut Vec<u8>, kind: usize, rnd: &mut impl FnMut() -> u64) {
+    let ipv4 = f.len() >= 34 && f[12..14] == [8, 0];
+    match kind {
+        // IHL
+        2 if ipv4 => f[14] = 0x40 | (rnd() as u8 & 0x0f),
+        // Total length: anything, or off by a little.
+        3 if ipv4 => {
+            let tot = u16::from_be_bytes([f[16], f[17]]);
+            let new = if rnd().is_multiple_of(2) {
+                rnd() as u16
+            } else {
+                tot.wrapping_add((rnd() % 9) as u16).wrapping_sub(4)
+            };
+            f[16..18].copy_from_slice(&new.to_be_bytes());
+        }
+        // Fragment bits and offset.
+        4 if ipv4 => {
+            let frag = match rnd() % 3 {
+                0 => 0x2000,
+                1 => (rnd() as u16) & 0x1fff,
+                _ => rnd() as u16,
+            };
+            f[20..22].copy_from_slice(&frag.to_be_bytes());
+        }
+        // IP options (NOPs and an end), length fields kept consistent.
+        5 if ipv4 && f[14] == 0x45 => {
+            let words = 1 + (rnd() % 10) as usize;
+            let mut opts = vec![1u8; words * 4];
+            opts[words * 4 - 1] = 0;
+            f.splice(34..34, opts);
+            f[14] = 0x45 + words as u8;
+            let tot = u16::from_be_bytes([f[16], f[17]]).wrapping_add(words as u16 * 4);
+            f[16..18].copy_from_slice(&tot.to_be_bytes());
+        }
+        // TCP data offset, or an ICMP error quote's bytes.
+        6 if ipv4 && f.len() >= 47 => {
+            if f[23] == IPPROTO_TCP {
+                f[46] = (rnd() as u8) & 0xf0 | (f[46] & 0x0f);
+            } else {
+                let i = 34 + (rnd() % (f.len() as u64 - 34)) as usize;
+                f[i] = rnd() as u8;
+            }
+        }
+        // TTL near its end.
+        7 if ipv4 => f[22] = (rnd() % 3) as u8,
+        // Any byte.
+        _ => {
+            let i = (rnd() % f.len() as u64) as usize;
+            f[i] = rnd() as u8;
+        }
+    }
+}
