@@ -8,8 +8,10 @@
 //! ```
 //!
 //! Gateways: `kernel` (ip_forward, no NAT), `nftables` (DNAT + SNAT with
-//! conntrack), `bench_fwd` (the minimal native-XDP forwarder on b?in) and
-//! `plink` (a real `plink-ctl run`). Every veth has tx checksum offload off
+//! conntrack), `nftables + flowtable` (skipped, with the reason in the
+//! results, on kernels without flowtables), `bench_fwd` (the minimal
+//! native-XDP forwarder on b?in) and `plink` (a real `plink-ctl run`); plus
+//! a generator-ceiling line whose peer drops everything. Every veth has tx checksum offload off
 //! (the harness's `link`), and both far ends run plink_pass so that they
 //! have NAPI (SPEC §7), whichever gateway forwards into them.
 //!
