@@ -5,7 +5,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use plink_common::{
-    CtFwdKey, CtFwdValue, DropReason, EndpointKey, IPPROTO_ICMP, IPPROTO_TCP, ep_state,
+    CtFwdKey, CtFwdValue, DropReason, EndpointKey, IPPROTO_ICMP, IPPROTO_TCP, IfaceInfo, ep_state,
     flow_expired, icmp_type, role, tcp_state, v4_be,
 };
 
@@ -21,11 +21,16 @@ use crate::{
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
+    // One lookup of the ingress interface serves the MAC check and step 0.
+    // SAFETY: map value copied out.
+    let iface = unsafe { INTERFACES.get(&ifindex) }.copied();
     match ether_type(ctx) {
-        Some(t @ (ETH_P_IP | ETH_P_ARP)) if !addressed_to_us(ctx, ifindex, role::CONSUMER, t) => {
+        Some(t @ (ETH_P_IP | ETH_P_ARP))
+            if !addressed_to_us(ctx, iface.as_ref(), role::CONSUMER, t) =>
+        {
             drop(DropReason::OtherHost, NO_EP)
         }
-        Some(ETH_P_IP) => ipv4(ctx, ifindex),
+        Some(ETH_P_IP) => ipv4(ctx, iface),
         Some(ETH_P_ARP) => arp::handle(XdpContext { ctx: ctx.ctx }, ifindex, role::CONSUMER as u32),
         Some(ETH_P_IPV6) => drop(DropReason::Ipv6, NO_EP),
         Some(_) => drop(DropReason::UnsupportedEthertype, NO_EP),
@@ -34,10 +39,9 @@ pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, ifindex: u32) -> u32 {
+fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     // Step 0: the interface must be a consumer interface we were told about.
-    // SAFETY: map value, read only.
-    let network_id = match unsafe { INTERFACES.get(&ifindex) } {
+    let network_id = match iface {
         Some(i) if i.role == role::CONSUMER => i.network_id,
         _ => return drop(DropReason::UnknownInterface, NO_EP),
     };

@@ -67,10 +67,14 @@ fn lookup_inner(ctx: &XdpContext, out: &mut NextHop) -> Result<(), DropReason> {
         BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(DropReason::FibForwardingDisabled),
         _ => return Err(DropReason::FibFailed),
     }
-    // SAFETY: map value, read only.
-    match unsafe { INTERFACES.get(&p.ifindex) } {
-        Some(i) if i.role == role::PROVIDER => {}
-        _ => return Err(DropReason::FibNotProvider),
+    // The route usually leaves where it was looked up from: no map lookup
+    // needed to know that egress is a provider interface.
+    if p.ifindex != out.provider_ifindex {
+        // SAFETY: map value, read only.
+        match unsafe { INTERFACES.get(&p.ifindex) } {
+            Some(i) if i.role == role::PROVIDER => {}
+            _ => return Err(DropReason::FibNotProvider),
+        }
     }
     out.ifindex = p.ifindex;
     out.smac = p.smac;

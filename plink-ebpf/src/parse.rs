@@ -3,7 +3,7 @@
 //! Offsets are fixed: plink handles IPv4 without options only (options are
 //! dropped with a reason on the consumer side), so L4 starts at byte 34.
 use aya_ebpf::programs::XdpContext;
-use plink_common::{DropReason, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, icmp_type};
+use plink_common::{DropReason, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IfaceInfo, icmp_type};
 
 pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -62,10 +62,16 @@ pub fn store<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> bool {
 /// Is the frame addressed to this interface's MAC (or, for ARP, broadcast)?
 /// Frames for other hosts reach XDP on veth and on promiscuous NICs; the
 /// kernel would drop them (PACKET_OTHERHOST), and plink must not forward or
-/// answer them either. An interface not in `INTERFACES` with this role
-/// passes this step: the next one counts it.
+/// answer them either. `iface` is the ingress interface's `INTERFACES`
+/// entry; without one of this role the frame passes this step and the next
+/// one counts it.
 #[inline(always)]
-pub fn addressed_to_us(ctx: &XdpContext, ifindex: u32, role: u8, ether_type: u16) -> bool {
+pub fn addressed_to_us(
+    ctx: &XdpContext,
+    iface: Option<&IfaceInfo>,
+    role: u8,
+    ether_type: u16,
+) -> bool {
     // Compared as a 4- and a 2-byte word: a 6-byte array in a 64-bit
     // register leaves LLVM two undefined bytes, which the verifier rejects.
     let (Some(dst_hi), Some(dst_lo)) = (load::<u32>(ctx, 0), load::<u16>(ctx, 4)) else {
@@ -74,8 +80,7 @@ pub fn addressed_to_us(ctx: &XdpContext, ifindex: u32, role: u8, ether_type: u16
     if ether_type == ETH_P_ARP && dst_hi == u32::MAX && dst_lo == u16::MAX {
         return true;
     }
-    // SAFETY: map value, read only.
-    match unsafe { crate::maps::INTERFACES.get(&ifindex) } {
+    match iface {
         Some(i) if i.role == role => {
             let [a, b, c, d, e, f] = i.mac;
             u32::from_ne_bytes([a, b, c, d]) == dst_hi && u16::from_ne_bytes([e, f]) == dst_lo

@@ -11,7 +11,7 @@ use plink_common::{
 
 use crate::{
     arp, conntrack, fib, icmp,
-    maps::{CT_FWD, CT_REV, GLOBAL, NAT_ADDRS},
+    maps::{CT_FWD, CT_REV, GLOBAL, INTERFACES, NAT_ADDRS},
     parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
@@ -19,10 +19,16 @@ use crate::{
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
+    // Copied out: a map-value pointer kept in an Option is a tagged pointer
+    // to LLVM, and the verifier refuses arithmetic on it.
+    // SAFETY: map value copied out.
+    let iface = unsafe { INTERFACES.get(&ifindex) }.copied();
     match ether_type(ctx) {
         // Not ours to translate or answer: the kernel decides (and drops
         // frames for other hosts).
-        Some(t @ (ETH_P_IP | ETH_P_ARP)) if !addressed_to_us(ctx, ifindex, role::PROVIDER, t) => {
+        Some(t @ (ETH_P_IP | ETH_P_ARP))
+            if !addressed_to_us(ctx, iface.as_ref(), role::PROVIDER, t) =>
+        {
             xdp_action::XDP_PASS
         }
         Some(ETH_P_IP) => ipv4(ctx),
