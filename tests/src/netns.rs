@@ -286,27 +286,7 @@ impl Topology {
     /// in `host`: frames that the gateway redirects or transmits into this
     /// veth pair are delivered only when this end runs NAPI (SPEC §7).
     pub fn enable_napi(&mut self, host: &Host, ifname: &str) -> anyhow::Result<()> {
-        let ifindex = host.ifindex(ifname)?;
-        let ebpf = host.run_in(move || -> anyhow::Result<aya::Ebpf> {
-            let mut loader = aya::EbpfLoader::new();
-            // Only the pass program is used: keep the object's big maps tiny.
-            for map in [
-                plink_common::map_names::CT_FWD,
-                plink_common::map_names::CT_REV,
-                plink_common::map_names::NAT_PORTS,
-                plink_common::map_names::LB_TABLE,
-            ] {
-                loader.map_max_entries(map, 1);
-            }
-            let mut ebpf = loader.load(plink_ctl::EBPF_OBJECT)?;
-            let prog: &mut aya::programs::Xdp = ebpf
-                .program_mut(plink_common::prog_names::PASS)
-                .ok_or_else(|| anyhow!("no pass program in the object"))?
-                .try_into()?;
-            prog.load()?;
-            prog.attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)?;
-            Ok(ebpf)
-        })??;
+        let ebpf = attach_standalone(host, ifname, plink_common::prog_names::PASS)?;
         self.napi.push(ebpf);
         Ok(())
     }
@@ -426,4 +406,32 @@ pub fn wait_for<T>(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Loads plink's object with its big maps shrunk and attaches one of its
+/// map-free programs (`plink_pass`, the benchmark forwarder) to `ifname` in
+/// `host`, native mode. Detached when the returned object is dropped.
+pub fn attach_standalone(host: &Host, ifname: &str, program: &str) -> anyhow::Result<aya::Ebpf> {
+    let ifindex = host.ifindex(ifname)?;
+    let program = program.to_owned();
+    host.run_in(move || -> anyhow::Result<aya::Ebpf> {
+        let mut loader = aya::EbpfLoader::new();
+        // Only one map-free program is used: keep the object's big maps tiny.
+        for map in [
+            plink_common::map_names::CT_FWD,
+            plink_common::map_names::CT_REV,
+            plink_common::map_names::NAT_PORTS,
+            plink_common::map_names::LB_TABLE,
+        ] {
+            loader.map_max_entries(map, 1);
+        }
+        let mut ebpf = loader.load(plink_ctl::EBPF_OBJECT)?;
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(&program)
+            .ok_or_else(|| anyhow!("no {program} in the object"))?
+            .try_into()?;
+        prog.load()?;
+        prog.attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)?;
+        Ok(ebpf)
+    })?
 }

@@ -440,6 +440,13 @@ pub fn read_interface_stats(bpffs_root: &Path) -> anyhow::Result<BTreeMap<u32, I
     })?;
     let map: PerCpuHashMap<_, u32, IfStats> =
         PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))?;
+    sum_interface_stats(&map)
+}
+
+/// `IF_STATS` by ifindex, each summed over CPUs.
+pub(crate) fn sum_interface_stats<T: std::borrow::Borrow<aya::maps::MapData>>(
+    map: &PerCpuHashMap<T, u32, IfStats>,
+) -> anyhow::Result<BTreeMap<u32, IfStats>> {
     let mut out = BTreeMap::new();
     for entry in map.iter() {
         let (index, per_cpu) = entry?;

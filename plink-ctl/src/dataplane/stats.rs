@@ -55,16 +55,7 @@ impl Dataplane {
     pub fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
         let map: PerCpuHashMap<_, u32, IfStats> =
             PerCpuHashMap::try_from(self.map_mut(map_names::IF_STATS)?)?;
-        let mut out = BTreeMap::new();
-        for entry in map.iter() {
-            let (index, per_cpu) = entry?;
-            let mut total = IfStats::default();
-            for v in per_cpu.iter() {
-                total.add(v);
-            }
-            out.insert(index, total);
-        }
-        Ok(out)
+        super::sum_interface_stats(&map)
     }
 
     /// Drops by reason, over all endpoints.

@@ -372,27 +372,7 @@ fn build_line(topo: &mut Topology, kind: Kind) -> anyhow::Result<Line> {
     };
     match kind {
         Kind::XdpFwd => {
-            let ifindex = line.gw.ifindex(&line.in_if)?;
-            let ebpf = line.gw.run_in(move || -> anyhow::Result<aya::Ebpf> {
-                let mut loader = aya::EbpfLoader::new();
-                // Only the forwarder is used: keep the object's big maps tiny.
-                for map in [
-                    plink_common::map_names::CT_FWD,
-                    plink_common::map_names::CT_REV,
-                    plink_common::map_names::NAT_PORTS,
-                    plink_common::map_names::LB_TABLE,
-                ] {
-                    loader.map_max_entries(map, 1);
-                }
-                let mut ebpf = loader.load(plink_ctl::EBPF_OBJECT)?;
-                let prog: &mut aya::programs::Xdp = ebpf
-                    .program_mut(prog_names::BENCH_FWD)
-                    .ok_or_else(|| anyhow!("no {} in the object", prog_names::BENCH_FWD))?
-                    .try_into()?;
-                prog.load()?;
-                prog.attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)?;
-                Ok(ebpf)
-            })??;
+            let ebpf = netns::attach_standalone(&line.gw, &line.in_if, prog_names::BENCH_FWD)?;
             line.xdp = Some(ebpf);
         }
         Kind::Plink | Kind::PlinkScale => {
