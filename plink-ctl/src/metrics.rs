@@ -605,11 +605,9 @@ mod tests {
         out
     }
 
-    /// Slow clients, clients that never finish their request and more
-    /// clients than the server takes: a well-behaved scrape still answers.
-    #[test]
-    fn http_survives_slow_and_too_many_clients() {
-        use std::io::{Read as _, Write as _};
+    /// A metrics server on a loopback port, serving the sample snapshot; it
+    /// stops when the returned runtime is dropped.
+    fn server(limits: ServeLimits) -> (tokio::runtime::Runtime, SocketAddr) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -617,12 +615,21 @@ mod tests {
             .unwrap();
         let listener = rt.block_on(bind("127.0.0.1:0".parse().unwrap())).unwrap();
         let addr = listener.local_addr().unwrap();
+        rt.spawn(serve_with(listener, Arc::new(sample_snapshot), limits));
+        (rt, addr)
+    }
+
+    /// Slow clients, clients that never finish their request and more
+    /// clients than the server takes: a well-behaved scrape still answers.
+    #[test]
+    fn http_survives_slow_and_too_many_clients() {
+        use std::io::{Read as _, Write as _};
         let limits = ServeLimits {
             max_connections: 8,
             header_timeout: Duration::from_millis(500),
             connection_timeout: Duration::from_secs(5),
         };
-        rt.spawn(serve_with(listener, Arc::new(sample_snapshot), limits));
+        let (_rt, addr) = server(limits);
         let get = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 
         // A client that trickles its request byte by byte is served.
@@ -687,15 +694,7 @@ mod tests {
 
     #[test]
     fn http_serves_get_only_and_survives_garbage() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt.block_on(bind("127.0.0.1:0".parse().unwrap())).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let snap: SnapshotFn = Arc::new(sample_snapshot);
-        rt.spawn(serve(listener, snap));
+        let (_rt, addr) = server(ServeLimits::default());
         let get = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
         let ok = request(addr, get);
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
