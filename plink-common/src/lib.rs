@@ -14,7 +14,7 @@ pub mod csum;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -167,6 +167,15 @@ pub mod role {
     pub const PROVIDER: u8 = 2;
 }
 
+/// Bits of `IfaceInfo::flags`.
+pub mod iface_flags {
+    /// Send frames plink answers itself (ARP replies, ICMP errors) with a
+    /// redirect to the ingress interface instead of XDP_TX. On veth, XDP_TX
+    /// wakes the peer only when the peer runs an XDP program; a redirect
+    /// (`ndo_xdp_xmit`) wakes it whenever it has NAPI, GRO included.
+    pub const ANSWER_BY_REDIRECT: u8 = 1;
+}
+
 /// Value of `INTERFACES`, keyed by ifindex (u32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -177,7 +186,8 @@ pub struct IfaceInfo {
     pub mac: [u8; 6],
     /// [`role`] constant.
     pub role: u8,
-    pub _pad: u8,
+    /// [`iface_flags`] bits.
+    pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 12);
 
@@ -383,8 +393,14 @@ pub struct CtFwdValue {
     pub nat_slot: u8,
     pub proto: u8,
     pub _pad: [u8; 5],
+    /// The key this entry was inserted under. A program holding a pointer
+    /// into a preallocated hash map can see the element freed by the GC and
+    /// reused by another CPU's insert for another flow; comparing this copy
+    /// with the key it looked up tells the two apart (see `fwd_entry_is`).
+    pub fwd_key: CtFwdKey,
+    pub _pad2: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 80);
+const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 128);
 
 /// Key of `CT_REV`: a reply as the backend sends it, seen from the NAT side.
 #[repr(C)]
@@ -598,16 +614,17 @@ pub fn nat_probe_slot(hash: u32, i: u32, nat_count: u32) -> u32 {
 /// hash (one stride for everyone) builds runs of taken ports, and a new flow
 /// landing in a run longer than the probe budget fails while half the range
 /// is free. With per-flow strides a probe fails with the pool's utilisation as
-/// its chance, nearly independently of the others. A range that the probe
-/// budget covers is walked linearly, so its last free port is always found.
+/// its chance, nearly independently of the others. The stride is a prime
+/// that does not divide the range, so it is coprime with it and the first
+/// `min(range, NAT_PORT_PROBES)` probes are distinct ports. A range that the
+/// probe budget covers is walked linearly, so its last free port is found.
 #[inline(always)]
 pub fn nat_probe_port(hash: u32, i: u32, min: u16, max: u16) -> u16 {
     let range = (max as u32).wrapping_sub(min as u32).wrapping_add(1);
     let stride = if range <= NAT_PORT_PROBES {
         1
     } else {
-        // Odd, so that ranges of a power of two are walked without repeats.
-        (hash.wrapping_mul(0x9E37_79B1) >> 8) | 1
+        nat_probe_stride(hash, range)
     };
     let step = (i as u64).wrapping_mul(stride as u64);
     let off = ((hash >> 8) as u64)
@@ -615,6 +632,33 @@ pub fn nat_probe_port(hash: u32, i: u32, min: u16, max: u16) -> u16 {
         .checked_rem(range as u64)
         .unwrap_or(0);
     min.wrapping_add(off as u16)
+}
+
+/// Primes above [`NAT_PORT_PROBES`], spread over the port space. A range of
+/// at most 65,536 ports has at most three distinct prime factors this large
+/// (37 × 41 × 43 × 47 > 65,536), so of four consecutive entries one never
+/// divides the range.
+const NAT_PROBE_STRIDES: [u32; 32] = [
+    37, 101, 211, 401, 809, 1201, 1601, 2003, 2411, 3203, 4001, 4801, 5623, 6397, 7207, 8009, 9001,
+    10007, 12007, 14009, 16001, 18013, 20011, 24007, 28001, 32003, 36007, 40009, 44017, 48017,
+    54001, 60013,
+];
+
+/// The probe stride of a flow: a prime chosen by the hash, skipping (at most
+/// three) primes that divide `range`. `range` must be above 1.
+#[inline(always)]
+pub fn nat_probe_stride(hash: u32, range: u32) -> u32 {
+    let sel = (hash.wrapping_mul(0x9E37_79B1) >> 27) as usize;
+    let mut k = 0;
+    while k < 4 {
+        let p = NAT_PROBE_STRIDES[(sel + k) & 31];
+        if range.checked_rem(p).unwrap_or(0) != 0 {
+            return p;
+        }
+        k += 1;
+    }
+    // Unreachable for ranges up to 65,536 (see above); 1 is coprime with all.
+    1
 }
 
 /// Idle timeout of a flow in its current state.
@@ -669,7 +713,7 @@ mod pod {
 mod tests {
     extern crate std;
     use super::*;
-    use std::vec;
+    use std::{vec, vec::Vec};
 
     /// Fills a full-size port range with flows of pseudo-random hashes until
     /// the first allocation fails. With 32 independent probes the first
@@ -698,6 +742,53 @@ mod tests {
                     );
                     return;
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn nat_probes_are_distinct_for_every_stride_and_range() {
+        // The stride depends on the hash only through its selector (five
+        // bits) and the skip over primes dividing the range: hashes that
+        // hit each selector with each offset class cover every stride.
+        let mut hashes: Vec<u32> = Vec::new();
+        let mut h: u32 = 1;
+        while hashes.len() < 1024 {
+            h = h.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            hashes.push(h);
+        }
+        let selectors: std::collections::BTreeSet<u32> = hashes
+            .iter()
+            .map(|h| h.wrapping_mul(0x9E37_79B1) >> 27)
+            .collect();
+        assert_eq!(selectors.len(), 32, "the hashes reach every stride");
+        let mut ranges: Vec<u32> = (2..=400).collect();
+        // Ranges made of the table's own primes, odd and even.
+        ranges.extend([
+            37 * 101,
+            37 * 101 * 2,
+            401 * 101,
+            37 * 41 * 43,
+            65_536,
+            65_535,
+        ]);
+        for range in ranges {
+            let min = (65_536 - range).min(1024) as u16;
+            let max = (min as u32 + range - 1) as u16;
+            let probes = NAT_PORT_PROBES.min(range);
+            for &hash in &hashes {
+                let mut seen = std::collections::BTreeSet::new();
+                for i in 0..probes {
+                    let port = nat_probe_port(hash, i, min, max);
+                    assert!((min..=max).contains(&port));
+                    seen.insert(port);
+                }
+                assert_eq!(
+                    seen.len() as u32,
+                    probes,
+                    "range {range}, hash {hash:#x}: stride {}",
+                    nat_probe_stride(hash, range)
+                );
             }
         }
     }

@@ -19,9 +19,9 @@ use crate::{
     config::{BackendState as CfgBackendState, Config, Protocol as CfgProtocol, Role},
     dataplane::CounterKind,
     dataplane::{
-        BackendSpec, BackendState, Dataplane, DataplaneSpec, EndpointSpec, EndpointState, GcReport,
-        InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, Sizes, TimeoutSpec,
-        garp,
+        AnswerPath, BackendSpec, BackendState, Dataplane, DataplaneSpec, EndpointSpec,
+        EndpointState, GcReport, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol,
+        ServiceSpec, Sizes, TimeoutSpec, garp,
     },
     devstats,
     maglev::{self, MaglevBackend},
@@ -144,10 +144,12 @@ pub fn spec_from_model(
             (Role::Consumer, None) => bail!("consumer interface {} has no network", iface.name),
             (Role::Provider, _) => InterfaceRole::Provider,
         };
+        let driver = crate::devstats::driver_name(&iface.name)?;
         interfaces.push(InterfaceSpec {
             ifindex,
             role,
             mac: interface_mac(&iface.name)?,
+            answers: AnswerPath::for_driver(driver.as_deref()),
         });
     }
     let t = &model.gateway.timeouts;

@@ -96,6 +96,8 @@ fn create(
         0
     };
     v._pad = [0; 5];
+    v.fwd_key = *key;
+    v._pad2 = [0; 4];
     s.owner.fwd = *key;
     s.owner._pad = 0;
     s.owner.created_ns = now;
@@ -133,8 +135,42 @@ fn create(
         // SAFETY: shared by all CPUs, hence the atomic add.
         unsafe { crate::atomic_add(&raw mut (*l).flows_created, 1) };
     }
-    stats::count_flow_created(&s.v);
+    // Counted as created by the caller, once the packet is known to leave.
     Ok(())
+}
+
+/// Removes the flow this CPU's [`new_flow`] just created for `key` (its
+/// packet could not be forwarded): reverse entry, forward entry, NAT port
+/// and cap slot. The scratch slot still holds what `new_flow` inserted.
+#[inline(never)]
+pub fn release(key: &CtFwdKey, endpoint_id: u32) {
+    let Some(s) = SCRATCH.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, written by new_flow in this run.
+    let s = unsafe { &*s };
+    let _ = CT_REV.remove(&s.rev);
+    let _ = CT_FWD.remove(key);
+    let _ = NAT_PORTS.remove(&s.port);
+    if let Some(l) = EP_LIMITS.get_ptr_mut(endpoint_id) {
+        // SAFETY: shared by all CPUs, hence the atomic add (of -1).
+        unsafe { crate::atomic_add(&raw mut (*l).flows_created, u64::MAX) };
+    }
+}
+
+/// Is `v` (looked up under `key`) still the entry of `key`? See
+/// `CtFwdValue::fwd_key`: the element may have been freed and reused.
+#[inline(always)]
+pub fn entry_is(v: &CtFwdValue, key: &CtFwdKey) -> bool {
+    // Volatile: the comparison must read the entry after the mapping was read.
+    // SAFETY: reading a map value the caller holds a pointer to.
+    let k = unsafe { core::ptr::read_volatile(&v.fwd_key) };
+    k.src_addr_be == key.src_addr_be
+        && k.dst_addr_be == key.dst_addr_be
+        && k.network_id == key.network_id
+        && k.src_port_be == key.src_port_be
+        && k.dst_port_be == key.dst_port_be
+        && k.proto == key.proto
 }
 
 /// Per-endpoint caps: live flows and new flows per second.

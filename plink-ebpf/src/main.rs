@@ -13,6 +13,7 @@
 // references keep the scratch-map structs where they are.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod answer;
 mod arp;
 mod bench_fwd;
 mod conntrack;

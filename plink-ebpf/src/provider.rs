@@ -73,8 +73,10 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: map value pointer, benign races as on the consumer side.
     let v = unsafe { &mut *v };
-    // The owner may have been replaced by a new flow with another mapping.
-    if v.nat_addr_be != rev.nat_addr_be
+    // The owner may have been replaced by a new flow with another mapping,
+    // or its element freed and reused for another key (`conntrack::entry_is`).
+    if !conntrack::entry_is(v, &owner.fwd)
+        || v.nat_addr_be != rev.nat_addr_be
         || v.nat_port_be != rev.nat_port_be
         || v.backend_addr_be != rev.backend_addr_be
         || v.backend_port_be != rev.backend_port_be

@@ -21,7 +21,7 @@ use plink_common::{
 use plink_ctl::{
     EBPF_OBJECT,
     dataplane::{
-        BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
+        AnswerPath, BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
         EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
         Sizes, TimeoutSpec,
     },
@@ -191,16 +191,19 @@ fn spec(gw: &Gw) -> DataplaneSpec {
                 ifindex: gw.c1,
                 role: InterfaceRole::Consumer { network_id: 1 },
                 mac: gw.c1_mac,
+                answers: AnswerPath::XdpTx,
             },
             InterfaceSpec {
                 ifindex: gw.c2,
                 role: InterfaceRole::Consumer { network_id: 2 },
                 mac: gw.c2_mac,
+                answers: AnswerPath::XdpTx,
             },
             InterfaceSpec {
                 ifindex: gw.p0,
                 role: InterfaceRole::Provider,
                 mac: gw.p0_mac,
+                answers: AnswerPath::XdpTx,
             },
         ],
         timeouts: TimeoutSpec::default(),
@@ -2359,4 +2362,168 @@ fn managed_neighbours_are_created_once_and_removed() {
             .trim(),
         ""
     );
+}
+
+/// A packet that cannot leave opens no flow: no conntrack entry, no NAT
+/// port, no cap slot and no connection counted, whatever the FIB said
+/// (no neighbour, no route, fragmentation needed).
+#[test]
+fn golden_a_flow_opens_only_when_its_packet_leaves() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "p0", "mtu", "1000"]).unwrap();
+    let mut spec = spec(&gw);
+    // Service 3: one backend outside every route of the gateway.
+    const EP_NOROUTE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 63);
+    spec.services.push(ServiceSpec {
+        id: 3,
+        nat: vec![NatSpec {
+            addr: Ipv4Addr::new(198, 51, 100, 203),
+            ports: 1024..=65535,
+            draining: false,
+        }],
+        lookup: vec![4],
+    });
+    spec.backends.push(BackendSpec {
+        id: 4,
+        service_id: 3,
+        addr: Ipv4Addr::new(198, 18, 0, 1),
+        state: BackendState::Active,
+    });
+    spec.endpoints.push(EndpointSpec {
+        max_flows: 1,
+        ..tcp_endpoint(9, 1, EP_NOROUTE, 3)
+    });
+    for e in spec.endpoints.iter_mut().filter(|e| e.id == 6 || e.id == 1) {
+        // One flow at most: a slot held by a dropped packet would refuse the next.
+        e.max_flows = 1;
+    }
+    let (c1, p0_mac, c1_mac) = (gw.c1, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let nothing_held = |b: &mut Bench, name: &str| {
+                assert!(
+                    b.dp.list_conntrack().unwrap().is_empty(),
+                    "{name}: no flow kept"
+                );
+                assert!(
+                    b.dp.nat_ports_in_use().unwrap().values().all(|n| *n == 0),
+                    "{name}: no NAT port held"
+                );
+            };
+            let client = (CLIENT, 5000);
+            for attempt in ["first", "second (the cap slot was not kept)"] {
+                let syn =
+                    Ipv4Packet::tcp(client, (EP_NONEIGH, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
+                b.case(
+                    &format!("{attempt} SYN to an unresolved backend"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &syn.build(),
+                    Want::Drop(DropReason::FibNoNeigh),
+                );
+                nothing_held(&mut b, "no neighbour");
+                let syn =
+                    Ipv4Packet::tcp(client, (EP_NOROUTE, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
+                b.case(
+                    &format!("{attempt} SYN to an unrouted backend"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &syn.build(),
+                    Want::Drop(DropReason::FibFailed),
+                );
+                nothing_held(&mut b, "no route");
+                let big = Ipv4Packet::udp(client, (EP_UDP, 53), &[7; 973]).macs(CLIENT_MAC, c1_mac);
+                let frame = big.build();
+                b.case(
+                    &format!("{attempt} datagram too big for the provider MTU"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &frame,
+                    Want::Tx(error_reply(
+                        &frame,
+                        ICMP_DEST_UNREACH,
+                        ICMP_FRAG_NEEDED,
+                        1000,
+                        c1_mac,
+                    )),
+                );
+                nothing_held(&mut b, "fragmentation needed");
+            }
+            for id in [1, 6, 9] {
+                assert_eq!(
+                    b.dp.counters(CounterKind::Endpoint, id)
+                        .unwrap()
+                        .flows_created,
+                    0,
+                    "endpoint {id}: no connection counted"
+                );
+            }
+            // The same datagram that fits opens the flow (and the cap allows it).
+            let key = fwd_key(1, client, (EP_UDP, 53), IPPROTO_UDP);
+            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+            let fits = Ipv4Packet::udp(client, (EP_UDP, 53), &[7; 972]).macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "a datagram that fits",
+                prog_names::CONSUMER,
+                c1,
+                &fits.build(),
+                Want::Redirect(translated(
+                    &fits,
+                    p0_mac,
+                    (BACKEND10, 5353, BACKEND10_MAC),
+                    nat,
+                )),
+            );
+            assert_eq!(b.dp.list_conntrack().unwrap().len(), 1);
+            assert_eq!(
+                b.dp.counters(CounterKind::Endpoint, 1)
+                    .unwrap()
+                    .flows_created,
+                1
+            );
+        })
+        .unwrap();
+}
+
+/// On interfaces whose answers leave by redirect (veth), ARP replies and
+/// ICMP errors are the same bytes as with XDP_TX, sent with XDP_REDIRECT.
+#[test]
+fn golden_answers_leave_by_redirect_where_xdp_tx_stalls() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    for i in &mut spec.interfaces {
+        i.answers = AnswerPath::Redirect;
+    }
+    let (c1, p0, c1_mac, p0_mac) = (gw.c1, gw.p0, gw.c1_mac, gw.p0_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            b.case(
+                "ARP for an endpoint address",
+                prog_names::CONSUMER,
+                c1,
+                &arp_request(CLIENT_MAC, CLIENT, EP_TCP),
+                Want::Redirect(arp_reply(c1_mac, EP_TCP, CLIENT_MAC, CLIENT)),
+            );
+            b.case(
+                "ARP for a NAT address",
+                prog_names::PROVIDER,
+                p0,
+                &arp_request(BACKEND10_MAC, BACKEND10, NAT_TCP),
+                Want::Redirect(arp_reply(p0_mac, NAT_TCP, BACKEND10_MAC, BACKEND10)),
+            );
+            let mut ttl1 =
+                Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"q").macs(CLIENT_MAC, c1_mac);
+            ttl1.ttl = 1;
+            let frame = ttl1.build();
+            b.case(
+                "TTL 1 to an endpoint",
+                prog_names::CONSUMER,
+                c1,
+                &frame,
+                Want::Redirect(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
+            );
+        })
+        .unwrap();
 }

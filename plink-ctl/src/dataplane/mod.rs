@@ -25,8 +25,8 @@ pub mod stats;
 
 pub use conntrack::{FlowEntry, GcReport, monotonic_ns};
 pub use spec::{
-    BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState, InterfaceRole,
-    InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+    AnswerPath, BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState,
+    InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
 };
 pub use stats::CounterKind;
 
