@@ -445,13 +445,16 @@ const _: () = assert!(core::mem::size_of::<CtOwner>() == 56);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EpLimitState {
     /// Flows created since the slot was zeroed. Live flows =
-    /// `flows_created - EP_GC_FREED[endpoint]` (the controller writes that one).
+    /// `flows_created - EP_GC_FREED[endpoint] - flows_reclaimed` (the
+    /// controller writes EP_GC_FREED).
     pub flows_created: u64,
     /// Second (`now_ns / 1e9`) the rate window counts.
     pub window_sec: u64,
     /// New flows admitted in that second.
     pub window_count: u64,
-    pub _pad: u64,
+    /// Expired flows of this endpoint that the datapath removed itself to
+    /// reuse their NAT port (no controller needed; atomic adds).
+    pub flows_reclaimed: u64,
 }
 const _: () = assert!(core::mem::size_of::<EpLimitState>() == 32);
 

@@ -2527,3 +2527,56 @@ fn golden_answers_leave_by_redirect_where_xdp_tx_stalls() {
         })
         .unwrap();
 }
+
+/// Without any GC (no controller), an expired flow's NAT port is reclaimed
+/// by the datapath when a new flow needs it, and only once it has expired.
+#[test]
+fn golden_expired_flows_free_their_nat_port_without_a_controller() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    // One NAT port: whoever holds it blocks every other flow.
+    spec.services[0].nat[0].ports = 30000..=30000;
+    spec.timeouts.tcp_transitory = Duration::from_millis(200);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let syn = |port| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_TCP, 80), TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            let nat_port = |run: &XdpRun| u16::from_be_bytes([run.output[34], run.output[35]]);
+            let started = std::time::Instant::now();
+            let a = b.raw(prog_names::CONSUMER, c1, &syn(40000));
+            assert_eq!(a.verdict, verdict::REDIRECT);
+            assert_eq!(nat_port(&a), 30000);
+            // Live: the port stays with its flow.
+            let refused = b.raw(prog_names::CONSUMER, c1, &syn(40001));
+            if started.elapsed() < Duration::from_millis(200) {
+                assert_eq!(refused.verdict, verdict::DROP, "a live flow keeps its port");
+            }
+            // Expired (SYN_SENT: the transitory timeout) and never collected:
+            // the next new flow takes the port over.
+            netns::wait_for(
+                "a new flow to reclaim the expired flow's port",
+                Duration::from_secs(5),
+                || {
+                    let run = b.raw(prog_names::CONSUMER, c1, &syn(40002));
+                    Ok((run.verdict == verdict::REDIRECT).then_some(run))
+                },
+            )
+            .map(|run| assert_eq!(nat_port(&run), 30000))
+            .unwrap();
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            let flows = b.dp.list_conntrack().unwrap();
+            assert_eq!(flows.len(), 1, "the expired flow is gone: {flows:?}");
+            assert_eq!(flows[0].client, (CLIENT, 40002));
+            assert_eq!(
+                b.dp.nat_ports_in_use().unwrap().values().sum::<u64>(),
+                1,
+                "one port entry, the new flow's"
+            );
+        })
+        .unwrap();
+}
