@@ -261,7 +261,10 @@ fn alloc_nat_port(
             continue;
         };
         match NAT_PORTS.insert(&s.port, &s.owner, BPF_NOEXIST as u64) {
-            Ok(()) => return Ok(claimed(s, slot)),
+            Ok(()) => {
+                claimed(s, slot);
+                return Ok(());
+            }
             // Taken: probe on.
             Err(e) if e == -EEXIST => {}
             // The table is full (E2BIG): probing cannot help.
@@ -284,7 +287,8 @@ fn alloc_nat_port(
                 .insert(&s.port, &s.owner, BPF_NOEXIST as u64)
                 .is_ok()
         {
-            return Ok(claimed(s, slot));
+            claimed(s, slot);
+            return Ok(());
         }
     }
     result
