@@ -234,6 +234,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                     draining: false,
                 }],
                 lookup: vec![0; 13],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
             ServiceSpec {
                 id: 1,
@@ -243,6 +244,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                     draining: false,
                 }],
                 lookup: vec![1; 13],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
         ],
         backends: vec![
