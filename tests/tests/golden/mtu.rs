@@ -6,7 +6,7 @@ use super::*;
 
 /// `frame` (Ethernet/IPv4/TCP without options) with TCP options `opts`
 /// inserted after the 20-byte header, lengths and checksums fixed.
-fn with_tcp_options(frame: &[u8], opts: &[u8]) -> Vec<u8> {
+pub(super) fn with_tcp_options(frame: &[u8], opts: &[u8]) -> Vec<u8> {
     assert_eq!(opts.len() % 4, 0, "options fill whole words");
     let mut f = frame[..54].to_vec();
     f.extend_from_slice(opts);
@@ -20,7 +20,7 @@ fn with_tcp_options(frame: &[u8], opts: &[u8]) -> Vec<u8> {
 
 /// Options as Linux sends them on a SYN: MSS first, then SACK permitted,
 /// timestamps, NOP and window scale.
-fn linux_syn_options(mss: u16) -> Vec<u8> {
+pub(super) fn linux_syn_options(mss: u16) -> Vec<u8> {
     let m = mss.to_be_bytes();
     vec![
         2, 4, m[0], m[1], 4, 2, 8, 10, 0, 0, 0x12, 0x34, 0, 0, 0, 0, 1, 3, 3, 7,
