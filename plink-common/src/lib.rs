@@ -317,8 +317,22 @@ pub struct ServiceConfig {
     pub lb_size: u32,
     /// Non-zero once the controller filled this slot.
     pub enabled: u32,
+    /// TCP MSS clamp on SYN and SYN-ACK: [`MSS_CLAMP_OFF`], [`MSS_CLAMP_AUTO`]
+    /// or the largest MSS let through (host order).
+    pub mss_clamp: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<ServiceConfig>() == 24 * 8 + 16);
+const _: () = assert!(core::mem::size_of::<ServiceConfig>() == 24 * 8 + 20);
+
+/// [`ServiceConfig::mss_clamp`]: SYN and SYN-ACK pass unchanged.
+pub const MSS_CLAMP_OFF: u16 = 0;
+/// [`ServiceConfig::mss_clamp`]: clamp to the smaller MTU of the two
+/// interfaces the segment crosses (where it came in, where it leaves),
+/// minus the IPv4 and TCP headers. Read per segment, so an MTU change or a
+/// second consumer interface with another MTU needs no reload.
+pub const MSS_CLAMP_AUTO: u16 = u16::MAX;
+/// IPv4 and TCP headers without options: MTU - MSS.
+pub const TCP_IPV4_HEADERS: u16 = 40;
 
 /// Backend states (`BackendInfo::state`); the lookup table only names active
 /// backends, the state is for the record and for the controller.
@@ -474,8 +488,15 @@ pub struct Counters {
     pub refused_rate: u64,
     /// New flows refused because no NAT port was free.
     pub nat_alloc_failures: u64,
+    /// SYNs (consumer → service) whose MSS option was lowered to the clamp.
+    pub mss_clamped_in: u64,
+    /// SYN-ACKs (service → consumer) whose MSS option was lowered.
+    pub mss_clamped_out: u64,
+    /// Fragmentation-needed errors sent to a backend about a reply too big
+    /// for the consumer interface (the reply itself is not forwarded).
+    pub frag_needed_to_backend: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 64);
+const _: () = assert!(core::mem::size_of::<Counters>() == 88);
 
 impl Counters {
     /// Sums per-CPU values into one total.
@@ -488,6 +509,11 @@ impl Counters {
         self.refused_max_flows = self.refused_max_flows.wrapping_add(o.refused_max_flows);
         self.refused_rate = self.refused_rate.wrapping_add(o.refused_rate);
         self.nat_alloc_failures = self.nat_alloc_failures.wrapping_add(o.nat_alloc_failures);
+        self.mss_clamped_in = self.mss_clamped_in.wrapping_add(o.mss_clamped_in);
+        self.mss_clamped_out = self.mss_clamped_out.wrapping_add(o.mss_clamped_out);
+        self.frag_needed_to_backend = self
+            .frag_needed_to_backend
+            .wrapping_add(o.frag_needed_to_backend);
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     approval::ConnectionState,
-    config::{BackendState as CfgBackendState, Config, Protocol as CfgProtocol, Role},
+    config::{BackendState as CfgBackendState, Config, MssClamp, Protocol as CfgProtocol, Role},
     dataplane::CounterKind,
     dataplane::{
         AnswerPath, BackendSpec, BackendState, Dataplane, DataplaneSpec, EndpointSpec,
@@ -196,6 +196,14 @@ pub fn spec_from_model(
                 prev_services.get(&svc.id.0).copied(),
             ),
             lookup,
+            mss_clamp: match svc.mss_clamp {
+                None => plink_common::MSS_CLAMP_OFF,
+                Some(MssClamp::Auto) => plink_common::MSS_CLAMP_AUTO,
+                // Validated to 536-65495, below the AUTO marker.
+                Some(MssClamp::Bytes(n)) => {
+                    u16::try_from(n).map_or(plink_common::MSS_CLAMP_OFF, |n| n.min(u16::MAX - 1))
+                }
+            },
         });
         for b in &svc.backends {
             backends.push(BackendSpec {
@@ -506,6 +514,9 @@ impl Gateway {
                 packets_out: c.packets_out,
                 bytes_out: c.bytes_out,
                 nat_port_allocation_failures: c.nat_alloc_failures,
+                mss_clamped_in: c.mss_clamped_in,
+                mss_clamped_out: c.mss_clamped_out,
+                frag_needed_to_backend: c.frag_needed_to_backend,
             });
             for b in &svc.backends {
                 let c = self.dp.counters(CounterKind::Backend, b.id.0)?;
@@ -639,6 +650,7 @@ mod tests {
             id: 1,
             nat: first.clone(),
             lookup: vec![],
+            mss_clamp: 0,
         };
         // Remove the middle address, add a new one.
         let next = nat_slots(&[a(200), a(202), a(203)], (1024, 2047), Some(&prev));

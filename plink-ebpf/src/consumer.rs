@@ -14,6 +14,7 @@ use crate::{
     fib::{self, NextHop},
     icmp,
     maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES, SCRATCH},
+    mss,
     parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, addressed_to_us, ether_type, parse_ipv4, store},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
@@ -206,6 +207,7 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     if !rewrite(ctx, &f, &nat) {
         return drop(DropReason::Malformed, ep.endpoint_id);
     }
+    mss::on_syn(ctx, &f, v.service_id, ep.endpoint_id, hop.ifindex, mss::IN);
     stats::count_packet(v, f.tot_len as u64, false);
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;

@@ -11,6 +11,8 @@
 
 #[path = "golden/fuzz.rs"]
 mod fuzz;
+#[path = "golden/mtu.rs"]
+mod mtu;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -212,16 +214,19 @@ fn spec(gw: &Gw) -> DataplaneSpec {
                 id: 0,
                 nat: vec![nat(NAT_TCP, 1024..=65535)],
                 lookup: vec![0, 1, 0, 1, 0, 1, 0],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
             ServiceSpec {
                 id: 1,
                 nat: vec![nat(NAT_UDP, UDP_PORTS)],
                 lookup: vec![2],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
             ServiceSpec {
                 id: 2,
                 nat: vec![nat(NAT_NONEIGH, 1024..=65535)],
                 lookup: vec![3],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
         ],
         backends: vec![
@@ -1499,44 +1504,6 @@ fn golden_nat_port_is_not_reused_before_the_closing_timeout() {
 }
 
 #[test]
-fn golden_oversized_reply_is_a_counted_drop() {
-    let gw = gateway();
-    gw.host.ip(&["link", "set", "c1", "mtu", "1000"]).unwrap();
-    let spec = spec(&gw);
-    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 5000);
-            let ep = (EP_UDP, 53);
-            let key = fwd_key(1, client, ep, IPPROTO_UDP);
-            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
-            let q = Ipv4Packet::udp(client, ep, b"q").macs(CLIENT_MAC, c1_mac);
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &q.build()).verdict,
-                verdict::REDIRECT
-            );
-            // 20 + 8 + 972 = 1000 bytes of IP: fits c1's MTU exactly.
-            let fits =
-                Ipv4Packet::udp((BACKEND10, 5353), nat, &[7; 972]).macs(BACKEND10_MAC, p0_mac);
-            assert_eq!(
-                b.raw(prog_names::PROVIDER, p0, &fits.build()).verdict,
-                verdict::REDIRECT
-            );
-            let too_big =
-                Ipv4Packet::udp((BACKEND10, 5353), nat, &[7; 973]).macs(BACKEND10_MAC, p0_mac);
-            b.case(
-                "reply larger than the consumer interface's MTU",
-                prog_names::PROVIDER,
-                p0,
-                &too_big.build(),
-                Want::Drop(DropReason::FragNeeded),
-            );
-        })
-        .unwrap();
-}
-
-#[test]
 fn golden_conntrack_full_refuses_new_flows() {
     let gw = gateway();
     let spec = spec(&gw);
@@ -2382,6 +2349,7 @@ fn golden_a_flow_opens_only_when_its_packet_leaves() {
             draining: false,
         }],
         lookup: vec![4],
+        mss_clamp: plink_common::MSS_CLAMP_OFF,
     });
     spec.backends.push(BackendSpec {
         id: 4,

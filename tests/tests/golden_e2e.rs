@@ -237,6 +237,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                     draining: false,
                 }],
                 lookup: vec![0; 13],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
             ServiceSpec {
                 id: 1,
@@ -246,6 +247,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                     draining: false,
                 }],
                 lookup: vec![1; 13],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
         ],
         backends: vec![

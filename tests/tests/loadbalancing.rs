@@ -538,6 +538,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
                 draining: false,
             }],
             lookup: vec![generation % BACKENDS; TABLE],
+            mss_clamp: plink_common::MSS_CLAMP_OFF,
         }],
         backends: (0..BACKENDS)
             .map(|id| BackendSpec {

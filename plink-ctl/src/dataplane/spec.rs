@@ -138,6 +138,9 @@ pub struct ServiceSpec {
     /// empty slot. A flow goes to `lookup[flow_hash % lookup.len()]`; empty
     /// means the service has no backend and new flows are dropped.
     pub lookup: Vec<u32>,
+    /// TCP MSS clamp on SYN and SYN-ACK: `plink_common::MSS_CLAMP_OFF`,
+    /// `MSS_CLAMP_AUTO`, or the largest MSS let through.
+    pub mss_clamp: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -484,6 +487,8 @@ impl Dataplane {
                     lb_offset: offset,
                     lb_size: size,
                     enabled: 1,
+                    mss_clamp: s.mss_clamp,
+                    _pad: 0,
                 },
             );
         }
@@ -742,6 +747,7 @@ mod tests {
                     draining: false,
                 }],
                 lookup: vec![0, NO_BACKEND, 0],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             }],
             backends: vec![BackendSpec {
                 id: 0,

@@ -145,6 +145,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 })
                 .collect(),
             lookup: vec![0],
+            mss_clamp: plink_common::MSS_CLAMP_OFF,
         }],
         backends: vec![BackendSpec {
             id: 0,
