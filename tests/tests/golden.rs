@@ -2548,3 +2548,68 @@ fn golden_expired_flows_free_their_nat_port_without_a_controller() {
         })
         .unwrap();
 }
+
+/// The state a freed and reused flow entry leaves behind: the entry found
+/// under one flow's key holds another flow's values (a preallocated hash
+/// element deleted by the GC and reused at once by another CPU's insert, seen
+/// through the pointer a program still holds). The datapath must not
+/// rewrite the packet with the other flow's mapping. The state is written
+/// from userspace here, since the race itself cannot be timed on demand.
+#[test]
+fn golden_a_reused_flow_entry_never_rewrites_another_flows_packet() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let ep = (EP_UDP, 53);
+            let q = |port| {
+                Ipv4Packet::udp((CLIENT, port), ep, b"q")
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            for port in [5000, 5001] {
+                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
+                assert_eq!(run.verdict, verdict::REDIRECT, "flow from {port}");
+            }
+            // The CT_FWD map this program uses, through its own descriptor.
+            let prog_maps =
+                b.dp.program(prog_names::CONSUMER)
+                    .unwrap()
+                    .info()
+                    .unwrap()
+                    .map_ids()
+                    .unwrap()
+                    .unwrap();
+            let map_id = prog_maps
+                .into_iter()
+                .find(|id| {
+                    aya::maps::MapInfo::from_id(*id)
+                        .ok()
+                        .and_then(|i| i.name_as_str().map(|n| n == "CT_FWD"))
+                        .unwrap_or(false)
+                })
+                .expect("plink_consumer uses CT_FWD");
+            let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_id(map_id).unwrap())
+                .unwrap();
+            let mut ct: aya::maps::HashMap<_, CtFwdKey, plink_common::CtFwdValue> =
+                aya::maps::HashMap::try_from(map).unwrap();
+            let a = fwd_key(1, (CLIENT, 5000), ep, IPPROTO_UDP);
+            let other = fwd_key(1, (CLIENT, 5001), ep, IPPROTO_UDP);
+            let other_value = ct.get(&other, 0).unwrap();
+            assert_eq!(other_value.fwd_key, other, "entries carry their key");
+            // Flow a's entry now holds the other flow's values.
+            ct.insert(a, other_value, 0).unwrap();
+            b.case(
+                "a packet whose entry was reused by another flow",
+                prog_names::CONSUMER,
+                c1,
+                &q(5000),
+                Want::Drop(DropReason::CtBroken),
+            );
+            let run = b.raw(prog_names::CONSUMER, c1, &q(5001));
+            assert_eq!(run.verdict, verdict::REDIRECT, "the other flow is unharmed");
+        })
+        .unwrap();
+}
