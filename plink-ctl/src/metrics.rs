@@ -113,6 +113,10 @@ pub struct Snapshot {
     pub endpoint_drops: Vec<EndpointDropSample>,
     pub devices: Vec<DeviceSample>,
     pub interfaces: Vec<InterfaceSample>,
+    /// The kernel holds the committed configuration (false: diverged).
+    pub dataplane_in_sync: bool,
+    /// Applies that failed part way since the controller started.
+    pub apply_failures: u64,
 }
 
 struct FamilyBuilder {
@@ -319,6 +323,21 @@ pub fn render(s: &Snapshot) -> String {
     );
     ct_cap.sample(&[], s.conntrack_capacity as f64);
     push(ct_cap);
+
+    let mut in_sync = FamilyBuilder::new(
+        "plink_dataplane_in_sync",
+        "1 while the kernel holds the configuration the controller committed, 0 when it diverged (an apply failed part way and could not be undone).",
+        GAUGE,
+    );
+    in_sync.sample(&[], if s.dataplane_in_sync { 1.0 } else { 0.0 });
+    push(in_sync);
+    let mut failures = FamilyBuilder::new(
+        "plink_apply_failures_total",
+        "Changes the dataplane did not take (a map write failed part way) since the controller started.",
+        COUNTER,
+    );
+    failures.sample(&[], s.apply_failures as f64);
+    push(failures);
 
     let mut drops = FamilyBuilder::new(
         "plink_drops_total",
@@ -561,6 +580,8 @@ mod tests {
                 interface: "c1".into(),
                 verdicts: [0, 4, 0, 1, 9],
             }],
+            dataplane_in_sync: false,
+            apply_failures: 2,
         }
     }
 
@@ -583,6 +604,10 @@ mod tests {
             "plink_device_xdp_redirect_errors_total{device=\"c1\"} 5",
             "plink_device_xdp_tx_errors_total{device=\"c1\"} 0",
             "plink_device_tx_dropped_total{device=\"c1\"} 1",
+            "# TYPE plink_dataplane_in_sync gauge",
+            "plink_dataplane_in_sync 0",
+            "# TYPE plink_apply_failures_total counter",
+            "plink_apply_failures_total 2",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

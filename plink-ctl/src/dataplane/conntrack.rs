@@ -99,9 +99,11 @@ impl Dataplane {
         self.remove_flows(|_, v, _| v.backend_id == backend_id)
     }
 
-    fn remove_flows(
+    /// Removes every flow `doomed` picks (with its reverse entry and NAT
+    /// port), re-reading each just before deciding, then sweeps orphans.
+    pub(crate) fn remove_flows(
         &mut self,
-        doomed: impl Fn(&CtFwdKey, &CtFwdValue, u64) -> bool,
+        mut doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
     ) -> anyhow::Result<GcReport> {
         let mut report = GcReport::default();
         let flows = self.flows()?;

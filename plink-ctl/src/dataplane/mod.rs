@@ -55,6 +55,28 @@ pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
     bpffs_root.join(format!("v{LAYOUT_VERSION}"))
 }
 
+/// The identity of the dataplane pinned under `bpffs_root`, `None` when
+/// nothing is pinned there: the boot and the kernel's id of the pinned
+/// `GLOBAL` map. Map ids are not reused while the map lives, and pins do not
+/// outlive a boot, so the pair names one dataplane for as long as it exists
+/// (no map or program of the datapath has to carry it).
+pub fn pinned_identity(bpffs_root: &Path) -> anyhow::Result<Option<String>> {
+    let pin = pin_dir(bpffs_root).join(map_names::GLOBAL);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let info = aya::maps::MapInfo::from_pin(&pin)
+        .with_context(|| format!("reading the pinned map {}", pin.display()))?;
+    Ok(Some(identity(info.id())))
+}
+
+fn identity(global_map_id: u32) -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-boot".into());
+    format!("boot {boot} map {global_map_id}")
+}
+
 /// Maps pinned by the controller: every map, so that flows and counters
 /// outlive one process.
 const PINNED_MAPS: &[&str] = map_names::ALL;
@@ -412,6 +434,58 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// The entries each map of this dataplane holds (as loaded or adopted).
+    pub fn capacities(&mut self) -> anyhow::Result<crate::plan::Capacities> {
+        let mut entries = |name: &str| -> anyhow::Result<u32> {
+            let map = self.map_mut(name)?;
+            let data: &MapData = match map {
+                aya::maps::Map::HashMap(d)
+                | aya::maps::Map::Array(d)
+                | aya::maps::Map::PerCpuHashMap(d)
+                | aya::maps::Map::PerCpuArray(d) => d,
+                _ => bail!("map {name} has an unexpected type"),
+            };
+            Ok(data
+                .info()
+                .with_context(|| format!("reading the size of map {name}"))?
+                .max_entries())
+        };
+        Ok(crate::plan::Capacities {
+            interfaces: entries(map_names::INTERFACES)?,
+            endpoint_keys: entries(map_names::ENDPOINTS)?,
+            endpoint_addresses: entries(map_names::ARP_ENDPOINTS)?,
+            endpoints: entries(map_names::EP_STATS)?,
+            services: entries(map_names::SERVICES)?,
+            backends: entries(map_names::BACKENDS)?,
+            nat_addresses: entries(map_names::NAT_ADDRS)?,
+        })
+    }
+
+    /// This dataplane's identity (see [`pinned_identity`]).
+    pub fn identity(&mut self) -> anyhow::Result<String> {
+        let map = self.map_mut(map_names::GLOBAL)?;
+        let aya::maps::Map::Array(data) = map else {
+            bail!("map GLOBAL is not an array");
+        };
+        Ok(identity(data.info().context("reading map GLOBAL")?.id()))
+    }
+
+    /// Backends the maps record as draining, with their addresses (what an
+    /// adopting start learns from the pins).
+    pub fn draining_backends(&mut self) -> anyhow::Result<Vec<(u32, std::net::Ipv4Addr)>> {
+        let map: aya::maps::Array<_, plink_common::BackendInfo> =
+            aya::maps::Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+        let mut out = Vec::new();
+        for (id, info) in map.iter().enumerate() {
+            let info = info?;
+            if info.enabled != 0 && info.state == plink_common::backend_state::DRAINING {
+                let addr = std::net::Ipv4Addr::from(info.addr_be[0].to_ne_bytes());
+                out.push((id as u32, addr));
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) fn register_interface(&mut self, index: u32) -> anyhow::Result<()> {
