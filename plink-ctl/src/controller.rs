@@ -432,6 +432,12 @@ impl Controller {
                     }
                     Err(e) => {
                         tracing::error!("the dataplane has diverged: restoring failed: {e}");
+                        if matches!(e, ApplyFailure::Failed(_)) {
+                            self.apply_health.failed(&format!(
+                                "{why}; restoring the previous configuration: {e}"
+                            ));
+                        }
+                        self.apply_health.in_sync.store(false, Ordering::SeqCst);
                         Some(e.to_string())
                     }
                 };

@@ -330,6 +330,82 @@ fn more_than_eight_nat_addresses() {
     );
 }
 
+/// Issue 14: what the maps cannot hold is a config error with its position,
+/// not a failed map write at apply time.
+#[test]
+fn capacity_errors_name_the_first_object_that_does_not_fit() {
+    // Addresses from the benchmarking range: nothing is ever sent to them.
+    let addr = |n: usize| format!("198.18.{}.{}", n / 250, n % 250 + 1);
+    let endpoint = |n: usize, service: &str| {
+        format!(
+            "  - {{name: e{n}, tenant: t, network: vnet-a, address: {}, service: {service}}}\n",
+            addr(n)
+        )
+    };
+    let config = |services: &str, endpoints: &str| {
+        format!(
+            "interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\nservices:\n{services}endpoints:\n{endpoints}"
+        )
+    };
+    let service = |name: &str, ports: usize, backends: &[String], nat: &str| {
+        let ports: Vec<String> = (1..=ports).map(|p| format!("{{port: {p}}}")).collect();
+        let backends: Vec<String> = backends
+            .iter()
+            .map(|b| format!("{{address: {b}}}"))
+            .collect();
+        format!(
+            "  - name: {name}\n    protocol: tcp\n    ports: [{}]\n    backends: [{}]\n    nat: {{addresses: [{nat}]}}\n    visibility: ['*']\n",
+            ports.join(", "),
+            backends.join(", ")
+        )
+    };
+
+    // 4096 endpoints: ids 1..4095 fit the per-endpoint maps.
+    let svc = service("s", 1, &["198.51.100.10".into()], "198.51.100.200");
+    let eps: String = (0..4096).map(|n| endpoint(n, "s")).collect();
+    let text = config(&svc, &eps);
+    let d = errors(&text);
+    assert_error(&d, at(&text, "{name: e4095,", 0), "4096 endpoints");
+    assert_error(&d, at(&text, "{name: e4095,", 0), "at most 4095");
+
+    // 7 ports: 8 table entries per endpoint, 16384 entries fill at 2048.
+    let svc = service("s", 7, &["198.51.100.10".into()], "198.51.100.200");
+    let eps: String = (0..2049).map(|n| endpoint(n, "s")).collect();
+    let text = config(&svc, &eps);
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(
+        &d,
+        at(&text, "{name: e2048,", 0),
+        "the endpoint table is full here",
+    );
+
+    // 256 services: ids 1..255 fit.
+    let svcs: String = (0..256)
+        .map(|n| service(&format!("s{n}"), 1, &[addr(n)], &addr(1000 + n)))
+        .collect();
+    let text = config(&svcs, &endpoint(5000, "s0"));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(&d, at(&text, "name: s255\n", 0), "256 services");
+
+    // 4100 backends in 41 services: the 4096th does not fit.
+    let svcs: String = (0..41)
+        .map(|n| {
+            let backends: Vec<String> = (0..100).map(|b| addr(n * 100 + b)).collect();
+            service(&format!("s{n}"), 1, &backends, &addr(10_000 + n))
+        })
+        .collect();
+    let text = config(&svcs, &endpoint(12_000, "s0"));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(
+        &d,
+        at(&text, &format!("{{address: {}}}", addr(4095)), 0),
+        "4100 backends",
+    );
+}
+
 #[test]
 fn empty_backend_list() {
     let text = edit(
