@@ -62,6 +62,9 @@ pub enum ControllerError {
         /// `Some(error)` when putting the previous configuration back failed too.
         restored: Option<String>,
     },
+    /// The first apply at start did not take.
+    #[error("the dataplane did not take the configuration at start: {0}")]
+    StartFailed(String),
     #[error(
         "refusing to adopt the dataplane pinned under {pin_dir}: the state file {state_file} does not belong to it ({}, the pins are dataplane {pinned}). The flows in the pins carry endpoint, network and backend ids from the state they were created with; combined with another state, flows could be handed to the wrong endpoint or consumer. If you have the state file of these pins, put it back and start again; otherwise run `plink-ctl down --config FILE` (detaches XDP and removes the pins: live flows are lost) and start again", recorded_note(.recorded)
     )]
@@ -367,10 +370,7 @@ impl Controller {
     ) -> Result<(), ControllerError> {
         applier
             .apply(&self.model)
-            .map_err(|why| ControllerError::ApplyFailed {
-                why: why.to_string(),
-                restored: Some("there is no previous configuration at start".into()),
-            })?;
+            .map_err(|why| ControllerError::StartFailed(why.to_string()))?;
         self.apply_health.attached.store(true, Ordering::SeqCst);
         self.apply_health.synced();
         self.applier = Some(applier);

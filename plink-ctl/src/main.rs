@@ -193,6 +193,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stats { config, json } => stats(config, json).map(|()| ExitCode::SUCCESS),
         Command::Down { config } => {
             let cfg = Config::load(&config)?;
+            // Not while a controller runs on these pins (it would re-pin them).
+            let _pins = if dataplane::pin_dir(&cfg.gateway.bpffs_root).exists() {
+                Some(dataplane::lock_pins(&cfg.gateway.bpffs_root)?)
+            } else {
+                None
+            };
             if dataplane::remove_pins(&cfg.gateway.bpffs_root)? {
                 println!("removed pins under {}", cfg.gateway.bpffs_root.display());
             } else {
@@ -425,6 +431,8 @@ fn print_status(s: &Status) {
 
 fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
+    // One controller per dataplane, held until this process exits.
+    let _pins = dataplane::lock_pins(&config.gateway.bpffs_root)?;
     // Observe before touching anything: the pins (if any) and their identity.
     let pinned = dataplane::pinned_identity(&config.gateway.bpffs_root)?;
     // The saved decisions are restored before anything touches the system:

@@ -247,3 +247,67 @@ fn pins_and_a_state_file_from_another_dataplane_are_never_combined() {
         "the matching state adopted the pins and kept the flow"
     );
 }
+
+/// One controller per dataplane: a second `run` on the same pins (with its
+/// own state directory, socket and metrics address) and a `down` while a
+/// controller runs are refused, naming the process that holds the pins.
+#[test]
+fn a_second_controller_or_down_on_running_pins_is_refused_naming_the_holder() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let plink = net.start_plink().unwrap();
+    let pid = net.topo.child_mut(plink.child).id();
+    let first = std::fs::read_to_string(&plink.config_path).unwrap();
+    let scratch = net.topo.scratch_dir().unwrap().to_owned();
+    let second = first
+        .replacen(
+            &format!("admin_socket: {}/admin.sock", scratch.display()),
+            &format!(
+                "admin_socket: {}/second.sock\n  metrics: 127.0.0.1:9431",
+                scratch.display()
+            ),
+            1,
+        )
+        .replacen(
+            &format!("state_dir: {}/state", scratch.display()),
+            &format!("state_dir: {}/second-state", scratch.display()),
+            1,
+        );
+    assert_ne!(second, first);
+    let second_path = scratch.join("second.yaml");
+    std::fs::write(&second_path, &second).unwrap();
+    let bin = gateway::plink_ctl_bin();
+    let bin = bin.to_str().unwrap();
+    // Bounded: a controller that is not refused would run until killed.
+    let err = net
+        .gw
+        .exec(
+            "timeout",
+            &["20", bin, "run", "--config", second_path.to_str().unwrap()],
+        )
+        .expect_err("a second controller adopted pins another one runs");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("in use by") && err.contains(&format!("pid {pid}")),
+        "the refusal names the holder (pid {pid}): {err}"
+    );
+    let err = net
+        .gw
+        .exec(
+            bin,
+            &["down", "--config", plink.config_path.to_str().unwrap()],
+        )
+        .expect_err("down removed the pins of a running controller");
+    assert!(
+        format!("{err:#}").contains(&format!("pid {pid}")),
+        "{err:#}"
+    );
+    // The running controller was left alone.
+    servers::udp_request(
+        &net.consumer_a,
+        SocketAddrV4::new(pl::CLIENT, 42006),
+        pl::endpoint_udp(),
+    )
+    .unwrap();
+    plink.ctl(&net.gw, &["status"]).unwrap();
+}

@@ -55,6 +55,72 @@ pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
     bpffs_root.join(format!("v{LAYOUT_VERSION}"))
 }
 
+/// An exclusive `flock` on the pin root, held while a controller runs (or
+/// `down` removes the pins): one controller per dataplane.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// Locks `bpffs_root` (created if needed). A controller being restarted may
+/// still be exiting: waits a moment before calling the pins taken, then
+/// names the process that holds them.
+pub fn lock_pins(bpffs_root: &Path) -> anyhow::Result<PinLock> {
+    use std::os::fd::AsRawFd as _;
+    bpffs_check(bpffs_root)?;
+    std::fs::create_dir_all(bpffs_root)
+        .with_context(|| format!("creating {}", bpffs_root.display()))?;
+    let dir = std::fs::File::open(bpffs_root)
+        .with_context(|| format!("opening {}", bpffs_root.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        // SAFETY: flock on a valid open fd.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(PinLock { _dir: dir });
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the dataplane pinned under {} is in use by {}: one plink-ctl per dataplane. Stop it first (SIGTERM leaves forwarding running)",
+                bpffs_root.display(),
+                lock_holder(&dir).unwrap_or_else(|| "another process".into())
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The process holding a `flock` on `file`, from /proc/locks.
+fn lock_holder(file: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let needle = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid: u32 = locks
+        .lines()
+        .filter(|l| l.contains("FLOCK"))
+        .find_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == needle)?;
+            words.get(at.checked_sub(1)?)?.parse().ok()
+        })?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|w| !w.is_empty())
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    Some(if cmdline.is_empty() {
+        format!("pid {pid}")
+    } else {
+        format!("pid {pid} ({cmdline})")
+    })
+}
+
 /// The identity of the dataplane pinned under `bpffs_root`, `None` when
 /// nothing is pinned there: the boot and the kernel's id of the pinned
 /// `GLOBAL` map. Map ids are not reused while the map lives, and pins do not
