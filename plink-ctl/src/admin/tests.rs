@@ -644,3 +644,39 @@ fn a_change_the_dataplane_did_not_take_is_an_error_and_is_not_saved() {
     assert_eq!(saved_state(&s, "orders-a"), "rejected");
     assert!(status().dataplane.in_sync);
 }
+
+/// Issue 14, item 8: a listing of thousands of flows used to overflow the
+/// client's 1 MiB answer limit (about 4,000 flows).
+#[test]
+fn a_conntrack_listing_of_any_size_reaches_the_client() {
+    struct ManyFlows;
+    impl crate::controller::DataplaneQueries for ManyFlows {
+        fn conntrack(&self) -> anyhow::Result<serde_json::Value> {
+            let rows: Vec<serde_json::Value> = (0..20_000u32)
+                .map(|i| {
+                    serde_json::json!({
+                        "endpoint": "orders-a",
+                        "network": "vnet-a",
+                        "protocol": "tcp",
+                        "client": format!("192.0.2.1:{}", 1024 + i % 60_000),
+                        "endpoint_address": "192.0.2.50:80",
+                        "nat": format!("198.51.100.200:{}", 20_000 + i % 10_000),
+                        "backend": "198.51.100.10:8080",
+                        "expires_in_ms": 7_440_000u64,
+                    })
+                })
+                .collect();
+            Ok(serde_json::json!({ "flows": rows }))
+        }
+    }
+    let s = Setup::new();
+    let mut controller = Controller::open(&s.config_path()).expect("controller");
+    controller.set_dataplane(Arc::new(ManyFlows));
+    let _d = Daemon::serve(controller).expect("serve");
+    let r = request(&s.socket(), &Request::Conntrack).expect("the whole answer arrives");
+    let flows = r.data.expect("data")["flows"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0);
+    assert_eq!(flows, 20_000);
+}
