@@ -430,6 +430,18 @@ fn print_status(s: &Status) {
 }
 
 fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // SIGHUP's default action kills: catch it before the (slow) start, and
+    // keep it: a reload asked for during start-up runs once we are up.
+    let mut hup = {
+        let _rt = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("catching SIGHUP")?
+    };
     let config = Config::load(&config_path)?;
     // One controller per dataplane, held until this process exits.
     let _pins = dataplane::lock_pins(&config.gateway.bpffs_root)?;
@@ -480,16 +492,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         )
         .context("writing the config into the dataplane maps")?;
     let apply_health = controller.apply_health();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let socket = config.gateway.admin_socket.clone();
         let listener = AdminListener::bind(&socket)
             .with_context(|| format!("serving the admin API on {}", socket.display()))?;

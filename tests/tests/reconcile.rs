@@ -311,3 +311,89 @@ fn a_second_controller_or_down_on_running_pins_is_refused_naming_the_holder() {
     .unwrap();
     plink.ctl(&net.gw, &["status"]).unwrap();
 }
+
+/// SIGHUP's default action kills a process: one that arrives while
+/// `plink-ctl run` starts must neither kill it nor be lost (the reload runs
+/// once the controller is up).
+#[test]
+fn a_sighup_during_start_up_neither_kills_nor_is_lost() {
+    use std::io::{BufRead as _, BufReader};
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let config = pl::config(&net.topo, &pl::Options::default()).unwrap();
+    let path = net.topo.scratch_dir().unwrap().join("hup.yaml");
+    std::fs::write(&path, &config).unwrap();
+    let bin = gateway::plink_ctl_bin();
+    let gw = net.gw.clone();
+    let index = net
+        .topo
+        .spawn(
+            &gw,
+            bin.to_str().unwrap(),
+            &["run", "--config", path.to_str().unwrap()],
+        )
+        .unwrap();
+    let child = net.topo.child_mut(index);
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.trim() == "ready" {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[plink-ctl] {line}");
+            let _ = log_tx.send(line);
+        }
+    });
+    // Mid start-up: the config was read, the programs are being attached.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline
+            .checked_duration_since(std::time::Instant::now())
+            .expect("plink-ctl never reached the attach step");
+        let line = log_rx.recv_timeout(left).expect("plink-ctl log");
+        if line.contains("XDP attached") {
+            break;
+        }
+    }
+    let edited = config.replacen(
+        "endpoints:\n",
+        "endpoints:\n  - {name: orders-a2, tenant: tenant-a, network: vnet-a, address: 192.0.2.51, service: orders}\n",
+        1,
+    );
+    std::fs::write(&path, edited).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a SIGHUP during start-up killed plink-ctl");
+    let plink = gateway::Gateway {
+        config_path: path,
+        child: index,
+        stderr: log_rx,
+    };
+    wait_for(
+        "the reload asked for during start-up",
+        Duration::from_secs(5),
+        || {
+            let list = plink.ctl(&net.gw, &["endpoints", "list", "--json"])?;
+            Ok(list.contains("orders-a2").then_some(()))
+        },
+    )
+    .unwrap();
+    let reply = servers::tcp_request(
+        &net.consumer_a,
+        None,
+        SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 51), 80),
+        0,
+    )
+    .unwrap();
+    assert_eq!(*reply.peer.ip(), pl::ORDERS_NAT);
+}
