@@ -475,43 +475,43 @@ impl Gateway {
 
     /// Live flows with their NAT mapping and the names the model gives them.
     pub fn conntrack_json(&mut self, model: &Model) -> anyhow::Result<serde_json::Value> {
-        let flows = self.dp.list_conntrack()?;
-        let rows: Vec<serde_json::Value> = flows
-            .iter()
-            .map(|f| {
-                let endpoint = model
-                    .endpoints
-                    .values()
-                    .find(|e| e.id.0 == f.endpoint_id)
-                    .map(|e| e.name.clone());
-                let network = model
-                    .networks
-                    .iter()
-                    .find(|(_, id)| id.0 == f.network_id)
-                    .map(|(n, _)| n.clone());
-                serde_json::json!({
-                    "endpoint": endpoint,
-                    "network": network,
-                    "network_id": f.network_id,
-                    "protocol": match f.protocol {
-                        plink_common::IPPROTO_TCP => "tcp",
-                        plink_common::IPPROTO_UDP => "udp",
-                        plink_common::IPPROTO_ICMP => "icmp",
-                        _ => "other",
-                    },
-                    "client": format!("{}:{}", f.client.0, f.client.1),
-                    "endpoint_address": format!("{}:{}", f.endpoint.0, f.endpoint.1),
-                    "nat": format!("{}:{}", f.nat.0, f.nat.1),
-                    "backend": format!("{}:{}", f.backend.0, f.backend.1),
-                    "backend_id": f.backend_id,
-                    "tcp_state": f.tcp_state,
-                    "ingress_ifindex": f.ingress_ifindex,
-                    "expires_in_ms": f.expires_in.as_millis() as u64,
-                })
-            })
-            .collect();
-        Ok(serde_json::json!({ "flows": rows }))
+        Ok(conntrack_json(&self.dp.list_conntrack()?, model))
     }
+}
+
+/// Flows with the names `model` gives them, as the admin API answers them.
+pub fn conntrack_json(flows: &[crate::dataplane::FlowEntry], model: &Model) -> serde_json::Value {
+    let networks: BTreeMap<u32, &String> = model.networks.iter().map(|(n, id)| (id.0, n)).collect();
+    let rows: Vec<serde_json::Value> = flows
+        .iter()
+        .map(|f| {
+            let endpoint = model
+                .endpoints
+                .get(&crate::model::EndpointId(f.endpoint_id))
+                .map(|e| e.name.clone());
+            let network = networks.get(&f.network_id).map(|n| (*n).clone());
+            serde_json::json!({
+                "endpoint": endpoint,
+                "network": network,
+                "network_id": f.network_id,
+                "protocol": match f.protocol {
+                    plink_common::IPPROTO_TCP => "tcp",
+                    plink_common::IPPROTO_UDP => "udp",
+                    plink_common::IPPROTO_ICMP => "icmp",
+                    _ => "other",
+                },
+                "client": format!("{}:{}", f.client.0, f.client.1),
+                "endpoint_address": format!("{}:{}", f.endpoint.0, f.endpoint.1),
+                "nat": format!("{}:{}", f.nat.0, f.nat.1),
+                "backend": format!("{}:{}", f.backend.0, f.backend.1),
+                "backend_id": f.backend_id,
+                "tcp_state": f.tcp_state,
+                "ingress_ifindex": f.ingress_ifindex,
+                "expires_in_ms": f.expires_in.as_millis() as u64,
+            })
+        })
+        .collect();
+    serde_json::json!({ "flows": rows })
 }
 
 fn protocol_name(p: CfgProtocol) -> &'static str {
@@ -547,12 +547,17 @@ impl crate::controller::Applier for GatewayApplier {
 pub struct GatewayQueries {
     pub gateway: Arc<Mutex<Gateway>>,
     pub models: tokio::sync::watch::Receiver<Arc<Model>>,
+    /// Reads flows without the gateway's lock (pinned dataplanes).
+    pub flows: Option<crate::dataplane::FlowReader>,
 }
 
 impl crate::controller::DataplaneQueries for GatewayQueries {
     fn conntrack(&self) -> anyhow::Result<serde_json::Value> {
         let model = self.models.borrow().clone();
-        lock(&self.gateway).conntrack_json(&model)
+        match &self.flows {
+            Some(reader) => Ok(conntrack_json(&reader.list()?, &model)),
+            None => lock(&self.gateway).conntrack_json(&model),
+        }
     }
 }
 

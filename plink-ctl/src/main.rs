@@ -501,9 +501,17 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             .with_context(|| format!("serving the admin API on {}", socket.display()))?;
         let controller = Arc::new(Mutex::new(controller));
         let models = lock(&controller).subscribe();
+        let flows = match dataplane::FlowReader::open(&config.gateway.bpffs_root) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("conntrack listings will wait for applies: {e:#}");
+                None
+            }
+        };
         lock(&controller).set_dataplane(Arc::new(GatewayQueries {
             gateway: gateway.clone(),
             models: models.clone(),
+            flows,
         }));
 
         // Every committed change (admin action, reload) was applied by the

@@ -186,29 +186,7 @@ impl Dataplane {
     /// Every flow with its NAT mapping.
     pub fn list_conntrack(&mut self) -> anyhow::Result<Vec<FlowEntry>> {
         let g = self.global().context("reading the timeouts")?;
-        let now = monotonic_ns();
-        Ok(self
-            .flows()?
-            .into_iter()
-            .map(|(k, v)| {
-                let timeout = flow_timeout_ns(v.proto, v.tcp_state, &g.timeouts);
-                let age = now.saturating_sub(v.last_seen_ns);
-                FlowEntry {
-                    network_id: k.network_id,
-                    protocol: k.proto,
-                    client: (ip(&k.src_addr_be), u16::from_be(k.src_port_be)),
-                    endpoint: (ip(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
-                    nat: (ip(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
-                    backend: (ip(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
-                    endpoint_id: v.endpoint_id,
-                    service_id: v.service_id,
-                    backend_id: v.backend_id,
-                    tcp_state: v.tcp_state,
-                    ingress_ifindex: v.ingress_ifindex,
-                    expires_in: Duration::from_nanos(timeout.saturating_sub(age)),
-                }
-            })
-            .collect())
+        Ok(flow_entries(self.flows()?, &g))
     }
 
     /// NAT ports in use per NAT address (host-order IPv4), all protocols.
@@ -220,6 +198,62 @@ impl Dataplane {
             *out.entry(ip(&k.addr_be)).or_default() += 1;
         }
         Ok(out)
+    }
+}
+
+fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<FlowEntry> {
+    let now = monotonic_ns();
+    flows
+        .into_iter()
+        .map(|(k, v)| {
+            let timeout = flow_timeout_ns(v.proto, v.tcp_state, &g.timeouts);
+            let age = now.saturating_sub(v.last_seen_ns);
+            FlowEntry {
+                network_id: k.network_id,
+                protocol: k.proto,
+                client: (ip(&k.src_addr_be), u16::from_be(k.src_port_be)),
+                endpoint: (ip(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
+                nat: (ip(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
+                backend: (ip(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
+                endpoint_id: v.endpoint_id,
+                service_id: v.service_id,
+                backend_id: v.backend_id,
+                tcp_state: v.tcp_state,
+                ingress_ifindex: v.ingress_ifindex,
+                expires_in: Duration::from_nanos(timeout.saturating_sub(age)),
+            }
+        })
+        .collect()
+}
+
+/// Reads the flows through its own descriptors of the pinned maps: a
+/// listing neither waits for nor holds up applies and the GC.
+pub struct FlowReader {
+    fwd: HashMap<aya::maps::MapData, CtFwdKey, CtFwdValue>,
+    global: Array<aya::maps::MapData, GlobalConfig>,
+}
+
+impl FlowReader {
+    /// Opens the maps pinned under `bpffs_root`.
+    pub fn open(bpffs_root: &std::path::Path) -> anyhow::Result<Self> {
+        let dir = super::pin_dir(bpffs_root);
+        let open = |name: &str| {
+            let pin = dir.join(name);
+            aya::maps::MapData::from_pin(&pin)
+                .with_context(|| format!("opening the pinned map {}", pin.display()))
+        };
+        Ok(Self {
+            fwd: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::CT_FWD)?))?,
+            global: Array::try_from(aya::maps::Map::Array(open(map_names::GLOBAL)?))?,
+        })
+    }
+
+    /// Every flow with its NAT mapping.
+    pub fn list(&self) -> anyhow::Result<Vec<FlowEntry>> {
+        let g = self.global.get(&0, 0).context("reading the timeouts")?;
+        // Entries deleted while we iterate are skipped, not errors.
+        let flows = self.fwd.iter().filter_map(Result::ok).collect();
+        Ok(flow_entries(flows, &g))
     }
 }
 

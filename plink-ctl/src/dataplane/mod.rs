@@ -23,7 +23,7 @@ pub mod neigh;
 pub mod spec;
 pub mod stats;
 
-pub use conntrack::{FlowEntry, GcReport, monotonic_ns};
+pub use conntrack::{FlowEntry, FlowReader, GcReport, monotonic_ns};
 pub use spec::{
     BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState, InterfaceRole,
     InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
