@@ -258,6 +258,8 @@ pub struct Controller {
     config_path: PathBuf,
     config: Config,
     store: StateStore,
+    /// The state as loaded from the file (before this config was folded in).
+    loaded: PersistedState,
     state: PersistedState,
     model: Arc<Model>,
     started: SystemTime,
@@ -296,8 +298,8 @@ impl Controller {
     /// the dataplane holds the model.
     pub fn prepare(config_path: &Path, config: Config) -> Result<Self, ControllerError> {
         let store = StateStore::open(&config.gateway.state_dir)?;
-        let saved = store.load()?.unwrap_or_default();
-        let state = state::reconcile(&config, &saved)?;
+        let loaded = store.load()?.unwrap_or_default();
+        let state = state::reconcile(&config, &loaded)?;
         let model = Arc::new(Model::build(&config, &state)?);
         let (publish, _) = watch::channel(model.clone());
         let lb_capacity = config.lb_table_slots();
@@ -305,6 +307,7 @@ impl Controller {
             config_path: config_path.to_owned(),
             config,
             store,
+            loaded,
             state,
             model,
             started: SystemTime::now(),
@@ -358,6 +361,22 @@ impl Controller {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Binds the saved state to a dataplane this controller just created
+    /// (no flows yet), before anything is forwarded: a start that fails
+    /// later leaves pins that the next start may adopt. Only the identity
+    /// is written; decisions are saved once they are applied.
+    pub fn bind_fresh_dataplane(&mut self, identity: &str) -> Result<(), ControllerError> {
+        if self.state.dataplane.as_deref() == Some(identity) {
+            return Ok(());
+        }
+        let mut loaded = self.loaded.clone();
+        loaded.dataplane = Some(identity.to_owned());
+        self.store.save(&loaded)?;
+        self.loaded = loaded;
+        self.state.dataplane = Some(identity.to_owned());
+        Ok(())
     }
 
     /// Binds the controller to a running dataplane: records its identity,

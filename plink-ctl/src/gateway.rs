@@ -337,18 +337,21 @@ impl Gateway {
         let mut purged: BTreeMap<Stale, u64> = BTreeMap::new();
         let mut retired_in_use = BTreeSet::new();
         self.dp
-            .remove_flows(|k, v, _| match policy.judge(k, v) {
-                Some(why) => {
-                    *purged.entry(why).or_default() += 1;
-                    true
-                }
-                None => {
-                    if let Some(r) = policy.via_retired(v) {
-                        retired_in_use.insert(r);
+            .remove_flows_sweeping(
+                |k, v, _| match policy.judge(k, v) {
+                    Some(why) => {
+                        *purged.entry(why).or_default() += 1;
+                        true
                     }
-                    false
-                }
-            })
+                    None => {
+                        if let Some(r) = policy.via_retired(v) {
+                            retired_in_use.insert(r);
+                        }
+                        false
+                    }
+                },
+                false,
+            )
             .map_err(ApplyError::Failed)?;
         self.retired_backends = retired_in_use;
         if !purged.is_empty() {

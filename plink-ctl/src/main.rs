@@ -473,6 +473,9 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .dp
         .identity()
         .context("reading the dataplane's identity")?;
+    if pinned.is_none() {
+        controller.bind_fresh_dataplane(&identity)?;
+    }
     // Health as the running dataplane recorded it: a backend a previous
     // controller took down stays out of the table until it passes `rise` probes.
     let health = HealthMap::default();

@@ -680,3 +680,56 @@ fn a_conntrack_listing_of_any_size_reaches_the_client() {
         .unwrap_or(0);
     assert_eq!(flows, 20_000);
 }
+
+/// Issue 14, item 3: the state file records the dataplane it belongs to;
+/// pins of any other dataplane (or pins with a state that records none) are
+/// refused with what to do.
+#[test]
+fn pins_are_adopted_only_with_the_state_file_bound_to_them() {
+    let s = Setup::new();
+    let pin_dir = s.dir.path().join("pins");
+    {
+        let mut c = Controller::prepare(
+            &s.config_path(),
+            crate::config::Config::load(&s.config_path()).expect("config"),
+        )
+        .expect("prepare");
+        // Nothing pinned: a fresh start, whatever the state says.
+        c.check_pins(None, &pin_dir).expect("fresh start");
+        // Pins, and a state that records no dataplane.
+        let err = c.check_pins(Some("boot b map 7"), &pin_dir).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("records no dataplane")
+                && text.contains("plink-ctl down")
+                && text.contains("boot b map 7"),
+            "{text}"
+        );
+        // Binding a fresh dataplane writes the identity before any decision.
+        c.bind_fresh_dataplane("boot b map 7").expect("bind");
+        let saved = std::fs::read_to_string(s.state_file()).expect("state file");
+        assert!(saved.contains("\"dataplane\": \"boot b map 7\""), "{saved}");
+        c.check_pins(Some("boot b map 7"), &pin_dir)
+            .expect("its own pins");
+    }
+    let c = Controller::prepare(
+        &s.config_path(),
+        crate::config::Config::load(&s.config_path()).expect("config"),
+    )
+    .expect("prepare");
+    assert_eq!(
+        c.dataplane_id(),
+        Some("boot b map 7"),
+        "the binding persists"
+    );
+    c.check_pins(Some("boot b map 7"), &pin_dir)
+        .expect("adopts its own pins");
+    let text = c
+        .check_pins(Some("boot b map 9"), &pin_dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("records dataplane boot b map 7") && text.contains("put it back"),
+        "{text}"
+    );
+}

@@ -103,7 +103,17 @@ impl Dataplane {
     /// port), re-reading each just before deciding, then sweeps orphans.
     pub(crate) fn remove_flows(
         &mut self,
+        doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
+    ) -> anyhow::Result<GcReport> {
+        self.remove_flows_sweeping(doomed, true)
+    }
+
+    /// Like `remove_flows`; sweeps orphans only when `always_sweep` or when
+    /// a flow was removed (a purge that found nothing leaves the sweep to the GC).
+    pub(crate) fn remove_flows_sweeping(
+        &mut self,
         mut doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
+        always_sweep: bool,
     ) -> anyhow::Result<GcReport> {
         let mut report = GcReport::default();
         let flows = self.flows()?;
@@ -145,7 +155,9 @@ impl Dataplane {
                 freed.set(id, old.wrapping_add(n), 0)?;
             }
         }
-        report.orphans = self.sweep_orphans()?;
+        if always_sweep || report.flows > 0 {
+            report.orphans = self.sweep_orphans()?;
+        }
         Ok(report)
     }
 
