@@ -135,6 +135,9 @@ impl Default for Gateway {
 
 /// Where the admin socket is when no config says otherwise.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/plink/plink.sock";
+/// Largest config accepted (a config of 4,095 endpoints is about 400 KB):
+/// input is bounded before it is indexed.
+pub const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -428,12 +431,20 @@ impl Config {
             .max(u64::from(plink_common::DEFAULT_LB_TABLE_ENTRIES))
     }
 
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file (at most `MAX_CONFIG_BYTES`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+        let read = |cause| ConfigError::Read {
             path: path.to_owned(),
             cause,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(read)?;
+        // Bounded before reading: one byte more than allowed says "too big".
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_CONFIG_BYTES as u64 + 1),
+            &mut text,
+        )
+        .map_err(read)?;
         Self::parse(path, &text)
     }
 
@@ -443,6 +454,16 @@ impl Config {
             path: path.to_owned(),
             diagnostics,
         };
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(invalid(vec![Diagnostic {
+                line: 1,
+                column: 1,
+                yaml_path: String::new(),
+                message: format!(
+                    "the config is larger than {MAX_CONFIG_BYTES} bytes, which no plink config needs"
+                ),
+            }]));
+        }
         // The marked parser runs first: it locates syntax errors precisely
         // (serde_yaml may report a type error found before a later syntax
         // error), and its index locates everything else.

@@ -540,3 +540,35 @@ fn mutated_configs_never_panic() {
     // Some mutations are harmless (comments, whitespace): the test exercised both paths.
     assert!(parsed_ok > 0, "no mutation parsed: the mutator is broken");
 }
+
+/// Issue 14, item 8: input is bounded before it is indexed. Paths grow with
+/// depth, so deep nesting used to make position indexing quadratic.
+#[test]
+fn deep_nesting_and_huge_input_are_refused_before_indexing() {
+    let nested =
+        |depth: usize| format!("{BASE}extra: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let text = nested(40);
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    // The 32nd level is the document's mapping plus 31 brackets.
+    let (line, _) = at(&text, "extra:", 0);
+    assert_eq!(d[0].line, line, "{d:#?}");
+    assert!(
+        d[0].message.contains("nesting deeper than 32 levels"),
+        "{d:#?}"
+    );
+
+    let started = std::time::Instant::now();
+    let d = errors(&nested(200_000));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "deep nesting took {:?}",
+        started.elapsed()
+    );
+
+    let huge = format!("{BASE}# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+    let d = errors(&huge);
+    assert_eq!((d[0].line, d[0].column), (1, 1));
+    assert!(d[0].message.contains("larger than"), "{d:#?}");
+}
