@@ -68,7 +68,9 @@ fn a_full_nat_pool_refuses_new_flows_until_ports_expire() {
     let plink = net
         .start_plink_with(&pl::Options {
             // Long enough that no flow expires while the pool fills.
-            gateway_extra: "  timeouts: {udp: 6s}\n".into(),
+            // One endpoint fills the pool: no fair-share cap.
+            gateway_extra: "  timeouts: {udp: 6s}\n  endpoint_defaults: {max_flows: 65536}\n"
+                .into(),
             dns_nat_ports: format!("30000-{}", 30000 + POOL - 1),
             ..Default::default()
         })

@@ -402,6 +402,8 @@ fn a_16_port_pool_under_32_new_flows_counts_16_failures() {
     let plink = net
         .start_plink_with(&pl::Options {
             dns_nat_ports: format!("30000-{}", 30000 + POOL - 1),
+            // One endpoint fills the pool: no fair-share cap.
+            gateway_extra: "  endpoint_defaults: {max_flows: 65536}\n".into(),
             ..Default::default()
         })
         .unwrap();

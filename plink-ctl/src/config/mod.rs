@@ -115,7 +115,7 @@ pub struct Gateway {
     pub conntrack: ConntrackConfig,
     pub timeouts: Timeouts,
     /// Per-endpoint caps applied where an endpoint sets none.
-    pub endpoint_defaults: EndpointLimits,
+    pub endpoint_defaults: EndpointDefaults,
 }
 
 impl Default for Gateway {
@@ -128,7 +128,7 @@ impl Default for Gateway {
             bpffs_root: PathBuf::from("/sys/fs/bpf/plink"),
             conntrack: ConntrackConfig::default(),
             timeouts: Timeouts::default(),
-            endpoint_defaults: EndpointLimits::default(),
+            endpoint_defaults: EndpointDefaults::default(),
         }
     }
 }
@@ -168,6 +168,86 @@ impl Default for EndpointLimits {
         Self {
             max_flows: 65_536,
             new_flows_per_second: 10_000,
+        }
+    }
+}
+
+/// `gateway.endpoint_defaults`: caps for endpoints that set none.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointDefaults {
+    /// Live flows through one endpoint. Unset: the endpoint's fair share of
+    /// its service's NAT pool and of the conntrack table
+    /// ([`fair_max_flows`]), so that no consumer can take the ports or table
+    /// room another one needs.
+    pub max_flows: Option<u32>,
+    /// New flows per second through one endpoint.
+    pub new_flows_per_second: u32,
+}
+
+impl Default for EndpointDefaults {
+    fn default() -> Self {
+        Self {
+            max_flows: None,
+            new_flows_per_second: EndpointLimits::default().new_flows_per_second,
+        }
+    }
+}
+
+/// The live-flow cap of an endpoint for which neither it nor the gateway
+/// sets one: its share of three quarters of its service's NAT ports (per
+/// protocol: `pool_ports`, shared by `service_endpoints`) and of the
+/// conntrack table (`conntrack`, shared by `all_endpoints`), at most 65536.
+/// NAT port probing starts refusing at about 80% use, so with every
+/// endpoint at its cap a new consumer still finds ports.
+pub fn fair_max_flows(
+    pool_ports: u64,
+    service_endpoints: u64,
+    conntrack: u64,
+    all_endpoints: u64,
+) -> u32 {
+    let share = |total: u64, n: u64| total.saturating_mul(3) / 4 / n.max(1);
+    let cap = share(pool_ports, service_endpoints)
+        .min(share(conntrack, all_endpoints))
+        .min(u64::from(EndpointLimits::default().max_flows))
+        .max(1);
+    u32::try_from(cap).unwrap_or(u32::MAX)
+}
+
+impl Service {
+    /// NAT ports of this service per protocol: addresses × range size.
+    pub fn nat_pool_ports(&self) -> u64 {
+        let range = u64::from(self.nat.ports.last) - u64::from(self.nat.ports.first) + 1;
+        range * self.nat.addresses.len() as u64
+    }
+}
+
+impl Config {
+    /// The caps of endpoint `e` as the datapath applies them.
+    pub fn endpoint_limits(&self, e: &Endpoint) -> EndpointLimits {
+        let d = &self.gateway.endpoint_defaults;
+        let fair = || {
+            let pool = self
+                .services
+                .iter()
+                .find(|s| s.name == e.service)
+                .map(Service::nat_pool_ports)
+                .unwrap_or(0);
+            let sharing = self
+                .endpoints
+                .iter()
+                .filter(|o| o.service == e.service)
+                .count() as u64;
+            fair_max_flows(
+                pool,
+                sharing,
+                u64::from(self.gateway.conntrack.max_flows),
+                self.endpoints.len() as u64,
+            )
+        };
+        EndpointLimits {
+            max_flows: e.max_flows.or(d.max_flows).unwrap_or_else(fair),
+            new_flows_per_second: e.new_flows_per_second.unwrap_or(d.new_flows_per_second),
         }
     }
 }
@@ -378,18 +458,6 @@ pub struct Endpoint {
     /// Cap on new flows per second; default `gateway.endpoint_defaults`.
     #[serde(default)]
     pub new_flows_per_second: Option<u32>,
-}
-
-impl Endpoint {
-    /// The caps in force for this endpoint.
-    pub fn limits(&self, defaults: &EndpointLimits) -> EndpointLimits {
-        EndpointLimits {
-            max_flows: self.max_flows.unwrap_or(defaults.max_flows),
-            new_flows_per_second: self
-                .new_flows_per_second
-                .unwrap_or(defaults.new_flows_per_second),
-        }
-    }
 }
 
 /// Parses an IPv4 address with a message that says how to write one.

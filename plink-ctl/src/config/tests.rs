@@ -572,3 +572,49 @@ fn deep_nesting_and_huge_input_are_refused_before_indexing() {
     assert_eq!((d[0].line, d[0].column), (1, 1));
     assert!(d[0].message.contains("larger than"), "{d:#?}");
 }
+
+/// Issue 14, item 7: caps protect the pool. Without a configured cap an
+/// endpoint gets a fair share of its service's NAT pool and of the
+/// conntrack table; an explicit cap beyond the pool is refused.
+#[test]
+fn endpoint_caps_follow_the_nat_pool_and_the_table() {
+    // Three quarters of the pool, shared by the service's endpoints, and of
+    // the table, shared by all; at most 65536 and at least 1.
+    assert_eq!(fair_max_flows(16, 2, 262_144, 4), 6);
+    assert_eq!(fair_max_flows(64_512, 1, 262_144, 1), 48_384);
+    assert_eq!(fair_max_flows(1_000_000, 1, 1_000_000, 1), 65_536);
+    assert_eq!(fair_max_flows(16, 4, 16, 4), 3);
+    assert_eq!(fair_max_flows(1, 8, 1, 8), 1);
+
+    let small = edit(
+        "nat: {addresses: [198.51.100.200], ports: 1024-65535}",
+        "nat: {addresses: [198.51.100.200], ports: 20000-20015}",
+    );
+    let cfg = Config::parse(Path::new(FILE), &small).expect("valid");
+    let caps: Vec<u32> = cfg
+        .endpoints
+        .iter()
+        .map(|e| cfg.endpoint_limits(e).max_flows)
+        .collect();
+    assert_eq!(caps, vec![6, 6], "16 ports shared by two endpoints");
+    // A gateway default or an endpoint's own cap wins.
+    let explicit = small.replacen(
+        "  state_dir: /var/lib/plink\n",
+        "  state_dir: /var/lib/plink\n  endpoint_defaults: {max_flows: 10}\n",
+        1,
+    );
+    let cfg = Config::parse(Path::new(FILE), &explicit).expect("valid");
+    assert_eq!(cfg.endpoint_limits(&cfg.endpoints[0]).max_flows, 10);
+    let own = small.replacen("service: orders}\n", "service: orders, max_flows: 16}\n", 1);
+    let cfg = Config::parse(Path::new(FILE), &own).expect("valid");
+    assert_eq!(cfg.endpoint_limits(&cfg.endpoints[0]).max_flows, 16);
+    assert_eq!(cfg.endpoint_limits(&cfg.endpoints[1]).max_flows, 6);
+
+    // More than the pool holds: refused where it is written.
+    let text = small.replacen("service: orders}\n", "service: orders, max_flows: 17}\n", 1);
+    assert_error(
+        &errors(&text),
+        at(&text, "17}", 0),
+        "more than service \"orders\"'s NAT pool holds (16 ports per protocol)",
+    );
+}

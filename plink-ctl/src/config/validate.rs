@@ -217,10 +217,10 @@ fn gateway(cfg: &Config, p: &mut Problems) {
             );
         }
     }
-    if g.endpoint_defaults.max_flows == 0 {
+    if g.endpoint_defaults.max_flows == Some(0) {
         p.push(
             "gateway.endpoint_defaults.max_flows",
-            "must be at least 1 (0 would refuse every flow); default 65536",
+            "must be at least 1 (0 would refuse every flow); leave it out for each endpoint's fair share of its service's NAT pool",
         );
     }
     if g.endpoint_defaults.new_flows_per_second == 0 {
@@ -626,6 +626,18 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
             );
             continue;
         };
+        if let Some(cap) = e.max_flows {
+            let pool = service.nat_pool_ports();
+            if u64::from(cap) > pool && pool > 0 {
+                p.push(
+                    format!("{path}.max_flows"),
+                    format!(
+                        "max_flows {cap} is more than service {:?}'s NAT pool holds ({pool} ports per protocol): the cap would let this endpoint take every port the service's other endpoints need; use at most {pool}, or leave it out for a fair share",
+                        e.service
+                    ),
+                );
+            }
+        }
         for sp in &service.ports {
             let key = (e.network.as_str(), e.address, service.protocol, sp.port);
             if let Some(first) = first_seen(&mut listeners, key, &path) {
