@@ -660,3 +660,57 @@ fn the_grafana_dashboard_queries_only_metrics_plink_serves() {
         );
     }
 }
+
+/// Issue 14, item 8: a backend id released by one reload and given to a
+/// new backend by the next starts its counters at zero, not at what its
+/// last owner counted.
+#[test]
+fn a_reused_backend_id_starts_its_counters_at_zero() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let plink = net.start_plink().unwrap();
+    let series = |backend: &str, metric: &str| {
+        format!("{metric}{{service=\"orders\",backend=\"{backend}\"}}")
+    };
+    // Enough connections that both orders backends count some.
+    for _ in 0..20 {
+        servers::tcp_request(&net.consumer_a, None, pl::endpoint_tcp(), 1024).unwrap();
+    }
+    let before = plink.scrape(&net.gw).unwrap();
+    let old = series("198.51.100.11", "plink_backend_connections_total");
+    assert!(value(&before, &old).unwrap_or(0.0) > 0.0, "{before}");
+
+    let original = std::fs::read_to_string(&plink.config_path).unwrap();
+    let both = "backends: [{address: 198.51.100.10}, {address: 198.51.100.11}]";
+    assert!(original.contains(both));
+    std::fs::write(
+        &plink.config_path,
+        original.replacen(both, "backends: [{address: 198.51.100.10}]", 1),
+    )
+    .unwrap();
+    plink.ctl(&net.gw, &["reload"]).unwrap();
+    // The next reload hands the released id to a new backend.
+    std::fs::write(
+        &plink.config_path,
+        original.replacen(
+            both,
+            "backends: [{address: 198.51.100.10}, {address: 198.51.100.13}]",
+            1,
+        ),
+    )
+    .unwrap();
+    plink.ctl(&net.gw, &["reload"]).unwrap();
+    let list = plink.ctl(&net.gw, &["status", "--json"]).unwrap();
+    assert!(list.contains("\"ok\": true"), "{list}");
+    let after = plink.scrape(&net.gw).unwrap();
+    for metric in [
+        "plink_backend_connections_total",
+        "plink_backend_bytes_total",
+    ] {
+        assert_eq!(
+            value(&after, &series("198.51.100.13", metric)),
+            Some(0.0),
+            "{metric} of the new backend: {after}"
+        );
+    }
+}

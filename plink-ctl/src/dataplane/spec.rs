@@ -428,8 +428,7 @@ impl Dataplane {
         // Backends first: a lookup table never names a backend not yet written.
         {
             let cached = self.written.backends.take();
-            let mut map: Array<_, BackendInfo> =
-                Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+            let map: Array<_, BackendInfo> = Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
             let desired: BTreeMap<u32, BackendInfo> = spec
                 .backends
                 .iter()
@@ -455,6 +454,18 @@ impl Dataplane {
                 Some(c) => c,
                 None => map.iter().collect::<Result<Vec<_>, _>>()?,
             };
+            // An id taken into use (its slot was empty) starts its counters
+            // at zero: a reused id must not inherit its last owner's.
+            let fresh: Vec<u32> = desired
+                .keys()
+                .copied()
+                .filter(|id| current.get(*id as usize).is_some_and(|s| s.enabled == 0))
+                .collect();
+            for id in fresh {
+                self.zero_counters(map_names::BACKEND_STATS, id)?;
+            }
+            let mut map: Array<_, BackendInfo> =
+                Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
             for (id, slot) in current.iter_mut().enumerate() {
                 let want = desired.get(&(id as u32)).copied().unwrap_or_default();
                 if *slot != want {
@@ -545,6 +556,15 @@ impl Dataplane {
                     enabled: 1,
                 },
             );
+        }
+        // Service ids taken into use start their service and NAT counters at zero.
+        for id in desired.keys() {
+            if current.get(*id as usize).is_some_and(|s| s.enabled == 0) {
+                self.zero_counters(map_names::SVC_STATS, *id)?;
+                for slot in 0..MAX_NAT_SLOTS as u32 {
+                    self.zero_counters(map_names::NAT_STATS, id * MAX_NAT_SLOTS as u32 + slot)?;
+                }
+            }
         }
         let mut freed: Vec<(u32, u32, std::time::Instant)> = Vec::new();
         let mut services: Array<_, ServiceConfig> =
@@ -682,6 +702,18 @@ impl Dataplane {
         let mut arp_map: HashMap<_, NetAddrKey, u32> =
             HashMap::try_from(self.map_mut(map_names::ARP_ENDPOINTS)?)?;
         sync_hash(&mut arp_map, &arp)?;
+        Ok(())
+    }
+
+    /// Zeroes one slot of a per-CPU counter array.
+    fn zero_counters(&mut self, map: &str, index: u32) -> anyhow::Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let mut stats: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map_mut(map)?)?;
+        stats.set(
+            index,
+            PerCpuValues::try_from(vec![Counters::default(); cpus])?,
+            0,
+        )?;
         Ok(())
     }
 
