@@ -109,7 +109,7 @@ pub struct Gateway {
     /// Flows at the last GC sweep (gauges are served from it, not a scan per scrape).
     pub last_gc: GcReport,
     /// NAT ports held per NAT address at the last GC sweep.
-    pub nat_in_use: BTreeMap<Ipv4Addr, u64>,
+    pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
     pub conntrack_capacity: u64,
 }
 
@@ -256,7 +256,7 @@ impl Gateway {
     /// use for metrics (gauges come from this sweep, not a scan per scrape).
     pub fn gc(&mut self) -> anyhow::Result<()> {
         self.last_gc = self.dp.gc_conntrack()?;
-        self.nat_in_use = self.dp.nat_ports_in_use()?;
+        self.nat_in_use = self.dp.nat_ports_in_use_by_protocol()?;
         Ok(())
     }
 
@@ -280,7 +280,11 @@ impl Gateway {
         let nat_ports_in_use = if draining {
             self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?
         } else {
-            self.nat_in_use.clone()
+            let mut per_address: BTreeMap<Ipv4Addr, u64> = BTreeMap::new();
+            for ((addr, _), n) in &self.nat_in_use {
+                *per_address.entry(*addr).or_default() += n;
+            }
+            per_address
         };
         let observed = Observed {
             interfaces: observe_interfaces(model),
@@ -442,13 +446,28 @@ impl Gateway {
                 .find(|s| s.id == svc.id.0)
                 .map(|s| s.nat.clone())
                 .unwrap_or_default();
+            // Per protocol, as ports are allocated: the service's protocol
+            // and ICMP echo identifiers each have the whole range.
+            let protocols = [
+                (
+                    match svc.protocol {
+                        CfgProtocol::Tcp => plink_common::IPPROTO_TCP,
+                        CfgProtocol::Udp => plink_common::IPPROTO_UDP,
+                    },
+                    protocol_name(svc.protocol),
+                ),
+                (plink_common::IPPROTO_ICMP, "icmp"),
+            ];
             for n in spec_nat.iter().filter(|n| !n.addr.is_unspecified()) {
-                snap.nat.push(metrics::NatSample {
-                    service: svc.name.clone(),
-                    nat_address: n.addr.to_string(),
-                    ports_in_use: in_use.get(&n.addr).copied().unwrap_or(0),
-                    ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
-                });
+                for (number, name) in protocols {
+                    snap.nat.push(metrics::NatSample {
+                        service: svc.name.clone(),
+                        nat_address: n.addr.to_string(),
+                        protocol: name.to_owned(),
+                        ports_in_use: in_use.get(&(n.addr, number)).copied().unwrap_or(0),
+                        ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
+                    });
+                }
             }
         }
         for (reason, count) in self.dp.drop_counts()? {

@@ -64,6 +64,8 @@ pub struct BackendSample {
 pub struct NatSample {
     pub service: String,
     pub nat_address: String,
+    /// `tcp`, `udp` or `icmp`: ports are unique per address and protocol.
+    pub protocol: String,
     pub ports_in_use: u64,
     pub ports_capacity: u64,
 }
@@ -290,7 +292,7 @@ pub fn render(s: &Snapshot) -> String {
 
     let mut nat_used = FamilyBuilder::new(
         "plink_nat_ports_in_use",
-        "NAT ports held by live flows, summed over protocols.",
+        "NAT ports held by live flows, per protocol (comparable with plink_nat_ports_capacity).",
         GAUGE,
     );
     let mut nat_cap = FamilyBuilder::new(
@@ -302,6 +304,7 @@ pub fn render(s: &Snapshot) -> String {
         let labels = [
             ("service", n.service.as_str()),
             ("nat_address", n.nat_address.as_str()),
+            ("protocol", n.protocol.as_str()),
         ];
         nat_used.sample(&labels, n.ports_in_use as f64);
         nat_cap.sample(&labels, n.ports_capacity as f64);
@@ -558,6 +561,7 @@ mod tests {
             nat: vec![NatSample {
                 service: "orders".into(),
                 nat_address: "198.51.100.200".into(),
+                protocol: "tcp".into(),
                 ports_in_use: 1,
                 ports_capacity: 64512,
             }],
@@ -595,7 +599,8 @@ mod tests {
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"out\"} 1200",
             "plink_endpoint_connections_total{endpoint=\"orders-a\",service=\"orders\",protocol=\"tcp\"} 1",
             "plink_endpoint_state{endpoint=\"orders-a\",service=\"orders\",state=\"approved\"} 1",
-            "plink_nat_ports_capacity{service=\"orders\",nat_address=\"198.51.100.200\"} 64512",
+            "plink_nat_ports_capacity{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 64512",
+            "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 1",
             "plink_drops_total{reason=\"no_endpoint\"} 7",
             "plink_conntrack_capacity 1024",
             "# TYPE plink_backend_up gauge",

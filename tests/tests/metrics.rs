@@ -346,7 +346,7 @@ fn prometheus_sees_exact_endpoint_and_service_bytes_and_packets() {
 }
 
 fn nat_series(metric: &str) -> String {
-    format!("{metric}{{service=\"dns\",nat_address=\"198.51.100.202\"}}")
+    format!("{metric}{{service=\"dns\",nat_address=\"198.51.100.202\",protocol=\"udp\"}}")
 }
 
 #[test]
@@ -388,7 +388,7 @@ fn nat_ports_in_use_equal_the_live_flows() {
     assert_eq!(
         value(
             &last,
-            "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\"}"
+            "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"}"
         ),
         Some(0.0)
     );

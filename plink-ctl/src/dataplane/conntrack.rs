@@ -201,6 +201,21 @@ impl Dataplane {
         Ok(flow_entries(self.flows()?, &g))
     }
 
+    /// NAT ports in use per NAT address (host-order IPv4) and protocol
+    /// number: a port is unique per (address, protocol), so each protocol has
+    /// the whole range.
+    pub fn nat_ports_in_use_by_protocol(
+        &mut self,
+    ) -> anyhow::Result<BTreeMap<(Ipv4Addr, u8), u64>> {
+        let ports: HashMap<_, NatPortKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
+        let mut out = BTreeMap::new();
+        for k in ports.keys().filter_map(Result::ok) {
+            *out.entry((ip(&k.addr_be), k.proto)).or_default() += 1;
+        }
+        Ok(out)
+    }
+
     /// NAT ports in use per NAT address (host-order IPv4), all protocols.
     pub fn nat_ports_in_use(&mut self) -> anyhow::Result<BTreeMap<Ipv4Addr, u64>> {
         let ports: HashMap<_, NatPortKey, CtOwner> =
