@@ -9,7 +9,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -49,6 +52,154 @@ pub enum ControllerError {
         "reload refused: the Maglev tables need {needed} lookup-table slots (two per table slot, for the swap) but the table was sized at start for {capacity}; reduce maglev_table_size or the number of services, or restart plink-ctl to resize"
     )]
     LookupTableFull { needed: u64, capacity: u64 },
+    /// Found by the plan before anything was written.
+    #[error("refused: {0}; nothing was changed")]
+    Plan(String),
+    /// A write into the dataplane failed part way.
+    #[error("the dataplane did not take the change: {why}. {}", restore_note(.restored))]
+    ApplyFailed {
+        why: String,
+        /// `Some(error)` when putting the previous configuration back failed too.
+        restored: Option<String>,
+    },
+    /// The first apply at start did not take.
+    #[error("the dataplane did not take the configuration at start: {0}")]
+    StartFailed(String),
+    #[error(
+        "refusing to adopt the dataplane pinned under {pin_dir}: the state file {state_file} does not belong to it ({}, the pins are dataplane {pinned}). The flows in the pins carry endpoint, network and backend ids from the state they were created with; combined with another state, flows could be handed to the wrong endpoint or consumer. If you have the state file of these pins, put it back and start again; otherwise run `plink-ctl down --config FILE` (detaches XDP and removes the pins: live flows are lost) and start again", recorded_note(.recorded)
+    )]
+    ForeignPins {
+        pin_dir: PathBuf,
+        state_file: PathBuf,
+        pinned: String,
+        recorded: Option<String>,
+    },
+}
+
+fn restore_note(restored: &Option<String>) -> String {
+    match restored {
+        None => {
+            "The dataplane was put back to the previous configuration; nothing was saved".into()
+        }
+        Some(e) => format!(
+            "Putting the previous configuration back failed too ({e}): the dataplane has DIVERGED from the saved state (`plink-ctl status` shows it; a successful reload or restart converges it); nothing was saved"
+        ),
+    }
+}
+
+fn recorded_note(recorded: &Option<String>) -> String {
+    match recorded {
+        None => {
+            "it records no dataplane: it is new, was reset, or predates dataplane identities".into()
+        }
+        Some(id) => format!("it records dataplane {id}"),
+    }
+}
+
+/// Applies a model to the running dataplane (the gateway implements it).
+pub trait Applier: Send {
+    fn apply(&mut self, model: &Model) -> Result<(), ApplyFailure>;
+}
+
+/// Why [`Applier::apply`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyFailure {
+    /// Found before anything was written: the dataplane is as it was.
+    Refused(String),
+    /// A write failed part way.
+    Failed(String),
+}
+
+impl std::fmt::Display for ApplyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyFailure::Refused(s) | ApplyFailure::Failed(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Whether the dataplane holds the committed model, for `status` and
+/// `/metrics` (read without the controller's lock).
+#[derive(Debug)]
+pub struct ApplyHealth {
+    attached: AtomicBool,
+    in_sync: AtomicBool,
+    failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Default for ApplyHealth {
+    fn default() -> Self {
+        Self {
+            attached: AtomicBool::new(false),
+            in_sync: AtomicBool::new(true),
+            failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+impl ApplyHealth {
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    fn synced(&self) {
+        self.in_sync.store(true, Ordering::SeqCst);
+    }
+
+    fn failed(&self, why: &str) {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+        self.in_sync.store(false, Ordering::SeqCst);
+        self.set_error(Some(why.to_owned()));
+    }
+
+    /// True while the dataplane holds the committed model.
+    pub fn in_sync(&self) -> bool {
+        self.in_sync.load(Ordering::SeqCst)
+    }
+
+    /// Applies that failed part way since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
+    pub fn status(&self) -> DataplaneStatus {
+        DataplaneStatus {
+            attached: self.attached.load(Ordering::SeqCst),
+            in_sync: self.in_sync(),
+            apply_failures: self.failures(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// The dataplane part of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneStatus {
+    /// A dataplane is attached (false for a controller without one).
+    pub attached: bool,
+    /// The kernel holds the committed configuration; false = diverged.
+    pub in_sync: bool,
+    /// Applies that failed part way since the controller started.
+    pub apply_failures: u64,
+    /// The last failure, kept after the dataplane converged again.
+    pub last_error: Option<String>,
+}
+
+impl Default for DataplaneStatus {
+    fn default() -> Self {
+        Self {
+            attached: false,
+            in_sync: true,
+            apply_failures: 0,
+            last_error: None,
+        }
+    }
 }
 
 impl ControllerError {
@@ -95,20 +246,29 @@ pub struct Status {
     pub endpoints_approved: usize,
     pub endpoints_rejected: usize,
     pub endpoints_removed: usize,
+    /// Whether the kernel holds what the controller committed.
+    #[serde(default)]
+    pub dataplane: DataplaneStatus,
+    /// The dataplane identity the state file is bound to.
+    #[serde(default)]
+    pub dataplane_id: Option<String>,
 }
 
 pub struct Controller {
     config_path: PathBuf,
     config: Config,
     store: StateStore,
+    /// The state as loaded from the file (before this config was folded in).
+    loaded: PersistedState,
     state: PersistedState,
     model: Arc<Model>,
     started: SystemTime,
     publish: watch::Sender<Arc<Model>>,
     dataplane: Option<Arc<dyn DataplaneQueries>>,
-    /// The model the dataplane last applied, when one runs: admin changes
-    /// answer once their model is live.
-    applied: Option<watch::Receiver<Arc<Model>>>,
+    /// Writes models into the running dataplane; a change is committed (and
+    /// saved) only once it took.
+    applier: Option<Box<dyn Applier>>,
+    apply_health: Arc<ApplyHealth>,
     /// Lookup-table slots the dataplane was sized for at start.
     lb_capacity: u64,
 }
@@ -129,23 +289,32 @@ impl Controller {
 
     /// Like `open` with an already validated config.
     pub fn with_config(config_path: &Path, config: Config) -> Result<Self, ControllerError> {
+        let c = Self::prepare(config_path, config)?;
+        c.store.save(&c.state)?;
+        Ok(c)
+    }
+
+    /// Like `with_config`, without saving: [`Controller::start`] saves once
+    /// the dataplane holds the model.
+    pub fn prepare(config_path: &Path, config: Config) -> Result<Self, ControllerError> {
         let store = StateStore::open(&config.gateway.state_dir)?;
-        let saved = store.load()?.unwrap_or_default();
-        let state = state::reconcile(&config, &saved)?;
+        let loaded = store.load()?.unwrap_or_default();
+        let state = state::reconcile(&config, &loaded)?;
         let model = Arc::new(Model::build(&config, &state)?);
-        store.save(&state)?;
         let (publish, _) = watch::channel(model.clone());
         let lb_capacity = config.lb_table_slots();
         Ok(Self {
             config_path: config_path.to_owned(),
             config,
             store,
+            loaded,
             state,
             model,
             started: SystemTime::now(),
             publish,
             dataplane: None,
-            applied: None,
+            applier: None,
+            apply_health: Arc::new(ApplyHealth::default()),
             lb_capacity,
         })
     }
@@ -171,15 +340,129 @@ impl Controller {
         self.dataplane.clone()
     }
 
-    /// Tells the controller which model the dataplane has applied.
-    pub fn set_applied(&mut self, applied: watch::Receiver<Arc<Model>>) {
-        self.applied = Some(applied);
+    /// The dataplane identity the saved state is bound to.
+    pub fn dataplane_id(&self) -> Option<&str> {
+        self.state.dataplane.as_deref()
     }
 
-    /// What to wait on after a change: the committed model and the
-    /// dataplane's applied one (`None` without a dataplane).
-    pub fn apply_wait(&self) -> Option<(Arc<Model>, watch::Receiver<Arc<Model>>)> {
-        self.applied.clone().map(|rx| (self.model.clone(), rx))
+    /// Refuses pins that do not belong to the saved state (SPEC §9: pins and
+    /// state file carry one dataplane identity). `pinned` is the identity of
+    /// the pins found under `pin_dir`, `None` when there are none (a fresh
+    /// start binds the state to the new dataplane).
+    pub fn check_pins(&self, pinned: Option<&str>, pin_dir: &Path) -> Result<(), ControllerError> {
+        match pinned {
+            Some(id) if self.state.dataplane.as_deref() != Some(id) => {
+                Err(ControllerError::ForeignPins {
+                    pin_dir: pin_dir.to_owned(),
+                    state_file: self.store.path(),
+                    pinned: id.to_owned(),
+                    recorded: self.state.dataplane.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Binds the saved state to a dataplane this controller just created
+    /// (no flows yet), before anything is forwarded: a start that fails
+    /// later leaves pins that the next start may adopt. Only the identity
+    /// is written; decisions are saved once they are applied.
+    pub fn bind_fresh_dataplane(&mut self, identity: &str) -> Result<(), ControllerError> {
+        if self.state.dataplane.as_deref() == Some(identity) {
+            return Ok(());
+        }
+        let mut loaded = self.loaded.clone();
+        loaded.dataplane = Some(identity.to_owned());
+        self.store.save(&loaded)?;
+        self.loaded = loaded;
+        self.state.dataplane = Some(identity.to_owned());
+        Ok(())
+    }
+
+    /// Binds the controller to a running dataplane: records its identity,
+    /// applies the model (an adopting start purges what it no longer
+    /// allows), and only then saves the state.
+    pub fn start(
+        &mut self,
+        mut applier: Box<dyn Applier>,
+        identity: Option<String>,
+    ) -> Result<(), ControllerError> {
+        applier
+            .apply(&self.model)
+            .map_err(|why| ControllerError::StartFailed(why.to_string()))?;
+        self.apply_health.attached.store(true, Ordering::SeqCst);
+        self.apply_health.synced();
+        self.applier = Some(applier);
+        if identity.is_some() {
+            self.state.dataplane = identity;
+        }
+        self.store.save(&self.state)?;
+        Ok(())
+    }
+
+    /// Whether the dataplane holds the committed model (shared with `/metrics`).
+    pub fn apply_health(&self) -> Arc<ApplyHealth> {
+        self.apply_health.clone()
+    }
+
+    /// Applies the committed model again (backend health changed, or to
+    /// converge after a failure).
+    pub fn reapply(&mut self) -> Result<(), ControllerError> {
+        let Some(applier) = self.applier.as_mut() else {
+            return Ok(());
+        };
+        match applier.apply(&self.model) {
+            Ok(()) => {
+                self.apply_health.synced();
+                Ok(())
+            }
+            Err(ApplyFailure::Refused(why)) => Err(ControllerError::Plan(why)),
+            Err(ApplyFailure::Failed(why)) => {
+                self.apply_health.failed(&why);
+                Err(ControllerError::ApplyFailed {
+                    why,
+                    restored: Some("the committed configuration is the one that failed".into()),
+                })
+            }
+        }
+    }
+
+    /// Applies `model`; when a write fails part way, puts the committed
+    /// model back.
+    fn apply_or_restore(&mut self, model: &Model) -> Result<(), ControllerError> {
+        let Some(applier) = self.applier.as_mut() else {
+            return Ok(());
+        };
+        match applier.apply(model) {
+            Ok(()) => {
+                self.apply_health.synced();
+                Ok(())
+            }
+            Err(ApplyFailure::Refused(why)) => Err(ControllerError::Plan(why)),
+            Err(ApplyFailure::Failed(why)) => {
+                self.apply_health.failed(&why);
+                tracing::error!(
+                    "applying a change failed: {why}; putting the previous configuration back"
+                );
+                let restored = match applier.apply(&self.model) {
+                    Ok(()) => {
+                        self.apply_health.synced();
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!("the dataplane has diverged: restoring failed: {e}");
+                        if matches!(e, ApplyFailure::Failed(_)) {
+                            self.apply_health.failed(&format!(
+                                "{why}; restoring the previous configuration: {e}"
+                            ));
+                        }
+                        self.apply_health.in_sync.store(false, Ordering::SeqCst);
+                        Some(e.to_string())
+                    }
+                };
+                Err(ControllerError::ApplyFailed { why, restored })
+            }
+        }
     }
 
     /// A receiver that sees every new model (the latest one, if several
@@ -195,7 +478,15 @@ impl Controller {
         state: PersistedState,
     ) -> Result<ModelDiff, ControllerError> {
         let model = Arc::new(Model::build(&config, &state)?);
-        self.store.save(&state)?;
+        // The kernel first: a decision is saved only once it holds it.
+        self.apply_or_restore(&model)?;
+        if let Err(e) = self.store.save(&state) {
+            // Saving failed: the kernel must not hold what the disk does not.
+            if let Err(restore) = self.apply_or_restore(&self.model.clone()) {
+                tracing::error!("after a failed save: {restore}");
+            }
+            return Err(e.into());
+        }
         let diff = Model::diff(&self.model, &model);
         self.config = config;
         self.state = state;
@@ -307,6 +598,8 @@ impl Controller {
             endpoints_approved: count(ConnectionState::Approved),
             endpoints_rejected: count(ConnectionState::Rejected),
             endpoints_removed: count(ConnectionState::Removed),
+            dataplane: self.apply_health.status(),
+            dataplane_id: self.state.dataplane.clone(),
         }
     }
 }

@@ -16,17 +16,12 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     approval::ConnectionState,
-    config::{BackendState as CfgBackendState, Config, MssClamp, Protocol as CfgProtocol, Role},
+    config::{BackendState as CfgBackendState, Config, Protocol as CfgProtocol, Role},
     dataplane::CounterKind,
-    dataplane::{
-        AnswerPath, BackendSpec, BackendState, Dataplane, DataplaneSpec, EndpointSpec,
-        EndpointState, GcReport, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol,
-        ServiceSpec, Sizes, TimeoutSpec, garp,
-    },
-    devstats,
-    maglev::{self, MaglevBackend},
-    metrics,
+    dataplane::{BackendState, Dataplane, DataplaneSpec, GcReport, Sizes, garp},
+    devstats, metrics,
     model::{BackendId, Model},
+    plan::{FlowPolicy, HostInterface, Observed, PlanError, Stale},
 };
 
 /// The MAC address of an interface in the current network namespace.
@@ -64,207 +59,69 @@ pub fn interface_mac(name: &str) -> anyhow::Result<[u8; 6]> {
     Ok(mac)
 }
 
-/// Backend health as the health checker sees it; every backend is healthy
-/// until a checker says otherwise.
-pub trait Health {
-    fn healthy(&self, backend: BackendId) -> bool;
-}
+pub use crate::plan::{AllHealthy, Health};
 
-/// All backends healthy (no health checks configured or run).
-pub struct AllHealthy;
-
-impl Health for AllHealthy {
-    fn healthy(&self, _: BackendId) -> bool {
-        true
-    }
-}
-
-/// Keeps each NAT address in the slot it had, so counters and flows keyed by
-/// slot survive reloads; addresses that left the config stay as draining
-/// (no new flows, existing flows keep their port) in their slot.
-fn nat_slots(
-    wanted: &[Ipv4Addr],
-    ports: (u16, u16),
-    previous: Option<&ServiceSpec>,
-) -> Vec<NatSpec> {
-    let mut slots: Vec<Option<NatSpec>> = match previous {
-        Some(prev) => prev
-            .nat
-            .iter()
-            .map(|n| {
-                Some(NatSpec {
-                    addr: n.addr,
-                    ports: n.ports.clone(),
-                    draining: !wanted.contains(&n.addr),
-                })
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    for s in slots.iter_mut().flatten() {
-        if !s.draining {
-            s.ports = ports.0..=ports.1;
-        }
-    }
-    for addr in wanted {
-        if slots.iter().flatten().any(|s| s.addr == *addr) {
-            continue;
-        }
-        let fresh = NatSpec {
-            addr: *addr,
-            ports: ports.0..=ports.1,
-            draining: false,
-        };
-        // Reuse a draining slot only when we would otherwise exceed the limit.
-        if slots.len() < plink_common::MAX_NAT_SLOTS {
-            slots.push(Some(fresh));
-        } else if let Some(free) = slots
-            .iter_mut()
-            .find(|s| s.as_ref().is_some_and(|s| s.draining))
-        {
-            *free = Some(fresh);
-        }
-    }
-    slots.into_iter().flatten().collect()
-}
-
-/// Computes the dataplane spec for `model`. `previous` is the spec applied
-/// before (keeps NAT slots stable); `health` filters backends out of the
-/// lookup tables.
-pub fn spec_from_model(
-    model: &Model,
-    previous: Option<&DataplaneSpec>,
-    health: &dyn Health,
-) -> anyhow::Result<DataplaneSpec> {
-    let mut interfaces = Vec::new();
+/// Reads the interfaces `model` names from the host: ifindex and MAC.
+pub fn observe_interfaces(model: &Model) -> BTreeMap<String, HostInterface> {
+    let mut out = BTreeMap::new();
     for iface in model.interfaces.values() {
-        let ifindex = crate::dataplane::ifindex(&iface.name)?;
-        let role = match (iface.role, iface.network) {
-            (Role::Consumer, Some(n)) => InterfaceRole::Consumer { network_id: n.0 },
-            (Role::Consumer, None) => bail!("consumer interface {} has no network", iface.name),
-            (Role::Provider, _) => InterfaceRole::Provider,
+        // A missing interface is left out: the plan says so, by name.
+        let Ok(ifindex) = crate::dataplane::ifindex(&iface.name) else {
+            continue;
         };
-        let driver = crate::devstats::driver_name(&iface.name)?;
-        interfaces.push(InterfaceSpec {
-            ifindex,
-            role,
-            mac: interface_mac(&iface.name)?,
-            answers: AnswerPath::for_driver(driver.as_deref()),
+        // The driver picks how XDP's own answers leave (AnswerPath).
+        let driver = crate::devstats::driver_name(&iface.name).unwrap_or_else(|e| {
+            tracing::warn!(interface = %iface.name, "{e:#}");
+            None
         });
-    }
-    let t = &model.gateway.timeouts;
-    let timeouts = TimeoutSpec {
-        tcp_established: t.tcp_established.0,
-        tcp_transitory: t.tcp_transitory.0,
-        udp: t.udp.0,
-        icmp: t.icmp.0,
-    };
-    let prev_services: BTreeMap<u32, &ServiceSpec> = previous
-        .map(|p| p.services.iter().map(|s| (s.id, s)).collect())
-        .unwrap_or_default();
-    let mut services = Vec::new();
-    let mut backends = Vec::new();
-    for svc in model.services.values() {
-        let port = svc.ports.first().map(|p| p.target_port).unwrap_or(0);
-        // Only active, healthy backends with weight take new flows.
-        let candidates: Vec<(BackendId, MaglevBackend)> = svc
-            .backends
-            .iter()
-            .filter(|b| b.state == CfgBackendState::Active && health.healthy(b.id))
-            .map(|b| {
-                (
-                    b.id,
-                    MaglevBackend {
-                        address: b.address,
-                        port,
-                        weight: b.weight,
+        match interface_mac(&iface.name) {
+            Ok(mac) => {
+                out.insert(
+                    iface.name.clone(),
+                    HostInterface {
+                        ifindex,
+                        mac,
+                        answers: crate::dataplane::AnswerPath::for_driver(driver.as_deref()),
                     },
-                )
-            })
-            .collect();
-        let table_input: Vec<MaglevBackend> = candidates.iter().map(|(_, b)| *b).collect();
-        let lookup = maglev::build_table(&table_input, svc.maglev_table_size)
-            .with_context(|| format!("building the Maglev table of service {}", svc.name))?
-            .into_iter()
-            .map(|i| candidates[i as usize].0.0)
-            .collect();
-        services.push(ServiceSpec {
-            id: svc.id.0,
-            nat: nat_slots(
-                &svc.nat.addresses,
-                (svc.nat.ports.first, svc.nat.ports.last),
-                prev_services.get(&svc.id.0).copied(),
-            ),
-            lookup,
-            mss_clamp: match svc.mss_clamp {
-                None => plink_common::MSS_CLAMP_OFF,
-                Some(MssClamp::Auto) => plink_common::MSS_CLAMP_AUTO,
-                // Validated to 536-65495, below the AUTO marker.
-                Some(MssClamp::Bytes(n)) => {
-                    u16::try_from(n).map_or(plink_common::MSS_CLAMP_OFF, |n| n.min(u16::MAX - 1))
-                }
-            },
-        });
-        for b in &svc.backends {
-            backends.push(BackendSpec {
-                id: b.id.0,
-                service_id: svc.id.0,
-                addr: b.address,
-                state: match b.state {
-                    CfgBackendState::Active if health.healthy(b.id) => BackendState::Active,
-                    CfgBackendState::Active | CfgBackendState::Down => BackendState::Down,
-                    CfgBackendState::Draining => BackendState::Draining,
-                },
-            });
+                );
+            }
+            Err(e) => tracing::warn!(interface = %iface.name, "{e:#}"),
         }
     }
-    let endpoints = model
-        .endpoints
-        .values()
-        .map(|e| EndpointSpec {
-            id: e.id.0,
-            network_id: e.network_id.0,
-            addr: e.address,
-            service_id: e.service_id.0,
-            protocol: match e.protocol {
-                CfgProtocol::Tcp => Protocol::Tcp,
-                CfgProtocol::Udp => Protocol::Udp,
-            },
-            ports: e
-                .ports
-                .iter()
-                .map(|p| PortSpec {
-                    port: p.port,
-                    target_port: p.target_port,
-                })
-                .collect(),
-            state: match e.state {
-                ConnectionState::Pending => EndpointState::Pending,
-                ConnectionState::Approved => EndpointState::Approved,
-                ConnectionState::Rejected => EndpointState::Rejected,
-                ConnectionState::Removed => EndpointState::Removed,
-            },
-            max_flows: e.limits.max_flows,
-            new_flows_per_sec: e.limits.new_flows_per_second,
-        })
-        .collect();
-    Ok(DataplaneSpec {
-        interfaces,
-        timeouts,
-        services,
-        backends,
-        endpoints,
-    })
+    out
+}
+
+/// Why an apply did not happen, or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Found before anything was written: the dataplane is as it was.
+    #[error(transparent)]
+    Refused(#[from] PlanError),
+    /// A write failed part way: the maps hold part of the change.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+/// What an apply did besides writing the spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Flows purged because the spec no longer allows them, by reason.
+    pub purged: BTreeMap<Stale, u64>,
 }
 
 /// The dataplane with the spec it last applied.
 pub struct Gateway {
     pub dp: Dataplane,
     pub spec: Option<DataplaneSpec>,
+    /// False after a failed apply: the maps may hold part of a spec, so the
+    /// next apply compares with the maps rather than with `spec`.
+    maps_match_spec: bool,
+    /// Drained backends that left the config, kept while flows use them.
+    retired_backends: BTreeSet<(u32, Ipv4Addr)>,
     /// Flows at the last GC sweep (gauges are served from it, not a scan per scrape).
     pub last_gc: GcReport,
     /// NAT ports held per NAT address at the last GC sweep.
-    pub nat_in_use: BTreeMap<Ipv4Addr, u64>,
+    pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
     pub conntrack_capacity: u64,
 }
 
@@ -365,6 +222,8 @@ impl Gateway {
         Ok(Self {
             dp,
             spec: None,
+            maps_match_spec: true,
+            retired_backends: BTreeSet::new(),
             last_gc: GcReport::default(),
             nat_in_use: BTreeMap::new(),
             conntrack_capacity: u64::from(sizes.conntrack),
@@ -409,17 +268,71 @@ impl Gateway {
     /// use for metrics (gauges come from this sweep, not a scan per scrape).
     pub fn gc(&mut self) -> anyhow::Result<()> {
         self.last_gc = self.dp.gc_conntrack()?;
-        self.nat_in_use = self.dp.nat_ports_in_use()?;
+        self.nat_in_use = self.dp.nat_ports_in_use_by_protocol()?;
         Ok(())
     }
 
-    /// Applies `model` as a diff, then purges the flows it no longer allows:
-    /// endpoints that stopped passing traffic or left, and backends that left
-    /// the config without being drained first.
-    pub fn apply_model(&mut self, model: &Model, health: &dyn Health) -> anyhow::Result<()> {
+    /// The reconcile loop for one model: observe (interfaces, NAT ports in
+    /// use, the pinned backends on an adopting start), plan (pure; refuses
+    /// before anything is written), apply the spec as a diff, then purge
+    /// every live flow the spec no longer allows (on an adopting start too:
+    /// flows are judged against the spec, not against a previous one).
+    pub fn apply_model(
+        &mut self,
+        model: &Model,
+        health: &dyn Health,
+    ) -> Result<ApplyReport, ApplyError> {
         let started = std::time::Instant::now();
-        let spec = spec_from_model(model, self.spec.as_ref(), health)?;
-        self.dp.apply_after(&spec, self.spec.as_ref())?;
+        let draining = self
+            .spec
+            .iter()
+            .flat_map(|s| s.services.iter())
+            .any(|s| s.nat.iter().any(|n| n.draining));
+        // Fresh counts when a draining address may move: the GC's are up to a second old.
+        let nat_ports_in_use = if draining {
+            self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?
+        } else {
+            let mut per_address: BTreeMap<Ipv4Addr, u64> = BTreeMap::new();
+            for ((addr, _), n) in &self.nat_in_use {
+                *per_address.entry(*addr).or_default() += n;
+            }
+            per_address
+        };
+        let observed = Observed {
+            interfaces: observe_interfaces(model),
+            previous: self.spec.clone(),
+            nat_ports_in_use,
+            capacities: self.dp.capacities().map_err(ApplyError::Failed)?,
+        };
+        let spec = crate::plan::plan(model, &observed, health)?;
+        // Drained backends that leave the config keep their flows.
+        let kept =
+            |id: u32, addr: Ipv4Addr| spec.backends.iter().any(|b| b.id == id && b.addr == addr);
+        let leaving_drained: Vec<(u32, Ipv4Addr)> = match &self.spec {
+            Some(old) => old
+                .backends
+                .iter()
+                .filter(|b| b.state == BackendState::Draining)
+                .map(|b| (b.id, b.addr))
+                .collect(),
+            // Adopting: what the pinned BACKENDS map says was draining.
+            None => self.dp.draining_backends().unwrap_or_default(),
+        };
+        for (id, addr) in leaving_drained {
+            if !kept(id, addr) {
+                self.retired_backends.insert((id, addr));
+            }
+        }
+        let previous = if self.maps_match_spec {
+            self.spec.as_ref()
+        } else {
+            None
+        };
+        if let Err(e) = self.dp.apply_after(&spec, previous) {
+            self.maps_match_spec = false;
+            return Err(ApplyError::Failed(e));
+        }
+        self.maps_match_spec = true;
         tracing::debug!(elapsed = ?started.elapsed(), "model applied to the maps");
         if let Some(provider) = model.interfaces.values().find(|i| i.role == Role::Provider) {
             let backends: BTreeSet<Ipv4Addr> = spec
@@ -433,29 +346,42 @@ impl Gateway {
                 wait_for_neighbours(&provider.name, &hops, std::time::Duration::from_secs(3));
             }
         }
-        if let Some(old) = &self.spec {
-            let approved: BTreeSet<u32> = spec
-                .endpoints
+        let first = self.spec.is_none();
+        self.spec = Some(spec.clone());
+        // Every live flow against the spec just applied.
+        let policy = FlowPolicy::new(&spec, model, &self.retired_backends);
+        let mut purged: BTreeMap<Stale, u64> = BTreeMap::new();
+        let mut retired_in_use = BTreeSet::new();
+        self.dp
+            .remove_flows_sweeping(
+                |k, v, _| match policy.judge(k, v) {
+                    Some(why) => {
+                        *purged.entry(why).or_default() += 1;
+                        true
+                    }
+                    None => {
+                        if let Some(r) = policy.via_retired(v) {
+                            retired_in_use.insert(r);
+                        }
+                        false
+                    }
+                },
+                false,
+            )
+            .map_err(ApplyError::Failed)?;
+        self.retired_backends = retired_in_use;
+        if !purged.is_empty() {
+            let reasons: Vec<String> = purged
                 .iter()
-                .filter(|e| e.state == EndpointState::Approved)
-                .map(|e| e.id)
+                .map(|(why, n)| format!("{}: {n}", why.name()))
                 .collect();
-            for e in &old.endpoints {
-                if e.state == EndpointState::Approved && !approved.contains(&e.id) {
-                    let report = self.dp.purge_endpoint(e.id)?;
-                    tracing::info!(endpoint_id = e.id, ?report, "flows purged");
-                }
-            }
-            let kept: BTreeSet<u32> = spec.backends.iter().map(|b| b.id).collect();
-            for b in &old.backends {
-                if !kept.contains(&b.id) && b.state != BackendState::Draining {
-                    let report = self.dp.purge_backend(b.id)?;
-                    tracing::info!(backend_id = b.id, ?report, "backend removed: flows reset");
-                }
-            }
+            tracing::info!(
+                adopting = first,
+                "flows the config no longer allows purged ({})",
+                reasons.join(", ")
+            );
         }
-        self.spec = Some(spec);
-        Ok(())
+        Ok(ApplyReport { purged })
     }
 }
 
@@ -535,13 +461,28 @@ impl Gateway {
                 .find(|s| s.id == svc.id.0)
                 .map(|s| s.nat.clone())
                 .unwrap_or_default();
-            for n in spec_nat {
-                snap.nat.push(metrics::NatSample {
-                    service: svc.name.clone(),
-                    nat_address: n.addr.to_string(),
-                    ports_in_use: in_use.get(&n.addr).copied().unwrap_or(0),
-                    ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
-                });
+            // Per protocol, as ports are allocated: the service's protocol
+            // and ICMP echo identifiers each have the whole range.
+            let protocols = [
+                (
+                    match svc.protocol {
+                        CfgProtocol::Tcp => plink_common::IPPROTO_TCP,
+                        CfgProtocol::Udp => plink_common::IPPROTO_UDP,
+                    },
+                    protocol_name(svc.protocol),
+                ),
+                (plink_common::IPPROTO_ICMP, "icmp"),
+            ];
+            for n in spec_nat.iter().filter(|n| !n.addr.is_unspecified()) {
+                for (number, name) in protocols {
+                    snap.nat.push(metrics::NatSample {
+                        service: svc.name.clone(),
+                        nat_address: n.addr.to_string(),
+                        protocol: name.to_owned(),
+                        ports_in_use: in_use.get(&(n.addr, number)).copied().unwrap_or(0),
+                        ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
+                    });
+                }
             }
         }
         for (reason, count) in self.dp.drop_counts()? {
@@ -571,43 +512,43 @@ impl Gateway {
 
     /// Live flows with their NAT mapping and the names the model gives them.
     pub fn conntrack_json(&mut self, model: &Model) -> anyhow::Result<serde_json::Value> {
-        let flows = self.dp.list_conntrack()?;
-        let rows: Vec<serde_json::Value> = flows
-            .iter()
-            .map(|f| {
-                let endpoint = model
-                    .endpoints
-                    .values()
-                    .find(|e| e.id.0 == f.endpoint_id)
-                    .map(|e| e.name.clone());
-                let network = model
-                    .networks
-                    .iter()
-                    .find(|(_, id)| id.0 == f.network_id)
-                    .map(|(n, _)| n.clone());
-                serde_json::json!({
-                    "endpoint": endpoint,
-                    "network": network,
-                    "network_id": f.network_id,
-                    "protocol": match f.protocol {
-                        plink_common::IPPROTO_TCP => "tcp",
-                        plink_common::IPPROTO_UDP => "udp",
-                        plink_common::IPPROTO_ICMP => "icmp",
-                        _ => "other",
-                    },
-                    "client": format!("{}:{}", f.client.0, f.client.1),
-                    "endpoint_address": format!("{}:{}", f.endpoint.0, f.endpoint.1),
-                    "nat": format!("{}:{}", f.nat.0, f.nat.1),
-                    "backend": format!("{}:{}", f.backend.0, f.backend.1),
-                    "backend_id": f.backend_id,
-                    "tcp_state": f.tcp_state,
-                    "ingress_ifindex": f.ingress_ifindex,
-                    "expires_in_ms": f.expires_in.as_millis() as u64,
-                })
-            })
-            .collect();
-        Ok(serde_json::json!({ "flows": rows }))
+        Ok(conntrack_json(&self.dp.list_conntrack()?, model))
     }
+}
+
+/// Flows with the names `model` gives them, as the admin API answers them.
+pub fn conntrack_json(flows: &[crate::dataplane::FlowEntry], model: &Model) -> serde_json::Value {
+    let networks: BTreeMap<u32, &String> = model.networks.iter().map(|(n, id)| (id.0, n)).collect();
+    let rows: Vec<serde_json::Value> = flows
+        .iter()
+        .map(|f| {
+            let endpoint = model
+                .endpoints
+                .get(&crate::model::EndpointId(f.endpoint_id))
+                .map(|e| e.name.clone());
+            let network = networks.get(&f.network_id).map(|n| (*n).clone());
+            serde_json::json!({
+                "endpoint": endpoint,
+                "network": network,
+                "network_id": f.network_id,
+                "protocol": match f.protocol {
+                    plink_common::IPPROTO_TCP => "tcp",
+                    plink_common::IPPROTO_UDP => "udp",
+                    plink_common::IPPROTO_ICMP => "icmp",
+                    _ => "other",
+                },
+                "client": format!("{}:{}", f.client.0, f.client.1),
+                "endpoint_address": format!("{}:{}", f.endpoint.0, f.endpoint.1),
+                "nat": format!("{}:{}", f.nat.0, f.nat.1),
+                "backend": format!("{}:{}", f.backend.0, f.backend.1),
+                "backend_id": f.backend_id,
+                "tcp_state": f.tcp_state,
+                "ingress_ifindex": f.ingress_ifindex,
+                "expires_in_ms": f.expires_in.as_millis() as u64,
+            })
+        })
+        .collect();
+    serde_json::json!({ "flows": rows })
 }
 
 fn protocol_name(p: CfgProtocol) -> &'static str {
@@ -617,52 +558,47 @@ fn protocol_name(p: CfgProtocol) -> &'static str {
     }
 }
 
+/// The controller's way into the gateway: applies a model (plan, apply,
+/// purge) and announces the addresses.
+pub struct GatewayApplier {
+    pub gateway: Arc<Mutex<Gateway>>,
+    pub health: Box<dyn Health + Send>,
+}
+
+impl crate::controller::Applier for GatewayApplier {
+    fn apply(&mut self, model: &Model) -> Result<(), crate::controller::ApplyFailure> {
+        use crate::controller::ApplyFailure;
+        let mut g = lock(&self.gateway);
+        match g.apply_model(model, &*self.health) {
+            Ok(_) => {
+                g.announce();
+                Ok(())
+            }
+            Err(ApplyError::Refused(e)) => Err(ApplyFailure::Refused(e.to_string())),
+            Err(ApplyError::Failed(e)) => Err(ApplyFailure::Failed(format!("{e:#}"))),
+        }
+    }
+}
+
 /// The admin API's view of a running gateway.
 pub struct GatewayQueries {
     pub gateway: Arc<Mutex<Gateway>>,
     pub models: tokio::sync::watch::Receiver<Arc<Model>>,
+    /// Reads flows without the gateway's lock (pinned dataplanes).
+    pub flows: Option<crate::dataplane::FlowReader>,
 }
 
 impl crate::controller::DataplaneQueries for GatewayQueries {
     fn conntrack(&self) -> anyhow::Result<serde_json::Value> {
         let model = self.models.borrow().clone();
-        lock(&self.gateway).conntrack_json(&model)
+        match &self.flows {
+            Some(reader) => Ok(conntrack_json(&reader.list()?, &model)),
+            None => lock(&self.gateway).conntrack_json(&model),
+        }
     }
 }
 
 /// Locks the gateway; its state stays coherent if a holder panicked.
 pub fn lock(g: &Mutex<Gateway>) -> std::sync::MutexGuard<'_, Gateway> {
     g.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn a(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, last)
-    }
-
-    #[test]
-    fn nat_slots_stay_put_and_removed_addresses_drain() {
-        let first = nat_slots(&[a(200), a(201), a(202)], (1024, 2047), None);
-        let prev = ServiceSpec {
-            id: 1,
-            nat: first.clone(),
-            lookup: vec![],
-            mss_clamp: 0,
-        };
-        // Remove the middle address, add a new one.
-        let next = nat_slots(&[a(200), a(202), a(203)], (1024, 2047), Some(&prev));
-        let addrs: Vec<_> = next.iter().map(|n| (n.addr, n.draining)).collect();
-        assert_eq!(
-            addrs,
-            vec![
-                (a(200), false),
-                (a(201), true),
-                (a(202), false),
-                (a(203), false)
-            ]
-        );
-    }
 }

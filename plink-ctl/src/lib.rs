@@ -14,6 +14,7 @@ pub mod hostcheck;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod state;
 
 /// The eBPF object built by `build.rs`, embedded in the binary.

@@ -13,7 +13,7 @@ use plink_ctl::{
     config::{Config, DEFAULT_ADMIN_SOCKET},
     controller::{ActionOutcome, Controller, ReloadOutcome, Status},
     dataplane,
-    gateway::{self, Gateway, GatewayQueries},
+    gateway::{self, Gateway, GatewayApplier, GatewayQueries},
     health::{HealthChecker, HealthMap},
     hostcheck, metrics,
     model::{EndpointModel, Model},
@@ -206,6 +206,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stats { config, json } => stats(config, json).map(|()| ExitCode::SUCCESS),
         Command::Down { config } => {
             let cfg = Config::load(&config)?;
+            // Not while a controller runs on these pins (it would re-pin them).
+            let _pins = if dataplane::pin_dir(&cfg.gateway.bpffs_root).exists() {
+                Some(dataplane::lock_pins(&cfg.gateway.bpffs_root)?)
+            } else {
+                None
+            };
             if dataplane::remove_pins(&cfg.gateway.bpffs_root)? {
                 println!("removed pins under {}", cfg.gateway.bpffs_root.display());
             } else {
@@ -418,13 +424,50 @@ fn print_status(s: &Status) {
         "endpoints:   {} approved, {} pending, {} rejected, {} removed",
         s.endpoints_approved, s.endpoints_pending, s.endpoints_rejected, s.endpoints_removed
     );
+    let d = &s.dataplane;
+    let state = match (d.attached, d.in_sync) {
+        (false, _) => "none attached".to_owned(),
+        (true, true) => "in sync".to_owned(),
+        (true, false) => "DIVERGED: the kernel does not hold the committed configuration; a successful reload or restart converges it".to_owned(),
+    };
+    println!("dataplane:   {state}");
+    if let Some(id) = &s.dataplane_id {
+        println!("  identity:  {id}");
+    }
+    if d.apply_failures > 0 {
+        println!("  failed applies: {}", d.apply_failures);
+    }
+    if let Some(e) = &d.last_error {
+        println!("  last failure: {e}");
+    }
 }
 
 fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // SIGHUP's default action kills: catch it before the (slow) start, and
+    // keep it: a reload asked for during start-up runs once we are up.
+    let mut hup = {
+        let _rt = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("catching SIGHUP")?
+    };
     let config = Config::load(&config_path)?;
+    // One controller per dataplane, held until this process exits.
+    let _pins = dataplane::lock_pins(&config.gateway.bpffs_root)?;
+    // Observe before touching anything: the pins (if any) and their identity.
+    let pinned = dataplane::pinned_identity(&config.gateway.bpffs_root)?;
     // The saved decisions are restored before anything touches the system:
-    // a corrupt state file stops us here.
-    let controller = Controller::with_config(&config_path, config.clone())?;
+    // a corrupt state file stops us here. Nothing is saved until the
+    // dataplane holds the model.
+    let mut controller = Controller::prepare(&config_path, config.clone())?;
+    controller.check_pins(
+        pinned.as_deref(),
+        &dataplane::pin_dir(&config.gateway.bpffs_root),
+    )?;
     let findings = hostcheck::check_host(&config);
     let broken = hostcheck::contract_violations(&findings);
     if !broken.is_empty() && !allow_broken_contract {
@@ -449,6 +492,13 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         }
     }
     let mut gateway = Gateway::start(&config)?;
+    let identity = gateway
+        .dp
+        .identity()
+        .context("reading the dataplane's identity")?;
+    if pinned.is_none() {
+        controller.bind_fresh_dataplane(&identity)?;
+    }
     // Health as the running dataplane recorded it: a backend a previous
     // controller took down stays out of the table until it passes `rise` probes.
     let health = HealthMap::default();
@@ -456,84 +506,77 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         health.seed_down(id);
     }
     let gateway = Arc::new(Mutex::new(gateway));
-    {
-        let model = controller.model();
-        let mut gw = gateway::lock(&gateway);
-        gw.apply_model(&model, &health)
-            .context("writing the config into the dataplane maps")?;
-        gw.announce();
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    // The first apply: an adopting start purges the flows the config no
+    // longer allows; only then is the state saved, bound to these pins.
+    controller
+        .start(
+            Box::new(GatewayApplier {
+                gateway: gateway.clone(),
+                health: Box::new(health.clone()),
+            }),
+            Some(identity),
+        )
+        .context("writing the config into the dataplane maps")?;
+    let apply_health = controller.apply_health();
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let socket = config.gateway.admin_socket.clone();
         let listener = AdminListener::bind(&socket)
             .with_context(|| format!("serving the admin API on {}", socket.display()))?;
         let controller = Arc::new(Mutex::new(controller));
         let models = lock(&controller).subscribe();
-        let (applied_tx, applied_rx) = tokio::sync::watch::channel(models.borrow().clone());
-        lock(&controller).set_applied(applied_rx);
+        let flows = match dataplane::FlowReader::open(&config.gateway.bpffs_root) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("conntrack listings will wait for applies: {e:#}");
+                None
+            }
+        };
         lock(&controller).set_dataplane(Arc::new(GatewayQueries {
             gateway: gateway.clone(),
             models: models.clone(),
+            flows,
         }));
 
-        // The model-change hook: every committed change (admin action,
-        // reload) publishes a new Model, which the dataplane applies as a
-        // diff. A health change (a backend went down or came back) re-applies
-        // the current model: the lookup tables follow the health map.
+        // Every committed change (admin action, reload) was applied by the
+        // controller before it was published; the health checker follows
+        // the published model. A health change (a backend went down or came
+        // back) re-applies the committed model: the lookup tables follow the
+        // health map.
         let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut checker = HealthChecker::new(health.clone(), health_tx);
         checker.reconcile(&models.borrow().clone());
         let model_task = {
             let mut models = models.clone();
-            let gateway = gateway.clone();
-            let health = health.clone();
+            let controller = controller.clone();
             tokio::spawn(async move {
-                let mut applied: Arc<Model> = models.borrow_and_update().clone();
+                let mut seen: Arc<Model> = models.borrow_and_update().clone();
                 loop {
-                    let latest = tokio::select! {
+                    tokio::select! {
                         changed = models.changed() => {
                             if changed.is_err() {
                                 break;
                             }
                             let latest = models.borrow_and_update().clone();
-                            let diff = Model::diff(&applied, &latest);
+                            let diff = Model::diff(&seen, &latest);
                             tracing::info!(changes = ?diff.summary(), "model changed");
                             checker.reconcile(&latest);
-                            latest
+                            seen = latest;
                         }
                         Some(()) = health_rx.recv() => {
                             // Several backends may have changed at once: one apply.
                             while health_rx.try_recv().is_ok() {}
                             tracing::info!("backend health changed: updating the lookup tables");
-                            models.borrow().clone()
+                            let c = controller.clone();
+                            let result = tokio::task::spawn_blocking(move || lock(&c).reapply()).await;
+                            match result {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => tracing::error!("applying the health change failed: {e}"),
+                                Err(e) => tracing::error!("applying the health change panicked: {e}"),
+                            }
                         }
-                    };
-                    let gw = gateway.clone();
-                    let model = latest.clone();
-                    let health = health.clone();
-                    let result = tokio::task::spawn_blocking(move || {
-                        let mut g = gateway::lock(&gw);
-                        g.apply_model(&model, &health)?;
-                        g.announce();
-                        anyhow::Ok(())
-                    })
-                    .await;
-                    match result {
-                        Ok(Ok(())) => {
-                            applied_tx.send_replace(latest.clone());
-                            applied = latest;
-                        }
-                        Ok(Err(e)) => tracing::error!("applying the new model failed: {e:#}"),
-                        Err(e) => tracing::error!("applying the new model panicked: {e}"),
                     }
                 }
             })
@@ -559,15 +602,19 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         let metrics_task = {
             let gateway = gateway.clone();
             let models = models.clone();
+            let apply_health = apply_health.clone();
             let snapshot: metrics::SnapshotFn = Arc::new(move || {
                 let model = models.borrow().clone();
-                match gateway::lock(&gateway).snapshot(&model) {
+                let mut snap = match gateway::lock(&gateway).snapshot(&model) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!("reading counters for /metrics: {e:#}");
                         metrics::Snapshot::default()
                     }
-                }
+                };
+                snap.dataplane_in_sync = apply_health.in_sync();
+                snap.apply_failures = apply_health.failures();
+                snap
             });
             tokio::spawn(metrics::serve(metrics_listener, snapshot))
         };

@@ -70,6 +70,8 @@ pub struct BackendSample {
 pub struct NatSample {
     pub service: String,
     pub nat_address: String,
+    /// `tcp`, `udp` or `icmp`: ports are unique per address and protocol.
+    pub protocol: String,
     pub ports_in_use: u64,
     pub ports_capacity: u64,
 }
@@ -119,6 +121,10 @@ pub struct Snapshot {
     pub endpoint_drops: Vec<EndpointDropSample>,
     pub devices: Vec<DeviceSample>,
     pub interfaces: Vec<InterfaceSample>,
+    /// The kernel holds the committed configuration (false: diverged).
+    pub dataplane_in_sync: bool,
+    /// Applies that failed part way since the controller started.
+    pub apply_failures: u64,
 }
 
 struct FamilyBuilder {
@@ -306,7 +312,7 @@ pub fn render(s: &Snapshot) -> String {
 
     let mut nat_used = FamilyBuilder::new(
         "plink_nat_ports_in_use",
-        "NAT ports held by live flows, summed over protocols.",
+        "NAT ports held by live flows, per protocol (comparable with plink_nat_ports_capacity).",
         GAUGE,
     );
     let mut nat_cap = FamilyBuilder::new(
@@ -318,6 +324,7 @@ pub fn render(s: &Snapshot) -> String {
         let labels = [
             ("service", n.service.as_str()),
             ("nat_address", n.nat_address.as_str()),
+            ("protocol", n.protocol.as_str()),
         ];
         nat_used.sample(&labels, n.ports_in_use as f64);
         nat_cap.sample(&labels, n.ports_capacity as f64);
@@ -339,6 +346,21 @@ pub fn render(s: &Snapshot) -> String {
     );
     ct_cap.sample(&[], s.conntrack_capacity as f64);
     push(ct_cap);
+
+    let mut in_sync = FamilyBuilder::new(
+        "plink_dataplane_in_sync",
+        "1 while the kernel holds the configuration the controller committed, 0 when it diverged (an apply failed part way and could not be undone).",
+        GAUGE,
+    );
+    in_sync.sample(&[], if s.dataplane_in_sync { 1.0 } else { 0.0 });
+    push(in_sync);
+    let mut failures = FamilyBuilder::new(
+        "plink_apply_failures_total",
+        "Changes the dataplane did not take (a map write failed part way) since the controller started.",
+        COUNTER,
+    );
+    failures.sample(&[], s.apply_failures as f64);
+    push(failures);
 
     let mut drops = FamilyBuilder::new(
         "plink_drops_total",
@@ -561,6 +583,7 @@ mod tests {
             nat: vec![NatSample {
                 service: "orders".into(),
                 nat_address: "198.51.100.200".into(),
+                protocol: "tcp".into(),
                 ports_in_use: 1,
                 ports_capacity: 64512,
             }],
@@ -583,6 +606,8 @@ mod tests {
                 interface: "c1".into(),
                 verdicts: [0, 4, 0, 1, 9],
             }],
+            dataplane_in_sync: false,
+            apply_failures: 2,
         }
     }
 
@@ -596,7 +621,8 @@ mod tests {
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"out\"} 1200",
             "plink_endpoint_connections_total{endpoint=\"orders-a\",service=\"orders\",protocol=\"tcp\"} 1",
             "plink_endpoint_state{endpoint=\"orders-a\",service=\"orders\",state=\"approved\"} 1",
-            "plink_nat_ports_capacity{service=\"orders\",nat_address=\"198.51.100.200\"} 64512",
+            "plink_nat_ports_capacity{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 64512",
+            "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 1",
             "plink_drops_total{reason=\"no_endpoint\"} 7",
             "plink_conntrack_capacity 1024",
             "# TYPE plink_backend_up gauge",
@@ -608,6 +634,10 @@ mod tests {
             "plink_service_mss_clamped_total{service=\"orders\",direction=\"out\"} 4",
             "plink_service_mss_clamped_total{service=\"orders\",direction=\"in\"} 0",
             "plink_service_frag_needed_sent_total{service=\"orders\"} 6",
+            "# TYPE plink_dataplane_in_sync gauge",
+            "plink_dataplane_in_sync 0",
+            "# TYPE plink_apply_failures_total counter",
+            "plink_apply_failures_total 2",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

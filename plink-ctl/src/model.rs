@@ -262,7 +262,7 @@ impl Model {
                     ports: service.ports.clone(),
                     state: decision.state,
                     reason: decision.reason,
-                    limits: e.limits(&config.gateway.endpoint_defaults),
+                    limits: config.endpoint_limits(e),
                 },
             );
         }

@@ -85,7 +85,10 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_live_ones() {
     const TABLE: u16 = 16;
     let plink = net
         .start_plink_with(&pl::Options {
-            gateway_extra: format!("  conntrack: {{max_flows: {TABLE}}}\n"),
+            // One consumer fills the table: no fair-share cap.
+            gateway_extra: format!(
+                "  conntrack: {{max_flows: {TABLE}}}\n  endpoint_defaults: {{max_flows: 65536}}\n"
+            ),
             ..Default::default()
         })
         .unwrap();
@@ -117,4 +120,46 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_live_ones() {
         servers::udp_request(&net.consumer_a, *src, pl::endpoint_udp())
             .unwrap_or_else(|e| panic!("live flow from {src} lost: {e:#}"));
     }
+}
+
+/// Issue 14, item 7: with no cap configured, one consumer flooding new
+/// flows cannot take the NAT ports another consumer of the same service
+/// needs. Two consumers share one NAT address of 16 ports (searched whole by
+/// every new flow): consumer A's flood stops at its fair share, and
+/// consumer B's first flow gets a port. Before, A took all 16.
+#[test]
+fn a_flood_with_default_caps_leaves_nat_ports_for_another_consumer() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    const POOL: u16 = 16;
+    let plink = net
+        .start_plink_with(&pl::Options {
+            dns_nat_ports: format!("30000-{}", 30000 + POOL - 1),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut admitted = 0;
+    for i in 0..POOL + 4 {
+        let src = SocketAddrV4::new(pl::CLIENT, 47000 + i);
+        if servers::udp_probe(&net.consumer_a, src, pl::endpoint_udp(), PROBE).is_ok() {
+            admitted += 1;
+        }
+    }
+    // dns-a and dns-b share the 16 ports: three quarters of them, halved.
+    assert_eq!(admitted, 6, "consumer A's flood was capped at its share");
+    let scrape = plink.scrape(&net.gw).unwrap();
+    assert!(
+        Gateway::sample(
+            &scrape,
+            "plink_endpoint_refused_flows_total{endpoint=\"dns-a\",service=\"dns\",cap=\"max_flows\"}"
+        ) > 0,
+        "the refusals are counted against dns-a's cap"
+    );
+    let reply = servers::udp_request(
+        &net.consumer_b,
+        SocketAddrV4::new(pl::CLIENT, 47100),
+        pl::endpoint_udp(),
+    )
+    .expect("consumer B's first flow gets a NAT port");
+    assert_eq!(*reply.peer.ip(), pl::DNS_NAT);
 }

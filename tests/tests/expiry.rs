@@ -26,7 +26,7 @@ fn flows_of(plink: &plink_tests::gateway::Gateway, net: &PrivateLink) -> Vec<ser
 fn nat_in_use(scrape: &str) -> u64 {
     Gateway::sample(
         scrape,
-        "plink_nat_ports_in_use{service=\"dns\",nat_address=\"198.51.100.202\"}",
+        "plink_nat_ports_in_use{service=\"dns\",nat_address=\"198.51.100.202\",protocol=\"udp\"}",
     )
 }
 
@@ -44,7 +44,11 @@ fn idle_flows_expire_and_free_their_nat_ports() {
     servers::udp_request(&net.consumer_a, src, pl::endpoint_udp()).unwrap();
     let flows = flows_of(&plink, &net);
     assert_eq!(flows.len(), 1, "one flow: {flows:?}");
-    assert_eq!(nat_in_use(&plink.scrape(&net.gw).unwrap()), 1);
+    // Gauges come from the GC sweep (once a second) after the flow opened.
+    wait_for("the NAT port to be counted", Duration::from_secs(3), || {
+        Ok((nat_in_use(&plink.scrape(&net.gw)?) == 1).then_some(()))
+    })
+    .unwrap();
 
     // Idle for longer than the UDP timeout: the GC removes the flow and its port.
     wait_for("the idle flow to expire", Duration::from_secs(8), || {
@@ -68,7 +72,9 @@ fn a_full_nat_pool_refuses_new_flows_until_ports_expire() {
     let plink = net
         .start_plink_with(&pl::Options {
             // Long enough that no flow expires while the pool fills.
-            gateway_extra: "  timeouts: {udp: 6s}\n".into(),
+            // One endpoint fills the pool: no fair-share cap.
+            gateway_extra: "  timeouts: {udp: 6s}\n  endpoint_defaults: {max_flows: 65536}\n"
+                .into(),
             dns_nat_ports: format!("30000-{}", 30000 + POOL - 1),
             ..Default::default()
         })

@@ -346,7 +346,7 @@ fn prometheus_sees_exact_endpoint_and_service_bytes_and_packets() {
 }
 
 fn nat_series(metric: &str) -> String {
-    format!("{metric}{{service=\"dns\",nat_address=\"198.51.100.202\"}}")
+    format!("{metric}{{service=\"dns\",nat_address=\"198.51.100.202\",protocol=\"udp\"}}")
 }
 
 #[test]
@@ -388,7 +388,7 @@ fn nat_ports_in_use_equal_the_live_flows() {
     assert_eq!(
         value(
             &last,
-            "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\"}"
+            "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"}"
         ),
         Some(0.0)
     );
@@ -402,6 +402,8 @@ fn a_16_port_pool_under_32_new_flows_counts_16_failures() {
     let plink = net
         .start_plink_with(&pl::Options {
             dns_nat_ports: format!("30000-{}", 30000 + POOL - 1),
+            // One endpoint fills the pool: no fair-share cap.
+            gateway_extra: "  endpoint_defaults: {max_flows: 65536}\n".into(),
             ..Default::default()
         })
         .unwrap();
@@ -655,6 +657,60 @@ fn the_grafana_dashboard_queries_only_metrics_plink_serves() {
         assert!(
             used.contains(wanted),
             "the dashboard does not show {wanted}"
+        );
+    }
+}
+
+/// Issue 14, item 8: a backend id released by one reload and given to a
+/// new backend by the next starts its counters at zero, not at what its
+/// last owner counted.
+#[test]
+fn a_reused_backend_id_starts_its_counters_at_zero() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let plink = net.start_plink().unwrap();
+    let series = |backend: &str, metric: &str| {
+        format!("{metric}{{service=\"orders\",backend=\"{backend}\"}}")
+    };
+    // Enough connections that both orders backends count some.
+    for _ in 0..20 {
+        servers::tcp_request(&net.consumer_a, None, pl::endpoint_tcp(), 1024).unwrap();
+    }
+    let before = plink.scrape(&net.gw).unwrap();
+    let old = series("198.51.100.11", "plink_backend_connections_total");
+    assert!(value(&before, &old).unwrap_or(0.0) > 0.0, "{before}");
+
+    let original = std::fs::read_to_string(&plink.config_path).unwrap();
+    let both = "backends: [{address: 198.51.100.10}, {address: 198.51.100.11}]";
+    assert!(original.contains(both));
+    std::fs::write(
+        &plink.config_path,
+        original.replacen(both, "backends: [{address: 198.51.100.10}]", 1),
+    )
+    .unwrap();
+    plink.ctl(&net.gw, &["reload"]).unwrap();
+    // The next reload hands the released id to a new backend.
+    std::fs::write(
+        &plink.config_path,
+        original.replacen(
+            both,
+            "backends: [{address: 198.51.100.10}, {address: 198.51.100.13}]",
+            1,
+        ),
+    )
+    .unwrap();
+    plink.ctl(&net.gw, &["reload"]).unwrap();
+    let list = plink.ctl(&net.gw, &["status", "--json"]).unwrap();
+    assert!(list.contains("\"ok\": true"), "{list}");
+    let after = plink.scrape(&net.gw).unwrap();
+    for metric in [
+        "plink_backend_connections_total",
+        "plink_backend_bytes_total",
+    ] {
+        assert_eq!(
+            value(&after, &series("198.51.100.13", metric)),
+            Some(0.0),
+            "{metric} of the new backend: {after}"
         );
     }
 }

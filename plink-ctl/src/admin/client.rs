@@ -1,13 +1,13 @@
 //! The admin socket's client side, used by the CLI (blocking, no runtime).
 
 use std::{
-    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    io::{self, BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use super::{MAX_LINE, Request, Response};
+use super::{Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -42,7 +42,10 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     let mut line = serde_json::to_vec(req).map_err(|e| io_err(io::Error::other(e)))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;
-    let mut reader = BufReader::new(stream).take(MAX_LINE as u64 * 16);
+    // The answer is one line of any length: a conntrack listing grows with
+    // the flows (about 350 bytes each, 90 MB for a full default table).
+    // Only the daemon, which is root, answers here.
+    let mut reader = BufReader::new(stream);
     let mut answer = String::new();
     let n = reader.read_line(&mut answer).map_err(io_err)?;
     if n == 0 {

@@ -67,7 +67,9 @@ impl Response {
     }
 }
 
-/// Requests and responses are single lines; anything longer is refused.
+/// Requests are single lines of at most this many bytes (longer ones are
+/// refused); a response is one line of any length (a conntrack listing grows
+/// with the flows).
 pub const MAX_LINE: usize = 64 * 1024;
 
 #[cfg(test)]

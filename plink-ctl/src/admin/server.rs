@@ -186,60 +186,11 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> io:
     write.flush().await
 }
 
-/// Runs one request against the controller; a change answers once the
-/// dataplane applied it (or after 5 s, with a note), so a script that
-/// approves an endpoint can use it at once.
+/// Runs one request against the controller. A change answers once the
+/// dataplane holds it: the controller applies it before committing, and a
+/// change the dataplane did not take is an error with its reason.
 pub fn handle(controller: &Mutex<Controller>, request: Request) -> Response {
-    let changes = matches!(
-        request,
-        Request::Approve { .. } | Request::Reject { .. } | Request::Remove { .. } | Request::Reload
-    );
-    let mut response = handle_locked(controller, request);
-    if changes && response.ok {
-        let wait = match controller.lock() {
-            Ok(c) => c.apply_wait(),
-            Err(poisoned) => poisoned.into_inner().apply_wait(),
-        };
-        if let Some((target, applied)) = wait
-            && !wait_applied(
-                controller,
-                &target,
-                &applied,
-                std::time::Duration::from_secs(5),
-            )
-        {
-            response.details.push(
-                "the dataplane has not applied this change yet (see the controller's log)".into(),
-            );
-        }
-    }
-    response
-}
-
-/// Polls until the dataplane applied `target` or a newer change replaced it.
-fn wait_applied(
-    controller: &Mutex<Controller>,
-    target: &Arc<crate::model::Model>,
-    applied: &tokio::sync::watch::Receiver<Arc<crate::model::Model>>,
-    timeout: std::time::Duration,
-) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if Arc::ptr_eq(&applied.borrow(), target) {
-            return true;
-        }
-        let superseded = match controller.lock() {
-            Ok(c) => !Arc::ptr_eq(&c.model(), target),
-            Err(poisoned) => !Arc::ptr_eq(&poisoned.into_inner().model(), target),
-        };
-        if superseded {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    handle_locked(controller, request)
 }
 
 fn handle_locked(controller: &Mutex<Controller>, request: Request) -> Response {

@@ -10,7 +10,9 @@ use std::{
 use super::*;
 use crate::{
     approval::{ConnectionState, Reason},
-    controller::{ActionOutcome, Controller, ControllerError, ReloadOutcome, Status},
+    controller::{
+        ActionOutcome, Applier, ApplyFailure, Controller, ControllerError, ReloadOutcome, Status,
+    },
     model::EndpointModel,
     state::StateError,
 };
@@ -76,7 +78,20 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path) -> Result<Self, ControllerError> {
-        let controller = Controller::open(config)?;
+        Self::serve(Controller::open(config)?)
+    }
+
+    /// With a dataplane stand-in that answers as `script` says.
+    fn start_with(config: &Path, script: Script) -> Result<Self, ControllerError> {
+        let mut controller = Controller::prepare(config, crate::config::Config::load(config)?)?;
+        controller.start(
+            Box::new(ScriptedApplier(script)),
+            Some("test-dataplane".into()),
+        )?;
+        Self::serve(controller)
+    }
+
+    fn serve(controller: Controller) -> Result<Self, ControllerError> {
         let socket = controller.config().gateway.admin_socket.clone();
         let controller = Arc::new(Mutex::new(controller));
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -111,6 +126,31 @@ impl Drop for Daemon {
             let _ = t.join();
         }
     }
+}
+
+/// What the stand-in dataplane answers to the next applies (then `Ok`).
+type Script = Arc<Mutex<std::collections::VecDeque<Result<(), ApplyFailure>>>>;
+
+struct ScriptedApplier(Script);
+
+impl Applier for ScriptedApplier {
+    fn apply(&mut self, _: &crate::model::Model) -> Result<(), ApplyFailure> {
+        self.0.lock().expect("script").pop_front().unwrap_or(Ok(()))
+    }
+}
+
+/// The saved state of endpoint `name` in the state file.
+fn saved_state(s: &Setup, name: &str) -> String {
+    let text = std::fs::read_to_string(s.state_file()).expect("state file");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    json["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .find(|d| d["endpoint"]["name"] == name)
+        .and_then(|d| d["state"].as_str())
+        .expect("decision")
+        .to_owned()
 }
 
 fn call(socket: &Path, req: Request) -> Response {
@@ -538,4 +578,158 @@ fn non_root_clients_are_refused() {
     assert_eq!(code, 0, "a non-root client must get a refusal and no data");
     // Root still gets served.
     assert!(call(&sock, Request::Status).ok);
+}
+
+/// Issue 14: an admin command answers only once the kernel holds its
+/// result, and a decision is saved only then. The old controller saved the
+/// decision, answered `rejected` and left the failure to its log.
+#[test]
+fn a_change_the_dataplane_did_not_take_is_an_error_and_is_not_saved() {
+    let s = Setup::new();
+    let script: Script = Arc::default();
+    let _d = Daemon::start_with(&s.config_path(), script.clone()).expect("start");
+    let reject = || {
+        call(
+            &s.socket(),
+            Request::Reject {
+                name: "orders-a".into(),
+            },
+        )
+    };
+    let status = || data::<Status>(call(&s.socket(), Request::Status));
+    assert!(status().dataplane.attached && status().dataplane.in_sync);
+    assert_eq!(status().dataplane_id.as_deref(), Some("test-dataplane"));
+
+    // A write fails part way; putting the previous model back works.
+    script.lock().unwrap().extend([
+        Err(ApplyFailure::Failed("map ENDPOINTS: no space left".into())),
+        Ok(()),
+    ]);
+    refused(reject(), "no space left");
+    assert_eq!(saved_state(&s, "orders-a"), "approved", "nothing was saved");
+    assert_eq!(
+        endpoint(&s.socket(), "orders-a").state,
+        ConnectionState::Approved
+    );
+    let st = status();
+    assert!(st.dataplane.in_sync, "restored: {st:?}");
+    assert_eq!(st.dataplane.apply_failures, 1);
+    assert!(
+        st.dataplane
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no space left"))
+    );
+
+    // Putting it back fails too: the dataplane has diverged, and says so.
+    script.lock().unwrap().extend([
+        Err(ApplyFailure::Failed("first".into())),
+        Err(ApplyFailure::Failed("second".into())),
+    ]);
+    refused(reject(), "DIVERGED");
+    assert!(!status().dataplane.in_sync);
+    assert_eq!(saved_state(&s, "orders-a"), "approved");
+
+    // A change the plan refuses wrote nothing: no failure counted.
+    script
+        .lock()
+        .unwrap()
+        .push_back(Err(ApplyFailure::Refused("NAT address in use".into())));
+    refused(reject(), "nothing was changed");
+    assert_eq!(status().dataplane.apply_failures, 3);
+
+    // The next change that takes converges the dataplane and is saved.
+    let out: ActionOutcome = data(reject());
+    assert_eq!(out.endpoint.state, ConnectionState::Rejected);
+    assert_eq!(saved_state(&s, "orders-a"), "rejected");
+    assert!(status().dataplane.in_sync);
+}
+
+/// Issue 14, item 8: a listing of thousands of flows used to overflow the
+/// client's 1 MiB answer limit (about 4,000 flows).
+#[test]
+fn a_conntrack_listing_of_any_size_reaches_the_client() {
+    struct ManyFlows;
+    impl crate::controller::DataplaneQueries for ManyFlows {
+        fn conntrack(&self) -> anyhow::Result<serde_json::Value> {
+            let rows: Vec<serde_json::Value> = (0..20_000u32)
+                .map(|i| {
+                    serde_json::json!({
+                        "endpoint": "orders-a",
+                        "network": "vnet-a",
+                        "protocol": "tcp",
+                        "client": format!("192.0.2.1:{}", 1024 + i % 60_000),
+                        "endpoint_address": "192.0.2.50:80",
+                        "nat": format!("198.51.100.200:{}", 20_000 + i % 10_000),
+                        "backend": "198.51.100.10:8080",
+                        "expires_in_ms": 7_440_000u64,
+                    })
+                })
+                .collect();
+            Ok(serde_json::json!({ "flows": rows }))
+        }
+    }
+    let s = Setup::new();
+    let mut controller = Controller::open(&s.config_path()).expect("controller");
+    controller.set_dataplane(Arc::new(ManyFlows));
+    let _d = Daemon::serve(controller).expect("serve");
+    let r = request(&s.socket(), &Request::Conntrack).expect("the whole answer arrives");
+    let flows = r.data.expect("data")["flows"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0);
+    assert_eq!(flows, 20_000);
+}
+
+/// Issue 14, item 3: the state file records the dataplane it belongs to;
+/// pins of any other dataplane (or pins with a state that records none) are
+/// refused with what to do.
+#[test]
+fn pins_are_adopted_only_with_the_state_file_bound_to_them() {
+    let s = Setup::new();
+    let pin_dir = s.dir.path().join("pins");
+    {
+        let mut c = Controller::prepare(
+            &s.config_path(),
+            crate::config::Config::load(&s.config_path()).expect("config"),
+        )
+        .expect("prepare");
+        // Nothing pinned: a fresh start, whatever the state says.
+        c.check_pins(None, &pin_dir).expect("fresh start");
+        // Pins, and a state that records no dataplane.
+        let err = c.check_pins(Some("boot b map 7"), &pin_dir).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("records no dataplane")
+                && text.contains("plink-ctl down")
+                && text.contains("boot b map 7"),
+            "{text}"
+        );
+        // Binding a fresh dataplane writes the identity before any decision.
+        c.bind_fresh_dataplane("boot b map 7").expect("bind");
+        let saved = std::fs::read_to_string(s.state_file()).expect("state file");
+        assert!(saved.contains("\"dataplane\": \"boot b map 7\""), "{saved}");
+        c.check_pins(Some("boot b map 7"), &pin_dir)
+            .expect("its own pins");
+    }
+    let c = Controller::prepare(
+        &s.config_path(),
+        crate::config::Config::load(&s.config_path()).expect("config"),
+    )
+    .expect("prepare");
+    assert_eq!(
+        c.dataplane_id(),
+        Some("boot b map 7"),
+        "the binding persists"
+    );
+    c.check_pins(Some("boot b map 7"), &pin_dir)
+        .expect("adopts its own pins");
+    let text = c
+        .check_pins(Some("boot b map 9"), &pin_dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("records dataplane boot b map 7") && text.contains("put it back"),
+        "{text}"
+    );
 }

@@ -115,7 +115,7 @@ pub struct Gateway {
     pub conntrack: ConntrackConfig,
     pub timeouts: Timeouts,
     /// Per-endpoint caps applied where an endpoint sets none.
-    pub endpoint_defaults: EndpointLimits,
+    pub endpoint_defaults: EndpointDefaults,
 }
 
 impl Default for Gateway {
@@ -128,13 +128,16 @@ impl Default for Gateway {
             bpffs_root: PathBuf::from("/sys/fs/bpf/plink"),
             conntrack: ConntrackConfig::default(),
             timeouts: Timeouts::default(),
-            endpoint_defaults: EndpointLimits::default(),
+            endpoint_defaults: EndpointDefaults::default(),
         }
     }
 }
 
 /// Where the admin socket is when no config says otherwise.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/plink/plink.sock";
+/// Largest config accepted (a config of 4,095 endpoints is about 400 KB):
+/// input is bounded before it is indexed.
+pub const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -165,6 +168,86 @@ impl Default for EndpointLimits {
         Self {
             max_flows: 65_536,
             new_flows_per_second: 10_000,
+        }
+    }
+}
+
+/// `gateway.endpoint_defaults`: caps for endpoints that set none.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointDefaults {
+    /// Live flows through one endpoint. Unset: the endpoint's fair share of
+    /// its service's NAT pool and of the conntrack table
+    /// ([`fair_max_flows`]), so that no consumer can take the ports or table
+    /// room another one needs.
+    pub max_flows: Option<u32>,
+    /// New flows per second through one endpoint.
+    pub new_flows_per_second: u32,
+}
+
+impl Default for EndpointDefaults {
+    fn default() -> Self {
+        Self {
+            max_flows: None,
+            new_flows_per_second: EndpointLimits::default().new_flows_per_second,
+        }
+    }
+}
+
+/// The live-flow cap of an endpoint for which neither it nor the gateway
+/// sets one: its share of three quarters of its service's NAT ports (per
+/// protocol: `pool_ports`, shared by `service_endpoints`) and of the
+/// conntrack table (`conntrack`, shared by `all_endpoints`), at most 65536.
+/// NAT port probing starts refusing at about 80% use, so with every
+/// endpoint at its cap a new consumer still finds ports.
+pub fn fair_max_flows(
+    pool_ports: u64,
+    service_endpoints: u64,
+    conntrack: u64,
+    all_endpoints: u64,
+) -> u32 {
+    let share = |total: u64, n: u64| total.saturating_mul(3) / 4 / n.max(1);
+    let cap = share(pool_ports, service_endpoints)
+        .min(share(conntrack, all_endpoints))
+        .min(u64::from(EndpointLimits::default().max_flows))
+        .max(1);
+    u32::try_from(cap).unwrap_or(u32::MAX)
+}
+
+impl Service {
+    /// NAT ports of this service per protocol: addresses × range size.
+    pub fn nat_pool_ports(&self) -> u64 {
+        let range = u64::from(self.nat.ports.last) - u64::from(self.nat.ports.first) + 1;
+        range * self.nat.addresses.len() as u64
+    }
+}
+
+impl Config {
+    /// The caps of endpoint `e` as the datapath applies them.
+    pub fn endpoint_limits(&self, e: &Endpoint) -> EndpointLimits {
+        let d = &self.gateway.endpoint_defaults;
+        let fair = || {
+            let pool = self
+                .services
+                .iter()
+                .find(|s| s.name == e.service)
+                .map(Service::nat_pool_ports)
+                .unwrap_or(0);
+            let sharing = self
+                .endpoints
+                .iter()
+                .filter(|o| o.service == e.service)
+                .count() as u64;
+            fair_max_flows(
+                pool,
+                sharing,
+                u64::from(self.gateway.conntrack.max_flows),
+                self.endpoints.len() as u64,
+            )
+        };
+        EndpointLimits {
+            max_flows: e.max_flows.or(d.max_flows).unwrap_or_else(fair),
+            new_flows_per_second: e.new_flows_per_second.unwrap_or(d.new_flows_per_second),
         }
     }
 }
@@ -444,18 +527,6 @@ pub struct Endpoint {
     pub new_flows_per_second: Option<u32>,
 }
 
-impl Endpoint {
-    /// The caps in force for this endpoint.
-    pub fn limits(&self, defaults: &EndpointLimits) -> EndpointLimits {
-        EndpointLimits {
-            max_flows: self.max_flows.unwrap_or(defaults.max_flows),
-            new_flows_per_second: self
-                .new_flows_per_second
-                .unwrap_or(defaults.new_flows_per_second),
-        }
-    }
-}
-
 /// Parses an IPv4 address with a message that says how to write one.
 fn parse_ipv4<E: serde::de::Error>(s: &str) -> Result<Ipv4Addr, E> {
     s.trim().parse().map_err(|_| {
@@ -495,12 +566,20 @@ impl Config {
             .max(u64::from(plink_common::DEFAULT_LB_TABLE_ENTRIES))
     }
 
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file (at most `MAX_CONFIG_BYTES`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+        let read = |cause| ConfigError::Read {
             path: path.to_owned(),
             cause,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(read)?;
+        // Bounded before reading: one byte more than allowed says "too big".
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_CONFIG_BYTES as u64 + 1),
+            &mut text,
+        )
+        .map_err(read)?;
         Self::parse(path, &text)
     }
 
@@ -510,6 +589,16 @@ impl Config {
             path: path.to_owned(),
             diagnostics,
         };
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(invalid(vec![Diagnostic {
+                line: 1,
+                column: 1,
+                yaml_path: String::new(),
+                message: format!(
+                    "the config is larger than {MAX_CONFIG_BYTES} bytes, which no plink config needs"
+                ),
+            }]));
+        }
         // The marked parser runs first: it locates syntax errors precisely
         // (serde_yaml may report a type error found before a later syntax
         // error), and its index locates everything else.

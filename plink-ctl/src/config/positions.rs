@@ -31,11 +31,17 @@ enum Frame {
     Map { path: String, key: Option<String> },
 }
 
+/// Deepest nesting accepted (plink's config needs about 5 levels). Paths
+/// grow with depth, so unbounded nesting would make indexing quadratic.
+pub const MAX_DEPTH: usize = 32;
+
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     nodes: HashMap<String, (usize, usize)>,
     scalars: Vec<(String, String)>,
+    /// Where the nesting first went past `MAX_DEPTH`.
+    too_deep: Option<(usize, usize)>,
 }
 
 fn join_key(parent: &str, key: &str) -> String {
@@ -90,6 +96,15 @@ impl Builder {
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
+            Event::SequenceStart(..) | Event::MappingStart(..) if self.stack.len() >= MAX_DEPTH => {
+                // Nothing below is indexed; the frame only keeps ends balanced.
+                self.too_deep.get_or_insert((mark.line(), mark.col() + 1));
+                self.stack.push(Frame::Seq {
+                    path: "?".into(),
+                    next: 0,
+                });
+            }
+            Event::Scalar(..) | Event::Alias(_) if self.stack.len() > MAX_DEPTH => {}
             Event::Scalar(text, ..) => {
                 if let Some(path) = self.node_start(Some(&text), mark) {
                     self.scalars.push((path, text));
@@ -131,6 +146,13 @@ impl PositionIndex {
             column: e.marker().col() + 1,
             message: e.info().to_owned(),
         })?;
+        if let Some((line, column)) = builder.too_deep {
+            return Err(SyntaxError {
+                line,
+                column,
+                message: format!("nesting deeper than {MAX_DEPTH} levels is not accepted"),
+            });
+        }
         Ok(Self {
             nodes: builder.nodes,
             scalars: builder.scalars,

@@ -330,6 +330,82 @@ fn more_than_eight_nat_addresses() {
     );
 }
 
+/// Issue 14: what the maps cannot hold is a config error with its position,
+/// not a failed map write at apply time.
+#[test]
+fn capacity_errors_name_the_first_object_that_does_not_fit() {
+    // Addresses from the benchmarking range: nothing is ever sent to them.
+    let addr = |n: usize| format!("198.18.{}.{}", n / 250, n % 250 + 1);
+    let endpoint = |n: usize, service: &str| {
+        format!(
+            "  - {{name: e{n}, tenant: t, network: vnet-a, address: {}, service: {service}}}\n",
+            addr(n)
+        )
+    };
+    let config = |services: &str, endpoints: &str| {
+        format!(
+            "interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\nservices:\n{services}endpoints:\n{endpoints}"
+        )
+    };
+    let service = |name: &str, ports: usize, backends: &[String], nat: &str| {
+        let ports: Vec<String> = (1..=ports).map(|p| format!("{{port: {p}}}")).collect();
+        let backends: Vec<String> = backends
+            .iter()
+            .map(|b| format!("{{address: {b}}}"))
+            .collect();
+        format!(
+            "  - name: {name}\n    protocol: tcp\n    ports: [{}]\n    backends: [{}]\n    nat: {{addresses: [{nat}]}}\n    visibility: ['*']\n",
+            ports.join(", "),
+            backends.join(", ")
+        )
+    };
+
+    // 4096 endpoints: ids 1..4095 fit the per-endpoint maps.
+    let svc = service("s", 1, &["198.51.100.10".into()], "198.51.100.200");
+    let eps: String = (0..4096).map(|n| endpoint(n, "s")).collect();
+    let text = config(&svc, &eps);
+    let d = errors(&text);
+    assert_error(&d, at(&text, "{name: e4095,", 0), "4096 endpoints");
+    assert_error(&d, at(&text, "{name: e4095,", 0), "at most 4095");
+
+    // 7 ports: 8 table entries per endpoint, 16384 entries fill at 2048.
+    let svc = service("s", 7, &["198.51.100.10".into()], "198.51.100.200");
+    let eps: String = (0..2049).map(|n| endpoint(n, "s")).collect();
+    let text = config(&svc, &eps);
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(
+        &d,
+        at(&text, "{name: e2048,", 0),
+        "the endpoint table is full here",
+    );
+
+    // 256 services: ids 1..255 fit.
+    let svcs: String = (0..256)
+        .map(|n| service(&format!("s{n}"), 1, &[addr(n)], &addr(1000 + n)))
+        .collect();
+    let text = config(&svcs, &endpoint(5000, "s0"));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(&d, at(&text, "name: s255\n", 0), "256 services");
+
+    // 4100 backends in 41 services: the 4096th does not fit.
+    let svcs: String = (0..41)
+        .map(|n| {
+            let backends: Vec<String> = (0..100).map(|b| addr(n * 100 + b)).collect();
+            service(&format!("s{n}"), 1, &backends, &addr(10_000 + n))
+        })
+        .collect();
+    let text = config(&svcs, &endpoint(12_000, "s0"));
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(
+        &d,
+        at(&text, &format!("{{address: {}}}", addr(4095)), 0),
+        "4100 backends",
+    );
+}
+
 #[test]
 fn empty_backend_list() {
     let text = edit(
@@ -518,4 +594,82 @@ fn mutated_configs_never_panic() {
     }
     // Some mutations are harmless (comments, whitespace): the test exercised both paths.
     assert!(parsed_ok > 0, "no mutation parsed: the mutator is broken");
+}
+
+/// Issue 14, item 8: input is bounded before it is indexed. Paths grow with
+/// depth, so deep nesting used to make position indexing quadratic.
+#[test]
+fn deep_nesting_and_huge_input_are_refused_before_indexing() {
+    let nested =
+        |depth: usize| format!("{BASE}extra: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let text = nested(40);
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    // The 32nd level is the document's mapping plus 31 brackets.
+    let (line, _) = at(&text, "extra:", 0);
+    assert_eq!(d[0].line, line, "{d:#?}");
+    assert!(
+        d[0].message.contains("nesting deeper than 32 levels"),
+        "{d:#?}"
+    );
+
+    let started = std::time::Instant::now();
+    let d = errors(&nested(200_000));
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "deep nesting took {:?}",
+        started.elapsed()
+    );
+
+    let huge = format!("{BASE}# {}\n", "x".repeat(MAX_CONFIG_BYTES));
+    let d = errors(&huge);
+    assert_eq!((d[0].line, d[0].column), (1, 1));
+    assert!(d[0].message.contains("larger than"), "{d:#?}");
+}
+
+/// Issue 14, item 7: caps protect the pool. Without a configured cap an
+/// endpoint gets a fair share of its service's NAT pool and of the
+/// conntrack table; an explicit cap beyond the pool is refused.
+#[test]
+fn endpoint_caps_follow_the_nat_pool_and_the_table() {
+    // Three quarters of the pool, shared by the service's endpoints, and of
+    // the table, shared by all; at most 65536 and at least 1.
+    assert_eq!(fair_max_flows(16, 2, 262_144, 4), 6);
+    assert_eq!(fair_max_flows(64_512, 1, 262_144, 1), 48_384);
+    assert_eq!(fair_max_flows(1_000_000, 1, 1_000_000, 1), 65_536);
+    assert_eq!(fair_max_flows(16, 4, 16, 4), 3);
+    assert_eq!(fair_max_flows(1, 8, 1, 8), 1);
+
+    let small = edit(
+        "nat: {addresses: [198.51.100.200], ports: 1024-65535}",
+        "nat: {addresses: [198.51.100.200], ports: 20000-20015}",
+    );
+    let cfg = Config::parse(Path::new(FILE), &small).expect("valid");
+    let caps: Vec<u32> = cfg
+        .endpoints
+        .iter()
+        .map(|e| cfg.endpoint_limits(e).max_flows)
+        .collect();
+    assert_eq!(caps, vec![6, 6], "16 ports shared by two endpoints");
+    // A gateway default or an endpoint's own cap wins.
+    let explicit = small.replacen(
+        "  state_dir: /var/lib/plink\n",
+        "  state_dir: /var/lib/plink\n  endpoint_defaults: {max_flows: 10}\n",
+        1,
+    );
+    let cfg = Config::parse(Path::new(FILE), &explicit).expect("valid");
+    assert_eq!(cfg.endpoint_limits(&cfg.endpoints[0]).max_flows, 10);
+    let own = small.replacen("service: orders}\n", "service: orders, max_flows: 16}\n", 1);
+    let cfg = Config::parse(Path::new(FILE), &own).expect("valid");
+    assert_eq!(cfg.endpoint_limits(&cfg.endpoints[0]).max_flows, 16);
+    assert_eq!(cfg.endpoint_limits(&cfg.endpoints[1]).max_flows, 6);
+
+    // More than the pool holds: refused where it is written.
+    let text = small.replacen("service: orders}\n", "service: orders, max_flows: 17}\n", 1);
+    assert_error(
+        &errors(&text),
+        at(&text, "17}", 0),
+        "more than service \"orders\"'s NAT pool holds (16 ports per protocol)",
+    );
 }

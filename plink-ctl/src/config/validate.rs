@@ -112,7 +112,93 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
     let consumer_networks = interfaces(cfg, &mut p);
     services(cfg, &mut p);
     endpoints(cfg, &consumer_networks, &mut p);
+    capacity(cfg, &mut p);
     p.0
+}
+
+/// What the dataplane's maps hold (their sizes are fixed by the build, see
+/// [`crate::plan::Capacities::BUILD`]): a config that needs more is refused
+/// here, at the first object that does not fit, rather than by a map write.
+fn capacity(cfg: &Config, p: &mut Problems) {
+    let caps = crate::plan::Capacities::BUILD;
+    // Ids start at 1 (0 means none), so a map of N slots takes N - 1 objects.
+    if cfg.interfaces.len() as u64 > u64::from(caps.interfaces) {
+        p.push(
+            format!("interfaces[{}]", caps.interfaces),
+            format!(
+                "{} interfaces, the dataplane holds at most {}: remove {}",
+                cfg.interfaces.len(),
+                caps.interfaces,
+                cfg.interfaces.len() as u64 - u64::from(caps.interfaces)
+            ),
+        );
+    }
+    let max_services = caps.services - 1;
+    if cfg.services.len() as u64 > u64::from(max_services) {
+        p.push(
+            format!("services[{max_services}]"),
+            format!(
+                "{} services, the dataplane holds at most {max_services}: remove {}",
+                cfg.services.len(),
+                cfg.services.len() as u64 - u64::from(max_services)
+            ),
+        );
+    }
+    let max_backends = caps.backends - 1;
+    let total_backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+    if total_backends as u64 > u64::from(max_backends) {
+        let first_over = cfg
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (0..s.backends.len()).map(move |j| (i, j)))
+            .nth(max_backends as usize);
+        if let Some((i, j)) = first_over {
+            p.push(
+                format!("services[{i}].backends[{j}]"),
+                format!(
+                    "{total_backends} backends in all services, the dataplane holds at most {max_backends}: remove {}",
+                    total_backends as u64 - u64::from(max_backends)
+                ),
+            );
+        }
+    }
+    let max_endpoints = caps.endpoints - 1;
+    if cfg.endpoints.len() as u64 > u64::from(max_endpoints) {
+        p.push(
+            format!("endpoints[{max_endpoints}]"),
+            format!(
+                "{} endpoints, the dataplane holds at most {max_endpoints}: remove {}",
+                cfg.endpoints.len(),
+                cfg.endpoints.len() as u64 - u64::from(max_endpoints)
+            ),
+        );
+    }
+    // The endpoint table: one entry per endpoint port, one per address (echo).
+    let ports: HashMap<&str, usize> = cfg
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.ports.len()))
+        .collect();
+    let mut addresses = std::collections::HashSet::new();
+    let mut entries: u64 = 0;
+    for (i, e) in cfg.endpoints.iter().enumerate() {
+        let n = ports.get(e.service.as_str()).copied().unwrap_or(0) as u64;
+        entries += n;
+        if n > 0 && addresses.insert((e.network.as_str(), e.address)) {
+            entries += 1;
+        }
+        if entries > u64::from(caps.endpoint_keys) {
+            p.push(
+                format!("endpoints[{i}]"),
+                format!(
+                    "the endpoint table is full here: endpoints need one entry per service port plus one per address, and it holds {}; remove endpoints or service ports",
+                    caps.endpoint_keys
+                ),
+            );
+            break;
+        }
+    }
 }
 
 fn gateway(cfg: &Config, p: &mut Problems) {
@@ -136,10 +222,10 @@ fn gateway(cfg: &Config, p: &mut Problems) {
             );
         }
     }
-    if g.endpoint_defaults.max_flows == 0 {
+    if g.endpoint_defaults.max_flows == Some(0) {
         p.push(
             "gateway.endpoint_defaults.max_flows",
-            "must be at least 1 (0 would refuse every flow); default 65536",
+            "must be at least 1 (0 would refuse every flow); leave it out for each endpoint's fair share of its service's NAT pool",
         );
     }
     if g.endpoint_defaults.new_flows_per_second == 0 {
@@ -569,6 +655,18 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
             );
             continue;
         };
+        if let Some(cap) = e.max_flows {
+            let pool = service.nat_pool_ports();
+            if u64::from(cap) > pool && pool > 0 {
+                p.push(
+                    format!("{path}.max_flows"),
+                    format!(
+                        "max_flows {cap} is more than service {:?}'s NAT pool holds ({pool} ports per protocol): the cap would let this endpoint take every port the service's other endpoints need; use at most {pool}, or leave it out for a fair share",
+                        e.service
+                    ),
+                );
+            }
+        }
         for sp in &service.ports {
             let key = (e.network.as_str(), e.address, service.protocol, sp.port);
             if let Some(first) = first_seen(&mut listeners, key, &path) {

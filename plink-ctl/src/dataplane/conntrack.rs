@@ -99,9 +99,21 @@ impl Dataplane {
         self.remove_flows(|_, v, _| v.backend_id == backend_id)
     }
 
-    fn remove_flows(
+    /// Removes every flow `doomed` picks (with its reverse entry and NAT
+    /// port), re-reading each just before deciding, then sweeps orphans.
+    pub(crate) fn remove_flows(
         &mut self,
-        doomed: impl Fn(&CtFwdKey, &CtFwdValue, u64) -> bool,
+        doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
+    ) -> anyhow::Result<GcReport> {
+        self.remove_flows_sweeping(doomed, true)
+    }
+
+    /// Like `remove_flows`; sweeps orphans only when `always_sweep` or when
+    /// a flow was removed (a purge that found nothing leaves the sweep to the GC).
+    pub(crate) fn remove_flows_sweeping(
+        &mut self,
+        mut doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
+        always_sweep: bool,
     ) -> anyhow::Result<GcReport> {
         let mut report = GcReport::default();
         let flows = self.flows()?;
@@ -143,7 +155,9 @@ impl Dataplane {
                 freed.set(id, old.wrapping_add(n), 0)?;
             }
         }
-        report.orphans = self.sweep_orphans()?;
+        if always_sweep || report.flows > 0 {
+            report.orphans = self.sweep_orphans()?;
+        }
         Ok(report)
     }
 
@@ -184,29 +198,22 @@ impl Dataplane {
     /// Every flow with its NAT mapping.
     pub fn list_conntrack(&mut self) -> anyhow::Result<Vec<FlowEntry>> {
         let g = self.global().context("reading the timeouts")?;
-        let now = monotonic_ns();
-        Ok(self
-            .flows()?
-            .into_iter()
-            .map(|(k, v)| {
-                let timeout = flow_timeout_ns(v.proto, v.tcp_state, &g.timeouts);
-                let age = now.saturating_sub(v.last_seen_ns);
-                FlowEntry {
-                    network_id: k.network_id,
-                    protocol: k.proto,
-                    client: (ip(&k.src_addr_be), u16::from_be(k.src_port_be)),
-                    endpoint: (ip(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
-                    nat: (ip(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
-                    backend: (ip(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
-                    endpoint_id: v.endpoint_id,
-                    service_id: v.service_id,
-                    backend_id: v.backend_id,
-                    tcp_state: v.tcp_state,
-                    ingress_ifindex: v.ingress_ifindex,
-                    expires_in: Duration::from_nanos(timeout.saturating_sub(age)),
-                }
-            })
-            .collect())
+        Ok(flow_entries(self.flows()?, &g))
+    }
+
+    /// NAT ports in use per NAT address (host-order IPv4) and protocol
+    /// number: a port is unique per (address, protocol), so each protocol has
+    /// the whole range.
+    pub fn nat_ports_in_use_by_protocol(
+        &mut self,
+    ) -> anyhow::Result<BTreeMap<(Ipv4Addr, u8), u64>> {
+        let ports: HashMap<_, NatPortKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
+        let mut out = BTreeMap::new();
+        for k in ports.keys().filter_map(Result::ok) {
+            *out.entry((ip(&k.addr_be), k.proto)).or_default() += 1;
+        }
+        Ok(out)
     }
 
     /// NAT ports in use per NAT address (host-order IPv4), all protocols.
@@ -218,6 +225,62 @@ impl Dataplane {
             *out.entry(ip(&k.addr_be)).or_default() += 1;
         }
         Ok(out)
+    }
+}
+
+fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<FlowEntry> {
+    let now = monotonic_ns();
+    flows
+        .into_iter()
+        .map(|(k, v)| {
+            let timeout = flow_timeout_ns(v.proto, v.tcp_state, &g.timeouts);
+            let age = now.saturating_sub(v.last_seen_ns);
+            FlowEntry {
+                network_id: k.network_id,
+                protocol: k.proto,
+                client: (ip(&k.src_addr_be), u16::from_be(k.src_port_be)),
+                endpoint: (ip(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
+                nat: (ip(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
+                backend: (ip(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
+                endpoint_id: v.endpoint_id,
+                service_id: v.service_id,
+                backend_id: v.backend_id,
+                tcp_state: v.tcp_state,
+                ingress_ifindex: v.ingress_ifindex,
+                expires_in: Duration::from_nanos(timeout.saturating_sub(age)),
+            }
+        })
+        .collect()
+}
+
+/// Reads the flows through its own descriptors of the pinned maps: a
+/// listing neither waits for nor holds up applies and the GC.
+pub struct FlowReader {
+    fwd: HashMap<aya::maps::MapData, CtFwdKey, CtFwdValue>,
+    global: Array<aya::maps::MapData, GlobalConfig>,
+}
+
+impl FlowReader {
+    /// Opens the maps pinned under `bpffs_root`.
+    pub fn open(bpffs_root: &std::path::Path) -> anyhow::Result<Self> {
+        let dir = super::pin_dir(bpffs_root);
+        let open = |name: &str| {
+            let pin = dir.join(name);
+            aya::maps::MapData::from_pin(&pin)
+                .with_context(|| format!("opening the pinned map {}", pin.display()))
+        };
+        Ok(Self {
+            fwd: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::CT_FWD)?))?,
+            global: Array::try_from(aya::maps::Map::Array(open(map_names::GLOBAL)?))?,
+        })
+    }
+
+    /// Every flow with its NAT mapping.
+    pub fn list(&self) -> anyhow::Result<Vec<FlowEntry>> {
+        let g = self.global.get(&0, 0).context("reading the timeouts")?;
+        // Entries deleted while we iterate are skipped, not errors.
+        let flows = self.fwd.iter().filter_map(Result::ok).collect();
+        Ok(flow_entries(flows, &g))
     }
 }
 

@@ -86,6 +86,7 @@ impl super::DataplaneSpec {
                         .services
                         .iter()
                         .flat_map(|s| s.nat.iter().map(|n| n.addr))
+                        .filter(|a| !a.is_unspecified())
                         .collect(),
                 };
                 addrs.sort();

@@ -23,7 +23,7 @@ pub mod neigh;
 pub mod spec;
 pub mod stats;
 
-pub use conntrack::{FlowEntry, GcReport, monotonic_ns};
+pub use conntrack::{FlowEntry, FlowReader, GcReport, monotonic_ns};
 pub use spec::{
     AnswerPath, BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState,
     InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
@@ -53,6 +53,94 @@ use crate::config::{Config, Role, XdpMode};
 /// Directory holding this layout version's pins under the configured root.
 pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
     bpffs_root.join(format!("v{LAYOUT_VERSION}"))
+}
+
+/// An exclusive `flock` on the pin root, held while a controller runs (or
+/// `down` removes the pins): one controller per dataplane.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// Locks `bpffs_root` (created if needed). A controller being restarted may
+/// still be exiting: waits a moment before calling the pins taken, then
+/// names the process that holds them.
+pub fn lock_pins(bpffs_root: &Path) -> anyhow::Result<PinLock> {
+    use std::os::fd::AsRawFd as _;
+    bpffs_check(bpffs_root)?;
+    std::fs::create_dir_all(bpffs_root)
+        .with_context(|| format!("creating {}", bpffs_root.display()))?;
+    let dir = std::fs::File::open(bpffs_root)
+        .with_context(|| format!("opening {}", bpffs_root.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        // SAFETY: flock on a valid open fd.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(PinLock { _dir: dir });
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the dataplane pinned under {} is in use by {}: one plink-ctl per dataplane. Stop it first (SIGTERM leaves forwarding running)",
+                bpffs_root.display(),
+                lock_holder(&dir).unwrap_or_else(|| "another process".into())
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The process holding a `flock` on `file`, from /proc/locks.
+fn lock_holder(file: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let needle = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid: u32 = locks
+        .lines()
+        .filter(|l| l.contains("FLOCK"))
+        .find_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == needle)?;
+            words.get(at.checked_sub(1)?)?.parse().ok()
+        })?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|w| !w.is_empty())
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    Some(if cmdline.is_empty() {
+        format!("pid {pid}")
+    } else {
+        format!("pid {pid} ({cmdline})")
+    })
+}
+
+/// The identity of the dataplane pinned under `bpffs_root`, `None` when
+/// nothing is pinned there: the boot and the kernel's id of the pinned
+/// `GLOBAL` map. Map ids are not reused while the map lives, and pins do not
+/// outlive a boot, so the pair names one dataplane for as long as it exists
+/// (no map or program of the datapath has to carry it).
+pub fn pinned_identity(bpffs_root: &Path) -> anyhow::Result<Option<String>> {
+    let pin = pin_dir(bpffs_root).join(map_names::GLOBAL);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let info = aya::maps::MapInfo::from_pin(&pin)
+        .with_context(|| format!("reading the pinned map {}", pin.display()))?;
+    Ok(Some(identity(info.id())))
+}
+
+fn identity(global_map_id: u32) -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-boot".into());
+    format!("boot {boot} map {global_map_id}")
 }
 
 /// Maps pinned by the controller: every map, so that flows and counters
@@ -458,6 +546,58 @@ impl Dataplane {
             tracing::info!(interface = %name, "interface no longer in the config: XDP detached");
         }
         Ok(())
+    }
+
+    /// The entries each map of this dataplane holds (as loaded or adopted).
+    pub fn capacities(&mut self) -> anyhow::Result<crate::plan::Capacities> {
+        let mut entries = |name: &str| -> anyhow::Result<u32> {
+            let map = self.map_mut(name)?;
+            let data: &MapData = match map {
+                aya::maps::Map::HashMap(d)
+                | aya::maps::Map::Array(d)
+                | aya::maps::Map::PerCpuHashMap(d)
+                | aya::maps::Map::PerCpuArray(d) => d,
+                _ => bail!("map {name} has an unexpected type"),
+            };
+            Ok(data
+                .info()
+                .with_context(|| format!("reading the size of map {name}"))?
+                .max_entries())
+        };
+        Ok(crate::plan::Capacities {
+            interfaces: entries(map_names::INTERFACES)?,
+            endpoint_keys: entries(map_names::ENDPOINTS)?,
+            endpoint_addresses: entries(map_names::ARP_ENDPOINTS)?,
+            endpoints: entries(map_names::EP_STATS)?,
+            services: entries(map_names::SERVICES)?,
+            backends: entries(map_names::BACKENDS)?,
+            nat_addresses: entries(map_names::NAT_ADDRS)?,
+        })
+    }
+
+    /// This dataplane's identity (see [`pinned_identity`]).
+    pub fn identity(&mut self) -> anyhow::Result<String> {
+        let map = self.map_mut(map_names::GLOBAL)?;
+        let aya::maps::Map::Array(data) = map else {
+            bail!("map GLOBAL is not an array");
+        };
+        Ok(identity(data.info().context("reading map GLOBAL")?.id()))
+    }
+
+    /// Backends the maps record as draining, with their addresses (what an
+    /// adopting start learns from the pins).
+    pub fn draining_backends(&mut self) -> anyhow::Result<Vec<(u32, std::net::Ipv4Addr)>> {
+        let map: aya::maps::Array<_, plink_common::BackendInfo> =
+            aya::maps::Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+        let mut out = Vec::new();
+        for (id, info) in map.iter().enumerate() {
+            let info = info?;
+            if info.enabled != 0 && info.state == plink_common::backend_state::DRAINING {
+                let addr = std::net::Ipv4Addr::from(info.addr_be[0].to_ne_bytes());
+                out.push((id as u32, addr));
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) fn register_interface(&mut self, index: u32) -> anyhow::Result<()> {

@@ -21,9 +21,8 @@ use aya::{
 };
 use plink_common::{
     Addr, BackendInfo, Counters, DropReason, EndpointKey, EndpointValue, EpLimitState,
-    GlobalConfig, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_NAT_SLOTS, MAX_SERVICES, NO_BACKEND,
-    NatAddrInfo, NatSlot, NetAddrKey, ServiceConfig, Timeouts, backend_state, ep_state, map_names,
-    nat_flags, role, v4,
+    GlobalConfig, IfaceInfo, MAX_NAT_SLOTS, NO_BACKEND, NatAddrInfo, NatSlot, NetAddrKey,
+    ServiceConfig, Timeouts, backend_state, ep_state, map_names, nat_flags, role, v4,
 };
 
 use super::Dataplane;
@@ -231,8 +230,21 @@ where
 }
 
 impl DataplaneSpec {
-    /// Checks ids, sizes and references before anything is written.
+    /// Checks ids, sizes and references before anything is written, against
+    /// the map sizes of this build.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_within(&crate::plan::Capacities::BUILD)
+    }
+
+    /// Checks ids, sizes and references against the given map sizes: a spec
+    /// that passes can be written without a map refusing an entry.
+    pub fn validate_within(&self, caps: &crate::plan::Capacities) -> anyhow::Result<()> {
+        ensure!(
+            self.interfaces.len() as u64 <= u64::from(caps.interfaces),
+            "{} interfaces, the dataplane holds at most {}",
+            self.interfaces.len(),
+            caps.interfaces
+        );
         let providers = self
             .interfaces
             .iter()
@@ -244,7 +256,12 @@ impl DataplaneSpec {
         );
         let mut services = BTreeSet::new();
         for s in &self.services {
-            ensure!(s.id < MAX_SERVICES, "service id {} ≥ {MAX_SERVICES}", s.id);
+            ensure!(
+                s.id < caps.services,
+                "service id {} is beyond the SERVICES map ({} slots); ids released by this change are reused only by a later one: apply the removal and the addition in two steps, or restart",
+                s.id,
+                caps.services
+            );
             ensure!(services.insert(s.id), "service id {} used twice", s.id);
             ensure!(
                 s.nat.len() <= MAX_NAT_SLOTS,
@@ -263,7 +280,12 @@ impl DataplaneSpec {
         }
         let mut backends = BTreeMap::new();
         for b in &self.backends {
-            ensure!(b.id < MAX_BACKENDS, "backend id {} ≥ {MAX_BACKENDS}", b.id);
+            ensure!(
+                b.id < caps.backends,
+                "backend id {} is beyond the BACKENDS map ({} slots); ids released by this change are reused only by a later one: apply the removal and the addition in two steps, or restart",
+                b.id,
+                caps.backends
+            );
             ensure!(
                 backends.insert(b.id, b.service_id).is_none(),
                 "backend id {} used twice",
@@ -284,9 +306,10 @@ impl DataplaneSpec {
         let mut endpoints = BTreeSet::new();
         for e in &self.endpoints {
             ensure!(
-                e.id < MAX_ENDPOINTS,
-                "endpoint id {} ≥ {MAX_ENDPOINTS}",
-                e.id
+                e.id < caps.endpoints,
+                "endpoint id {} is beyond the per-endpoint maps ({} slots); ids released by this change are reused only by a later one: apply the removal and the addition in two steps, or restart",
+                e.id,
+                caps.endpoints
             );
             ensure!(endpoints.insert(e.id), "endpoint id {} used twice", e.id);
             ensure!(
@@ -296,7 +319,71 @@ impl DataplaneSpec {
                 e.service_id
             );
         }
+        // Entries of the hash maps: what `apply` will insert, counted and
+        // checked for clashes before anything is written.
+        let mut keys = BTreeSet::new();
+        let mut echo = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
+        for e in &self.endpoints {
+            for p in &e.ports {
+                ensure!(
+                    keys.insert(endpoint_key(e, p.port, e.protocol.number())),
+                    "two endpoints claim {}:{} ({:?}) in network {}",
+                    e.addr,
+                    p.port,
+                    e.protocol,
+                    e.network_id
+                );
+            }
+            if !e.ports.is_empty() {
+                echo.insert(endpoint_key(e, 0, plink_common::IPPROTO_ICMP));
+            }
+            if e.state != EndpointState::Removed {
+                addresses.insert((e.network_id, e.addr));
+            }
+        }
+        let entries = keys.len() + echo.len();
+        ensure!(
+            entries as u64 <= u64::from(caps.endpoint_keys),
+            "the endpoints need {entries} endpoint-table entries (one per endpoint port, one per endpoint address for echo), the table holds {}: remove endpoints or service ports",
+            caps.endpoint_keys
+        );
+        ensure!(
+            addresses.len() as u64 <= u64::from(caps.endpoint_addresses),
+            "{} endpoint addresses, the ARP table holds {}",
+            addresses.len(),
+            caps.endpoint_addresses
+        );
+        let mut nat_owner: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        for s in &self.services {
+            for n in s.nat.iter().filter(|n| !n.addr.is_unspecified()) {
+                if let Some(other) = nat_owner.insert(n.addr, s.id) {
+                    bail!(
+                        "NAT address {} is used twice (services {other} and {})",
+                        n.addr,
+                        s.id
+                    );
+                }
+            }
+        }
+        ensure!(
+            nat_owner.len() as u64 <= u64::from(caps.nat_addresses),
+            "{} NAT addresses (draining ones included), the NAT address table holds {}",
+            nat_owner.len(),
+            caps.nat_addresses
+        );
         Ok(())
+    }
+}
+
+/// The `ENDPOINTS` key of endpoint `e` at `port` for protocol `proto`.
+pub(crate) fn endpoint_key(e: &EndpointSpec, port: u16, proto: u8) -> EndpointKey {
+    EndpointKey {
+        network_id: e.network_id,
+        addr_be: addr(e.addr),
+        port_be: port.to_be(),
+        proto,
+        _pad: 0,
     }
 }
 
@@ -372,8 +459,7 @@ impl Dataplane {
         // Backends first: a lookup table never names a backend not yet written.
         {
             let cached = self.written.backends.take();
-            let mut map: Array<_, BackendInfo> =
-                Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+            let map: Array<_, BackendInfo> = Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
             let desired: BTreeMap<u32, BackendInfo> = spec
                 .backends
                 .iter()
@@ -399,6 +485,18 @@ impl Dataplane {
                 Some(c) => c,
                 None => map.iter().collect::<Result<Vec<_>, _>>()?,
             };
+            // An id taken into use (its slot was empty) starts its counters
+            // at zero: a reused id must not inherit its last owner's.
+            let fresh: Vec<u32> = desired
+                .keys()
+                .copied()
+                .filter(|id| current.get(*id as usize).is_some_and(|s| s.enabled == 0))
+                .collect();
+            for id in fresh {
+                self.zero_counters(map_names::BACKEND_STATS, id)?;
+            }
+            let mut map: Array<_, BackendInfo> =
+                Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
             for (id, slot) in current.iter_mut().enumerate() {
                 let want = desired.get(&(id as u32)).copied().unwrap_or_default();
                 if *slot != want {
@@ -492,6 +590,15 @@ impl Dataplane {
                 },
             );
         }
+        // Service ids taken into use start their service and NAT counters at zero.
+        for id in desired.keys() {
+            if current.get(*id as usize).is_some_and(|s| s.enabled == 0) {
+                self.zero_counters(map_names::SVC_STATS, *id)?;
+                for slot in 0..MAX_NAT_SLOTS as u32 {
+                    self.zero_counters(map_names::NAT_STATS, id * MAX_NAT_SLOTS as u32 + slot)?;
+                }
+            }
+        }
         let mut freed: Vec<(u32, u32, std::time::Instant)> = Vec::new();
         let mut services: Array<_, ServiceConfig> =
             Array::try_from(self.map_mut(map_names::SERVICES)?)?;
@@ -514,6 +621,10 @@ impl Dataplane {
         let mut nat_desired = BTreeMap::new();
         for s in &spec.services {
             for (slot, n) in s.nat.iter().enumerate() {
+                // A vacant slot (its address moved to another service) owns nothing.
+                if n.addr.is_unspecified() {
+                    continue;
+                }
                 let prev = nat_desired.insert(
                     addr(n.addr),
                     NatAddrInfo {
@@ -627,6 +738,18 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Zeroes one slot of a per-CPU counter array.
+    fn zero_counters(&mut self, map: &str, index: u32) -> anyhow::Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let mut stats: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map_mut(map)?)?;
+        stats.set(
+            index,
+            PerCpuValues::try_from(vec![Counters::default(); cpus])?,
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Zeroes an endpoint id's counters and cap state before the id is (re)used.
     fn zero_endpoint_slots(&mut self, id: u32) -> anyhow::Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
@@ -721,6 +844,7 @@ fn endpoint_state(s: EndpointState) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plink_common::MAX_ENDPOINTS;
 
     fn valid() -> DataplaneSpec {
         DataplaneSpec {

@@ -94,7 +94,13 @@ fn model_from_config_and_state() {
         (b.state, b.reason),
         (ConnectionState::Pending, Reason::AwaitingApproval)
     );
-    assert_eq!(b.limits.max_flows, 65_536);
+    // Neither the endpoint nor the gateway sets a cap: a fair share of
+    // orders' 64512 NAT ports (two endpoints) and of the conntrack table.
+    assert_eq!(
+        b.limits.max_flows,
+        crate::config::fair_max_flows(64_512, 2, 262_144, 2)
+    );
+    assert_eq!(b.limits.max_flows, 64_512 * 3 / 4 / 2);
 }
 
 #[test]

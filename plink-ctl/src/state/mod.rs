@@ -18,7 +18,11 @@ use crate::{
 };
 
 /// Version of the state file's format; bumped on incompatible changes.
-pub const STATE_VERSION: u32 = 1;
+/// Version 2 added `dataplane`; version 1 files are read as version 2
+/// without one.
+pub const STATE_VERSION: u32 = 2;
+/// Older versions this build reads (and rewrites as `STATE_VERSION`).
+pub const STATE_VERSIONS_READ: &[u32] = &[1, 2];
 
 /// An endpoint's identity (SPEC §4): changing any of these makes a new
 /// endpoint, with a new id and no inherited decision. The tenant is not part
@@ -73,6 +77,10 @@ pub struct PersistedState {
     /// Decisions of the endpoints in the config, by identity.
     #[serde(with = "decisions_as_list")]
     pub decisions: BTreeMap<EndpointIdentity, Decision>,
+    /// The identity of the dataplane (pins) these ids and decisions belong
+    /// to; pins with another identity are never adopted with this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<String>,
 }
 
 impl Default for PersistedState {
@@ -85,6 +93,7 @@ impl Default for PersistedState {
             backends: IdTable::default(),
             endpoints: IdTable::default(),
             decisions: BTreeMap::new(),
+            dataplane: None,
         }
     }
 }

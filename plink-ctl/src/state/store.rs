@@ -135,14 +135,15 @@ impl StateStore {
             detail: e.to_string(),
         };
         let v: VersionOnly = serde_json::from_str(&text).map_err(corrupt)?;
-        if v.version != STATE_VERSION {
+        if !super::STATE_VERSIONS_READ.contains(&v.version) {
             return Err(StateError::Version {
                 path,
                 found: v.version,
                 expected: STATE_VERSION,
             });
         }
-        let state: PersistedState = serde_json::from_str(&text).map_err(corrupt)?;
+        let mut state: PersistedState = serde_json::from_str(&text).map_err(corrupt)?;
+        state.version = STATE_VERSION;
         Ok(Some(state))
     }
 

@@ -1,0 +1,401 @@
+use std::path::Path;
+
+use plink_common::{CtFwdKey, CtFwdValue, IPPROTO_TCP, v4};
+
+use super::*;
+use crate::{
+    approval::{self, Action},
+    config::Config,
+    model::Model,
+    state::{PersistedState, reconcile},
+};
+
+const BASE: &str = "\
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a}
+  - {name: c2, role: consumer, network: vnet-b}
+  - {name: p0, role: provider}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.10}, {address: 198.51.100.11}]
+    nat: {addresses: [198.51.100.200]}
+    visibility: [tenant-a, tenant-b]
+    auto_approve: [tenant-a]
+  - name: billing
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.12}]
+    nat: {addresses: [198.51.100.201]}
+    visibility: ['*']
+    auto_approve: ['*']
+endpoints:
+  - {name: orders-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.50, service: orders}
+  - {name: orders-b, tenant: tenant-b, network: vnet-b, address: 192.0.2.50, service: orders}
+  - {name: billing-b, tenant: tenant-b, network: vnet-b, address: 192.0.2.51, service: billing}
+";
+
+fn a(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, last)
+}
+
+fn step(state: &mut PersistedState, text: &str) -> Model {
+    let c = Config::parse(Path::new("test.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+    *state = reconcile(&c, state).expect("ids");
+    Model::build(&c, state).expect("model")
+}
+
+fn host() -> Observed {
+    let mut interfaces = BTreeMap::new();
+    for (i, name) in ["c1", "c2", "p0"].into_iter().enumerate() {
+        interfaces.insert(
+            name.to_owned(),
+            HostInterface {
+                ifindex: 10 + i as u32,
+                mac: [2, 0, 0, 0, 0, i as u8],
+                answers: crate::dataplane::AnswerPath::XdpTx,
+            },
+        );
+    }
+    Observed {
+        interfaces,
+        ..Default::default()
+    }
+}
+
+fn svc<'a>(spec: &'a DataplaneSpec, model: &Model, name: &str) -> &'a ServiceSpec {
+    let id = model
+        .services
+        .values()
+        .find(|s| s.name == name)
+        .expect("service")
+        .id
+        .0;
+    spec.services.iter().find(|s| s.id == id).expect("spec")
+}
+
+#[test]
+fn nat_slots_stay_put_and_removed_addresses_drain() {
+    let none = BTreeMap::new();
+    let first = nat_slots(&[a(200), a(201), a(202)], (1024, 2047), None, &none);
+    let prev = ServiceSpec {
+        id: 1,
+        nat: first,
+        lookup: vec![],
+        mss_clamp: 0,
+    };
+    // Remove the middle address, add a new one.
+    let next = nat_slots(&[a(200), a(202), a(203)], (1024, 2047), Some(&prev), &none);
+    let addrs: Vec<_> = next.iter().map(|n| (n.addr, n.draining)).collect();
+    assert_eq!(
+        addrs,
+        vec![
+            (a(200), false),
+            (a(201), true),
+            (a(202), false),
+            (a(203), false)
+        ]
+    );
+}
+
+/// Issue 14's red-team case, found by the plan: the old controller wrote
+/// SERVICES and then failed on `NAT address … used twice`.
+#[test]
+fn a_nat_address_moves_only_once_its_old_service_holds_no_port_on_it() {
+    let mut state = PersistedState::default();
+    let model = step(&mut state, BASE);
+    let mut observed = host();
+    let first = plan(&model, &observed, &AllHealthy).expect("plan");
+    observed.previous = Some(first);
+    let moved = BASE
+        .replacen(
+            "nat: {addresses: [198.51.100.200]}",
+            "nat: {addresses: [198.51.100.210]}",
+            1,
+        )
+        .replacen(
+            "nat: {addresses: [198.51.100.201]}",
+            "nat: {addresses: [198.51.100.201, 198.51.100.200]}",
+            1,
+        );
+    let model = step(&mut state, &moved);
+
+    // orders' flows still hold ports on .200: refused, by name.
+    observed.nat_ports_in_use.insert(a(200), 3);
+    let err = plan(&model, &observed, &AllHealthy).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::NatAddressDraining {
+            addr: a(200),
+            from: "orders".into(),
+            to: "billing".into(),
+            flows: 3
+        }
+    );
+    assert!(err.to_string().contains("198.51.100.200"), "{err}");
+
+    // Once they are gone, billing takes it; orders' slot stays in place,
+    // vacant, so its other slots keep their index.
+    observed.nat_ports_in_use.clear();
+    let spec = plan(&model, &observed, &AllHealthy).expect("plan");
+    let orders: Vec<_> = svc(&spec, &model, "orders")
+        .nat
+        .iter()
+        .map(|n| (n.addr, n.draining))
+        .collect();
+    assert_eq!(orders, vec![(Ipv4Addr::UNSPECIFIED, true), (a(210), false)]);
+    let billing: Vec<_> = svc(&spec, &model, "billing")
+        .nat
+        .iter()
+        .map(|n| (n.addr, n.draining))
+        .collect();
+    assert_eq!(billing, vec![(a(201), false), (a(200), false)]);
+    spec.validate().expect("the moved spec can be written");
+    // A vacant slot is the first one reused.
+    observed.previous = Some(spec);
+    let again = moved.replacen("[198.51.100.210]", "[198.51.100.210, 198.51.100.211]", 1);
+    let model = step(&mut state, &again);
+    let spec = plan(&model, &observed, &AllHealthy).expect("plan");
+    let orders: Vec<_> = svc(&spec, &model, "orders")
+        .nat
+        .iter()
+        .map(|n| n.addr)
+        .collect();
+    assert_eq!(orders, vec![a(211), a(210)]);
+}
+
+#[test]
+fn the_plan_refuses_what_the_maps_cannot_hold_before_anything_is_written() {
+    let mut state = PersistedState::default();
+    let model = step(&mut state, BASE);
+    // A missing interface, by name.
+    let mut observed = host();
+    observed.interfaces.remove("c2");
+    assert_eq!(
+        plan(&model, &observed, &AllHealthy).unwrap_err(),
+        PlanError::MissingInterface("c2".into())
+    );
+    let small = |f: fn(&mut Capacities)| {
+        let mut observed = host();
+        f(&mut observed.capacities);
+        plan(&model, &observed, &AllHealthy)
+            .unwrap_err()
+            .to_string()
+    };
+    // 3 endpoints, 2 addresses per network... 3 port entries + 3 echo entries.
+    let e = small(|c| c.endpoint_keys = 5);
+    assert!(
+        e.contains("need 6 endpoint-table entries") && e.contains("holds 5"),
+        "{e}"
+    );
+    let e = small(|c| c.endpoint_addresses = 2);
+    assert!(e.contains("3 endpoint addresses"), "{e}");
+    let e = small(|c| c.nat_addresses = 1);
+    assert!(e.contains("2 NAT addresses"), "{e}");
+    let e = small(|c| c.endpoints = 3);
+    assert!(e.contains("endpoint id 3 is beyond"), "{e}");
+    let e = small(|c| c.backends = 2);
+    assert!(e.contains("backend id 2 is beyond"), "{e}");
+    let e = small(|c| c.services = 2);
+    assert!(e.contains("service id 2 is beyond"), "{e}");
+    let e = small(|c| c.interfaces = 2);
+    assert!(e.contains("3 interfaces"), "{e}");
+    // The same model fits the build's maps.
+    plan(&model, &host(), &AllHealthy).expect("fits");
+}
+
+/// The maps' sizes the plan assumes are the ones the embedded eBPF object
+/// declares.
+#[test]
+fn build_capacities_match_the_ebpf_object() {
+    let obj = aya_obj::Object::parse(crate::EBPF_OBJECT).expect("object");
+    let size = |name: &str| obj.maps[name].max_entries();
+    let c = Capacities::BUILD;
+    assert_eq!(c.interfaces, size(plink_common::map_names::INTERFACES));
+    assert_eq!(c.endpoint_keys, size(plink_common::map_names::ENDPOINTS));
+    assert_eq!(
+        c.endpoint_addresses,
+        size(plink_common::map_names::ARP_ENDPOINTS)
+    );
+    assert_eq!(c.endpoints, size(plink_common::map_names::EP_STATS));
+    assert_eq!(c.services, size(plink_common::map_names::SERVICES));
+    assert_eq!(c.backends, size(plink_common::map_names::BACKENDS));
+    assert_eq!(c.nat_addresses, size(plink_common::map_names::NAT_ADDRS));
+}
+
+/// A flow of `endpoint` to `backend` as the datapath would have created it.
+fn flow(model: &Model, endpoint: &str, backend: Ipv4Addr) -> (CtFwdKey, CtFwdValue) {
+    let e = model.endpoint_by_name(endpoint).expect("endpoint");
+    let b = model.services[&e.service_id]
+        .backends
+        .iter()
+        .find(|b| b.address == backend)
+        .expect("backend");
+    let key = CtFwdKey {
+        src_addr_be: v4([192, 0, 2, 1]),
+        dst_addr_be: v4(e.address.octets()),
+        network_id: e.network_id.0,
+        src_port_be: 40000u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let value = CtFwdValue {
+        backend_addr_be: v4(backend.octets()),
+        backend_port_be: 8080u16.to_be(),
+        endpoint_id: e.id.0,
+        service_id: e.service_id.0,
+        backend_id: b.id.0,
+        proto: IPPROTO_TCP,
+        ..Default::default()
+    };
+    (key, value)
+}
+
+fn judge(
+    model: &Model,
+    retired: &BTreeSet<(u32, Ipv4Addr)>,
+    f: &(CtFwdKey, CtFwdValue),
+) -> Option<Stale> {
+    judge_with(model, retired, f, &AllHealthy)
+}
+
+fn judge_with(
+    model: &Model,
+    retired: &BTreeSet<(u32, Ipv4Addr)>,
+    f: &(CtFwdKey, CtFwdValue),
+    health: &dyn Health,
+) -> Option<Stale> {
+    let spec = plan(model, &host(), health).expect("plan");
+    FlowPolicy::new(&spec, model, retired).judge(&f.0, &f.1)
+}
+
+/// Issue 14, item 2: every live flow is judged against the desired spec,
+/// whatever the previous spec was (an adopting start has none).
+#[test]
+fn flows_are_allowed_only_by_the_desired_spec() {
+    let none = BTreeSet::new();
+    let mut state = PersistedState::default();
+    let model = step(&mut state, BASE);
+    let orders_a = flow(&model, "orders-a", a(10));
+    let orders_b = flow(&model, "orders-b", a(11));
+    assert_eq!(judge(&model, &none, &orders_a), None, "approved: kept");
+    assert_eq!(
+        judge(&model, &none, &orders_b),
+        Some(Stale::NotApproved),
+        "orders-b starts pending"
+    );
+
+    // Approved, then rejected.
+    let id = state
+        .decisions
+        .keys()
+        .find(|k| k.name == "orders-b")
+        .expect("decision")
+        .clone();
+    let access = approval::Access {
+        tenant: "tenant-b".into(),
+        service: "orders".into(),
+        visible: true,
+        auto_approved: false,
+    };
+    let d = approval::apply(state.decisions[&id], Action::Approve, &access)
+        .expect("allowed")
+        .expect("changed");
+    state.decisions.insert(id.clone(), d);
+    let c = Config::parse(Path::new("test.yaml"), BASE).expect("config");
+    let approved = Model::build(&c, &state).expect("model");
+    assert_eq!(judge(&approved, &none, &orders_b), None);
+    let d = approval::apply(d, Action::Reject, &access)
+        .expect("allowed")
+        .expect("changed");
+    state.decisions.insert(id, d);
+    let rejected = Model::build(&c, &state).expect("model");
+    assert_eq!(judge(&rejected, &none, &orders_b), Some(Stale::NotApproved));
+
+    // Deleted from the config: no endpoint there any more.
+    let deleted = step(
+        &mut state,
+        &BASE.replacen(
+            "  - {name: orders-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.50, service: orders}\n",
+            "",
+            1,
+        ),
+    );
+    assert_eq!(judge(&deleted, &none, &orders_a), Some(Stale::NoEndpoint));
+
+    // Re-pointed to another service: a new endpoint (new id) at the same key.
+    let mut state = PersistedState::default();
+    let model = step(&mut state, BASE);
+    let orders_a = flow(&model, "orders-a", a(10));
+    let repointed = step(
+        &mut state,
+        &BASE.replacen(
+            "address: 192.0.2.50, service: orders}\n  - {name: orders-b",
+            "address: 192.0.2.50, service: billing}\n  - {name: orders-b",
+            1,
+        ),
+    );
+    assert_eq!(judge(&repointed, &none, &orders_a), Some(Stale::Repointed));
+
+    // The service's target port changed.
+    let mut state = PersistedState::default();
+    let model = step(&mut state, BASE);
+    let orders_a = flow(&model, "orders-a", a(10));
+    let other_port = step(
+        &mut state,
+        &BASE.replacen("target_port: 8080", "target_port: 8081", 1),
+    );
+    assert_eq!(
+        judge(&other_port, &none, &orders_a),
+        Some(Stale::TargetPortChanged)
+    );
+
+    // Backends: gone, down in the config, unhealthy, drained then removed.
+    let mut state = PersistedState::default();
+    let model = step(&mut state, BASE);
+    let orders_a = flow(&model, "orders-a", a(10));
+    let backend_id = orders_a.1.backend_id;
+    let down = step(
+        &mut state,
+        &BASE.replacen(
+            "{address: 198.51.100.10}",
+            "{address: 198.51.100.10, state: down}",
+            1,
+        ),
+    );
+    assert_eq!(judge(&down, &none, &orders_a), Some(Stale::BackendDown));
+    struct Sick(u32);
+    impl Health for Sick {
+        fn healthy(&self, b: BackendId) -> bool {
+            b.0 != self.0
+        }
+    }
+    let model = step(&mut state, BASE);
+    assert_eq!(
+        judge_with(&model, &none, &orders_a, &Sick(backend_id)),
+        None,
+        "a failed health check keeps established flows"
+    );
+    let gone = step(
+        &mut state,
+        &BASE.replacen(
+            "[{address: 198.51.100.10}, {address: 198.51.100.11}]",
+            "[{address: 198.51.100.11}]",
+            1,
+        ),
+    );
+    assert_eq!(judge(&gone, &none, &orders_a), Some(Stale::BackendGone));
+    let retired = BTreeSet::from([(backend_id, a(10))]);
+    assert_eq!(
+        judge(&gone, &retired, &orders_a),
+        None,
+        "a backend drained before it left keeps its flows"
+    );
+    let spec = plan(&gone, &host(), &AllHealthy).expect("plan");
+    assert_eq!(
+        FlowPolicy::new(&spec, &gone, &retired).via_retired(&orders_a.1),
+        Some((backend_id, a(10)))
+    );
+}
