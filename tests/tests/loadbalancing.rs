@@ -356,8 +356,9 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     let stopped = Instant::now();
     // The detection window of the issue, plus the time the controller takes
     // to rebuild and swap the lookup table once it decided (a small table
-    // here; loaded CI machines still need a margin).
-    const APPLY_MS: u64 = 400;
+    // here; loaded CI machines still need a margin: 400 ms was missed by
+    // 30 ms while benchmarks pinned both CPUs).
+    const APPLY_MS: u64 = 1000;
     let window = Duration::from_millis((FALL + 1) * INTERVAL_MS + TIMEOUT_MS + APPLY_MS);
     // Inside the window connections may fail (they are counted and reported);
     // after it every connection succeeds and goes to the live backend.
