@@ -14,7 +14,7 @@ pub mod csum;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -167,6 +167,15 @@ pub mod role {
     pub const PROVIDER: u8 = 2;
 }
 
+/// Bits of `IfaceInfo::flags`.
+pub mod iface_flags {
+    /// Send frames plink answers itself (ARP replies, ICMP errors) with a
+    /// redirect to the ingress interface instead of XDP_TX. On veth, XDP_TX
+    /// wakes the peer only when the peer runs an XDP program; a redirect
+    /// (`ndo_xdp_xmit`) wakes it whenever it has NAPI, GRO included.
+    pub const ANSWER_BY_REDIRECT: u8 = 1;
+}
+
 /// Value of `INTERFACES`, keyed by ifindex (u32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -177,7 +186,8 @@ pub struct IfaceInfo {
     pub mac: [u8; 6],
     /// [`role`] constant.
     pub role: u8,
-    pub _pad: u8,
+    /// [`iface_flags`] bits.
+    pub flags: u8,
 }
 const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 12);
 
@@ -307,8 +317,22 @@ pub struct ServiceConfig {
     pub lb_size: u32,
     /// Non-zero once the controller filled this slot.
     pub enabled: u32,
+    /// TCP MSS clamp on SYN and SYN-ACK: [`MSS_CLAMP_OFF`], [`MSS_CLAMP_AUTO`]
+    /// or the largest MSS let through (host order).
+    pub mss_clamp: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<ServiceConfig>() == 24 * 8 + 16);
+const _: () = assert!(core::mem::size_of::<ServiceConfig>() == 24 * 8 + 20);
+
+/// [`ServiceConfig::mss_clamp`]: SYN and SYN-ACK pass unchanged.
+pub const MSS_CLAMP_OFF: u16 = 0;
+/// [`ServiceConfig::mss_clamp`]: clamp to the smaller MTU of the two
+/// interfaces the segment crosses (where it came in, where it leaves),
+/// minus the IPv4 and TCP headers. Read per segment, so an MTU change or a
+/// second consumer interface with another MTU needs no reload.
+pub const MSS_CLAMP_AUTO: u16 = u16::MAX;
+/// IPv4 and TCP headers without options: MTU - MSS.
+pub const TCP_IPV4_HEADERS: u16 = 40;
 
 /// Backend states (`BackendInfo::state`); the lookup table only names active
 /// backends, the state is for the record and for the controller.
@@ -383,8 +407,14 @@ pub struct CtFwdValue {
     pub nat_slot: u8,
     pub proto: u8,
     pub _pad: [u8; 5],
+    /// The key this entry was inserted under. A program holding a pointer
+    /// into a preallocated hash map can see the element freed by the GC and
+    /// reused by another CPU's insert for another flow; comparing this copy
+    /// with the key it looked up tells the two apart (see `fwd_entry_is`).
+    pub fwd_key: CtFwdKey,
+    pub _pad2: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 80);
+const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 128);
 
 /// Key of `CT_REV`: a reply as the backend sends it, seen from the NAT side.
 #[repr(C)]
@@ -429,13 +459,16 @@ const _: () = assert!(core::mem::size_of::<CtOwner>() == 56);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EpLimitState {
     /// Flows created since the slot was zeroed. Live flows =
-    /// `flows_created - EP_GC_FREED[endpoint]` (the controller writes that one).
+    /// `flows_created - EP_GC_FREED[endpoint] - flows_reclaimed` (the
+    /// controller writes EP_GC_FREED).
     pub flows_created: u64,
     /// Second (`now_ns / 1e9`) the rate window counts.
     pub window_sec: u64,
     /// New flows admitted in that second.
     pub window_count: u64,
-    pub _pad: u64,
+    /// Expired flows of this endpoint that the datapath removed itself to
+    /// reuse their NAT port (no controller needed; atomic adds).
+    pub flows_reclaimed: u64,
 }
 const _: () = assert!(core::mem::size_of::<EpLimitState>() == 32);
 
@@ -455,8 +488,15 @@ pub struct Counters {
     pub refused_rate: u64,
     /// New flows refused because no NAT port was free.
     pub nat_alloc_failures: u64,
+    /// SYNs (consumer → service) whose MSS option was lowered to the clamp.
+    pub mss_clamped_in: u64,
+    /// SYN-ACKs (service → consumer) whose MSS option was lowered.
+    pub mss_clamped_out: u64,
+    /// Fragmentation-needed errors sent to a backend about a reply too big
+    /// for the consumer interface (the reply itself is not forwarded).
+    pub frag_needed_to_backend: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 64);
+const _: () = assert!(core::mem::size_of::<Counters>() == 88);
 
 impl Counters {
     /// Sums per-CPU values into one total.
@@ -469,6 +509,11 @@ impl Counters {
         self.refused_max_flows = self.refused_max_flows.wrapping_add(o.refused_max_flows);
         self.refused_rate = self.refused_rate.wrapping_add(o.refused_rate);
         self.nat_alloc_failures = self.nat_alloc_failures.wrapping_add(o.nat_alloc_failures);
+        self.mss_clamped_in = self.mss_clamped_in.wrapping_add(o.mss_clamped_in);
+        self.mss_clamped_out = self.mss_clamped_out.wrapping_add(o.mss_clamped_out);
+        self.frag_needed_to_backend = self
+            .frag_needed_to_backend
+            .wrapping_add(o.frag_needed_to_backend);
     }
 }
 
@@ -598,16 +643,17 @@ pub fn nat_probe_slot(hash: u32, i: u32, nat_count: u32) -> u32 {
 /// hash (one stride for everyone) builds runs of taken ports, and a new flow
 /// landing in a run longer than the probe budget fails while half the range
 /// is free. With per-flow strides a probe fails with the pool's utilisation as
-/// its chance, nearly independently of the others. A range that the probe
-/// budget covers is walked linearly, so its last free port is always found.
+/// its chance, nearly independently of the others. The stride is a prime
+/// that does not divide the range, so it is coprime with it and the first
+/// `min(range, NAT_PORT_PROBES)` probes are distinct ports. A range that the
+/// probe budget covers is walked linearly, so its last free port is found.
 #[inline(always)]
 pub fn nat_probe_port(hash: u32, i: u32, min: u16, max: u16) -> u16 {
     let range = (max as u32).wrapping_sub(min as u32).wrapping_add(1);
     let stride = if range <= NAT_PORT_PROBES {
         1
     } else {
-        // Odd, so that ranges of a power of two are walked without repeats.
-        (hash.wrapping_mul(0x9E37_79B1) >> 8) | 1
+        nat_probe_stride(hash, range)
     };
     let step = (i as u64).wrapping_mul(stride as u64);
     let off = ((hash >> 8) as u64)
@@ -615,6 +661,33 @@ pub fn nat_probe_port(hash: u32, i: u32, min: u16, max: u16) -> u16 {
         .checked_rem(range as u64)
         .unwrap_or(0);
     min.wrapping_add(off as u16)
+}
+
+/// Primes above [`NAT_PORT_PROBES`], spread over the port space. A range of
+/// at most 65,536 ports has at most three distinct prime factors this large
+/// (37 × 41 × 43 × 47 > 65,536), so of four consecutive entries one never
+/// divides the range.
+const NAT_PROBE_STRIDES: [u32; 32] = [
+    37, 101, 211, 401, 809, 1201, 1601, 2003, 2411, 3203, 4001, 4801, 5623, 6397, 7207, 8009, 9001,
+    10007, 12007, 14009, 16001, 18013, 20011, 24007, 28001, 32003, 36007, 40009, 44017, 48017,
+    54001, 60013,
+];
+
+/// The probe stride of a flow: a prime chosen by the hash, skipping (at most
+/// three) primes that divide `range`. `range` must be above 1.
+#[inline(always)]
+pub fn nat_probe_stride(hash: u32, range: u32) -> u32 {
+    let sel = (hash.wrapping_mul(0x9E37_79B1) >> 27) as usize;
+    let mut k = 0;
+    while k < 4 {
+        let p = NAT_PROBE_STRIDES[(sel + k) & 31];
+        if range.checked_rem(p).unwrap_or(0) != 0 {
+            return p;
+        }
+        k += 1;
+    }
+    // Unreachable for ranges up to 65,536 (see above); 1 is coprime with all.
+    1
 }
 
 /// Idle timeout of a flow in its current state.
@@ -669,7 +742,7 @@ mod pod {
 mod tests {
     extern crate std;
     use super::*;
-    use std::vec;
+    use std::{vec, vec::Vec};
 
     /// Fills a full-size port range with flows of pseudo-random hashes until
     /// the first allocation fails. With 32 independent probes the first
@@ -698,6 +771,53 @@ mod tests {
                     );
                     return;
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn nat_probes_are_distinct_for_every_stride_and_range() {
+        // The stride depends on the hash only through its selector (five
+        // bits) and the skip over primes dividing the range: hashes that
+        // hit each selector with each offset class cover every stride.
+        let mut hashes: Vec<u32> = Vec::new();
+        let mut h: u32 = 1;
+        while hashes.len() < 1024 {
+            h = h.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            hashes.push(h);
+        }
+        let selectors: std::collections::BTreeSet<u32> = hashes
+            .iter()
+            .map(|h| h.wrapping_mul(0x9E37_79B1) >> 27)
+            .collect();
+        assert_eq!(selectors.len(), 32, "the hashes reach every stride");
+        let mut ranges: Vec<u32> = (2..=400).collect();
+        // Ranges made of the table's own primes, odd and even.
+        ranges.extend([
+            37 * 101,
+            37 * 101 * 2,
+            401 * 101,
+            37 * 41 * 43,
+            65_536,
+            65_535,
+        ]);
+        for range in ranges {
+            let min = (65_536 - range).min(1024) as u16;
+            let max = (min as u32 + range - 1) as u16;
+            let probes = NAT_PORT_PROBES.min(range);
+            for &hash in &hashes {
+                let mut seen = std::collections::BTreeSet::new();
+                for i in 0..probes {
+                    let port = nat_probe_port(hash, i, min, max);
+                    assert!((min..=max).contains(&port));
+                    seen.insert(port);
+                }
+                assert_eq!(
+                    seen.len() as u32,
+                    probes,
+                    "range {range}, hash {hash:#x}: stride {}",
+                    nat_probe_stride(hash, range)
+                );
             }
         }
     }

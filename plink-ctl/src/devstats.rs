@@ -115,6 +115,29 @@ fn get_u32(buf: &mut [u64], offset: usize) -> u32 {
     u32::from_ne_bytes([b[offset], b[offset + 1], b[offset + 2], b[offset + 3]])
 }
 
+/// Offset and length of `driver` in `struct ethtool_drvinfo`.
+const DRVINFO_DRIVER: usize = 4;
+const DRVINFO_DRIVER_LEN: usize = 32;
+
+/// The driver of `dev` (what `ethtool -i` prints as `driver:`), or `None`
+/// for a device without ethtool support.
+pub fn driver_name(dev: &str) -> anyhow::Result<Option<String>> {
+    if dev.len() >= libc::IF_NAMESIZE {
+        bail!("interface name {dev:?} is too long");
+    }
+    let sock = socket(libc::AF_INET, libc::SOCK_DGRAM, 0).context("socket for ethtool")?;
+    let mut info = vec![0u64; DRVINFO_LEN.div_ceil(8)];
+    put_u32(&mut info, 0, ETHTOOL_GDRVINFO);
+    match ethtool(&sock, dev, &mut info) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("ethtool driver info of {dev}")),
+    }
+    let raw = &bytes_mut(&mut info)[DRVINFO_DRIVER..DRVINFO_DRIVER + DRVINFO_DRIVER_LEN];
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    Ok(Some(String::from_utf8_lossy(&raw[..end]).into_owned()))
+}
+
 /// The driver's ethtool statistics of `dev`, by name (what `ethtool -S` prints).
 pub fn ethtool_stats(dev: &str) -> anyhow::Result<Vec<(String, u64)>> {
     if dev.len() >= libc::IF_NAMESIZE {

@@ -69,9 +69,21 @@ pub fn observe_interfaces(model: &Model) -> BTreeMap<String, HostInterface> {
         let Ok(ifindex) = crate::dataplane::ifindex(&iface.name) else {
             continue;
         };
+        // The driver picks how XDP's own answers leave (AnswerPath).
+        let driver = crate::devstats::driver_name(&iface.name).unwrap_or_else(|e| {
+            tracing::warn!(interface = %iface.name, "{e:#}");
+            None
+        });
         match interface_mac(&iface.name) {
             Ok(mac) => {
-                out.insert(iface.name.clone(), HostInterface { ifindex, mac });
+                out.insert(
+                    iface.name.clone(),
+                    HostInterface {
+                        ifindex,
+                        mac,
+                        answers: crate::dataplane::AnswerPath::for_driver(driver.as_deref()),
+                    },
+                );
             }
             Err(e) => tracing::warn!(interface = %iface.name, "{e:#}"),
         }
@@ -428,6 +440,9 @@ impl Gateway {
                 packets_out: c.packets_out,
                 bytes_out: c.bytes_out,
                 nat_port_allocation_failures: c.nat_alloc_failures,
+                mss_clamped_in: c.mss_clamped_in,
+                mss_clamped_out: c.mss_clamped_out,
+                frag_needed_to_backend: c.frag_needed_to_backend,
             });
             for b in &svc.backends {
                 let c = self.dp.counters(CounterKind::Backend, b.id.0)?;

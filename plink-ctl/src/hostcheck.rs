@@ -316,6 +316,22 @@ fn check_interface(config: &Config, name: &str, role: Role) -> Vec<Finding> {
     out
 }
 
+/// Checks whose failure breaks the forwarding contract (SPEC §2): `run`
+/// refuses to start on them.
+pub const CONTRACT_CHECKS: [&str; 3] = [
+    "consumer_forwarding",
+    "consumer_address",
+    "provider_forwarding",
+];
+
+/// The failed findings that break the forwarding contract.
+pub fn contract_violations(findings: &[Finding]) -> Vec<&Finding> {
+    findings
+        .iter()
+        .filter(|f| f.severity == Severity::Fail && CONTRACT_CHECKS.contains(&f.check))
+        .collect()
+}
+
 /// Runs every check for `config` in the current network namespace.
 pub fn check_host(config: &Config) -> Vec<Finding> {
     let mut out = vec![check_bpffs(&config.gateway.bpffs_root)];

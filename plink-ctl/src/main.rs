@@ -39,10 +39,20 @@ enum Command {
     /// Validate the config, restore saved decisions, load and attach the XDP
     /// programs to every interface it names, and serve the admin socket until
     /// SIGINT or SIGTERM. SIGHUP reloads the config.
+    ///
+    /// `run` refuses to start when the host breaks the forwarding contract
+    /// (consumer interface with forwarding on or an address, provider
+    /// interface with forwarding off): each violation is printed with the
+    /// command that fixes it.
     Run {
         /// The YAML config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Start even though the forwarding contract is broken (the gateway's
+        /// kernel may then route consumer traffic before XDP drops it, or
+        /// FIB lookups fail). For debugging only.
+        #[arg(long, env = "PLINK_ALLOW_BROKEN_CONTRACT")]
+        allow_broken_contract: bool,
     },
     /// Validate a config file (syntax and meaning) without touching the
     /// system. Every error names file:line:column and how to fix it; exits
@@ -163,7 +173,10 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
+        Command::Run {
+            config,
+            allow_broken_contract,
+        } => run(config, allow_broken_contract).map(|()| ExitCode::SUCCESS),
         Command::Check { config, host, json } => {
             let cfg = Config::load(&config)?;
             println!("{}: OK", config.display());
@@ -429,7 +442,7 @@ fn print_status(s: &Status) {
     }
 }
 
-fn run(config_path: PathBuf) -> anyhow::Result<()> {
+fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -455,7 +468,17 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         pinned.as_deref(),
         &dataplane::pin_dir(&config.gateway.bpffs_root),
     )?;
-    for f in hostcheck::check_host(&config) {
+    let findings = hostcheck::check_host(&config);
+    let broken = hostcheck::contract_violations(&findings);
+    if !broken.is_empty() && !allow_broken_contract {
+        let list: Vec<String> = broken.iter().map(|f| format!("  {}", f.message)).collect();
+        anyhow::bail!(
+            "the host breaks plink's forwarding contract; fix it and start again \
+             (or pass --allow-broken-contract, for debugging only):\n{}",
+            list.join("\n")
+        );
+    }
+    for f in findings {
         match f.severity {
             hostcheck::Severity::Ok => {
                 tracing::debug!(check = f.check, subject = %f.subject, "{}", f.message)

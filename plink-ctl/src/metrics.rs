@@ -49,6 +49,12 @@ pub struct ServiceSample {
     pub packets_out: u64,
     pub bytes_out: u64,
     pub nat_port_allocation_failures: u64,
+    /// SYNs (in) and SYN-ACKs (out) whose MSS option was clamped.
+    pub mss_clamped_in: u64,
+    pub mss_clamped_out: u64,
+    /// Fragmentation-needed errors sent to backends about replies too big
+    /// for the consumer interface.
+    pub frag_needed_to_backend: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -244,15 +250,27 @@ pub fn render(s: &Snapshot) -> String {
         "New flows refused because no NAT port was free.",
         COUNTER,
     );
+    let mut mss_clamped = FamilyBuilder::new(
+        "plink_service_mss_clamped_total",
+        "TCP SYNs (in) and SYN-ACKs (out) whose MSS option was lowered to the service's mss_clamp.",
+        COUNTER,
+    );
+    let mut frag_needed = FamilyBuilder::new(
+        "plink_service_frag_needed_sent_total",
+        "Fragmentation-needed errors sent to backends about replies too big for the consumer interface.",
+        COUNTER,
+    );
     for v in &s.services {
-        for (dir, bytes, packets) in [
-            ("in", v.bytes_in, v.packets_in),
-            ("out", v.bytes_out, v.packets_out),
+        for (dir, bytes, packets, clamped) in [
+            ("in", v.bytes_in, v.packets_in, v.mss_clamped_in),
+            ("out", v.bytes_out, v.packets_out, v.mss_clamped_out),
         ] {
             let labels = [("service", v.service.as_str()), ("direction", dir)];
             svc_bytes.sample(&labels, bytes as f64);
             svc_packets.sample(&labels, packets as f64);
+            mss_clamped.sample(&labels, clamped as f64);
         }
+        frag_needed.sample(&[("service", &v.service)], v.frag_needed_to_backend as f64);
         nat_fail.sample(
             &[("service", &v.service)],
             v.nat_port_allocation_failures as f64,
@@ -261,6 +279,8 @@ pub fn render(s: &Snapshot) -> String {
     push(svc_bytes);
     push(svc_packets);
     push(nat_fail);
+    push(mss_clamped);
+    push(frag_needed);
 
     let mut be_bytes = FamilyBuilder::new(
         "plink_backend_bytes_total",
@@ -550,6 +570,8 @@ mod tests {
             services: vec![ServiceSample {
                 service: "orders".into(),
                 bytes_in: 300,
+                mss_clamped_out: 4,
+                frag_needed_to_backend: 6,
                 ..Default::default()
             }],
             backends: vec![BackendSample {
@@ -609,6 +631,9 @@ mod tests {
             "plink_device_xdp_redirect_errors_total{device=\"c1\"} 5",
             "plink_device_xdp_tx_errors_total{device=\"c1\"} 0",
             "plink_device_tx_dropped_total{device=\"c1\"} 1",
+            "plink_service_mss_clamped_total{service=\"orders\",direction=\"out\"} 4",
+            "plink_service_mss_clamped_total{service=\"orders\",direction=\"in\"} 0",
+            "plink_service_frag_needed_sent_total{service=\"orders\"} 6",
             "# TYPE plink_dataplane_in_sync gauge",
             "plink_dataplane_in_sync 0",
             "# TYPE plink_apply_failures_total counter",

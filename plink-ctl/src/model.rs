@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     approval::{ConnectionState, Reason},
     config::{
-        BackendState, Config, EndpointLimits, HealthCheck, PortRange, Protocol, Role, Timeouts,
-        XdpMode,
+        BackendState, Config, EndpointLimits, HealthCheck, MssClamp, PortRange, Protocol, Role,
+        Timeouts, XdpMode,
     },
     state::{BackendKey, EndpointIdentity, PersistedState},
 };
@@ -87,6 +87,8 @@ pub struct ServiceModel {
     pub nat: NatModel,
     pub health_check: Option<HealthCheck>,
     pub maglev_table_size: u32,
+    #[serde(default)]
+    pub mss_clamp: Option<MssClamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +224,7 @@ impl Model {
                 },
                 health_check: s.health_check.clone(),
                 maglev_table_size: s.maglev_table_size,
+                mss_clamp: s.mss_clamp,
             };
             by_name.insert(s.name.as_str(), id);
             services.insert(id, model);

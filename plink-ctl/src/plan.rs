@@ -20,10 +20,10 @@ use plink_common::{
 
 use crate::{
     approval::ConnectionState,
-    config::{BackendState as CfgBackendState, Protocol as CfgProtocol, Role},
+    config::{BackendState as CfgBackendState, MssClamp, Protocol as CfgProtocol, Role},
     dataplane::{
-        BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState, InterfaceRole,
-        InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+        AnswerPath, BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState,
+        InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
     },
     maglev::{self, MaglevBackend},
     model::{BackendId, Model, ServiceId},
@@ -49,6 +49,8 @@ impl Health for AllHealthy {
 pub struct HostInterface {
     pub ifindex: u32,
     pub mac: [u8; 6],
+    /// How XDP's own answers leave it (chosen from its driver).
+    pub answers: AnswerPath,
 }
 
 /// The entries each map holds (its `max_entries`). [`Capacities::BUILD`] is
@@ -213,6 +215,7 @@ pub fn plan(
             ifindex: host.ifindex,
             role,
             mac: host.mac,
+            answers: host.answers,
         });
     }
     let t = &model.gateway.timeouts;
@@ -265,6 +268,14 @@ pub fn plan(
                 &observed.nat_ports_in_use,
             ),
             lookup,
+            mss_clamp: match svc.mss_clamp {
+                None => plink_common::MSS_CLAMP_OFF,
+                Some(MssClamp::Auto) => plink_common::MSS_CLAMP_AUTO,
+                // Validated to 536-65495, below the AUTO marker.
+                Some(MssClamp::Bytes(n)) => {
+                    u16::try_from(n).map_or(plink_common::MSS_CLAMP_OFF, |n| n.min(u16::MAX - 1))
+                }
+            },
         });
         for b in &svc.backends {
             backends.push(BackendSpec {

@@ -1,5 +1,6 @@
 //! ARP replies for endpoint addresses (consumer side) and NAT addresses
-//! (provider side), built in place and sent back with XDP_TX.
+//! (provider side), built in place and sent back out of the ingress
+//! interface (`answer::back_out`).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use plink_common::{DropReason, NetAddrKey, role, v4_be};
 
@@ -65,7 +66,7 @@ pub fn handle(ctx: XdpContext, ifindex: u32, want_role: u32) -> u32 {
     a[18..24].copy_from_slice(&requester_mac);
     a[24..28].copy_from_slice(&requester_ip);
     if store(&ctx, ETH_LEN, a) && store(&ctx, 0, requester_mac) && store(&ctx, 6, iface.mac) {
-        xdp_action::XDP_TX
+        crate::answer::back_out(&ctx, iface.flags, NO_EP)
     } else {
         stats::drop(DropReason::Malformed, NO_EP)
     }

@@ -7,12 +7,14 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use plink_common::{
     CtFwdKey, CtFwdValue, CtOwner, CtRevKey, DropReason, EndpointValue, IPPROTO_TCP, NO_BACKEND,
-    NatPortKey, ServiceConfig, flow_hash, nat_flags, nat_probe_port, nat_probe_slot, tcp_state,
+    NatPortKey, ServiceConfig, flow_expired, flow_hash, nat_flags, nat_probe_port, nat_probe_slot,
+    tcp_state,
 };
 
 use crate::{
     maps::{
-        BACKENDS, CT_FWD, CT_REV, EP_GC_FREED, EP_LIMITS, LB_TABLE, NAT_PORTS, SCRATCH, SERVICES,
+        BACKENDS, CT_FWD, CT_REV, EP_GC_FREED, EP_LIMITS, GLOBAL, LB_TABLE, NAT_PORTS, SCRATCH,
+        SERVICES,
     },
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, load},
     stats,
@@ -96,10 +98,12 @@ fn create(
         0
     };
     v._pad = [0; 5];
+    v.fwd_key = *key;
+    v._pad2 = [0; 4];
     s.owner.fwd = *key;
     s.owner._pad = 0;
     s.owner.created_ns = now;
-    alloc_nat_port(svc, hash, key.proto, s).map_err(|r| {
+    alloc_nat_port(svc, hash, key.proto, now, s).map_err(|r| {
         if r == DropReason::NatPortsExhausted {
             stats::count_refusal(ep.endpoint_id, ep.service_id, r);
         }
@@ -133,8 +137,51 @@ fn create(
         // SAFETY: shared by all CPUs, hence the atomic add.
         unsafe { crate::atomic_add(&raw mut (*l).flows_created, 1) };
     }
-    stats::count_flow_created(&s.v);
+    // Counted as created by the caller, once the packet is known to leave.
     Ok(())
+}
+
+/// Removes the flow this CPU's [`new_flow`] just created for `key` (its
+/// packet could not be forwarded): reverse entry, forward entry, NAT port
+/// and cap slot. The scratch slot still holds what `new_flow` inserted.
+#[inline(never)]
+pub fn release(key: &CtFwdKey, endpoint_id: u32) {
+    let Some(s) = SCRATCH.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, written by new_flow in this run.
+    let s = unsafe { &*s };
+    let _ = CT_REV.remove(&s.rev);
+    let _ = CT_FWD.remove(key);
+    let _ = NAT_PORTS.remove(&s.port);
+    if let Some(l) = EP_LIMITS.get_ptr_mut(endpoint_id) {
+        // SAFETY: shared by all CPUs, hence the atomic add (of -1).
+        unsafe { crate::atomic_add(&raw mut (*l).flows_created, u64::MAX) };
+    }
+}
+
+/// Is `v` (looked up under `key`) still the entry of `key`? See
+/// `CtFwdValue::fwd_key`: the element may have been freed and reused.
+#[inline(always)]
+pub fn entry_is(v: &CtFwdValue, key: &CtFwdKey) -> bool {
+    // Volatile, field by field: the comparison must read the entry after
+    // the mapping was read, and must not copy the key onto the stack.
+    // SAFETY: reading fields of a map value the caller holds a pointer to.
+    unsafe {
+        let k = &raw const v.fwd_key;
+        let same = |a: *const plink_common::Addr, b: &plink_common::Addr| {
+            core::ptr::read_volatile(&raw const (*a)[0]) == b[0]
+                && core::ptr::read_volatile(&raw const (*a)[1]) == b[1]
+                && core::ptr::read_volatile(&raw const (*a)[2]) == b[2]
+                && core::ptr::read_volatile(&raw const (*a)[3]) == b[3]
+        };
+        same(&raw const (*k).src_addr_be, &key.src_addr_be)
+            && same(&raw const (*k).dst_addr_be, &key.dst_addr_be)
+            && core::ptr::read_volatile(&raw const (*k).network_id) == key.network_id
+            && core::ptr::read_volatile(&raw const (*k).src_port_be) == key.src_port_be
+            && core::ptr::read_volatile(&raw const (*k).dst_port_be) == key.dst_port_be
+            && core::ptr::read_volatile(&raw const (*k).proto) == key.proto
+    }
 }
 
 /// Per-endpoint caps: live flows and new flows per second.
@@ -149,8 +196,8 @@ fn admit(ep: &EndpointValue, now: u64) -> Result<(), DropReason> {
     if ep.max_flows != 0 {
         let freed = EP_GC_FREED.get(ep.endpoint_id).copied().unwrap_or(0);
         // SAFETY: map value pointer; a torn read only makes the cap approximate.
-        let created = unsafe { (*l).flows_created };
-        if created.wrapping_sub(freed) >= ep.max_flows as u64 {
+        let (created, reclaimed) = unsafe { ((*l).flows_created, (*l).flows_reclaimed) };
+        if created.wrapping_sub(freed).wrapping_sub(reclaimed) >= ep.max_flows as u64 {
             return Err(DropReason::CapMaxFlows);
         }
     }
@@ -201,43 +248,148 @@ fn alloc_nat_port(
     svc: &ServiceConfig,
     hash: u32,
     proto: u8,
+    now: u64,
     s: &mut Scratch,
 ) -> Result<(), DropReason> {
     let count = svc.nat_count;
     if count == 0 || count > plink_common::MAX_NAT_SLOTS as u32 {
         return Err(DropReason::NatPortsExhausted);
     }
+    let mut result = Err(DropReason::NatPortsExhausted);
     for i in 0..plink_common::NAT_PORT_PROBES {
-        let slot = nat_probe_slot(hash, i, count);
-        // LLVM proves slot < 8 and drops the bounds check, but the verifier
-        // cannot follow a modulo: re-bound it where LLVM cannot see.
-        // SAFETY: reading a local.
-        let slot = unsafe { core::ptr::read_volatile(&slot) } & 7;
-        let Some(n) = svc.nat.get(slot as usize) else {
-            break;
-        };
-        if n.flags & nat_flags::DRAINING != 0 || n.port_max < n.port_min || n.port_min == 0 {
+        let Some(slot) = probe(svc, hash, i, count, proto, s) else {
             continue;
-        }
-        let port = nat_probe_port(hash, i, n.port_min, n.port_max);
-        s.port.addr_be = n.addr_be;
-        s.port.port_be = port.to_be();
-        s.port.proto = proto;
-        s.port._pad = 0;
+        };
         match NAT_PORTS.insert(&s.port, &s.owner, BPF_NOEXIST as u64) {
             Ok(()) => {
-                s.v.nat_addr_be = n.addr_be;
-                s.v.nat_port_be = s.port.port_be;
-                s.v.nat_slot = slot as u8;
+                claimed(s, slot);
                 return Ok(());
             }
-            // Taken by a live flow: probe on.
+            // Taken: probe on.
             Err(e) if e == -EEXIST => {}
             // The table is full (E2BIG): probing cannot help.
-            Err(_) => return Err(DropReason::ConntrackFull),
+            Err(_) => {
+                result = Err(DropReason::ConntrackFull);
+                break;
+            }
         }
     }
-    Err(DropReason::NatPortsExhausted)
+    // Every probe failed. Ports (and table entries) held by expired flows
+    // that no GC removed (the controller may be gone) are taken over: the
+    // first probes' owners are checked. Only here, not at every probe: one
+    // call site per candidate keeps the verifier's walk small.
+    for i in 0..RECLAIM_CANDIDATES {
+        let Some(slot) = probe(svc, hash, i, count, proto, s) else {
+            continue;
+        };
+        if reclaim_port(s, now)
+            && NAT_PORTS
+                .insert(&s.port, &s.owner, BPF_NOEXIST as u64)
+                .is_ok()
+        {
+            claimed(s, slot);
+            return Ok(());
+        }
+    }
+    result
+}
+
+/// Probes whose owners a new flow checks for expiry when all probes failed.
+const RECLAIM_CANDIDATES: u32 = 2;
+
+/// Writes probe `i`'s port key into `s.port`; returns its NAT slot, or
+/// `None` when the slot takes no new flows.
+#[inline(always)]
+fn probe(
+    svc: &ServiceConfig,
+    hash: u32,
+    i: u32,
+    count: u32,
+    proto: u8,
+    s: &mut Scratch,
+) -> Option<u32> {
+    let slot = nat_probe_slot(hash, i, count);
+    // LLVM proves slot < 8 and drops the bounds check, but the verifier
+    // cannot follow a modulo: re-bound it where LLVM cannot see.
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) } & 7;
+    let n = svc.nat.get(slot as usize)?;
+    if n.flags & nat_flags::DRAINING != 0 || n.port_max < n.port_min || n.port_min == 0 {
+        return None;
+    }
+    let port = nat_probe_port(hash, i, n.port_min, n.port_max);
+    s.port.addr_be = n.addr_be;
+    s.port.port_be = port.to_be();
+    s.port.proto = proto;
+    s.port._pad = 0;
+    Some(slot)
+}
+
+/// Fills the NAT fields of the new flow from the port just claimed.
+#[inline(always)]
+fn claimed(s: &mut Scratch, slot: u32) {
+    s.v.nat_addr_be = s.port.addr_be;
+    s.v.nat_port_be = s.port.port_be;
+    s.v.nat_slot = slot as u8;
+}
+
+/// A port entry whose owner flow is missing is removed only after this
+/// long: flows are inserted port first, so a young one may be mid-insertion
+/// on another CPU. (The controller's orphan sweep waits longer.)
+const ORPHAN_PORT_GRACE_NS: u64 = 1_000_000_000;
+
+/// Frees NAT port `port` if the flow holding it has expired (the rule and
+/// clock of `flow_expired`, as the GC) or is gone: forward, reverse and port
+/// entries are removed and the flow's endpoint is credited a cap slot. The
+/// datapath thus reclaims what it needs without the controller's GC, and
+/// forwarding without a controller has no time limit (SPEC §9). Whoever
+/// deletes the forward entry first (this CPU, another, or the GC) accounts
+/// for the flow, so it is freed once. Returns whether the port is free.
+// Out of line: inlined into each of the unrolled probes it doubled the
+// instructions the verifier walks.
+#[inline(never)]
+fn reclaim_port(s: &mut Scratch, now: u64) -> bool {
+    // Map-value pointers serve as keys and the reverse key is built in the
+    // scratch slot (unused until the forward entry is in): the BPF stack of
+    // the new-flow call chain is nearly full.
+    let Some(owner) = NAT_PORTS.get_ptr(&s.port) else {
+        // Freed since the insert failed.
+        return true;
+    };
+    let Some(g) = GLOBAL.get(0) else {
+        return false;
+    };
+    // SAFETY: map value pointer, read only.
+    let (fwd, created_ns) = unsafe { (&(*owner).fwd, (*owner).created_ns) };
+    let Some(v) = CT_FWD.get_ptr(fwd) else {
+        return now > created_ns
+            && now - created_ns > ORPHAN_PORT_GRACE_NS
+            && NAT_PORTS.remove(&s.port).is_ok();
+    };
+    // SAFETY: map value pointer; only the fields below are read.
+    let v = unsafe { &*v };
+    if !flow_expired(v, now, &g.timeouts) || !entry_is(v, fwd) {
+        return false;
+    }
+    s.rev.nat_addr_be = v.nat_addr_be;
+    s.rev.backend_addr_be = v.backend_addr_be;
+    s.rev.nat_port_be = v.nat_port_be;
+    s.rev.backend_port_be = v.backend_port_be;
+    s.rev.proto = v.proto;
+    s.rev._pad = [0; 3];
+    let endpoint_id = v.endpoint_id;
+    let owns_port = v.nat_addr_be == s.port.addr_be && v.nat_port_be == s.port.port_be;
+    if CT_FWD.remove(fwd).is_err() {
+        // Another CPU or the GC removed it first, and frees the rest.
+        return false;
+    }
+    let _ = CT_REV.remove(&s.rev);
+    let _ = NAT_PORTS.remove(&s.port);
+    if let Some(l) = EP_LIMITS.get_ptr_mut(endpoint_id) {
+        // SAFETY: shared by all CPUs, hence the atomic add.
+        unsafe { crate::atomic_add(&raw mut (*l).flows_reclaimed, 1) };
+    }
+    owns_port
 }
 
 /// TCP state on a consumer → service packet.

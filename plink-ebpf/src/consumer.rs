@@ -14,6 +14,7 @@ use crate::{
     fib::{self, NextHop},
     icmp,
     maps::{CT_FWD, ENDPOINTS, GLOBAL, INTERFACES, SCRATCH},
+    mss,
     parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, addressed_to_us, ether_type, parse_ipv4, store},
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
@@ -101,6 +102,10 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    // What this packet did to conntrack: a flow it created is released again
+    // if the packet cannot leave (a flow is opened only by a packet that is
+    // forwarded); a restarted expired flow is counted only then.
+    let mut opened = Opened::No;
     let v: *mut CtFwdValue = match CT_FWD.get_ptr_mut(&key) {
         // SAFETY: map value pointer, valid for this program run.
         Some(v) if !flow_expired(unsafe { &*v }, now, &g.timeouts) => v,
@@ -109,24 +114,17 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
                 return drop(DropReason::TcpNoFlow, ep.endpoint_id);
             }
             match found {
+                // An expired flow that the GC has not removed yet keeps its
+                // mapping (and its place in the caps): it restarts.
                 Some(v) => {
-                    // An expired flow that the GC has not removed yet keeps
-                    // its mapping (and its place in the caps): it restarts.
-                    // SAFETY: map value pointer.
-                    unsafe {
-                        (*v).last_seen_ns = now;
-                        (*v).tcp_state = if f.proto == IPPROTO_TCP {
-                            tcp_state::SYN_SENT
-                        } else {
-                            0
-                        };
-                        stats::count_flow_created(&*v);
-                    }
+                    opened = Opened::Restarted;
                     v
                 }
                 None => {
                     let rc = conntrack::new_flow(XdpContext { ctx: ctx.ctx }, &key, &ep, now);
-                    if rc != conntrack::CREATED && rc != conntrack::RACE_LOST {
+                    if rc == conntrack::CREATED {
+                        opened = Opened::Created;
+                    } else if rc != conntrack::RACE_LOST {
                         let r = DropReason::from_index(rc - 1).unwrap_or(DropReason::ConntrackFull);
                         return drop(r, ep.endpoint_id);
                     }
@@ -141,10 +139,26 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     // SAFETY: map value pointer; concurrent CPUs write the same fields with
     // the same kind of values (benign races, as in every XDP conntrack).
     let v = unsafe { &mut *v };
-    // Step 5 before 4: route first, so a drop leaves the packet untouched.
-    let mut hop = NextHop {
+    // The mapping is read once, then the entry's key is checked: a
+    // preallocated hash element deleted by the GC after our lookup can be
+    // reused at once by another CPU's insert for another flow, and its
+    // mapping must never rewrite this packet. Read first, check second: a
+    // reuse after the check can only touch the other flow's freshness below.
+    let m = Nat {
         src_be: v.nat_addr_be[0],
         dst_be: v.backend_addr_be[0],
+        sport_be: v.nat_port_be,
+        dport_be: v.backend_port_be,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+    if !conntrack::entry_is(v, &key) {
+        return drop(DropReason::CtBroken, ep.endpoint_id);
+    }
+    // Step 5 before 4: route first, so a drop leaves the packet untouched.
+    let mut hop = NextHop {
+        src_be: m.src_be,
+        dst_be: m.dst_be,
         tot_len: f.tot_len,
         provider_ifindex: g.provider_ifindex,
         ifindex: 0,
@@ -153,16 +167,20 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
         mtu: 0,
     };
     let rc = fib::lookup(ctx, &mut hop);
-    if rc == DropReason::FragNeeded as u32 + 1 {
-        // Path MTU discovery: the consumer learns the provider side's MTU.
-        return icmp::reply_error(
-            XdpContext { ctx: ctx.ctx },
-            icmp::FRAG_NEEDED,
-            hop.mtu as u32,
-            ep.endpoint_id,
-        );
-    }
     if rc != 0 {
+        // The packet does not leave: the flow it opened is not kept.
+        if opened == Opened::Created {
+            conntrack::release(&key, ep.endpoint_id);
+        }
+        if rc == DropReason::FragNeeded as u32 + 1 {
+            // Path MTU discovery: the consumer learns the provider side's MTU.
+            return icmp::reply_error(
+                XdpContext { ctx: ctx.ctx },
+                icmp::FRAG_NEEDED,
+                hop.mtu as u32,
+                ep.endpoint_id,
+            );
+        }
         return match DropReason::from_index(rc - 1) {
             Some(r) => drop(r, ep.endpoint_id),
             None => drop(DropReason::FibFailed, ep.endpoint_id),
@@ -171,20 +189,25 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     // Only a packet that leaves refreshes the flow and moves its TCP state.
     v.last_seen_ns = now;
     if f.proto == IPPROTO_TCP {
-        v.tcp_state = conntrack::tcp_forward(v.tcp_state, f.tcp_flags);
+        v.tcp_state = if opened == Opened::No {
+            conntrack::tcp_forward(v.tcp_state, f.tcp_flags)
+        } else {
+            tcp_state::SYN_SENT
+        };
+    }
+    if opened != Opened::No {
+        stats::count_flow_created(v);
     }
     // Step 4: rewrite.
     let nat = Nat {
-        src_be: v.nat_addr_be[0],
-        dst_be: v.backend_addr_be[0],
-        sport_be: v.nat_port_be,
-        dport_be: v.backend_port_be,
         smac: hop.smac,
         dmac: hop.dmac,
+        ..m
     };
     if !rewrite(ctx, &f, &nat) {
         return drop(DropReason::Malformed, ep.endpoint_id);
     }
+    mss::on_syn(ctx, &f, v.service_id, ep.endpoint_id, hop.ifindex, mss::IN);
     stats::count_packet(v, f.tot_len as u64, false);
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
@@ -192,6 +215,17 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
         return drop(DropReason::RedirectFailed, ep.endpoint_id);
     }
     action
+}
+
+/// What a consumer packet did to conntrack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Opened {
+    /// Used an established flow.
+    No,
+    /// Inserted a new flow (released again if the packet cannot leave).
+    Created,
+    /// Restarted an expired flow the GC had not removed yet.
+    Restarted,
 }
 
 /// An ICMP error from a consumer-side router about a reply, translated by

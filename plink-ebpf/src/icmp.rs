@@ -255,7 +255,7 @@ const ERR_LEN: usize = L4_OFF + 8 + QUOTE;
 
 /// Answers the consumer packet in `ctx` (IPv4 without options, 8 transport
 /// bytes checked by `parse_ipv4`) with an ICMP error from the address it was
-/// sent to, transmitted back out of the interface it came in on: time
+/// sent to, sent back out of the interface it came in on (`answer::back_out`): time
 /// exceeded (`kind` [`TIME_EXCEEDED`]) or fragmentation needed with the
 /// next-hop `mtu` ([`FRAG_NEEDED`]; only for DF packets: others are a
 /// counted drop, XDP cannot fragment). The frame is reused in place: trimmed
@@ -348,7 +348,7 @@ pub fn reply_error(ctx: XdpContext, kind: u32, mtu: u32, endpoint_id: u32) -> u3
         let icmp_check = !fold(sum(L4_OFF, (8 + QUOTE) / 2));
         p.add(ICMP_CHECK).cast::<u16>().write_unaligned(icmp_check);
     }
-    xdp_action::XDP_TX
+    crate::answer::back_out(&ctx, crate::answer::ingress_flags(&ctx), endpoint_id)
 }
 
 #[inline(always)]

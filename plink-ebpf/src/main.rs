@@ -13,6 +13,7 @@
 // references keep the scratch-map structs where they are.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod answer;
 mod arp;
 mod bench_fwd;
 mod conntrack;
@@ -20,7 +21,9 @@ mod consumer;
 mod fib;
 mod icmp;
 mod maps;
+mod mss;
 mod parse;
+mod pmtu;
 mod provider;
 mod rewrite;
 mod stats;

@@ -10,9 +10,11 @@ use plink_common::{
 };
 
 use crate::{
-    arp, conntrack, fib, icmp,
+    arp, conntrack, icmp,
     maps::{CT_FWD, CT_REV, GLOBAL, INTERFACES, NAT_ADDRS},
+    mss,
     parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4},
+    pmtu,
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
 };
@@ -73,8 +75,10 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: map value pointer, benign races as on the consumer side.
     let v = unsafe { &mut *v };
-    // The owner may have been replaced by a new flow with another mapping.
-    if v.nat_addr_be != rev.nat_addr_be
+    // The owner may have been replaced by a new flow with another mapping,
+    // or its element freed and reused for another key (`conntrack::entry_is`).
+    if !conntrack::entry_is(v, &owner.fwd)
+        || v.nat_addr_be != rev.nat_addr_be
         || v.nat_port_be != rev.nat_port_be
         || v.backend_addr_be != rev.backend_addr_be
         || v.backend_port_be != rev.backend_port_be
@@ -92,8 +96,8 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     if f.ttl <= 1 {
         return drop(DropReason::TtlExceeded, v.endpoint_id);
     }
-    if !fib::fits_mtu(ctx, v.ingress_ifindex) {
-        return drop(DropReason::FragNeeded, v.endpoint_id);
+    if let Some(action) = pmtu::reply_too_big(ctx, v.ingress_ifindex, v.service_id, v.endpoint_id) {
+        return action;
     }
     // Only a packet that leaves refreshes the flow and moves its TCP state.
     v.last_seen_ns = now;
@@ -111,6 +115,14 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     if !rewrite(ctx, &f, &nat) {
         return drop(DropReason::Malformed, v.endpoint_id);
     }
+    mss::on_syn(
+        ctx,
+        &f,
+        v.service_id,
+        v.endpoint_id,
+        v.ingress_ifindex,
+        mss::OUT,
+    );
     stats::count_packet(v, f.tot_len as u64, true);
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(v.ingress_ifindex, 0) } as u32;

@@ -52,12 +52,24 @@ pub struct Gateway {
 /// Writes `config_yaml` next to the topology's pins and starts `plink-ctl run`
 /// in `host`, returning once it says it is ready.
 pub fn start(topo: &mut Topology, host: &Host, config_yaml: &str) -> anyhow::Result<Gateway> {
+    start_with_args(topo, host, config_yaml, &[])
+}
+
+/// Like [`start`], with extra arguments to `plink-ctl run`.
+pub fn start_with_args(
+    topo: &mut Topology,
+    host: &Host,
+    config_yaml: &str,
+    extra: &[&str],
+) -> anyhow::Result<Gateway> {
     let config_path = topo.scratch_dir()?.join(format!("{}.yaml", host.name));
     std::fs::write(&config_path, config_yaml)?;
     let bin = plink_ctl_bin();
     let bin = bin.to_str().context("non-UTF-8 binary path")?;
     let config = config_path.to_str().context("non-UTF-8 config path")?;
-    let index = topo.spawn(host, bin, &["run", "--config", config])?;
+    let mut args = vec!["run", "--config", config];
+    args.extend_from_slice(extra);
+    let index = topo.spawn(host, bin, &args)?;
     let child = topo.child_mut(index);
     let stdout = child.stdout.take().context("stdout")?;
     let stderr = child.stderr.take().context("stderr")?;

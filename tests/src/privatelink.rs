@@ -112,6 +112,37 @@ endpoints:
     ))
 }
 
+/// What the far ends of the gateway's veths run, which decides whether
+/// frames XDP sends into the pair are delivered (SPEC §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FarEnds {
+    /// A pass-everything XDP program (NAPI through XDP).
+    Xdp,
+    /// GRO on and no XDP program: what the README tells users to set up,
+    /// and what containers' veths often are.
+    GroOnly,
+}
+
+/// Runs each named test body (`fn name(far: FarEnds)`) on both far-end
+/// set-ups, as `xdp_peers::name` and `gro_peers::name`.
+#[macro_export]
+macro_rules! on_both_far_ends {
+    ($($name:ident),* $(,)?) => {
+        mod xdp_peers {
+            $(#[test]
+            fn $name() {
+                super::$name($crate::privatelink::FarEnds::Xdp)
+            })*
+        }
+        mod gro_peers {
+            $(#[test]
+            fn $name() {
+                super::$name($crate::privatelink::FarEnds::GroOnly)
+            })*
+        }
+    };
+}
+
 /// The hosts of the reference topology.
 pub struct PrivateLink {
     pub topo: Topology,
@@ -125,8 +156,14 @@ pub struct PrivateLink {
 }
 
 impl PrivateLink {
-    /// Builds the namespaces, links, addresses and servers (plink not started).
+    /// Builds the namespaces, links, addresses and servers (plink not
+    /// started), with XDP programs on the far ends.
     pub fn build() -> anyhow::Result<Self> {
+        Self::build_with(FarEnds::Xdp)
+    }
+
+    /// Like [`PrivateLink::build`], with the far ends set up as `far`.
+    pub fn build_with(far: FarEnds) -> anyhow::Result<Self> {
         let mut topo = Topology::new()?;
         let consumer_a = topo.host("ca")?;
         let consumer_b = topo.host("cb")?;
@@ -166,14 +203,19 @@ impl PrivateLink {
         }
 
         // Frames that XDP redirects or transmits into a veth are delivered
-        // only when the peer runs NAPI: a pass program on the far ends (SPEC §7).
+        // only when the peer runs NAPI: a pass program or GRO (SPEC §7).
         for (host, dev) in [
             (&consumer_a, "eth0"),
             (&consumer_b, "eth0"),
             (&router_a, "eth0"),
             (&provider, "eth0"),
         ] {
-            topo.enable_napi(host, dev)?;
+            match far {
+                FarEnds::Xdp => topo.enable_napi(host, dev)?,
+                FarEnds::GroOnly => host
+                    .exec("ethtool", &["-K", dev, "gro", "on"])
+                    .map(|_| ())?,
+            }
         }
 
         let mut servers = Vec::new();

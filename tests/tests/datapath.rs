@@ -9,7 +9,7 @@ use std::{
 
 use plink_tests::{
     netns::{self, Host},
-    privatelink::{self as pl, PrivateLink},
+    privatelink::{self as pl, FarEnds, PrivateLink},
     servers,
 };
 
@@ -25,10 +25,9 @@ fn snmp(host: &Host, section: &str, field: &str) -> u64 {
     values[i].parse().unwrap()
 }
 
-#[test]
-fn overlapping_consumers_reach_their_own_services_through_nat() {
+fn overlapping_consumers_reach_their_own_services_through_nat(far: FarEnds) {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     let _plink = net.start_plink().unwrap();
 
     // The identical 5-tuple from both consumers, at the same time.
@@ -79,10 +78,9 @@ fn overlapping_consumers_reach_their_own_services_through_nat() {
     assert_eq!(*rc.peer.ip(), pl::ORDERS_NAT);
 }
 
-#[test]
-fn the_fast_path_bypasses_the_kernel_stack() {
+fn the_fast_path_bypasses_the_kernel_stack(far: FarEnds) {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     let _plink = net.start_plink().unwrap();
     // Warm up (neighbours), then measure.
     servers::tcp_request(&net.consumer_a, None, pl::endpoint_tcp(), 1024).unwrap();
@@ -127,10 +125,9 @@ fn the_fast_path_bypasses_the_kernel_stack() {
     assert!(ct.trim().is_empty(), "kernel conntrack entries: {ct}");
 }
 
-#[test]
-fn conntrack_lists_flows_with_their_nat_mapping() {
+fn conntrack_lists_flows_with_their_nat_mapping(far: FarEnds) {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     let plink = net.start_plink().unwrap();
     let src = SocketAddrV4::new(pl::CLIENT, 42000);
     servers::udp_request(&net.consumer_a, src, pl::endpoint_udp()).unwrap();
@@ -149,3 +146,58 @@ fn conntrack_lists_flows_with_their_nat_mapping() {
     let _ = Duration::ZERO;
     let _ = Ipv4Addr::UNSPECIFIED;
 }
+
+/// ARP answers from XDP on both sides arrive without any other traffic to
+/// flush them: the consumer resolves the endpoint address, the backend the
+/// NAT address, within the first request (on veth, XDP_TX alone stalls
+/// until some redirect wakes a GRO-only peer).
+fn first_answers_arrive_without_other_traffic(far: FarEnds) {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build_with(far).unwrap();
+    let _plink = net.start_plink().unwrap();
+    let neighbour = |host: &Host, addr: &str, dev: &str| -> Option<[u8; 6]> {
+        let out = host.ip(&["neigh", "show", addr, "dev", dev]).ok()?;
+        let mac = out
+            .split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)?;
+        netns::parse_mac(mac).ok()
+    };
+    assert_eq!(neighbour(&net.consumer_a, "192.0.2.53", "eth0"), None);
+    assert_eq!(neighbour(&net.provider, "198.51.100.202", "eth0"), None);
+    let started = std::time::Instant::now();
+    let reply = servers::udp_request(
+        &net.consumer_a,
+        SocketAddrV4::new(pl::CLIENT, 0),
+        pl::endpoint_udp(),
+    )
+    .unwrap();
+    assert_eq!(*reply.local.ip(), pl::DNS_BACKEND);
+    // udp_request retries every 500 ms; a stalled answer shows as retries.
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the first request took {:?}: answers stalled",
+        started.elapsed()
+    );
+    assert_eq!(
+        neighbour(&net.consumer_a, "192.0.2.53", "eth0"),
+        Some(net.gw.mac("c1").unwrap()),
+        "the consumer resolved the endpoint address to the gateway's c1"
+    );
+    assert_eq!(
+        neighbour(&net.provider, "198.51.100.202", "eth0"),
+        Some(net.gw.mac("p0").unwrap()),
+        "the backend resolved the NAT address to the gateway's p0"
+    );
+    // A ping answered end to end on its first try.
+    net.consumer_a
+        .exec("ping", &["-n", "-c", "1", "-W", "2", "192.0.2.50"])
+        .unwrap();
+}
+
+plink_tests::on_both_far_ends!(
+    overlapping_consumers_reach_their_own_services_through_nat,
+    the_fast_path_bypasses_the_kernel_stack,
+    conntrack_lists_flows_with_their_nat_mapping,
+    first_answers_arrive_without_other_traffic,
+);

@@ -11,6 +11,8 @@
 
 #[path = "golden/fuzz.rs"]
 mod fuzz;
+#[path = "golden/mtu.rs"]
+mod mtu;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -21,7 +23,7 @@ use plink_common::{
 use plink_ctl::{
     EBPF_OBJECT,
     dataplane::{
-        BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
+        AnswerPath, BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
         EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
         Sizes, TimeoutSpec,
     },
@@ -191,16 +193,19 @@ fn spec(gw: &Gw) -> DataplaneSpec {
                 ifindex: gw.c1,
                 role: InterfaceRole::Consumer { network_id: 1 },
                 mac: gw.c1_mac,
+                answers: AnswerPath::XdpTx,
             },
             InterfaceSpec {
                 ifindex: gw.c2,
                 role: InterfaceRole::Consumer { network_id: 2 },
                 mac: gw.c2_mac,
+                answers: AnswerPath::XdpTx,
             },
             InterfaceSpec {
                 ifindex: gw.p0,
                 role: InterfaceRole::Provider,
                 mac: gw.p0_mac,
+                answers: AnswerPath::XdpTx,
             },
         ],
         timeouts: TimeoutSpec::default(),
@@ -209,16 +214,19 @@ fn spec(gw: &Gw) -> DataplaneSpec {
                 id: 0,
                 nat: vec![nat(NAT_TCP, 1024..=65535)],
                 lookup: vec![0, 1, 0, 1, 0, 1, 0],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
             ServiceSpec {
                 id: 1,
                 nat: vec![nat(NAT_UDP, UDP_PORTS)],
                 lookup: vec![2],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
             ServiceSpec {
                 id: 2,
                 nat: vec![nat(NAT_NONEIGH, 1024..=65535)],
                 lookup: vec![3],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
         ],
         backends: vec![
@@ -1496,44 +1504,6 @@ fn golden_nat_port_is_not_reused_before_the_closing_timeout() {
 }
 
 #[test]
-fn golden_oversized_reply_is_a_counted_drop() {
-    let gw = gateway();
-    gw.host.ip(&["link", "set", "c1", "mtu", "1000"]).unwrap();
-    let spec = spec(&gw);
-    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 5000);
-            let ep = (EP_UDP, 53);
-            let key = fwd_key(1, client, ep, IPPROTO_UDP);
-            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
-            let q = Ipv4Packet::udp(client, ep, b"q").macs(CLIENT_MAC, c1_mac);
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &q.build()).verdict,
-                verdict::REDIRECT
-            );
-            // 20 + 8 + 972 = 1000 bytes of IP: fits c1's MTU exactly.
-            let fits =
-                Ipv4Packet::udp((BACKEND10, 5353), nat, &[7; 972]).macs(BACKEND10_MAC, p0_mac);
-            assert_eq!(
-                b.raw(prog_names::PROVIDER, p0, &fits.build()).verdict,
-                verdict::REDIRECT
-            );
-            let too_big =
-                Ipv4Packet::udp((BACKEND10, 5353), nat, &[7; 973]).macs(BACKEND10_MAC, p0_mac);
-            b.case(
-                "reply larger than the consumer interface's MTU",
-                prog_names::PROVIDER,
-                p0,
-                &too_big.build(),
-                Want::Drop(DropReason::FragNeeded),
-            );
-        })
-        .unwrap();
-}
-
-#[test]
 fn golden_conntrack_full_refuses_new_flows() {
     let gw = gateway();
     let spec = spec(&gw);
@@ -2359,4 +2329,287 @@ fn managed_neighbours_are_created_once_and_removed() {
             .trim(),
         ""
     );
+}
+
+/// A packet that cannot leave opens no flow: no conntrack entry, no NAT
+/// port, no cap slot and no connection counted, whatever the FIB said
+/// (no neighbour, no route, fragmentation needed).
+#[test]
+fn golden_a_flow_opens_only_when_its_packet_leaves() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "p0", "mtu", "1000"]).unwrap();
+    let mut spec = spec(&gw);
+    // Service 3: one backend outside every route of the gateway.
+    const EP_NOROUTE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 63);
+    spec.services.push(ServiceSpec {
+        id: 3,
+        nat: vec![NatSpec {
+            addr: Ipv4Addr::new(198, 51, 100, 203),
+            ports: 1024..=65535,
+            draining: false,
+        }],
+        lookup: vec![4],
+        mss_clamp: plink_common::MSS_CLAMP_OFF,
+    });
+    spec.backends.push(BackendSpec {
+        id: 4,
+        service_id: 3,
+        addr: Ipv4Addr::new(198, 18, 0, 1),
+        state: BackendState::Active,
+    });
+    spec.endpoints.push(EndpointSpec {
+        max_flows: 1,
+        ..tcp_endpoint(9, 1, EP_NOROUTE, 3)
+    });
+    for e in spec.endpoints.iter_mut().filter(|e| e.id == 6 || e.id == 1) {
+        // One flow at most: a slot held by a dropped packet would refuse the next.
+        e.max_flows = 1;
+    }
+    let (c1, p0_mac, c1_mac) = (gw.c1, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let nothing_held = |b: &mut Bench, name: &str| {
+                assert!(
+                    b.dp.list_conntrack().unwrap().is_empty(),
+                    "{name}: no flow kept"
+                );
+                assert!(
+                    b.dp.nat_ports_in_use().unwrap().values().all(|n| *n == 0),
+                    "{name}: no NAT port held"
+                );
+            };
+            let client = (CLIENT, 5000);
+            for attempt in ["first", "second (the cap slot was not kept)"] {
+                let syn =
+                    Ipv4Packet::tcp(client, (EP_NONEIGH, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
+                b.case(
+                    &format!("{attempt} SYN to an unresolved backend"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &syn.build(),
+                    Want::Drop(DropReason::FibNoNeigh),
+                );
+                nothing_held(&mut b, "no neighbour");
+                let syn =
+                    Ipv4Packet::tcp(client, (EP_NOROUTE, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
+                b.case(
+                    &format!("{attempt} SYN to an unrouted backend"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &syn.build(),
+                    Want::Drop(DropReason::FibFailed),
+                );
+                nothing_held(&mut b, "no route");
+                let big = Ipv4Packet::udp(client, (EP_UDP, 53), &[7; 973]).macs(CLIENT_MAC, c1_mac);
+                let frame = big.build();
+                b.case(
+                    &format!("{attempt} datagram too big for the provider MTU"),
+                    prog_names::CONSUMER,
+                    c1,
+                    &frame,
+                    Want::Tx(error_reply(
+                        &frame,
+                        ICMP_DEST_UNREACH,
+                        ICMP_FRAG_NEEDED,
+                        1000,
+                        c1_mac,
+                    )),
+                );
+                nothing_held(&mut b, "fragmentation needed");
+            }
+            for id in [1, 6, 9] {
+                assert_eq!(
+                    b.dp.counters(CounterKind::Endpoint, id)
+                        .unwrap()
+                        .flows_created,
+                    0,
+                    "endpoint {id}: no connection counted"
+                );
+            }
+            // The same datagram that fits opens the flow (and the cap allows it).
+            let key = fwd_key(1, client, (EP_UDP, 53), IPPROTO_UDP);
+            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+            let fits = Ipv4Packet::udp(client, (EP_UDP, 53), &[7; 972]).macs(CLIENT_MAC, c1_mac);
+            b.case(
+                "a datagram that fits",
+                prog_names::CONSUMER,
+                c1,
+                &fits.build(),
+                Want::Redirect(translated(
+                    &fits,
+                    p0_mac,
+                    (BACKEND10, 5353, BACKEND10_MAC),
+                    nat,
+                )),
+            );
+            assert_eq!(b.dp.list_conntrack().unwrap().len(), 1);
+            assert_eq!(
+                b.dp.counters(CounterKind::Endpoint, 1)
+                    .unwrap()
+                    .flows_created,
+                1
+            );
+        })
+        .unwrap();
+}
+
+/// On interfaces whose answers leave by redirect (veth), ARP replies and
+/// ICMP errors are the same bytes as with XDP_TX, sent with XDP_REDIRECT.
+#[test]
+fn golden_answers_leave_by_redirect_where_xdp_tx_stalls() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    for i in &mut spec.interfaces {
+        i.answers = AnswerPath::Redirect;
+    }
+    let (c1, p0, c1_mac, p0_mac) = (gw.c1, gw.p0, gw.c1_mac, gw.p0_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            b.case(
+                "ARP for an endpoint address",
+                prog_names::CONSUMER,
+                c1,
+                &arp_request(CLIENT_MAC, CLIENT, EP_TCP),
+                Want::Redirect(arp_reply(c1_mac, EP_TCP, CLIENT_MAC, CLIENT)),
+            );
+            b.case(
+                "ARP for a NAT address",
+                prog_names::PROVIDER,
+                p0,
+                &arp_request(BACKEND10_MAC, BACKEND10, NAT_TCP),
+                Want::Redirect(arp_reply(p0_mac, NAT_TCP, BACKEND10_MAC, BACKEND10)),
+            );
+            let mut ttl1 =
+                Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"q").macs(CLIENT_MAC, c1_mac);
+            ttl1.ttl = 1;
+            let frame = ttl1.build();
+            b.case(
+                "TTL 1 to an endpoint",
+                prog_names::CONSUMER,
+                c1,
+                &frame,
+                Want::Redirect(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
+            );
+        })
+        .unwrap();
+}
+
+/// Without any GC (no controller), an expired flow's NAT port is reclaimed
+/// by the datapath when a new flow needs it, and only once it has expired.
+#[test]
+fn golden_expired_flows_free_their_nat_port_without_a_controller() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    // One NAT port: whoever holds it blocks every other flow.
+    spec.services[0].nat[0].ports = 30000..=30000;
+    spec.timeouts.tcp_transitory = Duration::from_millis(200);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let syn = |port| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_TCP, 80), TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            let nat_port = |run: &XdpRun| u16::from_be_bytes([run.output[34], run.output[35]]);
+            let started = std::time::Instant::now();
+            let a = b.raw(prog_names::CONSUMER, c1, &syn(40000));
+            assert_eq!(a.verdict, verdict::REDIRECT);
+            assert_eq!(nat_port(&a), 30000);
+            // Live: the port stays with its flow.
+            let refused = b.raw(prog_names::CONSUMER, c1, &syn(40001));
+            if started.elapsed() < Duration::from_millis(200) {
+                assert_eq!(refused.verdict, verdict::DROP, "a live flow keeps its port");
+            }
+            // Expired (SYN_SENT: the transitory timeout) and never collected:
+            // the next new flow takes the port over.
+            netns::wait_for(
+                "a new flow to reclaim the expired flow's port",
+                Duration::from_secs(5),
+                || {
+                    let run = b.raw(prog_names::CONSUMER, c1, &syn(40002));
+                    Ok((run.verdict == verdict::REDIRECT).then_some(run))
+                },
+            )
+            .map(|run| assert_eq!(nat_port(&run), 30000))
+            .unwrap();
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            let flows = b.dp.list_conntrack().unwrap();
+            assert_eq!(flows.len(), 1, "the expired flow is gone: {flows:?}");
+            assert_eq!(flows[0].client, (CLIENT, 40002));
+            assert_eq!(
+                b.dp.nat_ports_in_use().unwrap().values().sum::<u64>(),
+                1,
+                "one port entry, the new flow's"
+            );
+        })
+        .unwrap();
+}
+
+/// The state a freed and reused flow entry leaves behind: the entry found
+/// under one flow's key holds another flow's values (a preallocated hash
+/// element deleted by the GC and reused at once by another CPU's insert, seen
+/// through the pointer a program still holds). The datapath must not
+/// rewrite the packet with the other flow's mapping. The state is written
+/// from userspace here, since the race itself cannot be timed on demand.
+#[test]
+fn golden_a_reused_flow_entry_never_rewrites_another_flows_packet() {
+    let gw = gateway();
+    let spec = spec(&gw);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let ep = (EP_UDP, 53);
+            let q = |port| {
+                Ipv4Packet::udp((CLIENT, port), ep, b"q")
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            for port in [5000, 5001] {
+                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
+                assert_eq!(run.verdict, verdict::REDIRECT, "flow from {port}");
+            }
+            // The CT_FWD map this program uses, through its own descriptor.
+            let prog_maps =
+                b.dp.program(prog_names::CONSUMER)
+                    .unwrap()
+                    .info()
+                    .unwrap()
+                    .map_ids()
+                    .unwrap()
+                    .unwrap();
+            let map_id = prog_maps
+                .into_iter()
+                .find(|id| {
+                    aya::maps::MapInfo::from_id(*id)
+                        .ok()
+                        .and_then(|i| i.name_as_str().map(|n| n == "CT_FWD"))
+                        .unwrap_or(false)
+                })
+                .expect("plink_consumer uses CT_FWD");
+            let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_id(map_id).unwrap())
+                .unwrap();
+            let mut ct: aya::maps::HashMap<_, CtFwdKey, plink_common::CtFwdValue> =
+                aya::maps::HashMap::try_from(map).unwrap();
+            let a = fwd_key(1, (CLIENT, 5000), ep, IPPROTO_UDP);
+            let other = fwd_key(1, (CLIENT, 5001), ep, IPPROTO_UDP);
+            let other_value = ct.get(&other, 0).unwrap();
+            assert_eq!(other_value.fwd_key, other, "entries carry their key");
+            // Flow a's entry now holds the other flow's values.
+            ct.insert(a, other_value, 0).unwrap();
+            b.case(
+                "a packet whose entry was reused by another flow",
+                prog_names::CONSUMER,
+                c1,
+                &q(5000),
+                Want::Drop(DropReason::CtBroken),
+            );
+            let run = b.raw(prog_names::CONSUMER, c1, &q(5001));
+            assert_eq!(run.verdict, verdict::REDIRECT, "the other flow is unharmed");
+        })
+        .unwrap();
 }

@@ -22,7 +22,7 @@ use plink_common::DropReason;
 use plink_ctl::{
     EBPF_OBJECT,
     dataplane::{
-        BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
+        AnswerPath, BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
         EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
         Sizes, TimeoutSpec, garp, neigh,
     },
@@ -212,16 +212,19 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                 ifindex: gw.ifindex("c1").unwrap(),
                 role: InterfaceRole::Consumer { network_id: 1 },
                 mac: c1_mac,
+                answers: AnswerPath::Redirect,
             },
             InterfaceSpec {
                 ifindex: gw.ifindex("c2").unwrap(),
                 role: InterfaceRole::Consumer { network_id: 2 },
                 mac: gw.mac("c2").unwrap(),
+                answers: AnswerPath::Redirect,
             },
             InterfaceSpec {
                 ifindex: gw.ifindex("p0").unwrap(),
                 role: InterfaceRole::Provider,
                 mac: gw.mac("p0").unwrap(),
+                answers: AnswerPath::Redirect,
             },
         ],
         timeouts: TimeoutSpec::default(),
@@ -234,6 +237,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                     draining: false,
                 }],
                 lookup: vec![0; 13],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
             ServiceSpec {
                 id: 1,
@@ -243,6 +247,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                     draining: false,
                 }],
                 lookup: vec![1; 13],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             },
         ],
         backends: vec![

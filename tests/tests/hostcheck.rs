@@ -127,3 +127,43 @@ fn check_host_reports_each_problem() {
     let (ok, findings) = check(&gw, config, false);
     assert!(ok, "{findings:#?}");
 }
+
+/// `plink-ctl run` refuses a host that breaks the forwarding contract and
+/// says how to fix it; the explicit override starts it anyway.
+#[test]
+fn run_refuses_a_broken_forwarding_contract() {
+    netns::require_root_and_tools();
+    let mut topo = Topology::new().unwrap();
+    let gw = topo.host("gw").unwrap();
+    let peer = topo.host("pr").unwrap();
+    topo.link(&gw, "c1", &peer, "eth0").unwrap();
+    topo.link(&gw, "p0", &peer, "eth1").unwrap();
+    topo.enable_napi(&peer, "eth0").unwrap();
+    gw.ip(&["addr", "add", "198.51.100.254/24", "dev", "p0"])
+        .unwrap();
+    // A consumer interface created after the global switch inherits it.
+    gw.sysctl("net.ipv4.conf.all.forwarding", "1").unwrap();
+    gw.sysctl("net.ipv4.conf.c1.forwarding", "1").unwrap();
+    let config = format!(
+        "{}interfaces:\n  - {{name: c1, role: consumer, network: vnet-a}}\n  - {{name: p0, role: provider}}\n",
+        gateway::gateway_section(&topo).unwrap()
+    );
+    let refused = match gateway::start(&mut topo, &gw, &config) {
+        Ok(_) => panic!("plink-ctl run started with forwarding on for consumer interface c1"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("forwarding contract")
+            && refused.contains("sysctl -w net.ipv4.conf.c1.forwarding=0"),
+        "the refusal names the violation and its fix: {refused}"
+    );
+    assert!(
+        !topo
+            .bpffs_root()
+            .join(format!("v{}", plink_common::LAYOUT_VERSION))
+            .exists(),
+        "nothing was pinned before the refusal"
+    );
+    let started = gateway::start_with_args(&mut topo, &gw, &config, &["--allow-broken-contract"]);
+    assert!(started.is_ok(), "the override starts: {:?}", started.err());
+}

@@ -9,7 +9,7 @@ use std::{
 
 use plink_tests::{
     netns::{self, Host},
-    privatelink::{self as pl, PrivateLink},
+    privatelink::{self as pl, FarEnds, PrivateLink},
     servers,
 };
 
@@ -17,10 +17,9 @@ fn ping(host: &Host, dst: &str) -> anyhow::Result<String> {
     host.exec("ping", &["-n", "-c", "5", "-i", "0.2", "-W", "2", dst])
 }
 
-#[test]
-fn ping_through_an_endpoint_from_both_overlapping_consumers_at_once() {
+fn ping_through_an_endpoint_from_both_overlapping_consumers_at_once(far: FarEnds) {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     let _plink = net.start_plink().unwrap();
     let (a, b) = (net.consumer_a.clone(), net.consumer_b.clone());
     let ta = std::thread::spawn(move || ping(&a, "192.0.2.50"));
@@ -63,10 +62,9 @@ fn udp_probe(host: &Host, src: SocketAddrV4, send: bool) -> std::io::Result<usiz
     .unwrap()
 }
 
-#[test]
-fn closed_backend_port_yields_port_unreachable_at_the_right_client() {
+fn closed_backend_port_yields_port_unreachable_at_the_right_client(far: FarEnds) {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     // The dns backend (the last server) stops: its port is closed.
     drop(net.servers.pop());
     net.provider.sysctl("net.ipv4.icmp_ratelimit", "0").unwrap();
@@ -105,10 +103,9 @@ fn closed_backend_port_yields_port_unreachable_at_the_right_client() {
     );
 }
 
-#[test]
-fn ttl_limited_probes_see_the_endpoint_then_the_service() {
+fn ttl_limited_probes_see_the_endpoint_then_the_service(far: FarEnds) {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     let _plink = net.start_plink().unwrap();
     // Warm the neighbours so the TTL-1 probe is the only thing under test.
     ping(&net.consumer_a, "192.0.2.50").unwrap();
@@ -138,11 +135,10 @@ fn ttl_limited_probes_see_the_endpoint_then_the_service() {
 /// A provider-side path with a smaller MTU than the consumer's: the gateway
 /// tells the consumer (fragmentation needed), the consumer's kernel lowers
 /// its path MTU, and a large upload completes instead of black-holing.
-#[test]
-fn path_mtu_discovery_across_a_smaller_provider_mtu() {
+fn path_mtu_discovery_across_a_smaller_provider_mtu(far: FarEnds) {
     use std::io::{Read, Write};
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     // The orders backends become upload sinks that answer with the byte count.
     net.servers.drain(..2);
     for b in pl::ORDERS_BACKENDS {
@@ -216,10 +212,9 @@ fn path_mtu_discovery_across_a_smaller_provider_mtu() {
 /// A client behind a router whose last link has a smaller MTU: the router's
 /// fragmentation-needed about the backend's large segments reaches the
 /// backend through plink, and the download completes.
-#[test]
-fn frag_needed_from_a_consumer_router_reaches_the_backend() {
+fn frag_needed_from_a_consumer_router_reaches_the_backend(far: FarEnds) {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build().unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     // Only the router's side of the last link shrinks: the client still
     // offers MSS 1460, so only PMTUD can fix the backend's segment size.
     net.router_a
@@ -248,3 +243,11 @@ fn frag_needed_from_a_consumer_router_reaches_the_backend() {
         "the backend learned the path MTU: {cache}"
     );
 }
+
+plink_tests::on_both_far_ends!(
+    ping_through_an_endpoint_from_both_overlapping_consumers_at_once,
+    closed_backend_port_yields_port_unreachable_at_the_right_client,
+    ttl_limited_probes_see_the_endpoint_then_the_service,
+    frag_needed_from_a_consumer_router_reaches_the_backend,
+    path_mtu_discovery_across_a_smaller_provider_mtu,
+);

@@ -265,3 +265,47 @@ fn down_detaches_and_removes_the_pins() {
         .join(format!("v{}", plink_common::LAYOUT_VERSION));
     assert!(!dir.exists(), "pins left at {}", dir.display());
 }
+
+/// Interfaces changed while the controller was down: c1 deleted and
+/// re-created (its pinned link is defunct), c3 dropped from the config. A new
+/// controller attaches anew to c1, detaches c3 and forwards.
+#[test]
+fn a_restart_follows_interfaces_that_changed_while_down() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let plink = net.start_plink().unwrap();
+    let out = net.topo.stop(plink.child).unwrap();
+    assert!(out.status.success(), "SIGTERM exit: {:?}", out.status);
+    let xdp_on = |dev: &str| {
+        net.gw
+            .ip(&["-d", "link", "show", "dev", dev])
+            .unwrap()
+            .contains("prog/xdp")
+    };
+
+    net.gw.ip(&["link", "del", "c1"]).unwrap();
+    let (ca, gw) = (net.consumer_a.clone(), net.gw.clone());
+    net.topo.link(&ca, "eth0", &gw, "c1").unwrap();
+    ca.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"])
+        .unwrap();
+    gw.sysctl("net.ipv4.conf.c1.forwarding", "0").unwrap();
+    net.topo.enable_napi(&ca, "eth0").unwrap();
+    assert!(!xdp_on("c1"), "the re-created c1 starts without XDP");
+    assert!(xdp_on("c3"), "c3 still runs the old controller's program");
+
+    let cfg = pl::config(&net.topo, &pl::Options::default())
+        .unwrap()
+        .replace("  - {name: c3, role: consumer, network: vnet-a}\n", "");
+    assert!(!cfg.contains("c3"), "c3 left the config");
+    let _plink2 = gateway::start(&mut net.topo, &gw, &cfg).unwrap();
+    assert!(xdp_on("c1"), "the re-created c1 got plink's program");
+    assert!(!xdp_on("c3"), "c3, no longer configured, was detached");
+    let links = net
+        .topo
+        .bpffs_root()
+        .join(format!("v{}", plink_common::LAYOUT_VERSION))
+        .join("links");
+    assert!(links.join("c1").exists() && !links.join("c3").exists());
+    let reply = servers::tcp_request(&ca, None, pl::endpoint_tcp(), 4096).unwrap();
+    assert!(pl::ORDERS_BACKENDS.contains(reply.local.ip()));
+}

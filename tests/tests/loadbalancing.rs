@@ -477,9 +477,9 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
     use plink_ctl::{
         EBPF_OBJECT,
         dataplane::{
-            BackendSpec, BackendState, Dataplane, DataplaneSpec, EndpointSpec, EndpointState,
-            InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, Sizes,
-            TimeoutSpec,
+            AnswerPath, BackendSpec, BackendState, Dataplane, DataplaneSpec, EndpointSpec,
+            EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
+            Sizes, TimeoutSpec,
         },
     };
     use plink_tests::{golden, packet::Ipv4Packet};
@@ -520,11 +520,13 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
                 ifindex: c1,
                 role: InterfaceRole::Consumer { network_id: 1 },
                 mac: c1_mac,
+                answers: AnswerPath::Redirect,
             },
             InterfaceSpec {
                 ifindex: p0,
                 role: InterfaceRole::Provider,
                 mac: p0_mac,
+                answers: AnswerPath::Redirect,
             },
         ],
         timeouts: TimeoutSpec::default(),
@@ -536,6 +538,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
                 draining: false,
             }],
             lookup: vec![generation % BACKENDS; TABLE],
+            mss_clamp: plink_common::MSS_CLAMP_OFF,
         }],
         backends: (0..BACKENDS)
             .map(|id| BackendSpec {

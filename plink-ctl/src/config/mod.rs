@@ -437,6 +437,73 @@ pub struct Service {
     /// Maglev table size; a prime.
     #[serde(default = "default_maglev_size")]
     pub maglev_table_size: u32,
+    /// TCP MSS clamping on SYN and SYN-ACK; off when absent.
+    #[serde(default)]
+    pub mss_clamp: Option<MssClamp>,
+}
+
+/// `mss_clamp` of a TCP service: the largest MSS option a SYN or SYN-ACK
+/// keeps through plink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MssClamp {
+    /// The smaller MTU of the two interfaces a segment crosses, minus 40
+    /// (IPv4 and TCP headers), read by the datapath per segment.
+    Auto,
+    /// A fixed MSS in bytes; `validate` checks the range.
+    Bytes(u64),
+}
+
+impl fmt::Display for MssClamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MssClamp::Auto => f.write_str("auto"),
+            MssClamp::Bytes(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for MssClamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MssClamp::Auto => s.serialize_str("auto"),
+            MssClamp::Bytes(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MssClamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MssClamp;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`auto` or an MSS in bytes, e.g. 1360")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<MssClamp, E> {
+                Ok(MssClamp::Bytes(n))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<MssClamp, E> {
+                u64::try_from(n).map(MssClamp::Bytes).map_err(|_| {
+                    E::custom(format!(
+                        "invalid mss_clamp \"{n}\": write `auto` or an MSS in bytes, e.g. 1360"
+                    ))
+                })
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MssClamp, E> {
+                if v.trim() == "auto" {
+                    return Ok(MssClamp::Auto);
+                }
+                Err(E::custom(format!(
+                    "invalid mss_clamp {v:?}: write `auto` or an MSS in bytes, e.g. 1360"
+                )))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 fn default_maglev_size() -> u32 {

@@ -441,6 +441,61 @@ fn maglev_table_size_must_be_prime() {
 }
 
 #[test]
+fn mss_clamp_is_auto_or_a_tcp_mss() {
+    let with = |v: &str| {
+        edit(
+            "    auto_approve: [tenant-a]\n",
+            &format!("    auto_approve: [tenant-a]\n    mss_clamp: {v}\n"),
+        )
+    };
+    for (v, want) in [("auto", MssClamp::Auto), ("1360", MssClamp::Bytes(1360))] {
+        let cfg = Config::parse(Path::new(FILE), &with(v)).unwrap();
+        assert_eq!(cfg.services[0].mss_clamp, Some(want), "{v}");
+    }
+    assert_eq!(
+        Config::parse(Path::new(FILE), BASE).unwrap().services[0].mss_clamp,
+        None
+    );
+
+    for (v, words) in [
+        ("100", "mss_clamp 100 is out of range: use 536-65495"),
+        ("65535", "mss_clamp 65535 is out of range"),
+    ] {
+        let text = with(v);
+        assert_error(
+            &errors(&text),
+            value_at(&text, &format!("mss_clamp: {v}")),
+            words,
+        );
+    }
+    let text = with("big");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].yaml_path, "services[0].mss_clamp", "{d:#?}");
+    assert!(
+        d[0].message.contains("write `auto` or an MSS in bytes"),
+        "{d:#?}"
+    );
+
+    let text = edit(
+        "    visibility: ['*']",
+        "    visibility: ['*']\n    mss_clamp: auto",
+    );
+    assert_error(
+        &errors(&text),
+        value_at(&text, "mss_clamp: auto"),
+        "mss_clamp applies to TCP only",
+    );
+}
+
+/// Position of the value in the one `key: value` line `kv` of `text`.
+fn value_at(text: &str, kv: &str) -> (usize, usize) {
+    let (line, column) = at(text, kv, 0);
+    let key_len = kv.find(": ").map_or(0, |i| i + 2);
+    (line, column + key_len)
+}
+
+#[test]
 fn health_check_sanity() {
     let text = edit(
         "interval: 2s, timeout: 1s, rise: 2, fall: 2",

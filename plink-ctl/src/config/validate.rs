@@ -14,6 +14,11 @@ use super::{BackendState, Config, HealthCheckKind, Role};
 pub const MAX_NAT_ADDRESSES: usize = 8;
 /// Largest backend weight; Maglev fills its table in proportion to weights.
 pub const MAX_WEIGHT: u32 = 10_000;
+/// The smallest MSS every IPv4 host must accept (RFC 9293 §3.7.1): a clamp
+/// below it would only slow TCP down.
+pub const MIN_MSS_CLAMP: u64 = 536;
+/// The largest IPv4 MSS: a 65535-byte packet minus IPv4 and TCP headers.
+pub const MAX_MSS_CLAMP: u64 = 65_495;
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 const MAX_IFNAME: usize = 15;
 
@@ -550,6 +555,30 @@ fn services(cfg: &Config, p: &mut Problems) {
                     format!("HTTP path {hp_path:?} must start with '/', e.g. /healthz"),
                 ),
                 _ => {}
+            }
+        }
+
+        if let Some(clamp) = s.mss_clamp {
+            let mp = format!("{path}.mss_clamp");
+            if s.protocol != super::Protocol::Tcp {
+                p.push(
+                    mp.clone(),
+                    format!(
+                        "mss_clamp applies to TCP only and this service is {}: remove it",
+                        s.protocol
+                    ),
+                );
+            }
+            if let super::MssClamp::Bytes(n) = clamp
+                && !(MIN_MSS_CLAMP..=MAX_MSS_CLAMP).contains(&n)
+            {
+                p.push(
+                    mp,
+                    format!(
+                        "mss_clamp {n} is out of range: use {MIN_MSS_CLAMP}-{MAX_MSS_CLAMP} bytes \
+                         (e.g. 1360 behind an IPsec tunnel), or `auto`"
+                    ),
+                );
             }
         }
 

@@ -25,8 +25,8 @@ pub mod stats;
 
 pub use conntrack::{FlowEntry, FlowReader, GcReport, monotonic_ns};
 pub use spec::{
-    BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState, InterfaceRole,
-    InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+    AnswerPath, BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState,
+    InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
 };
 pub use stats::CounterKind;
 
@@ -434,6 +434,7 @@ impl Dataplane {
             XdpMode::Native => AyaXdpMode::Driver,
             XdpMode::Generic => AyaXdpMode::Skb,
         };
+        self.detach_unconfigured_links(config)?;
         for role in [Role::Consumer, Role::Provider] {
             let prog_name = match role {
                 Role::Consumer => prog_names::CONSUMER,
@@ -449,6 +450,25 @@ impl Dataplane {
                     .ok_or_else(|| anyhow!("program {prog_name} missing"))?
                     .try_into()?;
                 let pin = link_pin_path(&self.pin_dir, &iface.name);
+                if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+                    // A pinned link outlives its interface: when the interface
+                    // was deleted (and maybe re-created under the same name)
+                    // the link is defunct (ifindex 0, updates fail ENOLINK) or
+                    // on another device. It is dropped and a new one attached.
+                    let pinned_on = pinned_link_ifindex(pin).with_context(|| {
+                        format!("reading the pinned XDP link {}", pin.display())
+                    })?;
+                    if pinned_on != index {
+                        if pinned_on != 0 {
+                            detach_pinned_link(pin).with_context(|| {
+                                format!("detaching the stale XDP link {}", pin.display())
+                            })?;
+                        }
+                        std::fs::remove_file(pin)
+                            .with_context(|| format!("removing {}", pin.display()))?;
+                        tracing::warn!(interface = %iface.name, ifindex = index, pinned_ifindex = pinned_on, "the pinned XDP link belonged to a deleted interface: attaching anew");
+                    }
+                }
                 if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
                     // Adopt the running link: the new program replaces the
                     // old one atomically (BPF_LINK_UPDATE); no packet sees
@@ -498,6 +518,32 @@ impl Dataplane {
                 }
                 tracing::info!(interface = %iface.name, ifindex = index, program = prog_name, "XDP attached");
             }
+        }
+        Ok(())
+    }
+
+    /// Detaches and unpins the XDP links of interfaces the config no longer
+    /// names: left attached, their traffic would be black-holed (consumer)
+    /// or handled for a dataplane that no longer serves them.
+    fn detach_unconfigured_links(&self, config: &Config) -> anyhow::Result<()> {
+        let Some(dir) = self.pin_dir.as_ref().map(|d| d.join("links")) else {
+            return Ok(());
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if config.interfaces.iter().any(|i| i.name == name) {
+                continue;
+            }
+            let path = entry.path();
+            if pinned_link_ifindex(&path).unwrap_or(0) != 0 {
+                detach_pinned_link(&path)
+                    .with_context(|| format!("detaching the XDP link {}", path.display()))?;
+            }
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            tracing::info!(interface = %name, "interface no longer in the config: XDP detached");
         }
         Ok(())
     }
@@ -609,6 +655,10 @@ pub fn remove_pins(bpffs_root: &Path) -> anyhow::Result<bool> {
     // releases the last one later, so XDP could outlive `down` for a moment.
     if let Ok(links) = std::fs::read_dir(dir.join("links")) {
         for link in links.flatten() {
+            // A defunct link (its interface was deleted) has nothing to detach.
+            if pinned_link_ifindex(&link.path()).is_ok_and(|i| i == 0) {
+                continue;
+            }
             detach_pinned_link(&link.path()).with_context(|| {
                 format!("detaching the XDP link pinned at {}", link.path().display())
             })?;
@@ -646,6 +696,54 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     // SAFETY: closing the fd BPF_OBJ_GET returned.
     unsafe { libc::close(fd as libc::c_int) };
     if rc < 0 { Err(err) } else { Ok(()) }
+}
+
+/// The ifindex the XDP link pinned at `path` is attached to; 0 when the
+/// link is defunct (its interface was deleted).
+fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 8];
+    attr[0] = pathname.as_ptr() as u64;
+    let size = std::mem::size_of_val(&attr);
+    // SAFETY: bpf(2) with a zeroed attr of the given size and a valid C string.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // struct bpf_link_info: type, id, prog_id, then a union (8-aligned)
+    // whose xdp member starts with the ifindex.
+    let mut info = [0u32; 32];
+    let mut attr = [0u64; 8];
+    // info_by_fd: bpf_fd (u32), info_len (u32), info (u64 pointer).
+    attr[0] = (fd as u64 & 0xffff_ffff) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: as above; the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            size,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd BPF_OBJ_GET returned.
+    unsafe { libc::close(fd as libc::c_int) };
+    if rc < 0 {
+        return Err(err);
+    }
+    if info[0] != BPF_LINK_TYPE_XDP {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not an XDP link (link type {})", info[0]),
+        ));
+    }
+    Ok(info[4])
 }
 
 fn raise_memlock_limit() {

@@ -54,6 +54,31 @@ pub struct InterfaceSpec {
     pub role: InterfaceRole,
     /// The interface's MAC (source of ARP replies).
     pub mac: [u8; 6],
+    /// How frames plink answers itself leave this interface.
+    pub answers: AnswerPath,
+}
+
+/// How ARP replies and ICMP errors that XDP builds leave their ingress
+/// interface (plink-ebpf `answer.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AnswerPath {
+    /// XDP_TX: the cheapest way, right on real NICs.
+    #[default]
+    XdpTx,
+    /// A redirect to the ingress interface. On veth, XDP_TX reaches the peer
+    /// only when the peer runs an XDP program (the driver wakes its NAPI only
+    /// then); a redirect wakes a peer with GRO-only NAPI too.
+    Redirect,
+}
+
+impl AnswerPath {
+    /// The right path for an interface with this driver (`ethtool -i`).
+    pub fn for_driver(driver: Option<&str>) -> Self {
+        match driver {
+            Some("veth") => Self::Redirect,
+            _ => Self::XdpTx,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +137,9 @@ pub struct ServiceSpec {
     /// empty slot. A flow goes to `lookup[flow_hash % lookup.len()]`; empty
     /// means the service has no backend and new flows are dropped.
     pub lookup: Vec<u32>,
+    /// TCP MSS clamp on SYN and SYN-ACK: `plink_common::MSS_CLAMP_OFF`,
+    /// `MSS_CLAMP_AUTO`, or the largest MSS let through.
+    pub mss_clamp: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,7 +426,10 @@ impl Dataplane {
                     network_id,
                     mac: i.mac,
                     role: r,
-                    _pad: 0,
+                    flags: match i.answers {
+                        AnswerPath::XdpTx => 0,
+                        AnswerPath::Redirect => plink_common::iface_flags::ANSWER_BY_REDIRECT,
+                    },
                 },
             );
         }
@@ -554,6 +585,8 @@ impl Dataplane {
                     lb_offset: offset,
                     lb_size: size,
                     enabled: 1,
+                    mss_clamp: s.mss_clamp,
+                    _pad: 0,
                 },
             );
         }
@@ -820,11 +853,13 @@ mod tests {
                     ifindex: 2,
                     role: InterfaceRole::Consumer { network_id: 1 },
                     mac: [2, 0, 0, 0, 0, 1],
+                    answers: AnswerPath::XdpTx,
                 },
                 InterfaceSpec {
                     ifindex: 3,
                     role: InterfaceRole::Provider,
                     mac: [2, 0, 0, 0, 0, 2],
+                    answers: AnswerPath::XdpTx,
                 },
             ],
             timeouts: TimeoutSpec::default(),
@@ -836,6 +871,7 @@ mod tests {
                     draining: false,
                 }],
                 lookup: vec![0, NO_BACKEND, 0],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
             }],
             backends: vec![BackendSpec {
                 id: 0,

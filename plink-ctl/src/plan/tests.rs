@@ -54,6 +54,7 @@ fn host() -> Observed {
             HostInterface {
                 ifindex: 10 + i as u32,
                 mac: [2, 0, 0, 0, 0, i as u8],
+                answers: crate::dataplane::AnswerPath::XdpTx,
             },
         );
     }
@@ -82,6 +83,7 @@ fn nat_slots_stay_put_and_removed_addresses_drain() {
         id: 1,
         nat: first,
         lookup: vec![],
+        mss_clamp: 0,
     };
     // Remove the middle address, add a new one.
     let next = nat_slots(&[a(200), a(202), a(203)], (1024, 2047), Some(&prev), &none);

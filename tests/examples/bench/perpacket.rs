@@ -37,7 +37,7 @@ use plink_common::{DropReason, prog_names};
 use plink_ctl::{
     EBPF_OBJECT,
     dataplane::{
-        BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
+        AnswerPath, BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
         EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
         Sizes, TimeoutSpec,
     },
@@ -125,11 +125,13 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 ifindex: i.c1,
                 role: InterfaceRole::Consumer { network_id: 1 },
                 mac: i.c1_mac,
+                answers: AnswerPath::XdpTx,
             },
             InterfaceSpec {
                 ifindex: i.p0,
                 role: InterfaceRole::Provider,
                 mac: i.p0_mac,
+                answers: AnswerPath::XdpTx,
             },
         ],
         timeouts: TimeoutSpec::default(),
@@ -143,6 +145,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 })
                 .collect(),
             lookup: vec![0],
+            mss_clamp: plink_common::MSS_CLAMP_OFF,
         }],
         backends: vec![BackendSpec {
             id: 0,

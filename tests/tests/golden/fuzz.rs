@@ -337,7 +337,10 @@ impl Checker<'_> {
 #[test]
 fn golden_fuzz_keeps_the_invariants() {
     let gw = gateway();
-    let spec = spec(&gw);
+    let mut spec = spec(&gw);
+    // MSS clamping on, so that mutated TCP options and data offsets go
+    // through the option walk and its checksum update too.
+    spec.services[0].mss_clamp = 1200;
     let (c1, c2, p0) = (gw.c1, gw.c2, gw.p0);
     let macs = HashMap::from([(c1, gw.c1_mac), (c2, gw.c2_mac), (p0, gw.p0_mac)]);
     gw.host
@@ -462,6 +465,13 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         (c1, arp_request(CLIENT_MAC, CLIENT, EP_TCP)),
         (c1, with_options),
         (c1, fragment),
+        (
+            c1,
+            super::mtu::with_tcp_options(
+                &syn(40006, EP_TCP).macs(CLIENT_MAC, c1_mac).build(),
+                &super::mtu::linux_syn_options(1460),
+            ),
+        ),
         on(c2, syn(40010, EP_TCP)),
         on(c2, query(5000, EP_UDP)),
         (c2, arp_request(CLIENT_MAC, CLIENT, EP_TCP)),
@@ -579,6 +589,11 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         "enough frames stayed forwardable ({})",
         model.forwarded
     );
+    let clamped =
+        b.dp.counters(CounterKind::Service, 0)
+            .unwrap()
+            .mss_clamped_in;
+    assert!(clamped > 0, "some SYNs went through MSS clamping");
 }
 
 /// Verdict counters per interface add up to the frames sent and match the
