@@ -123,7 +123,7 @@ mod tests {
     #[test]
     fn a_datagram_of_link_messages_gives_their_events() {
         let mut datagram = message(true, 7, "c1");
-        while datagram.len() % 4 != 0 {
+        while !datagram.len().is_multiple_of(4) {
             datagram.push(0);
         }
         datagram.extend(message(false, 7, "c1"));
