@@ -11,6 +11,7 @@ pub mod devstats;
 pub mod gateway;
 pub mod health;
 pub mod hostcheck;
+pub mod linkwatch;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

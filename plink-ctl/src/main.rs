@@ -15,7 +15,7 @@ use plink_ctl::{
     dataplane,
     gateway::{self, Gateway, GatewayApplier, GatewayQueries},
     health::{HealthChecker, HealthMap},
-    hostcheck, metrics,
+    hostcheck, linkwatch, metrics,
     model::{EndpointModel, Model},
 };
 
@@ -583,6 +583,74 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         };
 
         // Conntrack GC on the datapath's clock, once a second.
+        // Interfaces deleted and re-created while we run get their program
+        // back (rtnetlink link events); a deleted one shows as a failed
+        // apply (status DIVERGED) until it is back.
+        let link_task = {
+            let (link_tx, mut link_rx) = tokio::sync::mpsc::unbounded_channel();
+            match linkwatch::LinkEvents::subscribe() {
+                Ok(events) => {
+                    std::thread::spawn(move || {
+                        loop {
+                            match events.next() {
+                                Ok(batch) => {
+                                    for e in batch {
+                                        if link_tx.send(e).is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::error!("rtnetlink link events stopped: {e}");
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+                Err(e) => tracing::error!("not watching interfaces (rtnetlink): {e}"),
+            }
+            let gateway = gateway.clone();
+            let controller = controller.clone();
+            tokio::spawn(async move {
+                while let Some(event) = link_rx.recv().await {
+                    let configured = lock(&controller)
+                        .config()
+                        .interfaces
+                        .iter()
+                        .any(|i| i.name == event.name());
+                    if !configured {
+                        continue;
+                    }
+                    // A re-created veth pair sends a burst: act once on it.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    while link_rx.try_recv().is_ok() {}
+                    tracing::info!(?event, "a configured interface changed");
+                    let (g, c) = (gateway.clone(), controller.clone());
+                    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                        let config = lock(&c).config().clone();
+                        {
+                            let mut gw = gateway::lock(&g);
+                            let missing = gw.dp.unattached_interfaces(&config);
+                            if !missing.is_empty() {
+                                tracing::info!(interfaces = ?missing, "attaching XDP to re-created interfaces");
+                                gw.dp.attach_all(&config)?;
+                            }
+                        }
+                        // The interface map follows (ifindex, MAC, answers).
+                        lock(&c).reapply()?;
+                        Ok(())
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!("following the interface change failed: {e:#}"),
+                        Err(e) => tracing::error!("following the interface change panicked: {e}"),
+                    }
+                }
+            })
+        };
+
         let gc_task = {
             let gateway = gateway.clone();
             tokio::spawn(async move {
@@ -645,6 +713,7 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         let _ = server.await;
         model_task.abort();
         gc_task.abort();
+        link_task.abort();
         metrics_task.abort();
         anyhow::Ok(())
     })?;

@@ -309,3 +309,40 @@ fn a_restart_follows_interfaces_that_changed_while_down() {
     let reply = servers::tcp_request(&ca, None, pl::endpoint_tcp(), 4096).unwrap();
     assert!(pl::ORDERS_BACKENDS.contains(reply.local.ip()));
 }
+
+/// A consumer interface deleted and re-created while plink runs (what a
+/// container restart does to its veth) gets its program back and serves
+/// again, without a restart or reload.
+#[test]
+fn a_running_gateway_follows_an_interface_re_created() {
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let _plink = net.start_plink().unwrap();
+    let (ca, gw) = (net.consumer_a.clone(), net.gw.clone());
+    servers::tcp_request(&ca, None, pl::endpoint_tcp(), 1024).unwrap();
+    let xdp_on = |dev: &str| {
+        gw.ip(&["-d", "link", "show", "dev", dev])
+            .is_ok_and(|out| out.contains("prog/xdp"))
+    };
+
+    gw.ip(&["link", "del", "c1"]).unwrap();
+    net.topo.link(&ca, "eth0", &gw, "c1").unwrap();
+    ca.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"])
+        .unwrap();
+    gw.sysctl("net.ipv4.conf.c1.forwarding", "0").unwrap();
+    net.topo.enable_napi(&ca, "eth0").unwrap();
+
+    netns::wait_for(
+        "plink to attach to the re-created c1",
+        Duration::from_secs(10),
+        || Ok(xdp_on("c1").then_some(())),
+    )
+    .unwrap();
+    let reply = netns::wait_for(
+        "a request through the re-created c1",
+        Duration::from_secs(10),
+        || Ok(servers::tcp_request(&ca, None, pl::endpoint_tcp(), 1024).ok()),
+    )
+    .unwrap();
+    assert!(pl::ORDERS_BACKENDS.contains(reply.local.ip()));
+}

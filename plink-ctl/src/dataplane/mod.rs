@@ -428,6 +428,24 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
     }
 
+    /// Configured interfaces whose XDP link is missing or belongs to another
+    /// (deleted) device: an interface deleted and re-created while plink
+    /// runs. Interfaces that do not exist (yet) are not listed.
+    pub fn unattached_interfaces(&self, config: &Config) -> Vec<String> {
+        config
+            .interfaces
+            .iter()
+            .filter(|iface| {
+                let Ok(index) = ifindex(&iface.name) else {
+                    return false;
+                };
+                link_pin_path(&self.pin_dir, &iface.name)
+                    .is_some_and(|pin| pinned_link_ifindex(&pin).map_or(true, |on| on != index))
+            })
+            .map(|iface| iface.name.clone())
+            .collect()
+    }
+
     /// Attaches the program for each interface's role, in the configured mode.
     pub fn attach_all(&mut self, config: &Config) -> anyhow::Result<()> {
         let mode = match config.gateway.xdp_mode {
