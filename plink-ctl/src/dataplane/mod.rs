@@ -688,16 +688,13 @@ pub fn remove_pins(bpffs_root: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// BPF_OBJ_GET on a pinned link, then BPF_LINK_DETACH: the program leaves
-/// the interface now, whoever else holds the link.
-fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
+/// A descriptor of the BPF object pinned at `path` (BPF_OBJ_GET).
+fn pinned_object_fd(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
     let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // union bpf_attr: obj_get starts with the pathname pointer;
-    // link_detach with the link fd. Zeroed beyond what each command reads.
+    // union bpf_attr: obj_get starts with the pathname pointer; zeroed beyond.
     let mut attr = [0u64; 8];
     attr[0] = pathname.as_ptr() as u64;
     let size = std::mem::size_of_val(&attr);
@@ -706,55 +703,49 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `bpf(cmd, attr)` with an 8-word attr; the error is errno.
+fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<()> {
+    let size = std::mem::size_of_val(attr);
+    // SAFETY: bpf(2) with an attr of the given size; callers fill it per `cmd`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// BPF_OBJ_GET on a pinned link, then BPF_LINK_DETACH: the program leaves
+/// the interface now, whoever else holds the link.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let fd = pinned_object_fd(path)?;
+    // link_detach: the link fd.
     let mut attr = [0u64; 8];
-    attr[0] = fd as u64 & 0xffff_ffff;
-    // SAFETY: as above; `fd` is ours and closed below.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), size) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the fd BPF_OBJ_GET returned.
-    unsafe { libc::close(fd as libc::c_int) };
-    if rc < 0 { Err(err) } else { Ok(()) }
+    attr[0] = fd.as_raw_fd() as u64 & 0xffff_ffff;
+    bpf_cmd(BPF_LINK_DETACH, &mut attr)
 }
 
 /// The ifindex the XDP link pinned at `path` is attached to; 0 when the
 /// link is defunct (its interface was deleted).
 fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
-    use std::os::unix::ffi::OsStrExt as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
+    use std::os::fd::AsRawFd as _;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_LINK_TYPE_XDP: u32 = 6;
-    let pathname = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut attr = [0u64; 8];
-    attr[0] = pathname.as_ptr() as u64;
-    let size = std::mem::size_of_val(&attr);
-    // SAFETY: bpf(2) with a zeroed attr of the given size and a valid C string.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = pinned_object_fd(path)?;
     // struct bpf_link_info: type, id, prog_id, then a union (8-aligned)
     // whose xdp member starts with the ifindex.
     let mut info = [0u32; 32];
-    let mut attr = [0u64; 8];
     // info_by_fd: bpf_fd (u32), info_len (u32), info (u64 pointer).
-    attr[0] = (fd as u64 & 0xffff_ffff) | ((std::mem::size_of_val(&info) as u64) << 32);
+    let mut attr = [0u64; 8];
+    attr[0] = (fd.as_raw_fd() as u64 & 0xffff_ffff) | ((std::mem::size_of_val(&info) as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
-    // SAFETY: as above; the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            size,
-        )
-    };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the fd BPF_OBJ_GET returned.
-    unsafe { libc::close(fd as libc::c_int) };
-    if rc < 0 {
-        return Err(err);
-    }
+    // The kernel writes at most info_len bytes into `info`.
+    bpf_cmd(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     if info[0] != BPF_LINK_TYPE_XDP {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
