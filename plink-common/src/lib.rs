@@ -14,7 +14,7 @@ pub mod csum;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -69,6 +69,7 @@ pub mod map_names {
     pub const NAT_PORTS: &str = "NAT_PORTS";
     pub const EP_LIMITS: &str = "EP_LIMITS";
     pub const EP_GC_FREED: &str = "EP_GC_FREED";
+    pub const EP_GEN: &str = "EP_GEN";
     pub const EP_STATS: &str = "EP_STATS";
     pub const SVC_STATS: &str = "SVC_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -92,6 +93,7 @@ pub mod map_names {
         NAT_PORTS,
         EP_LIMITS,
         EP_GC_FREED,
+        EP_GEN,
         EP_STATS,
         SVC_STATS,
         BACKEND_STATS,
@@ -225,9 +227,31 @@ pub struct GlobalConfig {
     /// ifindex handed to `bpf_fib_lookup`: routes are looked up as if the
     /// packet came in on the provider side, and only provider egress is accepted.
     pub provider_ifindex: u32,
-    pub _pad: u32,
+    /// Generation of the provider side's routes and neighbours: a flow's
+    /// cached next hop is used only while its `hop_gen` equals this. The
+    /// controller bumps it on every apply and every GC round (each second),
+    /// so a changed route or neighbour is followed within a second. Never 0
+    /// once written (0 marks a flow without a cached hop).
+    pub hop_gen: u32,
 }
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+
+/// Value of `EP_GEN`, indexed by endpoint id: what an established flow
+/// checks instead of looking its endpoint up again. The controller writes it
+/// after `ENDPOINTS`, so a flow created between the two writes carries the
+/// old generation and is dropped from the fast path, never the reverse.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointGen {
+    /// Digest of everything a flow's mapping depends on (consumer network,
+    /// address, service, ports): a re-pointed endpoint or a reused id gets
+    /// another one, a restart the same one. 0 = no endpoint.
+    pub gen_id: u32,
+    /// [`ep_state`] constant.
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<EndpointGen>() == 8);
 
 /// Endpoint connection states (`EndpointValue::state`).
 pub mod ep_state {
@@ -383,13 +407,16 @@ pub struct CtFwdKey {
 }
 const _: () = assert!(core::mem::size_of::<CtFwdKey>() == 44);
 
-/// Value of `CT_FWD`: the NAT mapping and everything the reverse path needs.
+/// Value of `CT_FWD`: the NAT mapping, everything the reverse path needs,
+/// and the cached next hop of the forward direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtFwdValue {
     pub backend_addr_be: Addr,
     pub nat_addr_be: Addr,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet either way.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet
+    /// either way, written at most once per [`LAST_SEEN_TICK_NS`] so that an
+    /// established flow does not dirty its entry's cache line per packet.
     pub last_seen_ns: u64,
     pub backend_port_be: u16,
     pub nat_port_be: u16,
@@ -406,15 +433,27 @@ pub struct CtFwdValue {
     pub tcp_state: u8,
     pub nat_slot: u8,
     pub proto: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// `EP_GEN[endpoint_id].gen_id` when the flow was created: a flow whose
+    /// endpoint changed since is no flow.
+    pub ep_gen: u32,
     /// The key this entry was inserted under. A program holding a pointer
     /// into a preallocated hash map can see the element freed by the GC and
     /// reused by another CPU's insert for another flow; comparing this copy
-    /// with the key it looked up tells the two apart (see `fwd_entry_is`).
+    /// with the key it looked up tells the two apart (see `entry_is`).
     pub fwd_key: CtFwdKey,
-    pub _pad2: [u8; 4],
+    /// `GlobalConfig::hop_gen` the cached next hop below was looked up
+    /// under; 0 = none cached.
+    pub hop_gen: u32,
+    /// Cached next hop towards the backend: egress ifindex, its MTU and the
+    /// link-layer addresses `bpf_fib_lookup` returned.
+    pub hop_ifindex: u32,
+    pub hop_mtu: u16,
+    pub hop_smac: [u8; 6],
+    pub hop_dmac: [u8; 6],
+    pub _pad2: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 128);
+const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 152);
 
 /// Key of `CT_REV`: a reply as the backend sends it, seen from the NAT side.
 #[repr(C)]
@@ -581,10 +620,11 @@ drop_reasons! {
     IcmpUnsupported = 28 => "icmp_unsupported",
     IcmpErrorNoFlow = 29 => "icmp_error_no_flow",
     OtherHost = 30 => "other_host",
+    ReplyEndpointNotApproved = 31 => "reply_endpoint_not_approved",
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 32;
 }
 const _: () = assert!(DropReason::ALL.len() == DropReason::COUNT as usize);
 
@@ -706,13 +746,33 @@ pub fn flow_timeout_ns(proto: u8, tcp_state: u8, t: &Timeouts) -> u64 {
     }
 }
 
-/// The one expiry rule, applied by the datapath and the controller's GC on the
-/// same clock (CLOCK_MONOTONIC, which is what `bpf_ktime_get_ns` reads). A
-/// `last_seen_ns` in the future (another CPU refreshed it after `now_ns` was
-/// read) is not expired.
+/// The datapath writes a flow's `last_seen_ns` only when it moved by more
+/// than this (2^24 ns, about 17 ms): an established flow then dirties its
+/// entry once per tick, not once per packet.
+pub const LAST_SEEN_TICK_NS: u64 = 1 << 24;
+
+/// What the expiry rule adds to a flow's timeout: the stored `last_seen_ns`
+/// may lag the last packet by one tick, and the datapath's coarse clock
+/// (CLOCK_MONOTONIC_COARSE, one jiffy of at most 10 ms behind) lags the
+/// controller's CLOCK_MONOTONIC.
+pub const LAST_SEEN_SLACK_NS: u64 = 2 * LAST_SEEN_TICK_NS;
+
+/// The one expiry rule, applied by the datapath (`bpf_ktime_get_coarse_ns`)
+/// and the controller's GC (CLOCK_MONOTONIC, never behind the coarse clock).
+/// A `last_seen_ns` in the future (another CPU refreshed it after `now_ns`
+/// was read) is not expired.
 #[inline(always)]
 pub fn flow_expired(v: &CtFwdValue, now_ns: u64, t: &Timeouts) -> bool {
-    now_ns > v.last_seen_ns && now_ns - v.last_seen_ns > flow_timeout_ns(v.proto, v.tcp_state, t)
+    now_ns > v.last_seen_ns
+        && now_ns - v.last_seen_ns
+            > flow_timeout_ns(v.proto, v.tcp_state, t).saturating_add(LAST_SEEN_SLACK_NS)
+}
+
+/// Should a packet seen at `now_ns` write the flow's `last_seen_ns`? Only
+/// when it moved by more than a tick (and never backwards).
+#[inline(always)]
+pub fn last_seen_moved(last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns > last_seen_ns && now_ns - last_seen_ns > LAST_SEEN_TICK_NS
 }
 
 #[cfg(feature = "user")]
@@ -735,6 +795,7 @@ mod pod {
     unsafe impl aya::Pod for NatPortKey {}
     unsafe impl aya::Pod for CtOwner {}
     unsafe impl aya::Pod for EpLimitState {}
+    unsafe impl aya::Pod for EndpointGen {}
     unsafe impl aya::Pod for Counters {}
 }
 
@@ -858,21 +919,38 @@ mod tests {
     #[test]
     fn expiry_rule() {
         let t = Timeouts::default();
+        let slack = LAST_SEEN_SLACK_NS;
         let mut v = CtFwdValue {
             proto: IPPROTO_UDP,
             last_seen_ns: 1000,
             ..Default::default()
         };
-        assert!(!flow_expired(&v, 1000 + t.udp_ns, &t));
-        assert!(flow_expired(&v, 1001 + t.udp_ns, &t));
+        assert!(!flow_expired(&v, 1000 + t.udp_ns + slack, &t));
+        assert!(flow_expired(&v, 1001 + t.udp_ns + slack, &t));
         // Refreshed by another CPU after `now` was read.
         assert!(!flow_expired(&v, 999, &t));
         v.proto = IPPROTO_TCP;
         v.tcp_state = tcp_state::SYN_SENT;
-        assert!(flow_expired(&v, 1001 + t.tcp_transitory_ns, &t));
+        assert!(flow_expired(&v, 1001 + t.tcp_transitory_ns + slack, &t));
         v.tcp_state = tcp_state::ESTABLISHED;
-        assert!(!flow_expired(&v, 1001 + t.tcp_transitory_ns, &t));
+        assert!(!flow_expired(&v, 1001 + t.tcp_transitory_ns + slack, &t));
         assert_eq!(t.tcp_established_ns, 7440 * 1_000_000_000);
+    }
+
+    #[test]
+    fn last_seen_is_written_once_per_tick_and_never_backwards() {
+        assert!(!last_seen_moved(1000, 1000 + LAST_SEEN_TICK_NS));
+        assert!(last_seen_moved(1000, 1001 + LAST_SEEN_TICK_NS));
+        assert!(!last_seen_moved(5 * LAST_SEEN_TICK_NS, 1000));
+        // A flow whose last write lags by a whole tick still is not expired
+        // by the GC's clock (the slack covers the tick and the coarse clock).
+        let t = Timeouts::default();
+        let v = CtFwdValue {
+            proto: IPPROTO_UDP,
+            last_seen_ns: 1000,
+            ..Default::default()
+        };
+        assert!(!flow_expired(&v, 1000 + LAST_SEEN_TICK_NS + t.udp_ns, &t));
     }
 
     #[test]

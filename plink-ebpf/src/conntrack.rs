@@ -7,14 +7,14 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use plink_common::{
     CtFwdKey, CtFwdValue, CtOwner, CtRevKey, DropReason, EndpointValue, IPPROTO_TCP, NO_BACKEND,
-    NatPortKey, ServiceConfig, flow_expired, flow_hash, nat_flags, nat_probe_port, nat_probe_slot,
-    tcp_state,
+    NatPortKey, ServiceConfig, ep_state, flow_expired, flow_hash, nat_flags, nat_probe_port,
+    nat_probe_slot, tcp_state,
 };
 
 use crate::{
     maps::{
-        BACKENDS, CT_FWD, CT_REV, EP_GC_FREED, EP_LIMITS, GLOBAL, LB_TABLE, NAT_PORTS, SCRATCH,
-        SERVICES,
+        BACKENDS, CT_FWD, CT_REV, EP_GC_FREED, EP_GEN, EP_LIMITS, GLOBAL, LB_TABLE, NAT_PORTS,
+        SCRATCH, SERVICES,
     },
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, load},
     stats,
@@ -97,9 +97,16 @@ fn create(
     } else {
         0
     };
-    v._pad = [0; 5];
+    v._pad = 0;
+    v.ep_gen = EP_GEN.get(ep.endpoint_id).map_or(0, |g| g.gen_id);
     v.fwd_key = *key;
-    v._pad2 = [0; 4];
+    // Filled by the caller's route lookup.
+    v.hop_gen = 0;
+    v.hop_ifindex = 0;
+    v.hop_mtu = 0;
+    v.hop_smac = [0; 6];
+    v.hop_dmac = [0; 6];
+    v._pad2 = [0; 6];
     s.owner.fwd = *key;
     s.owner._pad = 0;
     s.owner.created_ns = now;
@@ -157,6 +164,50 @@ pub fn release(key: &CtFwdKey, endpoint_id: u32) {
     if let Some(l) = EP_LIMITS.get_ptr_mut(endpoint_id) {
         // SAFETY: shared by all CPUs, hence the atomic add (of -1).
         unsafe { crate::atomic_add(&raw mut (*l).flows_created, u64::MAX) };
+    }
+}
+
+/// Is the endpoint `v` was created through still the same and approved?
+/// One array read replaces the endpoint lookup for established flows: a
+/// re-pointed, rejected or removed endpoint (or a reused id) is noticed on
+/// the next packet, without waiting for the controller's purge.
+#[inline(always)]
+pub fn endpoint_current(v: &CtFwdValue) -> bool {
+    EP_GEN
+        .get(v.endpoint_id)
+        .is_some_and(|g| g.gen_id == v.ep_gen && g.gen_id != 0 && g.state == ep_state::APPROVED)
+}
+
+/// Removes the flow at `v` (looked up under `key`) whose endpoint changed
+/// since it was created: forward, reverse and port entries, crediting a
+/// cap slot to the endpoint it was counted against. Whoever deletes the
+/// forward entry first frees the rest, so a flow is freed once.
+#[inline(never)]
+pub fn evict(key: &CtFwdKey, v: &CtFwdValue) {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot, no flow being created yet.
+    let s = unsafe { &mut *s };
+    s.rev.nat_addr_be = v.nat_addr_be;
+    s.rev.backend_addr_be = v.backend_addr_be;
+    s.rev.nat_port_be = v.nat_port_be;
+    s.rev.backend_port_be = v.backend_port_be;
+    s.rev.proto = v.proto;
+    s.rev._pad = [0; 3];
+    s.port.addr_be = v.nat_addr_be;
+    s.port.port_be = v.nat_port_be;
+    s.port.proto = v.proto;
+    s.port._pad = 0;
+    let endpoint_id = v.endpoint_id;
+    if CT_FWD.remove(key).is_err() {
+        return;
+    }
+    let _ = CT_REV.remove(&s.rev);
+    let _ = NAT_PORTS.remove(&s.port);
+    if let Some(l) = EP_LIMITS.get_ptr_mut(endpoint_id) {
+        // SAFETY: shared by all CPUs, hence the atomic add.
+        unsafe { crate::atomic_add(&raw mut (*l).flows_reclaimed, 1) };
     }
 }
 

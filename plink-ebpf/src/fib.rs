@@ -23,7 +23,7 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// Out, on `FragNeeded`: the egress MTU.
+    /// Out: the egress MTU (on success and on `FragNeeded`).
     pub mtu: u16,
 }
 
@@ -77,6 +77,8 @@ fn lookup_inner(ctx: &XdpContext, out: &mut NextHop) -> Result<(), DropReason> {
         }
     }
     out.ifindex = p.ifindex;
+    // SAFETY: on success the kernel wrote the route's MTU over tot_len.
+    out.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
     out.smac = p.smac;
     out.dmac = p.dmac;
     Ok(())

@@ -9,7 +9,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     programs::XdpContext,
 };
@@ -137,8 +137,8 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
         return Err((DropReason::IcmpErrorNoFlow, ep));
     };
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if flow_expired(v, now, &g.timeouts) {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if flow_expired(v, now, &g.timeouts) || !crate::conntrack::endpoint_current(v) {
         return Err((DropReason::IcmpErrorNoFlow, ep));
     }
     let (ttl_word, out_check, out_src, icmp_check, in_check) = (
@@ -433,8 +433,8 @@ fn consumer_translate(
         return Err((DropReason::IcmpErrorNoFlow, ep));
     };
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if flow_expired(v, now, &g.timeouts) {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if flow_expired(v, now, &g.timeouts) || !crate::conntrack::endpoint_current(v) {
         return Err((DropReason::IcmpErrorNoFlow, ep));
     }
     let (ttl_word, out_check, out_src, icmp_check, in_check) = (

@@ -6,9 +6,10 @@ use aya_ebpf::{
 };
 use plink_common::{
     Addr, BackendInfo, Counters, CtFwdKey, CtFwdValue, CtOwner, CtRevKey,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EndpointKey, EndpointValue,
-    EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_INTERFACES,
-    MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey, NetAddrKey, ServiceConfig,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EndpointGen, EndpointKey,
+    EndpointValue, EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS,
+    MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey, NetAddrKey,
+    ServiceConfig,
 };
 
 /// Per-interface counters keyed by ifindex. The controller inserts a zeroed
@@ -72,6 +73,11 @@ pub static EP_LIMITS: Array<EpLimitState> = Array::with_max_entries(MAX_ENDPOINT
 /// Per-endpoint flows freed by the controller's GC (written by userspace only).
 #[map(name = "EP_GC_FREED")]
 pub static EP_GC_FREED: Array<u64> = Array::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Per-endpoint generation and state, checked by established flows (one
+/// array read instead of the `ENDPOINTS` hash lookup).
+#[map(name = "EP_GEN")]
+pub static EP_GEN: Array<EndpointGen> = Array::with_max_entries(MAX_ENDPOINTS, 0);
 
 #[map(name = "EP_STATS")]
 pub static EP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_ENDPOINTS, 0);

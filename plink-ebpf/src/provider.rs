@@ -2,11 +2,12 @@
 //! NAT addresses is answered; everything else is the gateway's own traffic
 //! and passes to the kernel.
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, helpers::generated::bpf_redirect,
-    programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::bpf_redirect, programs::XdpContext,
 };
 use plink_common::{
-    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, flow_expired, icmp_type, role, v4_be,
+    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, flow_expired, icmp_type, last_seen_moved,
+    role, v4_be,
 };
 
 use crate::{
@@ -41,18 +42,17 @@ pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
 
 #[inline(always)]
 fn ipv4(ctx: &XdpContext) -> u32 {
-    let Some(dst_be) = load::<u32>(ctx, IP_DADDR) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: map lookup, value unused.
-    if unsafe { NAT_ADDRS.get(&v4_be(dst_be)) }.is_none() {
-        return xdp_action::XDP_PASS;
-    }
+    // Replies are looked up first (one CT_REV lookup on the established
+    // path); whether the destination is a NAT address at all is asked only
+    // of the frames that are no reply.
     let f = match parse_ipv4(ctx) {
         Ok(f) => f,
-        Err(r) => return drop(r, NO_EP),
+        Err(r) => return not_a_reply(load::<u32>(ctx, IP_DADDR), Some(r)),
     };
     if f.proto == IPPROTO_ICMP && f.tcp_flags != icmp_type::ECHO_REPLY {
+        if !is_nat_addr(f.dst_be) {
+            return xdp_action::XDP_PASS;
+        }
         if icmp::is_error(f.tcp_flags) {
             return icmp::provider_error(XdpContext { ctx: ctx.ctx }, f.tot_len as u32);
         }
@@ -66,60 +66,74 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         proto: f.proto,
         _pad: [0; 3],
     };
-    // SAFETY: map value copied out.
-    let Some(owner) = (unsafe { CT_REV.get(&rev) }).copied() else {
-        return drop(DropReason::ReplyNoFlow, NO_EP);
+    // SAFETY: map value pointer, valid for this program run.
+    let Some(owner) = CT_REV.get_ptr(&rev) else {
+        return not_a_reply(Some(f.dst_be), None);
     };
-    let Some(v) = CT_FWD.get_ptr_mut(&owner.fwd) else {
+    // SAFETY: as above; the key is read in place (no copy on the stack).
+    let fwd = unsafe { &(*owner).fwd };
+    let Some(v) = CT_FWD.get_ptr_mut(fwd) else {
         return drop(DropReason::CtBroken, NO_EP);
     };
     // SAFETY: map value pointer, benign races as on the consumer side.
     let v = unsafe { &mut *v };
     // The owner may have been replaced by a new flow with another mapping,
     // or its element freed and reused for another key (`conntrack::entry_is`).
-    if !conntrack::entry_is(v, &owner.fwd)
+    let nat = Nat {
+        src_be: fwd.dst_addr_be[0],
+        dst_be: fwd.src_addr_be[0],
+        sport_be: fwd.dst_port_be,
+        dport_be: fwd.src_port_be,
+        smac: v.gw_mac,
+        dmac: v.client_mac,
+    };
+    let endpoint_id = v.endpoint_id;
+    if !conntrack::entry_is(v, fwd)
         || v.nat_addr_be != rev.nat_addr_be
         || v.nat_port_be != rev.nat_port_be
         || v.backend_addr_be != rev.backend_addr_be
         || v.backend_port_be != rev.backend_port_be
     {
-        return drop(DropReason::CtBroken, v.endpoint_id);
+        return drop(DropReason::CtBroken, endpoint_id);
     }
     let Some(g) = GLOBAL.get(0) else {
-        return drop(DropReason::ReplyNoFlow, v.endpoint_id);
+        return drop(DropReason::ReplyNoFlow, endpoint_id);
     };
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if flow_expired(v, now, &g.timeouts) {
-        return drop(DropReason::ReplyNoFlow, v.endpoint_id);
+        return drop(DropReason::ReplyNoFlow, endpoint_id);
+    }
+    // The datapath does not rely on the controller's purge: a reply of a
+    // flow whose endpoint was rejected, removed or re-pointed is dropped.
+    if !conntrack::endpoint_current(v) {
+        return drop(DropReason::ReplyEndpointNotApproved, endpoint_id);
     }
     if f.ttl <= 1 {
-        return drop(DropReason::TtlExceeded, v.endpoint_id);
+        return drop(DropReason::TtlExceeded, endpoint_id);
     }
-    if let Some(action) = pmtu::reply_too_big(ctx, v.ingress_ifindex, v.service_id, v.endpoint_id) {
+    if let Some(action) = pmtu::reply_too_big(ctx, v.ingress_ifindex, v.service_id, endpoint_id) {
         return action;
     }
-    // Only a packet that leaves refreshes the flow and moves its TCP state.
-    v.last_seen_ns = now;
-    if f.proto == IPPROTO_TCP {
-        v.tcp_state = conntrack::tcp_reverse(v.tcp_state, f.tcp_flags);
+    // Only a packet that leaves refreshes the flow and moves its TCP state,
+    // and it writes the entry only where something changed.
+    if last_seen_moved(v.last_seen_ns, now) {
+        v.last_seen_ns = now;
     }
-    let nat = Nat {
-        src_be: owner.fwd.dst_addr_be[0],
-        dst_be: owner.fwd.src_addr_be[0],
-        sport_be: owner.fwd.dst_port_be,
-        dport_be: owner.fwd.src_port_be,
-        smac: v.gw_mac,
-        dmac: v.client_mac,
-    };
+    if f.proto == IPPROTO_TCP {
+        let state = conntrack::tcp_reverse(v.tcp_state, f.tcp_flags);
+        if state != v.tcp_state {
+            v.tcp_state = state;
+        }
+    }
     if !rewrite(ctx, &f, &nat) {
-        return drop(DropReason::Malformed, v.endpoint_id);
+        return drop(DropReason::Malformed, endpoint_id);
     }
     mss::on_syn(
         ctx,
         &f,
         v.service_id,
-        v.endpoint_id,
+        endpoint_id,
         v.ingress_ifindex,
         mss::OUT,
     );
@@ -127,7 +141,28 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(v.ingress_ifindex, 0) } as u32;
     if action != xdp_action::XDP_REDIRECT {
-        return drop(DropReason::RedirectFailed, v.endpoint_id);
+        return drop(DropReason::RedirectFailed, endpoint_id);
     }
     action
+}
+
+/// Is `dst_be` one of the NAT addresses plink owns?
+#[inline(always)]
+fn is_nat_addr(dst_be: u32) -> bool {
+    // SAFETY: map lookup, value unused.
+    unsafe { NAT_ADDRS.get(&v4_be(dst_be)) }.is_some()
+}
+
+/// A frame that is no reply of a flow: to a NAT address it is dropped (as
+/// malformed when it did not parse, else as a reply without flow); anything
+/// else is the gateway's own traffic and goes to its kernel.
+#[inline(always)]
+fn not_a_reply(dst_be: Option<u32>, malformed: Option<DropReason>) -> u32 {
+    let Some(dst_be) = dst_be else {
+        return xdp_action::XDP_PASS;
+    };
+    if !is_nat_addr(dst_be) {
+        return xdp_action::XDP_PASS;
+    }
+    drop(malformed.unwrap_or(DropReason::ReplyNoFlow), NO_EP)
 }

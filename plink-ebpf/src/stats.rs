@@ -39,7 +39,9 @@ fn bump(c: *mut Counters, f: impl FnOnce(&mut Counters)) {
 }
 
 /// Counts one forwarded packet of `bytes` (IP length) against the flow's
-/// endpoint, service, backend and NAT address, in direction in or out.
+/// endpoint, backend and NAT address, in direction in or out. The service's
+/// packets and bytes are the sum of its NAT addresses' (summed in userspace):
+/// one counter less to touch per packet.
 #[inline(always)]
 pub fn count_packet(v: &CtFwdValue, bytes: u64, out: bool) {
     let nat_idx = v
@@ -56,9 +58,6 @@ pub fn count_packet(v: &CtFwdValue, bytes: u64, out: bool) {
         }
     };
     if let Some(c) = EP_STATS.get_ptr_mut(v.endpoint_id) {
-        bump(c, add);
-    }
-    if let Some(c) = SVC_STATS.get_ptr_mut(v.service_id) {
         bump(c, add);
     }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(v.backend_id) {

@@ -82,6 +82,17 @@ impl Dataplane {
     /// frees their NAT ports, and sweeps leftover reverse / port entries.
     pub fn gc_conntrack(&mut self) -> anyhow::Result<GcReport> {
         let g = self.global()?;
+        // Each round (about a second) flows look their cached next hop up
+        // again: a neighbour or route that changed is followed within it.
+        let mut global: Array<_, GlobalConfig> = Array::try_from(self.map_mut(map_names::GLOBAL)?)?;
+        global.set(
+            0,
+            GlobalConfig {
+                hop_gen: super::spec::next_hop_gen(g.hop_gen),
+                ..g
+            },
+            0,
+        )?;
         self.remove_flows(|k, v, now| {
             let _ = k;
             flow_expired(v, now, &g.timeouts)
@@ -233,7 +244,9 @@ fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<Flo
     flows
         .into_iter()
         .map(|(k, v)| {
-            let timeout = flow_timeout_ns(v.proto, v.tcp_state, &g.timeouts);
+            // When the expiry rule (slack included) lets it go.
+            let timeout = flow_timeout_ns(v.proto, v.tcp_state, &g.timeouts)
+                .saturating_add(plink_common::LAST_SEEN_SLACK_NS);
             let age = now.saturating_sub(v.last_seen_ns);
             FlowEntry {
                 network_id: k.network_id,

@@ -20,7 +20,7 @@ use aya::{
     util::nr_cpus,
 };
 use plink_common::{
-    Addr, BackendInfo, Counters, DropReason, EndpointKey, EndpointValue, EpLimitState,
+    Addr, BackendInfo, Counters, DropReason, EndpointGen, EndpointKey, EndpointValue, EpLimitState,
     GlobalConfig, IfaceInfo, MAX_NAT_SLOTS, NO_BACKEND, NatAddrInfo, NatSlot, NetAddrKey,
     ServiceConfig, Timeouts, backend_state, ep_state, map_names, nat_flags, role, v4,
 };
@@ -194,6 +194,34 @@ pub struct EndpointSpec {
 
 fn addr(a: Ipv4Addr) -> Addr {
     v4(a.octets())
+}
+
+/// The `EP_GEN` generation of endpoint `e`: a digest (FNV-1a) of what its
+/// flows' mappings depend on. The same endpoint gets the same value in every
+/// process (a restart keeps its flows); a re-pointed endpoint, other ports
+/// or another endpoint on a reused id get another. Never 0 (no endpoint).
+pub fn endpoint_gen_id(e: &EndpointSpec) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+    };
+    feed(&e.id.to_le_bytes());
+    feed(&e.network_id.to_le_bytes());
+    feed(&e.addr.octets());
+    feed(&e.service_id.to_le_bytes());
+    feed(&[e.protocol.number()]);
+    for p in &e.ports {
+        feed(&p.port.to_le_bytes());
+        feed(&p.target_port.to_le_bytes());
+    }
+    h.max(1)
+}
+
+/// The next `GlobalConfig::hop_gen`: never 0, which means "no hop cached".
+pub fn next_hop_gen(current: u32) -> u32 {
+    current.wrapping_add(1).max(1)
 }
 
 fn timeouts(t: &TimeoutSpec) -> Timeouts {
@@ -440,14 +468,15 @@ impl Dataplane {
             HashMap::try_from(self.map_mut(map_names::INTERFACES)?)?;
         sync_hash(&mut map, &desired)?;
         let mut global: Array<_, GlobalConfig> = Array::try_from(self.map_mut(map_names::GLOBAL)?)?;
+        let current = global.get(&0, 0)?;
+        // Every apply may have moved a route or neighbour of the provider
+        // side: flows look their next hop up again.
         let g = GlobalConfig {
             timeouts: timeouts(&spec.timeouts),
             provider_ifindex,
-            _pad: 0,
+            hop_gen: next_hop_gen(current.hop_gen),
         };
-        if global.get(&0, 0)? != g {
-            global.set(0, g, 0)?;
-        }
+        global.set(0, g, 0)?;
         Ok(())
     }
 
@@ -735,6 +764,36 @@ impl Dataplane {
         let mut arp_map: HashMap<_, NetAddrKey, u32> =
             HashMap::try_from(self.map_mut(map_names::ARP_ENDPOINTS)?)?;
         sync_hash(&mut arp_map, &arp)?;
+        // After ENDPOINTS: a flow created between the two writes carries the
+        // old generation and leaves the fast path, never the reverse.
+        let desired_gens: BTreeMap<u32, EndpointGen> = spec
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.id,
+                    EndpointGen {
+                        gen_id: endpoint_gen_id(e),
+                        state: endpoint_state(e.state),
+                        _pad: [0; 3],
+                    },
+                )
+            })
+            .collect();
+        let cached = self.written.endpoint_gens.take();
+        let mut map: Array<_, EndpointGen> = Array::try_from(self.map_mut(map_names::EP_GEN)?)?;
+        let mut current = match cached {
+            Some(c) => c,
+            None => map.iter().collect::<Result<Vec<_>, _>>()?,
+        };
+        for (id, slot) in current.iter_mut().enumerate() {
+            let want = desired_gens.get(&(id as u32)).copied().unwrap_or_default();
+            if *slot != want {
+                map.set(id as u32, want, 0)?;
+                *slot = want;
+            }
+        }
+        self.written.endpoint_gens = Some(current);
         Ok(())
     }
 
@@ -785,6 +844,8 @@ pub(crate) struct Written {
     /// The whole BACKENDS array. (Lookup tables need no cache: a changed
     /// table is written whole to a fresh region, see `apply_services`.)
     backends: Option<Vec<BackendInfo>>,
+    /// The whole EP_GEN array, read once like `backends`.
+    endpoint_gens: Option<Vec<EndpointGen>>,
     /// Lookup-table regions a service stopped using, and when. A program that
     /// read the old offset just before the flip may still read the region for
     /// a moment: it is not rewritten until `LB_QUIESCE` has passed.

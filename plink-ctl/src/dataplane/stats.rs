@@ -29,10 +29,25 @@ impl Dataplane {
     pub fn counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<Counters> {
         let map = match kind {
             CounterKind::Endpoint => map_names::EP_STATS,
-            CounterKind::Service => map_names::SVC_STATS,
+            CounterKind::Service => return self.service_counters(id),
             CounterKind::Backend => map_names::BACKEND_STATS,
         };
         self.sum_counters(map, id)
+    }
+
+    /// A service's counters: the datapath counts its packets and bytes only
+    /// per NAT address (one counter less per packet), the rest per service.
+    fn service_counters(&mut self, id: u32) -> anyhow::Result<Counters> {
+        let mut total = self.sum_counters(map_names::SVC_STATS, id)?;
+        let mut traffic = Counters::default();
+        for slot in 0..MAX_NAT_SLOTS as u32 {
+            traffic.add(&self.nat_counters(id, slot)?);
+        }
+        total.packets_in = traffic.packets_in;
+        total.bytes_in = traffic.bytes_in;
+        total.packets_out = traffic.packets_out;
+        total.bytes_out = traffic.bytes_out;
+        Ok(total)
     }
 
     /// Counters of a service's NAT address in `slot`.
