@@ -2615,3 +2615,128 @@ fn golden_a_reused_flow_entry_never_rewrites_another_flows_packet() {
         })
         .unwrap();
 }
+
+/// The established fast path: one flow lookup answers, validated by the
+/// endpoint's generation and the provider side's hop generation. A changed
+/// neighbour is followed once the hop generation moves (each GC round and
+/// apply); an endpoint re-pointed or rejected cuts its flows in the
+/// datapath itself, before (and without) the controller's purge.
+#[test]
+fn golden_established_flows_follow_changes_without_a_purge() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let client = (CLIENT, 41000);
+            let ep = (EP_TCP, 80);
+            let key = fwd_key(1, client, ep, IPPROTO_TCP);
+            let (backend, backend_mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
+            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
+            let to = |p: &Ipv4Packet, mac| translated(p, p0_mac, (backend, 8080, mac), nat);
+            b.case(
+                "syn",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Redirect(to(&syn, backend_mac)),
+            );
+            b.case(
+                "established",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to(&ack, backend_mac)),
+            );
+
+            // The backend moves to another MAC: the cached hop serves until
+            // the generation moves, then the new neighbour is used.
+            let moved: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x77];
+            let status = std::process::Command::new("ip")
+                .args(["neigh", "replace", &backend.to_string(), "lladdr"])
+                .arg("02:00:00:00:01:77")
+                .args(["dev", "p0", "nud", "permanent"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip neigh replace");
+            b.case(
+                "cached next hop",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to(&ack, backend_mac)),
+            );
+            b.dp.gc_conntrack().unwrap();
+            b.case(
+                "next hop looked up again after the generation moved",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Redirect(to(&ack, moved)),
+            );
+
+            // Re-pointed to service 1 without a purge: the backend's replies
+            // to the old mapping are dropped, and the flow is no flow.
+            let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(moved, p0_mac);
+            for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
+                e.service_id = 1;
+            }
+            b.dp.apply(&spec).unwrap();
+            b.case(
+                "reply of a re-pointed endpoint's flow",
+                prog_names::PROVIDER,
+                p0,
+                &reply.build(),
+                Want::Drop(DropReason::ReplyEndpointNotApproved),
+            );
+            b.case(
+                "a re-pointed endpoint's flow is no flow",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Drop(DropReason::TcpNoFlow),
+            );
+            assert!(
+                b.dp.list_conntrack().unwrap().is_empty(),
+                "the stale flow was removed by the datapath"
+            );
+            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_TCP), None);
+
+            // Back to service 0, a new flow, then rejected without a purge.
+            for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
+                e.service_id = 0;
+            }
+            b.dp.apply(&spec).unwrap();
+            b.case(
+                "syn again",
+                prog_names::CONSUMER,
+                c1,
+                &syn.build(),
+                Want::Redirect(to(&syn, moved)),
+            );
+            for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
+                e.state = EndpointState::Rejected;
+            }
+            b.dp.apply(&spec).unwrap();
+            b.case(
+                "reply of a rejected endpoint's flow",
+                prog_names::PROVIDER,
+                p0,
+                &reply.build(),
+                Want::Drop(DropReason::ReplyEndpointNotApproved),
+            );
+            b.case(
+                "a rejected endpoint's flow",
+                prog_names::CONSUMER,
+                c1,
+                &ack.build(),
+                Want::Drop(DropReason::EndpointRejected),
+            );
+            let drops = b.dp.endpoint_drop_counts(0).unwrap();
+            assert_eq!(drops[&DropReason::ReplyEndpointNotApproved], 2);
+        })
+        .unwrap();
+}
