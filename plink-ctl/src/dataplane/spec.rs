@@ -907,6 +907,49 @@ mod tests {
     use super::*;
     use plink_common::MAX_ENDPOINTS;
 
+    #[test]
+    fn an_endpoint_keeps_its_generation_until_its_flows_mappings_change() {
+        let e = valid().endpoints[0].clone();
+        let same = endpoint_gen_id(&e);
+        assert_ne!(same, 0, "0 means no endpoint");
+        assert_eq!(endpoint_gen_id(&e.clone()), same, "a restart keeps flows");
+        // State and caps are not part of a mapping: flows stay theirs.
+        let mut capped = e.clone();
+        capped.max_flows += 10;
+        capped.state = EndpointState::Pending;
+        assert_eq!(endpoint_gen_id(&capped), same);
+        let changed: Vec<EndpointSpec> = vec![
+            EndpointSpec {
+                service_id: e.service_id + 1,
+                ..e.clone()
+            },
+            EndpointSpec {
+                id: e.id + 1,
+                ..e.clone()
+            },
+            EndpointSpec {
+                network_id: e.network_id + 1,
+                ..e.clone()
+            },
+            EndpointSpec {
+                addr: Ipv4Addr::new(192, 0, 2, 99),
+                ..e.clone()
+            },
+            EndpointSpec {
+                ports: vec![PortSpec {
+                    port: 80,
+                    target_port: 9999,
+                }],
+                ..e.clone()
+            },
+        ];
+        for c in &changed {
+            assert_ne!(endpoint_gen_id(c), same, "{c:?}");
+        }
+        assert_eq!(next_hop_gen(u32::MAX), 1, "the hop generation skips 0");
+        assert_eq!(next_hop_gen(0), 1);
+    }
+
     fn valid() -> DataplaneSpec {
         DataplaneSpec {
             interfaces: vec![
