@@ -585,7 +585,8 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         // Conntrack GC on the datapath's clock, once a second.
         // Interfaces deleted and re-created while we run get their program
         // back (rtnetlink link events); a deleted one shows as a failed
-        // apply (status DIVERGED) until it is back.
+        // apply (status DIVERGED) until it is back. Neighbour and route
+        // events move the next-hop generation flows cache their hop under.
         let link_task = {
             let (link_tx, mut link_rx) = tokio::sync::mpsc::unbounded_channel();
             match linkwatch::LinkEvents::subscribe() {
@@ -600,8 +601,16 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
                                         }
                                     }
                                 }
+                                // The socket overflowed: events were lost, so
+                                // next hops are looked up again (as for a route).
+                                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                                    tracing::warn!("rtnetlink events overflowed; refreshing next hops");
+                                    if link_tx.send(linkwatch::LinkEvent::Route).is_err() {
+                                        return;
+                                    }
+                                }
                                 Err(e) => {
-                                    tracing::error!("rtnetlink link events stopped: {e}");
+                                    tracing::error!("rtnetlink events stopped: {e}");
                                     return;
                                 }
                             }
@@ -613,12 +622,24 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             let gateway = gateway.clone();
             let controller = controller.clone();
             tokio::spawn(async move {
+                let mut hops = linkwatch::HopTracker::default();
                 while let Some(event) = link_rx.recv().await {
+                    if hops.moves_hops(&event) {
+                        let g = gateway.clone();
+                        let bumped =
+                            tokio::task::spawn_blocking(move || gateway::lock(&g).dp.bump_hop_gen()).await;
+                        match bumped {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::error!("refreshing next hops failed: {e:#}"),
+                            Err(e) => tracing::error!("refreshing next hops panicked: {e}"),
+                        }
+                    }
+                    let Some(name) = event.name() else { continue };
                     let configured = lock(&controller)
                         .config()
                         .interfaces
                         .iter()
-                        .any(|i| i.name == event.name());
+                        .any(|i| i.name == name);
                     if !configured {
                         continue;
                     }

@@ -2618,8 +2618,8 @@ fn golden_a_reused_flow_entry_never_rewrites_another_flows_packet() {
 
 /// The established fast path: one flow lookup answers, validated by the
 /// endpoint's generation and the provider side's hop generation. A changed
-/// neighbour is followed once the hop generation moves (each GC round and
-/// apply); an endpoint re-pointed or rejected cuts its flows in the
+/// neighbour is followed once the hop generation moves (the controller moves
+/// it on neighbour, route and link events and on every apply); an endpoint re-pointed or rejected cuts its flows in the
 /// datapath itself, before (and without) the controller's purge.
 #[test]
 fn golden_established_flows_follow_changes_without_a_purge() {
@@ -2669,7 +2669,7 @@ fn golden_established_flows_follow_changes_without_a_purge() {
                 &ack.build(),
                 Want::Redirect(to(&ack, backend_mac)),
             );
-            b.dp.gc_conntrack().unwrap();
+            b.dp.bump_hop_gen().unwrap();
             b.case(
                 "next hop looked up again after the generation moved",
                 prog_names::CONSUMER,

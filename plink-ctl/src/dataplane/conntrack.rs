@@ -99,6 +99,23 @@ impl Dataplane {
         })
     }
 
+    /// Makes every established flow look its next hop up again (a
+    /// neighbour or route of the provider side changed): the flows' cached
+    /// hops carry the previous generation.
+    pub fn bump_hop_gen(&mut self) -> anyhow::Result<()> {
+        let g = self.global()?;
+        let mut global: Array<_, GlobalConfig> = Array::try_from(self.map_mut(map_names::GLOBAL)?)?;
+        global.set(
+            0,
+            GlobalConfig {
+                hop_gen: super::spec::next_hop_gen(g.hop_gen),
+                ..g
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Removes every flow of `endpoint_id` (the endpoint was rejected or
     /// removed: set its state with `apply` first so no new flow appears).
     pub fn purge_endpoint(&mut self, endpoint_id: u32) -> anyhow::Result<GcReport> {
