@@ -123,6 +123,12 @@ pub struct Gateway {
     /// NAT ports held per NAT address at the last GC sweep.
     pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
     pub conntrack_capacity: u64,
+    /// When each retired NAT address retired (an adopted one: when it was
+    /// adopted, so its grace restarts rather than ends early).
+    retired_since: BTreeMap<Ipv4Addr, std::time::Instant>,
+    /// How long a retired NAT address is kept: the longest flow timeout, so
+    /// a late reply of any flow it carried is dropped, not passed.
+    retired_grace: std::time::Duration,
 }
 
 /// Keeps the next hop of every backend resolved with a managed neighbour
@@ -227,6 +233,8 @@ impl Gateway {
             last_gc: GcReport::default(),
             nat_in_use: BTreeMap::new(),
             conntrack_capacity: u64::from(sizes.conntrack),
+            retired_since: BTreeMap::new(),
+            retired_grace: std::time::Duration::MAX,
         })
     }
 
@@ -272,6 +280,24 @@ impl Gateway {
         Ok(())
     }
 
+    /// Whether the NAT addresses need another apply: a draining address
+    /// holds no port any more (at the last GC sweep), or a retired one's
+    /// grace ran out. The GC calls this after each sweep.
+    pub fn nat_converge_due(&self) -> bool {
+        let Some(spec) = &self.spec else { return false };
+        let drained = spec
+            .services
+            .iter()
+            .flat_map(|s| s.nat.iter())
+            .filter(|n| n.draining && !n.addr.is_unspecified())
+            .any(|n| !self.nat_in_use.keys().any(|(a, _)| *a == n.addr));
+        let expired = self
+            .retired_since
+            .values()
+            .any(|since| since.elapsed() >= self.retired_grace);
+        drained || expired
+    }
+
     /// The reconcile loop for one model: observe (interfaces, NAT ports in
     /// use, the pinned backends on an adopting start), plan (pure; refuses
     /// before anything is written), apply the spec as a diff, then purge
@@ -283,13 +309,31 @@ impl Gateway {
         health: &dyn Health,
     ) -> Result<ApplyReport, ApplyError> {
         let started = std::time::Instant::now();
-        let draining = self
-            .spec
-            .iter()
-            .flat_map(|s| s.services.iter())
-            .any(|s| s.nat.iter().any(|n| n.draining));
-        // Fresh counts when a draining address may move: the GC's are up to a second old.
-        let nat_ports_in_use = if draining {
+        // What NAT slots the dataplane holds: the spec last applied, or on an
+        // adopting start the pinned maps (draining addresses survive restarts).
+        let (nat_held, mut nat_retired) = match &self.spec {
+            Some(spec) => {
+                let mut o = Observed::default();
+                o.hold(spec);
+                (o.nat_held, o.nat_retired)
+            }
+            None => self.dp.pinned_nat().map_err(ApplyError::Failed)?,
+        };
+        let t = &model.gateway.timeouts;
+        self.retired_grace = [t.tcp_established.0, t.tcp_transitory.0, t.udp.0, t.icmp.0]
+            .into_iter()
+            .max()
+            .unwrap_or_default();
+        let grace = self.retired_grace;
+        nat_retired.retain(|a, _| {
+            self.retired_since
+                .get(a)
+                .is_none_or(|since| since.elapsed() < grace)
+        });
+        let draining = nat_held.values().flatten().any(|n| n.draining);
+        // Fresh counts when a draining address may leave or move (the GC's
+        // are up to a second old, and there are none yet when adopting).
+        let nat_ports_in_use = if draining || self.spec.is_none() {
             self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?
         } else {
             let mut per_address: BTreeMap<Ipv4Addr, u64> = BTreeMap::new();
@@ -300,7 +344,8 @@ impl Gateway {
         };
         let observed = Observed {
             interfaces: observe_interfaces(model),
-            previous: self.spec.clone(),
+            nat_held,
+            nat_retired,
             nat_ports_in_use,
             capacities: self.dp.capacities().map_err(ApplyError::Failed)?,
         };
@@ -334,6 +379,15 @@ impl Gateway {
         }
         self.maps_match_spec = true;
         tracing::debug!(elapsed = ?started.elapsed(), "model applied to the maps");
+        let now = std::time::Instant::now();
+        self.retired_since
+            .retain(|a, _| spec.retired_nat.contains_key(a));
+        for a in spec.retired_nat.keys() {
+            self.retired_since.entry(*a).or_insert_with(|| {
+                tracing::info!(nat_address = %a, "NAT address drained: retired (late replies to it are dropped, ARP no longer answered)");
+                now
+            });
+        }
         if let Some(provider) = model.interfaces.values().find(|i| i.role == Role::Provider) {
             let backends: BTreeSet<Ipv4Addr> = spec
                 .backends

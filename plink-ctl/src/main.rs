@@ -653,14 +653,29 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
 
         let gc_task = {
             let gateway = gateway.clone();
+            let controller = controller.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
                 loop {
                     tick.tick().await;
                     let gw = gateway.clone();
-                    let r = tokio::task::spawn_blocking(move || gateway::lock(&gw).gc()).await;
-                    if let Ok(Err(e)) = r {
-                        tracing::warn!("conntrack GC: {e:#}");
+                    let r = tokio::task::spawn_blocking(move || {
+                        let mut g = gateway::lock(&gw);
+                        g.gc().map(|()| g.nat_converge_due())
+                    })
+                    .await;
+                    match r {
+                        Ok(Err(e)) => tracing::warn!("conntrack GC: {e:#}"),
+                        // A draining NAT address lost its last flow (or a
+                        // retired one's grace ran out): the plan moves it on.
+                        Ok(Ok(true)) => {
+                            let c = controller.clone();
+                            let r = tokio::task::spawn_blocking(move || lock(&c).reapply()).await;
+                            if let Ok(Err(e)) = r {
+                                tracing::warn!("converging NAT addresses: {e}");
+                            }
+                        }
+                        _ => {}
                     }
                 }
             })

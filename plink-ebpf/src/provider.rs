@@ -6,7 +6,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use plink_common::{
-    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, flow_expired, icmp_type, role, v4_be,
+    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, flow_expired, icmp_type, nat_addr_flags, role,
+    v4_be,
 };
 
 use crate::{
@@ -44,9 +45,13 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     let Some(dst_be) = load::<u32>(ctx, IP_DADDR) else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: map lookup, value unused.
-    if unsafe { NAT_ADDRS.get(&v4_be(dst_be)) }.is_none() {
+    // SAFETY: map value copied out.
+    let Some(nat) = (unsafe { NAT_ADDRS.get(&v4_be(dst_be)) }).copied() else {
         return xdp_action::XDP_PASS;
+    };
+    // A drained address plink gave up: late replies are not the kernel's.
+    if nat.flags & nat_addr_flags::RETIRED != 0 {
+        return drop(DropReason::NatRetired, NO_EP);
     }
     let f = match parse_ipv4(ctx) {
         Ok(f) => f,

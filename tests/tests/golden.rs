@@ -236,6 +236,7 @@ fn spec(gw: &Gw) -> DataplaneSpec {
             backend(3, 2, BACKEND_NONEIGH),
         ],
         endpoints,
+        retired_nat: Default::default(),
     }
 }
 

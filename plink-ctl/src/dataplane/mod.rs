@@ -26,7 +26,8 @@ pub mod stats;
 pub use conntrack::{FlowEntry, FlowReader, GcReport, monotonic_ns};
 pub use spec::{
     AnswerPath, BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState,
-    InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+    InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, RetiredNat, ServiceSpec,
+    TimeoutSpec,
 };
 pub use stats::CounterKind;
 
@@ -600,6 +601,55 @@ impl Dataplane {
             bail!("map GLOBAL is not an array");
         };
         Ok(identity(data.info().context("reading map GLOBAL")?.id()))
+    }
+
+    /// The NAT slots the pinned SERVICES map holds per enabled service, and
+    /// the retired addresses of NAT_ADDRS (what an adopting start learns
+    /// from the pins: draining addresses outlive the controller).
+    #[allow(clippy::type_complexity)]
+    pub fn pinned_nat(
+        &mut self,
+    ) -> anyhow::Result<(
+        BTreeMap<u32, Vec<spec::NatSpec>>,
+        BTreeMap<std::net::Ipv4Addr, spec::RetiredNat>,
+    )> {
+        use plink_common::{NatAddrInfo, ServiceConfig, nat_addr_flags, nat_flags};
+        let ip = |a: &plink_common::Addr| std::net::Ipv4Addr::from(a[0].to_ne_bytes());
+        let services: aya::maps::Array<_, ServiceConfig> =
+            aya::maps::Array::try_from(self.map_mut(map_names::SERVICES)?)?;
+        let mut held = BTreeMap::new();
+        for (id, svc) in services.iter().enumerate() {
+            let svc = svc?;
+            if svc.enabled == 0 {
+                continue;
+            }
+            let count = (svc.nat_count as usize).min(svc.nat.len());
+            let slots = svc.nat[..count]
+                .iter()
+                .map(|n| spec::NatSpec {
+                    addr: ip(&n.addr_be),
+                    ports: n.port_min..=n.port_max,
+                    draining: n.flags & nat_flags::DRAINING != 0,
+                })
+                .collect();
+            held.insert(id as u32, slots);
+        }
+        let addrs: aya::maps::HashMap<_, plink_common::Addr, NatAddrInfo> =
+            aya::maps::HashMap::try_from(self.map_mut(map_names::NAT_ADDRS)?)?;
+        let mut retired = BTreeMap::new();
+        for entry in addrs.iter() {
+            let (a, info) = entry?;
+            if info.flags & nat_addr_flags::RETIRED != 0 {
+                retired.insert(
+                    ip(&a),
+                    spec::RetiredNat {
+                        service_id: info.service_id,
+                        slot: info.slot,
+                    },
+                );
+            }
+        }
+        Ok((held, retired))
     }
 
     /// Backends the maps record as draining, with their addresses (what an
