@@ -175,6 +175,9 @@ fn service_name(model: &Model, id: u32) -> String {
         .unwrap_or_else(|| format!("#{id}"))
 }
 
+/// A service's NAT slots, and the addresses that left theirs (with the slot).
+type NatSlots = (Vec<NatSpec>, Vec<(Ipv4Addr, u8)>);
+
 /// Keeps each NAT address in the slot it had, so counters and flows keyed by
 /// slot survive reloads; addresses that left the config stay as draining
 /// (no new flows, existing flows keep their port) in their slot while flows
@@ -190,7 +193,7 @@ fn nat_slots(
     ports: (u16, u16),
     held: Option<&[NatSpec]>,
     in_use: &BTreeMap<Ipv4Addr, u64>,
-) -> Result<(Vec<NatSpec>, Vec<(Ipv4Addr, u8)>), (Ipv4Addr, Vec<Ipv4Addr>)> {
+) -> Result<NatSlots, (Ipv4Addr, Vec<Ipv4Addr>)> {
     let flows = |a: &Ipv4Addr| in_use.get(a).copied().unwrap_or(0);
     let mut left = Vec::new();
     let mut slots: Vec<NatSpec> = Vec::new();

@@ -51,6 +51,12 @@ use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names};
 
 use crate::config::{Config, Role, XdpMode};
 
+/// NAT slots by service id, and retired NAT addresses, as the pins hold them.
+pub type PinnedNat = (
+    BTreeMap<u32, Vec<spec::NatSpec>>,
+    BTreeMap<std::net::Ipv4Addr, spec::RetiredNat>,
+);
+
 /// Directory holding this layout version's pins under the configured root.
 pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
     bpffs_root.join(format!("v{LAYOUT_VERSION}"))
@@ -606,13 +612,7 @@ impl Dataplane {
     /// The NAT slots the pinned SERVICES map holds per enabled service, and
     /// the retired addresses of NAT_ADDRS (what an adopting start learns
     /// from the pins: draining addresses outlive the controller).
-    #[allow(clippy::type_complexity)]
-    pub fn pinned_nat(
-        &mut self,
-    ) -> anyhow::Result<(
-        BTreeMap<u32, Vec<spec::NatSpec>>,
-        BTreeMap<std::net::Ipv4Addr, spec::RetiredNat>,
-    )> {
+    pub fn pinned_nat(&mut self) -> anyhow::Result<PinnedNat> {
         use plink_common::{NatAddrInfo, ServiceConfig, nat_addr_flags, nat_flags};
         let ip = |a: &plink_common::Addr| std::net::Ipv4Addr::from(a[0].to_ne_bytes());
         let services: aya::maps::Array<_, ServiceConfig> =
