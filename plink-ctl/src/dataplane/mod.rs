@@ -758,7 +758,7 @@ fn pinned_object_fd(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 /// `bpf(cmd, attr)` with an 8-word attr; the error is errno.
-fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<()> {
+pub(crate) fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<()> {
     let size = std::mem::size_of_val(attr);
     // SAFETY: bpf(2) with an attr of the given size; callers fill it per `cmd`.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size) };
