@@ -563,46 +563,39 @@ impl Gateway {
         }
         Ok(snap)
     }
-
-    /// Live flows with their NAT mapping and the names the model gives them.
-    pub fn conntrack_json(&mut self, model: &Model) -> anyhow::Result<serde_json::Value> {
-        Ok(conntrack_json(&self.dp.list_conntrack()?, model))
-    }
 }
 
-/// Flows with the names `model` gives them, as the admin API answers them.
-pub fn conntrack_json(flows: &[crate::dataplane::FlowEntry], model: &Model) -> serde_json::Value {
-    let networks: BTreeMap<u32, &String> = model.networks.iter().map(|(n, id)| (id.0, n)).collect();
-    let rows: Vec<serde_json::Value> = flows
-        .iter()
-        .map(|f| {
-            let endpoint = model
-                .endpoints
-                .get(&crate::model::EndpointId(f.endpoint_id))
-                .map(|e| e.name.clone());
-            let network = networks.get(&f.network_id).map(|n| (*n).clone());
-            serde_json::json!({
-                "endpoint": endpoint,
-                "network": network,
-                "network_id": f.network_id,
-                "protocol": match f.protocol {
-                    plink_common::IPPROTO_TCP => "tcp",
-                    plink_common::IPPROTO_UDP => "udp",
-                    plink_common::IPPROTO_ICMP => "icmp",
-                    _ => "other",
-                },
-                "client": format!("{}:{}", f.client.0, f.client.1),
-                "endpoint_address": format!("{}:{}", f.endpoint.0, f.endpoint.1),
-                "nat": format!("{}:{}", f.nat.0, f.nat.1),
-                "backend": format!("{}:{}", f.backend.0, f.backend.1),
-                "backend_id": f.backend_id,
-                "tcp_state": f.tcp_state,
-                "ingress_ifindex": f.ingress_ifindex,
-                "expires_in_ms": f.expires_in.as_millis() as u64,
-            })
-        })
-        .collect();
-    serde_json::json!({ "flows": rows })
+/// A flow with the names `model` gives it, as the admin API lists it.
+pub fn flow_row(
+    f: &crate::dataplane::FlowEntry,
+    model: &Model,
+    networks: &BTreeMap<u32, &String>,
+) -> crate::admin::FlowRow {
+    use std::net::SocketAddrV4;
+    let at = |(a, p): (Ipv4Addr, u16)| SocketAddrV4::new(a, p);
+    crate::admin::FlowRow {
+        endpoint: model
+            .endpoints
+            .get(&crate::model::EndpointId(f.endpoint_id))
+            .map(|e| e.name.clone()),
+        network: networks.get(&f.network_id).map(|n| (*n).clone()),
+        network_id: f.network_id,
+        protocol: match f.protocol {
+            plink_common::IPPROTO_TCP => "tcp",
+            plink_common::IPPROTO_UDP => "udp",
+            plink_common::IPPROTO_ICMP => "icmp",
+            _ => "other",
+        }
+        .to_owned(),
+        client: at(f.client),
+        endpoint_address: at(f.endpoint),
+        nat: at(f.nat),
+        backend: at(f.backend),
+        backend_id: f.backend_id,
+        tcp_state: f.tcp_state,
+        ingress_ifindex: f.ingress_ifindex,
+        expires_in_ms: u64::try_from(f.expires_in.as_millis()).unwrap_or(u64::MAX),
+    }
 }
 
 fn protocol_name(p: CfgProtocol) -> &'static str {
@@ -643,11 +636,23 @@ pub struct GatewayQueries {
 }
 
 impl crate::controller::DataplaneQueries for GatewayQueries {
-    fn conntrack(&self) -> anyhow::Result<serde_json::Value> {
+    fn conntrack(
+        &self,
+        row: &mut dyn FnMut(crate::admin::FlowRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let model = self.models.borrow().clone();
+        let networks: BTreeMap<u32, &String> =
+            model.networks.iter().map(|(n, id)| (id.0, n)).collect();
         match &self.flows {
-            Some(reader) => Ok(conntrack_json(&reader.list()?, &model)),
-            None => lock(&self.gateway).conntrack_json(&model),
+            // Row by row from our own descriptors: no lock, no whole listing.
+            Some(reader) => reader.each(|f| row(flow_row(&f, &model, &networks))),
+            None => {
+                // Only the read holds the gateway's lock, not the answer.
+                let flows = lock(&self.gateway).dp.list_conntrack()?;
+                flows
+                    .iter()
+                    .try_for_each(|f| row(flow_row(f, &model, &networks)))
+            }
         }
     }
 }

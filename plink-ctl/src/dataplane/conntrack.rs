@@ -274,10 +274,25 @@ impl FlowReader {
 
     /// Every flow with its NAT mapping.
     pub fn list(&self) -> anyhow::Result<Vec<FlowEntry>> {
+        let mut out = Vec::new();
+        self.each(|f| {
+            out.push(f);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hands each flow to `f` as it is read from the map (no listing is
+    /// held whole); an error from `f` stops the walk.
+    pub fn each(&self, mut f: impl FnMut(FlowEntry) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let g = self.global.get(&0, 0).context("reading the timeouts")?;
         // Entries deleted while we iterate are skipped, not errors.
-        let flows = self.fwd.iter().filter_map(Result::ok).collect();
-        Ok(flow_entries(flows, &g))
+        for (k, v) in self.fwd.iter().filter_map(Result::ok) {
+            for e in flow_entries(vec![(k, v)], &g) {
+                f(e)?;
+            }
+        }
+        Ok(())
     }
 }
 
