@@ -439,130 +439,176 @@ impl Gateway {
     }
 }
 
-impl Gateway {
-    /// Reads every counter for `/metrics`. Per-CPU values are summed here, at
-    /// scrape time; the flow count comes from the last GC sweep.
-    pub fn snapshot(&mut self, model: &Model) -> anyhow::Result<metrics::Snapshot> {
-        let mut snap = metrics::Snapshot {
+/// What `/metrics` needs of the gateway besides counters, copied under its
+/// lock (a few small maps) so that counters are then read without it.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsView {
+    conntrack_entries: u64,
+    conntrack_capacity: u64,
+    nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    /// NAT slots by service id, as applied.
+    nat: BTreeMap<u32, Vec<crate::dataplane::NatSpec>>,
+    /// Backends some lookup table names.
+    up: BTreeSet<u32>,
+}
+
+/// Something `/metrics` can copy a [`MetricsView`] from (the gateway).
+pub trait HasMetricsView {
+    fn metrics_view(&self) -> MetricsView;
+}
+
+impl HasMetricsView for Gateway {
+    fn metrics_view(&self) -> MetricsView {
+        let services = self.spec.iter().flat_map(|s| s.services.iter());
+        MetricsView {
             conntrack_entries: self.last_gc.remaining,
             conntrack_capacity: self.conntrack_capacity,
-            ..Default::default()
-        };
-        for e in model.endpoints.values() {
-            if e.state == ConnectionState::Removed {
-                continue;
-            }
-            let c = self.dp.counters(CounterKind::Endpoint, e.id.0)?;
-            for (reason, count) in self.dp.endpoint_drop_counts(e.id.0)? {
-                // Only reasons that happened: endpoints x reasons is a lot of zeros.
-                if count > 0 {
-                    snap.endpoint_drops.push(metrics::EndpointDropSample {
-                        endpoint: e.name.clone(),
-                        service: e.service.clone(),
-                        reason: reason.name().to_owned(),
-                        count,
-                    });
-                }
-            }
-            snap.endpoints.push(metrics::EndpointSample {
-                endpoint: e.name.clone(),
-                service: e.service.clone(),
-                state: e.state.to_string(),
-                protocol: protocol_name(e.protocol).to_owned(),
-                packets_in: c.packets_in,
-                bytes_in: c.bytes_in,
-                packets_out: c.packets_out,
-                bytes_out: c.bytes_out,
-                connections: c.flows_created,
-                refused_max_flows: c.refused_max_flows,
-                refused_rate: c.refused_rate,
-            });
+            nat_in_use: self.nat_in_use.clone(),
+            nat: services.clone().map(|s| (s.id, s.nat.clone())).collect(),
+            up: services.flat_map(|s| s.lookup.iter().copied()).collect(),
         }
-        let in_use = &self.nat_in_use;
-        let up: BTreeSet<u32> = self
-            .spec
-            .iter()
-            .flat_map(|s| s.services.iter())
-            .flat_map(|s| s.lookup.iter().copied())
-            .collect();
-        for svc in model.services.values() {
-            let c = self.dp.counters(CounterKind::Service, svc.id.0)?;
-            snap.services.push(metrics::ServiceSample {
-                service: svc.name.clone(),
-                packets_in: c.packets_in,
-                bytes_in: c.bytes_in,
-                packets_out: c.packets_out,
-                bytes_out: c.bytes_out,
-                nat_port_allocation_failures: c.nat_alloc_failures,
-                mss_clamped_in: c.mss_clamped_in,
-                mss_clamped_out: c.mss_clamped_out,
-                frag_needed_to_backend: c.frag_needed_to_backend,
-            });
-            for b in &svc.backends {
-                let c = self.dp.counters(CounterKind::Backend, b.id.0)?;
-                snap.backends.push(metrics::BackendSample {
-                    service: svc.name.clone(),
-                    backend: b.address.to_string(),
-                    bytes: c.bytes_in + c.bytes_out,
-                    connections: c.flows_created,
-                    up: up.contains(&b.id.0),
+    }
+}
+
+impl Gateway {
+    /// Reads every counter for `/metrics`, holding the gateway throughout
+    /// (use [`scrape`] to read them without).
+    pub fn snapshot(&mut self, model: &Model) -> anyhow::Result<metrics::Snapshot> {
+        let view = self.metrics_view();
+        snapshot_from(&view, &mut self.dp, model)
+    }
+}
+
+/// A `/metrics` snapshot that holds `gateway`'s lock only to copy its view:
+/// the counters are read through `counters` (its own map descriptors), so a
+/// scrape neither waits for an apply or a GC sweep nor holds them up.
+pub fn scrape<G: HasMetricsView>(
+    gateway: &Mutex<G>,
+    counters: &mut dyn crate::dataplane::CounterSource,
+    model: &Model,
+) -> anyhow::Result<metrics::Snapshot> {
+    let view = gateway
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .metrics_view();
+    snapshot_from(&view, counters, model)
+}
+
+/// Reads every counter for `/metrics`. Per-CPU values are summed here, at
+/// scrape time; the flow count comes from the last GC sweep.
+fn snapshot_from(
+    view: &MetricsView,
+    dp: &mut dyn crate::dataplane::CounterSource,
+    model: &Model,
+) -> anyhow::Result<metrics::Snapshot> {
+    let mut snap = metrics::Snapshot {
+        conntrack_entries: view.conntrack_entries,
+        conntrack_capacity: view.conntrack_capacity,
+        ..Default::default()
+    };
+    for e in model.endpoints.values() {
+        if e.state == ConnectionState::Removed {
+            continue;
+        }
+        let c = dp.counters(CounterKind::Endpoint, e.id.0)?;
+        for (reason, count) in dp.endpoint_drop_counts(e.id.0)? {
+            // Only reasons that happened: endpoints x reasons is a lot of zeros.
+            if count > 0 {
+                snap.endpoint_drops.push(metrics::EndpointDropSample {
+                    endpoint: e.name.clone(),
+                    service: e.service.clone(),
+                    reason: reason.name().to_owned(),
+                    count,
                 });
             }
-            let spec_nat = self
-                .spec
-                .iter()
-                .flat_map(|s| s.services.iter())
-                .find(|s| s.id == svc.id.0)
-                .map(|s| s.nat.clone())
-                .unwrap_or_default();
-            // Per protocol, as ports are allocated: the service's protocol
-            // and ICMP echo identifiers each have the whole range.
-            let protocols = [
-                (
-                    match svc.protocol {
-                        CfgProtocol::Tcp => plink_common::IPPROTO_TCP,
-                        CfgProtocol::Udp => plink_common::IPPROTO_UDP,
-                    },
-                    protocol_name(svc.protocol),
-                ),
-                (plink_common::IPPROTO_ICMP, "icmp"),
-            ];
-            for n in spec_nat.iter().filter(|n| !n.addr.is_unspecified()) {
-                for (number, name) in protocols {
-                    snap.nat.push(metrics::NatSample {
-                        service: svc.name.clone(),
-                        nat_address: n.addr.to_string(),
-                        protocol: name.to_owned(),
-                        ports_in_use: in_use.get(&(n.addr, number)).copied().unwrap_or(0),
-                        ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
-                    });
-                }
-            }
         }
-        for (reason, count) in self.dp.drop_counts()? {
-            snap.drops.push((reason.name().to_owned(), count));
-        }
-        for (index, stats) in self.dp.interface_stats()? {
-            let interface = crate::dataplane::ifname(index).unwrap_or_else(|| index.to_string());
-            snap.interfaces.push(metrics::InterfaceSample {
-                interface,
-                verdicts: stats.verdicts,
+        snap.endpoints.push(metrics::EndpointSample {
+            endpoint: e.name.clone(),
+            service: e.service.clone(),
+            state: e.state.to_string(),
+            protocol: protocol_name(e.protocol).to_owned(),
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            connections: c.flows_created,
+            refused_max_flows: c.refused_max_flows,
+            refused_rate: c.refused_rate,
+        });
+    }
+    let in_use = &view.nat_in_use;
+    let up = &view.up;
+    for svc in model.services.values() {
+        let c = dp.counters(CounterKind::Service, svc.id.0)?;
+        snap.services.push(metrics::ServiceSample {
+            service: svc.name.clone(),
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            nat_port_allocation_failures: c.nat_alloc_failures,
+            mss_clamped_in: c.mss_clamped_in,
+            mss_clamped_out: c.mss_clamped_out,
+            frag_needed_to_backend: c.frag_needed_to_backend,
+        });
+        for b in &svc.backends {
+            let c = dp.counters(CounterKind::Backend, b.id.0)?;
+            snap.backends.push(metrics::BackendSample {
+                service: svc.name.clone(),
+                backend: b.address.to_string(),
+                bytes: c.bytes_in + c.bytes_out,
+                connections: c.flows_created,
+                up: up.contains(&b.id.0),
             });
         }
-        for iface in model.interfaces.values() {
-            // A device we cannot read is left out, not a failed scrape.
-            match devstats::read(&iface.name) {
-                Ok(d) => snap.devices.push(metrics::DeviceSample {
-                    device: iface.name.clone(),
-                    xdp_tx_errors: d.tx_errors,
-                    xdp_redirect_errors: d.redirect_errors,
-                    tx_dropped: d.tx_dropped,
-                }),
-                Err(e) => tracing::debug!(device = %iface.name, "device counters: {e:#}"),
+        let spec_nat = view.nat.get(&svc.id.0).cloned().unwrap_or_default();
+        // Per protocol, as ports are allocated: the service's protocol
+        // and ICMP echo identifiers each have the whole range.
+        let protocols = [
+            (
+                match svc.protocol {
+                    CfgProtocol::Tcp => plink_common::IPPROTO_TCP,
+                    CfgProtocol::Udp => plink_common::IPPROTO_UDP,
+                },
+                protocol_name(svc.protocol),
+            ),
+            (plink_common::IPPROTO_ICMP, "icmp"),
+        ];
+        for n in spec_nat.iter().filter(|n| !n.addr.is_unspecified()) {
+            for (number, name) in protocols {
+                snap.nat.push(metrics::NatSample {
+                    service: svc.name.clone(),
+                    nat_address: n.addr.to_string(),
+                    protocol: name.to_owned(),
+                    ports_in_use: in_use.get(&(n.addr, number)).copied().unwrap_or(0),
+                    ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
+                });
             }
         }
-        Ok(snap)
     }
+    for (reason, count) in dp.drop_counts()? {
+        snap.drops.push((reason.name().to_owned(), count));
+    }
+    for (index, stats) in dp.interface_stats()? {
+        let interface = crate::dataplane::ifname(index).unwrap_or_else(|| index.to_string());
+        snap.interfaces.push(metrics::InterfaceSample {
+            interface,
+            verdicts: stats.verdicts,
+        });
+    }
+    for iface in model.interfaces.values() {
+        // A device we cannot read is left out, not a failed scrape.
+        match devstats::read(&iface.name) {
+            Ok(d) => snap.devices.push(metrics::DeviceSample {
+                device: iface.name.clone(),
+                xdp_tx_errors: d.tx_errors,
+                xdp_redirect_errors: d.redirect_errors,
+                tx_dropped: d.tx_dropped,
+            }),
+            Err(e) => tracing::debug!(device = %iface.name, "device counters: {e:#}"),
+        }
+    }
+    Ok(snap)
 }
 
 /// A flow with the names `model` gives it, as the admin API lists it.
@@ -660,4 +706,89 @@ impl crate::controller::DataplaneQueries for GatewayQueries {
 /// Locks the gateway; its state stays coherent if a holder panicked.
 pub fn lock(g: &Mutex<Gateway>) -> std::sync::MutexGuard<'_, Gateway> {
     g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use plink_common::{Counters, DropReason, IfStats};
+
+    use super::*;
+    use crate::dataplane::{CounterKind, CounterSource};
+
+    struct View;
+
+    impl HasMetricsView for View {
+        fn metrics_view(&self) -> MetricsView {
+            MetricsView {
+                conntrack_entries: 7,
+                ..Default::default()
+            }
+        }
+    }
+
+    /// Counters that check, on every read, that the gateway is not locked
+    /// (an apply or a GC sweep could take it right then).
+    struct Unlocked(Arc<Mutex<View>>, u64);
+
+    impl Unlocked {
+        fn check(&mut self) -> anyhow::Result<()> {
+            anyhow::ensure!(
+                self.0.try_lock().is_ok(),
+                "a counter was read under the gateway's lock"
+            );
+            self.1 += 1;
+            Ok(())
+        }
+    }
+
+    impl CounterSource for Unlocked {
+        fn counters(&mut self, _: CounterKind, _: u32) -> anyhow::Result<Counters> {
+            self.check()?;
+            Ok(Counters::default())
+        }
+        fn endpoint_drop_counts(&mut self, _: u32) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+            self.check()?;
+            Ok(BTreeMap::new())
+        }
+        fn drop_counts(&mut self) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+            self.check()?;
+            Ok(BTreeMap::new())
+        }
+        fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+            self.check()?;
+            Ok(BTreeMap::new())
+        }
+    }
+
+    /// Issue 14, item 8: `/metrics` holds the gateway only to copy its view;
+    /// every counter is read with the lock free for applies and the GC.
+    #[test]
+    fn a_scrape_reads_counters_without_the_gateway_lock() {
+        let text = "\
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a}
+  - {name: p0, role: provider}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.10}]
+    nat: {addresses: [198.51.100.200]}
+    visibility: ['*']
+    auto_approve: ['*']
+endpoints:
+  - {name: orders-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.50, service: orders}
+";
+        let config = Config::parse(std::path::Path::new("test.yaml"), text).expect("config");
+        let state = crate::state::reconcile(&config, &Default::default()).expect("ids");
+        let model = Model::build(&config, &state).expect("model");
+        let gateway = Arc::new(Mutex::new(View));
+        let mut counters = Unlocked(gateway.clone(), 0);
+        let snap = scrape(&gateway, &mut counters, &model).expect("scrape");
+        assert_eq!(snap.conntrack_entries, 7, "the view was copied");
+        assert!(counters.1 >= 4, "counters were read: {}", counters.1);
+        assert_eq!(snap.endpoints.len(), 1);
+    }
 }

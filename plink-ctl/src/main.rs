@@ -781,9 +781,25 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             let gateway = gateway.clone();
             let models = models.clone();
             let apply_health = apply_health.clone();
+            // Counters through our own descriptors of the pinned maps: a
+            // scrape holds the gateway only to copy its small view.
+            let counters = match dataplane::CounterReader::open(&config.gateway.bpffs_root) {
+                Ok(r) => Some(Mutex::new(r)),
+                Err(e) => {
+                    tracing::warn!("scrapes will wait for applies and the GC: {e:#}");
+                    None
+                }
+            };
             let snapshot: metrics::SnapshotFn = Arc::new(move || {
                 let model = models.borrow().clone();
-                let mut snap = match gateway::lock(&gateway).snapshot(&model) {
+                let read = match &counters {
+                    Some(c) => {
+                        let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+                        gateway::scrape(&gateway, &mut *c, &model)
+                    }
+                    None => gateway::lock(&gateway).snapshot(&model),
+                };
+                let mut snap = match read {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!("reading counters for /metrics: {e:#}");

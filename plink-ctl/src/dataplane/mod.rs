@@ -29,7 +29,7 @@ pub use spec::{
     InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, RetiredNat, ServiceSpec,
     TimeoutSpec,
 };
-pub use stats::CounterKind;
+pub use stats::{CounterKind, CounterReader, CounterSource};
 
 use std::{
     collections::BTreeMap,
