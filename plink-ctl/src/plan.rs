@@ -419,6 +419,15 @@ pub fn plan(
     let mut retired_nat = observed.nat_retired.clone();
     retired_nat.extend(leaving);
     retired_nat.retain(|a, _| !held.contains(a));
+    // Retired addresses are a courtesy (late replies dropped rather than
+    // passed): they give way when NAT_ADDRS is short of room, never the
+    // addresses in use.
+    let room = usize::try_from(observed.capacities.nat_addresses)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(held.len());
+    while retired_nat.len() > room {
+        retired_nat.pop_last();
+    }
     let endpoints = model
         .endpoints
         .values()

@@ -146,6 +146,11 @@ fn a_draining_nat_address_leaves_only_once_its_last_flow_is_gone() {
     observed.hold(&spec);
     let again = plan(&model, &observed, &AllHealthy).expect("plan");
     assert!(again.retired_nat.contains_key(&a(202)));
+    // Retired addresses give way when NAT_ADDRS is short of room.
+    let mut cramped = observed.clone();
+    cramped.capacities.nat_addresses = 2;
+    let spec = plan(&model, &cramped, &AllHealthy).expect("retired addresses never refuse a plan");
+    assert!(spec.retired_nat.is_empty(), "{:?}", spec.retired_nat);
     // ... and is no longer retired once a service holds it again.
     let back = step(&mut state, &two);
     let spec = plan(&back, &observed, &AllHealthy).expect("plan");
