@@ -481,17 +481,32 @@ impl Gateway {
 
 /// A `/metrics` snapshot that holds `gateway`'s lock only to copy its view:
 /// the counters are read through `counters` (its own map descriptors), so a
-/// scrape neither waits for an apply or a GC sweep nor holds them up.
+/// scrape never holds up an apply or a GC sweep. While one of them holds the
+/// gateway, the scrape does not wait either: it uses `last_view`, the view of
+/// the previous scrape (the counters themselves are always read live).
 pub fn scrape<G: HasMetricsView>(
     gateway: &Mutex<G>,
     counters: &mut dyn crate::dataplane::CounterSource,
+    last_view: &mut Option<MetricsView>,
     model: &Model,
 ) -> anyhow::Result<metrics::Snapshot> {
-    let view = gateway
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .metrics_view();
-    snapshot_from(&view, counters, model)
+    use std::sync::TryLockError;
+    let view = match gateway.try_lock() {
+        Ok(g) => g.metrics_view(),
+        Err(TryLockError::Poisoned(p)) => p.into_inner().metrics_view(),
+        Err(TryLockError::WouldBlock) => match last_view.take() {
+            Some(v) => v,
+            // The first scrape has nothing older to show: it waits once.
+            None => lock_any(gateway).metrics_view(),
+        },
+    };
+    let snap = snapshot_from(&view, counters, model);
+    *last_view = Some(view);
+    snap
+}
+
+fn lock_any<G>(m: &Mutex<G>) -> std::sync::MutexGuard<'_, G> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads every counter for `/metrics`. Per-CPU values are summed here, at
@@ -786,9 +801,49 @@ endpoints:
         let model = Model::build(&config, &state).expect("model");
         let gateway = Arc::new(Mutex::new(View));
         let mut counters = Unlocked(gateway.clone(), 0);
-        let snap = scrape(&gateway, &mut counters, &model).expect("scrape");
+        let mut last = None;
+        let snap = scrape(&gateway, &mut counters, &mut last, &model).expect("scrape");
         assert_eq!(snap.conntrack_entries, 7, "the view was copied");
         assert!(counters.1 >= 4, "counters were read: {}", counters.1);
         assert_eq!(snap.endpoints.len(), 1);
+
+        // While an apply (here: this test) holds the gateway, a scrape does
+        // not wait for it: it shows the last view with live counters.
+        let held = gateway.lock().expect("lock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g = gateway.clone();
+        std::thread::spawn(move || {
+            struct Live;
+            impl CounterSource for Live {
+                fn counters(&mut self, _: CounterKind, _: u32) -> anyhow::Result<Counters> {
+                    Ok(Counters {
+                        packets_in: 5,
+                        ..Default::default()
+                    })
+                }
+                fn endpoint_drop_counts(
+                    &mut self,
+                    _: u32,
+                ) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+                    Ok(BTreeMap::new())
+                }
+                fn drop_counts(&mut self) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+                    Ok(BTreeMap::new())
+                }
+                fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+                    Ok(BTreeMap::new())
+                }
+            }
+            let _ = tx.send(
+                scrape(&g, &mut Live, &mut last, &model)
+                    .map(|s| (s.conntrack_entries, s.endpoints[0].packets_in)),
+            );
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the scrape waited for the gateway's lock")
+            .expect("scrape");
+        assert_eq!(got, (7, 5), "last view, live counters");
+        drop(held);
     }
 }

@@ -784,7 +784,7 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             // Counters through our own descriptors of the pinned maps: a
             // scrape holds the gateway only to copy its small view.
             let counters = match dataplane::CounterReader::open(&config.gateway.bpffs_root) {
-                Ok(r) => Some(Mutex::new(r)),
+                Ok(r) => Some(Mutex::new((r, None))),
                 Err(e) => {
                     tracing::warn!("scrapes will wait for applies and the GC: {e:#}");
                     None
@@ -795,7 +795,8 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
                 let read = match &counters {
                     Some(c) => {
                         let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
-                        gateway::scrape(&gateway, &mut *c, &model)
+                        let (reader, last_view) = &mut *c;
+                        gateway::scrape(&gateway, reader, last_view, &model)
                     }
                     None => gateway::lock(&gateway).snapshot(&model),
                 };
