@@ -131,6 +131,17 @@ pub struct Gateway {
     retired_grace: std::time::Duration,
 }
 
+/// Whether a retired NAT address that retired at `since` is still kept at
+/// `now`. One with no time recorded (just found in the pins) is: its grace
+/// starts when the apply that keeps it succeeds.
+fn in_grace(
+    since: Option<&std::time::Instant>,
+    grace: std::time::Duration,
+    now: std::time::Instant,
+) -> bool {
+    since.is_none_or(|s| now.saturating_duration_since(*s) < grace)
+}
+
 /// Keeps the next hop of every backend resolved with a managed neighbour
 /// entry, so the datapath's FIB lookups find a neighbour (NO_NEIGH is a drop).
 /// Returns the next hops.
@@ -291,10 +302,11 @@ impl Gateway {
             .flat_map(|s| s.nat.iter())
             .filter(|n| n.draining && !n.addr.is_unspecified())
             .any(|n| !self.nat_in_use.keys().any(|(a, _)| *a == n.addr));
+        let now = std::time::Instant::now();
         let expired = self
             .retired_since
             .values()
-            .any(|since| since.elapsed() >= self.retired_grace);
+            .any(|since| !in_grace(Some(since), self.retired_grace, now));
         drained || expired
     }
 
@@ -324,12 +336,8 @@ impl Gateway {
             .into_iter()
             .max()
             .unwrap_or_default();
-        let grace = self.retired_grace;
-        nat_retired.retain(|a, _| {
-            self.retired_since
-                .get(a)
-                .is_none_or(|since| since.elapsed() < grace)
-        });
+        let now = std::time::Instant::now();
+        nat_retired.retain(|a, _| in_grace(self.retired_since.get(a), self.retired_grace, now));
         let draining = nat_held.values().flatten().any(|n| n.draining);
         // Fresh counts when a draining address may leave or move (the GC's
         // are up to a second old, and there are none yet when adopting).
@@ -775,6 +783,22 @@ mod tests {
             self.check()?;
             Ok(BTreeMap::new())
         }
+    }
+
+    /// A retired NAT address is kept for the grace period after it retired,
+    /// and one read back from the pins (no time yet) is kept.
+    #[test]
+    fn retired_addresses_are_kept_for_their_grace_only() {
+        let grace = std::time::Duration::from_secs(124 * 60);
+        let t0 = std::time::Instant::now();
+        assert!(in_grace(None, grace, t0), "adopted from the pins");
+        assert!(in_grace(Some(&t0), grace, t0));
+        assert!(in_grace(
+            Some(&t0),
+            grace,
+            t0 + grace - std::time::Duration::from_millis(1)
+        ));
+        assert!(!in_grace(Some(&t0), grace, t0 + grace));
     }
 
     /// Issue 14, item 8: `/metrics` holds the gateway only to copy its view;
