@@ -305,9 +305,24 @@ const _: () = assert!(core::mem::size_of::<NetAddrKey>() == 20);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatAddrInfo {
     pub service_id: u32,
-    pub slot: u32,
+    /// The service's NAT slot (`0..MAX_NAT_SLOTS`). Was a `u32` before
+    /// `flags` existed: on little-endian hosts old entries read as the same
+    /// slot with no flags.
+    pub slot: u8,
+    /// [`nat_addr_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<NatAddrInfo>() == 8);
+
+/// Bits of [`NatAddrInfo::flags`].
+pub mod nat_addr_flags {
+    /// The address left plink after its last flow drained; kept for a grace
+    /// period so late replies to it are dropped (`DropReason::NatRetired`)
+    /// rather than passed to the gateway's kernel, and ARP for it is not
+    /// answered.
+    pub const RETIRED: u8 = 1;
+}
 
 /// NAT slot flags.
 pub mod nat_flags {
@@ -621,10 +636,11 @@ drop_reasons! {
     IcmpErrorNoFlow = 29 => "icmp_error_no_flow",
     OtherHost = 30 => "other_host",
     ReplyEndpointNotApproved = 31 => "reply_endpoint_not_approved",
+    NatRetired = 32 => "nat_address_retired",
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 33;
 }
 const _: () = assert!(DropReason::ALL.len() == DropReason::COUNT as usize);
 

@@ -273,10 +273,14 @@ pub struct Controller {
     lb_capacity: u64,
 }
 
-/// Questions the admin API asks the running dataplane (answered as JSON).
+/// Questions the admin API asks the running dataplane.
 pub trait DataplaneQueries: Send + Sync {
-    /// Live flows with their NAT mapping.
-    fn conntrack(&self) -> anyhow::Result<serde_json::Value>;
+    /// Live flows with their NAT mapping, handed to `row` one by one as they
+    /// are read (an error from `row` stops the listing).
+    fn conntrack(
+        &self,
+        row: &mut dyn FnMut(crate::admin::FlowRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
 }
 
 impl Controller {

@@ -123,6 +123,23 @@ pub struct Gateway {
     /// NAT ports held per NAT address at the last GC sweep.
     pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
     pub conntrack_capacity: u64,
+    /// When each retired NAT address retired (an adopted one: when it was
+    /// adopted, so its grace restarts rather than ends early).
+    retired_since: BTreeMap<Ipv4Addr, std::time::Instant>,
+    /// How long a retired NAT address is kept: the longest flow timeout, so
+    /// a late reply of any flow it carried is dropped, not passed.
+    retired_grace: std::time::Duration,
+}
+
+/// Whether a retired NAT address that retired at `since` is still kept at
+/// `now`. One with no time recorded (just found in the pins) is: its grace
+/// starts when the apply that keeps it succeeds.
+fn in_grace(
+    since: Option<&std::time::Instant>,
+    grace: std::time::Duration,
+    now: std::time::Instant,
+) -> bool {
+    since.is_none_or(|s| now.saturating_duration_since(*s) < grace)
 }
 
 /// Keeps the next hop of every backend resolved with a managed neighbour
@@ -227,6 +244,8 @@ impl Gateway {
             last_gc: GcReport::default(),
             nat_in_use: BTreeMap::new(),
             conntrack_capacity: u64::from(sizes.conntrack),
+            retired_since: BTreeMap::new(),
+            retired_grace: std::time::Duration::MAX,
         })
     }
 
@@ -272,6 +291,25 @@ impl Gateway {
         Ok(())
     }
 
+    /// Whether the NAT addresses need another apply: a draining address
+    /// holds no port any more (at the last GC sweep), or a retired one's
+    /// grace ran out. The GC calls this after each sweep.
+    pub fn nat_converge_due(&self) -> bool {
+        let Some(spec) = &self.spec else { return false };
+        let drained = spec
+            .services
+            .iter()
+            .flat_map(|s| s.nat.iter())
+            .filter(|n| n.draining && !n.addr.is_unspecified())
+            .any(|n| !self.nat_in_use.keys().any(|(a, _)| *a == n.addr));
+        let now = std::time::Instant::now();
+        let expired = self
+            .retired_since
+            .values()
+            .any(|since| !in_grace(Some(since), self.retired_grace, now));
+        drained || expired
+    }
+
     /// The reconcile loop for one model: observe (interfaces, NAT ports in
     /// use, the pinned backends on an adopting start), plan (pure; refuses
     /// before anything is written), apply the spec as a diff, then purge
@@ -283,13 +321,27 @@ impl Gateway {
         health: &dyn Health,
     ) -> Result<ApplyReport, ApplyError> {
         let started = std::time::Instant::now();
-        let draining = self
-            .spec
-            .iter()
-            .flat_map(|s| s.services.iter())
-            .any(|s| s.nat.iter().any(|n| n.draining));
-        // Fresh counts when a draining address may move: the GC's are up to a second old.
-        let nat_ports_in_use = if draining {
+        // What NAT slots the dataplane holds: the spec last applied, or on an
+        // adopting start the pinned maps (draining addresses survive restarts).
+        let (nat_held, mut nat_retired) = match &self.spec {
+            Some(spec) => {
+                let mut o = Observed::default();
+                o.hold(spec);
+                (o.nat_held, o.nat_retired)
+            }
+            None => self.dp.pinned_nat().map_err(ApplyError::Failed)?,
+        };
+        let t = &model.gateway.timeouts;
+        self.retired_grace = [t.tcp_established.0, t.tcp_transitory.0, t.udp.0, t.icmp.0]
+            .into_iter()
+            .max()
+            .unwrap_or_default();
+        let now = std::time::Instant::now();
+        nat_retired.retain(|a, _| in_grace(self.retired_since.get(a), self.retired_grace, now));
+        let draining = nat_held.values().flatten().any(|n| n.draining);
+        // Fresh counts when a draining address may leave or move (the GC's
+        // are up to a second old, and there are none yet when adopting).
+        let nat_ports_in_use = if draining || self.spec.is_none() {
             self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?
         } else {
             let mut per_address: BTreeMap<Ipv4Addr, u64> = BTreeMap::new();
@@ -300,7 +352,8 @@ impl Gateway {
         };
         let observed = Observed {
             interfaces: observe_interfaces(model),
-            previous: self.spec.clone(),
+            nat_held,
+            nat_retired,
             nat_ports_in_use,
             capacities: self.dp.capacities().map_err(ApplyError::Failed)?,
         };
@@ -334,6 +387,15 @@ impl Gateway {
         }
         self.maps_match_spec = true;
         tracing::debug!(elapsed = ?started.elapsed(), "model applied to the maps");
+        let now = std::time::Instant::now();
+        self.retired_since
+            .retain(|a, _| spec.retired_nat.contains_key(a));
+        for a in spec.retired_nat.keys() {
+            self.retired_since.entry(*a).or_insert_with(|| {
+                tracing::info!(nat_address = %a, "NAT address drained: retired (late replies to it are dropped, ARP no longer answered)");
+                now
+            });
+        }
         if let Some(provider) = model.interfaces.values().find(|i| i.role == Role::Provider) {
             let backends: BTreeSet<Ipv4Addr> = spec
                 .backends
@@ -385,170 +447,224 @@ impl Gateway {
     }
 }
 
-impl Gateway {
-    /// Reads every counter for `/metrics`. Per-CPU values are summed here, at
-    /// scrape time; the flow count comes from the last GC sweep.
-    pub fn snapshot(&mut self, model: &Model) -> anyhow::Result<metrics::Snapshot> {
-        let mut snap = metrics::Snapshot {
+/// What `/metrics` needs of the gateway besides counters, copied under its
+/// lock (a few small maps) so that counters are then read without it.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsView {
+    conntrack_entries: u64,
+    conntrack_capacity: u64,
+    nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    /// NAT slots by service id, as applied.
+    nat: BTreeMap<u32, Vec<crate::dataplane::NatSpec>>,
+    /// Backends some lookup table names.
+    up: BTreeSet<u32>,
+}
+
+/// Something `/metrics` can copy a [`MetricsView`] from (the gateway).
+pub trait HasMetricsView {
+    fn metrics_view(&self) -> MetricsView;
+}
+
+impl HasMetricsView for Gateway {
+    fn metrics_view(&self) -> MetricsView {
+        let services = self.spec.iter().flat_map(|s| s.services.iter());
+        MetricsView {
             conntrack_entries: self.last_gc.remaining,
             conntrack_capacity: self.conntrack_capacity,
-            ..Default::default()
-        };
-        for e in model.endpoints.values() {
-            if e.state == ConnectionState::Removed {
-                continue;
-            }
-            let c = self.dp.counters(CounterKind::Endpoint, e.id.0)?;
-            for (reason, count) in self.dp.endpoint_drop_counts(e.id.0)? {
-                // Only reasons that happened: endpoints x reasons is a lot of zeros.
-                if count > 0 {
-                    snap.endpoint_drops.push(metrics::EndpointDropSample {
-                        endpoint: e.name.clone(),
-                        service: e.service.clone(),
-                        reason: reason.name().to_owned(),
-                        count,
-                    });
-                }
-            }
-            snap.endpoints.push(metrics::EndpointSample {
-                endpoint: e.name.clone(),
-                service: e.service.clone(),
-                state: e.state.to_string(),
-                protocol: protocol_name(e.protocol).to_owned(),
-                packets_in: c.packets_in,
-                bytes_in: c.bytes_in,
-                packets_out: c.packets_out,
-                bytes_out: c.bytes_out,
-                connections: c.flows_created,
-                refused_max_flows: c.refused_max_flows,
-                refused_rate: c.refused_rate,
-            });
+            nat_in_use: self.nat_in_use.clone(),
+            nat: services.clone().map(|s| (s.id, s.nat.clone())).collect(),
+            up: services.flat_map(|s| s.lookup.iter().copied()).collect(),
         }
-        let in_use = &self.nat_in_use;
-        let up: BTreeSet<u32> = self
-            .spec
-            .iter()
-            .flat_map(|s| s.services.iter())
-            .flat_map(|s| s.lookup.iter().copied())
-            .collect();
-        for svc in model.services.values() {
-            let c = self.dp.counters(CounterKind::Service, svc.id.0)?;
-            snap.services.push(metrics::ServiceSample {
-                service: svc.name.clone(),
-                packets_in: c.packets_in,
-                bytes_in: c.bytes_in,
-                packets_out: c.packets_out,
-                bytes_out: c.bytes_out,
-                nat_port_allocation_failures: c.nat_alloc_failures,
-                mss_clamped_in: c.mss_clamped_in,
-                mss_clamped_out: c.mss_clamped_out,
-                frag_needed_to_backend: c.frag_needed_to_backend,
-            });
-            for b in &svc.backends {
-                let c = self.dp.counters(CounterKind::Backend, b.id.0)?;
-                snap.backends.push(metrics::BackendSample {
-                    service: svc.name.clone(),
-                    backend: b.address.to_string(),
-                    bytes: c.bytes_in + c.bytes_out,
-                    connections: c.flows_created,
-                    up: up.contains(&b.id.0),
-                });
-            }
-            let spec_nat = self
-                .spec
-                .iter()
-                .flat_map(|s| s.services.iter())
-                .find(|s| s.id == svc.id.0)
-                .map(|s| s.nat.clone())
-                .unwrap_or_default();
-            // Per protocol, as ports are allocated: the service's protocol
-            // and ICMP echo identifiers each have the whole range.
-            let protocols = [
-                (
-                    match svc.protocol {
-                        CfgProtocol::Tcp => plink_common::IPPROTO_TCP,
-                        CfgProtocol::Udp => plink_common::IPPROTO_UDP,
-                    },
-                    protocol_name(svc.protocol),
-                ),
-                (plink_common::IPPROTO_ICMP, "icmp"),
-            ];
-            for n in spec_nat.iter().filter(|n| !n.addr.is_unspecified()) {
-                for (number, name) in protocols {
-                    snap.nat.push(metrics::NatSample {
-                        service: svc.name.clone(),
-                        nat_address: n.addr.to_string(),
-                        protocol: name.to_owned(),
-                        ports_in_use: in_use.get(&(n.addr, number)).copied().unwrap_or(0),
-                        ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
-                    });
-                }
-            }
-        }
-        for (reason, count) in self.dp.drop_counts()? {
-            snap.drops.push((reason.name().to_owned(), count));
-        }
-        for (index, stats) in self.dp.interface_stats()? {
-            let interface = crate::dataplane::ifname(index).unwrap_or_else(|| index.to_string());
-            snap.interfaces.push(metrics::InterfaceSample {
-                interface,
-                verdicts: stats.verdicts,
-            });
-        }
-        for iface in model.interfaces.values() {
-            // A device we cannot read is left out, not a failed scrape.
-            match devstats::read(&iface.name) {
-                Ok(d) => snap.devices.push(metrics::DeviceSample {
-                    device: iface.name.clone(),
-                    xdp_tx_errors: d.tx_errors,
-                    xdp_redirect_errors: d.redirect_errors,
-                    tx_dropped: d.tx_dropped,
-                }),
-                Err(e) => tracing::debug!(device = %iface.name, "device counters: {e:#}"),
-            }
-        }
-        Ok(snap)
-    }
-
-    /// Live flows with their NAT mapping and the names the model gives them.
-    pub fn conntrack_json(&mut self, model: &Model) -> anyhow::Result<serde_json::Value> {
-        Ok(conntrack_json(&self.dp.list_conntrack()?, model))
     }
 }
 
-/// Flows with the names `model` gives them, as the admin API answers them.
-pub fn conntrack_json(flows: &[crate::dataplane::FlowEntry], model: &Model) -> serde_json::Value {
-    let networks: BTreeMap<u32, &String> = model.networks.iter().map(|(n, id)| (id.0, n)).collect();
-    let rows: Vec<serde_json::Value> = flows
-        .iter()
-        .map(|f| {
-            let endpoint = model
-                .endpoints
-                .get(&crate::model::EndpointId(f.endpoint_id))
-                .map(|e| e.name.clone());
-            let network = networks.get(&f.network_id).map(|n| (*n).clone());
-            serde_json::json!({
-                "endpoint": endpoint,
-                "network": network,
-                "network_id": f.network_id,
-                "protocol": match f.protocol {
-                    plink_common::IPPROTO_TCP => "tcp",
-                    plink_common::IPPROTO_UDP => "udp",
-                    plink_common::IPPROTO_ICMP => "icmp",
-                    _ => "other",
+impl Gateway {
+    /// Reads every counter for `/metrics`, holding the gateway throughout
+    /// (use [`scrape`] to read them without).
+    pub fn snapshot(&mut self, model: &Model) -> anyhow::Result<metrics::Snapshot> {
+        let view = self.metrics_view();
+        snapshot_from(&view, &mut self.dp, model)
+    }
+}
+
+/// A `/metrics` snapshot that holds `gateway`'s lock only to copy its view:
+/// the counters are read through `counters` (its own map descriptors), so a
+/// scrape never holds up an apply or a GC sweep. While one of them holds the
+/// gateway, the scrape does not wait either: it uses `last_view`, the view of
+/// the previous scrape (the counters themselves are always read live).
+pub fn scrape<G: HasMetricsView>(
+    gateway: &Mutex<G>,
+    counters: &mut dyn crate::dataplane::CounterSource,
+    last_view: &mut Option<MetricsView>,
+    model: &Model,
+) -> anyhow::Result<metrics::Snapshot> {
+    use std::sync::TryLockError;
+    let view = match gateway.try_lock() {
+        Ok(g) => g.metrics_view(),
+        Err(TryLockError::Poisoned(p)) => p.into_inner().metrics_view(),
+        Err(TryLockError::WouldBlock) => match last_view.take() {
+            Some(v) => v,
+            // The first scrape has nothing older to show: it waits once.
+            None => lock_any(gateway).metrics_view(),
+        },
+    };
+    let snap = snapshot_from(&view, counters, model);
+    *last_view = Some(view);
+    snap
+}
+
+fn lock_any<G>(m: &Mutex<G>) -> std::sync::MutexGuard<'_, G> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads every counter for `/metrics`. Per-CPU values are summed here, at
+/// scrape time; the flow count comes from the last GC sweep.
+fn snapshot_from(
+    view: &MetricsView,
+    dp: &mut dyn crate::dataplane::CounterSource,
+    model: &Model,
+) -> anyhow::Result<metrics::Snapshot> {
+    let mut snap = metrics::Snapshot {
+        conntrack_entries: view.conntrack_entries,
+        conntrack_capacity: view.conntrack_capacity,
+        ..Default::default()
+    };
+    for e in model.endpoints.values() {
+        if e.state == ConnectionState::Removed {
+            continue;
+        }
+        let c = dp.counters(CounterKind::Endpoint, e.id.0)?;
+        for (reason, count) in dp.endpoint_drop_counts(e.id.0)? {
+            // Only reasons that happened: endpoints x reasons is a lot of zeros.
+            if count > 0 {
+                snap.endpoint_drops.push(metrics::EndpointDropSample {
+                    endpoint: e.name.clone(),
+                    service: e.service.clone(),
+                    reason: reason.name().to_owned(),
+                    count,
+                });
+            }
+        }
+        snap.endpoints.push(metrics::EndpointSample {
+            endpoint: e.name.clone(),
+            service: e.service.clone(),
+            state: e.state.to_string(),
+            protocol: protocol_name(e.protocol).to_owned(),
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            connections: c.flows_created,
+            refused_max_flows: c.refused_max_flows,
+            refused_rate: c.refused_rate,
+        });
+    }
+    let in_use = &view.nat_in_use;
+    let up = &view.up;
+    for svc in model.services.values() {
+        let c = dp.counters(CounterKind::Service, svc.id.0)?;
+        snap.services.push(metrics::ServiceSample {
+            service: svc.name.clone(),
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            nat_port_allocation_failures: c.nat_alloc_failures,
+            mss_clamped_in: c.mss_clamped_in,
+            mss_clamped_out: c.mss_clamped_out,
+            frag_needed_to_backend: c.frag_needed_to_backend,
+        });
+        for b in &svc.backends {
+            let c = dp.counters(CounterKind::Backend, b.id.0)?;
+            snap.backends.push(metrics::BackendSample {
+                service: svc.name.clone(),
+                backend: b.address.to_string(),
+                bytes: c.bytes_in + c.bytes_out,
+                connections: c.flows_created,
+                up: up.contains(&b.id.0),
+            });
+        }
+        let spec_nat = view.nat.get(&svc.id.0).cloned().unwrap_or_default();
+        // Per protocol, as ports are allocated: the service's protocol
+        // and ICMP echo identifiers each have the whole range.
+        let protocols = [
+            (
+                match svc.protocol {
+                    CfgProtocol::Tcp => plink_common::IPPROTO_TCP,
+                    CfgProtocol::Udp => plink_common::IPPROTO_UDP,
                 },
-                "client": format!("{}:{}", f.client.0, f.client.1),
-                "endpoint_address": format!("{}:{}", f.endpoint.0, f.endpoint.1),
-                "nat": format!("{}:{}", f.nat.0, f.nat.1),
-                "backend": format!("{}:{}", f.backend.0, f.backend.1),
-                "backend_id": f.backend_id,
-                "tcp_state": f.tcp_state,
-                "ingress_ifindex": f.ingress_ifindex,
-                "expires_in_ms": f.expires_in.as_millis() as u64,
-            })
-        })
-        .collect();
-    serde_json::json!({ "flows": rows })
+                protocol_name(svc.protocol),
+            ),
+            (plink_common::IPPROTO_ICMP, "icmp"),
+        ];
+        for n in spec_nat.iter().filter(|n| !n.addr.is_unspecified()) {
+            for (number, name) in protocols {
+                snap.nat.push(metrics::NatSample {
+                    service: svc.name.clone(),
+                    nat_address: n.addr.to_string(),
+                    protocol: name.to_owned(),
+                    ports_in_use: in_use.get(&(n.addr, number)).copied().unwrap_or(0),
+                    ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
+                });
+            }
+        }
+    }
+    for (reason, count) in dp.drop_counts()? {
+        snap.drops.push((reason.name().to_owned(), count));
+    }
+    for (index, stats) in dp.interface_stats()? {
+        let interface = crate::dataplane::ifname(index).unwrap_or_else(|| index.to_string());
+        snap.interfaces.push(metrics::InterfaceSample {
+            interface,
+            verdicts: stats.verdicts,
+        });
+    }
+    for iface in model.interfaces.values() {
+        // A device we cannot read is left out, not a failed scrape.
+        match devstats::read(&iface.name) {
+            Ok(d) => snap.devices.push(metrics::DeviceSample {
+                device: iface.name.clone(),
+                xdp_tx_errors: d.tx_errors,
+                xdp_redirect_errors: d.redirect_errors,
+                tx_dropped: d.tx_dropped,
+            }),
+            Err(e) => tracing::debug!(device = %iface.name, "device counters: {e:#}"),
+        }
+    }
+    Ok(snap)
+}
+
+/// A flow with the names `model` gives it, as the admin API lists it.
+pub fn flow_row(
+    f: &crate::dataplane::FlowEntry,
+    model: &Model,
+    networks: &BTreeMap<u32, &String>,
+) -> crate::admin::FlowRow {
+    use std::net::SocketAddrV4;
+    let at = |(a, p): (Ipv4Addr, u16)| SocketAddrV4::new(a, p);
+    crate::admin::FlowRow {
+        endpoint: model
+            .endpoints
+            .get(&crate::model::EndpointId(f.endpoint_id))
+            .map(|e| e.name.clone()),
+        network: networks.get(&f.network_id).map(|n| (*n).clone()),
+        network_id: f.network_id,
+        protocol: match f.protocol {
+            plink_common::IPPROTO_TCP => "tcp",
+            plink_common::IPPROTO_UDP => "udp",
+            plink_common::IPPROTO_ICMP => "icmp",
+            _ => "other",
+        }
+        .to_owned(),
+        client: at(f.client),
+        endpoint_address: at(f.endpoint),
+        nat: at(f.nat),
+        backend: at(f.backend),
+        backend_id: f.backend_id,
+        tcp_state: f.tcp_state,
+        ingress_ifindex: f.ingress_ifindex,
+        expires_in_ms: u64::try_from(f.expires_in.as_millis()).unwrap_or(u64::MAX),
+    }
 }
 
 fn protocol_name(p: CfgProtocol) -> &'static str {
@@ -589,11 +705,23 @@ pub struct GatewayQueries {
 }
 
 impl crate::controller::DataplaneQueries for GatewayQueries {
-    fn conntrack(&self) -> anyhow::Result<serde_json::Value> {
+    fn conntrack(
+        &self,
+        row: &mut dyn FnMut(crate::admin::FlowRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let model = self.models.borrow().clone();
+        let networks: BTreeMap<u32, &String> =
+            model.networks.iter().map(|(n, id)| (id.0, n)).collect();
         match &self.flows {
-            Some(reader) => Ok(conntrack_json(&reader.list()?, &model)),
-            None => lock(&self.gateway).conntrack_json(&model),
+            // Row by row from our own descriptors: no lock, no whole listing.
+            Some(reader) => reader.each(|f| row(flow_row(&f, &model, &networks))),
+            None => {
+                // Only the read holds the gateway's lock, not the answer.
+                let flows = lock(&self.gateway).dp.list_conntrack()?;
+                flows
+                    .iter()
+                    .try_for_each(|f| row(flow_row(f, &model, &networks)))
+            }
         }
     }
 }
@@ -601,4 +729,145 @@ impl crate::controller::DataplaneQueries for GatewayQueries {
 /// Locks the gateway; its state stays coherent if a holder panicked.
 pub fn lock(g: &Mutex<Gateway>) -> std::sync::MutexGuard<'_, Gateway> {
     g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use plink_common::{Counters, DropReason, IfStats};
+
+    use super::*;
+    use crate::dataplane::{CounterKind, CounterSource};
+
+    struct View;
+
+    impl HasMetricsView for View {
+        fn metrics_view(&self) -> MetricsView {
+            MetricsView {
+                conntrack_entries: 7,
+                ..Default::default()
+            }
+        }
+    }
+
+    /// Counters that check, on every read, that the gateway is not locked
+    /// (an apply or a GC sweep could take it right then).
+    struct Unlocked(Arc<Mutex<View>>, u64);
+
+    impl Unlocked {
+        fn check(&mut self) -> anyhow::Result<()> {
+            anyhow::ensure!(
+                self.0.try_lock().is_ok(),
+                "a counter was read under the gateway's lock"
+            );
+            self.1 += 1;
+            Ok(())
+        }
+    }
+
+    impl CounterSource for Unlocked {
+        fn counters(&mut self, _: CounterKind, _: u32) -> anyhow::Result<Counters> {
+            self.check()?;
+            Ok(Counters::default())
+        }
+        fn endpoint_drop_counts(&mut self, _: u32) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+            self.check()?;
+            Ok(BTreeMap::new())
+        }
+        fn drop_counts(&mut self) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+            self.check()?;
+            Ok(BTreeMap::new())
+        }
+        fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+            self.check()?;
+            Ok(BTreeMap::new())
+        }
+    }
+
+    /// A retired NAT address is kept for the grace period after it retired,
+    /// and one read back from the pins (no time yet) is kept.
+    #[test]
+    fn retired_addresses_are_kept_for_their_grace_only() {
+        let grace = std::time::Duration::from_secs(124 * 60);
+        let t0 = std::time::Instant::now();
+        assert!(in_grace(None, grace, t0), "adopted from the pins");
+        assert!(in_grace(Some(&t0), grace, t0));
+        assert!(in_grace(
+            Some(&t0),
+            grace,
+            t0 + grace - std::time::Duration::from_millis(1)
+        ));
+        assert!(!in_grace(Some(&t0), grace, t0 + grace));
+    }
+
+    /// Issue 14, item 8: `/metrics` holds the gateway only to copy its view;
+    /// every counter is read with the lock free for applies and the GC.
+    #[test]
+    fn a_scrape_reads_counters_without_the_gateway_lock() {
+        let text = "\
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a}
+  - {name: p0, role: provider}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.10}]
+    nat: {addresses: [198.51.100.200]}
+    visibility: ['*']
+    auto_approve: ['*']
+endpoints:
+  - {name: orders-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.50, service: orders}
+";
+        let config = Config::parse(std::path::Path::new("test.yaml"), text).expect("config");
+        let state = crate::state::reconcile(&config, &Default::default()).expect("ids");
+        let model = Model::build(&config, &state).expect("model");
+        let gateway = Arc::new(Mutex::new(View));
+        let mut counters = Unlocked(gateway.clone(), 0);
+        let mut last = None;
+        let snap = scrape(&gateway, &mut counters, &mut last, &model).expect("scrape");
+        assert_eq!(snap.conntrack_entries, 7, "the view was copied");
+        assert!(counters.1 >= 4, "counters were read: {}", counters.1);
+        assert_eq!(snap.endpoints.len(), 1);
+
+        // While an apply (here: this test) holds the gateway, a scrape does
+        // not wait for it: it shows the last view with live counters.
+        let held = gateway.lock().expect("lock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g = gateway.clone();
+        std::thread::spawn(move || {
+            struct Live;
+            impl CounterSource for Live {
+                fn counters(&mut self, _: CounterKind, _: u32) -> anyhow::Result<Counters> {
+                    Ok(Counters {
+                        packets_in: 5,
+                        ..Default::default()
+                    })
+                }
+                fn endpoint_drop_counts(
+                    &mut self,
+                    _: u32,
+                ) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+                    Ok(BTreeMap::new())
+                }
+                fn drop_counts(&mut self) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+                    Ok(BTreeMap::new())
+                }
+                fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+                    Ok(BTreeMap::new())
+                }
+            }
+            let _ = tx.send(
+                scrape(&g, &mut Live, &mut last, &model)
+                    .map(|s| (s.conntrack_entries, s.endpoints[0].packets_in)),
+            );
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the scrape waited for the gateway's lock")
+            .expect("scrape");
+        assert_eq!(got, (7, 5), "last view, live counters");
+        drop(held);
+    }
 }

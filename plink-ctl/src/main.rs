@@ -234,42 +234,63 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(())
         }),
-        Command::Conntrack(a) => admin_command(&a, Request::Conntrack, |r| {
-            let data = r.data.context("the controller answered without data")?;
-            let flows = data["flows"].as_array().cloned().unwrap_or_default();
-            println!(
-                "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>9}",
-                "ENDPOINT",
-                "NETWORK",
-                "PROTO",
-                "CLIENT",
-                "ENDPOINT ADDR",
-                "NAT",
-                "BACKEND",
-                "EXPIRES"
-            );
-            let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
-            for f in &flows {
-                println!(
-                    "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>8}s",
-                    text(&f["endpoint"]),
-                    text(&f["network"]),
-                    text(&f["protocol"]),
-                    text(&f["client"]),
-                    text(&f["endpoint_address"]),
-                    text(&f["nat"]),
-                    text(&f["backend"]),
-                    f["expires_in_ms"].as_u64().unwrap_or(0) / 1000
-                );
-            }
-            println!("{} flows", flows.len());
-            Ok(())
-        }),
+        Command::Conntrack(a) => {
+            let mut shown = 0u64;
+            admin_listing(
+                &a,
+                Request::Conntrack,
+                ("{\"data\":{\"flows\":[", "]}"),
+                || {
+                    println!(
+                        "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>9}",
+                        "ENDPOINT",
+                        "NETWORK",
+                        "PROTO",
+                        "CLIENT",
+                        "ENDPOINT ADDR",
+                        "NAT",
+                        "BACKEND",
+                        "EXPIRES"
+                    )
+                },
+                |f: admin::FlowRow| {
+                    shown += 1;
+                    println!(
+                        "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>8}s",
+                        f.endpoint.as_deref().unwrap_or("-"),
+                        f.network.as_deref().unwrap_or("-"),
+                        f.protocol,
+                        f.client.to_string(),
+                        f.endpoint_address.to_string(),
+                        f.nat.to_string(),
+                        f.backend.to_string(),
+                        f.expires_in_ms / 1000
+                    );
+                },
+            )
+            .inspect(|code| {
+                if *code == ExitCode::SUCCESS && !a.json {
+                    println!("{shown} flows");
+                }
+            })
+        }
         Command::Endpoints { command } => match command {
-            EndpointsCommand::List(a) => admin_command(&a, Request::ListEndpoints, |r| {
-                print_endpoints(&decode::<Vec<EndpointModel>>(r)?);
-                Ok(())
-            }),
+            EndpointsCommand::List(a) => {
+                // Columns are aligned to the widest cell: the table is
+                // printed once every row arrived (endpoints are few).
+                let mut list = Vec::new();
+                let code = admin_listing(
+                    &a,
+                    Request::ListEndpoints,
+                    ("{\"data\":[", "]"),
+                    || {},
+                    |e: EndpointModel| list.push(e),
+                )?;
+                if code == ExitCode::SUCCESS && !a.json {
+                    print_endpoints(&list);
+                }
+                Ok(code)
+            }
             EndpointsCommand::Approve { name, admin } => {
                 admin_command(&admin, Request::Approve { name }, print_action)
             }
@@ -343,6 +364,80 @@ fn admin_command(
     }
     human(response)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sends a listing request and takes its rows as they arrive: `human` gets
+/// each (after `header`), or with `--json` each is printed at once inside
+/// `json` (the document's opening and closing around the rows), followed by
+/// the closing response's fields. A refusal or a failure part way gives a
+/// non-zero exit.
+fn admin_listing<T: serde::de::DeserializeOwned>(
+    a: &AdminArgs,
+    req: Request,
+    json: (&str, &str),
+    header: impl FnOnce(),
+    mut human: impl FnMut(T),
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let socket = admin_socket(a)?;
+    let mut out = std::io::stdout().lock();
+    let mut header = Some(header);
+    let mut first = true;
+    if a.json {
+        write!(out, "{}", json.0)?;
+    }
+    let response = admin::request_rows(&socket, &req, |row| {
+        if a.json {
+            let sep = if first { "" } else { "," };
+            writeln!(out, "{sep}{row}").map_err(|e| admin::ClientError::Row(e.to_string()))?;
+        } else {
+            let row: T = serde_json::from_value(row).map_err(|e| {
+                admin::ClientError::Row(format!(
+                    "the controller's answer does not match this plink-ctl's version: {e}"
+                ))
+            })?;
+            if let Some(h) = header.take() {
+                h();
+            }
+            human(row);
+        }
+        first = false;
+        Ok(())
+    })?;
+    if a.json {
+        // The closing response's fields (`ok`, `error`, `details`) after the
+        // rows: key order does not matter to a JSON reader.
+        let closing = serde_json::to_string(&Response {
+            data: None,
+            ..response.clone()
+        })?;
+        writeln!(
+            out,
+            "{},{}",
+            json.1,
+            closing.strip_prefix('{').unwrap_or(&closing)
+        )?;
+    } else if response.ok {
+        if let Some(h) = header.take() {
+            h();
+        }
+    } else {
+        eprintln!(
+            "error: {}",
+            response
+                .error
+                .as_deref()
+                .unwrap_or("refused without a reason")
+        );
+        for d in &response.details {
+            eprintln!("  {d}");
+        }
+    }
+    Ok(if response.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(r: Response) -> anyhow::Result<T> {
@@ -674,14 +769,29 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
 
         let gc_task = {
             let gateway = gateway.clone();
+            let controller = controller.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
                 loop {
                     tick.tick().await;
                     let gw = gateway.clone();
-                    let r = tokio::task::spawn_blocking(move || gateway::lock(&gw).gc()).await;
-                    if let Ok(Err(e)) = r {
-                        tracing::warn!("conntrack GC: {e:#}");
+                    let r = tokio::task::spawn_blocking(move || {
+                        let mut g = gateway::lock(&gw);
+                        g.gc().map(|()| g.nat_converge_due())
+                    })
+                    .await;
+                    match r {
+                        Ok(Err(e)) => tracing::warn!("conntrack GC: {e:#}"),
+                        // A draining NAT address lost its last flow (or a
+                        // retired one's grace ran out): the plan moves it on.
+                        Ok(Ok(true)) => {
+                            let c = controller.clone();
+                            let r = tokio::task::spawn_blocking(move || lock(&c).reapply()).await;
+                            if let Ok(Err(e)) = r {
+                                tracing::warn!("converging NAT addresses: {e}");
+                            }
+                        }
+                        _ => {}
                     }
                 }
             })
@@ -692,9 +802,26 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             let gateway = gateway.clone();
             let models = models.clone();
             let apply_health = apply_health.clone();
+            // Counters through our own descriptors of the pinned maps: a
+            // scrape holds the gateway only to copy its small view.
+            let counters = match dataplane::CounterReader::open(&config.gateway.bpffs_root) {
+                Ok(r) => Some(Mutex::new((r, None))),
+                Err(e) => {
+                    tracing::warn!("scrapes will wait for applies and the GC: {e:#}");
+                    None
+                }
+            };
             let snapshot: metrics::SnapshotFn = Arc::new(move || {
                 let model = models.borrow().clone();
-                let mut snap = match gateway::lock(&gateway).snapshot(&model) {
+                let read = match &counters {
+                    Some(c) => {
+                        let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+                        let (reader, last_view) = &mut *c;
+                        gateway::scrape(&gateway, reader, last_view, &model)
+                    }
+                    None => gateway::lock(&gateway).snapshot(&model),
+                };
+                let mut snap = match read {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!("reading counters for /metrics: {e:#}");

@@ -23,7 +23,8 @@ use crate::{
     config::{BackendState as CfgBackendState, MssClamp, Protocol as CfgProtocol, Role},
     dataplane::{
         AnswerPath, BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState,
-        InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+        InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, RetiredNat, ServiceSpec,
+        TimeoutSpec,
     },
     maglev::{self, MaglevBackend},
     model::{BackendId, Model, ServiceId},
@@ -98,12 +99,30 @@ impl Default for Capacities {
 pub struct Observed {
     /// Interfaces by name.
     pub interfaces: BTreeMap<String, HostInterface>,
-    /// The spec the dataplane holds (keeps NAT slots stable); `None` on a
-    /// fresh or adopting start.
-    pub previous: Option<DataplaneSpec>,
+    /// The NAT slots the dataplane holds, by service id: from the spec last
+    /// applied, or read back from the pinned SERVICES map on an adopting
+    /// start. Keeps slots stable and draining addresses draining across
+    /// reloads and restarts.
+    pub nat_held: BTreeMap<u32, Vec<NatSpec>>,
+    /// Retired NAT addresses still in their grace period (the caller drops
+    /// the ones whose grace ran out).
+    pub nat_retired: BTreeMap<Ipv4Addr, RetiredNat>,
     /// NAT ports held per NAT address (all protocols).
     pub nat_ports_in_use: BTreeMap<Ipv4Addr, u64>,
     pub capacities: Capacities,
+}
+
+impl Observed {
+    /// Records `spec` as what the dataplane holds (its NAT slots and retired
+    /// addresses), as after a successful apply.
+    pub fn hold(&mut self, spec: &DataplaneSpec) {
+        self.nat_held = spec
+            .services
+            .iter()
+            .map(|s| (s.id, s.nat.clone()))
+            .collect();
+        self.nat_retired = spec.retired_nat.clone();
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,11 +142,29 @@ pub enum PlanError {
         to: String,
         flows: u64,
     },
+    #[error(
+        "service {service:?} cannot take NAT address {addr}: its {MAX_NAT_SLOTS} NAT slots are taken and every draining address still carries flows ({}). Wait until one has drained (`plink-ctl conntrack` lists the flows), or take another address out of the config",
+        draining_list(.draining)
+    )]
+    NatSlotsFull {
+        service: String,
+        addr: Ipv4Addr,
+        /// Draining addresses and the NAT ports their flows hold.
+        draining: Vec<(Ipv4Addr, u64)>,
+    },
     #[error("building the Maglev table of service {service:?}: {why}")]
     Maglev { service: String, why: String },
     /// The spec breaks a map limit or an invariant (see `DataplaneSpec::validate_within`).
     #[error("{0}")]
     Invalid(String),
+}
+
+fn draining_list(d: &[(Ipv4Addr, u64)]) -> String {
+    let items: Vec<String> = d
+        .iter()
+        .map(|(a, n)| format!("{a}: {n} NAT port(s)"))
+        .collect();
+    items.join(", ")
 }
 
 fn service_name(model: &Model, id: u32) -> String {
@@ -138,32 +175,53 @@ fn service_name(model: &Model, id: u32) -> String {
         .unwrap_or_else(|| format!("#{id}"))
 }
 
+/// A service's NAT slots, and the addresses that left theirs (with the slot).
+type NatSlots = (Vec<NatSpec>, Vec<(Ipv4Addr, u8)>);
+
 /// Keeps each NAT address in the slot it had, so counters and flows keyed by
 /// slot survive reloads; addresses that left the config stay as draining
-/// (no new flows, existing flows keep their port) in their slot. A vacant
-/// slot (address 0.0.0.0) is reused first.
+/// (no new flows, existing flows keep their port) in their slot while flows
+/// hold ports on them. A draining address that was draining already (so no
+/// flow can have started on it since `in_use` was counted) and holds no port
+/// gives its slot up: the slot becomes vacant (0.0.0.0, kept so the other
+/// slots keep their index) and is reused first. Returns the slots and the
+/// addresses that left them. A draining address that still carries flows is
+/// never replaced: `Err` names the wanted address that found no slot and
+/// the draining addresses in the way.
 fn nat_slots(
     wanted: &[Ipv4Addr],
     ports: (u16, u16),
-    previous: Option<&ServiceSpec>,
+    held: Option<&[NatSpec]>,
     in_use: &BTreeMap<Ipv4Addr, u64>,
-) -> Vec<NatSpec> {
-    let mut slots: Vec<NatSpec> = match previous {
-        Some(prev) => prev
-            .nat
-            .iter()
-            .map(|n| NatSpec {
+) -> Result<NatSlots, (Ipv4Addr, Vec<Ipv4Addr>)> {
+    let flows = |a: &Ipv4Addr| in_use.get(a).copied().unwrap_or(0);
+    let mut left = Vec::new();
+    let mut slots: Vec<NatSpec> = Vec::new();
+    for (i, n) in held.unwrap_or_default().iter().enumerate() {
+        let slot = if n.addr.is_unspecified() {
+            n.clone()
+        } else if wanted.contains(&n.addr) {
+            NatSpec {
                 addr: n.addr,
-                ports: if wanted.contains(&n.addr) {
-                    ports.0..=ports.1
-                } else {
-                    n.ports.clone()
-                },
-                draining: !wanted.contains(&n.addr),
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+                ports: ports.0..=ports.1,
+                draining: false,
+            }
+        } else if n.draining && flows(&n.addr) == 0 {
+            left.push((n.addr, i as u8));
+            NatSpec {
+                addr: Ipv4Addr::UNSPECIFIED,
+                ports: n.ports.clone(),
+                draining: true,
+            }
+        } else {
+            NatSpec {
+                addr: n.addr,
+                ports: n.ports.clone(),
+                draining: true,
+            }
+        };
+        slots.push(slot);
+    }
     for addr in wanted {
         if slots.iter().any(|s| s.addr == *addr) {
             continue;
@@ -173,23 +231,29 @@ fn nat_slots(
             ports: ports.0..=ports.1,
             draining: false,
         };
-        let vacant = slots.iter_mut().find(|s| s.addr.is_unspecified());
-        if let Some(slot) = vacant {
+        if let Some(slot) = slots.iter_mut().find(|s| s.addr.is_unspecified()) {
             *slot = fresh;
         } else if slots.len() < MAX_NAT_SLOTS {
             slots.push(fresh);
-        } else if let Some(slot) = slots
+        } else if let Some((i, slot)) = slots
             .iter_mut()
-            .filter(|s| s.draining)
-            .min_by_key(|s| in_use.get(&s.addr).copied().unwrap_or(0))
+            .enumerate()
+            .find(|(_, s)| s.draining && flows(&s.addr) == 0)
         {
-            // All slots taken: the draining address with the fewest flows
-            // gives its slot up (config validation allows 8 addresses, so
-            // there is always a draining one here).
+            // All slots taken: a draining address without flows (it became
+            // draining in this very change) gives its slot up.
+            left.push((slot.addr, i as u8));
             *slot = fresh;
+        } else {
+            let draining = slots
+                .iter()
+                .filter(|s| s.draining && !s.addr.is_unspecified())
+                .map(|s| s.addr)
+                .collect();
+            return Err((*addr, draining));
         }
     }
-    slots
+    Ok((slots, left))
 }
 
 /// Computes the dataplane spec for `model` on the observed host and
@@ -225,11 +289,25 @@ pub fn plan(
         udp: t.udp.0,
         icmp: t.icmp.0,
     };
-    let prev_services: BTreeMap<u32, &ServiceSpec> = observed
-        .previous
-        .iter()
-        .flat_map(|p| p.services.iter().map(|s| (s.id, s)))
-        .collect();
+    // NAT addresses that leave the slots they were held in (drained,
+    // replaced, or their service is gone) stay in NAT_ADDRS as retired.
+    let mut leaving: BTreeMap<Ipv4Addr, RetiredNat> = BTreeMap::new();
+    for (id, slots) in &observed.nat_held {
+        if model.services.contains_key(&ServiceId(*id)) {
+            continue;
+        }
+        for (i, n) in slots.iter().enumerate() {
+            if !n.addr.is_unspecified() {
+                leaving.insert(
+                    n.addr,
+                    RetiredNat {
+                        service_id: *id,
+                        slot: i as u8,
+                    },
+                );
+            }
+        }
+    }
     let mut services = Vec::new();
     let mut backends = Vec::new();
     for svc in model.services.values() {
@@ -259,14 +337,32 @@ pub fn plan(
             .into_iter()
             .map(|i| candidates[i as usize].0.0)
             .collect();
+        let (nat, left) = nat_slots(
+            &svc.nat.addresses,
+            (svc.nat.ports.first, svc.nat.ports.last),
+            observed.nat_held.get(&svc.id.0).map(Vec::as_slice),
+            &observed.nat_ports_in_use,
+        )
+        .map_err(|(addr, draining)| PlanError::NatSlotsFull {
+            service: svc.name.clone(),
+            addr,
+            draining: draining
+                .into_iter()
+                .map(|a| (a, observed.nat_ports_in_use.get(&a).copied().unwrap_or(0)))
+                .collect(),
+        })?;
+        for (addr, slot) in left {
+            leaving.insert(
+                addr,
+                RetiredNat {
+                    service_id: svc.id.0,
+                    slot,
+                },
+            );
+        }
         services.push(ServiceSpec {
             id: svc.id.0,
-            nat: nat_slots(
-                &svc.nat.addresses,
-                (svc.nat.ports.first, svc.nat.ports.last),
-                prev_services.get(&svc.id.0).copied(),
-                &observed.nat_ports_in_use,
-            ),
+            nat,
             lookup,
             mss_clamp: match svc.mss_clamp {
                 None => plink_common::MSS_CLAMP_OFF,
@@ -313,6 +409,25 @@ pub fn plan(
             n.addr = Ipv4Addr::UNSPECIFIED;
         }
     }
+    // Retired: what left a slot now, and what retired before and is still in
+    // its grace, unless a service holds the address again.
+    let held: BTreeSet<Ipv4Addr> = services
+        .iter()
+        .flat_map(|s| s.nat.iter().map(|n| n.addr))
+        .filter(|a| !a.is_unspecified())
+        .collect();
+    let mut retired_nat = observed.nat_retired.clone();
+    retired_nat.extend(leaving);
+    retired_nat.retain(|a, _| !held.contains(a));
+    // Retired addresses are a courtesy (late replies dropped rather than
+    // passed): they give way when NAT_ADDRS is short of room, never the
+    // addresses in use.
+    let room = usize::try_from(observed.capacities.nat_addresses)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(held.len());
+    while retired_nat.len() > room {
+        retired_nat.pop_last();
+    }
     let endpoints = model
         .endpoints
         .values()
@@ -349,6 +464,7 @@ pub fn plan(
         services,
         backends,
         endpoints,
+        retired_nat,
     };
     spec.validate_within(&observed.capacities)
         .map_err(|e| PlanError::Invalid(format!("{e:#}")))?;

@@ -2,7 +2,7 @@
 //! (provider side), built in place and sent back out of the ingress
 //! interface (`answer::back_out`).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use plink_common::{DropReason, NetAddrKey, role, v4_be};
+use plink_common::{DropReason, NetAddrKey, nat_addr_flags, role, v4_be};
 
 use crate::{
     maps::{ARP_ENDPOINTS, INTERFACES, NAT_ADDRS},
@@ -51,8 +51,10 @@ pub fn handle(ctx: XdpContext, ifindex: u32, want_role: u32) -> u32 {
         // SAFETY: map lookup, value unused.
         unsafe { ARP_ENDPOINTS.get(&key) }.is_some()
     } else {
-        // SAFETY: as above.
-        unsafe { NAT_ADDRS.get(&v4_be(target_be)) }.is_some()
+        // SAFETY: as above. A retired address (drained, kept only to drop
+        // late replies) is no longer announced.
+        unsafe { NAT_ADDRS.get(&v4_be(target_be)) }
+            .is_some_and(|n| n.flags & nat_addr_flags::RETIRED == 0)
     };
     if !ours {
         return not_ours();

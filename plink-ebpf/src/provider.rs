@@ -6,8 +6,8 @@ use aya_ebpf::{
     helpers::generated::bpf_redirect, programs::XdpContext,
 };
 use plink_common::{
-    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, flow_expired, icmp_type, last_seen_moved,
-    role, v4_be,
+    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, NatAddrInfo, flow_expired, icmp_type,
+    last_seen_moved, nat_addr_flags, role, v4_be,
 };
 
 use crate::{
@@ -50,8 +50,12 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         Err(r) => return not_a_reply(load::<u32>(ctx, IP_DADDR), Some(r)),
     };
     if f.proto == IPPROTO_ICMP && f.tcp_flags != icmp_type::ECHO_REPLY {
-        if !is_nat_addr(f.dst_be) {
-            return xdp_action::XDP_PASS;
+        match nat_addr(f.dst_be) {
+            None => return xdp_action::XDP_PASS,
+            Some(n) if n.flags & nat_addr_flags::RETIRED != 0 => {
+                return drop(DropReason::NatRetired, NO_EP);
+            }
+            Some(_) => {}
         }
         if icmp::is_error(f.tcp_flags) {
             return icmp::provider_error(XdpContext { ctx: ctx.ctx }, f.tot_len as u32);
@@ -146,23 +150,25 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     action
 }
 
-/// Is `dst_be` one of the NAT addresses plink owns?
+/// The NAT address `dst_be`, if plink owns (or just retired) it.
 #[inline(always)]
-fn is_nat_addr(dst_be: u32) -> bool {
-    // SAFETY: map lookup, value unused.
-    unsafe { NAT_ADDRS.get(&v4_be(dst_be)) }.is_some()
+fn nat_addr(dst_be: u32) -> Option<NatAddrInfo> {
+    // SAFETY: map value copied out.
+    unsafe { NAT_ADDRS.get(&v4_be(dst_be)) }.copied()
 }
 
 /// A frame that is no reply of a flow: to a NAT address it is dropped (as
-/// malformed when it did not parse, else as a reply without flow); anything
-/// else is the gateway's own traffic and goes to its kernel.
+/// malformed when it did not parse, else as a reply without flow; to a
+/// drained address plink gave up, as retired: late replies are not the
+/// kernel's); anything else is the gateway's own traffic and goes to its
+/// kernel.
 #[inline(always)]
 fn not_a_reply(dst_be: Option<u32>, malformed: Option<DropReason>) -> u32 {
-    let Some(dst_be) = dst_be else {
+    let Some(nat) = dst_be.and_then(nat_addr) else {
         return xdp_action::XDP_PASS;
     };
-    if !is_nat_addr(dst_be) {
-        return xdp_action::XDP_PASS;
+    if nat.flags & nat_addr_flags::RETIRED != 0 {
+        return drop(DropReason::NatRetired, NO_EP);
     }
     drop(malformed.unwrap_or(DropReason::ReplyNoFlow), NO_EP)
 }

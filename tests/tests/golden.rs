@@ -24,8 +24,8 @@ use plink_ctl::{
     EBPF_OBJECT,
     dataplane::{
         AnswerPath, BackendSpec, BackendState, CounterKind, Dataplane, DataplaneSpec, EndpointSpec,
-        EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec,
-        Sizes, TimeoutSpec,
+        EndpointState, InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, RetiredNat,
+        ServiceSpec, Sizes, TimeoutSpec,
     },
 };
 use plink_tests::{
@@ -236,6 +236,7 @@ fn spec(gw: &Gw) -> DataplaneSpec {
             backend(3, 2, BACKEND_NONEIGH),
         ],
         endpoints,
+        retired_nat: Default::default(),
     }
 }
 
@@ -1444,6 +1445,58 @@ fn golden_draining_nat_and_caps_after_gc() {
                 c1,
                 &capped(102),
                 Want::Drop(DropReason::CapMaxFlows),
+            );
+        })
+        .unwrap();
+}
+
+/// Issue 14, item 6: a NAT address that drained and left its service is
+/// retired: replies to it are dropped and counted, never passed to the
+/// gateway's kernel, and ARP for it is no longer answered (passed on, as
+/// for any address plink does not own).
+#[test]
+fn golden_a_retired_nat_address_drops_replies_and_is_not_announced() {
+    let gw = gateway();
+    let mut retired = spec(&gw);
+    retired.services[1].nat[0].addr = Ipv4Addr::UNSPECIFIED;
+    retired.services[1].nat[0].draining = true;
+    retired.retired_nat.insert(
+        NAT_UDP,
+        RetiredNat {
+            service_id: retired.services[1].id,
+            slot: 0,
+        },
+    );
+    let (p0, p0_mac) = (gw.p0, gw.p0_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&retired);
+            let late = Ipv4Packet::udp((BACKEND10, 5353), (NAT_UDP, *UDP_PORTS.start()), b"a")
+                .macs(BACKEND10_MAC, p0_mac);
+            b.case(
+                "a late reply to a retired address",
+                prog_names::PROVIDER,
+                p0,
+                &late.build(),
+                Want::Drop(DropReason::NatRetired),
+            );
+            b.case(
+                "ARP for a retired address is not answered",
+                prog_names::PROVIDER,
+                p0,
+                &arp_request(BACKEND10_MAC, BACKEND10, NAT_UDP),
+                Want::Pass,
+            );
+            // Once its grace is over it is no address of plink's at all.
+            let mut gone = retired.clone();
+            gone.retired_nat.clear();
+            b.dp.apply(&gone).unwrap();
+            b.case(
+                "after the grace: the gateway's own traffic",
+                prog_names::PROVIDER,
+                p0,
+                &late.build(),
+                Want::Pass,
             );
         })
         .unwrap();

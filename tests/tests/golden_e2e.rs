@@ -269,6 +269,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
             ep(1, 1, 0, Protocol::Udp, 53),
             ep(2, 2, 1, Protocol::Tcp, 80),
         ],
+        retired_nat: Default::default(),
     };
 
     // The dataplane lives on a thread inside the gateway namespace for the

@@ -563,6 +563,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
             max_flows: 0,
             new_flows_per_sec: 0,
         }],
+        retired_nat: Default::default(),
     };
     let sizes = Sizes {
         conntrack: 131_072,

@@ -397,3 +397,155 @@ fn a_sighup_during_start_up_neither_kills_nor_is_lost() {
     .unwrap();
     assert_eq!(*reply.peer.ip(), pl::ORDERS_NAT);
 }
+
+/// Whether `host` resolves `addr` on `dev` by ARP now: its neighbour entry is
+/// flushed, one ping makes the kernel ask, and the entry has an address
+/// only if someone answered.
+fn arp_answered(host: &netns::Host, dev: &str, addr: std::net::Ipv4Addr) -> bool {
+    let a = addr.to_string();
+    let _ = host.ip(&["neigh", "flush", "to", &a, "dev", dev]);
+    // The echo itself is not answered (plink serves no echo on NAT
+    // addresses); it only makes the kernel resolve the address.
+    let _ = host.exec("ping", &["-c", "1", "-W", "1", &a]);
+    host.ip(&["neigh", "show", "to", &a, "dev", dev])
+        .is_ok_and(|out| out.contains("lladdr"))
+}
+
+/// Issue 14, item 6: a NAT address removed from the config drains: its flow
+/// keeps getting replies and the address keeps answering ARP across a
+/// controller restart (the adopting start reads it back from the pins),
+/// with no new flow on it. Once its last flow expired it is retired: ARP is
+/// no longer answered and replies to it are dropped and counted, also after
+/// another restart, never passed to the gateway's kernel.
+#[test]
+fn a_draining_nat_address_keeps_its_flows_across_a_restart_then_retires() {
+    netns::require_root_and_tools();
+    const DRAINING: std::net::Ipv4Addr = pl::DNS_NAT;
+    const NEW_NAT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 203);
+    let mut net = PrivateLink::build().unwrap();
+    let opts = pl::Options {
+        gateway_extra: "  timeouts: {udp: 8s}\n".into(),
+        ..Default::default()
+    };
+    let plink = net.start_plink_with(&opts).unwrap();
+    let old_flow = SocketAddrV4::new(pl::CLIENT, 42010);
+    let first = servers::udp_request(&net.consumer_a, old_flow, pl::endpoint_udp()).unwrap();
+    assert_eq!(*first.peer.ip(), DRAINING);
+    let config = std::fs::read_to_string(&plink.config_path).unwrap();
+    let out = net.topo.stop(plink.child).unwrap();
+    assert!(out.status.success(), "SIGTERM exit: {:?}", out.status);
+
+    // While the controller is down, dns's NAT address is replaced.
+    let edited = config.replacen(
+        "nat: {addresses: [198.51.100.202], ports: 20000-29999}",
+        "nat: {addresses: [198.51.100.203], ports: 20000-29999}",
+        1,
+    );
+    assert_ne!(edited, config, "dns's NAT pool was found in the config");
+    let gw = net.gw.clone();
+    let plink = gateway::start(&mut net.topo, &gw, &edited).unwrap();
+
+    // The old flow keeps its mapping and its replies, and the backend's
+    // kernel can still resolve the draining address.
+    assert!(
+        arp_answered(&net.provider, "eth0", DRAINING),
+        "the draining address no longer answers ARP after the restart"
+    );
+    let again = servers::udp_request(&net.consumer_a, old_flow, pl::endpoint_udp()).unwrap();
+    assert_eq!(
+        again.peer, first.peer,
+        "the flow lost its NAT mapping on the draining address"
+    );
+    let fresh = servers::udp_request(
+        &net.consumer_a,
+        SocketAddrV4::new(pl::CLIENT, 42011),
+        pl::endpoint_udp(),
+    )
+    .unwrap();
+    assert_eq!(
+        *fresh.peer.ip(),
+        NEW_NAT,
+        "a new flow went to the draining address"
+    );
+
+    // A reload changes nothing of that.
+    plink.ctl(&net.gw, &["reload"]).unwrap();
+    let again = servers::udp_request(&net.consumer_a, old_flow, pl::endpoint_udp()).unwrap();
+    assert_eq!(
+        again.peer, first.peer,
+        "the reload dropped the draining address"
+    );
+
+    // Its last flow expires: the address is retired.
+    let nat = format!("{}", first.peer);
+    wait_for(
+        "the draining flow to expire",
+        Duration::from_secs(30),
+        || Ok((!flows(&plink, &net).iter().any(|f| f["nat"] == nat.as_str())).then_some(())),
+    )
+    .unwrap();
+    wait_for(
+        "the drained address to stop answering ARP",
+        Duration::from_secs(15),
+        || Ok((!arp_answered(&net.provider, "eth0", DRAINING)).then_some(())),
+    )
+    .unwrap();
+
+    // A late reply to it (the backend's kernel still knows the gateway's
+    // MAC) is dropped and counted, not handed to the gateway's kernel.
+    let mac = net.gw.mac("p0").unwrap();
+    let mac = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    net.provider
+        .ip(&[
+            "neigh",
+            "replace",
+            "198.51.100.202",
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    let late = |plink: &gateway::Gateway| {
+        let before =
+            gateway::Gateway::drops(&plink.scrape(&net.gw).unwrap(), "nat_address_retired");
+        let to = std::net::SocketAddr::V4(first.peer);
+        wait_for(
+            "a late reply to be dropped as retired",
+            Duration::from_secs(5),
+            || {
+                net.provider
+                    .run_in(move || {
+                        let s = std::net::UdpSocket::bind("198.51.100.20:5454")?;
+                        s.send_to(b"late\n", to)
+                    })
+                    .unwrap()
+                    .unwrap();
+                let now =
+                    gateway::Gateway::drops(&plink.scrape(&net.gw).unwrap(), "nat_address_retired");
+                Ok((now > before).then_some(()))
+            },
+        )
+        .unwrap();
+    };
+    late(&plink);
+
+    // Retired survives a restart too (read back from NAT_ADDRS).
+    let out = net.topo.stop(plink.child).unwrap();
+    assert!(out.status.success(), "SIGTERM exit: {:?}", out.status);
+    let plink = gateway::start(&mut net.topo, &gw, &edited).unwrap();
+    late(&plink);
+    net.provider
+        .ip(&["neigh", "del", "198.51.100.202", "dev", "eth0"])
+        .unwrap();
+    assert!(
+        !arp_answered(&net.provider, "eth0", DRAINING),
+        "a retired address answers ARP after a restart"
+    );
+}

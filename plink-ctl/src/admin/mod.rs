@@ -4,13 +4,19 @@
 //! Each request is one JSON object on one line, e.g.
 //! `{"command":"approve","name":"orders-b"}`; each response is one line,
 //! `{"ok":true,"data":...}` or `{"ok":false,"error":"...","details":[...]}`.
+//! Listings (`list_endpoints`, `conntrack`) stream: one `{"row":...}` line
+//! per row, as the daemon reads them, then the response line (its data is
+//! the row count), so an answer has no size limit and neither side holds a
+//! whole listing as one message.
 
 pub mod client;
 pub mod server;
 
+use std::net::SocketAddrV4;
+
 use serde::{Deserialize, Serialize};
 
-pub use client::{ClientError, request};
+pub use client::{ClientError, request, request_rows};
 pub use server::{AdminListener, serve};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +36,46 @@ pub enum Request {
     Reload,
     /// Live flows with their NAT mapping.
     Conntrack,
+}
+
+impl Request {
+    /// Whether the answer is streamed as rows.
+    pub fn streams(&self) -> bool {
+        matches!(self, Request::ListEndpoints | Request::Conntrack)
+    }
+}
+
+/// One line of a streamed answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Row {
+    pub row: serde_json::Value,
+}
+
+/// The data of a streamed answer's closing response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowCount {
+    pub rows: u64,
+}
+
+/// One live flow as `conntrack` lists it: written by the daemon, read by
+/// the CLI (one type, so the two cannot drift apart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRow {
+    /// The endpoint's name; `None` if the flow's endpoint id names none.
+    pub endpoint: Option<String>,
+    pub network: Option<String>,
+    pub network_id: u32,
+    /// `tcp`, `udp`, `icmp` or `other`.
+    pub protocol: String,
+    pub client: SocketAddrV4,
+    pub endpoint_address: SocketAddrV4,
+    pub nat: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    pub backend_id: u32,
+    pub tcp_state: u8,
+    pub ingress_ifindex: u32,
+    pub expires_in_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,8 +114,7 @@ impl Response {
 }
 
 /// Requests are single lines of at most this many bytes (longer ones are
-/// refused); a response is one line of any length (a conntrack listing grows
-/// with the flows).
+/// refused); listings stream row by row.
 pub const MAX_LINE: usize = 64 * 1024;
 
 #[cfg(test)]

@@ -12,8 +12,14 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use super::{MAX_LINE, Request, Response};
-use crate::{approval::Action, controller::Controller};
+use tokio::sync::watch;
+
+use super::{MAX_LINE, Request, Response, Row, RowCount};
+use crate::{
+    approval::Action,
+    controller::{Controller, DataplaneQueries},
+    model::Model,
+};
 
 /// A bound admin socket. Removes its socket file when dropped (if the file
 /// is still the one it created).
@@ -89,10 +95,39 @@ impl Drop for AdminListener {
     }
 }
 
-/// Serves admin requests until `shutdown` completes.
-pub async fn serve(
+/// What connections read besides the controller: the published model and
+/// the dataplane, so listings never wait for the controller's lock (an
+/// apply holds it) and never hold it while they scan.
+#[derive(Clone)]
+struct Views {
+    controller: Arc<Mutex<Controller>>,
+    /// The committed model (published only once the kernel holds it).
+    models: watch::Receiver<Arc<Model>>,
+    dataplane: Option<Arc<dyn DataplaneQueries>>,
+}
+
+/// Serves admin requests until `shutdown` completes. The controller's
+/// dataplane must be set before; what listings read is taken from the
+/// controller here, when called, not when first polled.
+pub fn serve(
     listener: AdminListener,
     controller: Arc<Mutex<Controller>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
+    let views = {
+        let c = lock(&controller);
+        Views {
+            models: c.subscribe(),
+            dataplane: c.dataplane(),
+            controller: controller.clone(),
+        }
+    };
+    serve_views(listener, views, shutdown)
+}
+
+async fn serve_views(
+    listener: AdminListener,
+    views: Views,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -101,9 +136,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let controller = controller.clone();
+                    let views = views.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, controller).await {
+                        if let Err(e) = connection(stream, views).await {
                             tracing::debug!("admin connection: {e}");
                         }
                     });
@@ -119,7 +154,7 @@ pub async fn serve(
     drop(listener);
 }
 
-async fn connection(stream: UnixStream, controller: Arc<Mutex<Controller>>) -> io::Result<()> {
+async fn connection(stream: UnixStream, views: Views) -> io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (mut read, mut write) = stream.into_split();
     if uid != 0 {
@@ -165,8 +200,29 @@ async fn connection(stream: UnixStream, controller: Arc<Mutex<Controller>>) -> i
             return send(&mut write, &r).await;
         }
         let response = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(request) if request.streams() => {
+                // Rows cross a small bounded channel as they are read: a slow
+                // client slows the reader down instead of growing a buffer.
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+                let v = views.clone();
+                let producer = tokio::task::spawn_blocking(move || {
+                    stream_rows(&v, request, &mut |frame| tx.blocking_send(frame).is_ok())
+                });
+                while let Some(frame) = rx.recv().await {
+                    write.write_all(&frame).await?;
+                }
+                if let Err(e) = producer.await {
+                    send(
+                        &mut write,
+                        &Response::error(format!("internal error: {e}"), Vec::new()),
+                    )
+                    .await?;
+                }
+                write.flush().await?;
+                continue;
+            }
             Ok(request) => {
-                let controller = controller.clone();
+                let controller = views.controller.clone();
                 // Requests write the state file (fsync): keep them off the
                 // async workers.
                 tokio::task::spawn_blocking(move || handle(&controller, request))
@@ -180,10 +236,62 @@ async fn connection(stream: UnixStream, controller: Arc<Mutex<Controller>>) -> i
 }
 
 async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec(r).map_err(io::Error::other)?;
-    bytes.push(b'\n');
-    write.write_all(&bytes).await?;
+    write.write_all(&frame(r)?).await?;
     write.flush().await
+}
+
+/// One line of the answer.
+fn frame(v: &impl serde::Serialize) -> io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(v).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// Answers a listing row by row through `out` (false: the client is gone),
+/// then with the closing response. Reads the published model and the
+/// dataplane, never the controller's lock.
+fn stream_rows(views: &Views, request: Request, out: &mut dyn FnMut(Vec<u8>) -> bool) {
+    let mut rows = 0u64;
+    let result = {
+        let mut emit = |row: serde_json::Value| -> anyhow::Result<()> {
+            if !out(frame(&Row { row })?) {
+                anyhow::bail!("the client went away");
+            }
+            rows += 1;
+            Ok(())
+        };
+        match request {
+            Request::ListEndpoints => {
+                let model = views.models.borrow().clone();
+                let mut list: Vec<_> = model.endpoints.values().collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                list.into_iter()
+                    .try_for_each(|e| emit(serde_json::to_value(e)?))
+            }
+            Request::Conntrack => match &views.dataplane {
+                Some(dp) => dp
+                    .conntrack(&mut |f| emit(serde_json::to_value(f)?))
+                    .map_err(|e| e.context("reading conntrack")),
+                None => Err(anyhow::anyhow!("this controller runs no dataplane")),
+            },
+            other => Err(anyhow::anyhow!(
+                "internal error: {other:?} is not a listing"
+            )),
+        }
+    };
+    let response = match result {
+        Ok(()) => Response::ok(RowCount { rows }),
+        Err(e) => Response::error(format!("{e:#}"), Vec::new()),
+    };
+    if let Ok(line) = frame(&response) {
+        out(line);
+    }
+}
+
+fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
+    // A panic elsewhere poisoned the lock; the state itself is only
+    // replaced whole (see Controller::commit), so it is still coherent.
+    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs one request against the controller. A change answers once the
@@ -206,21 +314,13 @@ fn handle_locked(controller: &Mutex<Controller>, request: Request) -> Response {
     };
     match request {
         Request::Status => Response::ok(c.status()),
-        Request::ListEndpoints => Response::ok(c.endpoints()),
         Request::Approve { name } => act(&mut c, &name, Action::Approve),
         Request::Reject { name } => act(&mut c, &name, Action::Reject),
         Request::Remove { name } => act(&mut c, &name, Action::Remove),
-        Request::Conntrack => match c.dataplane() {
-            Some(dp) => {
-                // Release the controller while the dataplane is read.
-                drop(c);
-                match dp.conntrack() {
-                    Ok(v) => Response::ok(v),
-                    Err(e) => Response::error(format!("reading conntrack: {e:#}"), Vec::new()),
-                }
-            }
-            None => Response::error("this controller runs no dataplane", Vec::new()),
-        },
+        // Streamed by `stream_rows`, without this lock.
+        Request::ListEndpoints | Request::Conntrack => {
+            Response::error("internal error: a listing is streamed", Vec::new())
+        }
         Request::Reload => match c.reload() {
             Ok(outcome) => Response::ok(outcome),
             Err(e) => {

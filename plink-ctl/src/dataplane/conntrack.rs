@@ -4,7 +4,9 @@
 //!
 //! A flow is three entries: forward (the state), reverse and NAT port. The GC
 //! deletes the forward entry first, so the datapath stops using the flow
-//! before its port is freed, then the reverse entry and the port.
+//! before its port is freed, then the reverse entry and the port. The
+//! forward entry is read as it is deleted and judged again: a flow the
+//! datapath refreshed in between is put back ([`sweep_forward`]).
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -149,21 +151,16 @@ impl Dataplane {
         {
             let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
                 HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
-            let mut gone = Vec::new();
-            for (k, _) in &flows {
-                // Re-read just before deleting: the datapath may have
-                // refreshed the flow since the listing.
-                let Ok(v) = fwd.get(k, 0) else { continue };
-                if !doomed(k, &v, monotonic_ns()) {
-                    report.remaining += 1;
-                    continue;
-                }
-                if fwd.remove(k).is_ok() {
-                    *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
-                    report.flows += 1;
-                    gone.push((*k, v));
-                }
+            let keys: Vec<CtFwdKey> = flows.iter().map(|(k, _)| *k).collect();
+            let swept = sweep_forward(&mut fwd, &keys, &mut doomed)?;
+            report.remaining = swept.remaining;
+            for (_, v) in swept.gone.iter().chain(&swept.superseded) {
+                *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
+                report.flows += 1;
             }
+            // A superseded flow's reverse and port entries may be the new
+            // flow's too: the orphan sweep removes them only if not.
+            let gone = swept.gone;
             let mut rev: HashMap<_, CtRevKey, CtOwner> =
                 HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
             for (k, v) in &gone {
@@ -307,10 +304,131 @@ impl FlowReader {
 
     /// Every flow with its NAT mapping.
     pub fn list(&self) -> anyhow::Result<Vec<FlowEntry>> {
+        let mut out = Vec::new();
+        self.each(|f| {
+            out.push(f);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hands each flow to `f` as it is read from the map (no listing is
+    /// held whole); an error from `f` stops the walk.
+    pub fn each(&self, mut f: impl FnMut(FlowEntry) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let g = self.global.get(&0, 0).context("reading the timeouts")?;
         // Entries deleted while we iterate are skipped, not errors.
-        let flows = self.fwd.iter().filter_map(Result::ok).collect();
-        Ok(flow_entries(flows, &g))
+        for (k, v) in self.fwd.iter().filter_map(Result::ok) {
+            for e in flow_entries(vec![(k, v)], &g) {
+                f(e)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The forward-entry operations a sweep needs (the pinned map, or a test
+/// double that plays the datapath).
+pub(crate) trait ForwardTable {
+    fn get(&self, k: &CtFwdKey) -> Option<CtFwdValue>;
+    /// Deletes the entry, returning the value it held when it was deleted
+    /// (`None` if it was gone already).
+    fn take(&mut self, k: &CtFwdKey) -> anyhow::Result<Option<CtFwdValue>>;
+    /// Puts an entry back unless the key exists again (`false` then).
+    fn restore(&mut self, k: &CtFwdKey, v: &CtFwdValue) -> anyhow::Result<bool>;
+}
+
+/// What [`sweep_forward`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Swept {
+    /// Removed flows, with their last value: their reverse and NAT-port
+    /// entries are theirs to remove.
+    pub gone: Vec<(CtFwdKey, CtFwdValue)>,
+    /// Removed flows whose key the datapath already reused for a new flow
+    /// (it won the race to put the entry back).
+    pub superseded: Vec<(CtFwdKey, CtFwdValue)>,
+    pub remaining: u64,
+}
+
+/// Removes the forward entries `doomed` picks. The value is judged before
+/// the delete and again as it was deleted (atomically read and deleted): the
+/// datapath may refresh a flow between the check and the delete, and such a
+/// flow is put back (unless the datapath created a new one meanwhile).
+pub(crate) fn sweep_forward(
+    fwd: &mut impl ForwardTable,
+    keys: &[CtFwdKey],
+    doomed: &mut impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
+) -> anyhow::Result<Swept> {
+    let mut out = Swept::default();
+    for k in keys {
+        let Some(v) = fwd.get(k) else { continue };
+        if !doomed(k, &v, monotonic_ns()) {
+            out.remaining += 1;
+            continue;
+        }
+        let Some(taken) = fwd.take(k)? else { continue };
+        if doomed(k, &taken, monotonic_ns()) {
+            out.gone.push((*k, taken));
+        } else if fwd.restore(k, &taken)? {
+            out.remaining += 1;
+        } else {
+            out.superseded.push((*k, taken));
+        }
+    }
+    Ok(out)
+}
+
+impl ForwardTable for HashMap<&mut aya::maps::MapData, CtFwdKey, CtFwdValue> {
+    fn get(&self, k: &CtFwdKey) -> Option<CtFwdValue> {
+        HashMap::get(self, k, 0).ok()
+    }
+
+    fn take(&mut self, k: &CtFwdKey) -> anyhow::Result<Option<CtFwdValue>> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = aya::maps::IterableMap::map(self).fd().as_fd().as_raw_fd();
+        match lookup_and_delete(fd, k) {
+            Ok(v) => Ok(v),
+            // Kernels before 5.14 have no LOOKUP_AND_DELETE for hash maps:
+            // read, then delete (the refresh window stays open there).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let v = HashMap::get(self, k, 0).ok();
+                Ok(if self.remove(k).is_ok() { v } else { None })
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("deleting a flow")),
+        }
+    }
+
+    fn restore(&mut self, k: &CtFwdKey, v: &CtFwdValue) -> anyhow::Result<bool> {
+        const BPF_NOEXIST: u64 = 1;
+        match self.insert(k, v, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("restoring a refreshed flow")),
+        }
+    }
+}
+
+/// BPF_MAP_LOOKUP_AND_DELETE_ELEM: the value as it was when deleted.
+fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::RawFd,
+    key: &K,
+) -> std::io::Result<Option<V>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    // union bpf_attr, map_elem: map_fd (u32, padded), key, value, flags.
+    let mut attr = [0u64; 8];
+    attr[0] = fd as u32 as u64;
+    attr[1] = key as *const K as u64;
+    attr[2] = value.as_mut_ptr() as u64;
+    match super::bpf_cmd(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        // SAFETY: the kernel wrote a whole value of the map's value size
+        // (checked against V when the map was opened).
+        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -331,5 +449,128 @@ fn port_key(k: &CtFwdKey, v: &CtFwdValue) -> NatPortKey {
         port_be: v.nat_port_be,
         proto: k.proto,
         _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// A forward table whose "datapath" refreshes (or replaces) a flow right
+    /// between the GC's check and its delete.
+    struct Racy {
+        flows: BTreeMap<CtFwdKey, CtFwdValue>,
+        /// Runs on the entry just before `take` deletes it.
+        before_delete: fn(&mut BTreeMap<CtFwdKey, CtFwdValue>, &CtFwdKey),
+    }
+
+    impl ForwardTable for Racy {
+        fn get(&self, k: &CtFwdKey) -> Option<CtFwdValue> {
+            self.flows.get(k).copied()
+        }
+        fn take(&mut self, k: &CtFwdKey) -> anyhow::Result<Option<CtFwdValue>> {
+            (self.before_delete)(&mut self.flows, k);
+            Ok(self.flows.remove(k))
+        }
+        fn restore(&mut self, k: &CtFwdKey, v: &CtFwdValue) -> anyhow::Result<bool> {
+            if self.flows.contains_key(k) {
+                return Ok(false);
+            }
+            self.flows.insert(*k, *v);
+            Ok(true)
+        }
+    }
+
+    fn key(port: u16) -> CtFwdKey {
+        CtFwdKey {
+            src_port_be: port.to_be(),
+            ..Default::default()
+        }
+    }
+
+    /// Doomed when idle for over a second, like an expiry rule.
+    fn idle(_: &CtFwdKey, v: &CtFwdValue, now: u64) -> bool {
+        now.saturating_sub(v.last_seen_ns) > 1_000_000_000
+    }
+
+    fn stale() -> CtFwdValue {
+        CtFwdValue {
+            last_seen_ns: 0,
+            nat_port_be: 1000u16.to_be(),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 14, item 8: a flow refreshed between the GC's check and its
+    /// delete is put back, not lost.
+    #[test]
+    fn a_flow_refreshed_between_check_and_delete_is_restored() {
+        let mut t = Racy {
+            flows: [(key(1), stale()), (key(2), stale())].into_iter().collect(),
+            before_delete: |flows, k| {
+                if *k == key(1)
+                    && let Some(v) = flows.get_mut(k)
+                {
+                    v.last_seen_ns = monotonic_ns();
+                }
+            },
+        };
+        let swept = sweep_forward(&mut t, &[key(1), key(2)], &mut idle).expect("sweep");
+        assert_eq!(swept.remaining, 1);
+        assert_eq!(
+            swept.gone.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            vec![key(2)],
+            "only the idle flow goes"
+        );
+        assert!(swept.superseded.is_empty());
+        let kept = t.flows.get(&key(1)).expect("the refreshed flow is back");
+        assert!(kept.last_seen_ns > 0, "with its refreshed value");
+        assert!(!t.flows.contains_key(&key(2)));
+    }
+
+    /// A refreshed flow the datapath re-created meanwhile (same key, new
+    /// mapping) is left to the datapath: nothing of the new one is removed.
+    #[test]
+    fn a_flow_recreated_meanwhile_wins_over_the_restore() {
+        let mut t = Racy {
+            flows: [(key(1), stale())].into_iter().collect(),
+            before_delete: |flows, k| {
+                if let Some(v) = flows.get_mut(k) {
+                    v.last_seen_ns = monotonic_ns();
+                }
+            },
+        };
+        // The datapath puts a new flow under the key right after the delete.
+        struct Recreating(Racy);
+        impl ForwardTable for Recreating {
+            fn get(&self, k: &CtFwdKey) -> Option<CtFwdValue> {
+                self.0.get(k)
+            }
+            fn take(&mut self, k: &CtFwdKey) -> anyhow::Result<Option<CtFwdValue>> {
+                let v = self.0.take(k)?;
+                let fresh = CtFwdValue {
+                    last_seen_ns: monotonic_ns(),
+                    nat_port_be: 2000u16.to_be(),
+                    ..Default::default()
+                };
+                self.0.flows.insert(*k, fresh);
+                Ok(v)
+            }
+            fn restore(&mut self, k: &CtFwdKey, v: &CtFwdValue) -> anyhow::Result<bool> {
+                self.0.restore(k, v)
+            }
+        }
+        t.flows.insert(key(1), stale());
+        let mut r = Recreating(t);
+        let swept = sweep_forward(&mut r, &[key(1)], &mut idle).expect("sweep");
+        assert!(swept.gone.is_empty(), "its entries may be the new flow's");
+        assert_eq!(swept.superseded.len(), 1);
+        assert_eq!(
+            r.0.flows.get(&key(1)).map(|v| u16::from_be(v.nat_port_be)),
+            Some(2000),
+            "the new flow stays"
+        );
     }
 }

@@ -26,9 +26,10 @@ pub mod stats;
 pub use conntrack::{FlowEntry, FlowReader, GcReport, monotonic_ns};
 pub use spec::{
     AnswerPath, BackendSpec, BackendState, DataplaneSpec, EndpointSpec, EndpointState,
-    InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, ServiceSpec, TimeoutSpec,
+    InterfaceRole, InterfaceSpec, NatSpec, PortSpec, Protocol, RetiredNat, ServiceSpec,
+    TimeoutSpec,
 };
-pub use stats::CounterKind;
+pub use stats::{CounterKind, CounterReader, CounterSource};
 
 use std::{
     collections::BTreeMap,
@@ -49,6 +50,12 @@ use aya::{
 use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names};
 
 use crate::config::{Config, Role, XdpMode};
+
+/// NAT slots by service id, and retired NAT addresses, as the pins hold them.
+pub type PinnedNat = (
+    BTreeMap<u32, Vec<spec::NatSpec>>,
+    BTreeMap<std::net::Ipv4Addr, spec::RetiredNat>,
+);
 
 /// Directory holding this layout version's pins under the configured root.
 pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
@@ -602,6 +609,49 @@ impl Dataplane {
         Ok(identity(data.info().context("reading map GLOBAL")?.id()))
     }
 
+    /// The NAT slots the pinned SERVICES map holds per enabled service, and
+    /// the retired addresses of NAT_ADDRS (what an adopting start learns
+    /// from the pins: draining addresses outlive the controller).
+    pub fn pinned_nat(&mut self) -> anyhow::Result<PinnedNat> {
+        use plink_common::{NatAddrInfo, ServiceConfig, nat_addr_flags, nat_flags};
+        let ip = |a: &plink_common::Addr| std::net::Ipv4Addr::from(a[0].to_ne_bytes());
+        let services: aya::maps::Array<_, ServiceConfig> =
+            aya::maps::Array::try_from(self.map_mut(map_names::SERVICES)?)?;
+        let mut held = BTreeMap::new();
+        for (id, svc) in services.iter().enumerate() {
+            let svc = svc?;
+            if svc.enabled == 0 {
+                continue;
+            }
+            let count = (svc.nat_count as usize).min(svc.nat.len());
+            let slots = svc.nat[..count]
+                .iter()
+                .map(|n| spec::NatSpec {
+                    addr: ip(&n.addr_be),
+                    ports: n.port_min..=n.port_max,
+                    draining: n.flags & nat_flags::DRAINING != 0,
+                })
+                .collect();
+            held.insert(id as u32, slots);
+        }
+        let addrs: aya::maps::HashMap<_, plink_common::Addr, NatAddrInfo> =
+            aya::maps::HashMap::try_from(self.map_mut(map_names::NAT_ADDRS)?)?;
+        let mut retired = BTreeMap::new();
+        for entry in addrs.iter() {
+            let (a, info) = entry?;
+            if info.flags & nat_addr_flags::RETIRED != 0 {
+                retired.insert(
+                    ip(&a),
+                    spec::RetiredNat {
+                        service_id: info.service_id,
+                        slot: info.slot,
+                    },
+                );
+            }
+        }
+        Ok((held, retired))
+    }
+
     /// Backends the maps record as draining, with their addresses (what an
     /// adopting start learns from the pins).
     pub fn draining_backends(&mut self) -> anyhow::Result<Vec<(u32, std::net::Ipv4Addr)>> {
@@ -708,7 +758,7 @@ fn pinned_object_fd(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 /// `bpf(cmd, attr)` with an 8-word attr; the error is errno.
-fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<()> {
+pub(crate) fn bpf_cmd(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<()> {
     let size = std::mem::size_of_val(attr);
     // SAFETY: bpf(2) with an attr of the given size; callers fill it per `cmd`.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size) };

@@ -22,7 +22,8 @@ use aya::{
 use plink_common::{
     Addr, BackendInfo, Counters, DropReason, EndpointGen, EndpointKey, EndpointValue, EpLimitState,
     GlobalConfig, IfaceInfo, MAX_NAT_SLOTS, NO_BACKEND, NatAddrInfo, NatSlot, NetAddrKey,
-    ServiceConfig, Timeouts, backend_state, ep_state, map_names, nat_flags, role, v4,
+    ServiceConfig, Timeouts, backend_state, ep_state, map_names, nat_addr_flags, nat_flags, role,
+    v4,
 };
 
 use super::Dataplane;
@@ -37,6 +38,17 @@ pub struct DataplaneSpec {
     pub services: Vec<ServiceSpec>,
     pub backends: Vec<BackendSpec>,
     pub endpoints: Vec<EndpointSpec>,
+    /// NAT addresses that drained and left their service, kept in NAT_ADDRS
+    /// for a grace period so late replies to them are dropped (and counted)
+    /// rather than passed to the gateway's kernel; not announced by ARP.
+    pub retired_nat: BTreeMap<Ipv4Addr, RetiredNat>,
+}
+
+/// The service slot a retired NAT address last had (for the record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetiredNat {
+    pub service_id: u32,
+    pub slot: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -394,10 +406,17 @@ impl DataplaneSpec {
                 }
             }
         }
+        for a in self.retired_nat.keys() {
+            ensure!(
+                !nat_owner.contains_key(a),
+                "NAT address {a} is both retired and held by service {}",
+                nat_owner[a]
+            );
+        }
+        let nat_entries = nat_owner.len() + self.retired_nat.len();
         ensure!(
-            nat_owner.len() as u64 <= u64::from(caps.nat_addresses),
-            "{} NAT addresses (draining ones included), the NAT address table holds {}",
-            nat_owner.len(),
+            nat_entries as u64 <= u64::from(caps.nat_addresses),
+            "{nat_entries} NAT addresses (draining and retired ones included), the NAT address table holds {}",
             caps.nat_addresses
         );
         Ok(())
@@ -658,12 +677,25 @@ impl Dataplane {
                     addr(n.addr),
                     NatAddrInfo {
                         service_id: s.id,
-                        slot: slot as u32,
+                        slot: slot as u8,
+                        flags: 0,
+                        _pad: [0; 2],
                     },
                 );
                 if prev.is_some() {
                     bail!("NAT address {} is used twice", n.addr);
                 }
+            }
+        }
+        for (a, r) in &spec.retired_nat {
+            let info = NatAddrInfo {
+                service_id: r.service_id,
+                slot: r.slot,
+                flags: nat_addr_flags::RETIRED,
+                _pad: [0; 2],
+            };
+            if nat_desired.insert(addr(*a), info).is_some() {
+                bail!("NAT address {a} is both retired and in use");
             }
         }
         let mut nat_map: HashMap<_, Addr, NatAddrInfo> =
@@ -997,6 +1029,7 @@ mod tests {
                 max_flows: 0,
                 new_flows_per_sec: 0,
             }],
+            retired_nat: BTreeMap::new(),
         }
     }
 

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{PerCpuArray, PerCpuHashMap};
+use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use plink_common::{Counters, DropReason, IfStats, MAX_NAT_SLOTS, map_names};
 
 use super::Dataplane;
@@ -93,5 +94,116 @@ impl Dataplane {
             out.insert(*r, self.sum_u64(map_names::EP_DROPS, idx)?);
         }
         Ok(out)
+    }
+}
+
+/// The counters `/metrics` reads; the dataplane itself, or a
+/// [`CounterReader`] that needs no lock on it.
+pub trait CounterSource {
+    /// Counters of one endpoint, service or backend id.
+    fn counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<Counters>;
+    /// Drops by reason attributed to one endpoint.
+    fn endpoint_drop_counts(
+        &mut self,
+        endpoint_id: u32,
+    ) -> anyhow::Result<BTreeMap<DropReason, u64>>;
+    /// Drops by reason, over all endpoints.
+    fn drop_counts(&mut self) -> anyhow::Result<BTreeMap<DropReason, u64>>;
+    /// Per-interface counters by ifindex.
+    fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>>;
+}
+
+impl CounterSource for Dataplane {
+    fn counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<Counters> {
+        Dataplane::counters(self, kind, id)
+    }
+    fn endpoint_drop_counts(
+        &mut self,
+        endpoint_id: u32,
+    ) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+        Dataplane::endpoint_drop_counts(self, endpoint_id)
+    }
+    fn drop_counts(&mut self) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+        Dataplane::drop_counts(self)
+    }
+    fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+        Dataplane::interface_stats(self)
+    }
+}
+
+/// Reads the counters through its own descriptors of the pinned maps, so a
+/// scrape neither waits for nor holds up applies and the GC.
+pub struct CounterReader {
+    ep: PerCpuArray<MapData, Counters>,
+    svc: PerCpuArray<MapData, Counters>,
+    backend: PerCpuArray<MapData, Counters>,
+    drops: PerCpuArray<MapData, u64>,
+    ep_drops: PerCpuArray<MapData, u64>,
+    ifaces: PerCpuHashMap<MapData, u32, IfStats>,
+}
+
+impl CounterReader {
+    /// Opens the maps pinned under `bpffs_root`.
+    pub fn open(bpffs_root: &std::path::Path) -> anyhow::Result<Self> {
+        let dir = super::pin_dir(bpffs_root);
+        let open = |name: &str| {
+            let pin = dir.join(name);
+            MapData::from_pin(&pin)
+                .with_context(|| format!("opening the pinned map {}", pin.display()))
+        };
+        let array = |name: &str| open(name).map(aya::maps::Map::PerCpuArray);
+        Ok(Self {
+            ep: PerCpuArray::try_from(array(map_names::EP_STATS)?)?,
+            svc: PerCpuArray::try_from(array(map_names::SVC_STATS)?)?,
+            backend: PerCpuArray::try_from(array(map_names::BACKEND_STATS)?)?,
+            drops: PerCpuArray::try_from(array(map_names::DROPS)?)?,
+            ep_drops: PerCpuArray::try_from(array(map_names::EP_DROPS)?)?,
+            ifaces: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+                map_names::IF_STATS,
+            )?))?,
+        })
+    }
+}
+
+fn sum_u64_at(arr: &PerCpuArray<MapData, u64>, index: u32) -> anyhow::Result<u64> {
+    Ok(arr
+        .get(&index, 0)?
+        .iter()
+        .fold(0u64, |a, v| a.wrapping_add(*v)))
+}
+
+impl CounterSource for CounterReader {
+    fn counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<Counters> {
+        let arr = match kind {
+            CounterKind::Endpoint => &self.ep,
+            CounterKind::Service => &self.svc,
+            CounterKind::Backend => &self.backend,
+        };
+        let mut total = Counters::default();
+        for v in arr.get(&id, 0)?.iter() {
+            total.add(v);
+        }
+        Ok(total)
+    }
+    fn endpoint_drop_counts(
+        &mut self,
+        endpoint_id: u32,
+    ) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+        let mut out = BTreeMap::new();
+        for r in DropReason::ALL {
+            let idx = endpoint_id * DropReason::COUNT + *r as u32;
+            out.insert(*r, sum_u64_at(&self.ep_drops, idx)?);
+        }
+        Ok(out)
+    }
+    fn drop_counts(&mut self) -> anyhow::Result<BTreeMap<DropReason, u64>> {
+        let mut out = BTreeMap::new();
+        for r in DropReason::ALL {
+            out.insert(*r, sum_u64_at(&self.drops, *r as u32)?);
+        }
+        Ok(out)
+    }
+    fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
+        super::sum_interface_stats(&self.ifaces)
     }
 }

@@ -78,15 +78,12 @@ fn svc<'a>(spec: &'a DataplaneSpec, model: &Model, name: &str) -> &'a ServiceSpe
 #[test]
 fn nat_slots_stay_put_and_removed_addresses_drain() {
     let none = BTreeMap::new();
-    let first = nat_slots(&[a(200), a(201), a(202)], (1024, 2047), None, &none);
-    let prev = ServiceSpec {
-        id: 1,
-        nat: first,
-        lookup: vec![],
-        mss_clamp: 0,
-    };
+    let (first, left) =
+        nat_slots(&[a(200), a(201), a(202)], (1024, 2047), None, &none).expect("slots");
+    assert!(left.is_empty());
     // Remove the middle address, add a new one.
-    let next = nat_slots(&[a(200), a(202), a(203)], (1024, 2047), Some(&prev), &none);
+    let (next, left) =
+        nat_slots(&[a(200), a(202), a(203)], (1024, 2047), Some(&first), &none).expect("slots");
     let addrs: Vec<_> = next.iter().map(|n| (n.addr, n.draining)).collect();
     assert_eq!(
         addrs,
@@ -97,6 +94,186 @@ fn nat_slots_stay_put_and_removed_addresses_drain() {
             (a(203), false)
         ]
     );
+    // It became draining in this change: it drains at least until the next
+    // one, even with no port counted (a flow may have started meanwhile).
+    assert!(left.is_empty());
+}
+
+/// Issue 14, item 6: a draining address leaves its slot only once it holds
+/// no port, and then stays in NAT_ADDRS as retired.
+#[test]
+fn a_draining_nat_address_leaves_only_once_its_last_flow_is_gone() {
+    let mut state = PersistedState::default();
+    let two = BASE.replacen("[198.51.100.200]", "[198.51.100.200, 198.51.100.202]", 1);
+    let model = step(&mut state, &two);
+    let mut observed = host();
+    let first = plan(&model, &observed, &AllHealthy).expect("plan");
+    observed.hold(&first);
+    let model = step(&mut state, BASE);
+    observed.nat_ports_in_use.insert(a(202), 1);
+    let spec = plan(&model, &observed, &AllHealthy).expect("plan");
+    let slots = |spec: &DataplaneSpec| -> Vec<(Ipv4Addr, bool)> {
+        svc(spec, &model, "orders")
+            .nat
+            .iter()
+            .map(|n| (n.addr, n.draining))
+            .collect()
+    };
+    assert_eq!(slots(&spec), vec![(a(200), false), (a(202), true)]);
+    assert!(spec.retired_nat.is_empty());
+    // Still one flow: still draining, however many applies.
+    observed.hold(&spec);
+    let spec = plan(&model, &observed, &AllHealthy).expect("plan");
+    assert_eq!(slots(&spec), vec![(a(200), false), (a(202), true)]);
+    // The last flow is gone: the slot is vacant, the address retired.
+    observed.nat_ports_in_use.clear();
+    observed.hold(&spec);
+    let spec = plan(&model, &observed, &AllHealthy).expect("plan");
+    assert_eq!(
+        slots(&spec),
+        vec![(a(200), false), (Ipv4Addr::UNSPECIFIED, true)]
+    );
+    let orders = svc(&spec, &model, "orders").id;
+    assert_eq!(
+        spec.retired_nat.get(&a(202)),
+        Some(&RetiredNat {
+            service_id: orders,
+            slot: 1
+        })
+    );
+    spec.validate().expect("a retired address can be written");
+    // Retired stays retired while the caller keeps it in its grace ...
+    observed.hold(&spec);
+    let again = plan(&model, &observed, &AllHealthy).expect("plan");
+    assert!(again.retired_nat.contains_key(&a(202)));
+    // Retired addresses give way when NAT_ADDRS is short of room.
+    let mut cramped = observed.clone();
+    cramped.capacities.nat_addresses = 2;
+    let spec = plan(&model, &cramped, &AllHealthy).expect("retired addresses never refuse a plan");
+    assert!(spec.retired_nat.is_empty(), "{:?}", spec.retired_nat);
+    // ... and is no longer retired once a service holds it again.
+    let back = step(&mut state, &two);
+    let spec = plan(&back, &observed, &AllHealthy).expect("plan");
+    assert!(spec.retired_nat.is_empty());
+    let slots: Vec<_> = svc(&spec, &back, "orders")
+        .nat
+        .iter()
+        .map(|n| (n.addr, n.draining))
+        .collect();
+    assert_eq!(slots, vec![(a(200), false), (a(202), false)]);
+}
+
+/// Issue 14, item 6: an adopting start learns the draining addresses from
+/// the pins (`nat_held` read from SERVICES), so a restart does not drop
+/// them, and a service removed from the config retires its addresses.
+#[test]
+fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
+    let mut state = PersistedState::default();
+    let model = step(&mut state, BASE);
+    let orders = model
+        .services
+        .values()
+        .find(|s| s.name == "orders")
+        .expect("orders")
+        .id
+        .0;
+    let billing = model
+        .services
+        .values()
+        .find(|s| s.name == "billing")
+        .expect("billing")
+        .id
+        .0;
+    let mut observed = host();
+    // What the pins say: .202 drains in orders' slot 0 with a flow on it.
+    observed.nat_held.insert(
+        orders,
+        vec![
+            NatSpec {
+                addr: a(202),
+                ports: 1024..=2047,
+                draining: true,
+            },
+            NatSpec {
+                addr: a(200),
+                ports: 1024..=65535,
+                draining: false,
+            },
+        ],
+    );
+    // A service no longer in the config (its flows are purged).
+    observed.nat_held.insert(
+        40,
+        vec![NatSpec {
+            addr: a(220),
+            ports: 1024..=65535,
+            draining: false,
+        }],
+    );
+    observed.nat_ports_in_use.insert(a(202), 2);
+    let spec = plan(&model, &observed, &AllHealthy).expect("plan");
+    let slots: Vec<_> = svc(&spec, &model, "orders")
+        .nat
+        .iter()
+        .map(|n| (n.addr, n.ports.clone(), n.draining))
+        .collect();
+    assert_eq!(
+        slots,
+        vec![(a(202), 1024..=2047, true), (a(200), 1024..=65535, false)]
+    );
+    assert_eq!(
+        spec.retired_nat.keys().copied().collect::<Vec<_>>(),
+        vec![a(220)]
+    );
+    // Billing cannot take the draining address while it carries flows.
+    let moved = BASE.replacen(
+        "nat: {addresses: [198.51.100.201]}",
+        "nat: {addresses: [198.51.100.201, 198.51.100.202]}",
+        1,
+    );
+    let model = step(&mut state, &moved);
+    let err = plan(&model, &observed, &AllHealthy).unwrap_err();
+    assert!(
+        matches!(err, PlanError::NatAddressDraining { addr, flows: 2, .. } if addr == a(202)),
+        "{err}"
+    );
+    let _ = billing;
+}
+
+/// Issue 14, item 6: with every slot taken, a draining address that still
+/// carries flows is never replaced; the plan refuses, naming them.
+#[test]
+fn a_draining_address_with_flows_is_never_replaced() {
+    let mut state = PersistedState::default();
+    let eight: Vec<String> = (210..218).map(|i| format!("198.51.100.{i}")).collect();
+    let text = BASE.replacen("[198.51.100.200]", &format!("[{}]", eight.join(", ")), 1);
+    let model = step(&mut state, &text);
+    let mut observed = host();
+    let first = plan(&model, &observed, &AllHealthy).expect("plan");
+    observed.hold(&first);
+    // .217 leaves (draining, one flow), .220 comes: slots are all taken.
+    let swapped = text.replacen("198.51.100.217]", "198.51.100.220]", 1);
+    let model = step(&mut state, &swapped);
+    observed.nat_ports_in_use.insert(a(217), 1);
+    let err = plan(&model, &observed, &AllHealthy).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::NatSlotsFull {
+            service: "orders".into(),
+            addr: a(220),
+            draining: vec![(a(217), 1)],
+        }
+    );
+    assert!(
+        err.to_string().contains("198.51.100.217: 1 NAT port"),
+        "{err}"
+    );
+    // Its last flow gone, it gives the slot up to the new address.
+    observed.nat_ports_in_use.clear();
+    let spec = plan(&model, &observed, &AllHealthy).expect("plan");
+    let orders = svc(&spec, &model, "orders");
+    assert_eq!(orders.nat[7].addr, a(220));
+    assert!(spec.retired_nat.contains_key(&a(217)));
 }
 
 /// Issue 14's red-team case, found by the plan: the old controller wrote
@@ -107,7 +284,7 @@ fn a_nat_address_moves_only_once_its_old_service_holds_no_port_on_it() {
     let model = step(&mut state, BASE);
     let mut observed = host();
     let first = plan(&model, &observed, &AllHealthy).expect("plan");
-    observed.previous = Some(first);
+    observed.hold(&first);
     let moved = BASE
         .replacen(
             "nat: {addresses: [198.51.100.200]}",
@@ -153,7 +330,7 @@ fn a_nat_address_moves_only_once_its_old_service_holds_no_port_on_it() {
     assert_eq!(billing, vec![(a(201), false), (a(200), false)]);
     spec.validate().expect("the moved spec can be written");
     // A vacant slot is the first one reused.
-    observed.previous = Some(spec);
+    observed.hold(&spec);
     let again = moved.replacen("[198.51.100.210]", "[198.51.100.210, 198.51.100.211]", 1);
     let model = step(&mut state, &again);
     let spec = plan(&model, &observed, &AllHealthy).expect("plan");

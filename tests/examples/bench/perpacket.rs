@@ -189,6 +189,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 }
             },
         ],
+        retired_nat: Default::default(),
     }
 }
 
