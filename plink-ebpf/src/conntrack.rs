@@ -99,7 +99,7 @@ fn create(
     };
     v._pad = 0;
     v.ep_gen = EP_GEN.get(ep.endpoint_id).map_or(0, |g| g.gen_id);
-    v.fwd_key = *key;
+    v.key_hash = hash;
     // Filled by the caller's route lookup.
     v.hop_gen = 0;
     v.hop_ifindex = 0;
@@ -108,7 +108,7 @@ fn create(
     v.hop_dmac = [0; 6];
     v._pad2 = [0; 6];
     s.owner.fwd = *key;
-    s.owner._pad = 0;
+    s.owner.key_hash = hash;
     s.owner.created_ns = now;
     alloc_nat_port(svc, hash, key.proto, now, s).map_err(|r| {
         if r == DropReason::NatPortsExhausted {
@@ -211,28 +211,14 @@ pub fn evict(key: &CtFwdKey, v: &CtFwdValue) {
     }
 }
 
-/// Is `v` (looked up under `key`) still the entry of `key`? See
-/// `CtFwdValue::fwd_key`: the element may have been freed and reused.
+/// Is `v` (looked up under the key whose `flow_hash` is `key_hash`) still
+/// that key's entry? See `CtFwdValue::key_hash`: the element may have been
+/// freed and reused.
 #[inline(always)]
-pub fn entry_is(v: &CtFwdValue, key: &CtFwdKey) -> bool {
-    // Volatile, field by field: the comparison must read the entry after
-    // the mapping was read, and must not copy the key onto the stack.
-    // SAFETY: reading fields of a map value the caller holds a pointer to.
-    unsafe {
-        let k = &raw const v.fwd_key;
-        let same = |a: *const plink_common::Addr, b: &plink_common::Addr| {
-            core::ptr::read_volatile(&raw const (*a)[0]) == b[0]
-                && core::ptr::read_volatile(&raw const (*a)[1]) == b[1]
-                && core::ptr::read_volatile(&raw const (*a)[2]) == b[2]
-                && core::ptr::read_volatile(&raw const (*a)[3]) == b[3]
-        };
-        same(&raw const (*k).src_addr_be, &key.src_addr_be)
-            && same(&raw const (*k).dst_addr_be, &key.dst_addr_be)
-            && core::ptr::read_volatile(&raw const (*k).network_id) == key.network_id
-            && core::ptr::read_volatile(&raw const (*k).src_port_be) == key.src_port_be
-            && core::ptr::read_volatile(&raw const (*k).dst_port_be) == key.dst_port_be
-            && core::ptr::read_volatile(&raw const (*k).proto) == key.proto
-    }
+pub fn entry_is(v: &CtFwdValue, key_hash: u32) -> bool {
+    // Volatile: the comparison must read the entry after the mapping was read.
+    // SAFETY: reading a field of a map value the caller holds a pointer to.
+    unsafe { core::ptr::read_volatile(&raw const v.key_hash) == key_hash }
 }
 
 /// Per-endpoint caps: live flows and new flows per second.
@@ -411,7 +397,8 @@ fn reclaim_port(s: &mut Scratch, now: u64) -> bool {
         return false;
     };
     // SAFETY: map value pointer, read only.
-    let (fwd, created_ns) = unsafe { (&(*owner).fwd, (*owner).created_ns) };
+    let (fwd, created_ns, key_hash) =
+        unsafe { (&(*owner).fwd, (*owner).created_ns, (*owner).key_hash) };
     let Some(v) = CT_FWD.get_ptr(fwd) else {
         return now > created_ns
             && now - created_ns > ORPHAN_PORT_GRACE_NS
@@ -419,7 +406,7 @@ fn reclaim_port(s: &mut Scratch, now: u64) -> bool {
     };
     // SAFETY: map value pointer; only the fields below are read.
     let v = unsafe { &*v };
-    if !flow_expired(v, now, &g.timeouts) || !entry_is(v, fwd) {
+    if !flow_expired(v, now, &g.timeouts) || !entry_is(v, key_hash) {
         return false;
     }
     s.rev.nat_addr_be = v.nat_addr_be;

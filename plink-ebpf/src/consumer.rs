@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use plink_common::{
     CtFwdKey, CtFwdValue, DropReason, EndpointKey, GlobalConfig, IPPROTO_ICMP, IPPROTO_TCP,
-    IfaceInfo, ep_state, flow_expired, icmp_type, last_seen_moved, role, tcp_state, v4_be,
+    IfaceInfo, ep_state, flow_expired, flow_hash, icmp_type, last_seen_moved, role, tcp_state,
+    v4_be,
 };
 
 use crate::{
@@ -110,7 +111,7 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
         dmac: [0; 6],
     };
     let endpoint_id = v.endpoint_id;
-    if !conntrack::entry_is(v, &key) {
+    if !conntrack::entry_is(v, flow_hash(&key)) {
         return drop(DropReason::CtBroken, endpoint_id);
     }
     // Step 3: the next hop, before any rewrite so that a drop leaves the
@@ -228,7 +229,7 @@ fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) ->
         dmac: v.hop_dmac,
     };
     let egress = v.hop_ifindex;
-    if !conntrack::entry_is(v, key) {
+    if !conntrack::entry_is(v, flow_hash(key)) {
         return NOT_ESTABLISHED;
     }
     if last_seen_moved(v.last_seen_ns, now) {

@@ -75,7 +75,7 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         return not_a_reply(Some(f.dst_be), None);
     };
     // SAFETY: as above; the key is read in place (no copy on the stack).
-    let fwd = unsafe { &(*owner).fwd };
+    let (fwd, key_hash) = unsafe { (&(*owner).fwd, (*owner).key_hash) };
     let Some(v) = CT_FWD.get_ptr_mut(fwd) else {
         return drop(DropReason::CtBroken, NO_EP);
     };
@@ -92,7 +92,7 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         dmac: v.client_mac,
     };
     let endpoint_id = v.endpoint_id;
-    if !conntrack::entry_is(v, fwd)
+    if !conntrack::entry_is(v, key_hash)
         || v.nat_addr_be != rev.nat_addr_be
         || v.nat_port_be != rev.nat_port_be
         || v.backend_addr_be != rev.backend_addr_be
