@@ -7,10 +7,7 @@
 //! A slow path: out of line so the verifier checks it once, apart from the
 //! per-packet path.
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::{
-        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-    },
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use plink_common::{
@@ -18,13 +15,14 @@ use plink_common::{
 };
 
 use crate::{
-    fib,
-    maps::{CT_FWD, CT_REV, GLOBAL, SCRATCH},
+    forward,
+    maps::{CT_FWD, CT_REV, GLOBAL, SCRATCH_ICMP},
     parse::{
         ICMP_CHECK, IP_CHECK, IP_DADDR, IP_LEN, IP_OFF, IP_SADDR, IP_TTL, L4_OFF, load, ptr_at,
         store,
     },
     stats::{self, NO_EP, drop},
+    step::Step,
 };
 
 /// The quoted (inner) IPv4 header: after the 8-byte ICMP error header.
@@ -53,14 +51,7 @@ pub fn is_error(t: u8) -> bool {
 #[inline(never)]
 pub fn provider_error(ctx: XdpContext, tot_len: u32) -> u32 {
     match translate(&ctx, tot_len as u16) {
-        Ok(ifindex) => {
-            // SAFETY: plain helper call.
-            let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
-            if action != xdp_action::XDP_REDIRECT {
-                return drop(DropReason::RedirectFailed, NO_EP);
-            }
-            action
-        }
+        Ok(ifindex) => forward::redirect(ifindex, NO_EP),
         Err((r, ep)) => drop(r, ep),
     }
 }
@@ -105,7 +96,7 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     };
     // The key is built in the per-CPU scratch slot: this slow path runs
     // below the provider program's frame and the stack is 512 bytes in all.
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+    let Some(s) = SCRATCH_ICMP.get_ptr_mut(0) else {
         return Err(no_flow);
     };
     // SAFETY: this CPU's slot; XDP runs to completion.
@@ -138,7 +129,7 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if flow_expired(v, now, &g.timeouts) || !crate::conntrack::endpoint_current(v) {
+    if flow_expired(v, now, &g.timeouts) || !crate::endpoint::current(v) {
         return Err((DropReason::IcmpErrorNoFlow, ep));
     }
     let (ttl_word, out_check, out_src, icmp_check, in_check) = (
@@ -237,7 +228,7 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
         p.cast::<[u8; 6]>().write_unaligned(v.client_mac);
         p.add(6).cast::<[u8; 6]>().write_unaligned(v.gw_mac);
     }
-    if !fib::fits_mtu(ctx, v.ingress_ifindex) {
+    if !forward::fits_mtu(ctx, v.ingress_ifindex) {
         return Err((DropReason::FragNeeded, ep));
     }
     stats::count_packet(v, tot_len as u64, true);
@@ -364,15 +355,15 @@ fn fold(mut s: u32) -> u16 {
 /// backend sent it, and the outer header NAT address → backend. The flow
 /// key includes `network_id`, so a consumer can only reach its own flows.
 ///
-/// Returns 0 when translated, leaving the route query (NAT address →
-/// backend) and the endpoint id in the scratch slot's `rev` and `v` for the
-/// caller, whose frame already holds a `NextHop` (routing here would put a
-/// third frame on the 512-byte stack); otherwise the XDP action (a counted drop).
+/// `NEXT` when translated, leaving the route query (NAT address →
+/// backend) and the endpoint id in the `SCRATCH_ICMP` slot for the caller,
+/// whose frame already holds a `NextHop` (routing here would put a third
+/// frame on the 512-byte stack); otherwise the verdict (a counted drop).
 #[inline(never)]
-pub fn consumer_error(ctx: XdpContext, network_id: u32, tot_len: u32) -> u32 {
+pub fn consumer_error(ctx: XdpContext, network_id: u32, tot_len: u32) -> Step {
     match consumer_translate(&ctx, network_id, tot_len as u16) {
-        Ok(()) => 0,
-        Err((r, ep)) => drop(r, ep),
+        Ok(()) => Step::NEXT,
+        Err((r, ep)) => Step::verdict(drop(r, ep)),
     }
 }
 
@@ -412,11 +403,11 @@ fn consumer_translate(
         IPPROTO_ICMP if l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REPLY => (l4[2], 0),
         _ => return Err(no_flow),
     };
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+    let Some(s) = SCRATCH_ICMP.get_ptr_mut(0) else {
         return Err(no_flow);
     };
     // SAFETY: this CPU's slot; XDP runs to completion.
-    let key = unsafe { &mut (*s).owner.fwd };
+    let key = unsafe { &mut (*s).fwd };
     key.src_addr_be = v4_be(in_dst);
     key.dst_addr_be = v4_be(in_src);
     key.network_id = network_id;
@@ -434,7 +425,7 @@ fn consumer_translate(
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if flow_expired(v, now, &g.timeouts) || !crate::conntrack::endpoint_current(v) {
+    if flow_expired(v, now, &g.timeouts) || !crate::endpoint::current(v) {
         return Err((DropReason::IcmpErrorNoFlow, ep));
     }
     let (ttl_word, out_check, out_src, icmp_check, in_check) = (
@@ -450,11 +441,11 @@ fn consumer_translate(
     }
     let (nat, backend) = (v.nat_addr_be[0], v.backend_addr_be[0]);
     let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);
-    // SAFETY: this CPU's slot (the key above lives in another field).
+    // SAFETY: this CPU's slot.
     unsafe {
-        (*s).rev.nat_addr_be[0] = nat;
-        (*s).rev.backend_addr_be[0] = backend;
-        (*s).v.endpoint_id = ep;
+        (*s).nat_be = nat;
+        (*s).backend_be = backend;
+        (*s).endpoint_id = ep;
     }
     // Quoted header: endpoint → backend (source), client → NAT (destination).
     let mut new_in_check = csum::update32(in_check, in_src, backend);

@@ -1,5 +1,6 @@
 //! Every map the datapath uses, defined in one place. Sizes marked "sized at
 //! load" are overridden by the controller (`EbpfLoader::map_max_entries`).
+use crate::scratch::{IcmpWork, NewFlow, Victim};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
@@ -101,7 +102,13 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::C
 pub static EP_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_ENDPOINTS * DropReason::COUNT, 0);
 
-/// Per-CPU scratch space for the slow path: the new flow's entries are built
-/// here instead of on the 512-byte BPF stack.
-#[map(name = "SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU scratch areas of the slow paths, one per use (`scratch.rs`):
+/// working sets built here instead of on the 512-byte BPF stack.
+#[map(name = "SCRATCH_NEW_FLOW")]
+pub static SCRATCH_NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SCRATCH_VICTIM")]
+pub static SCRATCH_VICTIM: PerCpuArray<Victim> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SCRATCH_ICMP")]
+pub static SCRATCH_ICMP: PerCpuArray<IcmpWork> = PerCpuArray::with_max_entries(1, 0);
