@@ -31,7 +31,8 @@ pub fn opens_flow(proto: u8, tcp_flags: u8) -> bool {
     proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
-/// Creates the flow `key` for endpoint `ep` from the packet in `ctx`:
+/// Creates the flow `key` for endpoint `ep` (admitted by its caps) from the
+/// packet in `ctx`:
 /// `NEXT` (created), [`RACE_LOST`], or the drop (not yet counted).
 #[inline(never)]
 pub fn new_flow(ctx: XdpContext, key: &CtFwdKey, ep: &EndpointValue, now: u64) -> Step {
@@ -49,10 +50,6 @@ fn create(
     ep: &EndpointValue,
     now: u64,
 ) -> Result<(), Option<DropReason>> {
-    limits::admit(ep, now).map_err(|r| {
-        stats::count_refusal(ep.endpoint_id, ep.service_id, r);
-        Some(r)
-    })?;
     let svc = SERVICES
         .get(ep.service_id)
         .filter(|s| s.enabled != 0)
@@ -130,8 +127,13 @@ fn create(
         }));
     }
     if let Some(l) = EP_LIMITS.get_ptr_mut(ep.endpoint_id) {
-        // SAFETY: shared by all CPUs, hence the atomic add.
+        // SAFETY: shared by all CPUs, hence the atomic add; the count read
+        // before it only picks a ring slot.
+        let created = unsafe { (*l).flows_created };
         unsafe { crate::atomic_add(&raw mut (*l).flows_created, 1) };
+        if ep.max_flows != 0 {
+            limits::remember(ep.endpoint_id, created, key);
+        }
     }
     // Counted as created by the caller, once the packet is known to leave.
     Ok(())
@@ -162,6 +164,13 @@ pub fn release(key: &CtFwdKey, endpoint_id: u32) {
 /// forward entry first frees the rest, so a flow is freed once.
 #[inline(never)]
 pub fn evict(key: &CtFwdKey, v: &CtFwdValue) {
+    remove(key, v)
+}
+
+/// [`evict`]'s body, for callers deep in the call chain that cannot spend
+/// another frame of the 512-byte stack.
+#[inline(always)]
+pub fn remove(key: &CtFwdKey, v: &CtFwdValue) {
     let Some(s) = SCRATCH_VICTIM.get_ptr_mut(0) else {
         return;
     };

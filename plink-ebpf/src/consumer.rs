@@ -15,7 +15,7 @@ use plink_common::{
 use crate::{
     arp, conntrack, endpoint,
     forward::{self, NextHop},
-    icmp,
+    icmp, limits,
     maps::{CT_FWD, GLOBAL, INTERFACES, SCRATCH_ICMP},
     mss,
     parse::{
@@ -308,6 +308,12 @@ fn open(
     }
     if !opens {
         return Err(drop(DropReason::TcpNoFlow, ep.endpoint_id));
+    }
+    // The endpoint's caps, here rather than inside `new_flow`: reclaiming an
+    // expired flow at the cap takes a call frame the deeper chain lacks.
+    if let Err(r) = limits::admit(&ep, now) {
+        stats::count_refusal(ep.endpoint_id, ep.service_id, r);
+        return Err(drop(r, ep.endpoint_id));
     }
     let created = conntrack::new_flow(XdpContext { ctx: ctx.ctx }, key, &ep, now);
     let opened = if created.is_next() {

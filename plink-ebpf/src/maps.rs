@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use plink_common::{
     Addr, BackendInfo, Counters, CtFwdKey, CtFwdValue, CtOwner, CtRevKey,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EndpointGen, EndpointKey,
-    EndpointValue, EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS,
-    MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey, NetAddrKey,
-    ServiceConfig,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EP_RECENT_FLOWS, EndpointGen,
+    EndpointKey, EndpointValue, EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS,
+    MAX_ENDPOINTS, MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey,
+    NetAddrKey, ServiceConfig,
 };
 
 /// Per-interface counters keyed by ifindex. The controller inserts a zeroed
@@ -70,6 +70,12 @@ pub static NAT_PORTS: HashMap<NatPortKey, CtOwner> =
 /// Per-endpoint cap state, shared by all CPUs (atomic updates).
 #[map(name = "EP_LIMITS")]
 pub static EP_LIMITS: Array<EpLimitState> = Array::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// The keys of each endpoint's last `EP_RECENT_FLOWS` flows, a ring indexed
+/// by `endpoint_id * EP_RECENT_FLOWS + flows_created % EP_RECENT_FLOWS`
+/// (see `limits::reclaim_recent`). Not pinned: a hint, rebuilt by new flows.
+#[map(name = "EP_RECENT")]
+pub static EP_RECENT: Array<CtFwdKey> = Array::with_max_entries(MAX_ENDPOINTS * EP_RECENT_FLOWS, 0);
 
 /// Per-endpoint flows freed by the controller's GC (written by userspace only).
 #[map(name = "EP_GC_FREED")]
