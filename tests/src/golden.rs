@@ -53,8 +53,7 @@ pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut
         .ok_or_else(|| anyhow!("program {name} not in the object"))?
         .try_into()?;
     if program.fd().is_err() {
-        program
-            .load()
+        plink_ctl::dataplane::load_verified(program)
             .with_context(|| format!("verifier refused {name}"))?;
     }
     Ok(program)

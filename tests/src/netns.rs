@@ -430,7 +430,7 @@ pub fn attach_standalone(host: &Host, ifname: &str, program: &str) -> anyhow::Re
             .program_mut(&program)
             .ok_or_else(|| anyhow!("no {program} in the object"))?
             .try_into()?;
-        prog.load()?;
+        plink_ctl::dataplane::load_verified(prog)?;
         prog.attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)?;
         Ok(ebpf)
     })?

@@ -373,28 +373,11 @@ impl Dataplane {
 
     /// Loads both programs into the kernel (verifier) without attaching them.
     pub fn load_programs(&mut self) -> anyhow::Result<()> {
-        const EAGAIN: i32 = 11;
         for name in [prog_names::CONSUMER, prog_names::PROVIDER] {
             let program = self.program(name)?;
             if program.fd().is_err() {
-                // The verifier gives up with EAGAIN when a signal arrives
-                // mid-check (longer programs, longer window); libbpf retries
-                // such loads a few times, and so do we.
-                let mut attempts = 0;
-                loop {
-                    match program.load() {
-                        Ok(()) => break,
-                        Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                            if io_error.raw_os_error() == Some(EAGAIN) && attempts < 4 =>
-                        {
-                            attempts += 1;
-                        }
-                        Err(e) => {
-                            return Err(e)
-                                .with_context(|| format!("the kernel refused to load {name}"));
-                        }
-                    }
-                }
+                load_verified(program)
+                    .with_context(|| format!("the kernel refused to load {name}"))?;
             }
         }
         Ok(())
@@ -815,5 +798,56 @@ fn raise_memlock_limit() {
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if rc != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// Loads `program` into the kernel. The verifier gives up with EAGAIN when a
+/// signal is pending on this thread mid-check (a loaded machine stretches
+/// the window to a second): signals are held off this thread while it loads
+/// (process signals go to another thread or wait), and a load that still
+/// meets one is retried, as libbpf does.
+pub fn load_verified(program: &mut Xdp) -> Result<(), aya::programs::ProgramError> {
+    const EAGAIN: i32 = 11;
+    let mut attempts = 0;
+    loop {
+        let held = SignalsHeld::new();
+        let loaded = program.load();
+        drop(held);
+        match loaded {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(EAGAIN) && attempts < 9 =>
+            {
+                attempts += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Blocks every blockable signal on the calling thread until dropped (then
+/// restores the previous mask).
+struct SignalsHeld {
+    previous: libc::sigset_t,
+}
+
+impl SignalsHeld {
+    fn new() -> Self {
+        // SAFETY: plain libc calls on sigset_t values we own.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+            Self { previous }
+        }
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` on the same thread.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut());
+        }
     }
 }

@@ -1048,6 +1048,25 @@ fn tcp_bench(
         ratio.fmt(1.0, 2),
         yes_no(ratio.median <= 0.5)
     ));
+    // What each gateway adds to kernel routing's CPU per connection, within
+    // each round: the part of the cost that is the gateway's own.
+    let above = |n: Option<usize>| match (at(Kind::Kernel), n) {
+        (Some(k), Some(n)) => Spread::of(
+            &res[n]
+                .iter()
+                .zip(&res[k])
+                .map(|(x, r)| x.1 - r.1)
+                .collect::<Vec<_>>(),
+        ),
+        _ => Spread::of(&[]),
+    };
+    let (plink_above, nft_above) = (above(at(Kind::Plink)), above(at(Kind::Nft)));
+    md.push_str(&format!(
+        "| plink, gateway CPU per connection above kernel routing, µs | {} | reported | — |\n\
+         | nftables, gateway CPU per connection above kernel routing, µs | {} | reported | — |\n",
+        plink_above.fmt(1.0, 1),
+        nft_above.fmt(1.0, 1),
+    ));
     if at(Kind::NftFt).is_some() {
         md.push_str(&format!(
             "| plink ÷ nftables + flowtable, gateway CPU per connection | {} | ≤ 0.5 | {} |\n",
@@ -1062,6 +1081,8 @@ fn tcp_bench(
             "gateways": json,
             "plink_over_nftables_cpu_per_connection": ratio.json(),
             "plink_over_nftables_flowtable_cpu_per_connection": ratio_ft.json(),
+            "plink_cpu_us_per_connection_above_routing": plink_above.json(),
+            "nftables_cpu_us_per_connection_above_routing": nft_above.json(),
         }),
     ))
 }
