@@ -24,6 +24,8 @@ mod mtu;
 mod programs;
 #[path = "golden/setup.rs"]
 mod setup;
+#[path = "golden/udp.rs"]
+mod udp;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -163,7 +165,10 @@ pub enum Step {
     /// Time passes.
     Sleep(Duration),
     /// Poll (up to 5 s) until the condition holds.
-    WaitFor(&'static str, Box<dyn FnMut(&mut Bench) -> bool>),
+    WaitFor(
+        &'static str,
+        Box<dyn FnMut(&mut Bench) -> anyhow::Result<bool>>,
+    ),
     Expect(Expect),
     /// A change outside the datapath and the spec (a neighbour, a map
     /// entry, the hop generation).
@@ -227,13 +232,37 @@ impl Step {
         Step::Expect(Expect::Count(counter, value))
     }
 
-    pub fn wait_for(what: &'static str, until: impl FnMut(&mut Bench) -> bool + 'static) -> Step {
+    pub fn wait_for(
+        what: &'static str,
+        until: impl FnMut(&mut Bench) -> anyhow::Result<bool> + 'static,
+    ) -> Step {
         Step::WaitFor(what, Box::new(until))
     }
 
     pub fn act(what: &'static str, f: impl FnOnce(&mut Bench) + 'static) -> Step {
         Step::Do(what, Box::new(f))
     }
+}
+
+/// XDP_REDIRECT with exactly these bytes, whatever their checksums say (a
+/// checksum carried bad on purpose, UDP's "no checksum").
+pub fn exactly(want: Vec<u8>) -> Want {
+    Want::RedirectWith(Box::new(move |_, out| {
+        assert_eq!(hex(out), hex(&want), "output bytes (got, want)")
+    }))
+}
+
+/// A new flow of endpoint `ep`: counted once, one conntrack entry more.
+pub fn opens(ep: u32) -> [(Counter, i64); 2] {
+    [
+        (Counter::Endpoint(ep, Field::FlowsCreated), 1),
+        (Counter::Flows, 1),
+    ]
+}
+
+/// A drop counted against endpoint `ep` under `reason`.
+pub fn ep_drop(ep: u32, reason: DropReason) -> (Counter, i64) {
+    (Counter::EndpointDrops(ep, reason), 1)
 }
 
 /// The loaded dataplane inside the gateway namespace.
@@ -290,7 +319,7 @@ impl Bench {
                 Step::Sleep(d) => std::thread::sleep(d),
                 Step::WaitFor(what, mut until) => {
                     netns::wait_for(what, Duration::from_secs(5), || {
-                        Ok(until(self).then_some(()))
+                        Ok(until(self)?.then_some(()))
                     })
                     .unwrap();
                 }
