@@ -14,6 +14,8 @@
 //!   p0 ── provider, 198.51.100.1/24, neighbours .10 and .11 permanent,
 //!         .99 routed but unresolved (NO_NEIGH)
 
+#[path = "golden/conntrack.rs"]
+mod conntrack;
 #[path = "golden/fuzz.rs"]
 mod fuzz;
 #[path = "golden/legacy.rs"]
