@@ -26,6 +26,8 @@ mod mtu;
 mod programs;
 #[path = "golden/setup.rs"]
 mod setup;
+#[path = "golden/tcp.rs"]
+mod tcp;
 #[path = "golden/udp.rs"]
 mod udp;
 

@@ -312,3 +312,22 @@ pub fn error_reply(offending: &[u8], ty: u8, code: u8, mtu: u16, gw_mac: [u8; 6]
     let mac: [u8; 6] = offending[6..12].try_into().unwrap();
     p.macs(gw_mac, mac).build()
 }
+
+/// What the consumer sees of a provider packet, translated back: from the
+/// endpoint `ep` to the client `client`, out of the gateway's consumer
+/// interface (`gw_mac`) to `client_mac`.
+pub fn untranslated(
+    p: &Ipv4Packet,
+    gw_mac: [u8; 6],
+    client_mac: [u8; 6],
+    ep: (Ipv4Addr, u16),
+    client: (Ipv4Addr, u16),
+) -> Vec<u8> {
+    let mut t = p.clone().macs(gw_mac, client_mac);
+    t.src = ep.0;
+    t.sport = ep.1;
+    t.dst = client.0;
+    t.dport = client.1;
+    t.ttl -= 1;
+    t.build()
+}
