@@ -14,6 +14,10 @@
 //!   p0 ── provider, 198.51.100.1/24, neighbours .10 and .11 permanent,
 //!         .99 routed but unresolved (NO_NEIGH)
 
+#[path = "golden/arp_and_isolation.rs"]
+mod arp_and_isolation;
+#[path = "golden/caps_and_nat.rs"]
+mod caps_and_nat;
 #[path = "golden/conntrack.rs"]
 mod conntrack;
 #[path = "golden/fuzz.rs"]
@@ -22,6 +26,8 @@ mod fuzz;
 mod legacy;
 #[path = "golden/mtu.rs"]
 mod mtu;
+#[path = "golden/parse.rs"]
+mod parse;
 #[path = "golden/programs.rs"]
 mod programs;
 #[path = "golden/setup.rs"]
