@@ -14,6 +14,8 @@
 //!   p0 ── provider, 198.51.100.1/24, neighbours .10 and .11 permanent,
 //!         .99 routed but unresolved (NO_NEIGH)
 
+#[path = "golden/approval.rs"]
+mod approval;
 #[path = "golden/arp_and_isolation.rs"]
 mod arp_and_isolation;
 #[path = "golden/caps_and_nat.rs"]
@@ -24,6 +26,8 @@ mod conntrack;
 mod fuzz;
 #[path = "golden/legacy.rs"]
 mod legacy;
+#[path = "golden/lifecycle.rs"]
+mod lifecycle;
 #[path = "golden/mtu.rs"]
 mod mtu;
 #[path = "golden/parse.rs"]
