@@ -24,6 +24,8 @@ mod caps_and_nat;
 mod conntrack;
 #[path = "golden/fuzz.rs"]
 mod fuzz;
+#[path = "golden/icmp.rs"]
+mod icmp;
 #[path = "golden/legacy.rs"]
 mod legacy;
 #[path = "golden/lifecycle.rs"]
