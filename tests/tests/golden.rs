@@ -26,6 +26,8 @@ mod conntrack;
 mod fuzz;
 #[path = "golden/icmp.rs"]
 mod icmp;
+#[path = "golden/icmp_errors.rs"]
+mod icmp_errors;
 #[path = "golden/legacy.rs"]
 mod legacy;
 #[path = "golden/lifecycle.rs"]
