@@ -28,8 +28,6 @@ mod fuzz;
 mod icmp;
 #[path = "golden/icmp_errors.rs"]
 mod icmp_errors;
-#[path = "golden/legacy.rs"]
-mod legacy;
 #[path = "golden/lifecycle.rs"]
 mod lifecycle;
 #[path = "golden/mtu.rs"]
@@ -71,6 +69,11 @@ use plink_tests::{
 
 use setup::*;
 
+/// A check of a case's output: `check(input, output)`.
+pub type OutputCheck = Box<dyn Fn(&[u8], &[u8])>;
+/// A condition polled until it holds.
+pub type Poll = Box<dyn FnMut(&mut Bench) -> anyhow::Result<bool>>;
+
 /// What a case expects of the program's verdict and output.
 pub enum Want {
     /// XDP_REDIRECT with exactly these bytes (checksums valid).
@@ -87,7 +90,7 @@ pub enum Want {
     /// XDP_REDIRECT, no drop counted, and `check(input, output)` holds: for
     /// outputs that are not golden on purpose (a bad checksum carried, a port
     /// the probe picked).
-    RedirectWith(Box<dyn Fn(&[u8], &[u8])>),
+    RedirectWith(OutputCheck),
 }
 
 /// A counter the runner can read before and after a case.
@@ -183,10 +186,7 @@ pub enum Step {
     /// Time passes.
     Sleep(Duration),
     /// Poll (up to 5 s) until the condition holds.
-    WaitFor(
-        &'static str,
-        Box<dyn FnMut(&mut Bench) -> anyhow::Result<bool>>,
-    ),
+    WaitFor(&'static str, Poll),
     Expect(Expect),
     /// A change outside the datapath and the spec (a neighbour, a map
     /// entry, the hop generation).
@@ -424,25 +424,6 @@ impl Bench {
             );
         }
         run
-    }
-
-    /// The long-hand form of a case (cases not yet in tables).
-    pub fn case(
-        &mut self,
-        name: &str,
-        prog: &'static str,
-        ifindex: u32,
-        frame: &[u8],
-        want: Want,
-    ) -> XdpRun {
-        self.check(&Case {
-            name: name.to_string(),
-            prog,
-            ingress: ifindex,
-            frame: frame.to_vec(),
-            want,
-            deltas: Vec::new(),
-        })
     }
 }
 
