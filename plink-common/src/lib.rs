@@ -525,10 +525,19 @@ pub struct EpLimitState {
     /// New flows admitted in that second.
     pub window_count: u64,
     /// Expired flows of this endpoint that the datapath removed itself to
-    /// reuse their NAT port (no controller needed; atomic adds).
+    /// reuse their NAT port or cap slot (no controller needed; atomic adds).
     pub flows_reclaimed: u64,
+    /// Next entry of the endpoint's `EP_RECENT` ring a refused new flow
+    /// checks for an expired flow to reclaim.
+    pub recent_cursor: u64,
 }
-const _: () = assert!(core::mem::size_of::<EpLimitState>() == 32);
+const _: () = assert!(core::mem::size_of::<EpLimitState>() == 40);
+
+/// Flows per endpoint whose keys the datapath remembers (`EP_RECENT`, a ring
+/// written at creation): where the max-flows cap refuses a new flow, the
+/// datapath looks there for an expired flow of the endpoint to reclaim, so
+/// the cap frees itself without the controller's GC.
+pub const EP_RECENT_FLOWS: u32 = 8;
 
 /// Per-CPU traffic counters, used per endpoint, service, backend and NAT
 /// address. Bytes are IP packet lengths; `in` = consumer → service.

@@ -8,10 +8,10 @@
 //! redirect to the ingress interface goes through `ndo_xdp_xmit`, which wakes
 //! the peer whenever it has NAPI. The controller sets the flag per interface
 //! from its driver; everything else keeps XDP_TX.
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_redirect, programs::XdpContext};
-use plink_common::{DropReason, iface_flags};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use plink_common::iface_flags;
 
-use crate::{maps::INTERFACES, stats};
+use crate::{forward, maps::INTERFACES};
 
 /// Sends the frame, rewritten in place, back out of its ingress interface
 /// whose [`iface_flags`] are `flags`.
@@ -20,12 +20,7 @@ pub fn back_out(ctx: &XdpContext, flags: u8, endpoint_id: u32) -> u32 {
     if flags & iface_flags::ANSWER_BY_REDIRECT == 0 {
         return xdp_action::XDP_TX;
     }
-    // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32;
-    if action != xdp_action::XDP_REDIRECT {
-        return stats::drop(DropReason::RedirectFailed, endpoint_id);
-    }
-    action
+    forward::redirect(ctx.ingress_ifindex() as u32, endpoint_id)
 }
 
 /// The [`iface_flags`] of the ingress interface (0 when unknown).

@@ -1,20 +1,22 @@
 //! Consumer side: only approved endpoint flows are forwarded; everything else
 //! is dropped with a reason (never XDP_PASS: the kernel must not route it).
-use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns,
-    helpers::generated::bpf_redirect, programs::XdpContext,
-};
+//!
+//! The steps of an IPv4 packet, in order: the ingress interface (a consumer
+//! interface, which names the consumer network), parse, conntrack (the
+//! established fast path), the endpoint (for every other packet), open or
+//! restart the flow, the next hop (cached or routed), rewrite, count,
+//! redirect.
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use plink_common::{
-    CtFwdKey, CtFwdValue, DropReason, EndpointKey, GlobalConfig, IPPROTO_ICMP, IPPROTO_TCP,
-    IfaceInfo, ep_state, flow_expired, flow_hash, icmp_type, last_seen_moved, role, tcp_state,
-    v4_be,
+    CtFwdKey, CtFwdValue, DropReason, GlobalConfig, IPPROTO_ICMP, IPPROTO_TCP, IfaceInfo,
+    flow_expired, flow_hash, icmp_type, last_seen_moved, role, tcp_state, v4_be,
 };
 
 use crate::{
-    arp, conntrack,
-    fib::{self, NextHop},
-    icmp,
-    maps::{CT_FWD, ENDPOINTS, EP_GEN, GLOBAL, INTERFACES, SCRATCH},
+    arp, conntrack, endpoint,
+    forward::{self, NextHop},
+    icmp, limits,
+    maps::{CT_FWD, GLOBAL, INTERFACES, SCRATCH_ICMP},
     mss,
     parse::{
         ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Flow, TCP_SYN, addressed_to_us, ether_type, parse_ipv4,
@@ -22,6 +24,7 @@ use crate::{
     },
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
+    step::{Step, step},
 };
 
 #[inline(always)]
@@ -45,12 +48,12 @@ pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
 
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
-    // Step 0: the interface must be a consumer interface we were told about.
+    // Interface: a consumer interface we were told about.
     let network_id = match iface {
         Some(i) if i.role == role::CONSUMER => i.network_id,
         _ => return drop(DropReason::UnknownInterface, NO_EP),
     };
-    // Step 1: parse.
+    // Parse.
     let f = match parse_ipv4(ctx) {
         Ok(f) => f,
         Err(r) => return drop(r, NO_EP),
@@ -63,9 +66,6 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
         }
         return drop(DropReason::IcmpUnsupported, NO_EP);
     }
-    // Step 2: conntrack first, keyed by (consumer network, 5-tuple). An
-    // established flow of an unchanged, approved endpoint answers everything
-    // the packet needs; the endpoint is looked up only for the others.
     let key = CtFwdKey {
         src_addr_be: v4_be(f.src_be),
         dst_addr_be: v4_be(f.dst_be),
@@ -75,21 +75,20 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
         proto: f.proto,
         _pad: [0; 3],
     };
+    // Conntrack first: an established flow of an unchanged, approved
+    // endpoint answers everything the packet needs.
+    let found = CT_FWD.get_ptr_mut(&key);
+    if let Some(v) = found {
+        step!(established(XdpContext { ctx: ctx.ctx }, &f, &key, v), NO_EP);
+    }
+    // The slow path: a new, restarted or changed flow, or one whose next
+    // hop must be looked up.
     let Some(g) = GLOBAL.get(0) else {
         return drop(DropReason::FibFailed, NO_EP);
     };
     // SAFETY: helper without arguments. The coarse clock (one jiffy) is
     // what the expiry rule's slack allows for.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let found = CT_FWD.get_ptr_mut(&key);
-    if let Some(v) = found {
-        let action = established(XdpContext { ctx: ctx.ctx }, &f, &key, v);
-        if action != NOT_ESTABLISHED {
-            return action;
-        }
-    }
-    // Step 2b, the slow path: a new, restarted or changed flow, or one
-    // whose next hop must be looked up.
     let (v, opened) = match open(ctx, &f, &key, found, now, g) {
         Ok(o) => o,
         Err(action) => return action,
@@ -114,11 +113,10 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     if !conntrack::entry_is(v, flow_hash(&key)) {
         return drop(DropReason::CtBroken, endpoint_id);
     }
-    // Step 3: the next hop, before any rewrite so that a drop leaves the
-    // packet untouched: the flow's cached hop while the provider side's
-    // routes and neighbours are unchanged and the packet fits its MTU,
+    // Next hop, before any rewrite so that a drop leaves the packet
+    // untouched: the cached one if current and the packet fits its MTU,
     // else a route lookup (which also answers "fragmentation needed").
-    if !(v.hop_gen == g.hop_gen && v.hop_gen != 0 && f.tot_len <= v.hop_mtu) {
+    if !hop_cached(v, g, &f) {
         let mut hop = NextHop {
             src_be: m.src_be,
             dst_be: m.dst_be,
@@ -129,13 +127,13 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
             dmac: [0; 6],
             mtu: 0,
         };
-        let rc = fib::lookup(ctx, &mut hop);
-        if rc != 0 {
+        let routed = forward::route(ctx, &mut hop);
+        if !routed.is_next() {
             // The packet does not leave: the flow it opened is not kept.
             if opened == Opened::Created {
                 conntrack::release(&key, endpoint_id);
             }
-            if rc == DropReason::FragNeeded as u32 + 1 {
+            if routed.reason() == Some(DropReason::FragNeeded) {
                 // Path MTU discovery: the consumer learns the provider side's MTU.
                 return icmp::reply_error(
                     XdpContext { ctx: ctx.ctx },
@@ -144,10 +142,7 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
                     endpoint_id,
                 );
             }
-            return match DropReason::from_index(rc - 1) {
-                Some(r) => drop(r, endpoint_id),
-                None => drop(DropReason::FibFailed, endpoint_id),
-            };
+            return routed.finish(endpoint_id);
         }
         v.hop_ifindex = hop.ifindex;
         v.hop_mtu = hop.mtu;
@@ -178,7 +173,6 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     if fresh {
         stats::count_flow_created(v);
     }
-    // Step 4: rewrite and redirect.
     let egress = v.hop_ifindex;
     let nat = Nat {
         smac: v.hop_smac,
@@ -188,19 +182,23 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     emit::<true>(ctx, &f, &nat, v, egress)
 }
 
-/// [`established`]'s answer for a packet it leaves to the slow path.
-const NOT_ESTABLISHED: u32 = u32::MAX;
+/// Is the flow's cached next hop current (the provider side's routes and
+/// neighbours unchanged since) and does the packet fit its MTU?
+#[inline(always)]
+fn hop_cached(v: &CtFwdValue, g: &GlobalConfig, f: &Flow) -> bool {
+    v.hop_gen == g.hop_gen && v.hop_gen != 0 && f.tot_len <= v.hop_mtu
+}
 
 /// The fast path: an established flow of an unchanged, approved endpoint
 /// whose cached next hop is current and fits the packet is rewritten and
-/// redirected with no other lookup; returns the verdict, or
-/// [`NOT_ESTABLISHED`] (nothing changed) for the slow path to decide.
+/// redirected with no other lookup; returns the verdict, or `NEXT` (nothing
+/// changed) for the slow path to decide.
 // Out of line, returning one value for every way it declines: the verifier
 // then continues the slow path from one state instead of one per check.
 #[inline(never)]
-fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) -> u32 {
+fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) -> Step {
     let Some(g) = GLOBAL.get(0) else {
-        return NOT_ESTABLISHED;
+        return Step::NEXT;
     };
     // SAFETY: map value pointer, valid for this program run; concurrent
     // CPUs write the same fields with the same kind of values.
@@ -208,16 +206,14 @@ fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) ->
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if flow_expired(v, now, &g.timeouts)
-        || !conntrack::endpoint_current(v)
+        || !endpoint::current(v)
         || f.ttl <= 1
-        || v.hop_gen != g.hop_gen
-        || v.hop_gen == 0
-        || f.tot_len > v.hop_mtu
+        || !hop_cached(v, g, f)
         // SYNs (MSS clamping) take the slow path: the option walk's stack
         // does not fit on top of this function's.
         || (f.proto == IPPROTO_TCP && f.tcp_flags & TCP_SYN != 0)
     {
-        return NOT_ESTABLISHED;
+        return Step::NEXT;
     }
     // Read first, check second (see the slow path).
     let nat = Nat {
@@ -230,7 +226,7 @@ fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) ->
     };
     let egress = v.hop_ifindex;
     if !conntrack::entry_is(v, flow_hash(key)) {
-        return NOT_ESTABLISHED;
+        return Step::NEXT;
     }
     if last_seen_moved(v.last_seen_ns, now) {
         v.last_seen_ns = now;
@@ -241,7 +237,7 @@ fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) ->
             v.tcp_state = state;
         }
     }
-    emit::<false>(&ctx, f, &nat, v, egress)
+    Step::verdict(emit::<false>(&ctx, f, &nat, v, egress))
 }
 
 /// Rewrites the packet with `nat`, counts it against the flow `v` and
@@ -262,12 +258,7 @@ fn emit<const SYNS: bool>(
         mss::on_syn(ctx, f, v.service_id, v.endpoint_id, egress, mss::IN);
     }
     stats::count_packet(v, f.tot_len as u64, false);
-    // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(egress, 0) } as u32;
-    if action != xdp_action::XDP_REDIRECT {
-        return drop(DropReason::RedirectFailed, v.endpoint_id);
-    }
-    action
+    forward::redirect(egress, v.endpoint_id)
 }
 
 /// The slow path of a consumer packet that is no established flow: the
@@ -284,23 +275,7 @@ fn open(
     now: u64,
     g: &GlobalConfig,
 ) -> Result<(*mut CtFwdValue, Opened), u32> {
-    let ep_key = EndpointKey {
-        network_id: key.network_id,
-        addr_be: key.dst_addr_be,
-        port_be: f.dport_be,
-        proto: f.proto,
-        _pad: 0,
-    };
-    // SAFETY: map value copied out.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ep_key) }).copied() else {
-        return Err(drop(DropReason::NoEndpoint, NO_EP));
-    };
-    match ep.state {
-        ep_state::APPROVED => {}
-        ep_state::PENDING => return Err(drop(DropReason::EndpointPending, ep.endpoint_id)),
-        ep_state::REJECTED => return Err(drop(DropReason::EndpointRejected, ep.endpoint_id)),
-        _ => return Err(drop(DropReason::EndpointRemoved, ep.endpoint_id)),
-    }
+    let ep = endpoint::lookup(f, key).map_err(|(s, ep)| s.finish(ep))?;
     // A packet that cannot be forwarded opens no flow: time exceeded comes
     // back from the endpoint address (the consumer's view of the next hop).
     if f.ttl <= 1 {
@@ -315,8 +290,7 @@ fn open(
     if let Some(v) = found {
         // SAFETY: map value pointer, read only here.
         let vr = unsafe { &*v };
-        let gen_id = EP_GEN.get(ep.endpoint_id).map_or(0, |e| e.gen_id);
-        if vr.endpoint_id == ep.endpoint_id && vr.ep_gen == gen_id {
+        if vr.endpoint_id == ep.endpoint_id && vr.ep_gen == endpoint::generation(ep.endpoint_id) {
             if !flow_expired(vr, now, &g.timeouts) {
                 // Current (the generation map lagged the endpoint map).
                 return Ok((v, Opened::No));
@@ -335,14 +309,19 @@ fn open(
     if !opens {
         return Err(drop(DropReason::TcpNoFlow, ep.endpoint_id));
     }
-    let rc = conntrack::new_flow(XdpContext { ctx: ctx.ctx }, key, &ep, now);
-    let opened = if rc == conntrack::CREATED {
+    // The endpoint's caps, here rather than inside `new_flow`: reclaiming an
+    // expired flow at the cap takes a call frame the deeper chain lacks.
+    if let Err(r) = limits::admit(&ep, now) {
+        stats::count_refusal(ep.endpoint_id, ep.service_id, r);
+        return Err(drop(r, ep.endpoint_id));
+    }
+    let created = conntrack::new_flow(XdpContext { ctx: ctx.ctx }, key, &ep, now);
+    let opened = if created.is_next() {
         Opened::Created
-    } else if rc == conntrack::RACE_LOST {
+    } else if created == conntrack::RACE_LOST {
         Opened::No
     } else {
-        let r = DropReason::from_index(rc - 1).unwrap_or(DropReason::ConntrackFull);
-        return Err(drop(r, ep.endpoint_id));
+        return Err(created.finish(ep.endpoint_id));
     };
     match CT_FWD.get_ptr_mut(key) {
         Some(v) => Ok((v, opened)),
@@ -365,21 +344,15 @@ enum Opened {
 /// `icmp::consumer_error`, routed to the backend from here.
 #[inline(always)]
 fn forward_error(ctx: &XdpContext, network_id: u32, tot_len: u16) -> u32 {
-    let rc = icmp::consumer_error(XdpContext { ctx: ctx.ctx }, network_id, tot_len as u32);
-    if rc != 0 {
-        return rc;
-    }
-    let (Some(s), Some(g)) = (SCRATCH.get_ptr(0), GLOBAL.get(0)) else {
+    step!(
+        icmp::consumer_error(XdpContext { ctx: ctx.ctx }, network_id, tot_len as u32),
+        NO_EP
+    );
+    let (Some(s), Some(g)) = (SCRATCH_ICMP.get_ptr(0), GLOBAL.get(0)) else {
         return drop(DropReason::FibFailed, NO_EP);
     };
     // SAFETY: this CPU's scratch slot, just written by consumer_error.
-    let (src_be, dst_be, ep) = unsafe {
-        (
-            (*s).rev.nat_addr_be[0],
-            (*s).rev.backend_addr_be[0],
-            (*s).v.endpoint_id,
-        )
-    };
+    let (src_be, dst_be, ep) = unsafe { ((*s).nat_be, (*s).backend_be, (*s).endpoint_id) };
     let mut hop = NextHop {
         src_be,
         dst_be,
@@ -390,20 +363,9 @@ fn forward_error(ctx: &XdpContext, network_id: u32, tot_len: u16) -> u32 {
         dmac: [0; 6],
         mtu: 0,
     };
-    let rc = fib::lookup(ctx, &mut hop);
-    if rc != 0 {
-        return drop(
-            DropReason::from_index(rc - 1).unwrap_or(DropReason::FibFailed),
-            ep,
-        );
-    }
+    step!(forward::route(ctx, &mut hop), ep);
     if !(store::<[u8; 6]>(ctx, 0, hop.dmac) && store::<[u8; 6]>(ctx, 6, hop.smac)) {
         return drop(DropReason::Malformed, ep);
     }
-    // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
-    if action != xdp_action::XDP_REDIRECT {
-        return drop(DropReason::RedirectFailed, ep);
-    }
-    action
+    forward::redirect(hop.ifindex, ep)
 }

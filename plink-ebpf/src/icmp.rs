@@ -1,16 +1,16 @@
-//! ICMP errors about a flow, from the provider side back to its consumer
-//! (RFC 5508 §4.2): the error quotes the packet we sent (NAT address/port →
-//! backend), so both the outer header (to the consumer, from the endpoint
-//! address) and the quoted header (consumer → endpoint, as the consumer sent
-//! it) are translated, with every checksum updated incrementally.
+//! ICMP errors about a flow, translated both ways (RFC 5508 §4.2) by one
+//! rewrite over a description of the direction (`Translation`): an error
+//! from the provider side quotes the packet we sent (NAT address/port →
+//! backend) and goes back to the consumer as if about the packet it sent;
+//! an error from a consumer-side router quotes a reply and goes to the
+//! backend as if about the packet it sent. The outer and the quoted header
+//! are both translated, every checksum updated incrementally. Also the
+//! errors plink answers itself (time exceeded, fragmentation needed).
 //!
 //! A slow path: out of line so the verifier checks it once, apart from the
 //! per-packet path.
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::{
-        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-    },
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use plink_common::{
@@ -18,13 +18,14 @@ use plink_common::{
 };
 
 use crate::{
-    fib,
-    maps::{CT_FWD, CT_REV, GLOBAL, SCRATCH},
+    forward,
+    maps::{CT_FWD, CT_REV, GLOBAL, SCRATCH_ICMP},
     parse::{
         ICMP_CHECK, IP_CHECK, IP_DADDR, IP_LEN, IP_OFF, IP_SADDR, IP_TTL, L4_OFF, load, ptr_at,
         store,
     },
     stats::{self, NO_EP, drop},
+    step::Step,
 };
 
 /// The quoted (inner) IPv4 header: after the 8-byte ICMP error header.
@@ -53,20 +54,40 @@ pub fn is_error(t: u8) -> bool {
 #[inline(never)]
 pub fn provider_error(ctx: XdpContext, tot_len: u32) -> u32 {
     match translate(&ctx, tot_len as u16) {
-        Ok(ifindex) => {
-            // SAFETY: plain helper call.
-            let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
-            if action != xdp_action::XDP_REDIRECT {
-                return drop(DropReason::RedirectFailed, NO_EP);
-            }
-            action
-        }
+        Ok(ifindex) => forward::redirect(ifindex, NO_EP),
         Err((r, ep)) => drop(r, ep),
     }
 }
 
+/// The quoted packet of an ICMP error, as read (one bounds check).
+struct Quote {
+    proto: u8,
+    /// Quoted source and destination address.
+    src: u32,
+    dst: u32,
+    /// The first three 16-bit words of the quoted transport header: ports
+    /// (TCP/UDP), or type+code, checksum and echo id (ICMP).
+    l4: [u16; 3],
+}
+
+/// What a translated error says: the quoted packet's new addresses and
+/// transport words, and the outer header's new source and destination.
+struct Translation {
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    /// The quoted echo id (ICMP quotes).
+    icmp_id: u16,
+    out_src: u32,
+    out_dst: u32,
+}
+
+/// Reads the quote of the error in `ctx` (`tot_len` bytes of IP): it must
+/// quote a whole option-less, unfragmented IPv4 header and 8 transport bytes
+/// inside the IP packet, and be sent to the address that sent the quote.
 #[inline(always)]
-fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
+fn read_quote(ctx: &XdpContext, tot_len: u16) -> Result<Quote, (DropReason, u32)> {
     let malformed = (DropReason::Malformed, NO_EP);
     let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
     // Outer ICMP header, quoted IP header and 8 quoted transport bytes must
@@ -90,31 +111,172 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     if ver_ihl != 0x45 || frag & u16::from_ne_bytes([0x3f, 0xff]) != 0 {
         return Err(no_flow);
     }
-    let (in_src, in_dst, out_dst) = (rd32(IN_SADDR), rd32(IN_DADDR), rd32(IP_DADDR));
+    let (src, dst, out_dst) = (rd32(IN_SADDR), rd32(IN_DADDR), rd32(IP_DADDR));
     // The error must go to the address that sent the quoted packet.
-    if in_src != out_dst {
+    if src != out_dst {
         return Err(no_flow);
     }
-    let l4 = [rd16(IN_L4), rd16(IN_L4 + 2), rd16(IN_L4 + 4)];
+    Ok(Quote {
+        proto,
+        src,
+        dst,
+        l4: [rd16(IN_L4), rd16(IN_L4 + 2), rd16(IN_L4 + 4)],
+    })
+}
+
+/// Is flow `v` one an error may still be about: not expired (errors do not
+/// refresh flows, RFC 5508), its endpoint current? Errors about it are
+/// counted against its endpoint from here on.
+#[inline(always)]
+fn flow_alive(v: &plink_common::CtFwdValue) -> Result<(), (DropReason, u32)> {
+    let ep = v.endpoint_id;
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if flow_expired(v, now, &g.timeouts) || !crate::endpoint::current(v) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    Ok(())
+}
+
+/// Rewrites the error in `ctx` as `t` says, both ways alike: the quoted
+/// header and transport words (with the quoted transport checksum where it
+/// was quoted, as Linux does), the outer ICMP checksum over every quoted
+/// byte that changes, and the outer header (TTL - 1). `ep` is the flow's
+/// endpoint, for the drops.
+#[inline(always)]
+fn rewrite_error(
+    ctx: &XdpContext,
+    q: &Quote,
+    t: &Translation,
+    tot_len: u16,
+    ep: u32,
+) -> Result<(), (DropReason, u32)> {
+    let malformed = (DropReason::Malformed, ep);
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: offsets below IN_L4 + 8 are inside the checked region.
+    let rd16 = |off: usize| unsafe { p.add(off).cast::<u16>().read_unaligned() };
+    // SAFETY: as above.
+    let rd32 = |off: usize| unsafe { p.add(off).cast::<u32>().read_unaligned() };
+    let (ttl_word, out_check, out_src, out_dst, icmp_check, in_check) = (
+        rd16(IP_TTL),
+        rd16(IP_CHECK),
+        rd32(IP_SADDR),
+        rd32(IP_DADDR),
+        rd16(ICMP_CHECK),
+        rd16(IN_CHECK),
+    );
+    let ttl = ttl_word.to_ne_bytes()[0];
+    if ttl <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let mut new_in_check = csum::update32(in_check, q.src, t.src);
+    new_in_check = csum::update32(new_in_check, q.dst, t.dst);
+    let mut ic = csum::update32(icmp_check, q.src, t.src);
+    ic = csum::update32(ic, q.dst, t.dst);
+    ic = csum::update16(ic, in_check, new_in_check);
+    if q.proto == IPPROTO_ICMP {
+        let (old_id, inner_icmp_check) = (q.l4[2], q.l4[1]);
+        let new_inner = csum::update16(inner_icmp_check, old_id, t.icmp_id);
+        ic = csum::update16(ic, old_id, t.icmp_id);
+        ic = csum::update16(ic, inner_icmp_check, new_inner);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_ICMP_ID).cast::<u16>().write_unaligned(t.icmp_id);
+            p.add(IN_ICMP_CHECK)
+                .cast::<u16>()
+                .write_unaligned(new_inner);
+        }
+    } else {
+        ic = csum::update16(ic, q.l4[0], t.sport);
+        ic = csum::update16(ic, q.l4[1], t.dport);
+        // SAFETY: inside the checked region.
+        unsafe {
+            p.add(IN_L4)
+                .cast::<[u16; 2]>()
+                .write_unaligned([t.sport, t.dport]);
+        }
+        let check_off = if q.proto == IPPROTO_UDP {
+            IN_UDP_CHECK
+        } else {
+            IN_TCP_CHECK
+        };
+        if IP_OFF + tot_len as usize >= check_off + 2
+            && let Some(old) = load::<u16>(ctx, check_off)
+        {
+            let mut l = csum::update32(old, q.src, t.src);
+            l = csum::update32(l, q.dst, t.dst);
+            l = csum::update16(l, q.l4[0], t.sport);
+            l = csum::update16(l, q.l4[1], t.dport);
+            if q.proto == IPPROTO_UDP {
+                l = csum::udp_finish(old, l);
+            }
+            ic = csum::update16(ic, old, l);
+            if !store::<u16>(ctx, check_off, l) {
+                return Err(malformed);
+            }
+        }
+    }
+    let new_ttl_word = {
+        let mut b = ttl_word.to_ne_bytes();
+        b[0] = ttl - 1;
+        u16::from_ne_bytes(b)
+    };
+    let mut oc = csum::update16(out_check, ttl_word, new_ttl_word);
+    oc = csum::update32(oc, out_src, t.out_src);
+    oc = csum::update32(oc, out_dst, t.out_dst);
+    // Re-derive the region: the store above may have been the last use the
+    // verifier tracked for `p`.
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: inside the checked region.
+    unsafe {
+        p.add(IN_SADDR).cast::<u32>().write_unaligned(t.src);
+        p.add(IN_DADDR).cast::<u32>().write_unaligned(t.dst);
+        p.add(IN_CHECK).cast::<u16>().write_unaligned(new_in_check);
+        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(ic);
+        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
+        p.add(IP_SADDR).cast::<u32>().write_unaligned(t.out_src);
+        p.add(IP_DADDR).cast::<u32>().write_unaligned(t.out_dst);
+        p.add(IP_CHECK).cast::<u16>().write_unaligned(oc);
+    }
+    Ok(())
+}
+
+/// Provider side: the quote is a packet plink sent (NAT address/port →
+/// backend); it becomes client → endpoint, as the consumer sent it, and the
+/// error goes from the endpoint address to the client. Returns the flow's
+/// consumer interface.
+#[inline(always)]
+fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    let q = read_quote(ctx, tot_len)?;
     // (NAT port, backend port) of the quoted packet, as the reverse key has them.
-    let (nat_port, backend_port) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => (l4[0], l4[1]),
+    let (nat_port, backend_port) = match q.proto {
+        IPPROTO_TCP | IPPROTO_UDP => (q.l4[0], q.l4[1]),
         // Only an echo request of ours can be quoted; its id is the NAT "port".
-        IPPROTO_ICMP if l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REQUEST => (l4[2], 0),
+        IPPROTO_ICMP if q.l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REQUEST => (q.l4[2], 0),
         _ => return Err(no_flow),
     };
     // The key is built in the per-CPU scratch slot: this slow path runs
     // below the provider program's frame and the stack is 512 bytes in all.
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+    let Some(s) = SCRATCH_ICMP.get_ptr_mut(0) else {
         return Err(no_flow);
     };
     // SAFETY: this CPU's slot; XDP runs to completion.
     let rev = unsafe { &mut (*s).rev };
-    rev.nat_addr_be = v4_be(in_src);
-    rev.backend_addr_be = v4_be(in_dst);
+    rev.nat_addr_be = v4_be(q.src);
+    rev.backend_addr_be = v4_be(q.dst);
     rev.nat_port_be = nat_port;
     rev.backend_port_be = backend_port;
-    rev.proto = proto;
+    rev.proto = q.proto;
     rev._pad = [0; 3];
     // SAFETY: map value, read only.
     let Some(owner) = (unsafe { CT_REV.get(rev) }) else {
@@ -125,119 +287,37 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     let Some(v) = (unsafe { CT_FWD.get(&owner.fwd) }) else {
         return Err(no_flow);
     };
-    if v.nat_addr_be[0] != in_src
+    if v.nat_addr_be[0] != q.src
         || v.nat_port_be != nat_port
-        || v.backend_addr_be[0] != in_dst
+        || v.backend_addr_be[0] != q.dst
         || v.backend_port_be != backend_port
     {
         return Err((DropReason::CtBroken, v.endpoint_id));
     }
+    flow_alive(v)?;
     let ep = v.endpoint_id;
-    let Some(g) = GLOBAL.get(0) else {
-        return Err((DropReason::IcmpErrorNoFlow, ep));
-    };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if flow_expired(v, now, &g.timeouts) || !crate::conntrack::endpoint_current(v) {
-        return Err((DropReason::IcmpErrorNoFlow, ep));
-    }
-    let (ttl_word, out_check, out_src, icmp_check, in_check) = (
-        rd16(IP_TTL),
-        rd16(IP_CHECK),
-        rd32(IP_SADDR),
-        rd16(ICMP_CHECK),
-        rd16(IN_CHECK),
-    );
-    let ttl = ttl_word.to_ne_bytes()[0];
-    if ttl <= 1 {
-        return Err((DropReason::TtlExceeded, ep));
-    }
-    let client = owner.fwd.src_addr_be[0];
-    let endpoint = owner.fwd.dst_addr_be[0];
+    let (client, endpoint) = (owner.fwd.src_addr_be[0], owner.fwd.dst_addr_be[0]);
     let (client_port, endpoint_port) = (owner.fwd.src_port_be, owner.fwd.dst_port_be);
-
-    // Quoted header: NAT → client, backend → endpoint.
-    let mut new_in_check = csum::update32(in_check, in_src, client);
-    new_in_check = csum::update32(new_in_check, in_dst, endpoint);
-    // The outer ICMP checksum covers every quoted byte that changes.
-    let mut ic = csum::update32(icmp_check, in_src, client);
-    ic = csum::update32(ic, in_dst, endpoint);
-    ic = csum::update16(ic, in_check, new_in_check);
-
-    if proto == IPPROTO_ICMP {
-        let (old_id, inner_icmp_check) = (l4[2], l4[1]);
-        let new_inner = csum::update16(inner_icmp_check, old_id, client_port);
-        ic = csum::update16(ic, old_id, client_port);
-        ic = csum::update16(ic, inner_icmp_check, new_inner);
-        // SAFETY: inside the checked region.
-        unsafe {
-            p.add(IN_ICMP_ID).cast::<u16>().write_unaligned(client_port);
-            p.add(IN_ICMP_CHECK)
-                .cast::<u16>()
-                .write_unaligned(new_inner);
-        }
-    } else {
-        ic = csum::update16(ic, l4[0], client_port);
-        ic = csum::update16(ic, l4[1], endpoint_port);
-        // SAFETY: inside the checked region.
-        unsafe {
-            p.add(IN_L4)
-                .cast::<[u16; 2]>()
-                .write_unaligned([client_port, endpoint_port]);
-        }
-        // The quoted transport checksum is updated only where it was quoted
-        // (inside the IP packet), as Linux does: a truncated quote keeps its bytes.
-        let check_off = if proto == IPPROTO_UDP {
-            IN_UDP_CHECK
-        } else {
-            IN_TCP_CHECK
-        };
-        if IP_OFF + tot_len as usize >= check_off + 2
-            && let Some(old) = load::<u16>(ctx, check_off)
-        {
-            let mut l = csum::update32(old, in_src, client);
-            l = csum::update32(l, in_dst, endpoint);
-            l = csum::update16(l, l4[0], client_port);
-            l = csum::update16(l, l4[1], endpoint_port);
-            if proto == IPPROTO_UDP {
-                l = csum::udp_finish(old, l);
-            }
-            ic = csum::update16(ic, old, l);
-            if !store::<u16>(ctx, check_off, l) {
-                return Err((DropReason::Malformed, ep));
-            }
-        }
-    }
-
-    // Outer header: from the endpoint address to the client, TTL - 1.
-    let new_ttl_word = {
-        let mut b = ttl_word.to_ne_bytes();
-        b[0] = ttl - 1;
-        u16::from_ne_bytes(b)
+    let t = Translation {
+        src: client,
+        dst: endpoint,
+        sport: client_port,
+        dport: endpoint_port,
+        icmp_id: client_port,
+        out_src: endpoint,
+        out_dst: client,
     };
-    let mut oc = csum::update16(out_check, ttl_word, new_ttl_word);
-    oc = csum::update32(oc, out_src, endpoint);
-    oc = csum::update32(oc, out_dst, client);
-    // Re-derive the region: the store above may have been the last use the
-    // verifier tracked for `p`.
-    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+    rewrite_error(ctx, &q, &t, tot_len, ep)?;
+    let Some(p) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return Err((DropReason::Malformed, ep));
     };
     let p = p.cast::<u8>();
     // SAFETY: inside the checked region.
     unsafe {
-        p.add(IN_SADDR).cast::<u32>().write_unaligned(client);
-        p.add(IN_DADDR).cast::<u32>().write_unaligned(endpoint);
-        p.add(IN_CHECK).cast::<u16>().write_unaligned(new_in_check);
-        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(ic);
-        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
-        p.add(IP_SADDR).cast::<u32>().write_unaligned(endpoint);
-        p.add(IP_DADDR).cast::<u32>().write_unaligned(client);
-        p.add(IP_CHECK).cast::<u16>().write_unaligned(oc);
         p.cast::<[u8; 6]>().write_unaligned(v.client_mac);
         p.add(6).cast::<[u8; 6]>().write_unaligned(v.gw_mac);
     }
-    if !fib::fits_mtu(ctx, v.ingress_ifindex) {
+    if !forward::fits_mtu(ctx, v.ingress_ifindex) {
         return Err((DropReason::FragNeeded, ep));
     }
     stats::count_packet(v, tot_len as u64, true);
@@ -364,168 +444,70 @@ fn fold(mut s: u32) -> u16 {
 /// backend sent it, and the outer header NAT address → backend. The flow
 /// key includes `network_id`, so a consumer can only reach its own flows.
 ///
-/// Returns 0 when translated, leaving the route query (NAT address →
-/// backend) and the endpoint id in the scratch slot's `rev` and `v` for the
-/// caller, whose frame already holds a `NextHop` (routing here would put a
-/// third frame on the 512-byte stack); otherwise the XDP action (a counted drop).
+/// `NEXT` when translated, leaving the route query (NAT address →
+/// backend) and the endpoint id in the `SCRATCH_ICMP` slot for the caller,
+/// whose frame already holds a `NextHop` (routing here would put a third
+/// frame on the 512-byte stack); otherwise the verdict (a counted drop).
 #[inline(never)]
-pub fn consumer_error(ctx: XdpContext, network_id: u32, tot_len: u32) -> u32 {
+pub fn consumer_error(ctx: XdpContext, network_id: u32, tot_len: u32) -> Step {
     match consumer_translate(&ctx, network_id, tot_len as u16) {
-        Ok(()) => 0,
-        Err((r, ep)) => drop(r, ep),
+        Ok(()) => Step::NEXT,
+        Err((r, ep)) => Step::verdict(drop(r, ep)),
     }
 }
 
+/// Consumer side: the quote is a reply as the consumer got it (endpoint →
+/// client); it becomes backend → NAT address/port, as the backend sent it,
+/// and the error goes from the NAT address to the backend.
 #[inline(always)]
 fn consumer_translate(
     ctx: &XdpContext,
     network_id: u32,
     tot_len: u16,
 ) -> Result<(), (DropReason, u32)> {
-    let malformed = (DropReason::Malformed, NO_EP);
     let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
-    if (tot_len as usize) < IP_LEN + 8 + IP_LEN + 8 {
-        return Err(malformed);
-    }
-    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
-        return Err(malformed);
-    };
-    let p = p.cast::<u8>();
-    // SAFETY: offsets below IN_L4 + 8 are inside the checked region.
-    let rd16 = |off: usize| unsafe { p.add(off).cast::<u16>().read_unaligned() };
-    // SAFETY: as above.
-    let rd32 = |off: usize| unsafe { p.add(off).cast::<u32>().read_unaligned() };
-    // SAFETY: as above.
-    let (ver_ihl, frag, proto) = unsafe { (*p.add(IN_IP), rd16(IN_IP + 6), *p.add(IN_IP + 9)) };
-    if ver_ihl != 0x45 || frag & u16::from_ne_bytes([0x3f, 0xff]) != 0 {
-        return Err(no_flow);
-    }
-    // Quoted: a reply, endpoint → client. The error goes to the endpoint.
-    let (in_src, in_dst, out_dst) = (rd32(IN_SADDR), rd32(IN_DADDR), rd32(IP_DADDR));
-    if in_src != out_dst {
-        return Err(no_flow);
-    }
-    let l4 = [rd16(IN_L4), rd16(IN_L4 + 2), rd16(IN_L4 + 4)];
+    let q = read_quote(ctx, tot_len)?;
     // (client port, endpoint port) as the forward key has them.
-    let (client_port, endpoint_port) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => (l4[1], l4[0]),
-        IPPROTO_ICMP if l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REPLY => (l4[2], 0),
+    let (client_port, endpoint_port) = match q.proto {
+        IPPROTO_TCP | IPPROTO_UDP => (q.l4[1], q.l4[0]),
+        IPPROTO_ICMP if q.l4[0].to_ne_bytes()[0] == icmp_type::ECHO_REPLY => (q.l4[2], 0),
         _ => return Err(no_flow),
     };
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+    let Some(s) = SCRATCH_ICMP.get_ptr_mut(0) else {
         return Err(no_flow);
     };
     // SAFETY: this CPU's slot; XDP runs to completion.
-    let key = unsafe { &mut (*s).owner.fwd };
-    key.src_addr_be = v4_be(in_dst);
-    key.dst_addr_be = v4_be(in_src);
+    let key = unsafe { &mut (*s).fwd };
+    key.src_addr_be = v4_be(q.dst);
+    key.dst_addr_be = v4_be(q.src);
     key.network_id = network_id;
     key.src_port_be = client_port;
     key.dst_port_be = endpoint_port;
-    key.proto = proto;
+    key.proto = q.proto;
     key._pad = [0; 3];
     // SAFETY: map value, read only; errors do not refresh flows.
     let Some(v) = (unsafe { CT_FWD.get(key) }) else {
         return Err(no_flow);
     };
+    flow_alive(v)?;
     let ep = v.endpoint_id;
-    let Some(g) = GLOBAL.get(0) else {
-        return Err((DropReason::IcmpErrorNoFlow, ep));
-    };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if flow_expired(v, now, &g.timeouts) || !crate::conntrack::endpoint_current(v) {
-        return Err((DropReason::IcmpErrorNoFlow, ep));
-    }
-    let (ttl_word, out_check, out_src, icmp_check, in_check) = (
-        rd16(IP_TTL),
-        rd16(IP_CHECK),
-        rd32(IP_SADDR),
-        rd16(ICMP_CHECK),
-        rd16(IN_CHECK),
-    );
-    let ttl = ttl_word.to_ne_bytes()[0];
-    if ttl <= 1 {
-        return Err((DropReason::TtlExceeded, ep));
-    }
     let (nat, backend) = (v.nat_addr_be[0], v.backend_addr_be[0]);
     let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);
-    // SAFETY: this CPU's slot (the key above lives in another field).
-    unsafe {
-        (*s).rev.nat_addr_be[0] = nat;
-        (*s).rev.backend_addr_be[0] = backend;
-        (*s).v.endpoint_id = ep;
-    }
-    // Quoted header: endpoint → backend (source), client → NAT (destination).
-    let mut new_in_check = csum::update32(in_check, in_src, backend);
-    new_in_check = csum::update32(new_in_check, in_dst, nat);
-    let mut ic = csum::update32(icmp_check, in_src, backend);
-    ic = csum::update32(ic, in_dst, nat);
-    ic = csum::update16(ic, in_check, new_in_check);
-    if proto == IPPROTO_ICMP {
-        let (old_id, inner_icmp_check) = (l4[2], l4[1]);
-        let new_inner = csum::update16(inner_icmp_check, old_id, nat_port);
-        ic = csum::update16(ic, old_id, nat_port);
-        ic = csum::update16(ic, inner_icmp_check, new_inner);
-        // SAFETY: inside the checked region.
-        unsafe {
-            p.add(IN_ICMP_ID).cast::<u16>().write_unaligned(nat_port);
-            p.add(IN_ICMP_CHECK)
-                .cast::<u16>()
-                .write_unaligned(new_inner);
-        }
-    } else {
-        ic = csum::update16(ic, l4[0], backend_port);
-        ic = csum::update16(ic, l4[1], nat_port);
-        // SAFETY: inside the checked region.
-        unsafe {
-            p.add(IN_L4)
-                .cast::<[u16; 2]>()
-                .write_unaligned([backend_port, nat_port]);
-        }
-        let check_off = if proto == IPPROTO_UDP {
-            IN_UDP_CHECK
-        } else {
-            IN_TCP_CHECK
-        };
-        if IP_OFF + tot_len as usize >= check_off + 2
-            && let Some(old) = load::<u16>(ctx, check_off)
-        {
-            let mut l = csum::update32(old, in_src, backend);
-            l = csum::update32(l, in_dst, nat);
-            l = csum::update16(l, l4[0], backend_port);
-            l = csum::update16(l, l4[1], nat_port);
-            if proto == IPPROTO_UDP {
-                l = csum::udp_finish(old, l);
-            }
-            ic = csum::update16(ic, old, l);
-            if !store::<u16>(ctx, check_off, l) {
-                return Err((DropReason::Malformed, ep));
-            }
-        }
-    }
-    let new_ttl_word = {
-        let mut b = ttl_word.to_ne_bytes();
-        b[0] = ttl - 1;
-        u16::from_ne_bytes(b)
+    let t = Translation {
+        src: backend,
+        dst: nat,
+        sport: backend_port,
+        dport: nat_port,
+        icmp_id: nat_port,
+        out_src: nat,
+        out_dst: backend,
     };
-    let mut oc = csum::update16(out_check, ttl_word, new_ttl_word);
-    oc = csum::update32(oc, out_src, nat);
-    oc = csum::update32(oc, out_dst, backend);
-    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
-        return Err((DropReason::Malformed, ep));
-    };
-    let p = p.cast::<u8>();
-    // SAFETY: inside the checked region.
+    rewrite_error(ctx, &q, &t, tot_len, ep)?;
+    // SAFETY: this CPU's slot.
     unsafe {
-        p.add(IN_SADDR).cast::<u32>().write_unaligned(backend);
-        p.add(IN_DADDR).cast::<u32>().write_unaligned(nat);
-        p.add(IN_CHECK).cast::<u16>().write_unaligned(new_in_check);
-        p.add(ICMP_CHECK).cast::<u16>().write_unaligned(ic);
-        p.add(IP_TTL).cast::<u16>().write_unaligned(new_ttl_word);
-        p.add(IP_SADDR).cast::<u32>().write_unaligned(nat);
-        p.add(IP_DADDR).cast::<u32>().write_unaligned(backend);
-        p.add(IP_CHECK).cast::<u16>().write_unaligned(oc);
+        (*s).nat_be = nat;
+        (*s).backend_be = backend;
+        (*s).endpoint_id = ep;
     }
     stats::count_packet(v, tot_len as u64, false);
     Ok(())

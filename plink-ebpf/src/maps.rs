@@ -1,15 +1,16 @@
 //! Every map the datapath uses, defined in one place. Sizes marked "sized at
 //! load" are overridden by the controller (`EbpfLoader::map_max_entries`).
+use crate::scratch::{IcmpWork, NewFlow, Victim};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use plink_common::{
     Addr, BackendInfo, Counters, CtFwdKey, CtFwdValue, CtOwner, CtRevKey,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EndpointGen, EndpointKey,
-    EndpointValue, EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS,
-    MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey, NetAddrKey,
-    ServiceConfig,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EP_RECENT_FLOWS, EndpointGen,
+    EndpointKey, EndpointValue, EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS,
+    MAX_ENDPOINTS, MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey,
+    NetAddrKey, ServiceConfig,
 };
 
 /// Per-interface counters keyed by ifindex. The controller inserts a zeroed
@@ -70,6 +71,12 @@ pub static NAT_PORTS: HashMap<NatPortKey, CtOwner> =
 #[map(name = "EP_LIMITS")]
 pub static EP_LIMITS: Array<EpLimitState> = Array::with_max_entries(MAX_ENDPOINTS, 0);
 
+/// The keys of each endpoint's last `EP_RECENT_FLOWS` flows, a ring indexed
+/// by `endpoint_id * EP_RECENT_FLOWS + flows_created % EP_RECENT_FLOWS`
+/// (see `limits::reclaim_recent`). Not pinned: a hint, rebuilt by new flows.
+#[map(name = "EP_RECENT")]
+pub static EP_RECENT: Array<CtFwdKey> = Array::with_max_entries(MAX_ENDPOINTS * EP_RECENT_FLOWS, 0);
+
 /// Per-endpoint flows freed by the controller's GC (written by userspace only).
 #[map(name = "EP_GC_FREED")]
 pub static EP_GC_FREED: Array<u64> = Array::with_max_entries(MAX_ENDPOINTS, 0);
@@ -101,7 +108,13 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::C
 pub static EP_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_ENDPOINTS * DropReason::COUNT, 0);
 
-/// Per-CPU scratch space for the slow path: the new flow's entries are built
-/// here instead of on the 512-byte BPF stack.
-#[map(name = "SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU scratch areas of the slow paths, one per use (`scratch.rs`):
+/// working sets built here instead of on the 512-byte BPF stack.
+#[map(name = "SCRATCH_NEW_FLOW")]
+pub static SCRATCH_NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SCRATCH_VICTIM")]
+pub static SCRATCH_VICTIM: PerCpuArray<Victim> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SCRATCH_ICMP")]
+pub static SCRATCH_ICMP: PerCpuArray<IcmpWork> = PerCpuArray::with_max_entries(1, 0);

@@ -2,8 +2,7 @@
 //! NAT addresses is answered; everything else is the gateway's own traffic
 //! and passes to the kernel.
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns,
-    helpers::generated::bpf_redirect, programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use plink_common::{
     CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, NatAddrInfo, flow_expired, icmp_type,
@@ -11,7 +10,7 @@ use plink_common::{
 };
 
 use crate::{
-    arp, conntrack, icmp,
+    arp, conntrack, endpoint, forward, icmp,
     maps::{CT_FWD, CT_REV, GLOBAL, INTERFACES, NAT_ADDRS},
     mss,
     parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4},
@@ -110,7 +109,7 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     }
     // The datapath does not rely on the controller's purge: a reply of a
     // flow whose endpoint was rejected, removed or re-pointed is dropped.
-    if !conntrack::endpoint_current(v) {
+    if !endpoint::current(v) {
         return drop(DropReason::ReplyEndpointNotApproved, endpoint_id);
     }
     if f.ttl <= 1 {
@@ -142,12 +141,7 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         mss::OUT,
     );
     stats::count_packet(v, f.tot_len as u64, true);
-    // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(v.ingress_ifindex, 0) } as u32;
-    if action != xdp_action::XDP_REDIRECT {
-        return drop(DropReason::RedirectFailed, endpoint_id);
-    }
-    action
+    forward::redirect(v.ingress_ifindex, endpoint_id)
 }
 
 /// The NAT address `dst_be`, if plink owns (or just retired) it.

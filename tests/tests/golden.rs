@@ -452,3 +452,60 @@ pub fn golden_sized(
         })
         .unwrap();
 }
+
+/// Without any GC (no controller), an endpoint at its max-flows cap gets its
+/// slot back from an expired flow of its own: the datapath reclaims it from
+/// the endpoint's ring of recent flows when the cap refuses. Short
+/// connections keep being accepted, round after round, and a live flow
+/// still holds the cap.
+#[test]
+fn golden_an_endpoint_at_its_cap_reclaims_its_expired_flows_without_a_controller() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    spec.timeouts.tcp_transitory = Duration::from_millis(200);
+    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
+    gw.host
+        .run_in(move || {
+            let mut b = Bench::new(&spec);
+            let syn = |port| {
+                Ipv4Packet::tcp((CLIENT, port), (EP_CAPPED, 80), TCP_SYN)
+                    .macs(CLIENT_MAC, c1_mac)
+                    .build()
+            };
+            // EP_CAPPED allows one live flow.
+            for round in 0..4u16 {
+                let port = 42000 + round * 2;
+                let started = std::time::Instant::now();
+                // The first round's slot is free; later rounds' is held by
+                // the previous round's expired flow until it is reclaimed.
+                netns::wait_for(
+                    "a new flow to get the cap slot of the expired one",
+                    Duration::from_secs(5),
+                    || {
+                        let run = b.raw(prog_names::CONSUMER, c1, &syn(port));
+                        Ok((run.verdict == verdict::REDIRECT).then_some(()))
+                    },
+                )
+                .unwrap();
+                let refused = b.raw(prog_names::CONSUMER, c1, &syn(port + 1));
+                if started.elapsed() < Duration::from_millis(200) {
+                    assert_eq!(refused.verdict, verdict::DROP, "a live flow holds the cap");
+                }
+                let flows = b.dp.list_conntrack().unwrap();
+                assert_eq!(
+                    flows.iter().filter(|f| f.endpoint_id == 7).count(),
+                    1,
+                    "round {round}: one flow of the capped endpoint: {flows:?}"
+                );
+            }
+            let drops = b.dp.endpoint_drop_counts(7).unwrap();
+            assert!(drops[&DropReason::CapMaxFlows] >= 1, "{drops:?}");
+            assert_eq!(
+                b.dp.counters(CounterKind::Endpoint, 7)
+                    .unwrap()
+                    .flows_created,
+                4
+            );
+        })
+        .unwrap();
+}

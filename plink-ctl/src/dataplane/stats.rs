@@ -39,16 +39,12 @@ impl Dataplane {
     /// A service's counters: the datapath counts its packets and bytes only
     /// per NAT address (one counter less per packet), the rest per service.
     fn service_counters(&mut self, id: u32) -> anyhow::Result<Counters> {
-        let mut total = self.sum_counters(map_names::SVC_STATS, id)?;
-        let mut traffic = Counters::default();
+        let own = self.sum_counters(map_names::SVC_STATS, id)?;
+        let mut slots = Vec::with_capacity(MAX_NAT_SLOTS);
         for slot in 0..MAX_NAT_SLOTS as u32 {
-            traffic.add(&self.nat_counters(id, slot)?);
+            slots.push(self.nat_counters(id, slot)?);
         }
-        total.packets_in = traffic.packets_in;
-        total.bytes_in = traffic.bytes_in;
-        total.packets_out = traffic.packets_out;
-        total.bytes_out = traffic.bytes_out;
-        Ok(total)
+        Ok(service_total(own, &slots))
     }
 
     /// Counters of a service's NAT address in `slot`.
@@ -97,6 +93,23 @@ impl Dataplane {
     }
 }
 
+/// A service's counters from its own slot (flows, refusals, MSS, PMTU) and
+/// its NAT addresses' slots, whose traffic (packets, bytes) is the
+/// service's: the datapath counts traffic once per packet, per NAT address.
+pub fn service_total(own: Counters, nat_slots: &[Counters]) -> Counters {
+    let mut traffic = Counters::default();
+    for c in nat_slots {
+        traffic.add(c);
+    }
+    Counters {
+        packets_in: traffic.packets_in,
+        bytes_in: traffic.bytes_in,
+        packets_out: traffic.packets_out,
+        bytes_out: traffic.bytes_out,
+        ..own
+    }
+}
+
 /// The counters `/metrics` reads; the dataplane itself, or a
 /// [`CounterReader`] that needs no lock on it.
 pub trait CounterSource {
@@ -136,6 +149,7 @@ impl CounterSource for Dataplane {
 pub struct CounterReader {
     ep: PerCpuArray<MapData, Counters>,
     svc: PerCpuArray<MapData, Counters>,
+    nat: PerCpuArray<MapData, Counters>,
     backend: PerCpuArray<MapData, Counters>,
     drops: PerCpuArray<MapData, u64>,
     ep_drops: PerCpuArray<MapData, u64>,
@@ -155,6 +169,7 @@ impl CounterReader {
         Ok(Self {
             ep: PerCpuArray::try_from(array(map_names::EP_STATS)?)?,
             svc: PerCpuArray::try_from(array(map_names::SVC_STATS)?)?,
+            nat: PerCpuArray::try_from(array(map_names::NAT_STATS)?)?,
             backend: PerCpuArray::try_from(array(map_names::BACKEND_STATS)?)?,
             drops: PerCpuArray::try_from(array(map_names::DROPS)?)?,
             ep_drops: PerCpuArray::try_from(array(map_names::EP_DROPS)?)?,
@@ -172,18 +187,30 @@ fn sum_u64_at(arr: &PerCpuArray<MapData, u64>, index: u32) -> anyhow::Result<u64
         .fold(0u64, |a, v| a.wrapping_add(*v)))
 }
 
+fn sum_counters_at(arr: &PerCpuArray<MapData, Counters>, index: u32) -> anyhow::Result<Counters> {
+    let mut total = Counters::default();
+    for v in arr.get(&index, 0)?.iter() {
+        total.add(v);
+    }
+    Ok(total)
+}
+
 impl CounterSource for CounterReader {
     fn counters(&mut self, kind: CounterKind, id: u32) -> anyhow::Result<Counters> {
-        let arr = match kind {
-            CounterKind::Endpoint => &self.ep,
-            CounterKind::Service => &self.svc,
-            CounterKind::Backend => &self.backend,
-        };
-        let mut total = Counters::default();
-        for v in arr.get(&id, 0)?.iter() {
-            total.add(v);
+        match kind {
+            CounterKind::Endpoint => sum_counters_at(&self.ep, id),
+            CounterKind::Backend => sum_counters_at(&self.backend, id),
+            CounterKind::Service => {
+                let mut slots = Vec::with_capacity(MAX_NAT_SLOTS);
+                for slot in 0..MAX_NAT_SLOTS as u32 {
+                    slots.push(sum_counters_at(
+                        &self.nat,
+                        id * MAX_NAT_SLOTS as u32 + slot,
+                    )?);
+                }
+                Ok(service_total(sum_counters_at(&self.svc, id)?, &slots))
+            }
         }
-        Ok(total)
     }
     fn endpoint_drop_counts(
         &mut self,
@@ -205,5 +232,33 @@ impl CounterSource for CounterReader {
     }
     fn interface_stats(&mut self) -> anyhow::Result<BTreeMap<u32, IfStats>> {
         super::sum_interface_stats(&self.ifaces)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_services_traffic_is_the_sum_of_its_nat_addresses() {
+        let own = Counters {
+            packets_in: 999,
+            flows_created: 3,
+            refused_rate: 2,
+            ..Default::default()
+        };
+        let slot = |p, b| Counters {
+            packets_in: p,
+            bytes_in: b,
+            packets_out: p + 1,
+            bytes_out: b + 1,
+            flows_created: 100,
+            ..Default::default()
+        };
+        let t = service_total(own, &[slot(1, 10), slot(2, 20), Counters::default()]);
+        assert_eq!((t.packets_in, t.bytes_in), (3, 30));
+        assert_eq!((t.packets_out, t.bytes_out), (5, 32));
+        // Flows and refusals are the service's own, not the slots'.
+        assert_eq!((t.flows_created, t.refused_rate), (3, 2));
     }
 }

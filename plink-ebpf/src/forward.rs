@@ -1,15 +1,29 @@
-//! Route lookup for consumer → service packets, constrained to the provider side.
+//! Forwarding: the route lookup for consumer → service packets (constrained
+//! to the provider side), the MTU check of the reverse path, and the one
+//! redirect every forwarded or answered frame leaves by.
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action,
     },
-    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
     programs::XdpContext,
 };
 use plink_common::{DropReason, role};
 
-use crate::maps::INTERFACES;
+use crate::{maps::INTERFACES, stats, step::Step};
+
+/// Redirects the frame to `ifindex`; a refused redirect is a drop counted
+/// against `endpoint_id` (or `NO_EP`).
+#[inline(always)]
+pub fn redirect(ifindex: u32, endpoint_id: u32) -> u32 {
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+    if action != xdp_action::XDP_REDIRECT {
+        return stats::drop(DropReason::RedirectFailed, endpoint_id);
+    }
+    action
+}
 
 const AF_INET: u8 = 2;
 
@@ -30,11 +44,12 @@ pub struct NextHop {
 /// Looks up the route from `src_be` to `dst_be` as if the packet arrived on
 /// `provider_ifindex`; the egress must be a provider interface and the
 /// neighbour resolved (the controller keeps backends' neighbours managed).
+/// `NEXT` with the hop filled in, or the drop (`FragNeeded` with `hop.mtu`).
 #[inline(never)]
-pub fn lookup(ctx: &XdpContext, hop: &mut NextHop) -> u32 {
+pub fn route(ctx: &XdpContext, hop: &mut NextHop) -> Step {
     match lookup_inner(ctx, hop) {
-        Ok(()) => 0,
-        Err(r) => r as u32 + 1,
+        Ok(()) => Step::NEXT,
+        Err(r) => Step::drop(r),
     }
 }
 

@@ -1,0 +1,35 @@
+//! The per-CPU scratch areas of the slow paths (one per use, each in its own
+//! per-CPU map in `maps.rs`): working sets too large for the 512-byte BPF
+//! stack. XDP runs to completion on its CPU, so a slot is this packet's.
+use plink_common::{CtFwdKey, CtFwdValue, CtOwner, CtRevKey, NatPortKey};
+
+/// A new flow's three entries as they are built and inserted
+/// (`conntrack::new_flow`); `conntrack::release` reads them back.
+#[repr(C)]
+pub struct NewFlow {
+    pub v: CtFwdValue,
+    pub owner: CtOwner,
+    pub rev: CtRevKey,
+    pub port: NatPortKey,
+}
+
+/// The keys of a flow the datapath removes itself (an endpoint's changed
+/// flow, an expired NAT port owner).
+#[repr(C)]
+pub struct Victim {
+    pub rev: CtRevKey,
+    pub port: NatPortKey,
+}
+
+/// ICMP error translation: the quoted packet's conntrack keys, and where a
+/// consumer-side error is routed to.
+#[repr(C)]
+pub struct IcmpWork {
+    pub rev: CtRevKey,
+    pub fwd: CtFwdKey,
+    /// Out (consumer-side errors): the flow's NAT address and backend, the
+    /// outer source and destination of the translated error.
+    pub nat_be: u32,
+    pub backend_be: u32,
+    pub endpoint_id: u32,
+}
