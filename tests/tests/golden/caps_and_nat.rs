@@ -309,3 +309,60 @@ fn golden_expired_flows_free_their_nat_port_without_a_controller() {
         ]);
     });
 }
+
+/// Without any GC (no controller), an endpoint at its max-flows cap gets its
+/// slot back from an expired flow of its own: the datapath reclaims it from
+/// the endpoint's ring of recent flows when the cap refuses. Short
+/// connections keep being accepted, round after round, and a live flow
+/// still holds the cap.
+#[test]
+fn golden_an_endpoint_at_its_cap_reclaims_its_expired_flows_without_a_controller() {
+    let gw = gateway();
+    let mut spec = spec(&gw);
+    spec.timeouts.tcp_transitory = Duration::from_millis(200);
+    golden(&gw, spec, |b, n, _| {
+        let syn = move |port| capped(n, port);
+        let mut steps = Vec::new();
+        // EP_CAPPED allows one live flow.
+        for round in 0..4u16 {
+            let port = 42000 + round * 2;
+            let started = Rc::new(Cell::new(Instant::now()));
+            let (s1, s2) = (started.clone(), started);
+            steps.extend([
+                Step::act("the round's clock starts", move |_| s1.set(Instant::now())),
+                // The first round's slot is free; later rounds' is held by
+                // the previous round's expired flow until it is reclaimed.
+                Step::wait_for(
+                    "a new flow to get the cap slot of the expired one",
+                    move |b| {
+                        Ok(b.raw(prog_names::CONSUMER, n.c1, &syn(port)).verdict
+                            == verdict::REDIRECT)
+                    },
+                ),
+                // Only checkable while the new flow has surely not expired.
+                Step::expect("a live flow holds the cap", move |b| {
+                    let refused = b.raw(prog_names::CONSUMER, n.c1, &syn(port + 1));
+                    if s2.get().elapsed() < Duration::from_millis(200) {
+                        assert_eq!(refused.verdict, verdict::DROP, "a live flow holds the cap");
+                    }
+                }),
+                Step::expect("one flow of the capped endpoint", move |b| {
+                    let flows = b.dp.list_conntrack().unwrap();
+                    assert_eq!(
+                        flows.iter().filter(|f| f.endpoint_id == 7).count(),
+                        1,
+                        "round {round}: one flow of the capped endpoint: {flows:?}"
+                    );
+                }),
+            ]);
+        }
+        steps.extend([
+            Step::expect("the cap refused at least once", |b| {
+                let drops = b.dp.endpoint_drop_counts(7).unwrap();
+                assert!(drops[&DropReason::CapMaxFlows] >= 1, "{drops:?}");
+            }),
+            Step::count(Counter::Endpoint(7, Field::FlowsCreated), 4),
+        ]);
+        b.run(steps);
+    });
+}
