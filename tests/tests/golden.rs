@@ -13,6 +13,13 @@
 //!   c1 ── consumer network 1    c2 ── consumer network 2
 //!   p0 ── provider, 198.51.100.1/24, neighbours .10 and .11 permanent,
 //!         .99 routed but unresolved (NO_NEIGH)
+//!
+//! Tables, one module per concern: `tcp`, `udp`, `icmp` (echo, time
+//! exceeded, answers by redirect), `icmp_errors` (RFC 5508 both ways), `mtu`
+//! (frag needed, MSS clamp), `parse` (refused frames), `arp_and_isolation`,
+//! `approval`, `lifecycle` (reloads), `caps_and_nat`, `conntrack`; `setup`
+//! holds the topology, the spec and frame builders, `programs` the verifier
+//! and neighbour checks, `fuzz` the randomised invariants.
 
 #[path = "golden/approval.rs"]
 mod approval;
