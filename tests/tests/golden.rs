@@ -1,18 +1,54 @@
 //! Golden packets through the XDP programs (BPF_PROG_TEST_RUN), as Katran
-//! tests its datapath: tables of (input frame, expected verdict, expected
-//! output bytes or drop reason), run inside a test namespace whose routes and
-//! permanent neighbours the FIB lookups see. Expected frames are built with
-//! checksums computed from scratch (tests/src/packet.rs).
+//! tests its datapath (katran/lib/testing: KatranTestFixtures.h): one table of
+//! named cases per concern, each an input frame, the program and ingress
+//! interface, the expected verdict with the expected output frame or drop
+//! reason, and the counters it must move. Steps that change state between
+//! cases (a new spec, a GC round, time passing, a map edited) are table rows
+//! too, so a scenario reads top to bottom. One runner (`Bench::run`) checks
+//! them all; cases run inside a test namespace whose routes and permanent
+//! neighbours the FIB lookups see. Expected frames are built with checksums
+//! computed from scratch (tests/src/packet.rs).
 //!
 //! Topology (gateway namespace `gw`):
 //!   c1 ── consumer network 1    c2 ── consumer network 2
 //!   p0 ── provider, 198.51.100.1/24, neighbours .10 and .11 permanent,
 //!         .99 routed but unresolved (NO_NEIGH)
+//!
+//! Tables, one module per concern: `tcp`, `udp`, `icmp` (echo, time
+//! exceeded, answers by redirect), `icmp_errors` (RFC 5508 both ways), `mtu`
+//! (frag needed, MSS clamp), `parse` (refused frames), `arp_and_isolation`,
+//! `approval`, `lifecycle` (reloads), `caps_and_nat`, `conntrack`; `setup`
+//! holds the topology, the spec and frame builders, `programs` the verifier
+//! and neighbour checks, `fuzz` the randomised invariants.
 
+#[path = "golden/approval.rs"]
+mod approval;
+#[path = "golden/arp_and_isolation.rs"]
+mod arp_and_isolation;
+#[path = "golden/caps_and_nat.rs"]
+mod caps_and_nat;
+#[path = "golden/conntrack.rs"]
+mod conntrack;
 #[path = "golden/fuzz.rs"]
 mod fuzz;
+#[path = "golden/icmp.rs"]
+mod icmp;
+#[path = "golden/icmp_errors.rs"]
+mod icmp_errors;
+#[path = "golden/lifecycle.rs"]
+mod lifecycle;
 #[path = "golden/mtu.rs"]
 mod mtu;
+#[path = "golden/parse.rs"]
+mod parse;
+#[path = "golden/programs.rs"]
+mod programs;
+#[path = "golden/setup.rs"]
+mod setup;
+#[path = "golden/tcp.rs"]
+mod tcp;
+#[path = "golden/udp.rs"]
+mod udp;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -38,230 +74,233 @@ use plink_tests::{
     },
 };
 
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-const BACKEND10_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x10];
-const BACKEND11_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x11];
+use setup::*;
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const EP_TCP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
-const EP_UDP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 51);
-const EP_PENDING: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 52);
-const EP_REJECTED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
-const EP_REMOVED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 54);
-const EP_NONEIGH: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 60);
-const EP_CAPPED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 61);
-const EP_RATED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 62);
-const BACKEND10: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const BACKEND11: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
-const BACKEND_NONEIGH: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
-const NAT_TCP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
-const NAT_UDP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 201);
-const NAT_NONEIGH: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 202);
-const UDP_PORTS: std::ops::RangeInclusive<u16> = 20000..=20009;
+/// A check of a case's output: `check(input, output)`.
+pub type OutputCheck = Box<dyn Fn(&[u8], &[u8])>;
+/// A condition polled until it holds.
+pub type Poll = Box<dyn FnMut(&mut Bench) -> anyhow::Result<bool>>;
 
-/// The gateway namespace and what the cases need to know about it.
-struct Gw {
-    _topo: Topology,
-    host: Host,
-    c1: u32,
-    c2: u32,
-    p0: u32,
-    c1_mac: [u8; 6],
-    c2_mac: [u8; 6],
-    p0_mac: [u8; 6],
-}
-
-fn gateway() -> Gw {
-    netns::require_root_and_tools();
-    let mut topo = Topology::new().unwrap();
-    let host = topo.host("gw").unwrap();
-    let cn1 = topo.host("cn1").unwrap();
-    let cn2 = topo.host("cn2").unwrap();
-    let pv = topo.host("pv").unwrap();
-    topo.link(&host, "c1", &cn1, "eth0").unwrap();
-    topo.link(&host, "c2", &cn2, "eth0").unwrap();
-    topo.link(&host, "p0", &pv, "eth0").unwrap();
-    host.ip(&["addr", "add", "198.51.100.1/24", "dev", "p0"])
-        .unwrap();
-    // bpf_fib_lookup refuses to route for an input device without forwarding;
-    // consumer interfaces keep it off (the forwarding contract).
-    host.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
-    for (ip, mac) in [
-        ("198.51.100.10", BACKEND10_MAC),
-        ("198.51.100.11", BACKEND11_MAC),
-    ] {
-        let mac = mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
-        host.ip(&[
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            &mac,
-            "dev",
-            "p0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-    }
-    Gw {
-        c1: host.ifindex("c1").unwrap(),
-        c2: host.ifindex("c2").unwrap(),
-        p0: host.ifindex("p0").unwrap(),
-        c1_mac: host.mac("c1").unwrap(),
-        c2_mac: host.mac("c2").unwrap(),
-        p0_mac: host.mac("p0").unwrap(),
-        host,
-        _topo: topo,
-    }
-}
-
-fn tcp_endpoint(id: u32, network_id: u32, addr: Ipv4Addr, service_id: u32) -> EndpointSpec {
-    EndpointSpec {
-        id,
-        network_id,
-        addr,
-        service_id,
-        protocol: Protocol::Tcp,
-        ports: vec![PortSpec {
-            port: 80,
-            target_port: 8080,
-        }],
-        state: EndpointState::Approved,
-        max_flows: 0,
-        new_flows_per_sec: 0,
-    }
-}
-
-/// Service 0 (TCP 80→8080, backends 0 and 1), service 1 (UDP 53→5353,
-/// backend 2, ten NAT ports), service 2 (TCP, an unresolved backend).
-fn spec(gw: &Gw) -> DataplaneSpec {
-    let backend = |id, service_id, addr| BackendSpec {
-        id,
-        service_id,
-        addr,
-        state: BackendState::Active,
-    };
-    let nat = |addr, ports| NatSpec {
-        addr,
-        ports,
-        draining: false,
-    };
-    let mut endpoints = vec![
-        tcp_endpoint(0, 1, EP_TCP, 0),
-        EndpointSpec {
-            protocol: Protocol::Udp,
-            ports: vec![PortSpec {
-                port: 53,
-                target_port: 5353,
-            }],
-            ..tcp_endpoint(1, 1, EP_UDP, 1)
-        },
-        EndpointSpec {
-            state: EndpointState::Pending,
-            ..tcp_endpoint(2, 1, EP_PENDING, 0)
-        },
-        EndpointSpec {
-            state: EndpointState::Rejected,
-            ..tcp_endpoint(3, 1, EP_REJECTED, 0)
-        },
-        EndpointSpec {
-            state: EndpointState::Removed,
-            ..tcp_endpoint(4, 1, EP_REMOVED, 0)
-        },
-        // Network 2 reuses network 1's endpoint address.
-        tcp_endpoint(5, 2, EP_TCP, 0),
-        tcp_endpoint(6, 1, EP_NONEIGH, 2),
-        EndpointSpec {
-            max_flows: 1,
-            ..tcp_endpoint(7, 1, EP_CAPPED, 0)
-        },
-        EndpointSpec {
-            new_flows_per_sec: 1,
-            ..tcp_endpoint(8, 1, EP_RATED, 0)
-        },
-    ];
-    endpoints.sort_by_key(|e| e.id);
-    DataplaneSpec {
-        interfaces: vec![
-            InterfaceSpec {
-                ifindex: gw.c1,
-                role: InterfaceRole::Consumer { network_id: 1 },
-                mac: gw.c1_mac,
-                answers: AnswerPath::XdpTx,
-            },
-            InterfaceSpec {
-                ifindex: gw.c2,
-                role: InterfaceRole::Consumer { network_id: 2 },
-                mac: gw.c2_mac,
-                answers: AnswerPath::XdpTx,
-            },
-            InterfaceSpec {
-                ifindex: gw.p0,
-                role: InterfaceRole::Provider,
-                mac: gw.p0_mac,
-                answers: AnswerPath::XdpTx,
-            },
-        ],
-        timeouts: TimeoutSpec::default(),
-        services: vec![
-            ServiceSpec {
-                id: 0,
-                nat: vec![nat(NAT_TCP, 1024..=65535)],
-                lookup: vec![0, 1, 0, 1, 0, 1, 0],
-                mss_clamp: plink_common::MSS_CLAMP_OFF,
-            },
-            ServiceSpec {
-                id: 1,
-                nat: vec![nat(NAT_UDP, UDP_PORTS)],
-                lookup: vec![2],
-                mss_clamp: plink_common::MSS_CLAMP_OFF,
-            },
-            ServiceSpec {
-                id: 2,
-                nat: vec![nat(NAT_NONEIGH, 1024..=65535)],
-                lookup: vec![3],
-                mss_clamp: plink_common::MSS_CLAMP_OFF,
-            },
-        ],
-        backends: vec![
-            backend(0, 0, BACKEND10),
-            backend(1, 0, BACKEND11),
-            backend(2, 1, BACKEND10),
-            backend(3, 2, BACKEND_NONEIGH),
-        ],
-        endpoints,
-        retired_nat: Default::default(),
-    }
-}
-
-/// What a case expects.
-enum Want {
-    /// XDP_REDIRECT out of `ifindex` with exactly these bytes.
+/// What a case expects of the program's verdict and output.
+pub enum Want {
+    /// XDP_REDIRECT with exactly these bytes (checksums valid).
     Redirect(Vec<u8>),
-    /// XDP_TX with exactly these bytes.
+    /// XDP_TX with exactly these bytes (checksums valid).
     Tx(Vec<u8>),
-    /// XDP_DROP counted under this reason.
+    /// XDP_DROP counted under this reason (and no other).
     Drop(DropReason),
+    /// XDP_PASS with the frame unchanged.
     Pass,
+    /// Only this verdict: frames that set state up, whose bytes other cases
+    /// pin. Unless it is XDP_DROP, no drop may be counted.
+    Verdict(u32),
+    /// XDP_REDIRECT, no drop counted, and `check(input, output)` holds: for
+    /// outputs that are not golden on purpose (a bad checksum carried, a port
+    /// the probe picked).
+    RedirectWith(OutputCheck),
+}
+
+/// A counter the runner can read before and after a case.
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    Endpoint(u32, Field),
+    Service(u32, Field),
+    /// An endpoint's drops under one reason.
+    EndpointDrops(u32, DropReason),
+    /// Flows in conntrack.
+    Flows,
+    /// NAT ports in use on one address.
+    NatPorts(Ipv4Addr),
+}
+
+/// A field of `plink_common::Counters`.
+#[derive(Clone, Copy, Debug)]
+pub enum Field {
+    PacketsIn,
+    PacketsOut,
+    BytesOut,
+    FlowsCreated,
+    RefusedMaxFlows,
+    RefusedRate,
+    NatAllocFailures,
+    MssClampedIn,
+    MssClampedOut,
+    FragNeededToBackend,
+}
+
+impl Counter {
+    fn read(self, b: &mut Bench) -> u64 {
+        let field = |c: plink_common::Counters, f: Field| match f {
+            Field::PacketsIn => c.packets_in,
+            Field::PacketsOut => c.packets_out,
+            Field::BytesOut => c.bytes_out,
+            Field::FlowsCreated => c.flows_created,
+            Field::RefusedMaxFlows => c.refused_max_flows,
+            Field::RefusedRate => c.refused_rate,
+            Field::NatAllocFailures => c.nat_alloc_failures,
+            Field::MssClampedIn => c.mss_clamped_in,
+            Field::MssClampedOut => c.mss_clamped_out,
+            Field::FragNeededToBackend => c.frag_needed_to_backend,
+        };
+        match self {
+            Counter::Endpoint(id, f) => field(b.dp.counters(CounterKind::Endpoint, id).unwrap(), f),
+            Counter::Service(id, f) => field(b.dp.counters(CounterKind::Service, id).unwrap(), f),
+            Counter::EndpointDrops(id, r) => b.dp.endpoint_drop_counts(id).unwrap()[&r],
+            Counter::Flows => b.dp.list_conntrack().unwrap().len() as u64,
+            Counter::NatPorts(addr) => {
+                b.dp.nat_ports_in_use()
+                    .unwrap()
+                    .get(&addr)
+                    .copied()
+                    .unwrap_or(0)
+            }
+        }
+    }
+}
+
+/// One golden case: a frame into a program as if it arrived on `ingress`.
+pub struct Case {
+    pub name: String,
+    pub prog: &'static str,
+    pub ingress: u32,
+    pub frame: Vec<u8>,
+    pub want: Want,
+    /// Counters that must move by exactly this much. Others are not looked
+    /// at, except the global drop counters (see `Want`).
+    pub deltas: Vec<(Counter, i64)>,
+}
+
+/// A state check between cases.
+pub enum Expect {
+    /// A counter's value.
+    Count(Counter, u64),
+    /// The NAT port count listed for an address (None: not listed).
+    NatPorts(Ipv4Addr, Option<u64>),
+    /// Any other assertion about the dataplane (flow entries' fields, …).
+    That(&'static str, Box<dyn Fn(&mut Bench)>),
+}
+
+/// One row of a scenario.
+pub enum Step {
+    Case(Case),
+    /// The controller applies a new spec.
+    Apply(DataplaneSpec),
+    /// One GC round, which collects exactly this many flows.
+    Gc(u64),
+    /// The controller purges an endpoint's flows: (flows removed, flows
+    /// remaining if stated).
+    Purge(u32, u64, Option<u64>),
+    /// Time passes.
+    Sleep(Duration),
+    /// Poll (up to 5 s) until the condition holds.
+    WaitFor(&'static str, Poll),
+    Expect(Expect),
+    /// A change outside the datapath and the spec (a neighbour, a map
+    /// entry, the hop generation).
+    Do(&'static str, Box<dyn FnOnce(&mut Bench)>),
+}
+
+/// A case of the consumer-side program.
+pub fn consumer(
+    name: impl Into<String>,
+    ingress: u32,
+    frame: impl AsRef<[u8]>,
+    want: Want,
+) -> Step {
+    case(name, prog_names::CONSUMER, ingress, frame, want)
+}
+
+/// A case of the provider-side program.
+pub fn provider(
+    name: impl Into<String>,
+    ingress: u32,
+    frame: impl AsRef<[u8]>,
+    want: Want,
+) -> Step {
+    case(name, prog_names::PROVIDER, ingress, frame, want)
+}
+
+fn case(
+    name: impl Into<String>,
+    prog: &'static str,
+    ingress: u32,
+    frame: impl AsRef<[u8]>,
+    want: Want,
+) -> Step {
+    Step::Case(Case {
+        name: name.into(),
+        prog,
+        ingress,
+        frame: frame.as_ref().to_vec(),
+        want,
+        deltas: Vec::new(),
+    })
+}
+
+impl Step {
+    /// The counter deltas a case must produce.
+    pub fn deltas(self, deltas: impl IntoIterator<Item = (Counter, i64)>) -> Step {
+        match self {
+            Step::Case(mut c) => {
+                c.deltas.extend(deltas);
+                Step::Case(c)
+            }
+            _ => panic!("only a case moves counters"),
+        }
+    }
+
+    pub fn expect(name: &'static str, check: impl Fn(&mut Bench) + 'static) -> Step {
+        Step::Expect(Expect::That(name, Box::new(check)))
+    }
+
+    pub fn count(counter: Counter, value: u64) -> Step {
+        Step::Expect(Expect::Count(counter, value))
+    }
+
+    pub fn wait_for(
+        what: &'static str,
+        until: impl FnMut(&mut Bench) -> anyhow::Result<bool> + 'static,
+    ) -> Step {
+        Step::WaitFor(what, Box::new(until))
+    }
+
+    pub fn act(what: &'static str, f: impl FnOnce(&mut Bench) + 'static) -> Step {
+        Step::Do(what, Box::new(f))
+    }
+}
+
+/// XDP_REDIRECT with exactly these bytes, whatever their checksums say (a
+/// checksum carried bad on purpose, UDP's "no checksum").
+pub fn exactly(want: Vec<u8>) -> Want {
+    Want::RedirectWith(Box::new(move |_, out| {
+        assert_eq!(hex(out), hex(&want), "output bytes (got, want)")
+    }))
+}
+
+/// A new flow of endpoint `ep`: counted once, one conntrack entry more.
+pub fn opens(ep: u32) -> [(Counter, i64); 2] {
+    [
+        (Counter::Endpoint(ep, Field::FlowsCreated), 1),
+        (Counter::Flows, 1),
+    ]
+}
+
+/// A drop counted against endpoint `ep` under `reason`.
+pub fn ep_drop(ep: u32, reason: DropReason) -> (Counter, i64) {
+    (Counter::EndpointDrops(ep, reason), 1)
 }
 
 /// The loaded dataplane inside the gateway namespace.
-struct Bench {
-    dp: Dataplane,
+pub struct Bench {
+    pub dp: Dataplane,
 }
 
 impl Bench {
-    fn new(spec: &DataplaneSpec) -> Self {
+    pub fn new(spec: &DataplaneSpec) -> Self {
         Self::with_conntrack(spec, 1024)
     }
 
-    fn with_conntrack(spec: &DataplaneSpec, conntrack: u32) -> Self {
+    pub fn with_conntrack(spec: &DataplaneSpec, conntrack: u32) -> Self {
         let mut dp = Dataplane::load_with(
             EBPF_OBJECT,
             None,
@@ -276,7 +315,7 @@ impl Bench {
         Self { dp }
     }
 
-    fn raw(&mut self, prog: &str, ifindex: u32, frame: &[u8]) -> XdpRun {
+    pub fn raw(&mut self, prog: &str, ifindex: u32, frame: &[u8]) -> XdpRun {
         golden::run(self.dp.program(prog).unwrap(), ifindex, frame).unwrap()
     }
 
@@ -284,20 +323,64 @@ impl Bench {
         self.dp.drop_counts().unwrap()
     }
 
-    /// Runs one case and checks verdict, output bytes, checksums and the
-    /// drop counters (exactly the expected reason moved, by one).
-    fn case(&mut self, name: &str, prog: &str, ifindex: u32, frame: &[u8], want: Want) -> XdpRun {
+    /// Runs a scenario's rows in order.
+    pub fn run(&mut self, steps: Vec<Step>) {
+        for step in steps {
+            match step {
+                Step::Case(c) => {
+                    self.check(&c);
+                }
+                Step::Apply(spec) => self.dp.apply(&spec).unwrap(),
+                Step::Gc(collected) => {
+                    assert_eq!(self.dp.gc_conntrack().unwrap().flows, collected, "GC round");
+                }
+                Step::Purge(id, flows, remaining) => {
+                    let r = self.dp.purge_endpoint(id).unwrap();
+                    assert_eq!(r.flows, flows, "flows purged with endpoint {id}");
+                    if let Some(remaining) = remaining {
+                        assert_eq!(r.remaining, remaining, "flows left after the purge");
+                    }
+                }
+                Step::Sleep(d) => std::thread::sleep(d),
+                Step::WaitFor(what, mut until) => {
+                    netns::wait_for(what, Duration::from_secs(5), || {
+                        Ok(until(self)?.then_some(()))
+                    })
+                    .unwrap();
+                }
+                Step::Expect(Expect::Count(counter, value)) => {
+                    assert_eq!(counter.read(self), value, "{counter:?}");
+                }
+                Step::Expect(Expect::NatPorts(addr, n)) => {
+                    let listed = self.dp.nat_ports_in_use().unwrap().get(&addr).copied();
+                    assert_eq!(listed, n, "NAT ports in use on {addr}");
+                }
+                Step::Expect(Expect::That(_, check)) => check(self),
+                Step::Do(_, f) => f(self),
+            }
+        }
+    }
+
+    /// Runs one case and checks its verdict, output bytes, checksums, the
+    /// global drop counters (exactly the expected reason moved, by one) and
+    /// the counter deltas it states.
+    pub fn check(&mut self, c: &Case) -> XdpRun {
+        let name = &c.name;
+        let counters_before: Vec<u64> = c.deltas.iter().map(|(k, _)| k.read(self)).collect();
         let before = self.drops();
-        let run = self.raw(prog, ifindex, frame);
+        let run = self.raw(c.prog, c.ingress, &c.frame);
         let after = self.drops();
         let moved: Vec<(DropReason, u64)> = after
             .iter()
             .filter(|(r, n)| before.get(r) != Some(n))
             .map(|(r, n)| (*r, n - before.get(r).copied().unwrap_or(0)))
             .collect();
-        match &want {
+        let no_drop = |moved: &[(DropReason, u64)]| {
+            assert!(moved.is_empty(), "{name}: no drop counted, got {moved:?}");
+        };
+        match &c.want {
             Want::Redirect(out) | Want::Tx(out) => {
-                let v = if matches!(want, Want::Tx(_)) {
+                let v = if matches!(c.want, Want::Tx(_)) {
                     verdict::TX
                 } else {
                     verdict::REDIRECT
@@ -312,7 +395,7 @@ impl Bench {
                     assert!(ip_checksum_ok(&run.output), "{name}: IP checksum");
                     assert!(l4_checksum_ok(&run.output), "{name}: L4 checksum");
                 }
-                assert!(moved.is_empty(), "{name}: no drop counted, got {moved:?}");
+                no_drop(&moved);
             }
             Want::Drop(reason) => {
                 assert_eq!(run.verdict, verdict::DROP, "{name}: verdict");
@@ -320,2537 +403,59 @@ impl Bench {
             }
             Want::Pass => {
                 assert_eq!(run.verdict, verdict::PASS, "{name}: verdict");
-                assert_eq!(run.output, frame, "{name}: passed unchanged");
-                assert!(moved.is_empty(), "{name}: no drop counted, got {moved:?}");
+                assert_eq!(run.output, c.frame, "{name}: passed unchanged");
+                no_drop(&moved);
             }
+            Want::Verdict(v) => {
+                assert_eq!(run.verdict, *v, "{name}: verdict (drops moved: {moved:?})");
+                if *v != verdict::DROP {
+                    no_drop(&moved);
+                }
+            }
+            Want::RedirectWith(check) => {
+                assert_eq!(
+                    run.verdict,
+                    verdict::REDIRECT,
+                    "{name}: verdict (drops moved: {moved:?})"
+                );
+                no_drop(&moved);
+                check(&c.frame, &run.output);
+            }
+        }
+        for ((counter, delta), before) in c.deltas.iter().zip(counters_before) {
+            let now = counter.read(self);
+            assert_eq!(
+                now as i64 - before as i64,
+                *delta,
+                "{name}: {counter:?} moved by (got, want)"
+            );
         }
         run
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Loads `spec` in the gateway namespace and runs `scenario` there (the
+/// tables are built on that thread: their checks need not be `Send`).
+pub fn golden(
+    gw: &Gw,
+    spec: DataplaneSpec,
+    scenario: impl FnOnce(&mut Bench, Ifs, DataplaneSpec) + Send + 'static,
+) {
+    golden_sized(gw, spec, 1024, scenario)
 }
 
-/// The forward key the datapath builds for a consumer packet.
-fn fwd_key(network_id: u32, client: (Ipv4Addr, u16), ep: (Ipv4Addr, u16), proto: u8) -> CtFwdKey {
-    CtFwdKey {
-        src_addr_be: v4(client.0.octets()),
-        dst_addr_be: v4(ep.0.octets()),
-        network_id,
-        src_port_be: client.1.to_be(),
-        dst_port_be: ep.1.to_be(),
-        proto,
-        _pad: [0; 3],
-    }
-}
-
-/// (backend address, backend MAC) that service 0's table gives this flow.
-fn service0_backend(key: &CtFwdKey) -> (Ipv4Addr, [u8; 6]) {
-    let table = [0, 1, 0, 1, 0, 1, 0];
-    match table[(flow_hash(key) % 7) as usize] {
-        0 => (BACKEND10, BACKEND10_MAC),
-        _ => (BACKEND11, BACKEND11_MAC),
-    }
-}
-
-/// The NAT port the first probe gives a flow (the table is empty).
-fn first_port(key: &CtFwdKey, range: std::ops::RangeInclusive<u16>) -> u16 {
-    nat_probe_port(flow_hash(key), 0, *range.start(), *range.end())
-}
-
-/// What the provider sees for a consumer packet, translated.
-fn translated(
-    p: &Ipv4Packet,
-    gw_p0: [u8; 6],
-    backend: (Ipv4Addr, u16, [u8; 6]),
-    nat: (Ipv4Addr, u16),
-) -> Vec<u8> {
-    let mut t = p.clone().macs(gw_p0, backend.2);
-    t.src = nat.0;
-    t.sport = nat.1;
-    t.dst = backend.0;
-    t.dport = backend.1;
-    t.ttl -= 1;
-    t.build()
-}
-
-#[test]
-fn golden_tcp_flow_lifecycle() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c2, p0, c1_mac, c2_mac, p0_mac) =
-        (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.c2_mac, gw.p0_mac);
+/// `golden` with a conntrack table of `conntrack` flows.
+pub fn golden_sized(
+    gw: &Gw,
+    spec: DataplaneSpec,
+    conntrack: u32,
+    scenario: impl FnOnce(&mut Bench, Ifs, DataplaneSpec) + Send + 'static,
+) {
+    let ifs = gw.ifs();
     gw.host
         .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 40000);
-            let ep = (EP_TCP, 80);
-            let key = fwd_key(1, client, ep, IPPROTO_TCP);
-            let (backend, backend_mac) = service0_backend(&key);
-            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-            let to_backend =
-                |p: &Ipv4Packet| translated(p, p0_mac, (backend, 8080, backend_mac), nat);
-
-            // New flow: only a SYN opens it.
-            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "tcp syn new flow",
-                prog_names::CONSUMER,
-                c1,
-                &syn.build(),
-                Want::Redirect(to_backend(&syn)),
-            );
-            let flows = b.dp.list_conntrack().unwrap();
-            assert_eq!(flows.len(), 1);
-            assert_eq!(flows[0].nat, nat, "NAT mapping as predicted");
-            assert_eq!(flows[0].backend, (backend, 8080));
-            assert_eq!(flows[0].tcp_state, tcp_state::SYN_SENT);
-            assert_eq!(flows[0].ingress_ifindex, c1);
-
-            // Reverse: the backend's SYN-ACK goes back to the client's MAC on c1.
-            let mut synack =
-                Ipv4Packet::tcp((backend, 8080), nat, TCP_SYN | TCP_ACK).macs(backend_mac, p0_mac);
-            synack.seq = 5000;
-            let mut back = synack.clone().macs(c1_mac, CLIENT_MAC);
-            back.src = EP_TCP;
-            back.sport = 80;
-            back.dst = CLIENT;
-            back.dport = 40000;
-            back.ttl -= 1;
-            b.case(
-                "reverse translation",
-                prog_names::PROVIDER,
-                p0,
-                &synack.build(),
-                Want::Redirect(back.build()),
-            );
-            assert_eq!(
-                b.dp.list_conntrack().unwrap()[0].tcp_state,
-                tcp_state::SYN_RECV
-            );
-
-            // Established: the ACK and data reuse the mapping.
-            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "established reuse (ack)",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Redirect(to_backend(&ack)),
-            );
-            assert_eq!(
-                b.dp.list_conntrack().unwrap()[0].tcp_state,
-                tcp_state::ESTABLISHED
-            );
-            let mut data = ack.clone();
-            data.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-            b.case(
-                "established reuse (data)",
-                prog_names::CONSUMER,
-                c1,
-                &data.build(),
-                Want::Redirect(to_backend(&data)),
-            );
-
-            // A bad L4 checksum stays bad by the same amount; same for the IP header.
-            let mut bad = data.build();
-            let n = bad.len();
-            bad[n - 1] ^= 0x5a;
-            let run = b.raw(prog_names::CONSUMER, c1, &bad);
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            assert_ne!(l4_checksum_error(&bad), 0);
-            assert_eq!(
-                l4_checksum_error(&run.output),
-                l4_checksum_error(&bad),
-                "bad L4 checksum stays bad"
-            );
-            assert!(ip_checksum_ok(&run.output));
-            let mut bad_ip = data.build();
-            bad_ip[24] ^= 0x01;
-            let run = b.raw(prog_names::CONSUMER, c1, &bad_ip);
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            assert!(!ip_checksum_ok(&run.output), "bad IP checksum stays bad");
-            let mut fixed = run.output.clone();
-            fix_checksums(&mut fixed);
-            assert_eq!(fixed, to_backend(&data), "only the checksum differs");
-
-            // Overlapping network 2: the identical 5-tuple is another flow.
-            let key2 = fwd_key(2, client, ep, IPPROTO_TCP);
-            let (backend2, backend2_mac) = service0_backend(&key2);
-            let nat2 = (NAT_TCP, first_port(&key2, 1024..=65535));
-            assert_ne!(
-                nat2, nat,
-                "the two networks' flows hash apart (else pick other ports)"
-            );
-            let syn2 = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(ROUTER_MAC, c2_mac);
-            b.case(
-                "same 5-tuple from network 2",
-                prog_names::CONSUMER,
-                c2,
-                &syn2.build(),
-                Want::Redirect(translated(
-                    &syn2,
-                    p0_mac,
-                    (backend2, 8080, backend2_mac),
-                    nat2,
-                )),
-            );
-            let mut synack2 = Ipv4Packet::tcp((backend2, 8080), nat2, TCP_SYN | TCP_ACK)
-                .macs(backend2_mac, p0_mac);
-            synack2.seq = 7000;
-            let mut back2 = synack2.clone().macs(c2_mac, ROUTER_MAC);
-            back2.src = EP_TCP;
-            back2.sport = 80;
-            back2.dst = CLIENT;
-            back2.dport = 40000;
-            back2.ttl -= 1;
-            b.case(
-                "network 2 reply goes to c2, to its router",
-                prog_names::PROVIDER,
-                p0,
-                &synack2.build(),
-                Want::Redirect(back2.build()),
-            );
-            assert_eq!(b.dp.list_conntrack().unwrap().len(), 2);
-
-            // FIN moves the flow to closing (transitory timeout).
-            let fin = Ipv4Packet::tcp(client, ep, TCP_FIN | TCP_ACK).macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "fin",
-                prog_names::CONSUMER,
-                c1,
-                &fin.build(),
-                Want::Redirect(to_backend(&fin)),
-            );
-            let f =
-                b.dp.list_conntrack()
-                    .unwrap()
-                    .into_iter()
-                    .find(|f| f.network_id == 1)
-                    .unwrap();
-            assert_eq!(f.tcp_state, tcp_state::CLOSING);
-            assert!(
-                f.expires_in
-                    <= Duration::from_secs(240)
-                        + Duration::from_nanos(plink_common::LAST_SEEN_SLACK_NS),
-                "closing uses the transitory timeout"
-            );
-
-            // RST from the backend on network 2's flow.
-            let rst = Ipv4Packet::tcp((backend2, 8080), nat2, TCP_RST | TCP_ACK)
-                .macs(backend2_mac, p0_mac);
-            let mut rst_back = rst.clone().macs(c2_mac, ROUTER_MAC);
-            rst_back.src = EP_TCP;
-            rst_back.sport = 80;
-            rst_back.dst = CLIENT;
-            rst_back.dport = 40000;
-            rst_back.ttl -= 1;
-            b.case(
-                "rst",
-                prog_names::PROVIDER,
-                p0,
-                &rst.build(),
-                Want::Redirect(rst_back.build()),
-            );
-            let f =
-                b.dp.list_conntrack()
-                    .unwrap()
-                    .into_iter()
-                    .find(|f| f.network_id == 2)
-                    .unwrap();
-            assert_eq!(f.tcp_state, tcp_state::CLOSING);
-
-            // No flow: non-SYN packets are dropped, nothing is created.
-            let other = (CLIENT, 40001);
-            for (name, flags) in [
-                ("ack without flow", TCP_ACK),
-                ("syn-ack without flow", TCP_SYN | TCP_ACK),
-                ("rst without flow", TCP_RST),
-            ] {
-                let p = Ipv4Packet::tcp(other, ep, flags).macs(CLIENT_MAC, c1_mac);
-                b.case(
-                    name,
-                    prog_names::CONSUMER,
-                    c1,
-                    &p.build(),
-                    Want::Drop(DropReason::TcpNoFlow),
-                );
-            }
-            assert_eq!(b.dp.list_conntrack().unwrap().len(), 2);
-            // Forged replies to a NAT address with no flow never reach a consumer.
-            let forged = Ipv4Packet::tcp((BACKEND10, 8080), (NAT_TCP, 1), TCP_SYN | TCP_ACK)
-                .macs(BACKEND10_MAC, p0_mac);
-            b.case(
-                "forged reply to a NAT port without flow",
-                prog_names::PROVIDER,
-                p0,
-                &forged.build(),
-                Want::Drop(DropReason::ReplyNoFlow),
-            );
-            let forged =
-                Ipv4Packet::tcp((BACKEND11, 9999), nat, TCP_ACK).macs(BACKEND11_MAC, p0_mac);
-            b.case(
-                "reply to a live NAT port from the wrong peer",
-                prog_names::PROVIDER,
-                p0,
-                &forged.build(),
-                Want::Drop(DropReason::ReplyNoFlow),
-            );
-            // The gateway's own traffic on the provider side passes.
-            let own = Ipv4Packet::tcp(
-                (BACKEND10, 8080),
-                (Ipv4Addr::new(198, 51, 100, 1), 5555),
-                TCP_ACK,
-            )
-            .macs(BACKEND10_MAC, p0_mac);
-            b.case(
-                "provider traffic to the gateway itself",
-                prog_names::PROVIDER,
-                p0,
-                &own.build(),
-                Want::Pass,
-            );
-
-            // Counters: bytes are IP lengths, per direction.
-            let c = b.dp.counters(CounterKind::Endpoint, 0).unwrap();
-            assert_eq!(c.flows_created, 1);
-            assert_eq!(c.packets_in, 6, "syn, ack, data, bad l4, bad ip, fin");
-            assert_eq!(c.packets_out, 1);
-            assert_eq!(c.bytes_out, 40);
-            let svc = b.dp.counters(CounterKind::Service, 0).unwrap();
-            assert_eq!(svc.flows_created, 2);
-            assert_eq!(svc.packets_out, 3);
-            let nat_c = b.dp.nat_counters(0, 0).unwrap();
-            assert_eq!(nat_c.packets_in + nat_c.packets_out, 10);
-            let ports = b.dp.nat_ports_in_use().unwrap();
-            assert_eq!(ports.get(&NAT_TCP), Some(&2));
-
-            // Purging endpoint 0 removes its flow and frees its port, not network 2's.
-            let r = b.dp.purge_endpoint(0).unwrap();
-            assert_eq!((r.flows, r.remaining), (1, 1));
-            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_TCP), Some(&1));
-            b.case(
-                "data after purge",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Drop(DropReason::TcpNoFlow),
-            );
-            let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, p0_mac);
-            b.case(
-                "reply after purge",
-                prog_names::PROVIDER,
-                p0,
-                &reply.build(),
-                Want::Drop(DropReason::ReplyNoFlow),
-            );
-        })
-        .unwrap();
-}
-
-#[test]
-fn golden_udp_and_checksums() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, p0, c1_mac, p0_mac) = (gw.c1, gw.p0, gw.c1_mac, gw.p0_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 5000);
-            let ep = (EP_UDP, 53);
-            let key = fwd_key(1, client, ep, IPPROTO_UDP);
-            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
-            let to_backend =
-                |p: &Ipv4Packet| translated(p, p0_mac, (BACKEND10, 5353, BACKEND10_MAC), nat);
-
-            let q = Ipv4Packet::udp(client, ep, b"query").macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "udp new flow",
-                prog_names::CONSUMER,
-                c1,
-                &q.build(),
-                Want::Redirect(to_backend(&q)),
-            );
-            let r = Ipv4Packet::udp((BACKEND10, 5353), nat, b"answer!").macs(BACKEND10_MAC, p0_mac);
-            let mut back = r.clone().macs(c1_mac, CLIENT_MAC);
-            back.src = EP_UDP;
-            back.sport = 53;
-            back.dst = CLIENT;
-            back.dport = 5000;
-            back.ttl -= 1;
-            b.case(
-                "udp reply",
-                prog_names::PROVIDER,
-                p0,
-                &r.build(),
-                Want::Redirect(back.build()),
-            );
-
-            // Checksum 0 ("none") stays 0.
-            let mut zero = q.build();
-            zero[40..42].copy_from_slice(&[0, 0]);
-            let mut want = to_backend(&q);
-            want[40..42].copy_from_slice(&[0, 0]);
-            let run = b.raw(prog_names::CONSUMER, c1, &zero);
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            assert_eq!(hex(&run.output), hex(&want), "udp checksum 0 stays 0");
-
-            // A payload chosen so that the translated checksum computes to 0:
-            // it must leave as 0xffff.
-            let mut probe = q.clone();
-            probe.payload = vec![0, 0];
-            let out = to_backend(&probe);
-            // Sum of the translated packet with a zero payload word and the
-            // checksum field zeroed; the payload word that completes it to
-            // 0xffff makes the computed checksum 0.
-            let mut zeroed = out.clone();
-            zeroed[40..42].copy_from_slice(&[0, 0]);
-            let tot = zeroed.len();
-            let s = plink_tests::packet::fold(
-                plink_tests::packet::sum16(&zeroed[26..34])
-                    + IPPROTO_UDP as u32
-                    + (tot - 34) as u32
-                    + plink_tests::packet::sum16(&zeroed[34..]),
-            );
-            probe.payload = (!s).to_be_bytes().to_vec();
-            let input = probe.build();
-            let want = to_backend(&probe);
-            assert_eq!(
-                want[40..42],
-                [0xff, 0xff],
-                "the case really computes to zero"
-            );
-            assert_ne!(input[40..42], [0, 0]);
-            b.case(
-                "udp checksum that becomes 0 leaves as 0xffff",
-                prog_names::CONSUMER,
-                c1,
-                &input,
-                Want::Redirect(want),
-            );
-
-            // Ten NAT ports, ten flows: all distinct; the eleventh is refused.
-            let mut seen = std::collections::BTreeSet::new();
-            seen.insert(nat.1);
-            for port in 5001..5010u16 {
-                let p = Ipv4Packet::udp((CLIENT, port), ep, b"q").macs(CLIENT_MAC, c1_mac);
-                let run = b.raw(prog_names::CONSUMER, c1, &p.build());
-                assert_eq!(run.verdict, verdict::REDIRECT, "flow from port {port}");
-                assert!(ip_checksum_ok(&run.output) && l4_checksum_ok(&run.output));
-                let nat_port = u16::from_be_bytes([run.output[34], run.output[35]]);
-                assert!(UDP_PORTS.contains(&nat_port));
-                assert!(
-                    seen.insert(nat_port),
-                    "NAT port {nat_port} handed out twice"
-                );
-            }
-            let p = Ipv4Packet::udp((CLIENT, 6000), ep, b"q").macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "nat ports exhausted",
-                prog_names::CONSUMER,
-                c1,
-                &p.build(),
-                Want::Drop(DropReason::NatPortsExhausted),
-            );
-            assert_eq!(
-                b.dp.counters(CounterKind::Service, 1)
-                    .unwrap()
-                    .nat_alloc_failures,
-                1
-            );
-            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_UDP), Some(&10));
-
-            // Expiry: with a short UDP timeout the GC frees flows and ports
-            // (the datapath refuses replies to them first).
-            let mut short = spec.clone();
-            short.timeouts.udp = Duration::from_secs(1);
-            b.dp.apply(&short).unwrap();
-            assert_eq!(
-                b.dp.gc_conntrack().unwrap().flows,
-                0,
-                "nothing expires before its timeout"
-            );
-            short.timeouts.udp = Duration::from_millis(50);
-            b.dp.apply(&short).unwrap();
-            // The datapath applies the rule itself before any GC ran.
-            netns::wait_for(
-                "UDP flows to pass their timeout",
-                Duration::from_secs(5),
-                || {
-                    let flows = b.dp.list_conntrack()?;
-                    Ok(flows.iter().all(|f| f.expires_in.is_zero()).then_some(()))
-                },
-            )
-            .unwrap();
-            b.case(
-                "reply to an expired flow (before GC)",
-                prog_names::PROVIDER,
-                p0,
-                &r.build(),
-                Want::Drop(DropReason::ReplyNoFlow),
-            );
-            netns::wait_for("UDP flows to expire", Duration::from_secs(5), || {
-                let r = b.dp.gc_conntrack()?;
-                Ok((r.remaining == 0).then_some(r))
-            })
-            .unwrap();
-            assert_eq!(
-                b.dp.nat_ports_in_use().unwrap().get(&NAT_UDP),
-                None,
-                "ports freed"
-            );
-            b.case(
-                "reply after expiry",
-                prog_names::PROVIDER,
-                p0,
-                &r.build(),
-                Want::Drop(DropReason::ReplyNoFlow),
-            );
-            b.dp.apply(&spec).unwrap();
-            b.case(
-                "a freed port is handed out again",
-                prog_names::CONSUMER,
-                c1,
-                &q.build(),
-                Want::Redirect(to_backend(&q)),
-            );
-        })
-        .unwrap();
-}
-
-#[test]
-fn golden_drops_arp_and_caps() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c2, p0, c1_mac, c2_mac, p0_mac) =
-        (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.c2_mac, gw.p0_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let syn = |dst: Ipv4Addr, port: u16| {
-                Ipv4Packet::tcp((CLIENT, 40000), (dst, port), TCP_SYN).macs(CLIENT_MAC, c1_mac)
-            };
-            for (name, ep, reason, id) in [
-                (
-                    "pending endpoint",
-                    EP_PENDING,
-                    DropReason::EndpointPending,
-                    2,
-                ),
-                (
-                    "rejected endpoint",
-                    EP_REJECTED,
-                    DropReason::EndpointRejected,
-                    3,
-                ),
-                (
-                    "removed endpoint",
-                    EP_REMOVED,
-                    DropReason::EndpointRemoved,
-                    4,
-                ),
-            ] {
-                b.case(
-                    name,
-                    prog_names::CONSUMER,
-                    c1,
-                    &syn(ep, 80).build(),
-                    Want::Drop(reason),
-                );
-                assert_eq!(
-                    b.dp.endpoint_drop_counts(id).unwrap()[&reason],
-                    1,
-                    "{name}: counted per endpoint"
-                );
-            }
-            b.case(
-                "unknown destination",
-                prog_names::CONSUMER,
-                c1,
-                &syn(Ipv4Addr::new(192, 0, 2, 99), 80).build(),
-                Want::Drop(DropReason::NoEndpoint),
-            );
-            b.case(
-                "wrong port",
-                prog_names::CONSUMER,
-                c1,
-                &syn(EP_TCP, 81).build(),
-                Want::Drop(DropReason::NoEndpoint),
-            );
-            b.case(
-                "provider address from a consumer",
-                prog_names::CONSUMER,
-                c1,
-                &syn(BACKEND10, 8080).build(),
-                Want::Drop(DropReason::NoEndpoint),
-            );
-            b.case(
-                "nat address from a consumer",
-                prog_names::CONSUMER,
-                c1,
-                &syn(NAT_TCP, 1024).build(),
-                Want::Drop(DropReason::NoEndpoint),
-            );
-            let udp80 =
-                Ipv4Packet::udp((CLIENT, 40000), (EP_TCP, 80), b"x").macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "wrong protocol",
-                prog_names::CONSUMER,
-                c1,
-                &udp80.build(),
-                Want::Drop(DropReason::NoEndpoint),
-            );
-            b.case(
-                "endpoint of network 1 seen on network 2",
-                prog_names::CONSUMER,
-                c2,
-                &syn(EP_UDP, 53).macs(CLIENT_MAC, c2_mac).build(),
-                Want::Drop(DropReason::NoEndpoint),
-            );
-            // Frames for another host's MAC (veth and promiscuous NICs hand
-            // them to XDP): never forwarded or answered.
-            b.case(
-                "consumer frame to another MAC",
-                prog_names::CONSUMER,
-                c2,
-                &syn(EP_TCP, 80).build(),
-                Want::Drop(DropReason::OtherHost),
-            );
-            b.case(
-                "consumer frame to a multicast MAC",
-                prog_names::CONSUMER,
-                c1,
-                &syn(EP_TCP, 80)
-                    .macs(CLIENT_MAC, [0x01, 0, 0x5e, 0, 0, 1])
-                    .build(),
-                Want::Drop(DropReason::OtherHost),
-            );
-            let mut arp_unicast_elsewhere = arp_request(CLIENT_MAC, CLIENT, EP_TCP);
-            arp_unicast_elsewhere[..6].copy_from_slice(&c2_mac);
-            b.case(
-                "ARP request unicast to another MAC",
-                prog_names::CONSUMER,
-                c1,
-                &arp_unicast_elsewhere,
-                Want::Drop(DropReason::OtherHost),
-            );
-            b.case(
-                "provider frame to another MAC passes to the kernel",
-                prog_names::PROVIDER,
-                p0,
-                &Ipv4Packet::tcp((BACKEND10, 8080), (NAT_TCP, 1024), TCP_ACK)
-                    .macs(BACKEND10_MAC, c1_mac)
-                    .build(),
-                Want::Pass,
-            );
-            b.case(
-                "unknown ingress interface",
-                prog_names::CONSUMER,
-                p0,
-                &syn(EP_TCP, 80).build(),
-                Want::Drop(DropReason::UnknownInterface),
-            );
-
-            let good = syn(EP_TCP, 80).build();
-            let mut frag = good.clone();
-            frag[20] |= 0x20; // more fragments
-            fix_checksums(&mut frag);
-            b.case(
-                "fragment",
-                prog_names::CONSUMER,
-                c1,
-                &frag,
-                Want::Drop(DropReason::Fragment),
-            );
-            let mut frag2 = good.clone();
-            frag2[21] = 8; // offset
-            fix_checksums(&mut frag2);
-            b.case(
-                "non-first fragment",
-                prog_names::CONSUMER,
-                c1,
-                &frag2,
-                Want::Drop(DropReason::Fragment),
-            );
-            let mut opts = good.clone();
-            opts[14] = 0x46;
-            b.case(
-                "ip options",
-                prog_names::CONSUMER,
-                c1,
-                &opts,
-                Want::Drop(DropReason::IpOptions),
-            );
-            let mut gre = good.clone();
-            gre[23] = 47;
-            b.case(
-                "gre",
-                prog_names::CONSUMER,
-                c1,
-                &gre,
-                Want::Drop(DropReason::UnsupportedProtocol),
-            );
-            let mut v6 = good.clone();
-            v6[12..14].copy_from_slice(&[0x86, 0xdd]);
-            b.case(
-                "ipv6",
-                prog_names::CONSUMER,
-                c1,
-                &v6,
-                Want::Drop(DropReason::Ipv6),
-            );
-            let mut vlan = good.clone();
-            vlan[12..14].copy_from_slice(&[0x81, 0x00]);
-            b.case(
-                "vlan",
-                prog_names::CONSUMER,
-                c1,
-                &vlan,
-                Want::Drop(DropReason::UnsupportedEthertype),
-            );
-            let mut ttl1 = syn(EP_TCP, 80);
-            ttl1.ttl = 1;
-            let ttl1 = ttl1.build();
-            b.case(
-                "ttl 1: time exceeded back to the sender",
-                prog_names::CONSUMER,
-                c1,
-                &ttl1,
-                Want::Tx(error_reply(&ttl1, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
-            );
-            b.case(
-                "no neighbour for the backend",
-                prog_names::CONSUMER,
-                c1,
-                &syn(EP_NONEIGH, 80).build(),
-                Want::Drop(DropReason::FibNoNeigh),
-            );
-
-            // Every truncation of a valid packet (with payload) is dropped as
-            // malformed on the consumer side and creates no flow.
-            let mut p =
-                Ipv4Packet::tcp((CLIENT, 41000), (EP_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
-            p.payload = b"0123456789".to_vec();
-            let full = p.build();
-            for n in 0..14 {
-                // The kernel never hands XDP a frame shorter than Ethernet.
-                assert!(
-                    golden::run(b.dp.program(prog_names::CONSUMER).unwrap(), c1, &full[..n])
-                        .is_err()
-                );
-            }
-            for n in 14..full.len() {
-                b.case(
-                    &format!("truncated to {n} bytes"),
-                    prog_names::CONSUMER,
-                    c1,
-                    &full[..n],
-                    Want::Drop(DropReason::Malformed),
-                );
-            }
-            assert!(
-                b.dp.list_conntrack()
-                    .unwrap()
-                    .iter()
-                    .all(|f| f.client.1 != 41000)
-            );
-            // Provider side: a truncated reply to a NAT address is dropped once
-            // its destination is readable, passed before.
-            let r = Ipv4Packet::tcp((BACKEND10, 8080), (NAT_TCP, 3000), TCP_ACK)
-                .macs(BACKEND10_MAC, p0_mac)
-                .build();
-            for n in 14..r.len() {
-                let want = if n < 34 {
-                    Want::Pass
-                } else {
-                    Want::Drop(DropReason::Malformed)
-                };
-                b.case(
-                    &format!("provider truncated to {n}"),
-                    prog_names::PROVIDER,
-                    p0,
-                    &r[..n],
-                    want,
-                );
-            }
-
-            // ARP.
-            let req = arp_request(CLIENT_MAC, CLIENT, EP_TCP);
-            b.case(
-                "arp for an endpoint",
-                prog_names::CONSUMER,
-                c1,
-                &req,
-                Want::Tx(arp_reply(c1_mac, EP_TCP, CLIENT_MAC, CLIENT)),
-            );
-            let req = arp_request(CLIENT_MAC, CLIENT, EP_PENDING);
-            b.case(
-                "arp for a pending endpoint",
-                prog_names::CONSUMER,
-                c1,
-                &req,
-                Want::Tx(arp_reply(c1_mac, EP_PENDING, CLIENT_MAC, CLIENT)),
-            );
-            b.case(
-                "arp for a removed endpoint",
-                prog_names::CONSUMER,
-                c1,
-                &arp_request(CLIENT_MAC, CLIENT, EP_REMOVED),
-                Want::Drop(DropReason::ArpNotOurs),
-            );
-            b.case(
-                "arp for another address",
-                prog_names::CONSUMER,
-                c1,
-                &arp_request(CLIENT_MAC, CLIENT, Ipv4Addr::new(192, 0, 2, 99)),
-                Want::Drop(DropReason::ArpNotOurs),
-            );
-            b.case(
-                "arp for network 1's endpoint on network 2",
-                prog_names::CONSUMER,
-                c2,
-                &arp_request(CLIENT_MAC, CLIENT, EP_UDP),
-                Want::Drop(DropReason::ArpNotOurs),
-            );
-            b.case(
-                "arp truncated",
-                prog_names::CONSUMER,
-                c1,
-                &arp_request(CLIENT_MAC, CLIENT, EP_TCP)[..30],
-                Want::Drop(DropReason::Malformed),
-            );
-            let gw_ip = Ipv4Addr::new(198, 51, 100, 1);
-            b.case(
-                "arp for a nat address",
-                prog_names::PROVIDER,
-                p0,
-                &arp_request(BACKEND10_MAC, BACKEND10, NAT_TCP),
-                Want::Tx(arp_reply(p0_mac, NAT_TCP, BACKEND10_MAC, BACKEND10)),
-            );
-            b.case(
-                "arp for the gateway's own address passes",
-                prog_names::PROVIDER,
-                p0,
-                &arp_request(BACKEND10_MAC, BACKEND10, gw_ip),
-                Want::Pass,
-            );
-
-            // Caps: one live flow on endpoint 7; one new flow per second on 8.
-            let capped = |port| {
-                Ipv4Packet::tcp((CLIENT, port), (EP_CAPPED, 80), TCP_SYN)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &capped(100)).verdict,
-                verdict::REDIRECT
-            );
-            b.case(
-                "max flows cap",
-                prog_names::CONSUMER,
-                c1,
-                &capped(101),
-                Want::Drop(DropReason::CapMaxFlows),
-            );
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &capped(100)).verdict,
-                verdict::REDIRECT,
-                "the live flow is untouched"
-            );
-            assert_eq!(
-                b.dp.counters(CounterKind::Endpoint, 7)
-                    .unwrap()
-                    .refused_max_flows,
-                1
-            );
-            let rated = |port| {
-                Ipv4Packet::tcp((CLIENT, port), (EP_RATED, 80), TCP_SYN)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            // Three SYNs within microseconds cross at most one second boundary.
-            let verdicts: Vec<u32> = (200..203)
-                .map(|p| b.raw(prog_names::CONSUMER, c1, &rated(p)).verdict)
-                .collect();
-            let refused = verdicts.iter().filter(|v| **v == verdict::DROP).count();
-            assert!(refused >= 1, "rate cap refused none of {verdicts:?}");
-            assert_eq!(
-                b.dp.counters(CounterKind::Endpoint, 8)
-                    .unwrap()
-                    .refused_rate,
-                refused as u64
-            );
-        })
-        .unwrap();
-}
-
-#[test]
-fn golden_reload_keeps_established_flows() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, p0_mac, c1_mac) = (gw.c1, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 40000);
-            let ep = (EP_TCP, 80);
-            let key = fwd_key(1, client, ep, IPPROTO_TCP);
-            let (backend, backend_mac) = service0_backend(&key);
-            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
-            let to_backend =
-                |p: &Ipv4Packet| translated(p, p0_mac, (backend, 8080, backend_mac), nat);
-            b.case(
-                "flow before reload",
-                prog_names::CONSUMER,
-                c1,
-                &syn.build(),
-                Want::Redirect(to_backend(&syn)),
-            );
-            // Reload: service 0's table changes size (a new region) and names
-            // only the other backend; endpoint 1 disappears.
-            let other = if backend == BACKEND10 { 1 } else { 0 };
-            let other_addr = if other == 1 { BACKEND11 } else { BACKEND10 };
-            let new_flow_backend = |b: &mut Bench, port: u16| {
-                let run = b.raw(
-                    prog_names::CONSUMER,
-                    c1,
-                    &Ipv4Packet::tcp((CLIENT, port), ep, TCP_SYN)
-                        .macs(CLIENT_MAC, c1_mac)
-                        .build(),
-                );
-                assert_eq!(run.verdict, verdict::REDIRECT);
-                Ipv4Addr::new(
-                    run.output[30],
-                    run.output[31],
-                    run.output[32],
-                    run.output[33],
-                )
-            };
-            // Same table size: rewritten in place, slot by slot.
-            let mut same_size = spec.clone();
-            same_size.services[0].lookup = vec![other; 7];
-            b.dp.apply(&same_size).unwrap();
-            for port in 41000..41004 {
-                assert_eq!(new_flow_backend(&mut b, port), other_addr, "in-place table");
-            }
-            let mut next = spec.clone();
-            next.services[0].lookup = vec![other; 11];
-            next.endpoints.retain(|e| e.id != 1);
-            b.dp.apply(&next).unwrap();
-            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "established flow keeps its backend and NAT port",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Redirect(to_backend(&ack)),
-            );
-            assert_eq!(
-                new_flow_backend(&mut b, 40100),
-                other_addr,
-                "a new flow follows the new table"
-            );
-            let q = Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"q").macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "removed endpoint is gone",
-                prog_names::CONSUMER,
-                c1,
-                &q.build(),
-                Want::Drop(DropReason::NoEndpoint),
-            );
-            // Applying the same spec twice writes nothing and changes nothing.
-            b.dp.apply(&next).unwrap();
-            b.case(
-                "still forwarded after a no-op apply",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Redirect(to_backend(&ack)),
-            );
-        })
-        .unwrap();
-}
-
-#[test]
-fn golden_approval_cycle() {
-    let gw = gateway();
-    let mut spec = spec(&gw);
-    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let set_state = |spec: &mut DataplaneSpec, state| {
-                for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
-                    e.state = state;
-                }
-            };
-            set_state(&mut spec, EndpointState::Pending);
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 40000);
-            let ep = (EP_TCP, 80);
-            let key = fwd_key(1, client, ep, IPPROTO_TCP);
-            let (backend, backend_mac) = service0_backend(&key);
-            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
-            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
-            let to_backend =
-                |p: &Ipv4Packet| translated(p, p0_mac, (backend, 8080, backend_mac), nat);
-            b.case(
-                "pending drops",
-                prog_names::CONSUMER,
-                c1,
-                &syn.build(),
-                Want::Drop(DropReason::EndpointPending),
-            );
-            set_state(&mut spec, EndpointState::Approved);
-            b.dp.apply(&spec).unwrap();
-            b.case(
-                "approved passes",
-                prog_names::CONSUMER,
-                c1,
-                &syn.build(),
-                Want::Redirect(to_backend(&syn)),
-            );
-            b.case(
-                "established",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Redirect(to_backend(&ack)),
-            );
-            // Reject: the state first (no new flow can appear), then the purge.
-            set_state(&mut spec, EndpointState::Rejected);
-            b.dp.apply(&spec).unwrap();
-            let purged = b.dp.purge_endpoint(0).unwrap();
-            assert_eq!(purged.flows, 1);
-            assert!(b.dp.list_conntrack().unwrap().is_empty());
-            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_TCP), None);
-            b.case(
-                "rejected cuts the established flow",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Drop(DropReason::EndpointRejected),
-            );
-            let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, p0_mac);
-            b.case(
-                "its replies no longer reach the consumer",
-                prog_names::PROVIDER,
-                p0,
-                &reply.build(),
-                Want::Drop(DropReason::ReplyNoFlow),
-            );
-            let drops = b.dp.endpoint_drop_counts(0).unwrap();
-            assert_eq!(drops[&DropReason::EndpointPending], 1);
-            assert_eq!(drops[&DropReason::EndpointRejected], 1);
-        })
-        .unwrap();
-}
-
-#[test]
-fn golden_draining_nat_and_caps_after_gc() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 5000);
-            let ep = (EP_UDP, 53);
-            let key = fwd_key(1, client, ep, IPPROTO_UDP);
-            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
-            let q = Ipv4Packet::udp(client, ep, b"q").macs(CLIENT_MAC, c1_mac);
-            let to_backend =
-                |p: &Ipv4Packet| translated(p, p0_mac, (BACKEND10, 5353, BACKEND10_MAC), nat);
-            b.case(
-                "before draining",
-                prog_names::CONSUMER,
-                c1,
-                &q.build(),
-                Want::Redirect(to_backend(&q)),
-            );
-
-            // Draining the NAT address: its flow and ARP stay, new flows do not start.
-            let mut draining = spec.clone();
-            draining.services[1].nat[0].draining = true;
-            b.dp.apply(&draining).unwrap();
-            b.case(
-                "a draining address keeps its flow",
-                prog_names::CONSUMER,
-                c1,
-                &q.build(),
-                Want::Redirect(to_backend(&q)),
-            );
-            let r = Ipv4Packet::udp((BACKEND10, 5353), nat, b"a").macs(BACKEND10_MAC, p0_mac);
-            assert_eq!(
-                b.raw(prog_names::PROVIDER, p0, &r.build()).verdict,
-                verdict::REDIRECT
-            );
-            b.case(
-                "and its ARP",
-                prog_names::PROVIDER,
-                p0,
-                &arp_request(BACKEND10_MAC, BACKEND10, NAT_UDP),
-                Want::Tx(arp_reply(p0_mac, NAT_UDP, BACKEND10_MAC, BACKEND10)),
-            );
-            let q2 = Ipv4Packet::udp((CLIENT, 5001), ep, b"q").macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "no new flow on a draining address",
-                prog_names::CONSUMER,
-                c1,
-                &q2.build(),
-                Want::Drop(DropReason::NatPortsExhausted),
-            );
-
-            // Max flows: the GC's frees make room again.
-            let capped = |port| {
-                Ipv4Packet::tcp((CLIENT, port), (EP_CAPPED, 80), TCP_SYN)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &capped(100)).verdict,
-                verdict::REDIRECT
-            );
-            b.case(
-                "cap reached",
-                prog_names::CONSUMER,
-                c1,
-                &capped(101),
-                Want::Drop(DropReason::CapMaxFlows),
-            );
-            let mut short = draining.clone();
-            short.timeouts.tcp_transitory = Duration::from_millis(50);
-            b.dp.apply(&short).unwrap();
-            netns::wait_for(
-                "the capped flow to expire and be collected",
-                Duration::from_secs(5),
-                || {
-                    b.dp.gc_conntrack()?;
-                    let live = b.dp.list_conntrack()?;
-                    Ok((!live.iter().any(|f| f.endpoint_id == 7)).then_some(()))
-                },
-            )
-            .unwrap();
-            b.dp.apply(&draining).unwrap();
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &capped(101)).verdict,
-                verdict::REDIRECT,
-                "room again after GC"
-            );
-            b.case(
-                "cap reached again",
-                prog_names::CONSUMER,
-                c1,
-                &capped(102),
-                Want::Drop(DropReason::CapMaxFlows),
-            );
-        })
-        .unwrap();
-}
-
-/// Issue 14, item 6: a NAT address that drained and left its service is
-/// retired: replies to it are dropped and counted, never passed to the
-/// gateway's kernel, and ARP for it is no longer answered (passed on, as
-/// for any address plink does not own).
-#[test]
-fn golden_a_retired_nat_address_drops_replies_and_is_not_announced() {
-    let gw = gateway();
-    let mut retired = spec(&gw);
-    retired.services[1].nat[0].addr = Ipv4Addr::UNSPECIFIED;
-    retired.services[1].nat[0].draining = true;
-    retired.retired_nat.insert(
-        NAT_UDP,
-        RetiredNat {
-            service_id: retired.services[1].id,
-            slot: 0,
-        },
-    );
-    let (p0, p0_mac) = (gw.p0, gw.p0_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&retired);
-            let late = Ipv4Packet::udp((BACKEND10, 5353), (NAT_UDP, *UDP_PORTS.start()), b"a")
-                .macs(BACKEND10_MAC, p0_mac);
-            b.case(
-                "a late reply to a retired address",
-                prog_names::PROVIDER,
-                p0,
-                &late.build(),
-                Want::Drop(DropReason::NatRetired),
-            );
-            b.case(
-                "ARP for a retired address is not answered",
-                prog_names::PROVIDER,
-                p0,
-                &arp_request(BACKEND10_MAC, BACKEND10, NAT_UDP),
-                Want::Pass,
-            );
-            // Once its grace is over it is no address of plink's at all.
-            let mut gone = retired.clone();
-            gone.retired_nat.clear();
-            b.dp.apply(&gone).unwrap();
-            b.case(
-                "after the grace: the gateway's own traffic",
-                prog_names::PROVIDER,
-                p0,
-                &late.build(),
-                Want::Pass,
-            );
-        })
-        .unwrap();
-}
-
-#[test]
-fn golden_nat_port_is_not_reused_before_the_closing_timeout() {
-    let gw = gateway();
-    let mut spec = spec(&gw);
-    // One NAT port: whoever holds it blocks every other flow.
-    spec.services[0].nat[0].ports = 30000..=30000;
-    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let pkt = |port, flags| {
-                Ipv4Packet::tcp((CLIENT, port), (EP_TCP, 80), flags)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            let nat_port = |run: &XdpRun| u16::from_be_bytes([run.output[34], run.output[35]]);
-            let a = b.raw(prog_names::CONSUMER, c1, &pkt(40000, TCP_SYN));
-            assert_eq!(a.verdict, verdict::REDIRECT);
-            assert_eq!(nat_port(&a), 30000);
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &pkt(40000, TCP_FIN | TCP_ACK))
-                    .verdict,
-                verdict::REDIRECT
-            );
-            assert_eq!(
-                b.dp.list_conntrack().unwrap()[0].tcp_state,
-                tcp_state::CLOSING
-            );
-            // Closing, not expired: the port stays with its flow.
-            assert_eq!(b.dp.gc_conntrack().unwrap().flows, 0);
-            b.case(
-                "port held by a closing flow",
-                prog_names::CONSUMER,
-                c1,
-                &pkt(40001, TCP_SYN),
-                Want::Drop(DropReason::NatPortsExhausted),
-            );
-            // Once the closing timeout has passed and the GC collected the
-            // flow, the port is handed out again.
-            let mut short = spec.clone();
-            short.timeouts.tcp_transitory = Duration::from_millis(50);
-            b.dp.apply(&short).unwrap();
-            netns::wait_for(
-                "the closing flow to be collected",
-                Duration::from_secs(5),
-                || Ok((b.dp.gc_conntrack()?.remaining == 0).then_some(())),
-            )
-            .unwrap();
-            b.dp.apply(&spec).unwrap();
-            let c = b.raw(prog_names::CONSUMER, c1, &pkt(40001, TCP_SYN));
-            assert_eq!(c.verdict, verdict::REDIRECT);
-            assert_eq!(nat_port(&c), 30000);
-        })
-        .unwrap();
-}
-
-#[test]
-fn golden_conntrack_full_refuses_new_flows() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::with_conntrack(&spec, 4);
-            let q = |port| {
-                Ipv4Packet::udp((CLIENT, port), (EP_UDP, 53), b"q")
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            for port in 1..=4 {
-                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
-                assert_eq!(run.verdict, verdict::REDIRECT, "flow {port} fits");
-            }
-            b.case(
-                "conntrack full",
-                prog_names::CONSUMER,
-                c1,
-                &q(5),
-                Want::Drop(DropReason::ConntrackFull),
-            );
-            // Live flows are untouched by the refusal.
-            for port in 1..=4 {
-                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
-                assert_eq!(
-                    run.verdict,
-                    verdict::REDIRECT,
-                    "flow {port} still forwarded"
-                );
-            }
-            assert_eq!(b.dp.list_conntrack().unwrap().len(), 4);
-            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_UDP), Some(&4));
-        })
-        .unwrap();
-}
-
-/// Echo through an endpoint: the identifier is translated like a port,
-/// per (NAT address, ICMP), separately for overlapping consumers; any
-/// approved endpoint answers echo whatever its service's protocol.
-#[test]
-fn golden_icmp_echo() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c2, p0, c1_mac, c2_mac, p0_mac) =
-        (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.c2_mac, gw.p0_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let id = 0x4242;
-            let key = fwd_key(1, (CLIENT, id), (EP_TCP, 0), IPPROTO_ICMP);
-            let (backend, backend_mac) = service0_backend(&key);
-            let nat_id = first_port(&key, 1024..=65535);
-            let req = Ipv4Packet::echo(CLIENT, EP_TCP, true, id, 1).macs(CLIENT_MAC, c1_mac);
-            let mut want =
-                Ipv4Packet::echo(NAT_TCP, backend, true, nat_id, 1).macs(p0_mac, backend_mac);
-            want.ttl = 63;
-            b.case(
-                "echo request opens an ICMP flow",
-                prog_names::CONSUMER,
-                c1,
-                &req.build(),
-                Want::Redirect(want.build()),
-            );
-            let flows = b.dp.list_conntrack().unwrap();
-            assert_eq!(flows.len(), 1);
-            assert_eq!(flows[0].nat, (NAT_TCP, nat_id));
-            assert_eq!(flows[0].backend, (backend, 0));
-
-            let reply =
-                Ipv4Packet::echo(backend, NAT_TCP, false, nat_id, 1).macs(backend_mac, p0_mac);
-            let mut back = Ipv4Packet::echo(EP_TCP, CLIENT, false, id, 1).macs(c1_mac, CLIENT_MAC);
-            back.ttl = 63;
-            b.case(
-                "echo reply translated back",
-                prog_names::PROVIDER,
-                p0,
-                &reply.build(),
-                Want::Redirect(back.build()),
-            );
-            b.case(
-                "second echo of the same flow",
-                prog_names::CONSUMER,
-                c1,
-                &Ipv4Packet::echo(CLIENT, EP_TCP, true, id, 2)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build(),
-                Want::Redirect({
-                    let mut w = Ipv4Packet::echo(NAT_TCP, backend, true, nat_id, 2)
-                        .macs(p0_mac, backend_mac);
-                    w.ttl = 63;
-                    w.build()
-                }),
-            );
-
-            // The identical echo from network 2: its own flow and identifier.
-            let key2 = fwd_key(2, (CLIENT, id), (EP_TCP, 0), IPPROTO_ICMP);
-            let (backend2, backend2_mac) = service0_backend(&key2);
-            let run = b.raw(
-                prog_names::CONSUMER,
-                c2,
-                &Ipv4Packet::echo(CLIENT, EP_TCP, true, id, 1)
-                    .macs(CLIENT_MAC, c2_mac)
-                    .build(),
-            );
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            let nat_id2 = u16::from_be_bytes([run.output[38], run.output[39]]);
-            assert_ne!(nat_id2, nat_id, "one identifier per flow on NAT_TCP");
-            let mut want2 =
-                Ipv4Packet::echo(NAT_TCP, backend2, true, nat_id2, 1).macs(p0_mac, backend2_mac);
-            want2.ttl = 63;
-            assert_eq!(hex(&run.output), hex(&want2.build()));
-            let mut back2 = Ipv4Packet::echo(EP_TCP, CLIENT, false, id, 1).macs(c2_mac, CLIENT_MAC);
-            back2.ttl = 63;
-            b.case(
-                "network 2's echo reply goes back to network 2",
-                prog_names::PROVIDER,
-                p0,
-                &Ipv4Packet::echo(backend2, NAT_TCP, false, nat_id2, 1)
-                    .macs(backend2_mac, p0_mac)
-                    .build(),
-                Want::Redirect(back2.build()),
-            );
-
-            // A UDP endpoint answers echo too (its own NAT range).
-            let ukey = fwd_key(1, (CLIENT, id), (EP_UDP, 0), IPPROTO_ICMP);
-            let mut uwant =
-                Ipv4Packet::echo(NAT_UDP, BACKEND10, true, first_port(&ukey, UDP_PORTS), 1)
-                    .macs(p0_mac, BACKEND10_MAC);
-            uwant.ttl = 63;
-            b.case(
-                "echo to a UDP endpoint",
-                prog_names::CONSUMER,
-                c1,
-                &Ipv4Packet::echo(CLIENT, EP_UDP, true, id, 1)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build(),
-                Want::Redirect(uwant.build()),
-            );
-
-            let drops = [
-                (
-                    "echo to a pending endpoint",
-                    prog_names::CONSUMER,
-                    c1,
-                    Ipv4Packet::echo(CLIENT, EP_PENDING, true, id, 1).macs(CLIENT_MAC, c1_mac),
-                    DropReason::EndpointPending,
-                ),
-                (
-                    "echo to an address that is no endpoint",
-                    prog_names::CONSUMER,
-                    c1,
-                    Ipv4Packet::echo(CLIENT, Ipv4Addr::new(192, 0, 2, 99), true, id, 1)
-                        .macs(CLIENT_MAC, c1_mac),
-                    DropReason::NoEndpoint,
-                ),
-                (
-                    "timestamp request from a consumer",
-                    prog_names::CONSUMER,
-                    c1,
-                    Ipv4Packet::icmp(CLIENT, EP_TCP, 13, 0, 0, &[0; 12]).macs(CLIENT_MAC, c1_mac),
-                    DropReason::IcmpUnsupported,
-                ),
-                (
-                    "echo reply from a consumer",
-                    prog_names::CONSUMER,
-                    c1,
-                    Ipv4Packet::echo(CLIENT, EP_TCP, false, id, 1).macs(CLIENT_MAC, c1_mac),
-                    DropReason::IcmpUnsupported,
-                ),
-                (
-                    "echo reply with an unknown identifier",
-                    prog_names::PROVIDER,
-                    p0,
-                    Ipv4Packet::echo(backend, NAT_TCP, false, nat_id ^ 1, 1)
-                        .macs(backend_mac, p0_mac),
-                    DropReason::ReplyNoFlow,
-                ),
-                (
-                    "echo request to a NAT address",
-                    prog_names::PROVIDER,
-                    p0,
-                    Ipv4Packet::echo(backend, NAT_TCP, true, 7, 1).macs(backend_mac, p0_mac),
-                    DropReason::IcmpUnsupported,
-                ),
-            ];
-            for (name, prog, ifindex, p, reason) in drops {
-                b.case(name, prog, ifindex, &p.build(), Want::Drop(reason));
-            }
-            let mut truncated = req.build();
-            truncated.truncate(14 + 20 + 6);
-            truncated[16..18].copy_from_slice(&26u16.to_be_bytes());
-            fix_ip_checksum(&mut truncated);
-            b.case(
-                "echo shorter than an ICMP header",
-                prog_names::CONSUMER,
-                c1,
-                &truncated,
-                Want::Drop(DropReason::Malformed),
-            );
-
-            // Its own timeout: ICMP flows expire on timeouts.icmp, not udp.
-            let mut short = spec.clone();
-            short.timeouts.icmp = Duration::from_millis(50);
-            b.dp.apply(&short).unwrap();
-            std::thread::sleep(Duration::from_millis(120));
-            b.case(
-                "echo reply after the ICMP timeout",
-                prog_names::PROVIDER,
-                p0,
-                &reply.build(),
-                Want::Drop(DropReason::ReplyNoFlow),
-            );
-            let gc = b.dp.gc_conntrack().unwrap();
-            assert_eq!(gc.flows, 3, "the three echo flows expired, nothing else");
-        })
-        .unwrap();
-}
-
-fn fix_ip_checksum(f: &mut [u8]) {
-    f[24..26].copy_from_slice(&[0, 0]);
-    let c = plink_tests::packet::checksum(&f[14..34]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-}
-
-/// The ICMP error `from` sends to `to` quoting `quoted` (IP bytes, possibly
-/// truncated), built from scratch.
-fn icmp_error(
-    from: Ipv4Addr,
-    to: Ipv4Addr,
-    ty: u8,
-    code: u8,
-    rest: u32,
-    quoted: &[u8],
-) -> Ipv4Packet {
-    Ipv4Packet::icmp(from, to, ty, code, rest, quoted)
-}
-
-/// RFC 5508 errors from the provider side back to the flow's consumer:
-/// outer and quoted headers translated, every checksum valid.
-#[test]
-fn golden_icmp_errors_from_the_provider() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c2, p0, c1_mac, c2_mac, p0_mac) =
-        (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.c2_mac, gw.p0_mac);
-    let router = Ipv4Addr::new(198, 51, 100, 254);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            // A UDP flow.
-            let client = (CLIENT, 5000);
-            let ep = (EP_UDP, 53);
-            let key = fwd_key(1, client, ep, IPPROTO_UDP);
-            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
-            let q = Ipv4Packet::udp(client, ep, b"query").macs(CLIENT_MAC, c1_mac);
-            let sent = translated(&q, p0_mac, (BACKEND10, 5353, BACKEND10_MAC), nat);
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &q.build()).verdict,
-                verdict::REDIRECT
-            );
-            // What the consumer sent, as the backend saw it (TTL 63).
-            let mut q63 = q.clone();
-            q63.ttl = 63;
-            let as_sent = q63.build();
-
-            let err = icmp_error(
-                BACKEND10,
-                NAT_UDP,
-                ICMP_DEST_UNREACH,
-                ICMP_PORT_UNREACH,
-                0,
-                &sent[14..],
-            )
-            .macs(BACKEND10_MAC, p0_mac);
-            let mut want = icmp_error(
-                EP_UDP,
-                CLIENT,
-                ICMP_DEST_UNREACH,
-                ICMP_PORT_UNREACH,
-                0,
-                &as_sent[14..],
-            )
-            .macs(c1_mac, CLIENT_MAC);
-            want.ttl = 63;
-            let run = b.case(
-                "port unreachable, whole packet quoted",
-                prog_names::PROVIDER,
-                p0,
-                &err.build(),
-                Want::Redirect(want.build()),
-            );
-            // The quoted packet is again exactly what the consumer sent.
-            assert!(l4_checksum_ok(
-                &[&run.output[..14], &run.output[42..]].concat()
-            ));
-
-            // Quote of 8 transport bytes (RFC 792 minimum): the UDP checksum is among them.
-            let err8 = icmp_error(router, NAT_UDP, ICMP_TIME_EXCEEDED, 0, 0, &sent[14..42])
-                .macs(BACKEND10_MAC, p0_mac);
-            let mut want8 = icmp_error(EP_UDP, CLIENT, ICMP_TIME_EXCEEDED, 0, 0, &as_sent[14..42])
-                .macs(c1_mac, CLIENT_MAC);
-            want8.ttl = 63;
-            b.case(
-                "time exceeded from a router, 8 bytes quoted",
-                prog_names::PROVIDER,
-                p0,
-                &err8.build(),
-                Want::Redirect(want8.build()),
-            );
-
-            // A TCP flow from network 2: fragmentation needed with the TCP
-            // checksum quoted, and with only 8 bytes (checksum not quoted).
-            let tclient = (CLIENT, 40000);
-            let tep = (EP_TCP, 80);
-            let tkey = fwd_key(2, tclient, tep, IPPROTO_TCP);
-            let (backend, backend_mac) = service0_backend(&tkey);
-            let tnat = (NAT_TCP, first_port(&tkey, 1024..=65535));
-            let mut syn = Ipv4Packet::tcp(tclient, tep, TCP_SYN).macs(CLIENT_MAC, c2_mac);
-            syn.payload = vec![9; 40];
-            let tsent = translated(&syn, p0_mac, (backend, 8080, backend_mac), tnat);
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c2, &syn.build()).verdict,
-                verdict::REDIRECT
-            );
-            let mut syn63 = syn.clone();
-            syn63.ttl = 63;
-            let tas_sent = syn63.build();
-            for (name, n) in [
-                ("frag needed quoting the TCP checksum", 14 + 20 + 20),
-                ("frag needed quoting 8 TCP bytes", 14 + 20 + 8),
-            ] {
-                let e = icmp_error(
-                    router,
-                    NAT_TCP,
-                    ICMP_DEST_UNREACH,
-                    ICMP_FRAG_NEEDED,
-                    1400,
-                    &tsent[14..n],
-                )
-                .macs(backend_mac, p0_mac);
-                let mut w = icmp_error(
-                    EP_TCP,
-                    CLIENT,
-                    ICMP_DEST_UNREACH,
-                    ICMP_FRAG_NEEDED,
-                    1400,
-                    &tas_sent[14..n],
-                )
-                .macs(c2_mac, CLIENT_MAC);
-                w.ttl = 63;
-                b.case(
-                    name,
-                    prog_names::PROVIDER,
-                    p0,
-                    &e.build(),
-                    Want::Redirect(w.build()),
-                );
-            }
-
-            // An echo flow: time exceeded quoting the echo request.
-            let id = 0x77;
-            let ekey = fwd_key(1, (CLIENT, id), (EP_TCP, 0), IPPROTO_ICMP);
-            let (eb, eb_mac) = service0_backend(&ekey);
-            let enat = first_port(&ekey, 1024..=65535);
-            let req = Ipv4Packet::echo(CLIENT, EP_TCP, true, id, 1).macs(CLIENT_MAC, c1_mac);
-            let run = b.raw(prog_names::CONSUMER, c1, &req.build());
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            let mut req63 = req.clone();
-            req63.ttl = 63;
-            let e = icmp_error(
-                router,
-                NAT_TCP,
-                ICMP_TIME_EXCEEDED,
-                0,
-                0,
-                &run.output[14..42],
-            )
-            .macs(eb_mac, p0_mac);
-            let mut w = icmp_error(
-                EP_TCP,
-                CLIENT,
-                ICMP_TIME_EXCEEDED,
-                0,
-                0,
-                &req63.build()[14..42],
-            )
-            .macs(c1_mac, CLIENT_MAC);
-            w.ttl = 63;
-            let _ = (eb, enat);
-            b.case(
-                "time exceeded quoting an echo request",
-                prog_names::PROVIDER,
-                p0,
-                &e.build(),
-                Want::Redirect(w.build()),
-            );
-
-            // Errors that match no flow, forged or truncated ones.
-            let mut other_port = sent.clone();
-            other_port[34..36].copy_from_slice(&(nat.1 ^ 0x100).to_be_bytes());
-            let mut forged_src = sent.clone();
-            forged_src[26..30].copy_from_slice(&NAT_TCP.octets());
-            let mut options = sent.clone();
-            options[14] = 0x46;
-            let drops: Vec<(&str, Vec<u8>, DropReason)> = vec![
-                (
-                    "error quoting a port of no flow",
-                    icmp_error(BACKEND10, NAT_UDP, 3, 3, 0, &other_port[14..42])
-                        .macs(BACKEND10_MAC, p0_mac)
-                        .build(),
-                    DropReason::IcmpErrorNoFlow,
-                ),
-                (
-                    "error quoting another NAT address than it is sent to",
-                    icmp_error(BACKEND10, NAT_UDP, 3, 3, 0, &forged_src[14..42])
-                        .macs(BACKEND10_MAC, p0_mac)
-                        .build(),
-                    DropReason::IcmpErrorNoFlow,
-                ),
-                (
-                    "error quoting a header with options",
-                    icmp_error(BACKEND10, NAT_UDP, 3, 3, 0, &options[14..42])
-                        .macs(BACKEND10_MAC, p0_mac)
-                        .build(),
-                    DropReason::IcmpErrorNoFlow,
-                ),
-                (
-                    "error quoting only an IP header",
-                    icmp_error(BACKEND10, NAT_UDP, 3, 3, 0, &sent[14..34])
-                        .macs(BACKEND10_MAC, p0_mac)
-                        .build(),
-                    DropReason::Malformed,
-                ),
-                (
-                    "error quoting 4 transport bytes",
-                    icmp_error(BACKEND10, NAT_UDP, 3, 3, 0, &sent[14..38])
-                        .macs(BACKEND10_MAC, p0_mac)
-                        .build(),
-                    DropReason::Malformed,
-                ),
-                (
-                    "redirect (type 5) to a NAT address",
-                    icmp_error(BACKEND10, NAT_UDP, 5, 0, 0, &sent[14..42])
-                        .macs(BACKEND10_MAC, p0_mac)
-                        .build(),
-                    DropReason::IcmpUnsupported,
-                ),
-            ];
-            for (name, frame, reason) in drops {
-                b.case(name, prog_names::PROVIDER, p0, &frame, Want::Drop(reason));
-            }
-            // A quote cut short by the frame, not the IP length: IP says more
-            // than the frame holds.
-            let mut cut = err.build();
-            cut.truncate(14 + 20 + 8 + 20 + 4);
-            b.case(
-                "error frame shorter than its IP length",
-                prog_names::PROVIDER,
-                p0,
-                &cut,
-                Want::Drop(DropReason::Malformed),
-            );
-            let _ = c2;
-        })
-        .unwrap();
-}
-
-/// The ICMP error the gateway sends back to a consumer about `offending`
-/// (a frame it received): from the address it was sent to, quoting its IP
-/// header and 8 bytes, TTL 64, id 0.
-fn error_reply(offending: &[u8], ty: u8, code: u8, mtu: u16, gw_mac: [u8; 6]) -> Vec<u8> {
-    let src = Ipv4Addr::new(offending[30], offending[31], offending[32], offending[33]);
-    let dst = Ipv4Addr::new(offending[26], offending[27], offending[28], offending[29]);
-    let mut p = Ipv4Packet::icmp(src, dst, ty, code, mtu as u32, &offending[14..42]);
-    p.ip_id = 0;
-    let mac: [u8; 6] = offending[6..12].try_into().unwrap();
-    p.macs(gw_mac, mac).build()
-}
-
-/// TTL ≤ 1 on the forward path: time exceeded from the endpoint address,
-/// no flow opened.
-#[test]
-fn golden_ttl_exceeded_answers_from_the_endpoint() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            for ttl in [1, 0] {
-                let mut q = Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"query")
-                    .macs(CLIENT_MAC, c1_mac);
-                q.ttl = ttl;
-                let frame = q.build();
-                b.case(
-                    &format!("udp with ttl {ttl}"),
-                    prog_names::CONSUMER,
-                    c1,
-                    &frame,
-                    Want::Tx(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
-                );
-            }
-            let mut syn =
-                Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_SYN).macs(ROUTER_MAC, c1_mac);
-            syn.ttl = 1;
-            syn.payload = vec![1; 100];
-            let frame = syn.build();
-            b.case(
-                "tcp syn with ttl 1 from behind a router",
-                prog_names::CONSUMER,
-                c1,
-                &frame,
-                Want::Tx(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
-            );
-            let mut ping = Ipv4Packet::echo(CLIENT, EP_TCP, true, 9, 1).macs(CLIENT_MAC, c1_mac);
-            ping.ttl = 1;
-            let frame = ping.build();
-            b.case(
-                "echo with ttl 1",
-                prog_names::CONSUMER,
-                c1,
-                &frame,
-                Want::Tx(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
-            );
-            assert!(b.dp.list_conntrack().unwrap().is_empty(), "no flow opened");
-            let mut pending = Ipv4Packet::tcp((CLIENT, 40000), (EP_PENDING, 80), TCP_SYN)
-                .macs(CLIENT_MAC, c1_mac);
-            pending.ttl = 1;
-            b.case(
-                "ttl 1 to a pending endpoint: no answer",
-                prog_names::CONSUMER,
-                c1,
-                &pending.build(),
-                Want::Drop(DropReason::EndpointPending),
-            );
-        })
-        .unwrap();
-}
-
-/// Too big for the provider side's MTU: fragmentation needed (with the
-/// MTU) back to the consumer for DF packets; a counted drop without DF.
-#[test]
-fn golden_frag_needed_on_the_forward_path() {
-    let gw = gateway();
-    gw.host.ip(&["link", "set", "p0", "mtu", "1000"]).unwrap();
-    let spec = spec(&gw);
-    let (c1, p0_mac, c1_mac) = (gw.c1, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 5000);
-            let ep = (EP_UDP, 53);
-            let key = fwd_key(1, client, ep, IPPROTO_UDP);
-            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
-            let fits = Ipv4Packet::udp(client, ep, &[7; 972]).macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "1000 bytes fit",
-                prog_names::CONSUMER,
-                c1,
-                &fits.build(),
-                Want::Redirect(translated(
-                    &fits,
-                    p0_mac,
-                    (BACKEND10, 5353, BACKEND10_MAC),
-                    nat,
-                )),
-            );
-            let big = Ipv4Packet::udp(client, ep, &[7; 973]).macs(CLIENT_MAC, c1_mac);
-            let frame = big.build();
-            b.case(
-                "1001 bytes with DF",
-                prog_names::CONSUMER,
-                c1,
-                &frame,
-                Want::Tx(error_reply(
-                    &frame,
-                    ICMP_DEST_UNREACH,
-                    ICMP_FRAG_NEEDED,
-                    1000,
-                    c1_mac,
-                )),
-            );
-            let mut no_df = frame.clone();
-            no_df[20] = 0;
-            fix_checksums(&mut no_df);
-            b.case(
-                "1001 bytes without DF",
-                prog_names::CONSUMER,
-                c1,
-                &no_df,
-                Want::Drop(DropReason::FragNeeded),
-            );
-        })
-        .unwrap();
-}
-
-/// Fragmentation needed (and other errors) from a router in front of a
-/// client, about a reply: on to the backend, quote as the backend sent it.
-#[test]
-fn golden_icmp_errors_from_a_consumer_router() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c2, p0, c1_mac, c2_mac, p0_mac) =
-        (gw.c1, gw.c2, gw.p0, gw.c1_mac, gw.c2_mac, gw.p0_mac);
-    let router = Ipv4Addr::new(192, 0, 2, 2);
-    let far_client = Ipv4Addr::new(203, 0, 113, 10);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (far_client, 40000);
-            let ep = (EP_TCP, 80);
-            let key = fwd_key(1, client, ep, IPPROTO_TCP);
-            let (backend, backend_mac) = service0_backend(&key);
-            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(ROUTER_MAC, c1_mac);
-            assert_eq!(
-                b.raw(prog_names::CONSUMER, c1, &syn.build()).verdict,
-                verdict::REDIRECT
-            );
-            // The backend's reply, and what the consumer side saw of it.
-            let mut reply =
-                Ipv4Packet::tcp((backend, 8080), nat, TCP_SYN | TCP_ACK).macs(backend_mac, p0_mac);
-            reply.payload = vec![3; 40];
-            let run = b.raw(prog_names::PROVIDER, p0, &reply.build());
-            assert_eq!(run.verdict, verdict::REDIRECT);
-            let seen = run.output;
-            let mut as_sent = reply.clone();
-            as_sent.ttl = 63;
-            let as_sent = as_sent.build();
-            for (name, n) in [
-                (
-                    "frag needed from a consumer router, TCP checksum quoted",
-                    14 + 40,
-                ),
-                (
-                    "frag needed from a consumer router, 8 bytes quoted",
-                    14 + 28,
-                ),
-            ] {
-                let e = Ipv4Packet::icmp(
-                    router,
-                    EP_TCP,
-                    ICMP_DEST_UNREACH,
-                    ICMP_FRAG_NEEDED,
-                    1280,
-                    &seen[14..n],
-                )
-                .macs(ROUTER_MAC, c1_mac);
-                let mut w = Ipv4Packet::icmp(
-                    NAT_TCP,
-                    backend,
-                    ICMP_DEST_UNREACH,
-                    ICMP_FRAG_NEEDED,
-                    1280,
-                    &as_sent[14..n],
-                )
-                .macs(p0_mac, backend_mac);
-                w.ttl = 63;
-                b.case(
-                    name,
-                    prog_names::CONSUMER,
-                    c1,
-                    &e.build(),
-                    Want::Redirect(w.build()),
-                );
-            }
-            // Network 2 has no such flow: isolation holds for errors too.
-            let e = Ipv4Packet::icmp(
-                router,
-                EP_TCP,
-                ICMP_DEST_UNREACH,
-                ICMP_FRAG_NEEDED,
-                1280,
-                &seen[14..42],
-            )
-            .macs(ROUTER_MAC, c2_mac);
-            b.case(
-                "the same error from the other network",
-                prog_names::CONSUMER,
-                c2,
-                &e.build(),
-                Want::Drop(DropReason::IcmpErrorNoFlow),
-            );
-            let mut forged = seen.clone();
-            forged[26..30].copy_from_slice(&EP_UDP.octets());
-            let e = Ipv4Packet::icmp(
-                router,
-                EP_TCP,
-                ICMP_DEST_UNREACH,
-                ICMP_FRAG_NEEDED,
-                1280,
-                &forged[14..42],
-            )
-            .macs(ROUTER_MAC, c1_mac);
-            b.case(
-                "error quoting another endpoint than it is sent to",
-                prog_names::CONSUMER,
-                c1,
-                &e.build(),
-                Want::Drop(DropReason::IcmpErrorNoFlow),
-            );
-            let e = Ipv4Packet::icmp(
-                router,
-                EP_TCP,
-                ICMP_DEST_UNREACH,
-                ICMP_FRAG_NEEDED,
-                1280,
-                &seen[14..40],
-            )
-            .macs(ROUTER_MAC, c1_mac);
-            b.case(
-                "consumer error with a truncated quote",
-                prog_names::CONSUMER,
-                c1,
-                &e.build(),
-                Want::Drop(DropReason::Malformed),
-            );
-        })
-        .unwrap();
-}
-
-/// Loads both programs and prints what the verifier accepted, so CI logs show
-/// program growth.
-#[test]
-fn verified_program_sizes() {
-    netns::require_root_and_tools();
-    let mut dp = Dataplane::load_with(EBPF_OBJECT, None, Sizes::default()).unwrap();
-    dp.load_programs().unwrap();
-    // The benchmark reference forwarder ships in the same object: it must
-    // pass the verifier too, although plink-ctl never loads it.
-    dp.program(prog_names::BENCH_FWD).unwrap().load().unwrap();
-    for name in [
-        prog_names::CONSUMER,
-        prog_names::PROVIDER,
-        prog_names::BENCH_FWD,
-    ] {
-        let info = dp.program(name).unwrap().info().unwrap();
-        let verified = info.verified_instruction_count().unwrap_or(0);
-        println!(
-            "{name}: verified_insns={verified} xlated_bytes={} jited_bytes={}",
-            info.size_translated().unwrap_or(0),
-            info.size_jitted()
-        );
-        let stack = stack_use(info.id());
-        println!("{name}: stack bytes per BPF function (xlated dump): {stack:?}");
-        assert!(!stack.is_empty(), "{name}: bpftool listed its functions");
-        assert!(
-            verified > 0,
-            "{name}: the kernel reports verified instructions"
-        );
-        assert!(
-            verified < 200_000,
-            "{name}: stays well inside the verifier's 1M limit"
-        );
-    }
-}
-
-/// Deepest `r10` (frame pointer) offset of each BPF function of program `id`,
-/// read from `bpftool prog dump xlated`: the stack each function uses. The
-/// verifier's limit is 512 bytes along any call chain.
-fn stack_use(id: u32) -> Vec<(String, u32)> {
-    let out = std::process::Command::new("bpftool")
-        .args(["prog", "dump", "xlated", "id", &id.to_string()])
-        .output()
-        .expect("bpftool is installed (cargo xtask setup)");
-    assert!(out.status.success(), "bpftool prog dump xlated id {id}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut funcs: Vec<(String, u32)> = Vec::new();
-    for line in text.lines() {
-        // Function headers look like `int name(...):` or `name:`.
-        let t = line.trim();
-        if !t.starts_with(';') && t.ends_with(':') && !t.starts_with(|c: char| c.is_ascii_digit()) {
-            let name = t.trim_end_matches(':');
-            let name = name.split('(').next().unwrap_or(name);
-            let name = name.rsplit(' ').next().unwrap_or(name);
-            funcs.push((name.to_string(), 0));
-            continue;
-        }
-        let mut rest = t;
-        while let Some(i) = rest.find("(r10 -") {
-            rest = &rest[i + 6..];
-            let n: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-            if let (Ok(n), Some(last)) = (n.parse::<u32>(), funcs.last_mut()) {
-                last.1 = last.1.max(n);
-            }
-        }
-    }
-    funcs
-}
-
-#[test]
-fn managed_neighbours_are_created_once_and_removed() {
-    use plink_ctl::dataplane::neigh::{self, NeighOutcome};
-    let gw = gateway();
-    let p0 = gw.p0;
-    let backend = Ipv4Addr::new(198, 51, 100, 77);
-    let outcomes = gw
-        .host
-        .run_in(move || -> anyhow::Result<Vec<NeighOutcome>> {
-            Ok(vec![
-                neigh::ensure_managed(p0, backend)?,
-                neigh::ensure_managed(p0, backend)?,
-            ])
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(outcomes, vec![NeighOutcome::Created, NeighOutcome::Exists]);
-    let shown = gw.host.ip(&["neigh", "show", "198.51.100.77"]).unwrap();
-    assert!(shown.contains("managed"), "{shown:?}");
-    gw.host
-        .run_in(move || -> anyhow::Result<()> {
-            neigh::remove(p0, backend)?;
-            neigh::remove(p0, backend)
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        gw.host
-            .ip(&["neigh", "show", "198.51.100.77"])
-            .unwrap()
-            .trim(),
-        ""
-    );
-}
-
-/// A packet that cannot leave opens no flow: no conntrack entry, no NAT
-/// port, no cap slot and no connection counted, whatever the FIB said
-/// (no neighbour, no route, fragmentation needed).
-#[test]
-fn golden_a_flow_opens_only_when_its_packet_leaves() {
-    let gw = gateway();
-    gw.host.ip(&["link", "set", "p0", "mtu", "1000"]).unwrap();
-    let mut spec = spec(&gw);
-    // Service 3: one backend outside every route of the gateway.
-    const EP_NOROUTE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 63);
-    spec.services.push(ServiceSpec {
-        id: 3,
-        nat: vec![NatSpec {
-            addr: Ipv4Addr::new(198, 51, 100, 203),
-            ports: 1024..=65535,
-            draining: false,
-        }],
-        lookup: vec![4],
-        mss_clamp: plink_common::MSS_CLAMP_OFF,
-    });
-    spec.backends.push(BackendSpec {
-        id: 4,
-        service_id: 3,
-        addr: Ipv4Addr::new(198, 18, 0, 1),
-        state: BackendState::Active,
-    });
-    spec.endpoints.push(EndpointSpec {
-        max_flows: 1,
-        ..tcp_endpoint(9, 1, EP_NOROUTE, 3)
-    });
-    for e in spec.endpoints.iter_mut().filter(|e| e.id == 6 || e.id == 1) {
-        // One flow at most: a slot held by a dropped packet would refuse the next.
-        e.max_flows = 1;
-    }
-    let (c1, p0_mac, c1_mac) = (gw.c1, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let nothing_held = |b: &mut Bench, name: &str| {
-                assert!(
-                    b.dp.list_conntrack().unwrap().is_empty(),
-                    "{name}: no flow kept"
-                );
-                assert!(
-                    b.dp.nat_ports_in_use().unwrap().values().all(|n| *n == 0),
-                    "{name}: no NAT port held"
-                );
-            };
-            let client = (CLIENT, 5000);
-            for attempt in ["first", "second (the cap slot was not kept)"] {
-                let syn =
-                    Ipv4Packet::tcp(client, (EP_NONEIGH, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
-                b.case(
-                    &format!("{attempt} SYN to an unresolved backend"),
-                    prog_names::CONSUMER,
-                    c1,
-                    &syn.build(),
-                    Want::Drop(DropReason::FibNoNeigh),
-                );
-                nothing_held(&mut b, "no neighbour");
-                let syn =
-                    Ipv4Packet::tcp(client, (EP_NOROUTE, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac);
-                b.case(
-                    &format!("{attempt} SYN to an unrouted backend"),
-                    prog_names::CONSUMER,
-                    c1,
-                    &syn.build(),
-                    Want::Drop(DropReason::FibFailed),
-                );
-                nothing_held(&mut b, "no route");
-                let big = Ipv4Packet::udp(client, (EP_UDP, 53), &[7; 973]).macs(CLIENT_MAC, c1_mac);
-                let frame = big.build();
-                b.case(
-                    &format!("{attempt} datagram too big for the provider MTU"),
-                    prog_names::CONSUMER,
-                    c1,
-                    &frame,
-                    Want::Tx(error_reply(
-                        &frame,
-                        ICMP_DEST_UNREACH,
-                        ICMP_FRAG_NEEDED,
-                        1000,
-                        c1_mac,
-                    )),
-                );
-                nothing_held(&mut b, "fragmentation needed");
-            }
-            for id in [1, 6, 9] {
-                assert_eq!(
-                    b.dp.counters(CounterKind::Endpoint, id)
-                        .unwrap()
-                        .flows_created,
-                    0,
-                    "endpoint {id}: no connection counted"
-                );
-            }
-            // The same datagram that fits opens the flow (and the cap allows it).
-            let key = fwd_key(1, client, (EP_UDP, 53), IPPROTO_UDP);
-            let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
-            let fits = Ipv4Packet::udp(client, (EP_UDP, 53), &[7; 972]).macs(CLIENT_MAC, c1_mac);
-            b.case(
-                "a datagram that fits",
-                prog_names::CONSUMER,
-                c1,
-                &fits.build(),
-                Want::Redirect(translated(
-                    &fits,
-                    p0_mac,
-                    (BACKEND10, 5353, BACKEND10_MAC),
-                    nat,
-                )),
-            );
-            assert_eq!(b.dp.list_conntrack().unwrap().len(), 1);
-            assert_eq!(
-                b.dp.counters(CounterKind::Endpoint, 1)
-                    .unwrap()
-                    .flows_created,
-                1
-            );
-        })
-        .unwrap();
-}
-
-/// On interfaces whose answers leave by redirect (veth), ARP replies and
-/// ICMP errors are the same bytes as with XDP_TX, sent with XDP_REDIRECT.
-#[test]
-fn golden_answers_leave_by_redirect_where_xdp_tx_stalls() {
-    let gw = gateway();
-    let mut spec = spec(&gw);
-    for i in &mut spec.interfaces {
-        i.answers = AnswerPath::Redirect;
-    }
-    let (c1, p0, c1_mac, p0_mac) = (gw.c1, gw.p0, gw.c1_mac, gw.p0_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            b.case(
-                "ARP for an endpoint address",
-                prog_names::CONSUMER,
-                c1,
-                &arp_request(CLIENT_MAC, CLIENT, EP_TCP),
-                Want::Redirect(arp_reply(c1_mac, EP_TCP, CLIENT_MAC, CLIENT)),
-            );
-            b.case(
-                "ARP for a NAT address",
-                prog_names::PROVIDER,
-                p0,
-                &arp_request(BACKEND10_MAC, BACKEND10, NAT_TCP),
-                Want::Redirect(arp_reply(p0_mac, NAT_TCP, BACKEND10_MAC, BACKEND10)),
-            );
-            let mut ttl1 =
-                Ipv4Packet::udp((CLIENT, 5000), (EP_UDP, 53), b"q").macs(CLIENT_MAC, c1_mac);
-            ttl1.ttl = 1;
-            let frame = ttl1.build();
-            b.case(
-                "TTL 1 to an endpoint",
-                prog_names::CONSUMER,
-                c1,
-                &frame,
-                Want::Redirect(error_reply(&frame, ICMP_TIME_EXCEEDED, 0, 0, c1_mac)),
-            );
-        })
-        .unwrap();
-}
-
-/// Without any GC (no controller), an expired flow's NAT port is reclaimed
-/// by the datapath when a new flow needs it, and only once it has expired.
-#[test]
-fn golden_expired_flows_free_their_nat_port_without_a_controller() {
-    let gw = gateway();
-    let mut spec = spec(&gw);
-    // One NAT port: whoever holds it blocks every other flow.
-    spec.services[0].nat[0].ports = 30000..=30000;
-    spec.timeouts.tcp_transitory = Duration::from_millis(200);
-    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let syn = |port| {
-                Ipv4Packet::tcp((CLIENT, port), (EP_TCP, 80), TCP_SYN)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            let nat_port = |run: &XdpRun| u16::from_be_bytes([run.output[34], run.output[35]]);
-            let started = std::time::Instant::now();
-            let a = b.raw(prog_names::CONSUMER, c1, &syn(40000));
-            assert_eq!(a.verdict, verdict::REDIRECT);
-            assert_eq!(nat_port(&a), 30000);
-            // Live: the port stays with its flow.
-            let refused = b.raw(prog_names::CONSUMER, c1, &syn(40001));
-            if started.elapsed() < Duration::from_millis(200) {
-                assert_eq!(refused.verdict, verdict::DROP, "a live flow keeps its port");
-            }
-            // Expired (SYN_SENT: the transitory timeout) and never collected:
-            // the next new flow takes the port over.
-            netns::wait_for(
-                "a new flow to reclaim the expired flow's port",
-                Duration::from_secs(5),
-                || {
-                    let run = b.raw(prog_names::CONSUMER, c1, &syn(40002));
-                    Ok((run.verdict == verdict::REDIRECT).then_some(run))
-                },
-            )
-            .map(|run| assert_eq!(nat_port(&run), 30000))
-            .unwrap();
-            assert!(started.elapsed() >= Duration::from_millis(200));
-            let flows = b.dp.list_conntrack().unwrap();
-            assert_eq!(flows.len(), 1, "the expired flow is gone: {flows:?}");
-            assert_eq!(flows[0].client, (CLIENT, 40002));
-            assert_eq!(
-                b.dp.nat_ports_in_use().unwrap().values().sum::<u64>(),
-                1,
-                "one port entry, the new flow's"
-            );
-        })
-        .unwrap();
-}
-
-/// The state a freed and reused flow entry leaves behind: the entry found
-/// under one flow's key holds another flow's values (a preallocated hash
-/// element deleted by the GC and reused at once by another CPU's insert, seen
-/// through the pointer a program still holds). The datapath must not
-/// rewrite the packet with the other flow's mapping. The state is written
-/// from userspace here, since the race itself cannot be timed on demand.
-#[test]
-fn golden_a_reused_flow_entry_never_rewrites_another_flows_packet() {
-    let gw = gateway();
-    let spec = spec(&gw);
-    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let ep = (EP_UDP, 53);
-            let q = |port| {
-                Ipv4Packet::udp((CLIENT, port), ep, b"q")
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            for port in [5000, 5001] {
-                let run = b.raw(prog_names::CONSUMER, c1, &q(port));
-                assert_eq!(run.verdict, verdict::REDIRECT, "flow from {port}");
-            }
-            // The CT_FWD map this program uses, through its own descriptor.
-            let prog_maps =
-                b.dp.program(prog_names::CONSUMER)
-                    .unwrap()
-                    .info()
-                    .unwrap()
-                    .map_ids()
-                    .unwrap()
-                    .unwrap();
-            let map_id = prog_maps
-                .into_iter()
-                .find(|id| {
-                    aya::maps::MapInfo::from_id(*id)
-                        .ok()
-                        .and_then(|i| i.name_as_str().map(|n| n == "CT_FWD"))
-                        .unwrap_or(false)
-                })
-                .expect("plink_consumer uses CT_FWD");
-            let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_id(map_id).unwrap())
-                .unwrap();
-            let mut ct: aya::maps::HashMap<_, CtFwdKey, plink_common::CtFwdValue> =
-                aya::maps::HashMap::try_from(map).unwrap();
-            let a = fwd_key(1, (CLIENT, 5000), ep, IPPROTO_UDP);
-            let other = fwd_key(1, (CLIENT, 5001), ep, IPPROTO_UDP);
-            let other_value = ct.get(&other, 0).unwrap();
-            assert_eq!(
-                other_value.key_hash,
-                flow_hash(&other),
-                "entries carry their key's hash"
-            );
-            // Flow a's entry now holds the other flow's values.
-            ct.insert(a, other_value, 0).unwrap();
-            b.case(
-                "a packet whose entry was reused by another flow",
-                prog_names::CONSUMER,
-                c1,
-                &q(5000),
-                Want::Drop(DropReason::CtBroken),
-            );
-            let run = b.raw(prog_names::CONSUMER, c1, &q(5001));
-            assert_eq!(run.verdict, verdict::REDIRECT, "the other flow is unharmed");
-        })
-        .unwrap();
-}
-
-/// The established fast path: one flow lookup answers, validated by the
-/// endpoint's generation and the provider side's hop generation. A changed
-/// neighbour is followed once the hop generation moves (the controller moves
-/// it on neighbour, route and link events and on every apply); an endpoint re-pointed or rejected cuts its flows in the
-/// datapath itself, before (and without) the controller's purge.
-#[test]
-fn golden_established_flows_follow_changes_without_a_purge() {
-    let gw = gateway();
-    let mut spec = spec(&gw);
-    let (c1, p0, p0_mac, c1_mac) = (gw.c1, gw.p0, gw.p0_mac, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let client = (CLIENT, 41000);
-            let ep = (EP_TCP, 80);
-            let key = fwd_key(1, client, ep, IPPROTO_TCP);
-            let (backend, backend_mac) = service0_backend(&key);
-            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-            let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, c1_mac);
-            let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, c1_mac);
-            let to = |p: &Ipv4Packet, mac| translated(p, p0_mac, (backend, 8080, mac), nat);
-            b.case(
-                "syn",
-                prog_names::CONSUMER,
-                c1,
-                &syn.build(),
-                Want::Redirect(to(&syn, backend_mac)),
-            );
-            b.case(
-                "established",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Redirect(to(&ack, backend_mac)),
-            );
-
-            // The backend moves to another MAC: the cached hop serves until
-            // the generation moves, then the new neighbour is used.
-            let moved: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x77];
-            let status = std::process::Command::new("ip")
-                .args(["neigh", "replace", &backend.to_string(), "lladdr"])
-                .arg("02:00:00:00:01:77")
-                .args(["dev", "p0", "nud", "permanent"])
-                .status()
-                .unwrap();
-            assert!(status.success(), "ip neigh replace");
-            b.case(
-                "cached next hop",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Redirect(to(&ack, backend_mac)),
-            );
-            b.dp.bump_hop_gen().unwrap();
-            b.case(
-                "next hop looked up again after the generation moved",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Redirect(to(&ack, moved)),
-            );
-
-            // Re-pointed to service 1 without a purge: the backend's replies
-            // to the old mapping are dropped, and the flow is no flow.
-            let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(moved, p0_mac);
-            for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
-                e.service_id = 1;
-            }
-            b.dp.apply(&spec).unwrap();
-            b.case(
-                "reply of a re-pointed endpoint's flow",
-                prog_names::PROVIDER,
-                p0,
-                &reply.build(),
-                Want::Drop(DropReason::ReplyEndpointNotApproved),
-            );
-            b.case(
-                "a re-pointed endpoint's flow is no flow",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Drop(DropReason::TcpNoFlow),
-            );
-            assert!(
-                b.dp.list_conntrack().unwrap().is_empty(),
-                "the stale flow was removed by the datapath"
-            );
-            assert_eq!(b.dp.nat_ports_in_use().unwrap().get(&NAT_TCP), None);
-
-            // Back to service 0, a new flow, then rejected without a purge.
-            for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
-                e.service_id = 0;
-            }
-            b.dp.apply(&spec).unwrap();
-            b.case(
-                "syn again",
-                prog_names::CONSUMER,
-                c1,
-                &syn.build(),
-                Want::Redirect(to(&syn, moved)),
-            );
-            for e in spec.endpoints.iter_mut().filter(|e| e.id == 0) {
-                e.state = EndpointState::Rejected;
-            }
-            b.dp.apply(&spec).unwrap();
-            b.case(
-                "reply of a rejected endpoint's flow",
-                prog_names::PROVIDER,
-                p0,
-                &reply.build(),
-                Want::Drop(DropReason::ReplyEndpointNotApproved),
-            );
-            b.case(
-                "a rejected endpoint's flow",
-                prog_names::CONSUMER,
-                c1,
-                &ack.build(),
-                Want::Drop(DropReason::EndpointRejected),
-            );
-            let drops = b.dp.endpoint_drop_counts(0).unwrap();
-            assert_eq!(drops[&DropReason::ReplyEndpointNotApproved], 2);
-        })
-        .unwrap();
-}
-
-/// Without any GC (no controller), an endpoint at its max-flows cap gets its
-/// slot back from an expired flow of its own: the datapath reclaims it from
-/// the endpoint's ring of recent flows when the cap refuses. Short
-/// connections keep being accepted, round after round, and a live flow
-/// still holds the cap.
-#[test]
-fn golden_an_endpoint_at_its_cap_reclaims_its_expired_flows_without_a_controller() {
-    let gw = gateway();
-    let mut spec = spec(&gw);
-    spec.timeouts.tcp_transitory = Duration::from_millis(200);
-    let (c1, c1_mac) = (gw.c1, gw.c1_mac);
-    gw.host
-        .run_in(move || {
-            let mut b = Bench::new(&spec);
-            let syn = |port| {
-                Ipv4Packet::tcp((CLIENT, port), (EP_CAPPED, 80), TCP_SYN)
-                    .macs(CLIENT_MAC, c1_mac)
-                    .build()
-            };
-            // EP_CAPPED allows one live flow.
-            for round in 0..4u16 {
-                let port = 42000 + round * 2;
-                let started = std::time::Instant::now();
-                // The first round's slot is free; later rounds' is held by
-                // the previous round's expired flow until it is reclaimed.
-                netns::wait_for(
-                    "a new flow to get the cap slot of the expired one",
-                    Duration::from_secs(5),
-                    || {
-                        let run = b.raw(prog_names::CONSUMER, c1, &syn(port));
-                        Ok((run.verdict == verdict::REDIRECT).then_some(()))
-                    },
-                )
-                .unwrap();
-                let refused = b.raw(prog_names::CONSUMER, c1, &syn(port + 1));
-                if started.elapsed() < Duration::from_millis(200) {
-                    assert_eq!(refused.verdict, verdict::DROP, "a live flow holds the cap");
-                }
-                let flows = b.dp.list_conntrack().unwrap();
-                assert_eq!(
-                    flows.iter().filter(|f| f.endpoint_id == 7).count(),
-                    1,
-                    "round {round}: one flow of the capped endpoint: {flows:?}"
-                );
-            }
-            let drops = b.dp.endpoint_drop_counts(7).unwrap();
-            assert!(drops[&DropReason::CapMaxFlows] >= 1, "{drops:?}");
-            assert_eq!(
-                b.dp.counters(CounterKind::Endpoint, 7)
-                    .unwrap()
-                    .flows_created,
-                4
-            );
+            let mut b = Bench::with_conntrack(&spec, conntrack);
+            scenario(&mut b, ifs, spec)
         })
         .unwrap();
 }
