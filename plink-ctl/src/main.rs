@@ -39,7 +39,8 @@ struct Cli {
 enum Command {
     /// Validate the config, restore saved decisions, load and attach the XDP
     /// programs to every interface it names, and serve the admin socket until
-    /// SIGINT or SIGTERM. SIGHUP reloads the config.
+    /// SIGINT or SIGTERM. SIGHUP reloads the config and reopens the event
+    /// log (`gateway.event_log`, for logrotate).
     ///
     /// `run` refuses to start when the host breaks the forwarding contract
     /// (consumer interface with forwarding on or an address, provider
