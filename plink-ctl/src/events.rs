@@ -440,21 +440,42 @@ impl Sink {
     }
 }
 
+/// What the writer thread is asked to do.
+enum Msg {
+    Line(Vec<u8>),
+    Reopen(std::sync::mpsc::SyncSender<Result<(), EventLogError>>),
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Lines queued for the writer thread at most; more are counted as lost.
+pub const WRITE_QUEUE: usize = 4096;
+/// How long [`Events::reopen`] and [`Events::flush`] wait for the writer.
+const WRITER_WAIT: Duration = Duration::from_secs(5);
+
 struct Inner {
-    sink: Mutex<Option<Sink>>,
+    /// The writer thread's queue; `None` when the log goes nowhere.
+    writer: Option<std::sync::mpsc::SyncSender<Msg>>,
     ring: Mutex<VecDeque<Record>>,
     capacity: usize,
     tx: broadcast::Sender<Record>,
+    /// Records the writer could not take (queue full: the sink is stalled).
+    lost: std::sync::atomic::AtomicU64,
 }
 
 /// The event log handle (cheap to clone). The default one keeps the ring
 /// and broadcasts but writes nowhere (no `gateway.event_log`).
+///
+/// The sink is written by a thread of its own, fed through a bounded
+/// queue: decisions are recorded while the controller holds its locks, and
+/// a stalled sink (a journald that stopped reading stdout, a hung disk)
+/// must not stall them. A record that does not fit the queue is counted
+/// ([`Events::lost`]) and reported on stderr; it stays in the ring.
 #[derive(Clone)]
 pub struct Events(Arc<Inner>);
 
 impl Default for Events {
     fn default() -> Self {
-        Self::with_capacity(RING_CAPACITY)
+        Self::build(RING_CAPACITY, None, WRITE_QUEUE)
     }
 }
 
@@ -467,34 +488,73 @@ impl std::fmt::Debug for Events {
 impl Events {
     /// A log writing nowhere, keeping the last `capacity` records.
     pub fn with_capacity(capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
+        Self::build(capacity, None, WRITE_QUEUE)
+    }
+
+    fn build(capacity: usize, sink: Option<Sink>, queue: usize) -> Self {
+        let capacity = capacity.max(1);
+        let (tx, _) = broadcast::channel(capacity);
+        let writer = sink.map(|sink| {
+            let (wtx, wrx) = std::sync::mpsc::sync_channel(queue);
+            std::thread::Builder::new()
+                .name("plink-events".into())
+                .spawn(move || write_loop(sink, wrx))
+                .map(|_| wtx)
+        });
+        let writer = match writer {
+            Some(Ok(w)) => Some(w),
+            Some(Err(e)) => {
+                tracing::error!("event log: cannot start its writer thread: {e}");
+                None
+            }
+            None => None,
+        };
         Self(Arc::new(Inner {
-            sink: Mutex::new(None),
+            writer,
             ring: Mutex::new(VecDeque::with_capacity(capacity)),
-            capacity: capacity.max(1),
+            capacity,
             tx,
+            lost: Default::default(),
         }))
     }
 
-    /// The log `gateway.event_log` names (none: in memory only).
+    /// The log `gateway.event_log` names (none: in memory only). The file
+    /// is opened here, so that a path we cannot write stops `run` at once.
     pub fn open(target: Option<&EventLogTarget>) -> Result<Self, EventLogError> {
-        let events = Self::default();
         let sink = match target {
             None => None,
             Some(EventLogTarget::Stdout) => Some(Sink::Stdout),
             Some(EventLogTarget::File(path)) => Some(Sink::open_file(path)?),
         };
-        *lock(&events.0.sink) = sink;
-        Ok(events)
+        Ok(Self::build(RING_CAPACITY, sink, WRITE_QUEUE))
     }
 
-    /// Closes and reopens the file (SIGHUP, after logrotate moved it).
+    /// Closes and reopens the file (SIGHUP, after logrotate moved it), once
+    /// the lines queued before are written.
     pub fn reopen(&self) -> Result<(), EventLogError> {
-        let mut sink = lock(&self.0.sink);
-        if let Some(Sink::File { path, .. }) = &*sink {
-            *sink = Some(Sink::open_file(&path.clone())?);
+        let Some(w) = &self.0.writer else {
+            return Ok(());
+        };
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if w.send(Msg::Reopen(ack)).is_err() {
+            return Ok(());
         }
-        Ok(())
+        done.recv_timeout(WRITER_WAIT).unwrap_or(Ok(()))
+    }
+
+    /// Waits (bounded) until every record emitted so far is written: before
+    /// the process exits.
+    pub fn flush(&self) {
+        let Some(w) = &self.0.writer else { return };
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if w.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(WRITER_WAIT);
+        }
+    }
+
+    /// Records the writer could not take since start.
+    pub fn lost(&self) -> u64 {
+        self.0.lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records `event` now.
@@ -504,25 +564,36 @@ impl Events {
 
     pub fn emit_at(&self, event: Event, at: SystemTime) {
         let record = Record::new(event, at);
-        match serde_json::to_vec(&record) {
+        let line = match serde_json::to_vec(&record) {
             Ok(mut line) => {
                 line.push(b'\n');
-                let mut sink = lock(&self.0.sink);
-                if let Some(s) = sink.as_mut() {
-                    let written = s
-                        .follow_rotation()
-                        .map_err(|e| e.to_string())
-                        .and_then(|()| s.write(&line).map_err(|e| e.to_string()));
-                    if let Err(e) = written {
-                        tracing::warn!("event log: {e}; the event is kept in memory only");
-                    }
+                Some(line)
+            }
+            Err(e) => {
+                tracing::warn!("event log: encoding {:?}: {e}", record.event);
+                None
+            }
+        };
+        // Ring, broadcast and queue under one lock: the file has the ring's
+        // order, and a `--follow` client that takes the ring then
+        // subscribes sees every record once, none missing.
+        let mut ring = lock(&self.0.ring);
+        if let (Some(w), Some(line)) = (&self.0.writer, line) {
+            use std::sync::mpsc::TrySendError;
+            if let Err(TrySendError::Full(_)) = w.try_send(Msg::Line(line)) {
+                let n = self
+                    .0
+                    .lost
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The first loss, then every 1000th: stderr must not drown.
+                if n.is_multiple_of(1000) {
+                    tracing::warn!(
+                        lost = n + 1,
+                        "event log: the sink is not keeping up; records are kept in memory only"
+                    );
                 }
             }
-            Err(e) => tracing::warn!("event log: encoding {:?}: {e}", record.event),
         }
-        // Ring and broadcast under one lock: a `--follow` client that takes
-        // the ring then subscribes sees every record once, none missing.
-        let mut ring = lock(&self.0.ring);
         if ring.len() == self.0.capacity {
             ring.pop_front();
         }
@@ -539,6 +610,33 @@ impl Events {
     pub fn subscribe(&self) -> (Vec<Record>, broadcast::Receiver<Record>) {
         let ring = lock(&self.0.ring);
         (ring.iter().cloned().collect(), self.0.tx.subscribe())
+    }
+}
+
+/// The writer thread: until every handle is gone.
+fn write_loop(mut sink: Sink, rx: std::sync::mpsc::Receiver<Msg>) {
+    for msg in rx {
+        match msg {
+            Msg::Line(line) => {
+                let written = sink
+                    .follow_rotation()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| sink.write(&line).map_err(|e| e.to_string()));
+                if let Err(e) = written {
+                    tracing::warn!("event log: {e}; the event is kept in memory only");
+                }
+            }
+            Msg::Reopen(ack) => {
+                let r = match &sink {
+                    Sink::File { path, .. } => Sink::open_file(&path.clone()).map(|s| sink = s),
+                    Sink::Stdout => Ok(()),
+                };
+                let _ = ack.send(r);
+            }
+            Msg::Flush(ack) => {
+                let _ = ack.send(());
+            }
+        }
     }
 }
 

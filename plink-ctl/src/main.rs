@@ -610,6 +610,8 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             error: Some(format!("{e:#}")),
         },
     });
+    // The writer thread dies with the process: let it finish first.
+    events.flush();
     result.map(|_| ())
 }
 
@@ -953,13 +955,13 @@ fn run_with(
                 _ = term.recv() => { tracing::info!("SIGTERM received"); break "SIGTERM"; }
                 _ = int.recv() => { tracing::info!("SIGINT received"); break "SIGINT"; }
                 _ = hup.recv() => {
-                    // SIGHUP is also logrotate's signal: the event log is
-                    // reopened first, so the reload's event is in the new file.
-                    if let Err(e) = events.reopen() {
-                        tracing::error!("SIGHUP: {e}");
-                    }
-                    let c = controller.clone();
+                    let (c, log) = (controller.clone(), events.clone());
                     let result = tokio::task::spawn_blocking(move || {
+                        // SIGHUP is also logrotate's signal: the event log is
+                        // reopened first, so the reload's event is in the new file.
+                        if let Err(e) = log.reopen() {
+                            tracing::error!("SIGHUP: {e}");
+                        }
                         lock(&c).reload_via(events::Trigger::Signal)
                     })
                     .await;

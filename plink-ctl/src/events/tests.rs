@@ -239,6 +239,7 @@ fn the_file_is_appended_to_and_follows_rotation() {
     std::fs::write(&path, "earlier line\n").unwrap();
     let events = Events::open(Some(&EventLogTarget::File(path.clone()))).unwrap();
     events.emit(stopped(1));
+    events.flush();
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.starts_with("earlier line\n"), "not appended: {text}");
     assert_eq!(text.lines().count(), 2);
@@ -247,6 +248,7 @@ fn the_file_is_appended_to_and_follows_rotation() {
     let rotated = dir.path().join("log/events.jsonl.1");
     std::fs::rename(&path, &rotated).unwrap();
     events.emit(stopped(2));
+    events.flush();
     assert_eq!(
         std::fs::read_to_string(&rotated).unwrap().lines().count(),
         2
@@ -260,6 +262,7 @@ fn the_file_is_appended_to_and_follows_rotation() {
     events.reopen().unwrap();
     assert!(path.exists(), "reopen did not create the file");
     events.emit(stopped(3));
+    events.flush();
     assert_eq!(lines(&path).len(), 1);
 }
 
@@ -551,4 +554,37 @@ fn cap_events_are_rate_limited_per_endpoint_and_lose_no_count() {
         refused(w.observe(&s(1), r(9, 9), t0 + Duration::from_secs(50))),
         None
     );
+}
+
+#[test]
+fn a_stalled_sink_costs_records_in_the_file_not_time() {
+    // A pipe nobody reads: the writer blocks once the pipe is full.
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[1] is ours; the File owns and closes it.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let m = file.metadata().unwrap();
+    // The path names the pipe itself, so the rotation check leaves it be.
+    let sink = Sink::File {
+        path: format!("/proc/self/fd/{}", fds[1]).into(),
+        file,
+        id: (m.dev(), m.ino()),
+    };
+    let events = Events::build(16, Some(sink), 4);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let emitter = events.clone();
+    std::thread::spawn(move || {
+        // About 2 MB of records: far more than the pipe holds.
+        for n in 0..20_000 {
+            emitter.emit(stopped(n));
+        }
+        let _ = done_tx.send(());
+    });
+    done.recv_timeout(Duration::from_secs(10))
+        .expect("emitting waited for the stalled sink");
+    assert!(events.lost() > 0, "nothing was counted as lost");
+    assert_eq!(events.recent().len(), 16, "the ring has the latest");
+    // SAFETY: the read end is ours; closing it lets the writer fail and go.
+    unsafe { libc::close(fds[0]) };
 }
