@@ -2,7 +2,8 @@
 //! a reject, a refused reload and a backend going down each appear in the
 //! `gateway.event_log` file with the documented fields, `plink-ctl events
 //! --json` returns them, `--follow` streams them as they happen, the file is
-//! reopened on SIGHUP after logrotate moved it, and the stop is recorded.
+//! reopened on SIGHUP after logrotate moved it, the stop is recorded, and
+//! so is what an adopting start adopted.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -83,17 +84,16 @@ fn decisions_reach_the_event_log_and_plink_ctl_events() {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build().unwrap();
     let log = net.topo.scratch_dir().unwrap().join("log/events.jsonl");
-    let plink: Gateway = net
-        .start_plink_with(&pl::Options {
-            gateway_extra: format!("  event_log: {}\n", log.display()),
-            // billing-b starts pending: an admin decides.
-            billing_b_tenant: "tenant-x".into(),
-            orders_extra:
-                "    health_check: {type: tcp, interval: 300ms, timeout: 200ms, rise: 2, fall: 2}\n"
-                    .into(),
-            ..Default::default()
-        })
-        .unwrap();
+    let opts = pl::Options {
+        gateway_extra: format!("  event_log: {}\n", log.display()),
+        // billing-b starts pending: an admin decides.
+        billing_b_tenant: "tenant-x".into(),
+        orders_extra:
+            "    health_check: {type: tcp, interval: 300ms, timeout: 200ms, rise: 2, fall: 2}\n"
+                .into(),
+        ..Default::default()
+    };
+    let plink: Gateway = net.start_plink_with(&opts).unwrap();
     let config = plink.config_path.display().to_string();
 
     let started = wait_event(&log, "controller_started", "controller");
@@ -242,4 +242,42 @@ fn decisions_reach_the_event_log_and_plink_ctl_events() {
     let last = read_log(&log).unwrap().pop().unwrap();
     assert!(is(&last, "controller_stopped", "controller"), "{last}");
     assert_eq!(last["details"]["signal"], "SIGTERM");
+    let before_restart = read_log(&log).unwrap().len();
+
+    // A new controller adopts the running dataplane: what it adopted is
+    // recorded (the backend the first one's health checks took down), and
+    // the saved decisions make no new endpoint decisions.
+    let _again = net.start_plink_with(&opts).unwrap();
+    let started = wait_for(
+        "the second controller_started",
+        Duration::from_secs(15),
+        || {
+            Ok(read_log(&log)?
+                .into_iter()
+                .skip(before_restart)
+                .find(|v| is(v, "controller_started", "controller")))
+        },
+    )
+    .unwrap();
+    assert_eq!(started["details"]["dataplane"], "adopted");
+    let after: Vec<Value> = read_log(&log).unwrap().split_off(before_restart);
+    let adopted = after
+        .iter()
+        .find(|v| is(v, "dataplane_adopted", "dataplane"))
+        .unwrap_or_else(|| panic!("no dataplane_adopted after the restart: {after:#?}"));
+    assert_eq!(
+        adopted["details"]["dataplane_id"],
+        started["details"]["dataplane_id"]
+    );
+    assert_eq!(
+        adopted["details"]["down_backends"],
+        serde_json::json!([{"service": "orders", "address": dead.to_string()}])
+    );
+    assert!(adopted["details"]["purged_flows"].is_object(), "{adopted}");
+    assert!(
+        !after.iter().any(|v| v["kind"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("endpoint_"))),
+        "the adopting start re-decided endpoints: {after:#?}"
+    );
 }
