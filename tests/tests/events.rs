@@ -281,3 +281,97 @@ fn decisions_reach_the_event_log_and_plink_ctl_events() {
         "the adopting start re-decided endpoints: {after:#?}"
     );
 }
+
+/// Seconds since the epoch of a record's `time` (checked by `check_envelope`).
+fn epoch_seconds(time: &str) -> f64 {
+    let n = |a: usize, b: usize| time[a..b].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
+    // Days from civil (H. Hinnant), independent of the code under test.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19)) as f64
+        + n(20, 23) as f64 / 1000.0
+}
+
+#[test]
+fn caps_reached_are_reported_at_most_once_per_interval_and_lose_no_count() {
+    use std::net::SocketAddrV4;
+    netns::require_root_and_tools();
+    let mut net = PrivateLink::build().unwrap();
+    let log = net.topo.scratch_dir().unwrap().join("events.jsonl");
+    const CAP: u16 = 3;
+    let plink = net
+        .start_plink_with(&pl::Options {
+            gateway_extra: format!(
+                "  event_log: {}\n  endpoint_defaults: {{max_flows: {CAP}, new_flows_per_second: 10000}}\n",
+                log.display()
+            ),
+            ..Default::default()
+        })
+        .unwrap();
+    let burst = |first_port: u16| {
+        for i in 0..(3 * CAP) {
+            let src = SocketAddrV4::new(pl::CLIENT, first_port + i);
+            // Refused probes time out: that is the point.
+            let _ = plink_tests::servers::udp_probe(
+                &net.consumer_a,
+                src,
+                pl::endpoint_udp(),
+                Duration::from_millis(300),
+            );
+        }
+    };
+    let caps = || -> anyhow::Result<Vec<Value>> {
+        Ok(read_log(&log)?
+            .into_iter()
+            .filter(|v| is(v, "cap_reached", "dns-a"))
+            .collect())
+    };
+    burst(47000);
+    let first = wait_for("a cap_reached event", Duration::from_secs(15), || {
+        Ok(caps()?.into_iter().next())
+    })
+    .unwrap();
+    assert_eq!(first["outcome"], "rate_limited");
+    assert_eq!(first["details"]["service"], "dns");
+    assert_eq!(first["details"]["max_flows"], CAP);
+    assert_eq!(first["details"]["interval_seconds"], 10);
+    assert_eq!(first["details"]["refused_rate"], 0);
+    // Refused again right away: the next event waits for the interval and
+    // carries every refusal since the first.
+    burst(48000);
+    let both = wait_for(
+        "a second cap_reached event",
+        Duration::from_secs(20),
+        || {
+            let c = caps()?;
+            Ok((c.len() >= 2).then_some(c))
+        },
+    )
+    .unwrap();
+    let gap = epoch_seconds(both[1]["time"].as_str().unwrap())
+        - epoch_seconds(both[0]["time"].as_str().unwrap());
+    assert!(gap >= 9.99, "two cap_reached events {gap}s apart");
+    let reported: u64 = both
+        .iter()
+        .map(|v| v["details"]["refused_max_flows"].as_u64().unwrap())
+        .sum();
+    let counted = Gateway::sample(
+        &plink.scrape(&net.gw).unwrap(),
+        "plink_endpoint_refused_flows_total{endpoint=\"dns-a\",service=\"dns\",cap=\"max_flows\"}",
+    );
+    assert!(counted > 0);
+    assert_eq!(reported, counted, "refusals reported vs counted: {both:#?}");
+    // The other consumer's endpoint reached nothing.
+    assert!(
+        !read_log(&log)
+            .unwrap()
+            .iter()
+            .any(|v| is(v, "cap_reached", "dns-b")),
+        "dns-b was reported"
+    );
+}
