@@ -127,6 +127,9 @@ pub enum Event {
     /// The controller stopped (the dataplane keeps forwarding), on a signal
     /// or because it failed.
     ControllerStopped {
+        /// Tells a controller that failed to start (e.g. another one holds
+        /// the pins) from the one that runs.
+        pid: u32,
         /// `SIGTERM` or `SIGINT`; `None` when it failed.
         signal: Option<String>,
         error: Option<String>,

@@ -602,10 +602,12 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
     let result = run_with(config_path, config, allow_broken_contract, &events);
     events.emit(match &result {
         Ok(signal) => Event::ControllerStopped {
+            pid: std::process::id(),
             signal: Some(signal.to_string()),
             error: None,
         },
         Err(e) => Event::ControllerStopped {
+            pid: std::process::id(),
             signal: None,
             error: Some(format!("{e:#}")),
         },

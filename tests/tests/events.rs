@@ -242,6 +242,7 @@ fn decisions_reach_the_event_log_and_plink_ctl_events() {
     let last = read_log(&log).unwrap().pop().unwrap();
     assert!(is(&last, "controller_stopped", "controller"), "{last}");
     assert_eq!(last["details"]["signal"], "SIGTERM");
+    assert_eq!(last["details"]["pid"], pid);
     let before_restart = read_log(&log).unwrap().len();
 
     // A new controller adopts the running dataplane: what it adopted is

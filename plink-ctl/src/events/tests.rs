@@ -61,6 +61,7 @@ fn one_of_each() -> Vec<Event> {
             dataplane_id: Some("abc".into()),
         },
         Event::ControllerStopped {
+            pid: 42,
             signal: Some("SIGTERM".into()),
             error: None,
         },
@@ -226,6 +227,7 @@ fn lines(path: &Path) -> Vec<Record> {
 
 fn stopped(n: u32) -> Event {
     Event::ControllerStopped {
+        pid: n,
         signal: Some(format!("SIG{n}")),
         error: None,
     }
