@@ -651,10 +651,11 @@ impl Controller {
                 let error = if errors.is_empty() {
                     e.to_string()
                 } else {
+                    let n = errors.len();
                     format!(
-                        "{} is invalid ({} errors); the running configuration is unchanged",
+                        "{} is invalid ({n} error{}); the running configuration is unchanged",
                         config.display(),
-                        errors.len()
+                        if n == 1 { "" } else { "s" }
                     )
                 };
                 self.events.emit(Event::ReloadRefused {

@@ -597,9 +597,27 @@ fn print_status(s: &Status) {
 /// `plink-ctl run`: opens the event log, then runs the controller,
 /// recording why it stopped.
 fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // SIGHUP's default action kills: catch it before the (slow) start, and
+    // keep it: a reload asked for during start-up runs once we are up.
+    let hup = {
+        let _rt = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("catching SIGHUP")?
+    };
     let config = Config::load(&config_path)?;
     let events = Events::open(config.gateway.event_log.as_ref())?;
-    let result = run_with(config_path, config, allow_broken_contract, &events);
+    let result = run_with(
+        runtime,
+        hup,
+        (config_path, config),
+        allow_broken_contract,
+        &events,
+    );
     events.emit(match &result {
         Ok(signal) => Event::ControllerStopped {
             pid: std::process::id(),
@@ -619,23 +637,12 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
 
 /// Runs the controller until a signal stops it; returns the signal's name.
 fn run_with(
-    config_path: PathBuf,
-    config: Config,
+    runtime: tokio::runtime::Runtime,
+    mut hup: tokio::signal::unix::Signal,
+    (config_path, config): (PathBuf, Config),
     allow_broken_contract: bool,
     events: &Events,
 ) -> anyhow::Result<&'static str> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    // SIGHUP's default action kills: catch it before the (slow) start, and
-    // keep it: a reload asked for during start-up runs once we are up.
-    let mut hup = {
-        let _rt = runtime.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("catching SIGHUP")?
-    };
     // One controller per dataplane, held until this process exits.
     let _pins = dataplane::lock_pins(&config.gateway.bpffs_root)?;
     // Observe before touching anything: the pins (if any) and their identity.
