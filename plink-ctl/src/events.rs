@@ -19,7 +19,7 @@ use std::{
     fs::File,
     io::{self, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -405,9 +405,13 @@ impl Sink {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
+        // Not world-readable: the log names tenants and their decisions,
+        // which the admin API shows to root only. An existing file keeps
+        // its mode (logrotate's `create` sets it).
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o640)
             .open(path)
             .map_err(err)?;
         let m = file.metadata().map_err(err)?;

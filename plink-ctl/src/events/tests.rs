@@ -246,7 +246,8 @@ fn the_file_is_appended_to_and_follows_rotation() {
     assert!(text.starts_with("earlier line\n"), "not appended: {text}");
     assert_eq!(text.lines().count(), 2);
 
-    // logrotate renames the file: the next event goes to a new one at the path.
+    // logrotate renames the file: the next event goes to a new one at the
+    // path, not world-readable.
     let rotated = dir.path().join("log/events.jsonl.1");
     std::fs::rename(&path, &rotated).unwrap();
     events.emit(stopped(2));
@@ -257,6 +258,12 @@ fn the_file_is_appended_to_and_follows_rotation() {
     );
     let new = lines(&path);
     assert_eq!(new.len(), 1);
+    let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+    assert_eq!(
+        mode & 0o007,
+        0,
+        "the new file is world-accessible: {mode:o}"
+    );
     assert_eq!(new[0].event, stopped(2));
 
     // Deleted, then an explicit reopen (SIGHUP): a fresh file again.
