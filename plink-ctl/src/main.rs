@@ -483,7 +483,17 @@ fn events_command(a: &AdminArgs, follow: bool) -> anyhow::Result<ExitCode> {
         writeln!(out, "{line}")
             .and_then(|()| out.flush())
             .map_err(|e| admin::ClientError::Row(e.to_string()))
-    })?;
+    });
+    let response = match response {
+        // A followed stream has no end of its own: the controller went away.
+        Err(admin::ClientError::NoAnswer { path }) if follow => {
+            anyhow::bail!(
+                "{} closed the stream: the controller stopped",
+                path.display()
+            )
+        }
+        r => r?,
+    };
     if !response.ok {
         eprintln!(
             "error: {}",
