@@ -3,7 +3,8 @@
 //! `gateway.event_log` file with the documented fields, `plink-ctl events
 //! --json` returns them, `--follow` streams them as they happen, the file is
 //! reopened on SIGHUP after logrotate moved it, the stop is recorded, and
-//! so is what an adopting start adopted.
+//! so is what an adopting start adopted; a NAT address moved by a reload is
+//! added, drains and retires.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -196,6 +197,29 @@ fn decisions_reach_the_event_log_and_plink_ctl_events() {
     assert_eq!(down["details"]["target"], format!("{dead}:8080"));
     assert!(down["details"]["error"].is_string(), "{down}");
 
+    // A reload moves orders to another NAT address: the new one is added,
+    // the old one (no flow holds it) drains and retires.
+    let text = std::fs::read_to_string(&plink.config_path).unwrap();
+    let moved = text.replacen(
+        "nat: {addresses: [198.51.100.200]",
+        "nat: {addresses: [198.51.100.203]",
+        1,
+    );
+    assert_ne!(text, moved);
+    std::fs::write(&plink.config_path, moved).unwrap();
+    plink.ctl(&net.gw, &["reload"]).unwrap();
+    let added = wait_event(&log, "nat_address_added", "198.51.100.203");
+    assert_eq!(added["details"]["service"], "orders");
+    let draining = wait_event(&log, "nat_address_draining", "198.51.100.200");
+    assert_eq!(draining["details"]["service"], "orders");
+    let retired = wait_event(&log, "nat_address_retired", "198.51.100.200");
+    assert!(
+        retired["details"]["grace_seconds"].as_u64().unwrap() > 0,
+        "{retired}"
+    );
+    let applied = wait_event(&log, "reload_applied", &config);
+    assert_eq!(applied["details"]["via"], "admin");
+
     // `plink-ctl events --json` has them all, in order.
     let listed = parse_records(&plink.ctl(&net.gw, &["events", "--json"]).unwrap()).unwrap();
     let position = |kind: &str, subject: &str| {
@@ -228,11 +252,14 @@ fn decisions_reach_the_event_log_and_plink_ctl_events() {
     unsafe { libc::kill(pid, libc::SIGHUP) };
     let hup = wait_event(&log, "reload_applied", &config);
     assert_eq!(hup["details"]["via"], "signal");
+    assert_eq!(hup["details"]["changes"], serde_json::json!([]));
     let old = read_log(&rotated).unwrap();
     assert!(
         old.iter()
             .any(|v| is(v, "backend_down", &format!("orders/{dead}")))
-            && !old.iter().any(|v| v["kind"] == "reload_applied"),
+            && !old
+                .iter()
+                .any(|v| v["kind"] == "reload_applied" && v["details"]["via"] == "signal"),
         "the rotated file is not the old one"
     );
 
