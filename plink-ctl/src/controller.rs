@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::{
     approval::{self, Access, Action, ConnectionState, Refusal},
     config::{Config, ConfigError, Diagnostic},
+    events::{self, Event, Events, Trigger},
     model::{EndpointModel, Model, ModelDiff, ModelError},
     state::{self, EndpointIdentity, IdsExhausted, PersistedState, StateError, StateStore},
 };
@@ -144,8 +145,9 @@ impl ApplyHealth {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
-    fn synced(&self) {
-        self.in_sync.store(true, Ordering::SeqCst);
+    /// Returns true when the dataplane was out of sync before.
+    fn synced(&self) -> bool {
+        !self.in_sync.swap(true, Ordering::SeqCst)
     }
 
     fn failed(&self, why: &str) {
@@ -271,6 +273,8 @@ pub struct Controller {
     apply_health: Arc<ApplyHealth>,
     /// Lookup-table slots the dataplane was sized for at start.
     lb_capacity: u64,
+    /// Where decisions are recorded (docs/EVENTS.md).
+    events: Events,
 }
 
 /// Questions the admin API asks the running dataplane.
@@ -320,7 +324,53 @@ impl Controller {
             applier: None,
             apply_health: Arc::new(ApplyHealth::default()),
             lb_capacity,
+            events: Events::default(),
         })
+    }
+
+    /// Records decisions into `events` from now on.
+    pub fn set_events(&mut self, events: Events) {
+        self.events = events;
+    }
+
+    pub fn events(&self) -> Events {
+        self.events.clone()
+    }
+
+    /// The config errors of `e` as `file:line:column: path: message`.
+    pub fn diagnostic_lines(&self, e: &ControllerError) -> Vec<String> {
+        e.diagnostics()
+            .iter()
+            .map(|d| {
+                let at = if d.yaml_path.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}: ", d.yaml_path)
+                };
+                format!(
+                    "{}:{}:{}: {at}{}",
+                    self.config_path.display(),
+                    d.line,
+                    d.column,
+                    d.message
+                )
+            })
+            .collect()
+    }
+
+    fn synced(&self) {
+        if self.apply_health.synced() {
+            self.events.emit(Event::DataplaneInSync {
+                apply_failures: self.apply_health.failures(),
+            });
+        }
+    }
+
+    fn apply_failed(&self, why: &str, restored: bool) {
+        self.events.emit(Event::ApplyFailed {
+            error: why.to_owned(),
+            restored,
+        });
     }
 
     pub fn config_path(&self) -> &Path {
@@ -401,6 +451,16 @@ impl Controller {
             self.state.dataplane = identity;
         }
         self.store.save(&self.state)?;
+        // What this start decided against the saved state: new endpoints,
+        // visibility narrowed while we were down, endpoints left the config.
+        for e in events::endpoint_events(
+            None,
+            &self.loaded.decisions,
+            &self.config,
+            &self.state.decisions,
+        ) {
+            self.events.emit(e);
+        }
         Ok(())
     }
 
@@ -417,12 +477,13 @@ impl Controller {
         };
         match applier.apply(&self.model) {
             Ok(()) => {
-                self.apply_health.synced();
+                self.synced();
                 Ok(())
             }
             Err(ApplyFailure::Refused(why)) => Err(ControllerError::Plan(why)),
             Err(ApplyFailure::Failed(why)) => {
                 self.apply_health.failed(&why);
+                self.apply_failed(&why, false);
                 Err(ControllerError::ApplyFailed {
                     why,
                     restored: Some("the committed configuration is the one that failed".into()),
@@ -439,7 +500,7 @@ impl Controller {
         };
         match applier.apply(model) {
             Ok(()) => {
-                self.apply_health.synced();
+                self.synced();
                 Ok(())
             }
             Err(ApplyFailure::Refused(why)) => Err(ControllerError::Plan(why)),
@@ -448,9 +509,11 @@ impl Controller {
                 tracing::error!(
                     "applying a change failed: {why}; putting the previous configuration back"
                 );
-                let restored = match applier.apply(&self.model) {
+                let restore = applier.apply(&self.model);
+                self.apply_failed(&why, restore.is_ok());
+                let restored = match restore {
                     Ok(()) => {
-                        self.apply_health.synced();
+                        self.synced();
                         None
                     }
                     Err(e) => {
@@ -492,10 +555,20 @@ impl Controller {
             return Err(e.into());
         }
         let diff = Model::diff(&self.model, &model);
+        let decided = events::endpoint_events(
+            Some(&self.config),
+            &self.state.decisions,
+            &config,
+            &state.decisions,
+        );
         self.config = config;
         self.state = state;
         self.model = model.clone();
         self.publish.send_replace(model);
+        // Recorded once the kernel and the disk hold the decisions.
+        for e in decided {
+            self.events.emit(e);
+        }
         Ok(diff)
     }
 
@@ -526,12 +599,18 @@ impl Controller {
             .decisions
             .get(&identity)
             .ok_or_else(|| ControllerError::NoSuchEndpoint(name.to_owned()))?;
-        let next =
-            approval::apply(current, action, &access).map_err(|why| ControllerError::Refused {
+        let next = approval::apply(current, action, &access).map_err(|why| {
+            self.events.emit(Event::EndpointActionRefused {
+                endpoint: name.to_owned(),
+                action,
+                error: why.to_string(),
+            });
+            ControllerError::Refused {
                 endpoint: name.to_owned(),
                 action,
                 why,
-            })?;
+            }
+        })?;
         let changed = next.is_some();
         if let Some(decision) = next {
             let mut state = self.state.clone();
@@ -552,6 +631,45 @@ impl Controller {
     /// config, or one that changes a restart-only field, is refused and
     /// nothing changes.
     pub fn reload(&mut self) -> Result<ReloadOutcome, ControllerError> {
+        self.reload_via(Trigger::Admin)
+    }
+
+    /// [`Controller::reload`], recording what asked for it.
+    pub fn reload_via(&mut self, via: Trigger) -> Result<ReloadOutcome, ControllerError> {
+        let result = self.reload_inner();
+        let config = self.config_path.clone();
+        match &result {
+            Ok(out) => self.events.emit(Event::ReloadApplied {
+                config,
+                via,
+                changes: out.changes.clone(),
+            }),
+            Err(e) => {
+                let errors = self.diagnostic_lines(e);
+                // The errors are listed one by one; the headline says what
+                // happened instead of repeating them.
+                let error = if errors.is_empty() {
+                    e.to_string()
+                } else {
+                    let n = errors.len();
+                    format!(
+                        "{} is invalid ({n} error{}); the running configuration is unchanged",
+                        config.display(),
+                        if n == 1 { "" } else { "s" }
+                    )
+                };
+                self.events.emit(Event::ReloadRefused {
+                    config,
+                    via,
+                    error,
+                    errors,
+                })
+            }
+        }
+        result
+    }
+
+    fn reload_inner(&mut self) -> Result<ReloadOutcome, ControllerError> {
         let config = Config::load(&self.config_path)?;
         if let Some(field) = restart_only_change(&self.config, &config) {
             return Err(ControllerError::RestartOnly(field));
@@ -620,6 +738,7 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<String> {
         ("gateway.state_dir", o.state_dir != n.state_dir),
         ("gateway.bpffs_root", o.bpffs_root != n.bpffs_root),
         ("gateway.conntrack.max_flows", o.conntrack != n.conntrack),
+        ("gateway.event_log", o.event_log != n.event_log),
         ("interfaces", old.interfaces != new.interfaces),
     ];
     fields

@@ -129,6 +129,36 @@ pub struct Gateway {
     /// How long a retired NAT address is kept: the longest flow timeout, so
     /// a late reply of any flow it carried is dropped, not passed.
     retired_grace: std::time::Duration,
+    /// Where NAT address transitions are recorded.
+    pub events: crate::events::Events,
+    /// What the first apply (the adopting one, if adopting) purged.
+    pub first_apply: Option<ApplyReport>,
+    /// The NAT addresses as last applied, for events.
+    nat_seen: crate::events::NatView,
+}
+
+/// The NAT addresses of `spec` by state, named by service (for events).
+fn nat_view(spec: Option<&DataplaneSpec>, model: &Model) -> crate::events::NatView {
+    let mut view = crate::events::NatView::default();
+    let Some(spec) = spec else { return view };
+    let names: BTreeMap<u32, &String> =
+        model.services.values().map(|s| (s.id.0, &s.name)).collect();
+    for s in &spec.services {
+        let name = names
+            .get(&s.id)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("#{}", s.id));
+        for n in s.nat.iter().filter(|n| !n.addr.is_unspecified()) {
+            let set = if n.draining {
+                &mut view.draining
+            } else {
+                &mut view.active
+            };
+            set.insert((name.clone(), n.addr));
+        }
+    }
+    view.retired = spec.retired_nat.keys().copied().collect();
+    view
 }
 
 /// Whether a retired NAT address that retired at `since` is still kept at
@@ -246,6 +276,9 @@ impl Gateway {
             conntrack_capacity: u64::from(sizes.conntrack),
             retired_since: BTreeMap::new(),
             retired_grace: std::time::Duration::MAX,
+            events: crate::events::Events::default(),
+            first_apply: None,
+            nat_seen: crate::events::NatView::default(),
         })
     }
 
@@ -409,6 +442,13 @@ impl Gateway {
             }
         }
         let first = self.spec.is_none();
+        // Compared with the view kept from the last apply: it names the
+        // services of the model it was applied with (some may be gone now).
+        let nat_now = nat_view(Some(&spec), model);
+        for e in crate::events::nat_events(&self.nat_seen, &nat_now, self.retired_grace) {
+            self.events.emit(e);
+        }
+        self.nat_seen = nat_now;
         self.spec = Some(spec.clone());
         // Every live flow against the spec just applied.
         let policy = FlowPolicy::new(&spec, model, &self.retired_backends);
@@ -443,7 +483,11 @@ impl Gateway {
                 reasons.join(", ")
             );
         }
-        Ok(ApplyReport { purged })
+        let report = ApplyReport { purged };
+        if first {
+            self.first_apply = Some(report.clone());
+        }
+        Ok(report)
     }
 }
 

@@ -32,6 +32,7 @@ use tokio::{
 
 use crate::{
     config::{BackendState, HealthCheck, HealthCheckKind},
+    events::{Event, Events},
     gateway::Health,
     model::{BackendId, Model},
 };
@@ -241,6 +242,7 @@ pub struct HealthChecker {
     map: HealthMap,
     changes: mpsc::UnboundedSender<()>,
     tasks: BTreeMap<BackendId, (Probe, JoinHandle<()>)>,
+    events: Events,
 }
 
 impl HealthChecker {
@@ -249,7 +251,14 @@ impl HealthChecker {
             map,
             changes,
             tasks: BTreeMap::new(),
+            events: Events::default(),
         }
+    }
+
+    /// Records backend transitions (down, up) into `events`.
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// Starts, restarts and stops probe tasks to match `model`. Must be
@@ -271,16 +280,23 @@ impl HealthChecker {
                 self.map.forget(id);
             }
         }
+        let services: BTreeMap<BackendId, &str> = model
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| (b.id, s.name.as_str())))
+            .collect();
         for (id, probe) in wanted {
             if self.tasks.contains_key(&id) {
                 continue;
             }
+            let service = services.get(&id).copied().unwrap_or_default().to_owned();
             tracing::info!(backend_id = %id, target = %probe.target, kind = ?probe.check.kind, "health checks started");
             let task = tokio::spawn(probe_loop(
                 id,
                 probe.clone(),
                 self.map.clone(),
                 self.changes.clone(),
+                (service, self.events.clone()),
             ));
             self.tasks.insert(id, (probe, task));
         }
@@ -300,6 +316,7 @@ async fn probe_loop(
     probe: Probe,
     map: HealthMap,
     changes: mpsc::UnboundedSender<()>,
+    (service, events): (String, Events),
 ) {
     let interval = probe.check.interval.0.max(Duration::from_millis(10));
     let mut tick = tokio::time::interval(interval);
@@ -311,10 +328,22 @@ async fn probe_loop(
         let error = result.as_ref().err().cloned();
         if map.observe(id, result, probe.check.rise, probe.check.fall) {
             let up = map.get(id).is_some_and(|h| h.up);
+            let (address, target) = (*probe.target.ip(), probe.target);
             if up {
                 tracing::info!(backend_id = %id, target = %probe.target, "backend is up: it rejoins the lookup table");
+                events.emit(Event::BackendUp {
+                    service: service.clone(),
+                    address,
+                    target,
+                });
             } else {
                 tracing::warn!(backend_id = %id, target = %probe.target, error = ?error, elapsed = ?started.elapsed(), "backend is down: it leaves the lookup table");
+                events.emit(Event::BackendDown {
+                    service: service.clone(),
+                    address,
+                    target,
+                    error: error.clone(),
+                });
             }
             if changes.send(()).is_err() {
                 return;

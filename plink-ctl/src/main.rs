@@ -13,6 +13,7 @@ use plink_ctl::{
     config::{Config, DEFAULT_ADMIN_SOCKET},
     controller::{ActionOutcome, Controller, ReloadOutcome, Status},
     dataplane,
+    events::{self, Event, Events},
     gateway::{self, Gateway, GatewayApplier, GatewayQueries},
     health::{HealthChecker, HealthMap},
     hostcheck, linkwatch, metrics,
@@ -38,7 +39,8 @@ struct Cli {
 enum Command {
     /// Validate the config, restore saved decisions, load and attach the XDP
     /// programs to every interface it names, and serve the admin socket until
-    /// SIGINT or SIGTERM. SIGHUP reloads the config.
+    /// SIGINT or SIGTERM. SIGHUP reloads the config and reopens the event
+    /// log (`gateway.event_log`, for logrotate).
     ///
     /// `run` refuses to start when the host breaks the forwarding contract
     /// (consumer interface with forwarding on or an address, provider
@@ -103,6 +105,16 @@ enum Command {
     /// List the live flows with their NAT mapping: consumer network and
     /// client, endpoint, NAT address and port, backend, time left.
     Conntrack(AdminArgs),
+    /// Show the controller's recent decisions (the event log kept in
+    /// memory, the last 1024; docs/EVENTS.md). With --json, one record per
+    /// line as in the `gateway.event_log` file.
+    Events {
+        /// Keep printing new events as they happen, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -274,6 +286,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             })
         }
+        Command::Events { follow, admin } => events_command(&admin, follow),
         Command::Endpoints { command } => match command {
             EndpointsCommand::List(a) => {
                 // Columns are aligned to the widest cell: the table is
@@ -440,6 +453,60 @@ fn admin_listing<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// `plink-ctl events`: rows as they arrive, JSON lines with `--json` (a
+/// followed stream never ends, so it is not one JSON document).
+fn events_command(a: &AdminArgs, follow: bool) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let socket = admin_socket(a)?;
+    let mut out = std::io::stdout().lock();
+    let response = admin::request_rows(&socket, &Request::Events { follow }, |row| {
+        let line = if a.json {
+            row.to_string()
+        } else {
+            let r: events::Record = serde_json::from_value(row).map_err(|e| {
+                admin::ClientError::Row(format!(
+                    "the controller's answer does not match this plink-ctl's version: {e}"
+                ))
+            })?;
+            let details = serde_json::to_value(&r)
+                .ok()
+                .and_then(|v| v.get("details").map(|d| d.to_string()))
+                .unwrap_or_default();
+            format!(
+                "{}  {:<24} {:<20} {:<12} {details}",
+                r.time,
+                r.kind(),
+                r.subject,
+                r.outcome
+            )
+        };
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .map_err(|e| admin::ClientError::Row(e.to_string()))
+    });
+    let response = match response {
+        // A followed stream has no end of its own: the controller went away.
+        Err(admin::ClientError::NoAnswer { path }) if follow => {
+            anyhow::bail!(
+                "{} closed the stream: the controller stopped",
+                path.display()
+            )
+        }
+        r => r?,
+    };
+    if !response.ok {
+        eprintln!(
+            "error: {}",
+            response
+                .error
+                .as_deref()
+                .unwrap_or("refused without a reason")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn decode<T: serde::de::DeserializeOwned>(r: Response) -> anyhow::Result<T> {
     let data = r.data.context("the controller answered without data")?;
     serde_json::from_value(data)
@@ -537,6 +604,8 @@ fn print_status(s: &Status) {
     }
 }
 
+/// `plink-ctl run`: opens the event log, then runs the controller,
+/// recording why it stopped.
 fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -545,12 +614,45 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         .context("starting the async runtime")?;
     // SIGHUP's default action kills: catch it before the (slow) start, and
     // keep it: a reload asked for during start-up runs once we are up.
-    let mut hup = {
+    let hup = {
         let _rt = runtime.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("catching SIGHUP")?
     };
     let config = Config::load(&config_path)?;
+    let events = Events::open(config.gateway.event_log.as_ref())?;
+    let result = run_with(
+        runtime,
+        hup,
+        (config_path, config),
+        allow_broken_contract,
+        &events,
+    );
+    events.emit(match &result {
+        Ok(signal) => Event::ControllerStopped {
+            pid: std::process::id(),
+            signal: Some(signal.to_string()),
+            error: None,
+        },
+        Err(e) => Event::ControllerStopped {
+            pid: std::process::id(),
+            signal: None,
+            error: Some(format!("{e:#}")),
+        },
+    });
+    // The writer thread dies with the process: let it finish first.
+    events.flush();
+    result.map(|_| ())
+}
+
+/// Runs the controller until a signal stops it; returns the signal's name.
+fn run_with(
+    runtime: tokio::runtime::Runtime,
+    mut hup: tokio::signal::unix::Signal,
+    (config_path, config): (PathBuf, Config),
+    allow_broken_contract: bool,
+    events: &Events,
+) -> anyhow::Result<&'static str> {
     // One controller per dataplane, held until this process exits.
     let _pins = dataplane::lock_pins(&config.gateway.bpffs_root)?;
     // Observe before touching anything: the pins (if any) and their identity.
@@ -559,6 +661,7 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
     // a corrupt state file stops us here. Nothing is saved until the
     // dataplane holds the model.
     let mut controller = Controller::prepare(&config_path, config.clone())?;
+    controller.set_events(events.clone());
     controller.check_pins(
         pinned.as_deref(),
         &dataplane::pin_dir(&config.gateway.bpffs_root),
@@ -587,6 +690,7 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         }
     }
     let mut gateway = Gateway::start(&config)?;
+    gateway.events = events.clone();
     let identity = gateway
         .dp
         .identity()
@@ -597,8 +701,9 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
     // Health as the running dataplane recorded it: a backend a previous
     // controller took down stays out of the table until it passes `rise` probes.
     let health = HealthMap::default();
-    for id in gateway.adopted_down_backends(&controller.model()) {
-        health.seed_down(id);
+    let adopted_down = gateway.adopted_down_backends(&controller.model());
+    for id in &adopted_down {
+        health.seed_down(*id);
     }
     let gateway = Arc::new(Mutex::new(gateway));
     // The first apply: an adopting start purges the flows the config no
@@ -612,8 +717,17 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             Some(identity),
         )
         .context("writing the config into the dataplane maps")?;
+    if let Some(dataplane_id) = pinned.clone() {
+        events.emit(adoption_event(
+            dataplane_id,
+            &config,
+            &controller.model(),
+            &adopted_down,
+            &gateway::lock(&gateway),
+        ));
+    }
     let apply_health = controller.apply_health();
-    runtime.block_on(async {
+    let signal = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -641,7 +755,7 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         // back) re-applies the committed model: the lookup tables follow the
         // health map.
         let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let mut checker = HealthChecker::new(health.clone(), health_tx);
+        let mut checker = HealthChecker::new(health.clone(), health_tx).with_events(events.clone());
         checker.reconcile(&models.borrow().clone());
         let model_task = {
             let mut models = models.clone();
@@ -797,6 +911,8 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             })
         };
 
+        let caps_task = caps_task(&config, models.clone(), events.clone());
+
         let metrics_listener = metrics::bind(config.gateway.metrics).await?;
         let metrics_task = {
             let gateway = gateway.clone();
@@ -840,15 +956,34 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
             let _ = stopped.await;
         }));
         tracing::info!(socket = %socket.display(), "plink is running; SIGHUP reloads, SIGINT or SIGTERM stops the controller");
+        events.emit(Event::ControllerStarted {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            config: config_path.clone(),
+            dataplane: if pinned.is_some() {
+                events::DataplaneStart::Adopted
+            } else {
+                events::DataplaneStart::Created
+            },
+            dataplane_id: lock(&controller).dataplane_id().map(str::to_owned),
+        });
         // Readiness marker on stdout for supervisors and tests.
         println!("ready");
-        loop {
+        let signal = loop {
             tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
-                _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+                _ = term.recv() => { tracing::info!("SIGTERM received"); break "SIGTERM"; }
+                _ = int.recv() => { tracing::info!("SIGINT received"); break "SIGINT"; }
                 _ = hup.recv() => {
-                    let c = controller.clone();
-                    let result = tokio::task::spawn_blocking(move || lock(&c).reload()).await;
+                    let (c, log) = (controller.clone(), events.clone());
+                    let result = tokio::task::spawn_blocking(move || {
+                        // SIGHUP is also logrotate's signal: the event log is
+                        // reopened first, so the reload's event is in the new file.
+                        if let Err(e) = log.reopen() {
+                            tracing::error!("SIGHUP: {e}");
+                        }
+                        lock(&c).reload_via(events::Trigger::Signal)
+                    })
+                    .await;
                     match result {
                         Ok(Ok(out)) => tracing::info!(changes = ?out.changes, "SIGHUP: config reloaded"),
                         Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, running state unchanged:\n{e}"),
@@ -856,17 +991,126 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
                     }
                 }
             }
-        }
+        };
         let _ = stop.send(());
         let _ = server.await;
         model_task.abort();
         gc_task.abort();
         link_task.abort();
         metrics_task.abort();
-        anyhow::Ok(())
+        if let Some(t) = caps_task {
+            t.abort();
+        }
+        anyhow::Ok(signal)
     })?;
     drop(gateway);
-    Ok(())
+    Ok(signal)
+}
+
+/// What an adopting start found in the pins and what its first apply did.
+fn adoption_event(
+    dataplane_id: String,
+    config: &Config,
+    model: &Model,
+    down: &[plink_ctl::model::BackendId],
+    gw: &Gateway,
+) -> Event {
+    let down_backends = model
+        .services
+        .values()
+        .flat_map(|s| s.backends.iter().map(move |b| (s, b)))
+        .filter(|(_, b)| down.contains(&b.id))
+        .map(|(s, b)| events::BackendRef {
+            service: s.name.clone(),
+            address: b.address,
+        })
+        .collect();
+    let (mut draining_nat, mut retired_nat) = (Vec::new(), Vec::new());
+    if let Some(spec) = &gw.spec {
+        draining_nat = spec
+            .services
+            .iter()
+            .flat_map(|s| s.nat.iter())
+            .filter(|n| n.draining && !n.addr.is_unspecified())
+            .map(|n| n.addr)
+            .collect();
+        retired_nat = spec.retired_nat.keys().copied().collect();
+    }
+    Event::DataplaneAdopted {
+        dataplane_id,
+        pin_dir: dataplane::pin_dir(&config.gateway.bpffs_root),
+        purged_flows: gw
+            .first_apply
+            .iter()
+            .flat_map(|r| r.purged.iter())
+            .map(|(why, n)| (why.name().to_owned(), *n))
+            .collect(),
+        down_backends,
+        draining_nat,
+        retired_nat,
+    }
+}
+
+/// Watches the datapath's per-endpoint refusal counters (caps reached)
+/// once a second through its own map descriptors; `cap_reached` events are
+/// rate-limited per endpoint by [`events::CapWatch`].
+fn caps_task(
+    config: &Config,
+    models: tokio::sync::watch::Receiver<Arc<Model>>,
+    events: Events,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let reader = match dataplane::CounterReader::open(&config.gateway.bpffs_root) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("no cap_reached events (cannot read the endpoint counters): {e:#}");
+            return None;
+        }
+    };
+    let state = Arc::new(Mutex::new((
+        reader,
+        events::CapWatch::new(events::CAP_EVENT_INTERVAL),
+    )));
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let (state, model, events) = (state.clone(), models.borrow().clone(), events.clone());
+            let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                use plink_ctl::dataplane::CounterSource as _;
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                let (reader, watch) = &mut *st;
+                let now = std::time::Instant::now();
+                let mut ids = std::collections::BTreeSet::new();
+                for e in model.endpoints.values() {
+                    if e.state == plink_ctl::approval::ConnectionState::Removed {
+                        continue;
+                    }
+                    ids.insert(e.id.0);
+                    let c = reader.counters(dataplane::CounterKind::Endpoint, e.id.0)?;
+                    let subject = events::CapSubject {
+                        id: e.id.0,
+                        endpoint: e.name.clone(),
+                        service: e.service.clone(),
+                        max_flows: e.limits.max_flows,
+                        new_flows_per_second: e.limits.new_flows_per_second,
+                    };
+                    let counts = events::Refusals {
+                        max_flows: c.refused_max_flows,
+                        rate: c.refused_rate,
+                    };
+                    if let Some(ev) = watch.observe(&subject, counts, now) {
+                        events.emit(ev);
+                    }
+                }
+                watch.retain(&ids);
+                Ok(())
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                tracing::debug!("reading the endpoint counters for cap events: {e:#}");
+            }
+        }
+    }))
 }
 
 fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {

@@ -63,9 +63,12 @@ pub fn request_rows(
     })?;
     // A reload can take a moment (it fsyncs); a hung daemon should not hang
     // the CLI forever. The timeout is per read, so a long listing is fine.
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io_err)?;
+    // Following events waits for the next one as long as it takes.
+    let timeout = match req {
+        Request::Events { follow: true } => None,
+        _ => Some(Duration::from_secs(30)),
+    };
+    stream.set_read_timeout(timeout).map_err(io_err)?;
     let mut line = serde_json::to_vec(req).map_err(|e| io_err(io::Error::other(e)))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;

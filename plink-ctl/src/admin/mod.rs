@@ -7,7 +7,9 @@
 //! Listings (`list_endpoints`, `conntrack`) stream: one `{"row":...}` line
 //! per row, as the daemon reads them, then the response line (its data is
 //! the row count), so an answer has no size limit and neither side holds a
-//! whole listing as one message.
+//! whole listing as one message. `events` streams the same way: the
+//! events in memory as rows, then (with `follow`) every new one as it
+//! happens, until the client hangs up.
 
 pub mod client;
 pub mod server;
@@ -36,12 +38,21 @@ pub enum Request {
     Reload,
     /// Live flows with their NAT mapping.
     Conntrack,
+    /// The event log's records in memory (docs/EVENTS.md); with `follow`,
+    /// then every new record as it is written.
+    Events {
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 impl Request {
     /// Whether the answer is streamed as rows.
     pub fn streams(&self) -> bool {
-        matches!(self, Request::ListEndpoints | Request::Conntrack)
+        matches!(
+            self,
+            Request::ListEndpoints | Request::Conntrack | Request::Events { .. }
+        )
     }
 }
 

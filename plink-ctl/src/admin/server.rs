@@ -18,6 +18,7 @@ use super::{MAX_LINE, Request, Response, Row, RowCount};
 use crate::{
     approval::Action,
     controller::{Controller, DataplaneQueries},
+    events::Events,
     model::Model,
 };
 
@@ -104,6 +105,7 @@ struct Views {
     /// The committed model (published only once the kernel holds it).
     models: watch::Receiver<Arc<Model>>,
     dataplane: Option<Arc<dyn DataplaneQueries>>,
+    events: Events,
 }
 
 /// Serves admin requests until `shutdown` completes. The controller's
@@ -119,6 +121,7 @@ pub fn serve(
         Views {
             models: c.subscribe(),
             dataplane: c.dataplane(),
+            events: c.events(),
             controller: controller.clone(),
         }
     };
@@ -200,6 +203,12 @@ async fn connection(stream: UnixStream, views: Views) -> io::Result<()> {
             return send(&mut write, &r).await;
         }
         let response = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Events { follow }) => {
+                if stream_events(&mut lines, &mut write, &views.events, follow).await? {
+                    continue;
+                }
+                return Ok(());
+            }
             Ok(request) if request.streams() => {
                 // Rows cross a small bounded channel as they are read: a slow
                 // client slows the reader down instead of growing a buffer.
@@ -232,6 +241,60 @@ async fn connection(stream: UnixStream, views: Views) -> io::Result<()> {
             Err(e) => Response::error(format!("bad request: {e}"), Vec::new()),
         };
         send(&mut write, &response).await?;
+    }
+}
+
+/// Streams the events in memory, then with `follow` every new one until
+/// the client hangs up (false: the connection is done) or falls too far
+/// behind (it gets an error response saying how many it missed).
+async fn stream_events(
+    lines: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    events: &Events,
+    follow: bool,
+) -> io::Result<bool> {
+    use tokio::sync::broadcast::error::RecvError;
+    let (recent, mut rx) = events.subscribe();
+    let mut rows = 0u64;
+    for r in recent {
+        write
+            .write_all(&frame(&Row {
+                row: serde_json::to_value(&r)?,
+            })?)
+            .await?;
+        rows += 1;
+    }
+    if !follow {
+        send(write, &Response::ok(RowCount { rows })).await?;
+        return Ok(true);
+    }
+    write.flush().await?;
+    let mut scratch = [0u8; 256];
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(r) => {
+                    write.write_all(&frame(&Row { row: serde_json::to_value(&r)? })?).await?;
+                    write.flush().await?;
+                    rows += 1;
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let e = format!("this client fell {n} events behind; reconnect (the file has them all)");
+                    send(write, &Response::error(e, Vec::new())).await?;
+                    return Ok(false);
+                }
+                Err(RecvError::Closed) => {
+                    send(write, &Response::ok(RowCount { rows })).await?;
+                    return Ok(false);
+                }
+            },
+            // A follower sends nothing more: end of input means it is gone.
+            n = lines.read(&mut scratch) => {
+                if matches!(n, Ok(0) | Err(_)) {
+                    return Ok(false);
+                }
+            }
+        }
     }
 }
 
@@ -317,31 +380,14 @@ fn handle_locked(controller: &Mutex<Controller>, request: Request) -> Response {
         Request::Approve { name } => act(&mut c, &name, Action::Approve),
         Request::Reject { name } => act(&mut c, &name, Action::Reject),
         Request::Remove { name } => act(&mut c, &name, Action::Remove),
-        // Streamed by `stream_rows`, without this lock.
-        Request::ListEndpoints | Request::Conntrack => {
+        // Streamed by `stream_rows` / `stream_events`, without this lock.
+        Request::ListEndpoints | Request::Conntrack | Request::Events { .. } => {
             Response::error("internal error: a listing is streamed", Vec::new())
         }
         Request::Reload => match c.reload() {
             Ok(outcome) => Response::ok(outcome),
             Err(e) => {
-                let details = e
-                    .diagnostics()
-                    .iter()
-                    .map(|d| {
-                        let at = if d.yaml_path.is_empty() {
-                            String::new()
-                        } else {
-                            format!("{}: ", d.yaml_path)
-                        };
-                        format!(
-                            "{}:{}:{}: {at}{}",
-                            c.config_path().display(),
-                            d.line,
-                            d.column,
-                            d.message
-                        )
-                    })
-                    .collect();
+                let details = c.diagnostic_lines(&e);
                 let headline = if e.diagnostics().is_empty() {
                     e.to_string()
                 } else {

@@ -804,3 +804,122 @@ fn pins_are_adopted_only_with_the_state_file_bound_to_them() {
         "{text}"
     );
 }
+
+fn event_rows(socket: &Path) -> Vec<crate::events::Record> {
+    data(call(socket, Request::Events { follow: false }))
+}
+
+fn kinds(records: &[crate::events::Record]) -> Vec<(String, String, String)> {
+    records
+        .iter()
+        .map(|r| (r.kind(), r.subject.clone(), r.outcome.clone()))
+        .collect()
+}
+
+#[test]
+fn events_are_listed_and_followed_over_the_socket() {
+    let s = Setup::new();
+    let script = Script::default();
+    let d = Daemon::start_with(&s.config_path(), script.clone()).expect("start");
+    let t = |k: &str, s: &str, o: &str| (k.to_owned(), s.to_owned(), o.to_owned());
+    // The first start decided every endpoint.
+    assert_eq!(
+        kinds(&event_rows(&s.socket())),
+        [
+            t("endpoint_created", "orders-a", "approved"),
+            t("endpoint_approved", "orders-a", "approved"),
+            t("endpoint_created", "orders-b", "pending"),
+            t("endpoint_created", "orders-c", "rejected"),
+            t("endpoint_rejected", "orders-c", "rejected"),
+        ]
+    );
+
+    // A follower gets the ring, then each new event as it happens.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = s.socket();
+    let follower = std::thread::spawn(move || {
+        request_rows(&socket, &Request::Events { follow: true }, |row| {
+            let _ = tx.send(row);
+            Ok(())
+        })
+    });
+    let next = || -> crate::events::Record {
+        let row = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a followed event");
+        serde_json::from_value(row).expect("a record")
+    };
+    for _ in 0..5 {
+        next();
+    }
+
+    let r = call(
+        &s.socket(),
+        Request::Approve {
+            name: "orders-b".into(),
+        },
+    );
+    assert!(r.ok, "{r:?}");
+    let e = next();
+    assert_eq!(
+        (e.kind(), e.subject.as_str(), e.outcome.as_str()),
+        ("endpoint_approved".into(), "orders-b", "approved")
+    );
+    let v = serde_json::to_value(&e).expect("json");
+    assert_eq!(v["details"]["by"], "admin");
+    assert_eq!(v["details"]["from"], "pending");
+
+    refused(
+        call(
+            &s.socket(),
+            Request::Approve {
+                name: "orders-c".into(),
+            },
+        ),
+        "visibility",
+    );
+    assert_eq!(next().kind(), "endpoint_action_refused");
+
+    // A refused reload lists each config error with its position.
+    s.write_config(&CONFIG.replace("198.51.100.11", "198.51.100.999"));
+    refused(call(&s.socket(), Request::Reload), "invalid");
+    let e = next();
+    assert_eq!(
+        (e.kind(), e.outcome.as_str()),
+        ("reload_refused".into(), "refused")
+    );
+    let crate::events::Event::ReloadRefused { errors, via, .. } = &e.event else {
+        unreachable!()
+    };
+    assert_eq!(*via, crate::events::Trigger::Admin);
+    assert!(
+        errors.len() == 1 && errors[0].contains("plink.yaml:12:"),
+        "{errors:?}"
+    );
+
+    // An apply that fails part way and is put back: both are recorded.
+    s.write_config(CONFIG);
+    script
+        .lock()
+        .expect("script")
+        .push_back(Err(ApplyFailure::Failed("map full".into())));
+    refused(
+        call(
+            &s.socket(),
+            Request::Reject {
+                name: "orders-b".into(),
+            },
+        ),
+        "map full",
+    );
+    let failed = next();
+    assert_eq!(
+        (failed.kind(), failed.outcome.as_str()),
+        ("apply_failed".into(), "restored")
+    );
+    assert_eq!(next().kind(), "dataplane_in_sync");
+
+    drop(d);
+    // The daemon is gone: the follow ends (an error, as the connection closed).
+    let _ = follower.join().expect("follower thread");
+}

@@ -116,6 +116,10 @@ pub struct Gateway {
     pub timeouts: Timeouts,
     /// Per-endpoint caps applied where an endpoint sets none.
     pub endpoint_defaults: EndpointDefaults,
+    /// Where the event log (docs/EVENTS.md) is written: an absolute file
+    /// path or `stdout`. Unset: events are kept in memory only (for
+    /// `plink-ctl events`).
+    pub event_log: Option<EventLogTarget>,
 }
 
 impl Default for Gateway {
@@ -129,6 +133,36 @@ impl Default for Gateway {
             conntrack: ConntrackConfig::default(),
             timeouts: Timeouts::default(),
             endpoint_defaults: EndpointDefaults::default(),
+            event_log: None,
+        }
+    }
+}
+
+/// `gateway.event_log`: a file (opened for appending) or stdout (for
+/// journald under systemd). Any string other than `stdout` is a path; the
+/// validation requires it to be absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(from = "String", into = "String")]
+pub enum EventLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+impl From<String> for EventLogTarget {
+    fn from(s: String) -> Self {
+        if s == "stdout" {
+            EventLogTarget::Stdout
+        } else {
+            EventLogTarget::File(PathBuf::from(s))
+        }
+    }
+}
+
+impl From<EventLogTarget> for String {
+    fn from(t: EventLogTarget) -> Self {
+        match t {
+            EventLogTarget::Stdout => "stdout".into(),
+            EventLogTarget::File(p) => p.display().to_string(),
         }
     }
 }

@@ -673,3 +673,28 @@ fn endpoint_caps_follow_the_nat_pool_and_the_table() {
         "more than service \"orders\"'s NAT pool holds (16 ports per protocol)",
     );
 }
+
+#[test]
+fn event_log_is_stdout_or_an_absolute_path() {
+    let with = |v: &str| {
+        edit(
+            "  state_dir: /var/lib/plink\n",
+            &format!("  state_dir: /var/lib/plink\n  event_log: {v}\n"),
+        )
+    };
+    let cfg = Config::parse(Path::new(FILE), BASE).expect("valid");
+    assert_eq!(cfg.gateway.event_log, None, "off by default");
+    let cfg = Config::parse(Path::new(FILE), &with("stdout")).expect("valid");
+    assert_eq!(cfg.gateway.event_log, Some(EventLogTarget::Stdout));
+    let cfg = Config::parse(Path::new(FILE), &with("/var/log/plink/events.jsonl")).expect("valid");
+    assert_eq!(
+        cfg.gateway.event_log,
+        Some(EventLogTarget::File("/var/log/plink/events.jsonl".into()))
+    );
+    let text = with("events.jsonl");
+    assert_error(
+        &errors(&text),
+        at(&text, "events.jsonl", 0),
+        "neither `stdout` nor an absolute file path",
+    );
+}

@@ -246,6 +246,17 @@ fn gateway(cfg: &Config, p: &mut Problems) {
             "must be an absolute path, e.g. /var/lib/plink",
         );
     }
+    if let Some(crate::config::EventLogTarget::File(path)) = &g.event_log
+        && (!path.is_absolute() || path.file_name().is_none())
+    {
+        p.push(
+            "gateway.event_log",
+            format!(
+                "{:?} is neither `stdout` nor an absolute file path, e.g. /var/log/plink/events.jsonl",
+                path.display().to_string()
+            ),
+        );
+    }
 }
 
 /// Checks interfaces; returns the consumer network names that have an interface.
