@@ -791,6 +791,12 @@ struct CapState {
 pub struct CapWatch {
     interval: Duration,
     seen: BTreeMap<u32, CapState>,
+    /// Whether an endpoint seen for the first time takes its counters as
+    /// they are as the baseline: on the first pass after an adopting start
+    /// (refusals from before this controller are old news). Otherwise its
+    /// counters started at zero with its id, and every refusal is reported,
+    /// also those before the first reading.
+    baseline_from_counters: bool,
 }
 
 /// What [`CapWatch::observe`] needs to know of an endpoint.
@@ -804,20 +810,33 @@ pub struct CapSubject {
 }
 
 impl CapWatch {
-    pub fn new(interval: Duration) -> Self {
+    /// `adopted`: the dataplane was adopted from a previous controller.
+    pub fn new(interval: Duration, adopted: bool) -> Self {
         Self {
             interval,
             seen: BTreeMap::new(),
+            baseline_from_counters: adopted,
         }
+    }
+
+    /// Ends the first pass over the endpoints: endpoints seen from now on
+    /// are new (their counters were zeroed with their id).
+    pub fn first_pass_done(&mut self) {
+        self.baseline_from_counters = false;
     }
 
     /// Records the counters read at `now`; an event when they moved since
     /// the last one and the interval has passed. The first reading of an
-    /// endpoint is its baseline: refusals from before this controller are
-    /// not reported.
+    /// endpoint is its baseline only on an adopting start's first pass
+    /// (see `baseline_from_counters`); otherwise the baseline is zero.
     pub fn observe(&mut self, e: &CapSubject, now_counts: Refusals, now: Instant) -> Option<Event> {
+        let baseline = if self.baseline_from_counters {
+            now_counts
+        } else {
+            Refusals::default()
+        };
         let st = self.seen.entry(e.id).or_insert(CapState {
-            reported: now_counts,
+            reported: baseline,
             last_event: None,
         });
         // Counters went backwards: the pins were recreated; start over.

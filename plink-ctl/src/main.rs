@@ -911,7 +911,7 @@ fn run_with(
             })
         };
 
-        let caps_task = caps_task(&config, models.clone(), events.clone());
+        let caps_task = caps_task(&config, models.clone(), events.clone(), pinned.is_some());
 
         let metrics_listener = metrics::bind(config.gateway.metrics).await?;
         let metrics_task = {
@@ -1058,6 +1058,7 @@ fn caps_task(
     config: &Config,
     models: tokio::sync::watch::Receiver<Arc<Model>>,
     events: Events,
+    adopted: bool,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let reader = match dataplane::CounterReader::open(&config.gateway.bpffs_root) {
         Ok(r) => r,
@@ -1068,7 +1069,7 @@ fn caps_task(
     };
     let state = Arc::new(Mutex::new((
         reader,
-        events::CapWatch::new(events::CAP_EVENT_INTERVAL),
+        events::CapWatch::new(events::CAP_EVENT_INTERVAL, adopted),
     )));
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -1103,6 +1104,7 @@ fn caps_task(
                     }
                 }
                 watch.retain(&ids);
+                watch.first_pass_done();
                 Ok(())
             })
             .await;

@@ -500,7 +500,7 @@ fn nat_addresses_are_added_drained_retired_and_released() {
 
 #[test]
 fn cap_events_are_rate_limited_per_endpoint_and_lose_no_count() {
-    let mut w = CapWatch::new(Duration::from_secs(10));
+    let mut w = CapWatch::new(Duration::from_secs(10), true);
     let t0 = Instant::now();
     let s = |id: u32| CapSubject {
         id,
@@ -596,4 +596,26 @@ fn a_stalled_sink_costs_records_in_the_file_not_time() {
     assert_eq!(events.recent().len(), 16, "the ring has the latest");
     // SAFETY: the read end is ours; closing it lets the writer fail and go.
     unsafe { libc::close(fds[0]) };
+}
+
+#[test]
+fn on_a_fresh_dataplane_refusals_before_the_first_reading_are_reported() {
+    let mut w = CapWatch::new(Duration::from_secs(10), false);
+    let s = CapSubject {
+        id: 4,
+        endpoint: "ep-4".into(),
+        service: "dns".into(),
+        max_flows: 3,
+        new_flows_per_second: 0,
+    };
+    let counts = Refusals {
+        max_flows: 2,
+        rate: 0,
+    };
+    match w.observe(&s, counts, Instant::now()) {
+        Some(Event::CapReached {
+            refused_max_flows, ..
+        }) => assert_eq!(refused_max_flows, 2),
+        other => panic!("{other:?}"),
+    }
 }
