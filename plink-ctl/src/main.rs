@@ -363,16 +363,7 @@ fn admin_command(
         });
     }
     if !response.ok {
-        eprintln!(
-            "error: {}",
-            response
-                .error
-                .as_deref()
-                .unwrap_or("refused without a reason")
-        );
-        for d in &response.details {
-            eprintln!("  {d}");
-        }
+        print_refusal(&response);
         return Ok(ExitCode::FAILURE);
     }
     human(response)?;
@@ -435,16 +426,7 @@ fn admin_listing<T: serde::de::DeserializeOwned>(
             h();
         }
     } else {
-        eprintln!(
-            "error: {}",
-            response
-                .error
-                .as_deref()
-                .unwrap_or("refused without a reason")
-        );
-        for d in &response.details {
-            eprintln!("  {d}");
-        }
+        print_refusal(&response);
     }
     Ok(if response.ok {
         ExitCode::SUCCESS
@@ -495,16 +477,24 @@ fn events_command(a: &AdminArgs, follow: bool) -> anyhow::Result<ExitCode> {
         r => r?,
     };
     if !response.ok {
-        eprintln!(
-            "error: {}",
-            response
-                .error
-                .as_deref()
-                .unwrap_or("refused without a reason")
-        );
+        print_refusal(&response);
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a refused admin request: its reason and one line per detail.
+fn print_refusal(response: &Response) {
+    eprintln!(
+        "error: {}",
+        response
+            .error
+            .as_deref()
+            .unwrap_or("refused without a reason")
+    );
+    for d in &response.details {
+        eprintln!("  {d}");
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(r: Response) -> anyhow::Result<T> {

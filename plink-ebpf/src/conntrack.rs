@@ -7,7 +7,7 @@
 //! removes what it inserted, so a lost race leaves nothing behind.
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use plink_common::{
-    CtFwdKey, CtFwdValue, DropReason, EndpointValue, IPPROTO_TCP, flow_hash, tcp_state,
+    CtFwdKey, CtFwdValue, CtRevKey, DropReason, EndpointValue, IPPROTO_TCP, flow_hash, tcp_state,
 };
 
 use crate::{
@@ -109,12 +109,7 @@ fn create(
         }
         return Err(Some(DropReason::ConntrackFull));
     }
-    s.rev.nat_addr_be = s.v.nat_addr_be;
-    s.rev.backend_addr_be = s.v.backend_addr_be;
-    s.rev.nat_port_be = s.v.nat_port_be;
-    s.rev.backend_port_be = s.v.backend_port_be;
-    s.rev.proto = key.proto;
-    s.rev._pad = [0; 3];
+    reverse_key(&mut s.rev, &s.v);
     if let Err(e) = CT_REV.insert(&s.rev, &s.owner, BPF_NOEXIST as u64) {
         let _ = CT_FWD.remove(key);
         let _ = NAT_PORTS.remove(&s.port);
@@ -158,30 +153,31 @@ pub fn release(key: &CtFwdKey, endpoint_id: u32) {
     }
 }
 
-/// Removes the flow at `v` (looked up under `key`) whose endpoint changed
-/// since it was created: forward, reverse and port entries, crediting a
-/// cap slot to the endpoint it was counted against. Whoever deletes the
+/// Writes the reverse key of flow `v` (a reply as its backend sends it,
+/// seen from the NAT side) into `rev`.
+#[inline(always)]
+pub fn reverse_key(rev: &mut CtRevKey, v: &CtFwdValue) {
+    rev.nat_addr_be = v.nat_addr_be;
+    rev.backend_addr_be = v.backend_addr_be;
+    rev.nat_port_be = v.nat_port_be;
+    rev.backend_port_be = v.backend_port_be;
+    rev.proto = v.proto;
+    rev._pad = [0; 3];
+}
+
+/// Removes the flow at `v` (looked up under `key`) that the datapath gives
+/// up on (its endpoint changed, or it expired and its endpoint needs the
+/// cap slot): forward, reverse and port entries, crediting a cap slot to the
+/// endpoint it was counted against. Whoever deletes the
 /// forward entry first frees the rest, so a flow is freed once.
 #[inline(never)]
 pub fn evict(key: &CtFwdKey, v: &CtFwdValue) {
-    remove(key, v)
-}
-
-/// [`evict`]'s body, for callers deep in the call chain that cannot spend
-/// another frame of the 512-byte stack.
-#[inline(always)]
-pub fn remove(key: &CtFwdKey, v: &CtFwdValue) {
     let Some(s) = SCRATCH_VICTIM.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: this CPU's slot; XDP runs to completion.
     let s = unsafe { &mut *s };
-    s.rev.nat_addr_be = v.nat_addr_be;
-    s.rev.backend_addr_be = v.backend_addr_be;
-    s.rev.nat_port_be = v.nat_port_be;
-    s.rev.backend_port_be = v.backend_port_be;
-    s.rev.proto = v.proto;
-    s.rev._pad = [0; 3];
+    reverse_key(&mut s.rev, v);
     s.port.addr_be = v.nat_addr_be;
     s.port.port_be = v.nat_port_be;
     s.port.proto = v.proto;

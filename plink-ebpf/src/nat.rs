@@ -7,7 +7,7 @@ use plink_common::{
 };
 
 use crate::{
-    conntrack::{EEXIST, entry_is},
+    conntrack::{EEXIST, entry_is, reverse_key},
     maps::{CT_FWD, CT_REV, EP_LIMITS, GLOBAL, NAT_PORTS, SCRATCH_VICTIM},
     scratch::NewFlow,
 };
@@ -148,12 +148,7 @@ fn reclaim_port(s: &mut NewFlow, now: u64) -> bool {
     };
     // SAFETY: this CPU's slot; XDP runs to completion.
     let victim = unsafe { &mut (*victim).rev };
-    victim.nat_addr_be = v.nat_addr_be;
-    victim.backend_addr_be = v.backend_addr_be;
-    victim.nat_port_be = v.nat_port_be;
-    victim.backend_port_be = v.backend_port_be;
-    victim.proto = v.proto;
-    victim._pad = [0; 3];
+    reverse_key(victim, v);
     let endpoint_id = v.endpoint_id;
     let owns_port = v.nat_addr_be == s.port.addr_be && v.nat_port_be == s.port.port_be;
     if CT_FWD.remove(fwd).is_err() {

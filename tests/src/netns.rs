@@ -156,6 +156,31 @@ impl Host {
             .ok_or_else(|| anyhow!("no MAC for {ifname} in {out:?}"))?;
         parse_mac(mac)
     }
+
+    /// A permanent neighbour entry: `addr` is at `mac` on `dev`.
+    pub fn neigh_permanent(&self, addr: &str, mac: [u8; 6], dev: &str) -> anyhow::Result<()> {
+        let mac = mac_text(mac);
+        self.ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+}
+
+/// `02:00:00:00:00:01`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 pub fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {

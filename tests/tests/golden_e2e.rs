@@ -40,13 +40,6 @@ const BACKEND_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
 const NAT_A: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 const NAT_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 201);
 
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Sum of a veth's per-queue ethtool counters ending in `suffix`.
 fn ethtool_sum(host: &Host, dev: &str, suffix: &str) -> u64 {
     host.exec("ethtool", &["-S", dev])
@@ -174,18 +167,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
     gw.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
     // Isolation probes from cn1 need a next hop into the gateway.
     let c1_mac = gw.mac("c1").unwrap();
-    cn1.ip(&[
-        "neigh",
-        "replace",
-        "192.0.2.254",
-        "lladdr",
-        &mac_text(c1_mac),
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
+    cn1.neigh_permanent("192.0.2.254", c1_mac, "eth0").unwrap();
     cn1.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.254"])
         .unwrap();
 
@@ -333,7 +315,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
         Duration::from_secs(5),
         || {
             let neigh = cn1.ip(&["neigh", "show", "192.0.2.50"])?;
-            Ok(neigh.contains(&mac_text(c1_mac)).then_some(()))
+            Ok(neigh.contains(&netns::mac_text(c1_mac)).then_some(()))
         },
     )
     .unwrap();

@@ -409,23 +409,8 @@ fn a_16_port_pool_under_32_new_flows_counts_16_failures() {
         .unwrap();
     // The consumer knows the endpoint's MAC already: no datagram waits on ARP.
     let mac = net.gw.mac("c1").unwrap();
-    let mac = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
     net.consumer_a
-        .ip(&[
-            "neigh",
-            "replace",
-            "192.0.2.53",
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])
+        .neigh_permanent("192.0.2.53", mac, "eth0")
         .unwrap();
     // One datagram per flow, no retries: 32 new flows, sockets kept open.
     let _sockets = net

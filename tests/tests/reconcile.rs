@@ -494,23 +494,8 @@ fn a_draining_nat_address_keeps_its_flows_across_a_restart_then_retires() {
     // A late reply to it (the backend's kernel still knows the gateway's
     // MAC) is dropped and counted, not handed to the gateway's kernel.
     let mac = net.gw.mac("p0").unwrap();
-    let mac = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
     net.provider
-        .ip(&[
-            "neigh",
-            "replace",
-            "198.51.100.202",
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])
+        .neigh_permanent("198.51.100.202", mac, "eth0")
         .unwrap();
     let late = |plink: &gateway::Gateway| {
         let before =

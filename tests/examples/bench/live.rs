@@ -302,23 +302,7 @@ fn build_line(topo: &mut Topology, kind: Kind) -> anyhow::Result<Line> {
         Kind::Sink => {}
         _ => {
             gw.ip(&["addr", "add", "198.18.0.254/24", "dev", &in_if])?;
-            let server_mac = server.mac(&sv_if)?;
-            let mac = server_mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            gw.ip(&[
-                "neigh",
-                "replace",
-                "198.19.0.1",
-                "lladdr",
-                &mac,
-                "dev",
-                &out_if,
-                "nud",
-                "permanent",
-            ])?;
+            gw.neigh_permanent("198.19.0.1", server.mac(&sv_if)?, &out_if)?;
         }
     }
     if matches!(kind, Kind::Nft | Kind::NftFt) {

@@ -15,13 +15,14 @@ fn golden_approval_cycle() {
     let gw = gateway();
     let pending = with_endpoint0(&spec(&gw), |e| e.state = EndpointState::Pending);
     golden(&gw, pending, |b, n, spec| {
-        let client = (CLIENT, 40000);
-        let ep = (EP_TCP, 80);
-        let key = fwd_key(1, client, ep, IPPROTO_TCP);
-        let (backend, backend_mac) = service0_backend(&key);
-        let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-        let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
-        let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, n.c1_mac);
+        let TcpFlow {
+            backend,
+            backend_mac,
+            nat,
+            syn,
+            ack,
+            ..
+        } = tcp_flow(&n, 40000);
         let to_backend =
             |p: &Ipv4Packet| translated(p, n.p0_mac, (backend, 8080, backend_mac), nat);
         let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, n.p0_mac);
@@ -81,13 +82,14 @@ fn golden_approval_cycle() {
 fn golden_established_flows_follow_changes_without_a_purge() {
     let gw = gateway();
     golden(&gw, spec(&gw), |b, n, spec| {
-        let client = (CLIENT, 41000);
-        let ep = (EP_TCP, 80);
-        let key = fwd_key(1, client, ep, IPPROTO_TCP);
-        let (backend, backend_mac) = service0_backend(&key);
-        let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-        let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
-        let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, n.c1_mac);
+        let TcpFlow {
+            backend,
+            backend_mac,
+            nat,
+            syn,
+            ack,
+            ..
+        } = tcp_flow(&n, 41000);
         let to = |p: &Ipv4Packet, mac| translated(p, n.p0_mac, (backend, 8080, mac), nat);
         let moved: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x77];
         let reply = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(moved, n.p0_mac);

@@ -18,13 +18,15 @@ fn to_backend_addr(addr: Ipv4Addr) -> Want {
 fn golden_reload_keeps_established_flows() {
     let gw = gateway();
     golden(&gw, spec(&gw), |b, n, spec| {
-        let client = (CLIENT, 40000);
-        let ep = (EP_TCP, 80);
-        let key = fwd_key(1, client, ep, IPPROTO_TCP);
-        let (backend, backend_mac) = service0_backend(&key);
-        let nat = (NAT_TCP, first_port(&key, 1024..=65535));
-        let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
-        let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, n.c1_mac);
+        let TcpFlow {
+            ep,
+            backend,
+            backend_mac,
+            nat,
+            syn,
+            ack,
+            ..
+        } = tcp_flow(&n, 40000);
         let to_backend =
             |p: &Ipv4Packet| translated(p, n.p0_mac, (backend, 8080, backend_mac), nat);
         let new_syn = |port| {

@@ -81,23 +81,7 @@ pub fn gateway() -> Gw {
         ("198.51.100.10", BACKEND10_MAC),
         ("198.51.100.11", BACKEND11_MAC),
     ] {
-        let mac = mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
-        host.ip(&[
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            &mac,
-            "dev",
-            "p0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
+        host.neigh_permanent(ip, mac, "p0").unwrap();
     }
     Gw {
         c1: host.ifindex("c1").unwrap(),
@@ -258,6 +242,36 @@ pub fn service0_backend(key: &CtFwdKey) -> (Ipv4Addr, [u8; 6]) {
     match table[(flow_hash(key) % 7) as usize] {
         0 => (BACKEND10, BACKEND10_MAC),
         _ => (BACKEND11, BACKEND11_MAC),
+    }
+}
+
+/// A TCP flow from `CLIENT` to the TCP endpoint (network 1, service 0) as
+/// the cases see it: the backend and NAT port it gets, and its SYN
+/// and ACK as the client sends them.
+pub struct TcpFlow {
+    pub client: (Ipv4Addr, u16),
+    pub ep: (Ipv4Addr, u16),
+    pub backend: Ipv4Addr,
+    pub backend_mac: [u8; 6],
+    pub nat: (Ipv4Addr, u16),
+    pub syn: Ipv4Packet,
+    pub ack: Ipv4Packet,
+}
+
+/// [`TcpFlow`] from client port `port`, on an empty NAT table.
+pub fn tcp_flow(n: &Ifs, port: u16) -> TcpFlow {
+    let client = (CLIENT, port);
+    let ep = (EP_TCP, 80);
+    let key = fwd_key(1, client, ep, IPPROTO_TCP);
+    let (backend, backend_mac) = service0_backend(&key);
+    TcpFlow {
+        client,
+        ep,
+        backend,
+        backend_mac,
+        nat: (NAT_TCP, first_port(&key, 1024..=65535)),
+        syn: Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac),
+        ack: Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, n.c1_mac),
     }
 }
 

@@ -21,19 +21,21 @@ fn flow_state(network_id: u32, state: u8) -> Step {
 
 fn tcp_lifecycle(n: Ifs) -> Vec<Step> {
     let (c1, c2, p0) = (n.c1, n.c2, n.p0);
-    let client = (CLIENT, 40000);
-    let ep = (EP_TCP, 80);
-    let key = fwd_key(1, client, ep, IPPROTO_TCP);
-    let (backend, backend_mac) = service0_backend(&key);
-    let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+    let TcpFlow {
+        client,
+        ep,
+        backend,
+        backend_mac,
+        nat,
+        syn,
+        ack,
+    } = tcp_flow(&n, 40000);
     let to_backend = |p: &Ipv4Packet| translated(p, n.p0_mac, (backend, 8080, backend_mac), nat);
     let to_client = |p: &Ipv4Packet| untranslated(p, n.c1_mac, CLIENT_MAC, ep, client);
 
-    let syn = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
     let mut synack =
         Ipv4Packet::tcp((backend, 8080), nat, TCP_SYN | TCP_ACK).macs(backend_mac, n.p0_mac);
     synack.seq = 5000;
-    let ack = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, n.c1_mac);
     let mut data = ack.clone();
     data.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
     let mut bad_l4 = data.build();
