@@ -37,6 +37,8 @@ pub enum ControllerError {
     Ids(#[from] IdsExhausted),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] crate::fleet::StoreError),
     #[error("no endpoint named {0:?}; `plink-ctl endpoints list` shows them")]
     NoSuchEndpoint(String),
     #[error("cannot {action} endpoint {endpoint:?}: {why}")]
@@ -254,6 +256,9 @@ pub struct Status {
     /// The dataplane identity the state file is bound to.
     #[serde(default)]
     pub dataplane_id: Option<String>,
+    /// The node and its shared store, in a fleet.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
 }
 
 pub struct Controller {
@@ -275,6 +280,22 @@ pub struct Controller {
     lb_capacity: u64,
     /// Where decisions are recorded (docs/EVENTS.md).
     events: Events,
+    /// The fleet's shared store and the revision of its document this
+    /// state was read from or written as; `None`: the state file alone.
+    shared: Option<(crate::fleet::SharedStore, i64)>,
+}
+
+/// `status` of a fleet node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FleetStatus {
+    pub node: Option<String>,
+    /// `etcd ENDPOINTS KEY`, or `state.json` when decisions are not shared.
+    pub store: String,
+    /// Whether the shared store answers; false: forwarding goes on with the
+    /// last decisions, approvals are refused until it is back.
+    pub store_up: bool,
+    /// Revision of the shared document this node applied.
+    pub revision: i64,
 }
 
 /// Questions the admin API asks the running dataplane.
@@ -306,8 +327,19 @@ impl Controller {
     /// the dataplane holds the model.
     pub fn prepare(config_path: &Path, config: Config) -> Result<Self, ControllerError> {
         let store = StateStore::open(&config.gateway.state_dir)?;
-        let loaded = store.load()?.unwrap_or_default();
-        let state = state::reconcile(&config, &loaded)?;
+        let local = store.load()?.unwrap_or_default();
+        let etcd = config.fleet.as_ref().and_then(|f| f.etcd.as_ref());
+        let (loaded, state, shared) = match etcd {
+            None => {
+                let state = state::reconcile(&config, &local)?;
+                (local, state, None)
+            }
+            Some(etcd) => {
+                let shared = crate::fleet::SharedStore::start(etcd)?;
+                let (loaded, state, revision) = join_shared(&config, &local, &shared)?;
+                (loaded, state, Some((shared, revision)))
+            }
+        };
         let model = Arc::new(Model::build(&config, &state)?);
         let (publish, _) = watch::channel(model.clone());
         let lb_capacity = config.lb_table_slots();
@@ -325,7 +357,48 @@ impl Controller {
             apply_health: Arc::new(ApplyHealth::default()),
             lb_capacity,
             events: Events::default(),
+            shared,
         })
+    }
+
+    /// The fleet store's updates (documents other nodes wrote), taken once
+    /// by whoever applies them with [`Controller::apply_shared`].
+    pub fn take_shared_updates(
+        &mut self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::fleet::Shared>> {
+        self.shared.as_mut().and_then(|(s, _)| s.take_updates())
+    }
+
+    /// Whether the fleet store answers (None: no fleet store), for `/metrics`.
+    pub fn store_up_flag(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.shared.as_ref().map(|(s, _)| s.up_flag())
+    }
+
+    /// Applies a document another node wrote to the fleet store: its
+    /// decisions and ids become this node's (kernel first, then the local
+    /// cache). Older revisions than the one held are ignored. If this
+    /// node's config has objects the document lacks, the folded state is
+    /// written back (a conflict means a newer document is on its way).
+    pub fn apply_shared(&mut self, update: crate::fleet::Shared) -> Result<(), ControllerError> {
+        let held = self.shared.as_ref().map(|(_, r)| *r).unwrap_or(i64::MAX);
+        if update.revision <= held {
+            return Ok(());
+        }
+        let base = PersistedState {
+            dataplane: self.state.dataplane.clone(),
+            ..update.state
+        };
+        let folded = state::reconcile(&self.config, &base)?;
+        let config = self.config.clone();
+        if crate::fleet::same_shared(&folded, &base) {
+            self.commit_at(config, base, Some(update.revision))?;
+        } else {
+            if let Some((_, r)) = self.shared.as_mut() {
+                *r = update.revision;
+            }
+            self.commit(config, folded)?;
+        }
+        Ok(())
     }
 
     /// Records decisions into `events` from now on.
@@ -544,7 +617,29 @@ impl Controller {
         config: Config,
         state: PersistedState,
     ) -> Result<ModelDiff, ControllerError> {
+        self.commit_at(config, state, None)
+    }
+
+    /// [`Controller::commit`]; `applied`: the state is the fleet store's
+    /// document at that revision (nothing to write back).
+    fn commit_at(
+        &mut self,
+        config: Config,
+        state: PersistedState,
+        applied: Option<i64>,
+    ) -> Result<ModelDiff, ControllerError> {
         let model = Arc::new(Model::build(&config, &state)?);
+        // The shared store first: what the fleet did not take is not decided.
+        if let Some((store, revision)) = self.shared.as_mut() {
+            match applied {
+                Some(r) => *revision = r,
+                None => {
+                    if !crate::fleet::same_shared(&state, &self.state) || *revision == 0 {
+                        *revision = store.put(&state, *revision)?;
+                    }
+                }
+            }
+        }
         // The kernel first: a decision is saved only once it holds it.
         self.apply_or_restore(&model)?;
         if let Err(e) = self.store.save(&state) {
@@ -722,8 +817,53 @@ impl Controller {
             endpoints_removed: count(ConnectionState::Removed),
             dataplane: self.apply_health.status(),
             dataplane_id: self.state.dataplane.clone(),
+            fleet: self.config.fleet.as_ref().map(|_| FleetStatus {
+                node: self.config.node.clone(),
+                store: match &self.shared {
+                    Some((s, _)) => format!("etcd {} {}", s.endpoints(), s.key()),
+                    None => "state.json (not shared)".into(),
+                },
+                store_up: self.shared.as_ref().is_none_or(|(s, _)| s.up()),
+                revision: self.shared.as_ref().map(|(_, r)| *r).unwrap_or(0),
+            }),
         }
     }
+}
+
+/// Joins the fleet store at start: the shared document (or, if no node wrote
+/// one yet, this node's state file) with this config folded in, written
+/// back when that changed anything. Retries when another node wrote in
+/// between. Returns the state read, the state to run and its revision.
+fn join_shared(
+    config: &Config,
+    local: &PersistedState,
+    store: &crate::fleet::SharedStore,
+) -> Result<(PersistedState, PersistedState, i64), ControllerError> {
+    let mut last = None;
+    for _ in 0..8 {
+        let found = store.load()?;
+        let (loaded, revision) = match found {
+            Some(s) => (
+                PersistedState {
+                    dataplane: local.dataplane.clone(),
+                    ..s.state
+                },
+                s.revision,
+            ),
+            None => (local.clone(), 0),
+        };
+        let state = state::reconcile(config, &loaded)?;
+        if revision != 0 && crate::fleet::same_shared(&state, &loaded) {
+            // Nothing of ours is missing: run the document as it is.
+            return Ok((loaded.clone(), loaded, revision));
+        }
+        match store.put(&state, revision) {
+            Ok(rev) => return Ok((loaded, state, rev)),
+            Err(e @ crate::fleet::StoreError::Conflict) => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.unwrap_or(crate::fleet::StoreError::Conflict).into())
 }
 
 /// The first field that a reload cannot apply, if `new` changes one. These

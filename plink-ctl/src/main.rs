@@ -588,6 +588,21 @@ fn print_status(s: &Status) {
         (true, false) => "DIVERGED: the kernel does not hold the committed configuration; a successful reload or restart converges it".to_owned(),
     };
     println!("dataplane:   {state}");
+    if let Some(f) = &s.fleet {
+        println!(
+            "fleet:       node {}, store {}",
+            f.node.as_deref().unwrap_or("-"),
+            f.store
+        );
+        if f.store_up {
+            println!("  store:     up (revision {})", f.revision);
+        } else {
+            println!(
+                "  store:     DOWN: forwarding with the last decisions (revision {}); approvals are refused until it is back",
+                f.revision
+            );
+        }
+    }
     if let Some(id) = &s.dataplane_id {
         println!("  identity:  {id}");
     }
@@ -726,6 +741,8 @@ fn run_with(
         ));
     }
     let apply_health = controller.apply_health();
+    let store_up = controller.store_up_flag();
+    let mut shared_updates = controller.take_shared_updates();
     let signal = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
@@ -734,6 +751,21 @@ fn run_with(
         let listener = AdminListener::bind(&socket)
             .with_context(|| format!("serving the admin API on {}", socket.display()))?;
         let controller = Arc::new(Mutex::new(controller));
+        // What other fleet nodes decided (etcd watch): applied as it comes.
+        if let Some(mut updates) = shared_updates.take() {
+            let c = controller.clone();
+            tokio::spawn(async move {
+                while let Some(update) = updates.recv().await {
+                    let c = c.clone();
+                    let rev = update.revision;
+                    match tokio::task::spawn_blocking(move || lock(&c).apply_shared(update)).await {
+                        Ok(Ok(())) => tracing::info!(revision = rev, "applied the fleet's shared state"),
+                        Ok(Err(e)) => tracing::warn!("applying the fleet's shared state (revision {rev}): {e:#}"),
+                        Err(e) => tracing::warn!("applying the fleet's shared state: {e}"),
+                    }
+                }
+            });
+        }
         let models = lock(&controller).subscribe();
         let flows = match dataplane::FlowReader::open(&config.gateway.bpffs_root) {
             Ok(r) => Some(r),
@@ -945,6 +977,9 @@ fn run_with(
                 };
                 snap.dataplane_in_sync = apply_health.in_sync();
                 snap.apply_failures = apply_health.failures();
+                snap.fleet_store_up = store_up
+                    .as_ref()
+                    .map(|f| f.load(std::sync::atomic::Ordering::SeqCst));
                 snap
             });
             tokio::spawn(metrics::serve(metrics_listener, snapshot))

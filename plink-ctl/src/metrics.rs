@@ -125,6 +125,8 @@ pub struct Snapshot {
     pub dataplane_in_sync: bool,
     /// Applies that failed part way since the controller started.
     pub apply_failures: u64,
+    /// In a fleet with a shared store: whether it answers.
+    pub fleet_store_up: Option<bool>,
 }
 
 struct FamilyBuilder {
@@ -354,6 +356,15 @@ pub fn render(s: &Snapshot) -> String {
     );
     in_sync.sample(&[], if s.dataplane_in_sync { 1.0 } else { 0.0 });
     push(in_sync);
+    if let Some(up) = s.fleet_store_up {
+        let mut store = FamilyBuilder::new(
+            "plink_fleet_store_up",
+            "1 while the fleet's shared store (etcd) answers; 0: forwarding goes on with the last decisions, approvals are refused until it is back.",
+            GAUGE,
+        );
+        store.sample(&[], if up { 1.0 } else { 0.0 });
+        push(store);
+    }
     let mut failures = FamilyBuilder::new(
         "plink_apply_failures_total",
         "Changes the dataplane did not take (a map write failed part way) since the controller started.",

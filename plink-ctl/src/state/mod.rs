@@ -98,6 +98,31 @@ impl Default for PersistedState {
     }
 }
 
+impl PersistedState {
+    /// Checks a state read from the fleet store: this version, ids sound.
+    pub fn check_shared(&self) -> Result<(), String> {
+        if self.version != STATE_VERSION {
+            return Err(format!(
+                "format version {}, this plink-ctl writes {STATE_VERSION}: run the same plink-ctl version on every node",
+                self.version
+            ));
+        }
+        self.networks
+            .check()
+            .map_err(|e| format!("networks: {e}"))?;
+        self.services
+            .check()
+            .map_err(|e| format!("services: {e}"))?;
+        self.backends
+            .check()
+            .map_err(|e| format!("backends: {e}"))?;
+        self.endpoints
+            .check()
+            .map_err(|e| format!("endpoints: {e}"))?;
+        Ok(())
+    }
+}
+
 mod decisions_as_list {
     use super::*;
 
