@@ -21,6 +21,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     // promtool and a real Prometheus server for the metrics tests.
     ("prometheus", "promtool"),
+    // The fleet's shared store (docs/FLEET.md) and its command-line client;
+    // protoc builds the etcd client crate's gRPC code.
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
+    ("protobuf-compiler", "protoc"),
 ];
 
 /// Prefix under which rustc's own libLLVM is linked for building bpf-linker.

@@ -1,0 +1,261 @@
+//! The fleet's shared store, end to end with a real etcd (Debian
+//! `etcd-server`) on the loopback of a test namespace: an approval on one
+//! node is applied by the others within a second; with etcd stopped the
+//! nodes keep their last decisions and say the store is down; after a
+//! restart they converge; a node joining late converges; etcd unreachable
+//! at start is a clear error.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use plink_ctl::{
+    approval::{Action, ConnectionState},
+    config::Config,
+    controller::Controller,
+};
+use plink_tests::netns::{Host, Topology, require_root_and_tools, wait_for};
+
+const CLIENT: &str = "http://127.0.0.1:23790";
+
+fn config(state_dir: &Path, client: &str) -> String {
+    format!(
+        "\
+gateway:
+  state_dir: {state}
+interfaces:
+  - {{name: c1, role: consumer, network: vnet-a}}
+  - {{name: c2, role: consumer, network: vnet-b}}
+  - {{name: p0, role: provider}}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{{port: 80, target_port: 8080}}]
+    backends: [{{address: 198.51.100.10}}, {{address: 198.51.100.11, weight: 2}}, {{address: 198.51.100.12}}]
+    nat: {{ports: 1024-65535}}
+    visibility: ['*']
+endpoints:
+  - {{name: orders-a, tenant: t-a, network: vnet-a, address: 192.0.2.50, service: orders}}
+  - {{name: orders-b, tenant: t-b, network: vnet-b, address: 192.0.2.50, service: orders}}
+fleet:
+  etcd: {{endpoints: ['{client}'], prefix: /plink/test, timeout: 1s}}
+  nodes:
+    - name: gw1
+      nat: [{{service: orders, addresses: [198.51.100.201]}}]
+    - name: gw2
+      nat: [{{service: orders, addresses: [198.51.100.202]}}]
+    - name: gw3
+      nat: [{{service: orders, addresses: [198.51.100.203]}}]
+",
+        state = state_dir.display()
+    )
+}
+
+fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A node as `plink-ctl run` drives it, without a dataplane: the
+/// controller and a thread applying what the other nodes wrote.
+fn node(scratch: &Path, name: &str, client: &str) -> anyhow::Result<Arc<Mutex<Controller>>> {
+    let dir = scratch.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("plink.yaml");
+    std::fs::write(&path, config(&dir.join("state"), client))?;
+    let cfg = Config::load_node(&path, Some(name))?;
+    let mut c = Controller::with_config(&path, cfg)?;
+    let mut updates = c.take_shared_updates().expect("a fleet store");
+    let c = Arc::new(Mutex::new(c));
+    let follower = c.clone();
+    std::thread::spawn(move || {
+        while let Some(u) = updates.blocking_recv() {
+            if let Err(e) = lock(&follower).apply_shared(u) {
+                eprintln!("apply_shared: {e}");
+            }
+        }
+    });
+    Ok(c)
+}
+
+fn state_of(c: &Mutex<Controller>, endpoint: &str) -> Option<ConnectionState> {
+    lock(c).model().endpoint_by_name(endpoint).map(|e| e.state)
+}
+
+fn store_up(c: &Mutex<Controller>) -> bool {
+    lock(c).status().fleet.map(|f| f.store_up).unwrap_or(false)
+}
+
+/// The ids every node must agree on (they key the flow hash and the maps).
+fn ids(c: &Mutex<Controller>) -> String {
+    let m = lock(c).model();
+    let mut out = format!("{:?}", m.networks);
+    for s in m.services.values() {
+        out += &format!(" {}={:?}", s.name, s.id);
+        for b in &s.backends {
+            out += &format!(" {}={:?}", b.address, b.id);
+        }
+    }
+    for e in m.endpoints.values() {
+        out += &format!(" {}={:?}", e.name, e.id);
+    }
+    out
+}
+
+fn start_etcd(topo: &mut Topology, host: &Host, data: &Path) -> anyhow::Result<usize> {
+    if which("etcd").is_none() {
+        panic!("etcd is not installed: run `cargo xtask setup` (Debian package etcd-server)");
+    }
+    let data = data.display().to_string();
+    topo.spawn(
+        host,
+        "etcd",
+        &[
+            "--name",
+            "t",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            CLIENT,
+            "--advertise-client-urls",
+            CLIENT,
+            "--listen-peer-urls",
+            "http://127.0.0.1:23800",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:23800",
+            "--initial-cluster",
+            "t=http://127.0.0.1:23800",
+            "--log-level",
+            "error",
+        ],
+    )
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.exists())
+    })
+}
+
+fn etcd_answers(host: &Host) -> bool {
+    host.exec("etcdctl", &["--endpoints", CLIENT, "endpoint", "health"])
+        .is_ok()
+}
+
+#[test]
+fn decisions_are_shared_through_etcd() -> anyhow::Result<()> {
+    require_root_and_tools();
+    let mut topo = Topology::new()?;
+    let host = topo.host("etcd")?;
+    let scratch = topo.scratch_dir()?.to_owned();
+    let data = scratch.join("etcd-data");
+    let etcd = start_etcd(&mut topo, &host, &data)?;
+    wait_for("etcd to answer", Duration::from_secs(10), || {
+        Ok(etcd_answers(&host).then_some(()))
+    })?;
+
+    // Etcd listens on the namespace's loopback: the nodes run on threads
+    // that joined it (threads they start inherit it).
+    let s = scratch.clone();
+    let (a, b) = host.run_in(move || -> anyhow::Result<_> {
+        Ok((node(&s, "gw1", CLIENT)?, node(&s, "gw2", CLIENT)?))
+    })??;
+    assert_eq!(ids(&a), ids(&b), "both nodes run the same ids");
+    assert_eq!(state_of(&b, "orders-a"), Some(ConnectionState::Pending));
+    assert!(store_up(&a) && store_up(&b));
+
+    // Approve on A; B applies it (measured).
+    let t0 = Instant::now();
+    lock(&a).act("orders-a", Action::Approve)?;
+    wait_for(
+        "node gw2 to apply the approval",
+        Duration::from_secs(1),
+        || Ok((state_of(&b, "orders-a") == Some(ConnectionState::Approved)).then_some(())),
+    )?;
+    println!(
+        "fleet store: approval on gw1 applied by gw2 after {:?}",
+        t0.elapsed()
+    );
+
+    // Stop etcd: both keep their last decisions and say the store is down.
+    let stopped = Instant::now();
+    topo.stop(etcd)?;
+    wait_for(
+        "both nodes to see the store down",
+        Duration::from_secs(5),
+        || Ok((!store_up(&a) && !store_up(&b)).then_some(())),
+    )?;
+    println!(
+        "fleet store: both nodes reported the store down after {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(state_of(&a, "orders-a"), Some(ConnectionState::Approved));
+    assert_eq!(state_of(&b, "orders-a"), Some(ConnectionState::Approved));
+    let refused = lock(&b).act("orders-b", Action::Approve);
+    let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        why.contains("does not answer"),
+        "approve with the store down: {why:?}"
+    );
+    assert_eq!(state_of(&b, "orders-b"), Some(ConnectionState::Pending));
+    assert_eq!(
+        lock(&b).status().fleet.map(|f| f.store_up),
+        Some(false),
+        "status says the store is down"
+    );
+
+    // Restart etcd (same data): both see it up, and a decision converges.
+    let _etcd = start_etcd(&mut topo, &host, &data)?;
+    wait_for(
+        "both nodes to see the store up",
+        Duration::from_secs(10),
+        || Ok((store_up(&a) && store_up(&b)).then_some(())),
+    )?;
+    let t0 = Instant::now();
+    lock(&b).act("orders-b", Action::Approve)?;
+    lock(&b).act("orders-a", Action::Reject)?;
+    wait_for(
+        "node gw1 to converge after the restart",
+        Duration::from_secs(1),
+        || {
+            Ok((state_of(&a, "orders-b") == Some(ConnectionState::Approved)
+                && state_of(&a, "orders-a") == Some(ConnectionState::Rejected))
+            .then_some(()))
+        },
+    )?;
+    println!(
+        "fleet store: after the restart, gw2's decisions reached gw1 in {:?}",
+        t0.elapsed()
+    );
+
+    // A node joining later starts with the fleet's decisions and ids.
+    let s = scratch.clone();
+    let c = host.run_in(move || node(&s, "gw3", CLIENT))??;
+    assert_eq!(state_of(&c, "orders-a"), Some(ConnectionState::Rejected));
+    assert_eq!(state_of(&c, "orders-b"), Some(ConnectionState::Approved));
+    assert_eq!(ids(&c), ids(&a), "the late joiner runs the same ids");
+    Ok(())
+}
+
+#[test]
+fn etcd_unreachable_at_start_is_a_clear_error() -> anyhow::Result<()> {
+    require_root_and_tools();
+    let mut topo = Topology::new()?;
+    let host = topo.host("noetcd")?;
+    let scratch = topo.scratch_dir()?.to_owned();
+    let t0 = Instant::now();
+    let r = host.run_in(move || node(&scratch, "gw1", CLIENT).map(|_| ()))?;
+    let why = format!("{:#}", r.err().expect("a start without etcd must fail"));
+    assert!(
+        why.contains("does not answer") && why.contains("127.0.0.1:23790"),
+        "{why}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "refused within the timeout"
+    );
+    Ok(())
+}
