@@ -673,8 +673,34 @@ impl Controller {
         v
     }
 
-    /// Approves, rejects or removes the endpoint called `name`.
+    /// Approves, rejects or removes the endpoint called `name`. In a fleet,
+    /// when another node wrote the shared state meanwhile, the newer state
+    /// is taken and the action judged again against it (a few times).
     pub fn act(&mut self, name: &str, action: Action) -> Result<ActionOutcome, ControllerError> {
+        let mut tries = 0;
+        loop {
+            match self.act_once(name, action) {
+                Err(ControllerError::Store(crate::fleet::StoreError::Conflict)) if tries < 4 => {
+                    tries += 1;
+                    self.refresh_shared()?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Reads the fleet store's document now and applies it if it is newer.
+    fn refresh_shared(&mut self) -> Result<(), ControllerError> {
+        let Some((store, _)) = self.shared.as_ref() else {
+            return Ok(());
+        };
+        if let Some(update) = store.load()? {
+            self.apply_shared(update)?;
+        }
+        Ok(())
+    }
+
+    fn act_once(&mut self, name: &str, action: Action) -> Result<ActionOutcome, ControllerError> {
         let endpoint = self
             .config
             .endpoints

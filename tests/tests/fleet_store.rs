@@ -180,6 +180,33 @@ fn decisions_are_shared_through_etcd() -> anyhow::Result<()> {
         t0.elapsed()
     );
 
+    // Decisions made on both nodes at the same time all land: a write
+    // that lost the race (the document moved) is judged again on the newer
+    // document and retried.
+    let (a2, b2) = (a.clone(), b.clone());
+    let ta = std::thread::spawn(move || lock(&a2).act("orders-b", Action::Approve).map(|_| ()));
+    let tb = std::thread::spawn(move || lock(&b2).act("orders-a", Action::Reject).map(|_| ()));
+    ta.join().expect("thread")?;
+    tb.join().expect("thread")?;
+    wait_for(
+        "both concurrent decisions on both nodes",
+        Duration::from_secs(1),
+        || {
+            let both = |c: &Mutex<Controller>| {
+                state_of(c, "orders-b") == Some(ConnectionState::Approved)
+                    && state_of(c, "orders-a") == Some(ConnectionState::Rejected)
+            };
+            Ok((both(&a) && both(&b)).then_some(()))
+        },
+    )?;
+    lock(&a).act("orders-a", Action::Approve)?;
+    lock(&a).act("orders-b", Action::Reject)?;
+    wait_for("gw2 to follow", Duration::from_secs(1), || {
+        Ok((state_of(&b, "orders-a") == Some(ConnectionState::Approved)
+            && state_of(&b, "orders-b") == Some(ConnectionState::Rejected))
+        .then_some(()))
+    })?;
+
     // Stop etcd: both keep their last decisions and say the store is down.
     let stopped = Instant::now();
     topo.stop(etcd)?;
@@ -200,7 +227,7 @@ fn decisions_are_shared_through_etcd() -> anyhow::Result<()> {
         why.contains("does not answer"),
         "approve with the store down: {why:?}"
     );
-    assert_eq!(state_of(&b, "orders-b"), Some(ConnectionState::Pending));
+    assert_eq!(state_of(&b, "orders-b"), Some(ConnectionState::Rejected));
     assert_eq!(
         lock(&b).status().fleet.map(|f| f.store_up),
         Some(false),
