@@ -619,6 +619,7 @@ mod tests {
             }],
             dataplane_in_sync: false,
             apply_failures: 2,
+            fleet_store_up: Some(false),
         }
     }
 
@@ -649,6 +650,8 @@ mod tests {
             "plink_dataplane_in_sync 0",
             "# TYPE plink_apply_failures_total counter",
             "plink_apply_failures_total 2",
+            "# TYPE plink_fleet_store_up gauge",
+            "plink_fleet_store_up 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
@@ -656,6 +659,10 @@ mod tests {
         assert!(
             !empty.contains("plink_device_xdp_tx_errors_total"),
             "empty families are left out"
+        );
+        assert!(
+            !empty.contains("plink_fleet_store_up"),
+            "no store gauge without a fleet store"
         );
     }
 

@@ -242,3 +242,13 @@ fn an_empty_node_list_is_refused() {
     let text = format!("{}  nodes: []\n", &FLEET[..start]);
     assert_error(parse(&text), at(&text, "[]\n"), "no nodes");
 }
+
+#[test]
+fn shipped_fleet_example_passes_check_for_every_node() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fleet.yaml");
+    Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    for node in ["gw1", "gw2", "gw3"] {
+        let cfg = Config::load_node(&path, Some(node)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.services[0].nat.addresses.len(), 2, "{node}");
+    }
+}
