@@ -57,8 +57,11 @@ pub struct Shared {
     pub revision: i64,
 }
 
+/// A document as etcd holds it: its bytes and mod revision.
+type Raw = (Vec<u8>, i64);
+
 enum Request {
-    Load(std_mpsc::Sender<Result<Option<(Vec<u8>, i64)>, String>>),
+    Load(std_mpsc::Sender<Result<Option<Raw>, String>>),
     /// Write `value` if the key's mod revision is still `expected` (0: the
     /// key must not exist). Answers the new revision, or None if it moved.
     Put {
@@ -248,7 +251,7 @@ impl Worker {
         Ok(c)
     }
 
-    async fn get(&self, slot: &mut Option<Client>) -> Result<Option<(Vec<u8>, i64)>, String> {
+    async fn get(&self, slot: &mut Option<Client>) -> Result<Option<Raw>, String> {
         let mut c = self.client(slot).await?;
         let r = tokio::time::timeout(self.timeout, c.get(self.key.as_str(), None))
             .await

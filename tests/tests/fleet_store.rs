@@ -275,7 +275,7 @@ fn etcd_unreachable_at_start_is_a_clear_error() -> anyhow::Result<()> {
     let scratch = topo.scratch_dir()?.to_owned();
     let t0 = Instant::now();
     let r = host.run_in(move || node(&scratch, "gw1", CLIENT).map(|_| ()))?;
-    let why = format!("{:#}", r.err().expect("a start without etcd must fail"));
+    let why = format!("{:#}", r.expect_err("a start without etcd must fail"));
     assert!(
         why.contains("does not answer") && why.contains("127.0.0.1:23790"),
         "{why}"
