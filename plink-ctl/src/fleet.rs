@@ -258,6 +258,10 @@ impl Worker {
             .map_err(|_| format!("reading {} took longer than {:?}", self.key, self.timeout))
             .and_then(|r| r.map_err(|e| format!("reading {}: {e}", self.key)));
         self.up.store(r.is_ok(), Ordering::SeqCst);
+        if r.is_err() {
+            // A fresh connection for the next request.
+            *slot = None;
+        }
         let r = r?;
         Ok(r.kvs()
             .first()
@@ -280,6 +284,9 @@ impl Worker {
             .map_err(|_| format!("writing {key} took longer than {:?}", self.timeout))
             .and_then(|r| r.map_err(|e| format!("writing {key}: {e}")));
         self.up.store(r.is_ok(), Ordering::SeqCst);
+        if r.is_err() {
+            *slot = None;
+        }
         let r = r?;
         if !r.succeeded() {
             return Ok(None);
