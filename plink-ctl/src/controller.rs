@@ -390,13 +390,18 @@ impl Controller {
         };
         let folded = state::reconcile(&self.config, &base)?;
         let config = self.config.clone();
-        if crate::fleet::same_shared(&folded, &base) {
-            self.commit_at(config, base, Some(update.revision))?;
-        } else {
+        if crate::fleet::adds_to(&folded, &base) {
+            // Objects of our config have no shared id yet: allocate them
+            // for the fleet (a transaction on the revision just read).
             if let Some((_, r)) = self.shared.as_mut() {
                 *r = update.revision;
             }
             self.commit(config, folded)?;
+        } else {
+            // Run it, without writing back what only our config releases or
+            // re-judges: two nodes between two configs during a roll-out
+            // would otherwise undo each other's writes without end.
+            self.commit_at(config, folded, Some(update.revision))?;
         }
         Ok(())
     }
@@ -757,7 +762,17 @@ impl Controller {
 
     /// [`Controller::reload`], recording what asked for it.
     pub fn reload_via(&mut self, via: Trigger) -> Result<ReloadOutcome, ControllerError> {
-        let result = self.reload_inner();
+        let mut result = self.reload_inner();
+        // Another fleet node wrote meanwhile: fold into the newer state.
+        for _ in 0..4 {
+            if !matches!(
+                result,
+                Err(ControllerError::Store(crate::fleet::StoreError::Conflict))
+            ) {
+                break;
+            }
+            result = self.refresh_shared().and_then(|()| self.reload_inner());
+        }
         let config = self.config_path.clone();
         match &result {
             Ok(out) => self.events.emit(Event::ReloadApplied {

@@ -402,3 +402,95 @@ pub fn same_shared(a: &PersistedState, b: &PersistedState) -> bool {
         && a.endpoints == b.endpoints
         && a.decisions == b.decisions
 }
+
+/// Whether `folded` (a node's config folded into `base`) has ids or
+/// decisions `base` lacks: the objects of that node's config the fleet has
+/// not allocated yet, which the node must write before it can run them.
+pub fn adds_to(folded: &PersistedState, base: &PersistedState) -> bool {
+    fn new_keys<K: Ord + Clone>(
+        a: &crate::state::IdTable<K>,
+        b: &crate::state::IdTable<K>,
+    ) -> bool {
+        a.iter().any(|(k, _)| b.get(k).is_none())
+    }
+    new_keys(&folded.networks, &base.networks)
+        || new_keys(&folded.services, &base.services)
+        || new_keys(&folded.backends, &base.backends)
+        || new_keys(&folded.endpoints, &base.endpoints)
+        || folded
+            .decisions
+            .keys()
+            .any(|k| !base.decisions.contains_key(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{config::Config, state};
+
+    const BASE: &str = "\
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a}
+  - {name: p0, role: provider}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{port: 80}]
+    backends: [{address: 198.51.100.10}]
+    nat: {addresses: [198.51.100.201]}
+    visibility: ['*']
+endpoints:
+  - {name: orders-a, tenant: t, network: vnet-a, address: 192.0.2.50, service: orders}
+";
+
+    fn cfg(text: &str) -> Config {
+        Config::parse(Path::new("t.yaml"), text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_same_config_folds_into_the_shared_state_without_changes() {
+        let shared = state::reconcile(&cfg(BASE), &PersistedState::default()).unwrap();
+        let folded = state::reconcile(&cfg(BASE), &shared).unwrap();
+        assert!(same_shared(&folded, &shared));
+        assert!(!adds_to(&folded, &shared));
+        assert_ne!(
+            folded.generation, shared.generation,
+            "generations do not matter"
+        );
+    }
+
+    #[test]
+    fn a_node_with_a_new_endpoint_adds_to_the_shared_state_one_without_does_not() {
+        let shared = state::reconcile(&cfg(BASE), &PersistedState::default()).unwrap();
+        let more = format!(
+            "{BASE}  - {{name: orders-b, tenant: t, network: vnet-a, address: 192.0.2.51, service: orders}}\n"
+        );
+        let folded = state::reconcile(&cfg(&more), &shared).unwrap();
+        assert!(adds_to(&folded, &shared) && !same_shared(&folded, &shared));
+        // The older config releases orders-b: a difference, but no addition,
+        // so the node runs it without writing back (no ping-pong).
+        let back = state::reconcile(&cfg(BASE), &folded).unwrap();
+        assert!(!same_shared(&back, &folded));
+        assert!(!adds_to(&back, &folded));
+    }
+
+    #[test]
+    fn a_shared_state_of_another_version_or_with_bad_ids_is_refused() {
+        let mut s = state::reconcile(&cfg(BASE), &PersistedState::default()).unwrap();
+        assert!(s.check_shared().is_ok());
+        let text = serde_json::to_vec(&s).unwrap();
+        assert!(decode("/k", &text).is_ok());
+        s.version = 99;
+        let text = serde_json::to_vec(&s).unwrap();
+        assert!(matches!(
+            decode("/k", &text),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            decode("/k", b"{"),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}
