@@ -83,22 +83,11 @@ impl Dataplane {
     /// Removes expired flows (the rule the datapath applies, on its clock),
     /// frees their NAT ports, and sweeps leftover reverse / port entries.
     pub fn gc_conntrack(&mut self) -> anyhow::Result<GcReport> {
+        // The next-hop generation is not moved here: the link watcher moves
+        // it on neighbour, route and link events. A move per round would make
+        // every flow look its hop up (and write its entry) once a second.
         let g = self.global()?;
-        // Each round (about a second) flows look their cached next hop up
-        // again: a neighbour or route that changed is followed within it.
-        let mut global: Array<_, GlobalConfig> = Array::try_from(self.map_mut(map_names::GLOBAL)?)?;
-        global.set(
-            0,
-            GlobalConfig {
-                hop_gen: super::spec::next_hop_gen(g.hop_gen),
-                ..g
-            },
-            0,
-        )?;
-        self.remove_flows(|k, v, now| {
-            let _ = k;
-            flow_expired(v, now, &g.timeouts)
-        })
+        self.remove_flows(|_, v, now| flow_expired(v, now, &g.timeouts))
     }
 
     /// Makes every established flow look its next hop up again (a
