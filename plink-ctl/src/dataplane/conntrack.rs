@@ -23,6 +23,9 @@ use super::Dataplane;
 /// older than this, so the GC never races a flow being inserted.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
+/// How often a GC round also looks for orphaned reverse and NAT-port entries.
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -73,11 +76,31 @@ impl Dataplane {
         Ok(g.get(&0, 0)?)
     }
 
-    fn flows(&mut self) -> anyhow::Result<Vec<(CtFwdKey, CtFwdValue)>> {
-        let fwd: HashMap<_, CtFwdKey, CtFwdValue> =
-            HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+    /// Calls `each` with every entry of the hash map `name`: in batches
+    /// where the kernel has them, else key by key.
+    fn walk<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        mut each: impl FnMut(&K, &V),
+    ) -> anyhow::Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let map = self.map_mut(name)?;
+        let table: HashMap<_, K, V> = HashMap::try_from(&mut *map)?;
+        let fd = aya::maps::IterableMap::map(&table).fd().as_fd().as_raw_fd();
+        if super::batch::walk(fd, &mut each).with_context(|| format!("walking {name}"))? {
+            return Ok(());
+        }
         // Entries deleted while we iterate are skipped, not errors.
-        Ok(fwd.iter().filter_map(Result::ok).collect())
+        for (k, v) in table.iter().filter_map(Result::ok) {
+            each(&k, &v);
+        }
+        Ok(())
+    }
+
+    fn flows(&mut self) -> anyhow::Result<Vec<(CtFwdKey, CtFwdValue)>> {
+        let mut out = Vec::new();
+        self.walk(map_names::CT_FWD, |k, v| out.push((*k, *v)))?;
+        Ok(out)
     }
 
     /// Removes expired flows (the rule the datapath applies, on its clock),
@@ -87,7 +110,13 @@ impl Dataplane {
         // it on neighbour, route and link events. A move per round would make
         // every flow look its hop up (and write its entry) once a second.
         let g = self.global()?;
-        self.remove_flows(|_, v, now| flow_expired(v, now, &g.timeouts))
+        // Orphans are rare (a lost insert race, a crash between two inserts)
+        // and hold nothing the datapath cannot reclaim itself: they are
+        // looked for every ORPHAN_SWEEP_EVERY, not every round.
+        let due = self
+            .orphans_swept_at
+            .is_none_or(|t| t.elapsed() >= ORPHAN_SWEEP_EVERY);
+        self.remove_flows_sweeping(|_, v, now| flow_expired(v, now, &g.timeouts), due)
     }
 
     /// Makes every established flow look its next hop up again (a
@@ -128,27 +157,41 @@ impl Dataplane {
     }
 
     /// Like `remove_flows`; sweeps orphans only when `always_sweep` or when
-    /// a flow was removed (a purge that found nothing leaves the sweep to the GC).
+    /// a removed flow's entries may have been left to the sweep (its key was
+    /// re-used by the datapath meanwhile).
     pub(crate) fn remove_flows_sweeping(
         &mut self,
         mut doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
         always_sweep: bool,
     ) -> anyhow::Result<GcReport> {
         let mut report = GcReport::default();
-        let flows = self.flows()?;
+        // One walk judges every flow by the value it read; only the doomed
+        // are read again (as they are deleted), so a live flow costs no
+        // call of its own.
+        let now = monotonic_ns();
+        let mut listed_live = 0u64;
+        let mut candidates: Vec<CtFwdKey> = Vec::new();
+        self.walk(map_names::CT_FWD, |k: &CtFwdKey, v: &CtFwdValue| {
+            if doomed(k, v, now) {
+                candidates.push(*k);
+            } else {
+                listed_live += 1;
+            }
+        })?;
         let mut freed_per_endpoint: BTreeMap<u32, u64> = BTreeMap::new();
+        let superseded;
         {
             let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
                 HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
-            let keys: Vec<CtFwdKey> = flows.iter().map(|(k, _)| *k).collect();
-            let swept = sweep_forward(&mut fwd, &keys, &mut doomed)?;
-            report.remaining = swept.remaining;
+            let swept = sweep_forward(&mut fwd, &candidates, &mut doomed)?;
+            report.remaining = listed_live + swept.remaining;
             for (_, v) in swept.gone.iter().chain(&swept.superseded) {
                 *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
                 report.flows += 1;
             }
             // A superseded flow's reverse and port entries may be the new
             // flow's too: the orphan sweep removes them only if not.
+            superseded = !swept.superseded.is_empty();
             let gone = swept.gone;
             let mut rev: HashMap<_, CtRevKey, CtOwner> =
                 HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
@@ -169,8 +212,9 @@ impl Dataplane {
                 freed.set(id, old.wrapping_add(n), 0)?;
             }
         }
-        if always_sweep || report.flows > 0 {
+        if always_sweep || superseded {
             report.orphans = self.sweep_orphans()?;
+            self.orphans_swept_at = Some(std::time::Instant::now());
         }
         Ok(report)
     }
@@ -178,32 +222,35 @@ impl Dataplane {
     /// Reverse and NAT-port entries whose owner flow is gone or maps differently.
     fn sweep_orphans(&mut self) -> anyhow::Result<u64> {
         let grace = ORPHAN_GRACE.as_nanos() as u64;
-        let flows: BTreeMap<CtFwdKey, CtFwdValue> = self.flows()?.into_iter().collect();
+        // What each live flow's own entries are, keyed by the flow.
+        let mut owned: std::collections::HashMap<CtFwdKey, (CtRevKey, NatPortKey)> =
+            std::collections::HashMap::new();
+        self.walk(map_names::CT_FWD, |k: &CtFwdKey, v: &CtFwdValue| {
+            owned.insert(*k, (rev_key(k, v), port_key(k, v)));
+        })?;
         let now = monotonic_ns();
         let old = |o: &CtOwner| now.saturating_sub(o.created_ns) > grace;
+        let mut stale_rev: Vec<CtRevKey> = Vec::new();
+        self.walk(map_names::CT_REV, |rk: &CtRevKey, o: &CtOwner| {
+            if old(o) && owned.get(&o.fwd).is_none_or(|(r, _)| r != rk) {
+                stale_rev.push(*rk);
+            }
+        })?;
+        let mut stale_ports: Vec<NatPortKey> = Vec::new();
+        self.walk(map_names::NAT_PORTS, |pk: &NatPortKey, o: &CtOwner| {
+            if old(o) && owned.get(&o.fwd).is_none_or(|(_, p)| p != pk) {
+                stale_ports.push(*pk);
+            }
+        })?;
         let mut n = 0;
         let mut rev: HashMap<_, CtRevKey, CtOwner> =
             HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
-        let stale: Vec<CtRevKey> = rev
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(rk, o)| old(o) && flows.get(&o.fwd).is_none_or(|v| rev_key(&o.fwd, v) != *rk))
-            .map(|(rk, _)| rk)
-            .collect();
-        for k in stale {
+        for k in stale_rev {
             n += u64::from(rev.remove(&k).is_ok());
         }
         let mut ports: HashMap<_, NatPortKey, CtOwner> =
             HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
-        let stale: Vec<NatPortKey> = ports
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(pk, o)| {
-                old(o) && flows.get(&o.fwd).is_none_or(|v| port_key(&o.fwd, v) != *pk)
-            })
-            .map(|(pk, _)| pk)
-            .collect();
-        for k in stale {
+        for k in stale_ports {
             n += u64::from(ports.remove(&k).is_ok());
         }
         Ok(n)
@@ -221,22 +268,18 @@ impl Dataplane {
     pub fn nat_ports_in_use_by_protocol(
         &mut self,
     ) -> anyhow::Result<BTreeMap<(Ipv4Addr, u8), u64>> {
-        let ports: HashMap<_, NatPortKey, CtOwner> =
-            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
         let mut out = BTreeMap::new();
-        for k in ports.keys().filter_map(Result::ok) {
+        self.walk(map_names::NAT_PORTS, |k: &NatPortKey, _: &CtOwner| {
             *out.entry((ip(&k.addr_be), k.proto)).or_default() += 1;
-        }
+        })?;
         Ok(out)
     }
 
     /// NAT ports in use per NAT address (host-order IPv4), all protocols.
     pub fn nat_ports_in_use(&mut self) -> anyhow::Result<BTreeMap<Ipv4Addr, u64>> {
-        let ports: HashMap<_, NatPortKey, CtOwner> =
-            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
         let mut out = BTreeMap::new();
-        for k in ports.keys().filter_map(Result::ok) {
-            *out.entry(ip(&k.addr_be)).or_default() += 1;
+        for ((addr, _), n) in self.nat_ports_in_use_by_protocol()? {
+            *out.entry(addr).or_default() += n;
         }
         Ok(out)
     }
