@@ -371,18 +371,10 @@ impl Gateway {
             .unwrap_or_default();
         let now = std::time::Instant::now();
         nat_retired.retain(|a, _| in_grace(self.retired_since.get(a), self.retired_grace, now));
-        let draining = nat_held.values().flatten().any(|n| n.draining);
-        // Fresh counts when a draining address may leave or move (the GC's
-        // are up to a second old, and there are none yet when adopting).
-        let nat_ports_in_use = if draining || self.spec.is_none() {
-            self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?
-        } else {
-            let mut per_address: BTreeMap<Ipv4Addr, u64> = BTreeMap::new();
-            for ((addr, _), n) in &self.nat_in_use {
-                *per_address.entry(*addr).or_default() += n;
-            }
-            per_address
-        };
+        // Fresh counts, never the last GC round's: a flow opened since then
+        // holds its address as much as any other (a reload that moved the
+        // address away on a second-old count would cut it). One batched walk.
+        let nat_ports_in_use = self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?;
         let observed = Observed {
             interfaces: observe_interfaces(model),
             nat_held,
