@@ -320,7 +320,8 @@ impl Gateway {
     /// use for metrics (gauges come from this sweep, not a scan per scrape).
     pub fn gc(&mut self) -> anyhow::Result<()> {
         self.last_gc = self.dp.gc_conntrack()?;
-        self.nat_in_use = self.dp.nat_ports_in_use_by_protocol()?;
+        // One port per flow, counted by the sweep (no walk of its own).
+        self.nat_in_use = self.last_gc.nat_in_use.clone();
         Ok(())
     }
 

@@ -13,27 +13,54 @@ const BATCH: usize = 4096;
 /// C programs through glibc's names), returned for maps without batch ops.
 const ENOTSUPP: i32 = 524;
 
+/// How far a walk in slices got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Walked {
+    /// The kernel has no batch operations for this map (before 5.6):
+    /// nothing was read, the caller walks key by key.
+    Unsupported,
+    /// Stopped after the batches allowed; `cursor` says where to go on.
+    More,
+    /// The end of the map was reached; `cursor` is back at its start.
+    Done,
+}
+
 /// Calls `each` with every (key, value) of the hash map `fd` holds, a batch
 /// at a time (each bucket is read atomically; entries added or removed
 /// meanwhile may or may not be seen, as with any walk). Returns `Ok(false)`
 /// without calling `each` when the kernel has no batch operations for this
-/// map (before 5.6) — the caller then walks key by key.
+/// map — the caller then walks key by key.
 pub fn walk<K: aya::Pod, V: aya::Pod>(
     fd: RawFd,
-    mut each: impl FnMut(&K, &V),
+    each: impl FnMut(&K, &V),
 ) -> std::io::Result<bool> {
+    let mut cursor = None;
+    Ok(walk_some(fd, &mut cursor, usize::MAX, each)? == Walked::Done)
+}
+
+/// Like [`walk`], for at most `max_batches` batches from `cursor` (`None`:
+/// the start of the map), which is left where the next call goes on.
+pub fn walk_some<K: aya::Pod, V: aya::Pod>(
+    fd: RawFd,
+    cursor: &mut Option<u64>,
+    max_batches: usize,
+    mut each: impl FnMut(&K, &V),
+) -> std::io::Result<Walked> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     let mut keys: Vec<K> = Vec::with_capacity(BATCH);
     let mut values: Vec<V> = Vec::with_capacity(BATCH);
     // The batch token of a hash map is a bucket index (u32); room for more.
-    let mut token_in = [0u64; 1];
     let mut token_out = [0u64; 1];
-    let mut first = true;
-    loop {
+    for batch in 0..max_batches {
+        let token_in = [cursor.unwrap_or(0)];
         // union bpf_attr, batch: in_batch, out_batch, keys, values,
         // count (u32) + map_fd (u32), elem_flags, flags.
         let mut attr = [0u64; 8];
-        attr[0] = if first { 0 } else { token_in.as_ptr() as u64 };
+        attr[0] = if cursor.is_some() {
+            token_in.as_ptr() as u64
+        } else {
+            0
+        };
         attr[1] = token_out.as_mut_ptr() as u64;
         attr[2] = keys.as_mut_ptr() as u64;
         attr[3] = values.as_mut_ptr() as u64;
@@ -43,18 +70,18 @@ pub fn walk<K: aya::Pod, V: aya::Pod>(
             // The last batch: what it holds is in `count`.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e)
-                if first
+                if batch == 0
+                    && cursor.is_none()
                     && matches!(
                         e.raw_os_error(),
                         Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
                     ) =>
             {
-                return Ok(false);
+                return Ok(Walked::Unsupported);
             }
             Err(e) => return Err(e),
         };
-        let count = (attr[4] & 0xffff_ffff) as usize;
-        let count = count.min(BATCH);
+        let count = ((attr[4] & 0xffff_ffff) as usize).min(BATCH);
         // SAFETY: the kernel wrote `count` whole keys and values (their sizes
         // are the map's, checked against K and V when the map was opened).
         unsafe {
@@ -64,15 +91,16 @@ pub fn walk<K: aya::Pod, V: aya::Pod>(
         for (k, v) in keys.iter().zip(&values) {
             each(k, v);
         }
-        if done {
-            return Ok(true);
-        }
         // SAFETY: plain data; the buffers are refilled from the start.
         unsafe {
             keys.set_len(0);
             values.set_len(0);
         }
-        token_in = token_out;
-        first = false;
+        if done {
+            *cursor = None;
+            return Ok(Walked::Done);
+        }
+        *cursor = Some(token_out[0]);
     }
+    Ok(Walked::More)
 }

@@ -24,7 +24,16 @@ use super::Dataplane;
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
 /// How often a GC round also looks for orphaned reverse and NAT-port entries.
-const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(10);
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// What removing a round's candidates did.
+struct Removed {
+    flows: u64,
+    /// A removed flow's key was re-used by the datapath meanwhile.
+    superseded: bool,
+    /// Candidates judged again and kept.
+    kept: Vec<(CtFwdKey, CtFwdValue)>,
+}
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
@@ -44,8 +53,46 @@ pub struct GcReport {
     pub flows: u64,
     /// Reverse and NAT-port entries removed without their flow (leftovers).
     pub orphans: u64,
-    /// Flows left.
+    /// Flows left (for a GC round: at the end of the last complete sweep).
     pub remaining: u64,
+    /// NAT ports held per (NAT address, protocol), one per flow, at the end
+    /// of the last complete sweep (GC rounds only).
+    pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+}
+
+/// Batches of CT_FWD (4,096 flows each) one GC round reads: a table larger
+/// than ~131k flows is swept over several rounds (a million in about eight
+/// seconds) instead of whole every second, which kept half a core busy in
+/// the kernel's walk and its memory traffic slowed the datapath. Expiry does
+/// not wait for the sweep: the datapath treats an expired flow as expired
+/// whether or not it was removed, and reclaims expired flows' NAT ports and
+/// cap slots itself.
+const GC_BATCHES_PER_ROUND: usize = 32;
+
+/// Where the GC's sweep of the flow table is, and what it counted so far.
+#[derive(Debug, Default)]
+pub(crate) struct GcSweep {
+    cursor: Option<u64>,
+    live: u64,
+    nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    /// The last complete sweep's counts.
+    remaining: u64,
+    nat_in_use_done: BTreeMap<(Ipv4Addr, u8), u64>,
+}
+
+impl GcSweep {
+    fn count_live(&mut self, k: &CtFwdKey, v: &CtFwdValue) {
+        self.live += 1;
+        *self
+            .nat_in_use
+            .entry((ip(&v.nat_addr_be), k.proto))
+            .or_default() += 1;
+    }
+
+    fn finish(&mut self) {
+        self.remaining = std::mem::take(&mut self.live);
+        self.nat_in_use_done = std::mem::take(&mut self.nat_in_use);
+    }
 }
 
 /// One flow with its NAT mapping, for `plink-ctl conntrack`.
@@ -110,13 +157,72 @@ impl Dataplane {
         // it on neighbour, route and link events. A move per round would make
         // every flow look its hop up (and write its entry) once a second.
         let g = self.global()?;
+        let mut doomed = |_: &CtFwdKey, v: &CtFwdValue, now| flow_expired(v, now, &g.timeouts);
+        let now = monotonic_ns();
+        let mut sweep = std::mem::take(&mut self.gc_sweep);
+        let mut candidates: Vec<CtFwdKey> = Vec::new();
+        let mut judge = |sweep: &mut GcSweep, k: &CtFwdKey, v: &CtFwdValue| {
+            if doomed(k, v, now) {
+                candidates.push(*k);
+            } else {
+                sweep.count_live(k, v);
+            }
+        };
+        let walked = {
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let table: HashMap<_, CtFwdKey, CtFwdValue> =
+                HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+            let fd = aya::maps::IterableMap::map(&table).fd().as_fd().as_raw_fd();
+            let mut cursor = sweep.cursor;
+            let walked = super::batch::walk_some(
+                fd,
+                &mut cursor,
+                GC_BATCHES_PER_ROUND,
+                |k: &CtFwdKey, v: &CtFwdValue| judge(&mut sweep, k, v),
+            )
+            .context("walking CT_FWD")?;
+            sweep.cursor = cursor;
+            if walked == super::batch::Walked::Unsupported {
+                // Key by key, the whole table (kernels before 5.6).
+                for (k, v) in table.iter().filter_map(Result::ok) {
+                    judge(&mut sweep, &k, &v);
+                }
+            }
+            walked
+        };
+        let removed = self.remove_candidates(&candidates, &mut doomed);
+        let removed = match removed {
+            Ok(r) => r,
+            Err(e) => {
+                // The sweep starts over next round rather than count twice.
+                self.gc_sweep = GcSweep::default();
+                return Err(e);
+            }
+        };
+        for (k, v) in &removed.kept {
+            sweep.count_live(k, v);
+        }
+        if walked != super::batch::Walked::More {
+            sweep.finish();
+        }
         // Orphans are rare (a lost insert race, a crash between two inserts)
         // and hold nothing the datapath cannot reclaim itself: they are
         // looked for every ORPHAN_SWEEP_EVERY, not every round.
         let due = self
             .orphans_swept_at
             .is_none_or(|t| t.elapsed() >= ORPHAN_SWEEP_EVERY);
-        self.remove_flows_sweeping(|_, v, now| flow_expired(v, now, &g.timeouts), due)
+        let mut report = GcReport {
+            flows: removed.flows,
+            orphans: 0,
+            remaining: sweep.remaining,
+            nat_in_use: sweep.nat_in_use_done.clone(),
+        };
+        self.gc_sweep = sweep;
+        if due || removed.superseded {
+            report.orphans = self.sweep_orphans()?;
+            self.orphans_swept_at = Some(std::time::Instant::now());
+        }
+        Ok(report)
     }
 
     /// Makes every established flow look its next hop up again (a
@@ -164,7 +270,6 @@ impl Dataplane {
         mut doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
         always_sweep: bool,
     ) -> anyhow::Result<GcReport> {
-        let mut report = GcReport::default();
         // One walk judges every flow by the value it read; only the doomed
         // are read again (as they are deleted), so a live flow costs no
         // call of its own.
@@ -178,31 +283,52 @@ impl Dataplane {
                 listed_live += 1;
             }
         })?;
+        let removed = self.remove_candidates(&candidates, &mut doomed)?;
+        let mut report = GcReport {
+            flows: removed.flows,
+            remaining: listed_live + removed.kept.len() as u64,
+            ..GcReport::default()
+        };
+        if always_sweep || removed.superseded {
+            report.orphans = self.sweep_orphans()?;
+            self.orphans_swept_at = Some(std::time::Instant::now());
+        }
+        Ok(report)
+    }
+
+    /// Removes the flows among `candidates` that `doomed` still picks when
+    /// read again, with their reverse entries and NAT ports, and gives their
+    /// cap slots back.
+    fn remove_candidates(
+        &mut self,
+        candidates: &[CtFwdKey],
+        doomed: &mut impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
+    ) -> anyhow::Result<Removed> {
         let mut freed_per_endpoint: BTreeMap<u32, u64> = BTreeMap::new();
-        let superseded;
-        {
-            let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
-                HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
-            let swept = sweep_forward(&mut fwd, &candidates, &mut doomed)?;
-            report.remaining = listed_live + swept.remaining;
-            for (_, v) in swept.gone.iter().chain(&swept.superseded) {
-                *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
-                report.flows += 1;
-            }
-            // A superseded flow's reverse and port entries may be the new
-            // flow's too: the orphan sweep removes them only if not.
-            superseded = !swept.superseded.is_empty();
-            let gone = swept.gone;
-            let mut rev: HashMap<_, CtRevKey, CtOwner> =
-                HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
-            for (k, v) in &gone {
-                let _ = rev.remove(&rev_key(k, v));
-            }
-            let mut ports: HashMap<_, NatPortKey, CtOwner> =
-                HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
-            for (k, v) in &gone {
-                let _ = ports.remove(&port_key(k, v));
-            }
+        let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
+            HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+        let swept = sweep_forward(&mut fwd, candidates, doomed)?;
+        let mut out = Removed {
+            flows: 0,
+            superseded: !swept.superseded.is_empty(),
+            kept: swept.kept,
+        };
+        for (_, v) in swept.gone.iter().chain(&swept.superseded) {
+            *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
+            out.flows += 1;
+        }
+        // A superseded flow's reverse and port entries may be the new
+        // flow's too: the orphan sweep removes them only if not.
+        let gone = swept.gone;
+        let mut rev: HashMap<_, CtRevKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
+        for (k, v) in &gone {
+            let _ = rev.remove(&rev_key(k, v));
+        }
+        let mut ports: HashMap<_, NatPortKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
+        for (k, v) in &gone {
+            let _ = ports.remove(&port_key(k, v));
         }
         // Live-flow accounting for the max-flows cap (the datapath adds, we
         // subtract; one writer per map).
@@ -212,11 +338,7 @@ impl Dataplane {
                 freed.set(id, old.wrapping_add(n), 0)?;
             }
         }
-        if always_sweep || superseded {
-            report.orphans = self.sweep_orphans()?;
-            self.orphans_swept_at = Some(std::time::Instant::now());
-        }
-        Ok(report)
+        Ok(out)
     }
 
     /// Reverse and NAT-port entries whose owner flow is gone or maps differently.
@@ -378,6 +500,8 @@ pub(crate) struct Swept {
     /// Removed flows whose key the datapath already reused for a new flow
     /// (it won the race to put the entry back).
     pub superseded: Vec<(CtFwdKey, CtFwdValue)>,
+    /// Flows judged again and kept (refreshed by the datapath meanwhile).
+    pub kept: Vec<(CtFwdKey, CtFwdValue)>,
     pub remaining: u64,
 }
 
@@ -395,6 +519,7 @@ pub(crate) fn sweep_forward(
         let Some(v) = fwd.get(k) else { continue };
         if !doomed(k, &v, monotonic_ns()) {
             out.remaining += 1;
+            out.kept.push((*k, v));
             continue;
         }
         let Some(taken) = fwd.take(k)? else { continue };
@@ -402,6 +527,7 @@ pub(crate) fn sweep_forward(
             out.gone.push((*k, taken));
         } else if fwd.restore(k, &taken)? {
             out.remaining += 1;
+            out.kept.push((*k, taken));
         } else {
             out.superseded.push((*k, taken));
         }

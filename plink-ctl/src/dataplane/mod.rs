@@ -183,6 +183,8 @@ pub struct Dataplane {
     written: spec::Written,
     /// When the GC last swept orphaned reverse and NAT-port entries.
     orphans_swept_at: Option<std::time::Instant>,
+    /// Where the GC's sweep of the flow table is.
+    gc_sweep: conntrack::GcSweep,
 }
 
 /// Where the XDP link of `ifname` is pinned.
@@ -372,6 +374,7 @@ impl Dataplane {
             pin_dir: dir,
             written: spec::Written::default(),
             orphans_swept_at: None,
+            gc_sweep: Default::default(),
         })
     }
 
