@@ -723,6 +723,44 @@ fn protocol_name(p: CfgProtocol) -> &'static str {
 pub struct GatewayApplier {
     pub gateway: Arc<Mutex<Gateway>>,
     pub health: Box<dyn Health + Send>,
+    /// `plink-ctl drain` was run: every route is withdrawn.
+    pub draining: bool,
+    /// The routing table the announced routes were last written to.
+    pub announced_in: Option<u32>,
+}
+
+impl GatewayApplier {
+    pub fn new(gateway: Arc<Mutex<Gateway>>, health: Box<dyn Health + Send>) -> Self {
+        Self {
+            gateway,
+            health,
+            draining: false,
+            announced_in: None,
+        }
+    }
+
+    /// Writes the routes FRR announces (docs/FLEET.md): the table's content
+    /// follows the model, backend health and the drain.
+    fn announce_routes(&mut self, model: &Model) -> anyhow::Result<()> {
+        let want_table = model.gateway.announce_table;
+        if let Some(old) = self.announced_in.filter(|t| Some(*t) != want_table) {
+            crate::announce::RouteTable { table: old }.sync(&BTreeSet::new())?;
+        }
+        self.announced_in = None;
+        let Some(table) = want_table else {
+            return Ok(());
+        };
+        let want = crate::announce::desired(model, &*self.health, self.draining);
+        let changes = crate::announce::RouteTable { table }.sync(&want)?;
+        self.announced_in = Some(table);
+        for a in &changes.added {
+            tracing::info!("announcing {a}/32 (routing table {table})");
+        }
+        for a in &changes.removed {
+            tracing::info!("withdrawing {a}/32 (routing table {table})");
+        }
+        Ok(())
+    }
 }
 
 impl crate::controller::Applier for GatewayApplier {
@@ -732,11 +770,17 @@ impl crate::controller::Applier for GatewayApplier {
         match g.apply_model(model, &*self.health) {
             Ok(_) => {
                 g.announce();
-                Ok(())
+                drop(g);
+                self.announce_routes(model)
+                    .map_err(|e| ApplyFailure::Failed(format!("announcing routes: {e:#}")))
             }
             Err(ApplyError::Refused(e)) => Err(ApplyFailure::Refused(e.to_string())),
             Err(ApplyError::Failed(e)) => Err(ApplyFailure::Failed(format!("{e:#}"))),
         }
+    }
+
+    fn set_draining(&mut self, on: bool) {
+        self.draining = on;
     }
 }
 

@@ -105,6 +105,16 @@ enum Command {
     /// List the live flows with their NAT mapping: consumer network and
     /// client, endpoint, NAT address and port, backend, time left.
     Conntrack(AdminArgs),
+    /// Take this node out of a fleet without breaking flows (docs/FLEET.md):
+    /// withdraw every announced route, keep forwarding the flows the node
+    /// holds, wait until they end (TCP flows close, others expire) or the deadline passes, then exit. Stop the node after it.
+    Drain {
+        /// Longest wait for the flows to end.
+        #[arg(long, default_value = "5m")]
+        deadline: plink_ctl::config::HumanDuration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Show the controller's recent decisions (the event log kept in
     /// memory, the last 1024; docs/EVENTS.md). With --json, one record per
     /// line as in the `gateway.event_log` file.
@@ -287,6 +297,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Events { follow, admin } => events_command(&admin, follow),
+        Command::Drain { deadline, admin } => drain_command(&admin, deadline.0),
         Command::Endpoints { command } => match command {
             EndpointsCommand::List(a) => {
                 // Columns are aligned to the widest cell: the table is
@@ -558,6 +569,53 @@ fn print_endpoints(list: &[EndpointModel]) {
     }
 }
 
+/// `plink-ctl drain`: withdraw, then wait for the node's flows to end.
+fn drain_command(a: &AdminArgs, deadline: std::time::Duration) -> anyhow::Result<ExitCode> {
+    let quiet = AdminArgs {
+        socket: a.socket.clone(),
+        config: a.config.clone(),
+        json: false,
+    };
+    let code = admin_command(&quiet, Request::Drain, |_| {
+        println!("draining: every route withdrawn, flows keep forwarding");
+        Ok(())
+    })?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    let until = std::time::Instant::now() + deadline;
+    let mut live;
+    loop {
+        live = 0u64;
+        let code = admin_listing(
+            &quiet,
+            Request::Conntrack,
+            ("", ""),
+            || {},
+            |f: admin::FlowRow| {
+                let ended = f.protocol == "tcp" && f.tcp_state == plink_common::tcp_state::CLOSING;
+                if !ended {
+                    live += 1;
+                }
+            },
+        )?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+        if live == 0 || std::time::Instant::now() >= until {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if live == 0 {
+        println!("drained: no live flows left; stop the node now");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("deadline passed with {live} live flows; stopping the node now breaks them");
+        Ok(ExitCode::from(2))
+    }
+}
+
 fn print_status(s: &Status) {
     println!("plink-ctl {} (pid {})", s.version, s.pid);
     println!("config:      {}", s.config.display());
@@ -583,6 +641,9 @@ fn print_status(s: &Status) {
         (true, false) => "DIVERGED: the kernel does not hold the committed configuration; a successful reload or restart converges it".to_owned(),
     };
     println!("dataplane:   {state}");
+    if s.draining {
+        println!("draining:    yes (nothing announced; flows keep forwarding)");
+    }
     if let Some(id) = &s.dataplane_id {
         println!("  identity:  {id}");
     }
@@ -700,10 +761,10 @@ fn run_with(
     // longer allows; only then is the state saved, bound to these pins.
     controller
         .start(
-            Box::new(GatewayApplier {
-                gateway: gateway.clone(),
-                health: Box::new(health.clone()),
-            }),
+            Box::new(GatewayApplier::new(
+                gateway.clone(),
+                Box::new(health.clone()),
+            )),
             Some(identity),
         )
         .context("writing the config into the dataplane maps")?;

@@ -88,7 +88,27 @@ pub struct Config {
     pub services: Vec<Service>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Route announcement through FRR (docs/FLEET.md); unset: nothing is
+    /// announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<Announce>,
 }
+
+/// `announce:` — plink writes a blackhole /32 route for every endpoint
+/// address it can serve into a kernel routing table of its own; FRR imports
+/// that table (`ip import-table N`) and redistributes it into BGP
+/// (`redistribute table N`). An address is announced while one of its
+/// endpoints is approved and its service has a backend up, and the node is
+/// not draining.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Announce {
+    /// The kernel routing table (1-252: FRR 8.4's `ip import-table` range).
+    pub table: u32,
+}
+
+/// Largest table `ip import-table` of FRR 8.4 accepts.
+pub const MAX_ANNOUNCE_TABLE: u32 = 252;
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -332,6 +352,11 @@ pub struct Interface {
     /// the provider interface.
     #[serde(default)]
     pub network: Option<String>,
+    /// Consumer interfaces only: the address this node gives its router as
+    /// the BGP next hop on this link (docs/FLEET.md). XDP answers ARP for it
+    /// and nothing else; the interface still carries no address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -112,6 +112,7 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
     let consumer_networks = interfaces(cfg, &mut p);
     services(cfg, &mut p);
     endpoints(cfg, &consumer_networks, &mut p);
+    announce(cfg, &mut p);
     capacity(cfg, &mut p);
     p.0
 }
@@ -256,6 +257,68 @@ fn gateway(cfg: &Config, p: &mut Problems) {
                 path.display().to_string()
             ),
         );
+    }
+}
+
+/// Checks `announce` and the interfaces' next hops.
+fn announce(cfg: &Config, p: &mut Problems) {
+    if let Some(a) = &cfg.announce
+        && !(1..=super::MAX_ANNOUNCE_TABLE).contains(&a.table)
+    {
+        p.push(
+            "announce.table",
+            format!(
+                "routing table {} is out of range: FRR 8.4 imports tables 1-{} (`ip import-table`); pick one plink alone writes",
+                a.table,
+                super::MAX_ANNOUNCE_TABLE
+            ),
+        );
+    }
+    let mut seen: HashMap<(&str, Ipv4Addr), usize> = HashMap::new();
+    for (i, iface) in cfg.interfaces.iter().enumerate() {
+        let Some(nh) = iface.next_hop else { continue };
+        let path = format!("interfaces[{i}].next_hop");
+        let Some(net) = iface
+            .network
+            .as_deref()
+            .filter(|_| iface.role == Role::Consumer)
+        else {
+            p.push(
+                path,
+                format!(
+                    "interface {:?} is not a consumer interface: a next hop is announced on a consumer link only; remove `next_hop`",
+                    iface.name
+                ),
+            );
+            continue;
+        };
+        if nh.is_unspecified() || nh.is_broadcast() || nh.is_multicast() || nh.is_loopback() {
+            p.push(
+                path.clone(),
+                format!("next hop {nh} is not a unicast address: give an unused address of the consumer link"),
+            );
+        }
+        if let Some(first) = seen.insert((net, nh), i) {
+            p.push(
+                path.clone(),
+                format!(
+                    "next hop {nh} in network {net:?} is already interfaces[{first}]'s: each link needs its own"
+                ),
+            );
+        }
+        if let Some(e) = cfg
+            .endpoints
+            .iter()
+            .find(|e| e.network == net && e.address == nh)
+        {
+            p.push(
+                path,
+                format!(
+                    "next hop {nh} is endpoint {:?}'s address in network {net:?}: the next hop must be an address of its own",
+                    e.name
+                ),
+            );
+        }
     }
 }
 
