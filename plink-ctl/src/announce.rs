@@ -1,9 +1,11 @@
 //! Route announcement through FRR (docs/FLEET.md): plink never speaks BGP.
-//! It keeps one blackhole /32 route per endpoint address it can serve in a
-//! kernel routing table of its own (`announce.table`); FRR's zebra imports
-//! that table (`ip import-table N`) and bgpd redistributes it (`redistribute
-//! table N`), setting the node's next hop on the consumer link with a
-//! route-map. Withdrawing is deleting the route.
+//! It keeps one blackhole /32 route per endpoint address it can serve in
+//! the main table, with protocol [`RTPROT_PLINK`] and the metric of
+//! `announce.metric`; FRR's bgpd redistributes exactly those (`redistribute
+//! kernel route-map` matching the metric), setting the node's next hop on
+//! the consumer link with an outbound route-map. Withdrawing is deleting
+//! the route. The consumer interfaces never pass traffic to the kernel, so
+//! the blackholes only ever see the gateway's own packets to an endpoint.
 //!
 //! [`desired`] is the pure part (unit-tested without root); [`RouteTable`]
 //! writes the kernel table as a diff over rtnetlink.
@@ -57,6 +59,11 @@ pub struct RouteTable {
     pub table: u32,
 }
 
+impl RouteTable {
+    /// The main table: the one zebra reads kernel routes from.
+    pub const MAIN: RouteTable = RouteTable { table: 254 };
+}
+
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
@@ -70,10 +77,11 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const RTA_DST: u16 = 1;
 const RTA_TABLE: u16 = 15;
+const RTA_PRIORITY: u16 = 6;
 const RTN_BLACKHOLE: u8 = 6;
 const RT_TABLE_UNSPEC: u8 = 0;
 
-fn route_message(kind: u16, flags: u16, table: u32, dst: Option<Ipv4Addr>) -> Vec<u8> {
+fn route_message(kind: u16, flags: u16, table: u32, dst: Option<(Ipv4Addr, u32)>) -> Vec<u8> {
     let mut m = Vec::with_capacity(44);
     m.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
     m.extend_from_slice(&kind.to_ne_bytes());
@@ -98,10 +106,13 @@ fn route_message(kind: u16, flags: u16, table: u32, dst: Option<Ipv4Addr>) -> Ve
         kind_of,
     ]);
     m.extend_from_slice(&0u32.to_ne_bytes());
-    if let Some(dst) = dst {
+    if let Some((dst, metric)) = dst {
         m.extend_from_slice(&8u16.to_ne_bytes());
         m.extend_from_slice(&RTA_DST.to_ne_bytes());
         m.extend_from_slice(&dst.octets());
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&RTA_PRIORITY.to_ne_bytes());
+        m.extend_from_slice(&metric.to_ne_bytes());
         m.extend_from_slice(&8u16.to_ne_bytes());
         m.extend_from_slice(&RTA_TABLE.to_ne_bytes());
         m.extend_from_slice(&table.to_ne_bytes());
@@ -169,9 +180,9 @@ fn request(msg: &[u8]) -> anyhow::Result<i32> {
     Ok(-i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]))
 }
 
-/// The /32 destinations of one rtnetlink route message that are plink's
-/// blackholes in `table`, if it is one.
-fn parse_route(msg: &[u8], table: u32) -> Option<Ipv4Addr> {
+/// The /32 destination and metric of one rtnetlink route message, if it is
+/// one of plink's blackholes in `table`.
+fn parse_route(msg: &[u8], table: u32) -> Option<(Ipv4Addr, u32)> {
     // nlmsghdr (16) + rtmsg (12).
     let rt = msg.get(16..28)?;
     let (family, dst_len, rtm_table, proto, kind) = (rt[0], rt[1], rt[4], rt[5], rt[7]);
@@ -184,6 +195,7 @@ fn parse_route(msg: &[u8], table: u32) -> Option<Ipv4Addr> {
     }
     let mut table_of = u32::from(rtm_table);
     let mut dst = None;
+    let mut metric = 0;
     let mut attrs = msg.get(28..)?;
     while attrs.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
@@ -195,17 +207,21 @@ fn parse_route(msg: &[u8], table: u32) -> Option<Ipv4Addr> {
         match (kind, value) {
             (RTA_DST, [a, b, c, d]) => dst = Some(Ipv4Addr::new(*a, *b, *c, *d)),
             (RTA_TABLE, [a, b, c, d]) => table_of = u32::from_ne_bytes([*a, *b, *c, *d]),
+            (RTA_PRIORITY, [a, b, c, d]) => metric = u32::from_ne_bytes([*a, *b, *c, *d]),
             _ => {}
         }
         let next = len.div_ceil(4) * 4;
         attrs = attrs.get(next..).unwrap_or(&[]);
     }
-    (table_of == table).then_some(dst).flatten()
+    (table_of == table)
+        .then_some(dst)
+        .flatten()
+        .map(|d| (d, metric))
 }
 
 impl RouteTable {
-    /// plink's routes in the table now.
-    pub fn list(&self) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+    /// plink's routes in the table now, with their metrics.
+    pub fn list(&self) -> anyhow::Result<BTreeSet<(Ipv4Addr, u32)>> {
         let sock = socket()?;
         send(
             &sock,
@@ -247,16 +263,17 @@ impl RouteTable {
         }
     }
 
-    /// Makes plink's routes in the table exactly `want`.
-    pub fn sync(&self, want: &BTreeSet<Ipv4Addr>) -> anyhow::Result<RouteChanges> {
+    /// Makes plink's routes in the table exactly `want`, with `metric`.
+    pub fn sync(&self, want: &BTreeSet<Ipv4Addr>, metric: u32) -> anyhow::Result<RouteChanges> {
         let have = self.list()?;
+        let want: BTreeSet<(Ipv4Addr, u32)> = want.iter().map(|a| (*a, metric)).collect();
         let mut changes = RouteChanges::default();
-        for &dst in want.difference(&have) {
+        for &(dst, metric) in want.difference(&have) {
             let msg = route_message(
                 RTM_NEWROUTE,
                 NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK,
                 self.table,
-                Some(dst),
+                Some((dst, metric)),
             );
             match request(&msg)? {
                 0 => changes.added.push(dst),
@@ -267,8 +284,8 @@ impl RouteTable {
                 }
             }
         }
-        for &dst in have.difference(want) {
-            let msg = route_message(RTM_DELROUTE, NLM_F_ACK, self.table, Some(dst));
+        for &(dst, metric) in have.difference(&want) {
+            let msg = route_message(RTM_DELROUTE, NLM_F_ACK, self.table, Some((dst, metric)));
             match request(&msg)? {
                 0 | libc::ESRCH | libc::ENOENT => changes.removed.push(dst),
                 e => {
@@ -346,8 +363,16 @@ endpoints:
 
     #[test]
     fn a_dumped_route_is_ours_only_in_our_table() {
-        let mut msg = route_message(RTM_NEWROUTE, 0, 142, Some(Ipv4Addr::new(192, 0, 2, 100)));
-        assert_eq!(parse_route(&msg, 142), Some(Ipv4Addr::new(192, 0, 2, 100)));
+        let mut msg = route_message(
+            RTM_NEWROUTE,
+            0,
+            142,
+            Some((Ipv4Addr::new(192, 0, 2, 100), 4242)),
+        );
+        assert_eq!(
+            parse_route(&msg, 142),
+            Some((Ipv4Addr::new(192, 0, 2, 100), 4242))
+        );
         assert_eq!(parse_route(&msg, 143), None);
         msg[16 + 5] = 3; // proto boot: someone else's route
         assert_eq!(parse_route(&msg, 142), None);

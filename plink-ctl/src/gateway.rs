@@ -725,8 +725,10 @@ pub struct GatewayApplier {
     pub health: Box<dyn Health + Send>,
     /// `plink-ctl drain` was run: every route is withdrawn.
     pub draining: bool,
-    /// The routing table the announced routes were last written to.
-    pub announced_in: Option<u32>,
+    /// The metric the announced routes were last written with.
+    pub announced_with: Option<u32>,
+    /// Routes a previous run left were looked for (once, at the first apply).
+    pub routes_checked: bool,
 }
 
 impl GatewayApplier {
@@ -735,29 +737,32 @@ impl GatewayApplier {
             gateway,
             health,
             draining: false,
-            announced_in: None,
+            announced_with: None,
+            routes_checked: false,
         }
     }
 
     /// Writes the routes FRR announces (docs/FLEET.md): the table's content
     /// follows the model, backend health and the drain.
     fn announce_routes(&mut self, model: &Model) -> anyhow::Result<()> {
-        let want_table = model.gateway.announce_table;
-        if let Some(old) = self.announced_in.filter(|t| Some(*t) != want_table) {
-            crate::announce::RouteTable { table: old }.sync(&BTreeSet::new())?;
-        }
-        self.announced_in = None;
-        let Some(table) = want_table else {
+        let routes = crate::announce::RouteTable::MAIN;
+        let Some(metric) = model.gateway.announce_metric else {
+            // Announcement turned off (or never on): withdraw what is left.
+            if self.announced_with.take().is_some() || !self.routes_checked {
+                self.routes_checked = true;
+                routes.sync(&BTreeSet::new(), 0)?;
+            }
             return Ok(());
         };
         let want = crate::announce::desired(model, &*self.health, self.draining);
-        let changes = crate::announce::RouteTable { table }.sync(&want)?;
-        self.announced_in = Some(table);
+        let changes = routes.sync(&want, metric)?;
+        self.announced_with = Some(metric);
+        self.routes_checked = true;
         for a in &changes.added {
-            tracing::info!("announcing {a}/32 (routing table {table})");
+            tracing::info!("announcing {a}/32 (blackhole route, metric {metric})");
         }
         for a in &changes.removed {
-            tracing::info!("withdrawing {a}/32 (routing table {table})");
+            tracing::info!("withdrawing {a}/32");
         }
         Ok(())
     }

@@ -107,11 +107,16 @@ enum Command {
     Conntrack(AdminArgs),
     /// Take this node out of a fleet without breaking flows (docs/FLEET.md):
     /// withdraw every announced route, keep forwarding the flows the node
-    /// holds, wait until they end (TCP flows close, others expire) or the deadline passes, then exit. Stop the node after it.
+    /// holds, wait until they end (TCP flows close, others expire) and no
+    /// new flow arrives, or the deadline passes, then exit. Stop the node after it.
     Drain {
         /// Longest wait for the flows to end.
         #[arg(long, default_value = "5m")]
         deadline: plink_ctl::config::HumanDuration,
+        /// How long no live flow and no new flow must be seen before the
+        /// node counts as drained (longer than the router's idle timer).
+        #[arg(long, default_value = "5s")]
+        quiet: plink_ctl::config::HumanDuration,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -297,7 +302,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Events { follow, admin } => events_command(&admin, follow),
-        Command::Drain { deadline, admin } => drain_command(&admin, deadline.0),
+        Command::Drain {
+            deadline,
+            quiet,
+            admin,
+        } => drain_command(&admin, deadline.0, quiet.0),
         Command::Endpoints { command } => match command {
             EndpointsCommand::List(a) => {
                 // Columns are aligned to the widest cell: the table is
@@ -569,26 +578,36 @@ fn print_endpoints(list: &[EndpointModel]) {
     }
 }
 
-/// `plink-ctl drain`: withdraw, then wait for the node's flows to end.
-fn drain_command(a: &AdminArgs, deadline: std::time::Duration) -> anyhow::Result<ExitCode> {
-    let quiet = AdminArgs {
+/// `plink-ctl drain`: withdraw, then wait for the node's flows to end and
+/// for new ones to stop arriving (a router's resilient group moves a
+/// drained node's buckets only as they go idle).
+fn drain_command(
+    a: &AdminArgs,
+    deadline: std::time::Duration,
+    quiet: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    use std::collections::BTreeSet;
+    let quiet_args = AdminArgs {
         socket: a.socket.clone(),
         config: a.config.clone(),
         json: false,
     };
-    let code = admin_command(&quiet, Request::Drain, |_| {
+    let code = admin_command(&quiet_args, Request::Drain, |_| {
         println!("draining: every route withdrawn, flows keep forwarding");
         Ok(())
     })?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    let until = std::time::Instant::now() + deadline;
-    let mut live;
+    let start = std::time::Instant::now();
+    let mut seen: Option<BTreeSet<String>> = None;
+    let mut quiet_since = std::time::Instant::now();
+    let (mut live, mut new_flows);
     loop {
         live = 0u64;
+        let mut now_seen = BTreeSet::new();
         let code = admin_listing(
-            &quiet,
+            &quiet_args,
             Request::Conntrack,
             ("", ""),
             || {},
@@ -597,21 +616,36 @@ fn drain_command(a: &AdminArgs, deadline: std::time::Duration) -> anyhow::Result
                 if !ended {
                     live += 1;
                 }
+                now_seen.insert(format!(
+                    "{}/{}/{}/{}",
+                    f.network_id, f.protocol, f.client, f.endpoint_address
+                ));
             },
         )?;
         if code != ExitCode::SUCCESS {
             return Ok(code);
         }
-        if live == 0 || std::time::Instant::now() >= until {
+        new_flows = seen.as_ref().map_or(0, |s| now_seen.difference(s).count());
+        seen = Some(now_seen);
+        if live > 0 || new_flows > 0 {
+            quiet_since = std::time::Instant::now();
+        }
+        if quiet_since.elapsed() >= quiet || start.elapsed() >= deadline {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    if live == 0 {
-        println!("drained: no live flows left; stop the node now");
+    if quiet_since.elapsed() >= quiet {
+        println!(
+            "drained: no live flows and no new ones for {}s ({:.1}s); stop the node now",
+            quiet.as_secs(),
+            start.elapsed().as_secs_f64()
+        );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("deadline passed with {live} live flows; stopping the node now breaks them");
+        println!(
+            "deadline passed with {live} live flows ({new_flows} new in the last poll); stopping the node now breaks them"
+        );
         Ok(ExitCode::from(2))
     }
 }

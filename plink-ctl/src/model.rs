@@ -58,9 +58,9 @@ pub struct GatewayModel {
     pub xdp_mode: XdpMode,
     pub conntrack_max_flows: u32,
     pub timeouts: Timeouts,
-    /// `announce.table`: where the announced routes go (docs/FLEET.md).
+    /// `announce.metric`: the metric of the announced routes (docs/FLEET.md).
     #[serde(default)]
-    pub announce_table: Option<u32>,
+    pub announce_metric: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,7 +279,7 @@ impl Model {
                 xdp_mode: config.gateway.xdp_mode,
                 conntrack_max_flows: config.gateway.conntrack.max_flows,
                 timeouts: config.gateway.timeouts.clone(),
-                announce_table: config.announce.as_ref().map(|a| a.table),
+                announce_metric: config.announce.as_ref().map(|a| a.metric),
             },
             networks,
             interfaces,

@@ -38,10 +38,13 @@ pub const BACKENDS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(198, 51, 100, 10),
     Ipv4Addr::new(198, 51, 100, 11),
 ];
-/// plink's routing table on each gateway (FRR imports it).
-pub const TABLE: u32 = 142;
+/// The metric of plink's routes on each gateway (FRR's route-map matches it).
+pub const METRIC: u32 = 4242;
 /// The router's table for the helper's resilient route.
 const HELPER_TABLE: u32 = 200;
+/// The helper's nexthop ids, far from zebra's (which counts up from 1).
+const HELPER_NH_BASE: u32 = 90_000;
+const HELPER_GROUP: u32 = 90_100;
 const FRR: &str = "/usr/lib/frr";
 
 /// One gateway's addresses.
@@ -175,11 +178,12 @@ pub fn router_frr_config(nodes: &[Node]) -> String {
     c
 }
 
-/// A gateway's FRR config: import plink's table, announce it with the
-/// node's next hop on the consumer link.
+/// A gateway's FRR config: redistribute plink's routes (the kernel routes
+/// with plink's metric), announced with the node's next hop on the
+/// consumer link. The same text as docs/FLEET.md's example.
 pub fn gateway_frr_config(node: Node) -> String {
     format!(
-        "frr defaults datacenter\nhostname {name}\nip import-table {TABLE}\n{BFD_PROFILE}route-map plink-next-hop permit 10\n set ip next-hop {nh}\nexit\nrouter bgp 65001\n bgp router-id {id}\n no bgp ebgp-requires-policy\n neighbor {peer} remote-as 65000\n neighbor {peer} bfd profile fast\n neighbor {peer} timers connect 1\n address-family ipv4 unicast\n  redistribute table {TABLE}\n  neighbor {peer} route-map plink-next-hop out\n exit-address-family\nexit\n",
+        "frr defaults datacenter\nhostname {name}\n{BFD_PROFILE}route-map plink-routes permit 10\n match metric {METRIC}\nexit\nroute-map plink-next-hop permit 10\n set ip next-hop {nh}\n set metric 0\nexit\nrouter bgp 65001\n bgp router-id {id}\n no bgp ebgp-requires-policy\n neighbor {peer} remote-as 65000\n neighbor {peer} bfd profile fast\n neighbor {peer} timers connect 1\n address-family ipv4 unicast\n  redistribute kernel route-map plink-routes\n  neighbor {peer} route-map plink-next-hop out\n exit-address-family\nexit\n",
         name = node.name(),
         nh = node.next_hop(),
         id = node.peering(),
@@ -200,7 +204,7 @@ pub fn plink_config(topo: &Topology, node: Node) -> anyhow::Result<String> {
 interfaces:
   - {{name: c1, role: consumer, network: vnet-a, next_hop: {nh}}}
   - {{name: p0, role: provider}}
-announce: {{table: {TABLE}}}
+announce: {{metric: {METRIC}}}
 services:
   - name: orders
     protocol: tcp
@@ -368,19 +372,33 @@ impl Fleet {
         Ok(())
     }
 
-    /// Kills node `i` the hard way (SIGKILL to plink and FRR, then the
-    /// dataplane detached: the node is gone, as after a crash).
+    /// Takes node `i` down as a host failure would: FRR is frozen
+    /// (SIGSTOP: no BGP notification, no TCP FIN, only BFD can tell), plink
+    /// is killed and its XDP programs detached (nothing forwards); once the
+    /// router has withdrawn the node, FRR is killed too.
     pub fn kill_node(&mut self, i: usize) -> anyhow::Result<()> {
         let frr = self.nodes[i].frr.take().context("node not running")?;
         let plink = self.nodes[i].plink.take().context("node not running")?;
-        for c in frr.children.iter().copied().chain([plink.child]) {
-            let _ = self.topo.child_mut(c).kill();
-            let _ = self.topo.child_mut(c).wait();
+        for c in &frr.children {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(self.topo.child_mut(*c).id() as i32, libc::SIGSTOP) };
         }
+        let _ = self.topo.child_mut(plink.child).kill();
+        let _ = self.topo.child_mut(plink.child).wait();
         // The XDP programs outlive the controller: detach them as a dead
         // host would be (no forwarding).
         plink.ctl(&self.nodes[i].host, &["down"])?;
-        Ok(())
+        let hop = self.nodes[i].node.next_hop();
+        let gone = wait_for(
+            "the router to withdraw the node",
+            Duration::from_secs(5),
+            || Ok((!self.paths()?.contains(&hop)).then_some(())),
+        );
+        for c in &frr.children {
+            let _ = self.topo.child_mut(*c).kill();
+            let _ = self.topo.child_mut(*c).wait();
+        }
+        gone
     }
 
     /// The gateways whose path the router's FRR route has now.
@@ -428,7 +446,7 @@ impl Fleet {
                         g.node.name(),
                         frr.vtysh("show ip route").unwrap_or_default()
                     ));
-                    why.push_str(&frr.vtysh("show ip route table 142").unwrap_or_default());
+                    why.push_str(&frr.vtysh("show bgp ipv4 unicast").unwrap_or_default());
                 }
             }
             anyhow!(why)
@@ -469,7 +487,7 @@ impl ResilientHelper {
                 "nexthop",
                 "replace",
                 "id",
-                &(10 + u32::from(n.n)).to_string(),
+                &(HELPER_NH_BASE + u32::from(n.n)).to_string(),
                 "via",
                 &n.next_hop().to_string(),
                 "dev",
@@ -498,11 +516,10 @@ impl ResilientHelper {
             while !s.load(Ordering::SeqCst) {
                 if let Ok(want) = helper_view(&frr, &nodes)
                     && last.as_ref() != Some(&want)
+                    && helper_apply(&router, &want).is_ok()
                 {
-                    if helper_apply(&router, &want).is_ok() {
-                        m.store(want.len() as u64, Ordering::SeqCst);
-                        last = Some(want);
-                    }
+                    m.store(want.len() as u64, Ordering::SeqCst);
+                    last = Some(want);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -530,7 +547,8 @@ impl Drop for ResilientHelper {
 }
 
 /// (node, weight) for every gateway whose session is up: announcing ones
-/// weigh 100, withdrawn ones (draining) 1.
+/// weigh 255, withdrawn ones (draining) 1, which rounds to no bucket of
+/// 128: the drained node's buckets move as they go idle, busy ones stay.
 fn helper_view(frr: &Frr, nodes: &[Node]) -> anyhow::Result<Vec<(u8, u32)>> {
     let summary = frr.vtysh_json("show bgp ipv4 unicast summary json")?;
     let route = frr.vtysh_json(&format!("show ip route {ENDPOINT}/32 json"))?;
@@ -563,7 +581,7 @@ fn helper_view(frr: &Frr, nodes: &[Node]) -> anyhow::Result<Vec<(u8, u32)>> {
             continue;
         }
         let w = if announcing.contains(&n.next_hop().to_string()) {
-            100
+            255
         } else {
             1
         };
@@ -584,14 +602,14 @@ fn helper_apply(router: &Host, want: &[(u8, u32)]) -> anyhow::Result<()> {
     }
     let group = want
         .iter()
-        .map(|(n, w)| format!("{},{w}", 10 + u32::from(*n)))
+        .map(|(n, w)| format!("{},{w}", HELPER_NH_BASE + u32::from(*n)))
         .collect::<Vec<_>>()
         .join("/");
     router.ip(&[
         "nexthop",
         "replace",
         "id",
-        "100",
+        &HELPER_GROUP.to_string(),
         "group",
         &group,
         "type",
@@ -606,7 +624,7 @@ fn helper_apply(router: &Host, want: &[(u8, u32)]) -> anyhow::Result<()> {
         "replace",
         &format!("{ENDPOINT}/32"),
         "nhid",
-        "100",
+        &HELPER_GROUP.to_string(),
         "table",
         &table,
     ])?;
@@ -614,6 +632,15 @@ fn helper_apply(router: &Host, want: &[(u8, u32)]) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- traffic
+
+/// With `PLINK_FLEET_HOLD=1`, a failure keeps the topology up for 5 minutes
+/// so that it can be inspected (a debugging aid; the test still fails).
+fn hold() {
+    if std::env::var_os("PLINK_FLEET_HOLD").is_some() {
+        eprintln!("PLINK_FLEET_HOLD: holding the topology for 300 s");
+        std::thread::sleep(Duration::from_secs(300));
+    }
+}
 
 /// Echo servers on the backends: each connection is first told the peer
 /// address the backend sees (the NAT address: which node holds the flow),
@@ -693,7 +720,8 @@ impl Stream {
         let mut s = fleet
             .client
             .run_in(move || TcpStream::connect_timeout(&dst.into(), Duration::from_secs(2)))?
-            .with_context(|| format!("connecting to {dst}"))?;
+            .with_context(|| format!("connecting to {dst}"))
+            .inspect_err(|_| hold())?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
@@ -778,6 +806,8 @@ pub fn open_streams(fleet: &Fleet, n: usize) -> anyhow::Result<(Vec<Stream>, BTr
 pub struct Prober {
     pub ok: Arc<AtomicU64>,
     pub failed: Arc<AtomicU64>,
+    /// When each failed connection was started.
+    pub failures: Arc<std::sync::Mutex<Vec<Instant>>>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
@@ -787,15 +817,18 @@ impl Prober {
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (o, f, st) = (ok.clone(), failed.clone(), stop.clone());
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, f, st, times) = (ok.clone(), failed.clone(), stop.clone(), failures.clone());
         let client = client.clone();
         let handle = std::thread::spawn(move || {
             let _ = client.run_in(move || {
                 while !st.load(Ordering::SeqCst) {
+                    let t = Instant::now();
                     if probe_once().is_ok() {
                         o.fetch_add(1, Ordering::SeqCst);
                     } else {
                         f.fetch_add(1, Ordering::SeqCst);
+                        times.lock().unwrap_or_else(|p| p.into_inner()).push(t);
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -804,9 +837,20 @@ impl Prober {
         Ok(Prober {
             ok,
             failed,
+            failures,
             stop,
             handle: Some(handle),
         })
+    }
+
+    /// Failed connections started outside every `[from, to]` window.
+    pub fn failures_outside(&self, windows: &[(Instant, Instant)]) -> usize {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|t| !windows.iter().any(|(a, b)| *t >= a && *t <= b))
+            .count()
     }
 
     /// (succeeded, failed) so far.
@@ -854,6 +898,9 @@ pub struct LossReport {
     pub survivors_broken: usize,
     /// Time from the kill until the router's FRR route lost the node.
     pub withdrawal: Duration,
+    pub killed_at: Instant,
+    /// When the router's group no longer had the node.
+    pub converged_at: Instant,
 }
 
 /// Opens `streams` streams, kills node `i`, waits, and counts the broken.
@@ -864,8 +911,14 @@ pub fn measure_loss(fleet: &mut Fleet, i: usize, streams: usize) -> anyhow::Resu
     let before = fleet.paths()?.len();
     let t0 = Instant::now();
     fleet.kill_node(i)?;
-    fleet.wait_paths(before - 1, Duration::from_secs(5))?;
     let withdrawal = t0.elapsed();
+    fleet.wait_paths(before - 1, Duration::from_secs(5))?;
+    if let Some(h) = &fleet.helper {
+        wait_for("the group to drop the node", Duration::from_secs(5), || {
+            Ok((h.members() == before - 1).then_some(()))
+        })?;
+    }
+    let converged_at = Instant::now();
     // Long enough for a stalled stream to count as broken.
     std::thread::sleep(STREAM_STALL + Duration::from_secs(2));
     let owned_by_killed = open.iter().filter(|s| s.owner == killed).count();
@@ -882,5 +935,7 @@ pub fn measure_loss(fleet: &mut Fleet, i: usize, streams: usize) -> anyhow::Resu
         broken,
         survivors_broken,
         withdrawal,
+        killed_at: t0,
+        converged_at,
     })
 }

@@ -94,21 +94,19 @@ pub struct Config {
     pub announce: Option<Announce>,
 }
 
-/// `announce:` — plink writes a blackhole /32 route for every endpoint
-/// address it can serve into a kernel routing table of its own; FRR imports
-/// that table (`ip import-table N`) and redistributes it into BGP
-/// (`redistribute table N`). An address is announced while one of its
+/// `announce:` — plink keeps a blackhole /32 route (protocol 245, the
+/// configured metric) in the main table for every endpoint address it can
+/// serve; FRR redistributes exactly those (`redistribute kernel route-map`
+/// with `match metric N`). An address is announced while one of its
 /// endpoints is approved and its service has a backend up, and the node is
-/// not draining.
+/// not draining. (Kernel routes, not zebra's own: a crashed zebra leaves
+/// nothing behind that a restarted one would prefer.)
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Announce {
-    /// The kernel routing table (1-252: FRR 8.4's `ip import-table` range).
-    pub table: u32,
+    /// The routes' metric, which FRR's route-map matches (`match metric`).
+    pub metric: u32,
 }
-
-/// Largest table `ip import-table` of FRR 8.4 accepts.
-pub const MAX_ANNOUNCE_TABLE: u32 = 252;
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]

@@ -263,15 +263,11 @@ fn gateway(cfg: &Config, p: &mut Problems) {
 /// Checks `announce` and the interfaces' next hops.
 fn announce(cfg: &Config, p: &mut Problems) {
     if let Some(a) = &cfg.announce
-        && !(1..=super::MAX_ANNOUNCE_TABLE).contains(&a.table)
+        && a.metric == 0
     {
         p.push(
-            "announce.table",
-            format!(
-                "routing table {} is out of range: FRR 8.4 imports tables 1-{} (`ip import-table`); pick one plink alone writes",
-                a.table,
-                super::MAX_ANNOUNCE_TABLE
-            ),
+            "announce.metric",
+            "metric 0 is what other routes have: pick a metric no other route on the node uses (e.g. 4242), and match it in FRR's route-map",
         );
     }
     let mut seen: HashMap<(&str, Ipv4Addr), usize> = HashMap::new();
