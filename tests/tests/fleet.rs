@@ -13,10 +13,34 @@ use plink_tests::{
 
 const STREAMS: usize = 30;
 
+/// The fleet tests run one at a time: each is timing-sensitive (BFD,
+/// stall detection) and three fleets at once would share 2 CPUs.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Prints a figure and appends it to target/tmp/fleet-figures.txt, which
+/// `cargo xtask test` prints after the run (test output is captured).
+fn figure(line: String) {
+    use std::io::Write as _;
+    println!("{line}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-figures.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
 /// Announcement: each node announces the endpoint with its own next hop,
 /// withdraws it when the endpoint is rejected, and announces it again.
 #[test]
 fn each_node_announces_its_endpoints_and_withdraws_on_reject() {
+    let _serial = serial();
     require_root_and_tools();
     let f = Fleet::start(3, RouterMode::HashThreshold).expect("fleet");
     let hops: Vec<_> = f.nodes.iter().map(|g| g.node.next_hop()).collect();
@@ -47,7 +71,7 @@ fn each_node_announces_its_endpoints_and_withdraws_on_reject() {
 }
 
 fn report(label: &str, r: &fleet::LossReport) {
-    println!(
+    figure(format!(
         "FLEET {label}: killed gw{} ({} of {} streams on it): {} broken ({:.0}%), {} of them on surviving nodes; router withdrew in {:.2}s",
         r.killed,
         r.owned_by_killed,
@@ -56,7 +80,7 @@ fn report(label: &str, r: &fleet::LossReport) {
         100.0 * r.broken as f64 / r.streams as f64,
         r.survivors_broken,
         r.withdrawal.as_secs_f64()
-    );
+    ));
 }
 
 /// Node loss with the router-side resilient group: every member in turn
@@ -64,6 +88,7 @@ fn report(label: &str, r: &fleet::LossReport) {
 /// drain; new connections are probed throughout.
 #[test]
 fn node_loss_breaks_only_its_flows_and_drain_breaks_none() {
+    let _serial = serial();
     require_root_and_tools();
     let mut f = Fleet::start(3, RouterMode::Resilient).expect("fleet");
     let prober = Prober::start(&f.client).expect("prober");
@@ -127,9 +152,9 @@ fn node_loss_breaks_only_its_flows_and_drain_breaks_none() {
         .filter(|s| s.is_broken() && s.owner == 2)
         .count();
     drop(streams2);
-    println!(
+    figure(format!(
         "FLEET drain gw2 ({on_drained} of {STREAMS} streams on it): {broken_while_draining} broken while draining, {whole} ended whole; drain finished {drain_secs:.1}s after the streams closed; streams opened after the drain and broken when it stopped: {broken_after_stop}"
-    );
+    ));
 
     std::thread::sleep(Duration::from_secs(1));
     let (ok, failed) = prober.counts();
@@ -141,9 +166,9 @@ fn node_loss_breaks_only_its_flows_and_drain_breaks_none() {
         .collect();
     let after_convergence = prober.failures_outside(&windows);
     drop(prober);
-    println!(
+    figure(format!(
         "FLEET new connections throughout: {ok} succeeded, {failed} failed, {after_convergence} of the failures outside the node-loss convergence windows"
-    );
+    ));
 
     for r in &reports {
         assert_eq!(
@@ -169,6 +194,7 @@ fn node_loss_breaks_only_its_flows_and_drain_breaks_none() {
 /// and the killed node's own streams must all break (nobody else holds them).
 #[test]
 fn node_loss_under_hash_threshold_ecmp_is_measured() {
+    let _serial = serial();
     require_root_and_tools();
     let mut f = Fleet::start(3, RouterMode::HashThreshold).expect("fleet");
     for i in [0, 2] {
