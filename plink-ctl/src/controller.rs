@@ -678,7 +678,7 @@ impl Controller {
     }
 
     fn reload_inner(&mut self) -> Result<ReloadOutcome, ControllerError> {
-        let config = Config::load(&self.config_path)?;
+        let config = Config::load_node(&self.config_path, self.config.node.as_deref())?;
         if let Some(field) = restart_only_change(&self.config, &config) {
             return Err(ControllerError::RestartOnly(field));
         }
@@ -760,6 +760,11 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<String> {
         ("gateway.conntrack.max_flows", o.conntrack != n.conntrack),
         ("gateway.event_log", o.event_log != n.event_log),
         ("interfaces", old.interfaces != new.interfaces),
+        ("fleet", old.fleet.is_some() != new.fleet.is_some()),
+        (
+            "fleet.etcd",
+            old.fleet.as_ref().map(|f| &f.etcd) != new.fleet.as_ref().map(|f| &f.etcd),
+        ),
     ];
     fields
         .into_iter()

@@ -55,6 +55,10 @@ enum Command {
         /// FIB lookups fail). For debugging only.
         #[arg(long, env = "PLINK_ALLOW_BROKEN_CONTRACT")]
         allow_broken_contract: bool,
+        /// In a fleet (`fleet.nodes` in the config): the name of this
+        /// gateway's node section. Default: the host name up to its first dot.
+        #[arg(long, env = "PLINK_NODE")]
+        node: Option<String>,
     },
     /// Validate a config file (syntax and meaning) without touching the
     /// system. Every error names file:line:column and how to fix it; exits
@@ -203,7 +207,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             config,
             allow_broken_contract,
-        } => run(config, allow_broken_contract).map(|()| ExitCode::SUCCESS),
+            node,
+        } => run(config, allow_broken_contract, node).map(|()| ExitCode::SUCCESS),
         Command::Check { config, host, json } => {
             let cfg = Config::load(&config)?;
             println!("{}: OK", config.display());
@@ -691,7 +696,11 @@ fn print_status(s: &Status) {
 
 /// `plink-ctl run`: opens the event log, then runs the controller,
 /// recording why it stopped.
-fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> {
+fn run(
+    config_path: PathBuf,
+    allow_broken_contract: bool,
+    node: Option<String>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -704,7 +713,7 @@ fn run(config_path: PathBuf, allow_broken_contract: bool) -> anyhow::Result<()> 
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("catching SIGHUP")?
     };
-    let config = Config::load(&config_path)?;
+    let config = Config::load_node(&config_path, node.as_deref())?;
     let events = Events::open(config.gateway.event_log.as_ref())?;
     let result = run_with(
         runtime,

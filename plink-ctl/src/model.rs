@@ -181,7 +181,12 @@ impl Model {
                     name: i.name.clone(),
                     role: i.role,
                     network,
-                    next_hop: i.next_hop,
+                    // The interface's own, else the node's (fleet.nodes[].routing).
+                    next_hop: i.next_hop.or_else(|| {
+                        network
+                            .and(config.this_node())
+                            .and_then(|n| n.routing.next_hop)
+                    }),
                 },
             );
         }

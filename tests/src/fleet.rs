@@ -191,18 +191,29 @@ pub fn gateway_frr_config(node: Node) -> String {
     )
 }
 
-/// plink's config on one node: the same services and endpoints everywhere,
-/// the node's own NAT address and next hop.
-pub fn plink_config(topo: &Topology, node: Node) -> anyhow::Result<String> {
+/// plink's config on one node: the shared services, endpoints and fleet
+/// section (every node's NAT address and next hop), with this node's own
+/// paths (the nodes share one machine here). Started with `--node gwN`.
+pub fn plink_config(topo: &Topology, node: Node, all: &[Node]) -> anyhow::Result<String> {
     let scratch = topo.scratch_dir()?.join(node.name());
     std::fs::create_dir_all(&scratch)?;
+    let mut nodes = String::new();
+    for n in all {
+        nodes.push_str(&format!(
+            "    - name: {name}\n      routing: {{router_id: {id}, next_hop: {nh}}}\n      nat:\n        - {{service: orders, addresses: [{nat}]}}\n",
+            name = n.name(),
+            id = n.peering(),
+            nh = n.next_hop(),
+            nat = n.nat(),
+        ));
+    }
     Ok(format!(
         "gateway:
   bpffs_root: {bpf}/{name}
   admin_socket: {s}/admin.sock
   state_dir: {s}/state
 interfaces:
-  - {{name: c1, role: consumer, network: vnet-a, next_hop: {nh}}}
+  - {{name: c1, role: consumer, network: vnet-a}}
   - {{name: p0, role: provider}}
 announce: {{metric: {METRIC}}}
 services:
@@ -210,17 +221,17 @@ services:
     protocol: tcp
     ports: [{{port: 80, target_port: 8080}}]
     backends: [{{address: 198.51.100.10}}, {{address: 198.51.100.11}}]
-    nat: {{addresses: [{nat}], ports: 20000-29999}}
+    nat: {{ports: 20000-29999}}
     visibility: ['*']
     auto_approve: ['*']
 endpoints:
   - {{name: orders-a, tenant: tenant-a, network: vnet-a, address: {ENDPOINT}, service: orders}}
-",
+fleet:
+  nodes:
+{nodes}",
         bpf = topo.bpffs_root().display(),
         name = node.name(),
         s = scratch.display(),
-        nh = node.next_hop(),
-        nat = node.nat(),
     ))
 }
 
@@ -358,9 +369,11 @@ impl Fleet {
     pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = self.nodes[i].node;
         let host = self.nodes[i].host.clone();
-        let cfg = plink_config(&self.topo, node)?;
-        let plink = gateway::start(&mut self.topo, &host, &cfg)
-            .with_context(|| format!("starting plink on {}", node.name()))?;
+        let all: Vec<Node> = self.nodes.iter().map(|g| g.node).collect();
+        let cfg = plink_config(&self.topo, node, &all)?;
+        let plink =
+            gateway::start_with_args(&mut self.topo, &host, &cfg, &["--node", &node.name()])
+                .with_context(|| format!("starting plink on {}", node.name()))?;
         let frr = Frr::start(
             &mut self.topo,
             &host,
