@@ -86,7 +86,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Detach the dataplane and remove its bpffs pins.
+    /// Detach the dataplane and remove its bpffs pins (and withdraw the
+    /// routes it announced, with `announce` set).
     Down {
         /// The YAML config file (for `gateway.bpffs_root`).
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -244,6 +245,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
+            // Nothing forwards any more: withdraw what FRR announces for us.
+            if cfg.announce.is_some() {
+                let gone = plink_ctl::announce::RouteTable::MAIN
+                    .sync(&Default::default(), 0)
+                    .context("withdrawing the announced routes")?;
+                for a in gone.removed {
+                    println!("withdrew {a}/32");
+                }
+            }
             if dataplane::remove_pins(&cfg.gateway.bpffs_root)? {
                 println!("removed pins under {}", cfg.gateway.bpffs_root.display());
             } else {

@@ -155,6 +155,9 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         args.push("--");
         args.push(f);
     }
+    // Figures of an earlier run would be printed as this run's.
+    let figures = workspace_root().join("target/tmp/fleet-figures.txt");
+    let _ = std::fs::remove_file(&figures);
     let mut result = run_step(
         "cargo test (unit, golden packets, end to end)",
         cargo(&args),
@@ -176,7 +179,6 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         );
     }
     // The fleet test's measured figures (tests/tests/fleet.rs writes them).
-    let figures = workspace_root().join("target/tmp/fleet-figures.txt");
     if let Ok(text) = std::fs::read_to_string(&figures) {
         println!("\nxtask: fleet figures (node loss, drain, new connections):\n{text}");
         let _ = std::fs::remove_file(&figures);
