@@ -100,6 +100,8 @@ fn recorded_note(recorded: &Option<String>) -> String {
 /// Applies a model to the running dataplane (the gateway implements it).
 pub trait Applier: Send {
     fn apply(&mut self, model: &Model) -> Result<(), ApplyFailure>;
+    /// `plink-ctl drain`: withdraw every announced route from the next apply on.
+    fn set_draining(&mut self, _on: bool) {}
 }
 
 /// Why [`Applier::apply`] failed.
@@ -254,6 +256,9 @@ pub struct Status {
     /// The dataplane identity the state file is bound to.
     #[serde(default)]
     pub dataplane_id: Option<String>,
+    /// `plink-ctl drain` was run: nothing is announced, flows keep forwarding.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 pub struct Controller {
@@ -275,6 +280,8 @@ pub struct Controller {
     lb_capacity: u64,
     /// Where decisions are recorded (docs/EVENTS.md).
     events: Events,
+    /// `plink-ctl drain` was run (until the controller restarts).
+    draining: bool,
 }
 
 /// Questions the admin API asks the running dataplane.
@@ -325,6 +332,7 @@ impl Controller {
             apply_health: Arc::new(ApplyHealth::default()),
             lb_capacity,
             events: Events::default(),
+            draining: false,
         })
     }
 
@@ -670,7 +678,7 @@ impl Controller {
     }
 
     fn reload_inner(&mut self) -> Result<ReloadOutcome, ControllerError> {
-        let config = Config::load(&self.config_path)?;
+        let config = Config::load_node(&self.config_path, self.config.node.as_deref())?;
         if let Some(field) = restart_only_change(&self.config, &config) {
             return Err(ControllerError::RestartOnly(field));
         }
@@ -722,7 +730,19 @@ impl Controller {
             endpoints_removed: count(ConnectionState::Removed),
             dataplane: self.apply_health.status(),
             dataplane_id: self.state.dataplane.clone(),
+            draining: self.draining,
         }
+    }
+
+    /// `plink-ctl drain`: withdraws every announced route (the consumer
+    /// router stops sending new flows here); existing flows keep forwarding.
+    /// Answers once the routes are out of the kernel table FRR reads.
+    pub fn drain(&mut self) -> Result<(), ControllerError> {
+        self.draining = true;
+        if let Some(applier) = self.applier.as_mut() {
+            applier.set_draining(true);
+        }
+        self.reapply()
     }
 }
 
@@ -740,6 +760,11 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<String> {
         ("gateway.conntrack.max_flows", o.conntrack != n.conntrack),
         ("gateway.event_log", o.event_log != n.event_log),
         ("interfaces", old.interfaces != new.interfaces),
+        ("fleet", old.fleet.is_some() != new.fleet.is_some()),
+        (
+            "fleet.etcd",
+            old.fleet.as_ref().map(|f| &f.etcd) != new.fleet.as_ref().map(|f| &f.etcd),
+        ),
     ];
     fields
         .into_iter()

@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     // promtool and a real Prometheus server for the metrics tests.
     ("prometheus", "promtool"),
+    // bgpd, bfdd and zebra for the fleet (announcement, BFD, the ECMP router).
+    ("frr", "vtysh"),
 ];
 
 /// Prefix under which rustc's own libLLVM is linked for building bpf-linker.

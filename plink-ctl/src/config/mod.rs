@@ -88,6 +88,112 @@ pub struct Config {
     pub services: Vec<Service>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Route announcement through FRR (docs/FLEET.md); unset: nothing is
+    /// announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<Announce>,
+    /// Several gateways sharing this file (docs/FLEET.md); absent for one
+    /// gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Fleet>,
+    /// The node of `fleet.nodes` this config was resolved for (by
+    /// [`Config::load_node`]); `None` for the shared file or no fleet.
+    #[serde(skip)]
+    pub node: Option<String>,
+}
+
+/// `announce:` — plink keeps a blackhole /32 route (protocol 245, the
+/// configured metric) in the main table for every endpoint address it can
+/// serve; FRR redistributes exactly those (`redistribute kernel route-map`
+/// with `match metric N`). An address is announced while one of its
+/// endpoints is approved and its service has a backend up, and the node is
+/// not draining. (Kernel routes, not zebra's own: a crashed zebra leaves
+/// nothing behind that a restarted one would prefer.)
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Announce {
+    /// The routes' metric, which FRR's route-map matches (`match metric`).
+    pub metric: u32,
+}
+
+/// `fleet`: the same YAML on every gateway, plus one section per node.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// The shared store of decisions and ids; without it each node keeps its
+    /// own `state.json` (decisions are then not shared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdConfig>,
+    /// Every gateway of the fleet; a node picks its own by name.
+    pub nodes: Vec<FleetNode>,
+}
+
+/// `fleet.etcd`: where approval decisions and stable ids live for a fleet.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://198.51.100.2:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this fleet's keys (several fleets may share one etcd).
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Deadline of one request (connect, read, transaction) to etcd.
+    #[serde(default = "default_etcd_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_etcd_prefix() -> String {
+    "/plink".into()
+}
+fn default_etcd_timeout() -> HumanDuration {
+    HumanDuration::from_secs(2)
+}
+
+/// `fleet.nodes[]`: what differs between gateways. Extended by the routing
+/// part (announcement) under `routing`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetNode {
+    /// The node's name; `plink-ctl run --node NAME` (or `PLINK_NODE`, or
+    /// the host name) selects it.
+    pub name: String,
+    /// The node's own NAT addresses, per service: every service needs an
+    /// entry on every node, and no two nodes share an address, so that a
+    /// provider reply comes back to the node holding the flow.
+    #[serde(default)]
+    pub nat: Vec<NodeNat>,
+    /// The node's routing identity (used by the announcement part).
+    #[serde(default)]
+    pub routing: NodeRouting,
+}
+
+/// `fleet.nodes[].nat[]`: one service's NAT addresses on one node.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeNat {
+    pub service: String,
+    #[serde(deserialize_with = "ipv4_list")]
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+/// `fleet.nodes[].routing`: how the node is known to routers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRouting {
+    /// BGP router id of the node's FRR.
+    #[serde(default, deserialize_with = "ipv4_opt")]
+    pub router_id: Option<Ipv4Addr>,
+    /// The next-hop address the node announces its endpoints with.
+    #[serde(default, deserialize_with = "ipv4_opt")]
+    pub next_hop: Option<Ipv4Addr>,
+}
+
+impl Config {
+    /// This node's section, once resolved by [`Config::load_node`].
+    pub fn this_node(&self) -> Option<&FleetNode> {
+        let name = self.node.as_deref()?;
+        self.fleet.as_ref()?.nodes.iter().find(|n| n.name == name)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -332,6 +438,11 @@ pub struct Interface {
     /// the provider interface.
     #[serde(default)]
     pub network: Option<String>,
+    /// Consumer interfaces only: the address this node gives its router as
+    /// the BGP next hop on this link (docs/FLEET.md). XDP answers ARP for it
+    /// and nothing else; the interface still carries no address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -399,7 +510,9 @@ fn default_weight() -> u32 {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NatPool {
-    #[serde(deserialize_with = "ipv4_list")]
+    /// Required for one gateway; left out in a fleet, where each node lists
+    /// its own under `fleet.nodes[].nat`.
+    #[serde(default, deserialize_with = "ipv4_list")]
     pub addresses: Vec<Ipv4Addr>,
     #[serde(default = "default_nat_ports")]
     pub ports: PortRange,
@@ -575,6 +688,11 @@ fn ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
     parse_ipv4(&s)
 }
 
+fn ipv4_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_ipv4(&s).map(Some)
+}
+
 fn ipv4_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error> {
     // Each element goes through `parse_ipv4` for the helpful message; serde
     // then reports the sequence's position, the validator cannot help here.
@@ -615,6 +733,93 @@ impl Config {
         )
         .map_err(read)?;
         Self::parse(path, &text)
+    }
+
+    /// Like [`Config::load`], then resolved for one node of a fleet: the
+    /// node named `node`, or (`None`) the one named like this host. Each
+    /// service's NAT addresses become the node's own. A config without a
+    /// `fleet` is returned as it is (naming a node is then an error).
+    pub fn load_node(path: &Path, node: Option<&str>) -> Result<Config, ConfigError> {
+        let read = |cause| ConfigError::Read {
+            path: path.to_owned(),
+            cause,
+        };
+        let file = std::fs::File::open(path).map_err(read)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_CONFIG_BYTES as u64 + 1),
+            &mut text,
+        )
+        .map_err(read)?;
+        Self::parse_node(path, &text, node)
+    }
+
+    /// [`Config::parse`] and node selection, as [`Config::load_node`].
+    pub fn parse_node(path: &Path, text: &str, node: Option<&str>) -> Result<Config, ConfigError> {
+        let config = Self::parse(path, text)?;
+        let invalid = |yaml_path: &str, message: String| {
+            let (line, column) = positions::PositionIndex::build(text)
+                .map(|i| i.locate(yaml_path))
+                .unwrap_or((1, 1));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                diagnostics: vec![Diagnostic {
+                    line,
+                    column,
+                    yaml_path: yaml_path.to_owned(),
+                    message,
+                }],
+            }
+        };
+        let Some(fleet) = &config.fleet else {
+            return match node {
+                Some(n) => Err(invalid(
+                    "",
+                    format!(
+                        "node {n:?} was asked for (--node or PLINK_NODE) but this config has no `fleet` section: leave the node out, or add `fleet.nodes` (docs/FLEET.md)"
+                    ),
+                )),
+                None => Ok(config),
+            };
+        };
+        let (name, from) = match node {
+            Some(n) => (n.to_owned(), "--node or PLINK_NODE"),
+            None => (short_hostname(), "the host name"),
+        };
+        let Some(index) = fleet.nodes.iter().position(|n| n.name == name) else {
+            let known: Vec<&str> = fleet.nodes.iter().map(|n| n.name.as_str()).collect();
+            return Err(invalid(
+                "fleet.nodes",
+                format!(
+                    "no node named {name:?} (from {from}) in fleet.nodes ({}): pass `--node NAME` (or PLINK_NODE) naming this gateway's section",
+                    known.join(", ")
+                ),
+            ));
+        };
+        Ok(config.resolved_for(index))
+    }
+
+    /// The config as node `fleet.nodes[index]` runs it: each service's NAT
+    /// addresses are the node's. `index` must be in range.
+    fn resolved_for(mut self, index: usize) -> Config {
+        let Some(node) = self
+            .fleet
+            .as_ref()
+            .and_then(|f| f.nodes.get(index))
+            .cloned()
+        else {
+            return self;
+        };
+        for s in &mut self.services {
+            s.nat.addresses = node
+                .nat
+                .iter()
+                .filter(|n| n.service == s.name)
+                .flat_map(|n| n.addresses.iter().copied())
+                .collect();
+        }
+        self.node = Some(node.name);
+        self
     }
 
     /// Parses and validates config text; `path` only names it in errors.
@@ -669,6 +874,20 @@ impl Config {
         diagnostics.sort_by_key(|d| (d.line, d.column));
         Err(invalid(diagnostics))
     }
+}
+
+/// This host's name up to the first dot, as `--node` defaults to it.
+pub fn short_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or truncates (we take up to the first NUL either way).
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let full = String::from_utf8_lossy(&buf[..end]).into_owned();
+    full.split('.').next().unwrap_or("").to_owned()
 }
 
 /// Turns a serde_yaml error into a diagnostic: its message without the
@@ -746,3 +965,6 @@ fn hint_for_serde(message: String) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fleet_tests;

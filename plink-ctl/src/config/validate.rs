@@ -112,6 +112,8 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
     let consumer_networks = interfaces(cfg, &mut p);
     services(cfg, &mut p);
     endpoints(cfg, &consumer_networks, &mut p);
+    announce(cfg, &mut p);
+    fleet(cfg, &mut p);
     capacity(cfg, &mut p);
     p.0
 }
@@ -256,6 +258,64 @@ fn gateway(cfg: &Config, p: &mut Problems) {
                 path.display().to_string()
             ),
         );
+    }
+}
+
+/// Checks `announce` and the interfaces' next hops.
+fn announce(cfg: &Config, p: &mut Problems) {
+    if let Some(a) = &cfg.announce
+        && a.metric == 0
+    {
+        p.push(
+            "announce.metric",
+            "metric 0 is what other routes have: pick a metric no other route on the node uses (e.g. 4242), and match it in FRR's route-map",
+        );
+    }
+    let mut seen: HashMap<(&str, Ipv4Addr), usize> = HashMap::new();
+    for (i, iface) in cfg.interfaces.iter().enumerate() {
+        let Some(nh) = iface.next_hop else { continue };
+        let path = format!("interfaces[{i}].next_hop");
+        let Some(net) = iface
+            .network
+            .as_deref()
+            .filter(|_| iface.role == Role::Consumer)
+        else {
+            p.push(
+                path,
+                format!(
+                    "interface {:?} is not a consumer interface: a next hop is announced on a consumer link only; remove `next_hop`",
+                    iface.name
+                ),
+            );
+            continue;
+        };
+        if nh.is_unspecified() || nh.is_broadcast() || nh.is_multicast() || nh.is_loopback() {
+            p.push(
+                path.clone(),
+                format!("next hop {nh} is not a unicast address: give an unused address of the consumer link"),
+            );
+        }
+        if let Some(first) = seen.insert((net, nh), i) {
+            p.push(
+                path.clone(),
+                format!(
+                    "next hop {nh} in network {net:?} is already interfaces[{first}]'s: each link needs its own"
+                ),
+            );
+        }
+        if let Some(e) = cfg
+            .endpoints
+            .iter()
+            .find(|e| e.network == net && e.address == nh)
+        {
+            p.push(
+                path,
+                format!(
+                    "next hop {nh} is endpoint {:?}'s address in network {net:?}: the next hop must be an address of its own",
+                    e.name
+                ),
+            );
+        }
     }
 }
 
@@ -440,7 +500,14 @@ fn services(cfg: &Config, p: &mut Problems) {
         }
 
         let nat = &s.nat;
-        if nat.addresses.is_empty() {
+        if cfg.fleet.is_some() {
+            if !nat.addresses.is_empty() {
+                p.push(
+                    format!("{path}.nat.addresses"),
+                    "in a fleet each node has its own NAT addresses (so that provider replies return to the node holding the flow): move these to `fleet.nodes[].nat` as `{service: NAME, addresses: [...]}` and leave `nat.addresses` out",
+                );
+            }
+        } else if nat.addresses.is_empty() {
             p.push(
                 format!("{path}.nat.addresses"),
                 "no NAT addresses: list 1 to 8 provider-side addresses that consumers' flows are source-NATed to",
@@ -667,7 +734,24 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
             continue;
         };
         if let Some(cap) = e.max_flows {
-            let pool = service.nat_pool_ports();
+            let pool = match &cfg.fleet {
+                None => service.nat_pool_ports(),
+                // The smallest node's pool: the cap holds on every node.
+                Some(f) => f
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let addrs = n
+                            .nat
+                            .iter()
+                            .filter(|x| x.service == service.name)
+                            .map(|x| x.addresses.len() as u64)
+                            .sum::<u64>();
+                        addrs * u64::from(service.nat.ports.len())
+                    })
+                    .min()
+                    .unwrap_or(0),
+            };
             if u64::from(cap) > pool && pool > 0 {
                 p.push(
                     format!("{path}.max_flows"),
@@ -689,6 +773,197 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
                     ),
                 );
                 break;
+            }
+        }
+    }
+}
+
+/// `fleet`: node names, each node's own NAT addresses (one entry per
+/// service on every node, no address on two nodes), routing identities and
+/// the store.
+fn fleet(cfg: &Config, p: &mut Problems) {
+    let Some(f) = &cfg.fleet else { return };
+    if f.nodes.is_empty() {
+        p.push(
+            "fleet.nodes",
+            "no nodes: list every gateway as `{name: NODE, nat: [{service: NAME, addresses: [...]}]}`, or leave `fleet` out for one gateway",
+        );
+    }
+    if let Some(etcd) = &f.etcd {
+        if etcd.endpoints.is_empty() {
+            p.push(
+                "fleet.etcd.endpoints",
+                "no etcd endpoints: list the client URLs, e.g. [http://198.51.100.2:2379]",
+            );
+        }
+        for (i, u) in etcd.endpoints.iter().enumerate() {
+            let ok = u
+                .strip_prefix("http://")
+                .map(|rest| !rest.is_empty() && !rest.contains('/'))
+                .unwrap_or(false);
+            if !ok {
+                p.push(
+                    format!("fleet.etcd.endpoints[{i}]"),
+                    format!(
+                        "invalid etcd endpoint {u:?}: write http://HOST:PORT, e.g. http://198.51.100.2:2379 (TLS is not supported yet)"
+                    ),
+                );
+            }
+        }
+        let prefix_ok = etcd.prefix.starts_with('/')
+            && etcd.prefix.len() > 1
+            && !etcd.prefix.ends_with('/')
+            && etcd
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+        if !prefix_ok {
+            p.push(
+                "fleet.etcd.prefix",
+                format!(
+                    "invalid key prefix {:?}: write /NAME (letters, digits, '-', '_', '.', '/'; no trailing '/'), e.g. /plink/fleet-a",
+                    etcd.prefix
+                ),
+            );
+        }
+        if etcd.timeout.0.is_zero() {
+            p.push("fleet.etcd.timeout", "must be more than 0, e.g. 2s");
+        }
+    }
+    let services: HashMap<&str, usize> = cfg
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    let backend_addrs: HashMap<Ipv4Addr, String> = cfg
+        .services
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.backends
+                .iter()
+                .enumerate()
+                .map(move |(j, b)| (b.address, format!("services[{i}].backends[{j}]")))
+        })
+        .collect();
+    let mut names: HashMap<&str, String> = HashMap::new();
+    // NAT address → (path, node, service) of its first owner.
+    let mut owner: HashMap<Ipv4Addr, (String, &str, &str)> = HashMap::new();
+    let mut routing_ids: HashMap<(&str, Ipv4Addr), String> = HashMap::new();
+    for (i, n) in f.nodes.iter().enumerate() {
+        let path = format!("fleet.nodes[{i}]");
+        check_name(p, format!("{path}.name"), "node", &n.name);
+        if let Some(first) = first_seen(&mut names, n.name.as_str(), &format!("{path}.name")) {
+            p.push(
+                format!("{path}.name"),
+                format!(
+                    "duplicate node name {:?}: already used at {first}; node names are unique",
+                    n.name
+                ),
+            );
+        }
+        for (field, a) in [
+            ("router_id", n.routing.router_id),
+            ("next_hop", n.routing.next_hop),
+        ] {
+            let Some(a) = a else { continue };
+            let fp = format!("{path}.routing.{field}");
+            check_unicast(p, fp.clone(), field, a);
+            if let Some(first) = first_seen(&mut routing_ids, (field, a), &fp) {
+                p.push(
+                    fp,
+                    format!(
+                        "{field} {a} is already another node's (at {first}): each node has its own"
+                    ),
+                );
+            }
+        }
+        let mut seen_services: HashMap<&str, String> = HashMap::new();
+        for (j, nat) in n.nat.iter().enumerate() {
+            let np = format!("{path}.nat[{j}]");
+            if !services.contains_key(nat.service.as_str()) {
+                p.push(
+                    format!("{np}.service"),
+                    format!(
+                        "unknown service {:?}: use a service defined under `services` ({})",
+                        nat.service,
+                        listing(&known)
+                    ),
+                );
+            }
+            if let Some(first) = first_seen(&mut seen_services, nat.service.as_str(), &np) {
+                p.push(
+                    format!("{np}.service"),
+                    format!(
+                        "service {:?} is listed twice for node {:?} (also at {first}): list its addresses once",
+                        nat.service, n.name
+                    ),
+                );
+            }
+            if nat.addresses.is_empty() {
+                p.push(
+                    format!("{np}.addresses"),
+                    format!(
+                        "node {:?} has no NAT addresses for service {:?}: list 1 to {MAX_NAT_ADDRESSES} provider-side addresses this node source-NATs the service's flows to",
+                        n.name, nat.service
+                    ),
+                );
+            }
+            if nat.addresses.len() > MAX_NAT_ADDRESSES {
+                p.push(
+                    format!("{np}.addresses[{MAX_NAT_ADDRESSES}]"),
+                    format!(
+                        "{} NAT addresses, at most {MAX_NAT_ADDRESSES} per service and node: remove {}",
+                        nat.addresses.len(),
+                        nat.addresses.len() - MAX_NAT_ADDRESSES
+                    ),
+                );
+            }
+            for (k, a) in nat.addresses.iter().enumerate() {
+                let ap = format!("{np}.addresses[{k}]");
+                check_unicast(p, ap.clone(), "NAT address", *a);
+                if let Some(b) = backend_addrs.get(a) {
+                    p.push(
+                        ap.clone(),
+                        format!(
+                            "NAT address {a} is also a backend ({b}): replies would loop; use an address no backend has"
+                        ),
+                    );
+                }
+                match owner.get(a) {
+                    None => {
+                        owner.insert(*a, (ap, n.name.as_str(), nat.service.as_str()));
+                    }
+                    Some((first, node, service)) => {
+                        let message = if *node != n.name {
+                            format!(
+                                "NAT address {a} is already node {node:?}'s (at {first}): each node owns its NAT addresses, so that provider replies return to the node that holds the flow; pick an address no other node has"
+                            )
+                        } else if *service != nat.service {
+                            format!(
+                                "NAT address {a} is shared by two services (also at {first}): a NAT address belongs to one service, pick another address"
+                            )
+                        } else {
+                            format!(
+                                "NAT address {a} is listed twice (also at {first}): list it once"
+                            )
+                        };
+                        p.push(ap, message);
+                    }
+                }
+            }
+        }
+        for s in &cfg.services {
+            if !seen_services.contains_key(s.name.as_str()) {
+                p.push(
+                    format!("{path}.name"),
+                    format!(
+                        "node {:?} has no NAT addresses for service {:?}: add `{{service: {}, addresses: [...]}}` to {path}.nat; every node needs its own addresses for every service",
+                        n.name, s.name, s.name
+                    ),
+                );
             }
         }
     }
