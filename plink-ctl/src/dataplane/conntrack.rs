@@ -46,6 +46,18 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock
+/// `bpf_ktime_get_coarse_ns` reads (the datapath's expiry clock).
+pub fn coarse_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// What one GC or purge pass removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -408,7 +420,9 @@ impl Dataplane {
 }
 
 fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<FlowEntry> {
-    let now = monotonic_ns();
+    // The datapath's own clock: a flow listed as expired is expired for the
+    // next packet too (CLOCK_MONOTONIC runs up to a jiffy ahead of it).
+    let now = coarse_monotonic_ns();
     flows
         .into_iter()
         .map(|(k, v)| {
