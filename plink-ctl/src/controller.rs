@@ -102,6 +102,8 @@ fn recorded_note(recorded: &Option<String>) -> String {
 /// Applies a model to the running dataplane (the gateway implements it).
 pub trait Applier: Send {
     fn apply(&mut self, model: &Model) -> Result<(), ApplyFailure>;
+    /// `plink-ctl drain`: withdraw every announced route from the next apply on.
+    fn set_draining(&mut self, _on: bool) {}
 }
 
 /// Why [`Applier::apply`] failed.
@@ -259,6 +261,9 @@ pub struct Status {
     /// The node and its shared store, in a fleet.
     #[serde(default)]
     pub fleet: Option<FleetStatus>,
+    /// `plink-ctl drain` was run: nothing is announced, flows keep forwarding.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 pub struct Controller {
@@ -283,6 +288,8 @@ pub struct Controller {
     /// The fleet's shared store and the revision of its document this
     /// state was read from or written as; `None`: the state file alone.
     shared: Option<(crate::fleet::SharedStore, i64)>,
+    /// `plink-ctl drain` was run (until the controller restarts).
+    draining: bool,
 }
 
 /// `status` of a fleet node.
@@ -358,6 +365,7 @@ impl Controller {
             lb_capacity,
             events: Events::default(),
             shared,
+            draining: false,
         })
     }
 
@@ -867,7 +875,19 @@ impl Controller {
                 store_up: self.shared.as_ref().is_none_or(|(s, _)| s.up()),
                 revision: self.shared.as_ref().map(|(_, r)| *r).unwrap_or(0),
             }),
+            draining: self.draining,
         }
+    }
+
+    /// `plink-ctl drain`: withdraws every announced route (the consumer
+    /// router stops sending new flows here); existing flows keep forwarding.
+    /// Answers once the routes are out of the kernel table FRR reads.
+    pub fn drain(&mut self) -> Result<(), ControllerError> {
+        self.draining = true;
+        if let Some(applier) = self.applier.as_mut() {
+            applier.set_draining(true);
+        }
+        self.reapply()
     }
 }
 

@@ -320,7 +320,8 @@ impl Gateway {
     /// use for metrics (gauges come from this sweep, not a scan per scrape).
     pub fn gc(&mut self) -> anyhow::Result<()> {
         self.last_gc = self.dp.gc_conntrack()?;
-        self.nat_in_use = self.dp.nat_ports_in_use_by_protocol()?;
+        // One port per flow, counted by the sweep (no walk of its own).
+        self.nat_in_use = self.last_gc.nat_in_use.clone();
         Ok(())
     }
 
@@ -371,18 +372,10 @@ impl Gateway {
             .unwrap_or_default();
         let now = std::time::Instant::now();
         nat_retired.retain(|a, _| in_grace(self.retired_since.get(a), self.retired_grace, now));
-        let draining = nat_held.values().flatten().any(|n| n.draining);
-        // Fresh counts when a draining address may leave or move (the GC's
-        // are up to a second old, and there are none yet when adopting).
-        let nat_ports_in_use = if draining || self.spec.is_none() {
-            self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?
-        } else {
-            let mut per_address: BTreeMap<Ipv4Addr, u64> = BTreeMap::new();
-            for ((addr, _), n) in &self.nat_in_use {
-                *per_address.entry(*addr).or_default() += n;
-            }
-            per_address
-        };
+        // Fresh counts, never the last GC round's: a flow opened since then
+        // holds its address as much as any other (a reload that moved the
+        // address away on a second-old count would cut it). One batched walk.
+        let nat_ports_in_use = self.dp.nat_ports_in_use().map_err(ApplyError::Failed)?;
         let observed = Observed {
             interfaces: observe_interfaces(model),
             nat_held,
@@ -723,6 +716,49 @@ fn protocol_name(p: CfgProtocol) -> &'static str {
 pub struct GatewayApplier {
     pub gateway: Arc<Mutex<Gateway>>,
     pub health: Box<dyn Health + Send>,
+    /// `plink-ctl drain` was run: every route is withdrawn.
+    pub draining: bool,
+    /// The metric the announced routes were last written with.
+    pub announced_with: Option<u32>,
+    /// Routes a previous run left were looked for (once, at the first apply).
+    pub routes_checked: bool,
+}
+
+impl GatewayApplier {
+    pub fn new(gateway: Arc<Mutex<Gateway>>, health: Box<dyn Health + Send>) -> Self {
+        Self {
+            gateway,
+            health,
+            draining: false,
+            announced_with: None,
+            routes_checked: false,
+        }
+    }
+
+    /// Writes the routes FRR announces (docs/FLEET.md): the table's content
+    /// follows the model, backend health and the drain.
+    fn announce_routes(&mut self, model: &Model) -> anyhow::Result<()> {
+        let routes = crate::announce::RouteTable::MAIN;
+        let Some(metric) = model.gateway.announce_metric else {
+            // Announcement turned off (or never on): withdraw what is left.
+            if self.announced_with.take().is_some() || !self.routes_checked {
+                self.routes_checked = true;
+                routes.sync(&BTreeSet::new(), 0)?;
+            }
+            return Ok(());
+        };
+        let want = crate::announce::desired(model, &*self.health, self.draining);
+        let changes = routes.sync(&want, metric)?;
+        self.announced_with = Some(metric);
+        self.routes_checked = true;
+        for a in &changes.added {
+            tracing::info!("announcing {a}/32 (blackhole route, metric {metric})");
+        }
+        for a in &changes.removed {
+            tracing::info!("withdrawing {a}/32");
+        }
+        Ok(())
+    }
 }
 
 impl crate::controller::Applier for GatewayApplier {
@@ -732,11 +768,17 @@ impl crate::controller::Applier for GatewayApplier {
         match g.apply_model(model, &*self.health) {
             Ok(_) => {
                 g.announce();
-                Ok(())
+                drop(g);
+                self.announce_routes(model)
+                    .map_err(|e| ApplyFailure::Failed(format!("announcing routes: {e:#}")))
             }
             Err(ApplyError::Refused(e)) => Err(ApplyFailure::Refused(e.to_string())),
             Err(ApplyError::Failed(e)) => Err(ApplyFailure::Failed(format!("{e:#}"))),
         }
+    }
+
+    fn set_draining(&mut self, on: bool) {
+        self.draining = on;
     }
 }
 

@@ -3,6 +3,7 @@
 //! and the admin API.
 
 pub mod admin;
+pub mod announce;
 pub mod approval;
 pub mod config;
 pub mod controller;

@@ -86,7 +86,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Detach the dataplane and remove its bpffs pins.
+    /// Detach the dataplane and remove its bpffs pins (and withdraw the
+    /// routes it announced, with `announce` set).
     Down {
         /// The YAML config file (for `gateway.bpffs_root`).
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -109,6 +110,21 @@ enum Command {
     /// List the live flows with their NAT mapping: consumer network and
     /// client, endpoint, NAT address and port, backend, time left.
     Conntrack(AdminArgs),
+    /// Take this node out of a fleet without breaking flows (docs/FLEET.md):
+    /// withdraw every announced route, keep forwarding the flows the node
+    /// holds, wait until they end (TCP flows close, others expire) and no
+    /// new flow arrives, or the deadline passes, then exit. Stop the node after it.
+    Drain {
+        /// Longest wait for the flows to end.
+        #[arg(long, default_value = "5m")]
+        deadline: plink_ctl::config::HumanDuration,
+        /// How long no live flow and no new flow must be seen before the
+        /// node counts as drained (longer than the router's idle timer).
+        #[arg(long, default_value = "5s")]
+        quiet: plink_ctl::config::HumanDuration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Show the controller's recent decisions (the event log kept in
     /// memory, the last 1024; docs/EVENTS.md). With --json, one record per
     /// line as in the `gateway.event_log` file.
@@ -229,6 +245,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
+            // Nothing forwards any more: withdraw what FRR announces for us.
+            if cfg.announce.is_some() {
+                let gone = plink_ctl::announce::RouteTable::MAIN
+                    .sync(&Default::default(), 0)
+                    .context("withdrawing the announced routes")?;
+                for a in gone.removed {
+                    println!("withdrew {a}/32");
+                }
+            }
             if dataplane::remove_pins(&cfg.gateway.bpffs_root)? {
                 println!("removed pins under {}", cfg.gateway.bpffs_root.display());
             } else {
@@ -292,6 +317,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Events { follow, admin } => events_command(&admin, follow),
+        Command::Drain {
+            deadline,
+            quiet,
+            admin,
+        } => drain_command(&admin, deadline.0, quiet.0),
         Command::Endpoints { command } => match command {
             EndpointsCommand::List(a) => {
                 // Columns are aligned to the widest cell: the table is
@@ -563,6 +593,78 @@ fn print_endpoints(list: &[EndpointModel]) {
     }
 }
 
+/// `plink-ctl drain`: withdraw, then wait for the node's flows to end and
+/// for new ones to stop arriving (a router's resilient group moves a
+/// drained node's buckets only as they go idle).
+fn drain_command(
+    a: &AdminArgs,
+    deadline: std::time::Duration,
+    quiet: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    use std::collections::BTreeSet;
+    let quiet_args = AdminArgs {
+        socket: a.socket.clone(),
+        config: a.config.clone(),
+        json: false,
+    };
+    let code = admin_command(&quiet_args, Request::Drain, |_| {
+        println!("draining: every route withdrawn, flows keep forwarding");
+        Ok(())
+    })?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    let start = std::time::Instant::now();
+    let mut seen: Option<BTreeSet<String>> = None;
+    let mut quiet_since = std::time::Instant::now();
+    let (mut live, mut new_flows);
+    loop {
+        live = 0u64;
+        let mut now_seen = BTreeSet::new();
+        let code = admin_listing(
+            &quiet_args,
+            Request::Conntrack,
+            ("", ""),
+            || {},
+            |f: admin::FlowRow| {
+                let ended = f.protocol == "tcp" && f.tcp_state == plink_common::tcp_state::CLOSING;
+                if !ended {
+                    live += 1;
+                }
+                now_seen.insert(format!(
+                    "{}/{}/{}/{}",
+                    f.network_id, f.protocol, f.client, f.endpoint_address
+                ));
+            },
+        )?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+        new_flows = seen.as_ref().map_or(0, |s| now_seen.difference(s).count());
+        seen = Some(now_seen);
+        if live > 0 || new_flows > 0 {
+            quiet_since = std::time::Instant::now();
+        }
+        if quiet_since.elapsed() >= quiet || start.elapsed() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if quiet_since.elapsed() >= quiet {
+        println!(
+            "drained: no live flows and no new ones for {}s ({:.1}s); stop the node now",
+            quiet.as_secs(),
+            start.elapsed().as_secs_f64()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "deadline passed with {live} live flows ({new_flows} new in the last poll); stopping the node now breaks them"
+        );
+        Ok(ExitCode::from(2))
+    }
+}
+
 fn print_status(s: &Status) {
     println!("plink-ctl {} (pid {})", s.version, s.pid);
     println!("config:      {}", s.config.display());
@@ -602,6 +704,9 @@ fn print_status(s: &Status) {
                 f.revision
             );
         }
+    }
+    if s.draining {
+        println!("draining:    yes (nothing announced; flows keep forwarding)");
     }
     if let Some(id) = &s.dataplane_id {
         println!("  identity:  {id}");
@@ -724,10 +829,10 @@ fn run_with(
     // longer allows; only then is the state saved, bound to these pins.
     controller
         .start(
-            Box::new(GatewayApplier {
-                gateway: gateway.clone(),
-                health: Box::new(health.clone()),
-            }),
+            Box::new(GatewayApplier::new(
+                gateway.clone(),
+                Box::new(health.clone()),
+            )),
             Some(identity),
         )
         .context("writing the config into the dataplane maps")?;

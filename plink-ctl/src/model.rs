@@ -58,6 +58,9 @@ pub struct GatewayModel {
     pub xdp_mode: XdpMode,
     pub conntrack_max_flows: u32,
     pub timeouts: Timeouts,
+    /// `announce.metric`: the metric of the announced routes (docs/FLEET.md).
+    #[serde(default)]
+    pub announce_metric: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +69,9 @@ pub struct InterfaceModel {
     pub role: Role,
     /// Set for consumer interfaces.
     pub network: Option<NetworkId>,
+    /// The BGP next hop announced on this consumer link (ARP answered by XDP).
+    #[serde(default)]
+    pub next_hop: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +181,12 @@ impl Model {
                     name: i.name.clone(),
                     role: i.role,
                     network,
+                    // The interface's own, else the node's (fleet.nodes[].routing).
+                    next_hop: i.next_hop.or_else(|| {
+                        network
+                            .and(config.this_node())
+                            .and_then(|n| n.routing.next_hop)
+                    }),
                 },
             );
         }
@@ -272,6 +284,7 @@ impl Model {
                 xdp_mode: config.gateway.xdp_mode,
                 conntrack_max_flows: config.gateway.conntrack.max_flows,
                 timeouts: config.gateway.timeouts.clone(),
+                announce_metric: config.announce.as_ref().map(|a| a.metric),
             },
             networks,
             interfaces,

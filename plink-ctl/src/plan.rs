@@ -458,7 +458,13 @@ pub fn plan(
             new_flows_per_sec: e.limits.new_flows_per_second,
         })
         .collect();
+    let next_hops = model
+        .interfaces
+        .values()
+        .filter_map(|i| Some((i.network?.0, i.next_hop?)))
+        .collect();
     let spec = DataplaneSpec {
+        next_hops,
         interfaces,
         timeouts,
         services,

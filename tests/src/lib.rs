@@ -4,7 +4,9 @@
 //! - [`golden`]: running crafted packets through the XDP programs with
 //!   BPF_PROG_TEST_RUN inside a test namespace.
 //! - [`gateway`]: starting `plink-ctl` in a gateway namespace.
+//! - [`fleet`]: several gateways behind an ECMP router, announced by FRR.
 
+pub mod fleet;
 pub mod gateway;
 pub mod golden;
 pub mod netns;

@@ -252,6 +252,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
             ep(2, 2, 1, Protocol::Tcp, 80),
         ],
         retired_nat: Default::default(),
+        next_hops: Default::default(),
     };
 
     // The dataplane lives on a thread inside the gateway namespace for the

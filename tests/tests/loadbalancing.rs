@@ -564,6 +564,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
             new_flows_per_sec: 0,
         }],
         retired_nat: Default::default(),
+        next_hops: Default::default(),
     };
     let sizes = Sizes {
         conntrack: 131_072,

@@ -38,6 +38,11 @@ enum Task {
     /// Set up, build, and run plink on a network-namespace topology with real
     /// traffic; prints what the clients got back and the counters; cleans up.
     Demo,
+    /// Set up, build, and run a fleet: three gateways (plink + FRR each)
+    /// behind a consumer router doing L4-hash ECMP with fast BFD; kills one
+    /// node and drains another under live streams and prints what broke
+    /// (docs/FLEET.md). Needs root.
+    Fleet,
     /// Set up, build in release mode, and run the benchmarks (per-packet cost
     /// through BPF_PROG_TEST_RUN; live forwarding through kernel routing,
     /// nftables, a minimal XDP forwarder and plink; TCP connection cost;
@@ -61,6 +66,7 @@ fn main() {
         Task::Build { release } => setup::run().and_then(|()| build(release)),
         Task::Test { filter } => setup::run().and_then(|()| test(filter)),
         Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Fleet => setup::run().and_then(|()| fleet()),
         Task::Fuzz => setup::run().and_then(|()| fuzz()),
         Task::Bench { quick } => setup::run().and_then(|()| bench(quick)),
     };
@@ -149,6 +155,9 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
         args.push("--");
         args.push(f);
     }
+    // Figures of an earlier run would be printed as this run's.
+    let figures = workspace_root().join("target/tmp/fleet-figures.txt");
+    let _ = std::fs::remove_file(&figures);
     let mut result = run_step(
         "cargo test (unit, golden packets, end to end)",
         cargo(&args),
@@ -168,6 +177,11 @@ fn test(filter: Option<String>) -> anyhow::Result<()> {
                 "--nocapture",
             ]),
         );
+    }
+    // The fleet test's measured figures (tests/tests/fleet.rs writes them).
+    if let Ok(text) = std::fs::read_to_string(&figures) {
+        println!("\nxtask: fleet figures (node loss, drain, new connections):\n{text}");
+        let _ = std::fs::remove_file(&figures);
     }
     // Whatever happened, nothing may be left behind.
     let leftovers = setup::test_leftovers()?;
@@ -212,6 +226,15 @@ fn demo() -> anyhow::Result<()> {
     run_step(
         "demo",
         cargo(&["run", "--quiet", "-p", "plink-tests", "--example", "demo"]),
+    )
+}
+
+fn fleet() -> anyhow::Result<()> {
+    setup::require_root("the fleet demo creates network namespaces and attaches XDP")?;
+    build(false)?;
+    run_step(
+        "fleet",
+        cargo(&["run", "--quiet", "-p", "plink-tests", "--example", "fleet"]),
     )
 }
 

@@ -26,6 +26,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
     ("protobuf-compiler", "protoc"),
+    // bgpd, bfdd and zebra for the fleet (announcement, BFD, the ECMP router).
+    ("frr", "vtysh"),
 ];
 
 /// Prefix under which rustc's own libLLVM is linked for building bpf-linker.

@@ -36,6 +36,8 @@ pub enum Request {
         name: String,
     },
     Reload,
+    /// Withdraw every announced route (docs/FLEET.md); flows keep forwarding.
+    Drain,
     /// Live flows with their NAT mapping.
     Conntrack,
     /// The event log's records in memory (docs/EVENTS.md); with `follow`,

@@ -384,6 +384,10 @@ fn handle_locked(controller: &Mutex<Controller>, request: Request) -> Response {
         Request::ListEndpoints | Request::Conntrack | Request::Events { .. } => {
             Response::error("internal error: a listing is streamed", Vec::new())
         }
+        Request::Drain => match c.drain() {
+            Ok(()) => Response::ok(c.status()),
+            Err(e) => Response::error(e.to_string(), Vec::new()),
+        },
         Request::Reload => match c.reload() {
             Ok(outcome) => Response::ok(outcome),
             Err(e) => {

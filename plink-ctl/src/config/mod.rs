@@ -88,6 +88,10 @@ pub struct Config {
     pub services: Vec<Service>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Route announcement through FRR (docs/FLEET.md); unset: nothing is
+    /// announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<Announce>,
     /// Several gateways sharing this file (docs/FLEET.md); absent for one
     /// gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +100,20 @@ pub struct Config {
     /// [`Config::load_node`]); `None` for the shared file or no fleet.
     #[serde(skip)]
     pub node: Option<String>,
+}
+
+/// `announce:` — plink keeps a blackhole /32 route (protocol 245, the
+/// configured metric) in the main table for every endpoint address it can
+/// serve; FRR redistributes exactly those (`redistribute kernel route-map`
+/// with `match metric N`). An address is announced while one of its
+/// endpoints is approved and its service has a backend up, and the node is
+/// not draining. (Kernel routes, not zebra's own: a crashed zebra leaves
+/// nothing behind that a restarted one would prefer.)
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Announce {
+    /// The routes' metric, which FRR's route-map matches (`match metric`).
+    pub metric: u32,
 }
 
 /// `fleet`: the same YAML on every gateway, plus one section per node.
@@ -420,6 +438,11 @@ pub struct Interface {
     /// the provider interface.
     #[serde(default)]
     pub network: Option<String>,
+    /// Consumer interfaces only: the address this node gives its router as
+    /// the BGP next hop on this link (docs/FLEET.md). XDP answers ARP for it
+    /// and nothing else; the interface still carries no address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]

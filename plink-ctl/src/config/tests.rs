@@ -698,3 +698,39 @@ fn event_log_is_stdout_or_an_absolute_path() {
         "neither `stdout` nor an absolute file path",
     );
 }
+
+#[test]
+fn announce_and_next_hop_errors_say_what_is_wrong() {
+    let text = edit(
+        "  - {name: c1, role: consumer, network: vnet-a}\n  - {name: c2, role: consumer, network: vnet-b}\n  - {name: p0, role: provider}\n",
+        "  - {name: c1, role: consumer, network: vnet-a, next_hop: 192.0.2.50}\n  - {name: c2, role: consumer, network: vnet-b, next_hop: 192.0.2.10}\n  - {name: p0, role: provider, next_hop: 198.51.100.9}\nannounce: {metric: 0}\n",
+    );
+    let d = errors(&text);
+    let find = |path: &str| {
+        d.iter()
+            .find(|d| d.yaml_path == path)
+            .unwrap_or_else(|| panic!("no error at {path}: {d:?}"))
+    };
+    assert!(
+        find("interfaces[0].next_hop")
+            .message
+            .contains("endpoint \"orders-a\"")
+    );
+    assert!(
+        find("interfaces[2].next_hop")
+            .message
+            .contains("not a consumer interface")
+    );
+    assert!(find("announce.metric").message.contains("metric 0"));
+    assert!(
+        d.iter().all(|d| d.yaml_path != "interfaces[1].next_hop"),
+        "a next hop of its own is fine: {d:?}"
+    );
+    // A valid announcement parses.
+    let ok = edit(
+        "  - {name: c2, role: consumer, network: vnet-b}\n",
+        "  - {name: c2, role: consumer, network: vnet-b, next_hop: 192.0.2.10}\n",
+    ) + "announce: {metric: 4242}\n";
+    let cfg = Config::parse(Path::new(FILE), &ok).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.announce.map(|a| a.metric), Some(4242));
+}

@@ -112,6 +112,7 @@ pub fn validate(cfg: &Config) -> Vec<Problem> {
     let consumer_networks = interfaces(cfg, &mut p);
     services(cfg, &mut p);
     endpoints(cfg, &consumer_networks, &mut p);
+    announce(cfg, &mut p);
     fleet(cfg, &mut p);
     capacity(cfg, &mut p);
     p.0
@@ -257,6 +258,64 @@ fn gateway(cfg: &Config, p: &mut Problems) {
                 path.display().to_string()
             ),
         );
+    }
+}
+
+/// Checks `announce` and the interfaces' next hops.
+fn announce(cfg: &Config, p: &mut Problems) {
+    if let Some(a) = &cfg.announce
+        && a.metric == 0
+    {
+        p.push(
+            "announce.metric",
+            "metric 0 is what other routes have: pick a metric no other route on the node uses (e.g. 4242), and match it in FRR's route-map",
+        );
+    }
+    let mut seen: HashMap<(&str, Ipv4Addr), usize> = HashMap::new();
+    for (i, iface) in cfg.interfaces.iter().enumerate() {
+        let Some(nh) = iface.next_hop else { continue };
+        let path = format!("interfaces[{i}].next_hop");
+        let Some(net) = iface
+            .network
+            .as_deref()
+            .filter(|_| iface.role == Role::Consumer)
+        else {
+            p.push(
+                path,
+                format!(
+                    "interface {:?} is not a consumer interface: a next hop is announced on a consumer link only; remove `next_hop`",
+                    iface.name
+                ),
+            );
+            continue;
+        };
+        if nh.is_unspecified() || nh.is_broadcast() || nh.is_multicast() || nh.is_loopback() {
+            p.push(
+                path.clone(),
+                format!("next hop {nh} is not a unicast address: give an unused address of the consumer link"),
+            );
+        }
+        if let Some(first) = seen.insert((net, nh), i) {
+            p.push(
+                path.clone(),
+                format!(
+                    "next hop {nh} in network {net:?} is already interfaces[{first}]'s: each link needs its own"
+                ),
+            );
+        }
+        if let Some(e) = cfg
+            .endpoints
+            .iter()
+            .find(|e| e.network == net && e.address == nh)
+        {
+            p.push(
+                path,
+                format!(
+                    "next hop {nh} is endpoint {:?}'s address in network {net:?}: the next hop must be an address of its own",
+                    e.name
+                ),
+            );
+        }
     }
 }
 

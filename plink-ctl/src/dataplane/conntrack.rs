@@ -23,6 +23,18 @@ use super::Dataplane;
 /// older than this, so the GC never races a flow being inserted.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
+/// How often a GC round also looks for orphaned reverse and NAT-port entries.
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// What removing a round's candidates did.
+struct Removed {
+    flows: u64,
+    /// A removed flow's key was re-used by the datapath meanwhile.
+    superseded: bool,
+    /// Candidates judged again and kept.
+    kept: Vec<(CtFwdKey, CtFwdValue)>,
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -34,6 +46,18 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock
+/// `bpf_ktime_get_coarse_ns` reads (the datapath's expiry clock).
+pub fn coarse_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// What one GC or purge pass removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -41,8 +65,46 @@ pub struct GcReport {
     pub flows: u64,
     /// Reverse and NAT-port entries removed without their flow (leftovers).
     pub orphans: u64,
-    /// Flows left.
+    /// Flows left (for a GC round: at the end of the last complete sweep).
     pub remaining: u64,
+    /// NAT ports held per (NAT address, protocol), one per flow, at the end
+    /// of the last complete sweep (GC rounds only).
+    pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+}
+
+/// Batches of CT_FWD (4,096 flows each) one GC round reads: a table larger
+/// than ~131k flows is swept over several rounds (a million in about eight
+/// seconds) instead of whole every second, which kept half a core busy in
+/// the kernel's walk and its memory traffic slowed the datapath. Expiry does
+/// not wait for the sweep: the datapath treats an expired flow as expired
+/// whether or not it was removed, and reclaims expired flows' NAT ports and
+/// cap slots itself.
+const GC_BATCHES_PER_ROUND: usize = 32;
+
+/// Where the GC's sweep of the flow table is, and what it counted so far.
+#[derive(Debug, Default)]
+pub(crate) struct GcSweep {
+    cursor: Option<u64>,
+    live: u64,
+    nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    /// The last complete sweep's counts.
+    remaining: u64,
+    nat_in_use_done: BTreeMap<(Ipv4Addr, u8), u64>,
+}
+
+impl GcSweep {
+    fn count_live(&mut self, k: &CtFwdKey, v: &CtFwdValue) {
+        self.live += 1;
+        *self
+            .nat_in_use
+            .entry((ip(&v.nat_addr_be), k.proto))
+            .or_default() += 1;
+    }
+
+    fn finish(&mut self) {
+        self.remaining = std::mem::take(&mut self.live);
+        self.nat_in_use_done = std::mem::take(&mut self.nat_in_use);
+    }
 }
 
 /// One flow with its NAT mapping, for `plink-ctl conntrack`.
@@ -73,32 +135,106 @@ impl Dataplane {
         Ok(g.get(&0, 0)?)
     }
 
-    fn flows(&mut self) -> anyhow::Result<Vec<(CtFwdKey, CtFwdValue)>> {
-        let fwd: HashMap<_, CtFwdKey, CtFwdValue> =
-            HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+    /// Calls `each` with every entry of the hash map `name`: in batches
+    /// where the kernel has them, else key by key.
+    fn walk<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        mut each: impl FnMut(&K, &V),
+    ) -> anyhow::Result<()> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let map = self.map_mut(name)?;
+        let table: HashMap<_, K, V> = HashMap::try_from(&mut *map)?;
+        let fd = aya::maps::IterableMap::map(&table).fd().as_fd().as_raw_fd();
+        if super::batch::walk(fd, &mut each).with_context(|| format!("walking {name}"))? {
+            return Ok(());
+        }
         // Entries deleted while we iterate are skipped, not errors.
-        Ok(fwd.iter().filter_map(Result::ok).collect())
+        for (k, v) in table.iter().filter_map(Result::ok) {
+            each(&k, &v);
+        }
+        Ok(())
+    }
+
+    fn flows(&mut self) -> anyhow::Result<Vec<(CtFwdKey, CtFwdValue)>> {
+        let mut out = Vec::new();
+        self.walk(map_names::CT_FWD, |k, v| out.push((*k, *v)))?;
+        Ok(out)
     }
 
     /// Removes expired flows (the rule the datapath applies, on its clock),
     /// frees their NAT ports, and sweeps leftover reverse / port entries.
     pub fn gc_conntrack(&mut self) -> anyhow::Result<GcReport> {
+        // The next-hop generation is not moved here: the link watcher moves
+        // it on neighbour, route and link events. A move per round would make
+        // every flow look its hop up (and write its entry) once a second.
         let g = self.global()?;
-        // Each round (about a second) flows look their cached next hop up
-        // again: a neighbour or route that changed is followed within it.
-        let mut global: Array<_, GlobalConfig> = Array::try_from(self.map_mut(map_names::GLOBAL)?)?;
-        global.set(
-            0,
-            GlobalConfig {
-                hop_gen: super::spec::next_hop_gen(g.hop_gen),
-                ..g
-            },
-            0,
-        )?;
-        self.remove_flows(|k, v, now| {
-            let _ = k;
-            flow_expired(v, now, &g.timeouts)
-        })
+        let mut doomed = |_: &CtFwdKey, v: &CtFwdValue, now| flow_expired(v, now, &g.timeouts);
+        let now = monotonic_ns();
+        let mut sweep = std::mem::take(&mut self.gc_sweep);
+        let mut candidates: Vec<CtFwdKey> = Vec::new();
+        let mut judge = |sweep: &mut GcSweep, k: &CtFwdKey, v: &CtFwdValue| {
+            if doomed(k, v, now) {
+                candidates.push(*k);
+            } else {
+                sweep.count_live(k, v);
+            }
+        };
+        let walked = {
+            use std::os::fd::{AsFd as _, AsRawFd as _};
+            let table: HashMap<_, CtFwdKey, CtFwdValue> =
+                HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+            let fd = aya::maps::IterableMap::map(&table).fd().as_fd().as_raw_fd();
+            let mut cursor = sweep.cursor;
+            let walked = super::batch::walk_some(
+                fd,
+                &mut cursor,
+                GC_BATCHES_PER_ROUND,
+                |k: &CtFwdKey, v: &CtFwdValue| judge(&mut sweep, k, v),
+            )
+            .context("walking CT_FWD")?;
+            sweep.cursor = cursor;
+            if walked == super::batch::Walked::Unsupported {
+                // Key by key, the whole table (kernels before 5.6).
+                for (k, v) in table.iter().filter_map(Result::ok) {
+                    judge(&mut sweep, &k, &v);
+                }
+            }
+            walked
+        };
+        let removed = self.remove_candidates(&candidates, &mut doomed);
+        let removed = match removed {
+            Ok(r) => r,
+            Err(e) => {
+                // The sweep starts over next round rather than count twice.
+                self.gc_sweep = GcSweep::default();
+                return Err(e);
+            }
+        };
+        for (k, v) in &removed.kept {
+            sweep.count_live(k, v);
+        }
+        if walked != super::batch::Walked::More {
+            sweep.finish();
+        }
+        // Orphans are rare (a lost insert race, a crash between two inserts)
+        // and hold nothing the datapath cannot reclaim itself: they are
+        // looked for every ORPHAN_SWEEP_EVERY, not every round.
+        let due = self
+            .orphans_swept_at
+            .is_none_or(|t| t.elapsed() >= ORPHAN_SWEEP_EVERY);
+        let mut report = GcReport {
+            flows: removed.flows,
+            orphans: 0,
+            remaining: sweep.remaining,
+            nat_in_use: sweep.nat_in_use_done.clone(),
+        };
+        self.gc_sweep = sweep;
+        if due || removed.superseded {
+            report.orphans = self.sweep_orphans()?;
+            self.orphans_swept_at = Some(std::time::Instant::now());
+        }
+        Ok(report)
     }
 
     /// Makes every established flow look its next hop up again (a
@@ -139,38 +275,72 @@ impl Dataplane {
     }
 
     /// Like `remove_flows`; sweeps orphans only when `always_sweep` or when
-    /// a flow was removed (a purge that found nothing leaves the sweep to the GC).
+    /// a removed flow's entries may have been left to the sweep (its key was
+    /// re-used by the datapath meanwhile).
     pub(crate) fn remove_flows_sweeping(
         &mut self,
         mut doomed: impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
         always_sweep: bool,
     ) -> anyhow::Result<GcReport> {
-        let mut report = GcReport::default();
-        let flows = self.flows()?;
+        // One walk judges every flow by the value it read; only the doomed
+        // are read again (as they are deleted), so a live flow costs no
+        // call of its own.
+        let now = monotonic_ns();
+        let mut listed_live = 0u64;
+        let mut candidates: Vec<CtFwdKey> = Vec::new();
+        self.walk(map_names::CT_FWD, |k: &CtFwdKey, v: &CtFwdValue| {
+            if doomed(k, v, now) {
+                candidates.push(*k);
+            } else {
+                listed_live += 1;
+            }
+        })?;
+        let removed = self.remove_candidates(&candidates, &mut doomed)?;
+        let mut report = GcReport {
+            flows: removed.flows,
+            remaining: listed_live + removed.kept.len() as u64,
+            ..GcReport::default()
+        };
+        if always_sweep || removed.superseded {
+            report.orphans = self.sweep_orphans()?;
+            self.orphans_swept_at = Some(std::time::Instant::now());
+        }
+        Ok(report)
+    }
+
+    /// Removes the flows among `candidates` that `doomed` still picks when
+    /// read again, with their reverse entries and NAT ports, and gives their
+    /// cap slots back.
+    fn remove_candidates(
+        &mut self,
+        candidates: &[CtFwdKey],
+        doomed: &mut impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
+    ) -> anyhow::Result<Removed> {
         let mut freed_per_endpoint: BTreeMap<u32, u64> = BTreeMap::new();
-        {
-            let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
-                HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
-            let keys: Vec<CtFwdKey> = flows.iter().map(|(k, _)| *k).collect();
-            let swept = sweep_forward(&mut fwd, &keys, &mut doomed)?;
-            report.remaining = swept.remaining;
-            for (_, v) in swept.gone.iter().chain(&swept.superseded) {
-                *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
-                report.flows += 1;
-            }
-            // A superseded flow's reverse and port entries may be the new
-            // flow's too: the orphan sweep removes them only if not.
-            let gone = swept.gone;
-            let mut rev: HashMap<_, CtRevKey, CtOwner> =
-                HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
-            for (k, v) in &gone {
-                let _ = rev.remove(&rev_key(k, v));
-            }
-            let mut ports: HashMap<_, NatPortKey, CtOwner> =
-                HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
-            for (k, v) in &gone {
-                let _ = ports.remove(&port_key(k, v));
-            }
+        let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
+            HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+        let swept = sweep_forward(&mut fwd, candidates, doomed)?;
+        let mut out = Removed {
+            flows: 0,
+            superseded: !swept.superseded.is_empty(),
+            kept: swept.kept,
+        };
+        for (_, v) in swept.gone.iter().chain(&swept.superseded) {
+            *freed_per_endpoint.entry(v.endpoint_id).or_default() += 1;
+            out.flows += 1;
+        }
+        // A superseded flow's reverse and port entries may be the new
+        // flow's too: the orphan sweep removes them only if not.
+        let gone = swept.gone;
+        let mut rev: HashMap<_, CtRevKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
+        for (k, v) in &gone {
+            let _ = rev.remove(&rev_key(k, v));
+        }
+        let mut ports: HashMap<_, NatPortKey, CtOwner> =
+            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
+        for (k, v) in &gone {
+            let _ = ports.remove(&port_key(k, v));
         }
         // Live-flow accounting for the max-flows cap (the datapath adds, we
         // subtract; one writer per map).
@@ -180,41 +350,41 @@ impl Dataplane {
                 freed.set(id, old.wrapping_add(n), 0)?;
             }
         }
-        if always_sweep || report.flows > 0 {
-            report.orphans = self.sweep_orphans()?;
-        }
-        Ok(report)
+        Ok(out)
     }
 
     /// Reverse and NAT-port entries whose owner flow is gone or maps differently.
     fn sweep_orphans(&mut self) -> anyhow::Result<u64> {
         let grace = ORPHAN_GRACE.as_nanos() as u64;
-        let flows: BTreeMap<CtFwdKey, CtFwdValue> = self.flows()?.into_iter().collect();
+        // What each live flow's own entries are, keyed by the flow.
+        let mut owned: std::collections::HashMap<CtFwdKey, (CtRevKey, NatPortKey)> =
+            std::collections::HashMap::new();
+        self.walk(map_names::CT_FWD, |k: &CtFwdKey, v: &CtFwdValue| {
+            owned.insert(*k, (rev_key(k, v), port_key(k, v)));
+        })?;
         let now = monotonic_ns();
         let old = |o: &CtOwner| now.saturating_sub(o.created_ns) > grace;
+        let mut stale_rev: Vec<CtRevKey> = Vec::new();
+        self.walk(map_names::CT_REV, |rk: &CtRevKey, o: &CtOwner| {
+            if old(o) && owned.get(&o.fwd).is_none_or(|(r, _)| r != rk) {
+                stale_rev.push(*rk);
+            }
+        })?;
+        let mut stale_ports: Vec<NatPortKey> = Vec::new();
+        self.walk(map_names::NAT_PORTS, |pk: &NatPortKey, o: &CtOwner| {
+            if old(o) && owned.get(&o.fwd).is_none_or(|(_, p)| p != pk) {
+                stale_ports.push(*pk);
+            }
+        })?;
         let mut n = 0;
         let mut rev: HashMap<_, CtRevKey, CtOwner> =
             HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
-        let stale: Vec<CtRevKey> = rev
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(rk, o)| old(o) && flows.get(&o.fwd).is_none_or(|v| rev_key(&o.fwd, v) != *rk))
-            .map(|(rk, _)| rk)
-            .collect();
-        for k in stale {
+        for k in stale_rev {
             n += u64::from(rev.remove(&k).is_ok());
         }
         let mut ports: HashMap<_, NatPortKey, CtOwner> =
             HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
-        let stale: Vec<NatPortKey> = ports
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(pk, o)| {
-                old(o) && flows.get(&o.fwd).is_none_or(|v| port_key(&o.fwd, v) != *pk)
-            })
-            .map(|(pk, _)| pk)
-            .collect();
-        for k in stale {
+        for k in stale_ports {
             n += u64::from(ports.remove(&k).is_ok());
         }
         Ok(n)
@@ -232,29 +402,27 @@ impl Dataplane {
     pub fn nat_ports_in_use_by_protocol(
         &mut self,
     ) -> anyhow::Result<BTreeMap<(Ipv4Addr, u8), u64>> {
-        let ports: HashMap<_, NatPortKey, CtOwner> =
-            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
         let mut out = BTreeMap::new();
-        for k in ports.keys().filter_map(Result::ok) {
+        self.walk(map_names::NAT_PORTS, |k: &NatPortKey, _: &CtOwner| {
             *out.entry((ip(&k.addr_be), k.proto)).or_default() += 1;
-        }
+        })?;
         Ok(out)
     }
 
     /// NAT ports in use per NAT address (host-order IPv4), all protocols.
     pub fn nat_ports_in_use(&mut self) -> anyhow::Result<BTreeMap<Ipv4Addr, u64>> {
-        let ports: HashMap<_, NatPortKey, CtOwner> =
-            HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
         let mut out = BTreeMap::new();
-        for k in ports.keys().filter_map(Result::ok) {
-            *out.entry(ip(&k.addr_be)).or_default() += 1;
+        for ((addr, _), n) in self.nat_ports_in_use_by_protocol()? {
+            *out.entry(addr).or_default() += n;
         }
         Ok(out)
     }
 }
 
 fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<FlowEntry> {
-    let now = monotonic_ns();
+    // The datapath's own clock: a flow listed as expired is expired for the
+    // next packet too (CLOCK_MONOTONIC runs up to a jiffy ahead of it).
+    let now = coarse_monotonic_ns();
     flows
         .into_iter()
         .map(|(k, v)| {
@@ -346,6 +514,8 @@ pub(crate) struct Swept {
     /// Removed flows whose key the datapath already reused for a new flow
     /// (it won the race to put the entry back).
     pub superseded: Vec<(CtFwdKey, CtFwdValue)>,
+    /// Flows judged again and kept (refreshed by the datapath meanwhile).
+    pub kept: Vec<(CtFwdKey, CtFwdValue)>,
     pub remaining: u64,
 }
 
@@ -363,6 +533,7 @@ pub(crate) fn sweep_forward(
         let Some(v) = fwd.get(k) else { continue };
         if !doomed(k, &v, monotonic_ns()) {
             out.remaining += 1;
+            out.kept.push((*k, v));
             continue;
         }
         let Some(taken) = fwd.take(k)? else { continue };
@@ -370,6 +541,7 @@ pub(crate) fn sweep_forward(
             out.gone.push((*k, taken));
         } else if fwd.restore(k, &taken)? {
             out.remaining += 1;
+            out.kept.push((*k, taken));
         } else {
             out.superseded.push((*k, taken));
         }

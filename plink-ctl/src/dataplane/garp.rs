@@ -81,6 +81,12 @@ impl super::DataplaneSpec {
                         .iter()
                         .filter(|e| e.network_id == network_id && e.state != EndpointState::Removed)
                         .map(|e| e.addr)
+                        .chain(
+                            self.next_hops
+                                .iter()
+                                .filter(|(n, _)| *n == network_id)
+                                .map(|(_, a)| *a),
+                        )
                         .collect(),
                     InterfaceRole::Provider => self
                         .services

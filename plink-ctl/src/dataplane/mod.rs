@@ -17,6 +17,7 @@
 //! endpoint out of `Approved` (or removes a backend without draining),
 //! [`Dataplane::purge_endpoint`] / [`Dataplane::purge_backend`].
 
+pub mod batch;
 pub mod conntrack;
 pub mod garp;
 pub mod neigh;
@@ -180,6 +181,10 @@ pub struct Dataplane {
     /// What this process last wrote to the large arrays, so that `apply`
     /// diffs against memory instead of reading every slot back.
     written: spec::Written,
+    /// When the GC last swept orphaned reverse and NAT-port entries.
+    orphans_swept_at: Option<std::time::Instant>,
+    /// Where the GC's sweep of the flow table is.
+    gc_sweep: conntrack::GcSweep,
 }
 
 /// Where the XDP link of `ifname` is pinned.
@@ -368,6 +373,8 @@ impl Dataplane {
             ebpf,
             pin_dir: dir,
             written: spec::Written::default(),
+            orphans_swept_at: None,
+            gc_sweep: Default::default(),
         })
     }
 

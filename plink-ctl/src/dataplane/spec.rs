@@ -42,6 +42,10 @@ pub struct DataplaneSpec {
     /// for a grace period so late replies to them are dropped (and counted)
     /// rather than passed to the gateway's kernel; not announced by ARP.
     pub retired_nat: BTreeMap<Ipv4Addr, RetiredNat>,
+    /// (consumer network id, address): the node's BGP next hops on its
+    /// consumer links. ARP is answered for them (`ARP_ENDPOINTS`); no
+    /// traffic is addressed to them.
+    pub next_hops: BTreeSet<(u32, Ipv4Addr)>,
 }
 
 /// The service slot a retired NAT address last had (for the record).
@@ -381,6 +385,14 @@ impl DataplaneSpec {
             if e.state != EndpointState::Removed {
                 addresses.insert((e.network_id, e.addr));
             }
+        }
+        for nh in &self.next_hops {
+            ensure!(
+                addresses.insert(*nh),
+                "next hop {} in network {} is also an endpoint address",
+                nh.1,
+                nh.0
+            );
         }
         let entries = keys.len() + echo.len();
         ensure!(
@@ -774,6 +786,15 @@ impl Dataplane {
                 );
             }
         }
+        for (network_id, nh) in &spec.next_hops {
+            arp.insert(
+                NetAddrKey {
+                    network_id: *network_id,
+                    addr_be: addr(*nh),
+                },
+                1u32,
+            );
+        }
         desired.extend(echo);
         let map: HashMap<_, EndpointKey, EndpointValue> =
             HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)?;
@@ -1030,6 +1051,7 @@ mod tests {
                 new_flows_per_sec: 0,
             }],
             retired_nat: BTreeMap::new(),
+            next_hops: BTreeSet::new(),
         }
     }
 

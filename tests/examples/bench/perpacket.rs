@@ -190,6 +190,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
             },
         ],
         retired_nat: Default::default(),
+        next_hops: Default::default(),
     }
 }
 

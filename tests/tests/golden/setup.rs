@@ -211,6 +211,7 @@ pub fn spec(gw: &Gw) -> DataplaneSpec {
         ],
         endpoints,
         retired_nat: Default::default(),
+        next_hops: Default::default(),
     }
 }
 

@@ -1,0 +1,380 @@
+//! Route announcement through FRR (docs/FLEET.md): plink never speaks BGP.
+//! It keeps one blackhole /32 route per endpoint address it can serve in
+//! the main table, with protocol [`RTPROT_PLINK`] and the metric of
+//! `announce.metric`; FRR's bgpd redistributes exactly those (`redistribute
+//! kernel route-map` matching the metric), setting the node's next hop on
+//! the consumer link with an outbound route-map. Withdrawing is deleting
+//! the route. The consumer interfaces never pass traffic to the kernel, so
+//! the blackholes only ever see the gateway's own packets to an endpoint.
+//!
+//! [`desired`] is the pure part (unit-tested without root); [`RouteTable`]
+//! writes the kernel table as a diff over rtnetlink.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{config::BackendState, model::Model, plan::Health};
+
+/// `rtm_protocol` of plink's routes, so that a dump finds exactly ours and
+/// `ip route show proto 245` shows them.
+pub const RTPROT_PLINK: u8 = 245;
+
+/// The endpoint addresses to announce: an address is announced while one
+/// of its endpoints is approved and that endpoint's service has a backend
+/// that takes new flows (active and healthy); nothing while the node drains.
+pub fn desired(model: &Model, health: &dyn Health, draining: bool) -> BTreeSet<Ipv4Addr> {
+    if draining {
+        return BTreeSet::new();
+    }
+    model
+        .endpoints
+        .values()
+        .filter(|e| e.passes_traffic())
+        .filter(|e| {
+            model.services.get(&e.service_id).is_some_and(|s| {
+                s.backends
+                    .iter()
+                    .any(|b| b.state == BackendState::Active && health.healthy(b.id))
+            })
+        })
+        .map(|e| e.address)
+        .collect()
+}
+
+/// What a sync changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RouteChanges {
+    pub added: Vec<Ipv4Addr>,
+    pub removed: Vec<Ipv4Addr>,
+}
+
+/// plink's routes in one kernel routing table.
+pub struct RouteTable {
+    pub table: u32,
+}
+
+impl RouteTable {
+    /// The main table: the one zebra reads kernel routes from.
+    pub const MAIN: RouteTable = RouteTable { table: 254 };
+}
+
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_MULTI: u16 = 0x2;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTA_DST: u16 = 1;
+const RTA_TABLE: u16 = 15;
+const RTA_PRIORITY: u16 = 6;
+const RTN_BLACKHOLE: u8 = 6;
+const RT_TABLE_UNSPEC: u8 = 0;
+
+fn route_message(kind: u16, flags: u16, table: u32, dst: Option<(Ipv4Addr, u32)>) -> Vec<u8> {
+    let mut m = Vec::with_capacity(44);
+    m.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    let dst_len = if dst.is_some() { 32 } else { 0 };
+    let (proto, kind_of) = if dst.is_some() {
+        (RTPROT_PLINK, RTN_BLACKHOLE)
+    } else {
+        (0, 0)
+    };
+    m.extend_from_slice(&[
+        libc::AF_INET as u8,
+        dst_len,
+        0,
+        0,
+        RT_TABLE_UNSPEC,
+        proto,
+        0,
+        kind_of,
+    ]);
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    if let Some((dst, metric)) = dst {
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&RTA_DST.to_ne_bytes());
+        m.extend_from_slice(&dst.octets());
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&RTA_PRIORITY.to_ne_bytes());
+        m.extend_from_slice(&metric.to_ne_bytes());
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&RTA_TABLE.to_ne_bytes());
+        m.extend_from_slice(&table.to_ne_bytes());
+    }
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m
+}
+
+fn socket() -> anyhow::Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("netlink socket");
+    }
+    // SAFETY: fd is ours; closed when the OwnedFd drops.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn send(sock: &OwnedFd, msg: &[u8]) -> anyhow::Result<()> {
+    // SAFETY: sockaddr_nl is plain data; zero means "the kernel".
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: valid buffer and address.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error()).context("netlink send");
+    }
+    Ok(())
+}
+
+fn recv(sock: &OwnedFd, buf: &mut [u8]) -> anyhow::Result<usize> {
+    // SAFETY: valid buffer.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error()).context("netlink receive");
+    }
+    Ok(n as usize)
+}
+
+/// Sends one request with an ACK and returns the kernel's errno (0 = success).
+fn request(msg: &[u8]) -> anyhow::Result<i32> {
+    let sock = socket()?;
+    send(&sock, msg)?;
+    let mut buf = [0u8; 4096];
+    let n = recv(&sock, &mut buf)?;
+    if n < 20 || u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
+        bail!("unexpected netlink answer ({n} bytes)");
+    }
+    Ok(-i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]))
+}
+
+/// The /32 destination and metric of one rtnetlink route message, if it is
+/// one of plink's blackholes in `table`.
+fn parse_route(msg: &[u8], table: u32) -> Option<(Ipv4Addr, u32)> {
+    // nlmsghdr (16) + rtmsg (12).
+    let rt = msg.get(16..28)?;
+    let (family, dst_len, rtm_table, proto, kind) = (rt[0], rt[1], rt[4], rt[5], rt[7]);
+    if family != libc::AF_INET as u8
+        || dst_len != 32
+        || proto != RTPROT_PLINK
+        || kind != RTN_BLACKHOLE
+    {
+        return None;
+    }
+    let mut table_of = u32::from(rtm_table);
+    let mut dst = None;
+    let mut metric = 0;
+    let mut attrs = msg.get(28..)?;
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        let value = &attrs[4..len];
+        match (kind, value) {
+            (RTA_DST, [a, b, c, d]) => dst = Some(Ipv4Addr::new(*a, *b, *c, *d)),
+            (RTA_TABLE, [a, b, c, d]) => table_of = u32::from_ne_bytes([*a, *b, *c, *d]),
+            (RTA_PRIORITY, [a, b, c, d]) => metric = u32::from_ne_bytes([*a, *b, *c, *d]),
+            _ => {}
+        }
+        let next = len.div_ceil(4) * 4;
+        attrs = attrs.get(next..).unwrap_or(&[]);
+    }
+    (table_of == table)
+        .then_some(dst)
+        .flatten()
+        .map(|d| (d, metric))
+}
+
+impl RouteTable {
+    /// plink's routes in the table now, with their metrics.
+    pub fn list(&self) -> anyhow::Result<BTreeSet<(Ipv4Addr, u32)>> {
+        let sock = socket()?;
+        send(
+            &sock,
+            &route_message(RTM_GETROUTE, NLM_F_DUMP, self.table, None),
+        )?;
+        let mut out = BTreeSet::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = recv(&sock, &mut buf)?;
+            let mut rest = &buf[..n];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let flags = u16::from_ne_bytes([rest[6], rest[7]]);
+                if len < 16 || len > rest.len() {
+                    bail!("malformed netlink route dump");
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let err = rest
+                            .get(16..20)
+                            .map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
+                        return Err(io::Error::from_raw_os_error(-err))
+                            .context("dumping the routing tables");
+                    }
+                    RTM_NEWROUTE => {
+                        if let Some(dst) = parse_route(&rest[..len], self.table) {
+                            out.insert(dst);
+                        }
+                    }
+                    _ => {}
+                }
+                if flags & NLM_F_MULTI == 0 {
+                    return Ok(out);
+                }
+                rest = &rest[len.div_ceil(4) * 4..];
+            }
+        }
+    }
+
+    /// Makes plink's routes in the table exactly `want`, with `metric`.
+    pub fn sync(&self, want: &BTreeSet<Ipv4Addr>, metric: u32) -> anyhow::Result<RouteChanges> {
+        let have = self.list()?;
+        let want: BTreeSet<(Ipv4Addr, u32)> = want.iter().map(|a| (*a, metric)).collect();
+        let mut changes = RouteChanges::default();
+        for &(dst, metric) in want.difference(&have) {
+            let msg = route_message(
+                RTM_NEWROUTE,
+                NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK,
+                self.table,
+                Some((dst, metric)),
+            );
+            match request(&msg)? {
+                0 => changes.added.push(dst),
+                e => {
+                    return Err(io::Error::from_raw_os_error(e)).with_context(|| {
+                        format!("adding the route {dst}/32 to table {}", self.table)
+                    });
+                }
+            }
+        }
+        for &(dst, metric) in have.difference(&want) {
+            let msg = route_message(RTM_DELROUTE, NLM_F_ACK, self.table, Some((dst, metric)));
+            match request(&msg)? {
+                0 | libc::ESRCH | libc::ENOENT => changes.removed.push(dst),
+                e => {
+                    return Err(io::Error::from_raw_os_error(e)).with_context(|| {
+                        format!("removing the route {dst}/32 from table {}", self.table)
+                    });
+                }
+            }
+        }
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Config,
+        model::{BackendId, Model},
+        state::PersistedState,
+    };
+
+    struct Down(Vec<u32>);
+    impl Health for Down {
+        fn healthy(&self, b: BackendId) -> bool {
+            !self.0.contains(&b.0)
+        }
+    }
+
+    fn model(text: &str) -> Model {
+        let cfg = Config::parse(std::path::Path::new("test.yaml"), text)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let state = crate::state::reconcile(&cfg, &PersistedState::default()).expect("ids");
+        Model::build(&cfg, &state).expect("model")
+    }
+
+    const CFG: &str = "
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a, next_hop: 192.0.2.10}
+  - {name: p0, role: provider}
+services:
+  - name: orders
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.10}, {address: 198.51.100.11}]
+    nat: {addresses: [198.51.100.201], ports: 20000-29999}
+    visibility: ['*']
+    auto_approve: [tenant-a]
+endpoints:
+  - {name: a, tenant: tenant-a, network: vnet-a, address: 192.0.2.100, service: orders}
+  - {name: b, tenant: tenant-b, network: vnet-a, address: 192.0.2.101, service: orders}
+";
+
+    #[test]
+    fn approved_endpoints_with_a_backend_up_are_announced() {
+        let m = model(CFG);
+        let all = desired(&m, &crate::plan::AllHealthy, false);
+        // `b` is pending (tenant-b is not auto-approved).
+        assert_eq!(all, BTreeSet::from([Ipv4Addr::new(192, 0, 2, 100)]));
+        let ids: Vec<u32> = m
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id.0))
+            .collect();
+        assert_eq!(desired(&m, &Down(ids[..1].to_vec()), false), all);
+        assert!(
+            desired(&m, &Down(ids), false).is_empty(),
+            "no backend up: withdrawn"
+        );
+        assert!(
+            desired(&m, &crate::plan::AllHealthy, true).is_empty(),
+            "draining: withdrawn"
+        );
+    }
+
+    #[test]
+    fn a_dumped_route_is_ours_only_in_our_table() {
+        let mut msg = route_message(
+            RTM_NEWROUTE,
+            0,
+            142,
+            Some((Ipv4Addr::new(192, 0, 2, 100), 4242)),
+        );
+        assert_eq!(
+            parse_route(&msg, 142),
+            Some((Ipv4Addr::new(192, 0, 2, 100), 4242))
+        );
+        assert_eq!(parse_route(&msg, 143), None);
+        msg[16 + 5] = 3; // proto boot: someone else's route
+        assert_eq!(parse_route(&msg, 142), None);
+    }
+}
