@@ -9,6 +9,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod devstats;
 pub mod events;
+pub mod flowlog;
 pub mod gateway;
 pub mod health;
 pub mod hostcheck;

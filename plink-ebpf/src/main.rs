@@ -19,6 +19,7 @@ mod bench_fwd;
 mod conntrack;
 mod consumer;
 mod endpoint;
+mod flowlog;
 mod forward;
 mod icmp;
 mod lb;

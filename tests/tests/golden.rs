@@ -307,6 +307,7 @@ impl Bench {
             Sizes {
                 conntrack,
                 lb_table: 1024,
+                ..Sizes::default()
             },
         )
         .unwrap();

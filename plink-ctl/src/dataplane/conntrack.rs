@@ -146,6 +146,12 @@ impl Dataplane {
         always_sweep: bool,
     ) -> anyhow::Result<GcReport> {
         let mut report = GcReport::default();
+        // Logged flows get their end record (expired, or purged).
+        let flow_ends = self.flow_ends.clone();
+        let timeouts = match flow_ends {
+            Some(_) => Some(self.global()?.timeouts),
+            None => None,
+        };
         let flows = self.flows()?;
         let mut freed_per_endpoint: BTreeMap<u32, u64> = BTreeMap::new();
         {
@@ -160,6 +166,14 @@ impl Dataplane {
             }
             // A superseded flow's reverse and port entries may be the new
             // flow's too: the orphan sweep removes them only if not.
+            if let (Some(sink), Some(t)) = (&flow_ends, &timeouts) {
+                let now = monotonic_ns();
+                for (k, v) in swept.gone.iter().chain(&swept.superseded) {
+                    if crate::flowlog::logged(v) {
+                        sink.send(k, v, flow_expired(v, now, t));
+                    }
+                }
+            }
             let gone = swept.gone;
             let mut rev: HashMap<_, CtRevKey, CtOwner> =
                 HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;

@@ -161,6 +161,8 @@ pub struct Sizes {
     pub conntrack: u32,
     /// Slots of the backend lookup table shared by all services.
     pub lb_table: u32,
+    /// Bytes of the flow-log ring buffer (a power of two, at least a page).
+    pub flow_log_ring: u32,
 }
 
 impl Default for Sizes {
@@ -168,6 +170,7 @@ impl Default for Sizes {
         Self {
             conntrack: plink_common::DEFAULT_CONNTRACK_ENTRIES,
             lb_table: plink_common::DEFAULT_LB_TABLE_ENTRIES,
+            flow_log_ring: plink_common::DEFAULT_FLOW_LOG_RING_BYTES,
         }
     }
 }
@@ -180,6 +183,8 @@ pub struct Dataplane {
     /// What this process last wrote to the large arrays, so that `apply`
     /// diffs against memory instead of reading every slot back.
     written: spec::Written,
+    /// Where the end records of logged flows the controller removes go.
+    flow_ends: Option<crate::flowlog::EndSink>,
 }
 
 /// Where the XDP link of `ifname` is pinned.
@@ -363,12 +368,35 @@ impl Dataplane {
             loader.map_max_entries(name, sizes.conntrack);
         }
         loader.map_max_entries(map_names::LB_TABLE, sizes.lb_table);
+        loader.map_max_entries(map_names::FLOW_LOG, sizes.flow_log_ring);
         let ebpf = loader.load(object).context("loading the eBPF object")?;
         Ok(Self {
             ebpf,
             pin_dir: dir,
             written: spec::Written::default(),
+            flow_ends: None,
         })
+    }
+
+    /// Starts the flow-log exporter on this dataplane's ring; the flows
+    /// the controller removes from then on get their end records.
+    pub fn start_flow_logs(
+        &mut self,
+        cfg: crate::flowlog::ExportConfig,
+    ) -> anyhow::Result<crate::flowlog::Exporter> {
+        let ring = self
+            .ebpf
+            .take_map(map_names::FLOW_LOG)
+            .context("the eBPF object has no FLOW_LOG map")?;
+        let lost = self
+            .ebpf
+            .take_map(map_names::FLOW_LOG_LOST)
+            .context("the eBPF object has no FLOW_LOG_LOST map")?;
+        let ring = aya::maps::RingBuf::try_from(ring)?;
+        let lost = aya::maps::PerCpuArray::try_from(lost)?;
+        let (exporter, sink) = crate::flowlog::start(ring, lost, cfg)?;
+        self.flow_ends = Some(sink);
+        Ok(exporter)
     }
 
     /// Loads both programs into the kernel (verifier) without attaching them.

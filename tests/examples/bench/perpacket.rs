@@ -146,6 +146,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 .collect(),
             lookup: vec![0],
             mss_clamp: plink_common::MSS_CLAMP_OFF,
+            flow_log_sample: 0,
         }],
         backends: vec![BackendSpec {
             id: 0,
