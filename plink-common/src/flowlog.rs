@@ -60,7 +60,7 @@ const _: () = assert!(core::mem::size_of::<FlowLogRecord>() == 136);
 /// flows (0 = off)? Deterministic per flow, so a flow gets both records.
 #[inline(always)]
 pub fn flow_log_sampled(hash: u32, sample: u16) -> bool {
-    sample != 0 && hash % sample as u32 == 0
+    sample != 0 && hash.is_multiple_of(u32::from(sample))
 }
 
 /// Default size of the `FLOW_LOG` ring in bytes (a power of two).

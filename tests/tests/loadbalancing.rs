@@ -569,6 +569,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
     let sizes = Sizes {
         conntrack: 131_072,
         lb_table: 4 * TABLE as u32,
+        ..Sizes::default()
     };
     let root = topo.bpffs_root().to_path_buf();
 

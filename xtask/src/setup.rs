@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     // promtool and a real Prometheus server for the metrics tests.
     ("prometheus", "promtool"),
+    // A real IPFIX collector (nfcapd) and its reader for the flow-log tests.
+    ("nfdump", "nfcapd"),
 ];
 
 /// Prefix under which rustc's own libLLVM is linked for building bpf-linker.

@@ -268,6 +268,7 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         Sizes {
             conntrack: 1 << 20,
             lb_table: 1024,
+            ..Sizes::default()
         },
     )?;
     dp.apply(&spec(i))?;
