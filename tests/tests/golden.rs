@@ -29,6 +29,8 @@ mod arp_and_isolation;
 mod caps_and_nat;
 #[path = "golden/conntrack.rs"]
 mod conntrack;
+#[path = "golden/flowlog.rs"]
+mod flowlog;
 #[path = "golden/fuzz.rs"]
 mod fuzz;
 #[path = "golden/icmp.rs"]

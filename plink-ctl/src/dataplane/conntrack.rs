@@ -118,6 +118,13 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The forward entry of flow `k`, if any.
+    pub fn flow(&mut self, k: &CtFwdKey) -> anyhow::Result<Option<CtFwdValue>> {
+        let fwd: HashMap<_, CtFwdKey, CtFwdValue> =
+            HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+        Ok(fwd.get(k, 0).ok())
+    }
+
     /// Removes every flow of `endpoint_id` (the endpoint was rejected or
     /// removed: set its state with `apply` first so no new flow appears).
     pub fn purge_endpoint(&mut self, endpoint_id: u32) -> anyhow::Result<GcReport> {

@@ -378,21 +378,26 @@ impl Dataplane {
         })
     }
 
+    /// The flow-log ring buffer, taken out of the dataplane (its one reader).
+    pub fn take_flow_log_ring(&mut self) -> anyhow::Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let ring = self
+            .ebpf
+            .take_map(map_names::FLOW_LOG)
+            .context("the eBPF object has no FLOW_LOG map (or its reader took it)")?;
+        Ok(aya::maps::RingBuf::try_from(ring)?)
+    }
+
     /// Starts the flow-log exporter on this dataplane's ring; the flows
     /// the controller removes from then on get their end records.
     pub fn start_flow_logs(
         &mut self,
         cfg: crate::flowlog::ExportConfig,
     ) -> anyhow::Result<crate::flowlog::Exporter> {
-        let ring = self
-            .ebpf
-            .take_map(map_names::FLOW_LOG)
-            .context("the eBPF object has no FLOW_LOG map")?;
+        let ring = self.take_flow_log_ring()?;
         let lost = self
             .ebpf
             .take_map(map_names::FLOW_LOG_LOST)
             .context("the eBPF object has no FLOW_LOG_LOST map")?;
-        let ring = aya::maps::RingBuf::try_from(ring)?;
         let lost = aya::maps::PerCpuArray::try_from(lost)?;
         let (exporter, sink) = crate::flowlog::start(ring, lost, cfg)?;
         self.flow_ends = Some(sink);
