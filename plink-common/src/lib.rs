@@ -80,6 +80,8 @@ pub mod map_names {
     pub const FLOW_LOG: &str = "FLOW_LOG";
     /// Flow-log records lost to a full ring, per CPU (not pinned).
     pub const FLOW_LOG_LOST: &str = "FLOW_LOG_LOST";
+    /// Datapath debug messages on / off (one u32; not pinned: off at start).
+    pub const DEBUG: &str = "DEBUG";
 
     /// Every map, in the order the controller pins them.
     pub const ALL: &[&str] = &[

@@ -272,6 +272,8 @@ impl Gateway {
         let mut dp =
             Dataplane::load_with(crate::EBPF_OBJECT, Some(&config.gateway.bpffs_root), sizes)?;
         dp.attach_all(config)?;
+        dp.start_datapath_log()
+            .context("starting the datapath's debug log")?;
         let flow_log_exporter = match flow_logs {
             Some(f) => Some(
                 dp.start_flow_logs(crate::flowlog::ExportConfig {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod devstats;
+pub mod dplog;
 pub mod events;
 pub mod flowlog;
 pub mod gateway;

@@ -176,6 +176,9 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     if fresh {
         stats::count_flow_created(v);
         flowlog::fresh(&key, v, opened == Opened::Restarted, now);
+        if crate::debug::enabled() {
+            crate::debug::opened(v);
+        }
     }
     let egress = v.hop_ifindex;
     let nat = Nat {

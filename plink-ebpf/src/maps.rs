@@ -127,3 +127,12 @@ pub static FLOW_LOG: RingBuf = RingBuf::with_byte_size(DEFAULT_FLOW_LOG_RING_BYT
 /// Flow-log records lost to a full ring (one slot, per CPU).
 #[map(name = "FLOW_LOG_LOST")]
 pub static FLOW_LOG_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Debug messages on (non-zero) or off: written by the controller
+/// (`plink-ctl debug on|off`); not pinned, so off at every start.
+#[map(name = "DEBUG")]
+pub static DEBUG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The last drop's reason and endpoint, per CPU, while debug is on.
+#[map(name = "DEBUG_LAST_DROP")]
+pub static DEBUG_LAST_DROP: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);

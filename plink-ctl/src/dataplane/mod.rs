@@ -378,6 +378,12 @@ impl Dataplane {
         })
     }
 
+    /// Forwards the datapath's debug messages to the log and takes the
+    /// switch for them (`crate::dplog`).
+    pub fn start_datapath_log(&mut self) -> anyhow::Result<()> {
+        crate::dplog::start(&mut self.ebpf)
+    }
+
     /// The flow-log ring buffer, taken out of the dataplane (its one reader).
     pub fn take_flow_log_ring(&mut self) -> anyhow::Result<aya::maps::RingBuf<aya::maps::MapData>> {
         let ring = self
