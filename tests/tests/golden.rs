@@ -29,6 +29,8 @@ mod arp_and_isolation;
 mod caps_and_nat;
 #[path = "golden/conntrack.rs"]
 mod conntrack;
+#[path = "golden/flowlog.rs"]
+mod flowlog;
 #[path = "golden/fuzz.rs"]
 mod fuzz;
 #[path = "golden/icmp.rs"]
@@ -307,6 +309,7 @@ impl Bench {
             Sizes {
                 conntrack,
                 lb_table: 1024,
+                ..Sizes::default()
             },
         )
         .unwrap();
