@@ -168,7 +168,8 @@ pub struct ServiceConfig {
     /// TCP MSS clamp on SYN and SYN-ACK: [`MSS_CLAMP_OFF`], [`MSS_CLAMP_AUTO`]
     /// or the largest MSS let through (host order).
     pub mss_clamp: u16,
-    pub _pad: u16,
+    /// Flow logs: 0 = off, N = one flow in N (by flow hash) is logged.
+    pub flow_log_sample: u16,
 }
 const _: () = assert!(core::mem::size_of::<ServiceConfig>() == 24 * 8 + 20);
 

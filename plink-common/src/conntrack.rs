@@ -54,7 +54,8 @@ pub struct CtFwdValue {
     pub tcp_state: u8,
     pub nat_slot: u8,
     pub proto: u8,
-    pub _pad: u8,
+    /// [`flow_flags`] bits (0 before flow logs existed).
+    pub flags: u8,
     /// `EP_GEN[endpoint_id].gen_id` when the flow was created: a flow whose
     /// endpoint changed since is no flow.
     pub ep_gen: u32,
@@ -75,8 +76,22 @@ pub struct CtFwdValue {
     pub hop_smac: [u8; 6],
     pub hop_dmac: [u8; 6],
     pub _pad2: [u8; 6],
+    /// Per-flow counters, kept only for flows with [`flow_flags::LOGGED`]
+    /// (their end record carries them; other flows never touch them).
+    /// `in` = consumer → service, `out` = service → consumer; IP lengths.
+    pub log_packets_in: u64,
+    pub log_bytes_in: u64,
+    pub log_packets_out: u64,
+    pub log_bytes_out: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 112);
+const _: () = assert!(core::mem::size_of::<CtFwdValue>() == 144);
+
+/// Bits of [`CtFwdValue::flags`].
+pub mod flow_flags {
+    /// The flow is flow-logged (its service samples flow logs and the flow
+    /// hash picked it): start and end records, per-flow counters.
+    pub const LOGGED: u8 = 1;
+}
 
 /// Key of `CT_REV`: a reply as the backend sends it, seen from the NAT side.
 #[repr(C)]

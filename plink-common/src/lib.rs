@@ -14,7 +14,7 @@ pub mod csum;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -76,6 +76,12 @@ pub mod map_names {
     pub const NAT_STATS: &str = "NAT_STATS";
     pub const DROPS: &str = "DROPS";
     pub const EP_DROPS: &str = "EP_DROPS";
+    /// Flow-log ring buffer (not pinned: a new controller reads a new ring).
+    pub const FLOW_LOG: &str = "FLOW_LOG";
+    /// Flow-log records lost to a full ring, per CPU (not pinned).
+    pub const FLOW_LOG_LOST: &str = "FLOW_LOG_LOST";
+    /// Datapath debug messages on / off (one u32; not pinned: off at start).
+    pub const DEBUG: &str = "DEBUG";
 
     /// Every map, in the order the controller pins them.
     pub const ALL: &[&str] = &[
@@ -132,12 +138,14 @@ pub const fn v4(octets: [u8; 4]) -> Addr {
 mod config;
 mod conntrack;
 mod counters;
+mod flowlog;
 mod hash;
 mod iface;
 
 pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
+pub use flowlog::*;
 pub use hash::*;
 pub use iface::*;
 
@@ -163,6 +171,7 @@ mod pod {
     unsafe impl aya::Pod for EpLimitState {}
     unsafe impl aya::Pod for EndpointGen {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for FlowLogRecord {}
 }
 
 #[cfg(test)]

@@ -940,6 +940,7 @@ fn restart_only_change(old: &Config, new: &Config) -> Option<String> {
         ("gateway.bpffs_root", o.bpffs_root != n.bpffs_root),
         ("gateway.conntrack.max_flows", o.conntrack != n.conntrack),
         ("gateway.event_log", o.event_log != n.event_log),
+        ("gateway.flow_logs", o.flow_logs != n.flow_logs),
         ("interfaces", old.interfaces != new.interfaces),
         ("fleet", old.fleet.is_some() != new.fleet.is_some()),
         (

@@ -135,6 +135,9 @@ pub struct Gateway {
     pub first_apply: Option<ApplyReport>,
     /// The NAT addresses as last applied, for events.
     nat_seen: crate::events::NatView,
+    /// The flow-log exporter thread (`gateway.flow_logs`), held for its
+    /// drop (which stops it).
+    _flow_log_exporter: Option<crate::flowlog::Exporter>,
 }
 
 /// The NAT addresses of `spec` by state, named by service (for events).
@@ -259,13 +262,29 @@ impl Gateway {
             .lb_table_slots()
             .try_into()
             .context("the Maglev tables of all services exceed 2^32 slots")?;
+        let flow_logs = config.gateway.flow_logs.as_ref();
         let sizes = Sizes {
             conntrack: config.gateway.conntrack.max_flows,
             lb_table,
+            // Without flow logs the ring takes one page.
+            flow_log_ring: flow_logs.map_or(4096, |f| f.ring_bytes),
         };
         let mut dp =
             Dataplane::load_with(crate::EBPF_OBJECT, Some(&config.gateway.bpffs_root), sizes)?;
         dp.attach_all(config)?;
+        dp.start_datapath_log()
+            .context("starting the datapath's debug log")?;
+        let flow_log_exporter = match flow_logs {
+            Some(f) => Some(
+                dp.start_flow_logs(crate::flowlog::ExportConfig {
+                    ipfix: f.ipfix,
+                    json: f.json.clone(),
+                    observation_domain: f.observation_domain,
+                })
+                .context("starting the flow-log exporter")?,
+            ),
+            None => None,
+        };
         Ok(Self {
             dp,
             spec: None,
@@ -279,6 +298,7 @@ impl Gateway {
             events: crate::events::Events::default(),
             first_apply: None,
             nat_seen: crate::events::NatView::default(),
+            _flow_log_exporter: flow_log_exporter,
         })
     }
 
@@ -667,6 +687,22 @@ fn snapshot_from(
             }),
             Err(e) => tracing::debug!(device = %iface.name, "device counters: {e:#}"),
         }
+    }
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &crate::flowlog::STATS;
+        snap.flow_log_lost = vec![
+            ("ring".into(), st.lost_ring.load(Relaxed)),
+            ("queue".into(), st.lost_queue.load(Relaxed)),
+        ];
+        snap.flow_log_exported = vec![
+            ("ipfix".into(), st.exported_ipfix.load(Relaxed)),
+            ("json".into(), st.exported_json.load(Relaxed)),
+        ];
+        snap.flow_log_errors = vec![
+            ("ipfix".into(), st.errors_ipfix.load(Relaxed)),
+            ("json".into(), st.errors_json.load(Relaxed)),
+        ];
     }
     Ok(snap)
 }

@@ -135,6 +135,15 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Switch the datapath's debug messages (drops with their reason, flows
+    /// opened) on or off at runtime; they go to the controller's log
+    /// (target `datapath`). Off at every start. Without on/off: show.
+    Debug {
+        #[arg(value_parser = ["on", "off"])]
+        state: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -322,6 +331,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             quiet,
             admin,
         } => drain_command(&admin, deadline.0, quiet.0),
+        Command::Debug { state, admin } => {
+            let on = state.map(|s| s == "on");
+            admin_command(&admin, Request::Debug { on }, |r| {
+                let v: serde_json::Value = decode(r)?;
+                let on = v["debug"].as_bool().unwrap_or(false);
+                println!("datapath debug messages: {}", if on { "on" } else { "off" });
+                Ok(())
+            })
+        }
         Command::Endpoints { command } => match command {
             EndpointsCommand::List(a) => {
                 // Columns are aligned to the widest cell: the table is

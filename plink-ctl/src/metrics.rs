@@ -127,6 +127,13 @@ pub struct Snapshot {
     pub apply_failures: u64,
     /// In a fleet with a shared store: whether it answers.
     pub fleet_store_up: Option<bool>,
+    /// Flow-log records lost, by where (`ring`: the datapath's ring was
+    /// full; `queue`: the exporter's queue from the GC was full).
+    pub flow_log_lost: Vec<(String, u64)>,
+    /// Flow-log records exported, by sink (`ipfix`, `json`).
+    pub flow_log_exported: Vec<(String, u64)>,
+    /// Flow-log export errors (a send or write failed), by sink.
+    pub flow_log_errors: Vec<(String, u64)>,
 }
 
 struct FamilyBuilder {
@@ -372,6 +379,33 @@ pub fn render(s: &Snapshot) -> String {
     );
     failures.sample(&[], s.apply_failures as f64);
     push(failures);
+
+    for (name, help, samples, label) in [
+        (
+            "plink_flow_log_lost_total",
+            "Flow-log records lost (the packets were forwarded), by where: ring (the datapath's ring buffer was full), queue (the exporter's queue was full).",
+            &s.flow_log_lost,
+            "where",
+        ),
+        (
+            "plink_flow_log_records_exported_total",
+            "Flow-log records exported, by sink.",
+            &s.flow_log_exported,
+            "sink",
+        ),
+        (
+            "plink_flow_log_export_errors_total",
+            "Flow-log messages or writes that failed, by sink.",
+            &s.flow_log_errors,
+            "sink",
+        ),
+    ] {
+        let mut f = FamilyBuilder::new(name, help, COUNTER);
+        for (l, v) in samples {
+            f.sample(&[(label, l)], *v as f64);
+        }
+        push(f);
+    }
 
     let mut drops = FamilyBuilder::new(
         "plink_drops_total",
@@ -620,6 +654,9 @@ mod tests {
             dataplane_in_sync: false,
             apply_failures: 2,
             fleet_store_up: Some(false),
+            flow_log_lost: vec![("ring".into(), 3), ("queue".into(), 0)],
+            flow_log_exported: vec![("ipfix".into(), 5), ("json".into(), 0)],
+            flow_log_errors: vec![("ipfix".into(), 0), ("json".into(), 0)],
         }
     }
 
@@ -636,6 +673,8 @@ mod tests {
             "plink_nat_ports_capacity{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 64512",
             "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 1",
             "plink_drops_total{reason=\"no_endpoint\"} 7",
+            "plink_flow_log_lost_total{where=\"ring\"} 3",
+            "plink_flow_log_records_exported_total{sink=\"ipfix\"} 5",
             "plink_conntrack_capacity 1024",
             "# TYPE plink_backend_up gauge",
             "# TYPE plink_drops_total counter",

@@ -95,6 +95,9 @@ pub struct ServiceModel {
     pub maglev_table_size: u32,
     #[serde(default)]
     pub mss_clamp: Option<MssClamp>,
+    /// Flow logs: 0 = off, N = one flow in N (`flow_logs.sample`).
+    #[serde(default)]
+    pub flow_log_sample: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +240,9 @@ impl Model {
                 health_check: s.health_check.clone(),
                 maglev_table_size: s.maglev_table_size,
                 mss_clamp: s.mss_clamp,
+                flow_log_sample: s
+                    .flow_logs
+                    .map_or(0, |f| u16::try_from(f.sample).unwrap_or(u16::MAX)),
             };
             by_name.insert(s.name.as_str(), id);
             services.insert(id, model);

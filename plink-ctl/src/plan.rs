@@ -372,6 +372,7 @@ pub fn plan(
                     u16::try_from(n).map_or(plink_common::MSS_CLAMP_OFF, |n| n.min(u16::MAX - 1))
                 }
             },
+            flow_log_sample: svc.flow_log_sample,
         });
         for b in &svc.backends {
             backends.push(BackendSpec {

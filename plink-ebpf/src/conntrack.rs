@@ -11,7 +11,7 @@ use plink_common::{
 };
 
 use crate::{
-    endpoint, lb, limits,
+    endpoint, flowlog, lb, limits,
     maps::{CT_FWD, CT_REV, EP_LIMITS, NAT_PORTS, SCRATCH_NEW_FLOW, SCRATCH_VICTIM, SERVICES},
     nat,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, load},
@@ -83,7 +83,12 @@ fn create(
     } else {
         0
     };
-    v._pad = 0;
+    // Set by `flowlog::fresh` once the packet is known to leave.
+    v.flags = 0;
+    v.log_packets_in = 0;
+    v.log_bytes_in = 0;
+    v.log_packets_out = 0;
+    v.log_bytes_out = 0;
     v.ep_gen = endpoint::generation(ep.endpoint_id);
     v.key_hash = hash;
     // Filled by the caller's route lookup.
@@ -170,8 +175,9 @@ pub fn reverse_key(rev: &mut CtRevKey, v: &CtFwdValue) {
 /// cap slot): forward, reverse and port entries, crediting a cap slot to the
 /// endpoint it was counted against. Whoever deletes the
 /// forward entry first frees the rest, so a flow is freed once.
+/// A logged flow gets its end record (`reason`, a `flow_end_reason`).
 #[inline(never)]
-pub fn evict(key: &CtFwdKey, v: &CtFwdValue) {
+pub fn evict(key: &CtFwdKey, v: &CtFwdValue, reason: u8) {
     let Some(s) = SCRATCH_VICTIM.get_ptr_mut(0) else {
         return;
     };
@@ -183,9 +189,16 @@ pub fn evict(key: &CtFwdKey, v: &CtFwdValue) {
     s.port.proto = v.proto;
     s.port._pad = 0;
     let endpoint_id = v.endpoint_id;
+    // The end record is written before the entry goes (its element may be
+    // reused at once) and sent only if this CPU removed the flow.
+    if flowlog::logged(v) {
+        flowlog::stash_end(key, v, reason, flowlog::now());
+    }
     if CT_FWD.remove(key).is_err() {
+        flowlog::stash_abort();
         return;
     }
+    flowlog::stash_commit();
     let _ = CT_REV.remove(&s.rev);
     let _ = NAT_PORTS.remove(&s.port);
     if let Some(l) = EP_LIMITS.get_ptr_mut(endpoint_id) {

@@ -13,7 +13,7 @@ use plink_common::{
 };
 
 use crate::{
-    arp, conntrack, endpoint,
+    arp, conntrack, endpoint, flowlog,
     forward::{self, NextHop},
     icmp, limits,
     maps::{CT_FWD, GLOBAL, INTERFACES, SCRATCH_ICMP},
@@ -89,7 +89,10 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     // SAFETY: helper without arguments. The coarse clock (one jiffy) is
     // what the expiry rule's slack allows for.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (v, opened) = match open(ctx, &f, &key, found, now, g) {
+    let opening = open(ctx, &f, &key, found, now, g);
+    // End records of logged flows the datapath removed on the way.
+    flowlog::flush_victim();
+    let (v, opened) = match opening {
         Ok(o) => o,
         Err(action) => return action,
     };
@@ -172,6 +175,10 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     }
     if fresh {
         stats::count_flow_created(v);
+        flowlog::fresh(&key, v, opened == Opened::Restarted, now);
+        if crate::debug::enabled() {
+            crate::debug::opened(v);
+        }
     }
     let egress = v.hop_ifindex;
     let nat = Nat {
@@ -258,6 +265,9 @@ fn emit<const SYNS: bool>(
         mss::on_syn(ctx, f, v.service_id, v.endpoint_id, egress, mss::IN);
     }
     stats::count_packet(v, f.tot_len as u64, false);
+    if flowlog::logged(v) {
+        flowlog::count(v, f.tot_len as u64, false);
+    }
     forward::redirect(egress, v.endpoint_id)
 }
 
@@ -304,7 +314,7 @@ fn open(
         }
         // Left by an endpoint that changed (re-pointed, or its id reused):
         // no flow of this endpoint, and never to be used again.
-        conntrack::evict(key, vr);
+        conntrack::evict(key, vr, plink_common::flow_end_reason::EVICTED);
     }
     if !opens {
         return Err(drop(DropReason::TcpNoFlow, ep.endpoint_id));

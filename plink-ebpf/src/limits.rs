@@ -78,7 +78,7 @@ fn reclaim_recent(endpoint_id: u32, now: u64) -> bool {
         let v = unsafe { &*v };
         if v.endpoint_id == endpoint_id && flow_expired(v, now, &g.timeouts) {
             // Credits the endpoint's slot (or another CPU or the GC did).
-            conntrack::evict(key, v);
+            conntrack::evict(key, v, crate::flowlog::end_reason(v));
             return true;
         }
     }

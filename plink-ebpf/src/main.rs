@@ -18,7 +18,9 @@ mod arp;
 mod bench_fwd;
 mod conntrack;
 mod consumer;
+mod debug;
 mod endpoint;
+mod flowlog;
 mod forward;
 mod icmp;
 mod lb;
@@ -43,7 +45,11 @@ pub fn plink_consumer(ctx: XdpContext) -> u32 {
     let Some((ifindex, stats)) = count_interface(&ctx) else {
         return stats::drop(plink_common::DropReason::UnknownInterface, stats::NO_EP);
     };
-    count_verdict(stats, consumer::handle(&ctx, ifindex))
+    let verdict = consumer::handle(&ctx, ifindex);
+    if verdict == xdp_action::XDP_DROP && debug::enabled() {
+        debug::dropped(0);
+    }
+    count_verdict(stats, verdict)
 }
 
 /// Provider-facing interface.
@@ -53,7 +59,11 @@ pub fn plink_provider(ctx: XdpContext) -> u32 {
         // Not an interface plink was told about: the kernel's.
         return xdp_action::XDP_PASS;
     };
-    count_verdict(stats, provider::handle(&ctx, ifindex))
+    let verdict = provider::handle(&ctx, ifindex);
+    if verdict == xdp_action::XDP_DROP && debug::enabled() {
+        debug::dropped(1);
+    }
+    count_verdict(stats, verdict)
 }
 
 /// Passes every frame. Attached to the far end of a veth pair, it turns on

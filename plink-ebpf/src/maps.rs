@@ -3,14 +3,14 @@
 use crate::scratch::{IcmpWork, NewFlow, Victim};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use plink_common::{
     Addr, BackendInfo, Counters, CtFwdKey, CtFwdValue, CtOwner, CtRevKey,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_LB_TABLE_ENTRIES, DropReason, EP_RECENT_FLOWS, EndpointGen,
-    EndpointKey, EndpointValue, EpLimitState, GlobalConfig, IfStats, IfaceInfo, MAX_BACKENDS,
-    MAX_ENDPOINTS, MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES, NatAddrInfo, NatPortKey,
-    NetAddrKey, ServiceConfig,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FLOW_LOG_RING_BYTES, DEFAULT_LB_TABLE_ENTRIES, DropReason,
+    EP_RECENT_FLOWS, EndpointGen, EndpointKey, EndpointValue, EpLimitState, GlobalConfig, IfStats,
+    IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES,
+    NatAddrInfo, NatPortKey, NetAddrKey, ServiceConfig,
 };
 
 /// Per-interface counters keyed by ifindex. The controller inserts a zeroed
@@ -118,3 +118,21 @@ pub static SCRATCH_VICTIM: PerCpuArray<Victim> = PerCpuArray::with_max_entries(1
 
 #[map(name = "SCRATCH_ICMP")]
 pub static SCRATCH_ICMP: PerCpuArray<IcmpWork> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flow-log records (`flowlog.rs`) for the controller. Sized at load
+/// (`gateway.flow_logs.ring_bytes`); not pinned.
+#[map(name = "FLOW_LOG")]
+pub static FLOW_LOG: RingBuf = RingBuf::with_byte_size(DEFAULT_FLOW_LOG_RING_BYTES, 0);
+
+/// Flow-log records lost to a full ring (one slot, per CPU).
+#[map(name = "FLOW_LOG_LOST")]
+pub static FLOW_LOG_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Debug messages on (non-zero) or off: written by the controller
+/// (`plink-ctl debug on|off`); not pinned, so off at every start.
+#[map(name = "DEBUG")]
+pub static DEBUG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The last drop's reason and endpoint, per CPU, while debug is on.
+#[map(name = "DEBUG_LAST_DROP")]
+pub static DEBUG_LAST_DROP: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);

@@ -8,6 +8,7 @@ use plink_common::{
 
 use crate::{
     conntrack::{EEXIST, entry_is, reverse_key},
+    flowlog,
     maps::{CT_FWD, CT_REV, EP_LIMITS, GLOBAL, NAT_PORTS, SCRATCH_VICTIM},
     scratch::NewFlow,
 };
@@ -143,6 +144,12 @@ fn reclaim_port(s: &mut NewFlow, now: u64) -> bool {
     if !flow_expired(v, now, &g.timeouts) || !entry_is(v, key_hash) {
         return false;
     }
+    // A logged flow's end record, written before its entry goes (with
+    // little live here: the chain's stack is full) and sent, by the slow
+    // path once this chain returned, only if this CPU removes the flow.
+    if flowlog::logged(v) {
+        flowlog::stash_end(fwd, v, flowlog::end_reason(v), now);
+    }
     let Some(victim) = SCRATCH_VICTIM.get_ptr_mut(0) else {
         return false;
     };
@@ -152,9 +159,12 @@ fn reclaim_port(s: &mut NewFlow, now: u64) -> bool {
     let endpoint_id = v.endpoint_id;
     let owns_port = v.nat_addr_be == s.port.addr_be && v.nat_port_be == s.port.port_be;
     if CT_FWD.remove(fwd).is_err() {
-        // Another CPU or the GC removed it first, and frees the rest.
+        // Another CPU or the GC removed it first, and frees the rest
+        // (and writes its end record).
+        flowlog::stash_abort();
         return false;
     }
+    flowlog::stash_commit();
     let _ = CT_REV.remove(victim);
     let _ = NAT_PORTS.remove(&s.port);
     if let Some(l) = EP_LIMITS.get_ptr_mut(endpoint_id) {

@@ -10,7 +10,7 @@ use plink_common::{
 };
 
 use crate::{
-    arp, conntrack, endpoint, forward, icmp,
+    arp, conntrack, endpoint, flowlog, forward, icmp,
     maps::{CT_FWD, CT_REV, GLOBAL, INTERFACES, NAT_ADDRS},
     mss,
     parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4},
@@ -141,6 +141,9 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         mss::OUT,
     );
     stats::count_packet(v, f.tot_len as u64, true);
+    if flowlog::logged(v) {
+        flowlog::count(v, f.tot_len as u64, true);
+    }
     forward::redirect(v.ingress_ifindex, endpoint_id)
 }
 

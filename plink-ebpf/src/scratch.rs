@@ -1,7 +1,7 @@
 //! The per-CPU scratch areas of the slow paths (one per use, each in its own
 //! per-CPU map in `maps.rs`): working sets too large for the 512-byte BPF
 //! stack. XDP runs to completion on its CPU, so a slot is this packet's.
-use plink_common::{CtFwdKey, CtFwdValue, CtOwner, CtRevKey, NatPortKey};
+use plink_common::{CtFwdKey, CtFwdValue, CtOwner, CtRevKey, FlowLogRecord, NatPortKey};
 
 /// A new flow's three entries as they are built and inserted
 /// (`conntrack::new_flow`); `conntrack::release` reads them back.
@@ -19,6 +19,14 @@ pub struct NewFlow {
 pub struct Victim {
     pub rev: CtRevKey,
     pub port: NatPortKey,
+    /// Non-zero: `record` is the end record of a logged flow removed deep
+    /// in the new-flow call chain (no stack left there for the ring
+    /// buffer), written out by `flowlog::flush_victim` at the top.
+    pub pending: u32,
+    /// Non-zero: `record` was written for a flow about to be removed; it
+    /// becomes pending once the removal succeeded.
+    pub stashed: u32,
+    pub record: FlowLogRecord,
 }
 
 /// ICMP error translation: the quoted packet's conntrack keys, and where a

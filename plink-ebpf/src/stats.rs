@@ -17,6 +17,7 @@ pub fn drop(reason: DropReason, endpoint_id: u32) -> u32 {
 // Out of line: every drop site shares one copy.
 #[inline(never)]
 fn count_drop(reason: u32, endpoint_id: u32) {
+    crate::debug::note_drop(reason, endpoint_id);
     if let Some(c) = DROPS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot, no other writer on this CPU.
         unsafe { *c += 1 };

@@ -52,6 +52,10 @@ pub struct Options {
     pub dns_backends: String,
     /// Extra lines of the `orders` service (e.g. a `health_check`), indented.
     pub orders_extra: String,
+    /// Extra lines of the `billing` service, indented.
+    pub billing_extra: String,
+    /// Extra lines of the `dns` service, indented.
+    pub dns_extra: String,
 }
 
 impl Default for Options {
@@ -62,6 +66,8 @@ impl Default for Options {
             dns_nat_ports: "20000-29999".into(),
             dns_backends: "[{address: 198.51.100.20}]".into(),
             orders_extra: String::new(),
+            billing_extra: String::new(),
+            dns_extra: String::new(),
         }
     }
 }
@@ -73,6 +79,8 @@ pub fn config(topo: &Topology, opts: &Options) -> anyhow::Result<String> {
     let dns_nat_ports = &opts.dns_nat_ports;
     let dns_backends = &opts.dns_backends;
     let orders_extra = &opts.orders_extra;
+    let billing_extra = &opts.billing_extra;
+    let dns_extra = &opts.dns_extra;
     Ok(format!(
         "{gw}{gateway_extra}\
 interfaces:
@@ -95,14 +103,14 @@ services:
     nat: {{addresses: [198.51.100.201], ports: 20000-29999}}
     visibility: ['*']
     auto_approve: [tenant-b]
-  - name: dns
+{billing_extra}  - name: dns
     protocol: udp
     ports: [{{port: 53, target_port: 5353}}]
     backends: {dns_backends}
     nat: {{addresses: [198.51.100.202], ports: {dns_nat_ports}}}
     visibility: ['*']
     auto_approve: ['*']
-endpoints:
+{dns_extra}endpoints:
   - {{name: orders-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.50, service: orders}}
   - {{name: billing-b, tenant: {orders_b_tenant}, network: vnet-b, address: 192.0.2.50, service: billing}}
   - {{name: dns-a, tenant: tenant-a, network: vnet-a, address: 192.0.2.53, service: dns}}

@@ -31,6 +31,8 @@ mod caps_and_nat;
 mod conntrack;
 #[path = "golden/fleet.rs"]
 mod fleet;
+#[path = "golden/flowlog.rs"]
+mod flowlog;
 #[path = "golden/fuzz.rs"]
 mod fuzz;
 #[path = "golden/icmp.rs"]
@@ -309,6 +311,7 @@ impl Bench {
             Sizes {
                 conntrack,
                 lb_table: 1024,
+                ..Sizes::default()
             },
         )
         .unwrap();

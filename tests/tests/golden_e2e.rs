@@ -90,6 +90,7 @@ impl PassXdp {
                     let small = Sizes {
                         conntrack: 16,
                         lb_table: 16,
+                        ..Sizes::default()
                     };
                     let mut dp = Dataplane::load_with(EBPF_OBJECT, None, small)?;
                     dp.attach(ifindex, InterfaceRole::Provider, XdpMode::Driver)?;
@@ -220,6 +221,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                 }],
                 lookup: vec![0; 13],
                 mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
             },
             ServiceSpec {
                 id: 1,
@@ -230,6 +232,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
                 }],
                 lookup: vec![1; 13],
                 mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
             },
         ],
         backends: vec![

@@ -540,6 +540,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
             }],
             lookup: vec![generation % BACKENDS; TABLE],
             mss_clamp: plink_common::MSS_CLAMP_OFF,
+            flow_log_sample: 0,
         }],
         backends: (0..BACKENDS)
             .map(|id| BackendSpec {
@@ -569,6 +570,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
     let sizes = Sizes {
         conntrack: 131_072,
         lb_table: 4 * TABLE as u32,
+        ..Sizes::default()
     };
     let root = topo.bpffs_root().to_path_buf();
 

@@ -28,6 +28,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
     // bgpd, bfdd and zebra for the fleet (announcement, BFD, the ECMP router).
     ("frr", "vtysh"),
+    // A real IPFIX collector (nfcapd) and its reader for the flow-log tests.
+    ("nfdump", "nfcapd"),
 ];
 
 /// Prefix under which rustc's own libLLVM is linked for building bpf-linker.

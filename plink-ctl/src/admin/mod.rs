@@ -46,6 +46,12 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+    /// The datapath's debug messages (aya-log, into the controller's log):
+    /// on, off, or (None) just ask.
+    Debug {
+        #[serde(default)]
+        on: Option<bool>,
+    },
 }
 
 impl Request {

@@ -377,6 +377,16 @@ fn handle_locked(controller: &Mutex<Controller>, request: Request) -> Response {
     };
     match request {
         Request::Status => Response::ok(c.status()),
+        Request::Debug { on } => {
+            let set = on.map_or(Ok(()), crate::dplog::set);
+            match (set, crate::dplog::get()) {
+                (Ok(()), Some(now)) => Response::ok(serde_json::json!({ "debug": now })),
+                (Err(e), _) => Response::error(e.to_string(), Vec::new()),
+                (Ok(()), None) => {
+                    Response::error("the dataplane is not running in this process", Vec::new())
+                }
+            }
+        }
         Request::Approve { name } => act(&mut c, &name, Action::Approve),
         Request::Reject { name } => act(&mut c, &name, Action::Reject),
         Request::Remove { name } => act(&mut c, &name, Action::Remove),

@@ -226,6 +226,9 @@ pub struct Gateway {
     /// path or `stdout`. Unset: events are kept in memory only (for
     /// `plink-ctl events`).
     pub event_log: Option<EventLogTarget>,
+    /// Where flow logs (the datapath's per-flow records of services with
+    /// `flow_logs`) are exported; none: not collected.
+    pub flow_logs: Option<FlowLogExport>,
 }
 
 impl Default for Gateway {
@@ -240,6 +243,7 @@ impl Default for Gateway {
             timeouts: Timeouts::default(),
             endpoint_defaults: EndpointDefaults::default(),
             event_log: None,
+            flow_logs: None,
         }
     }
 }
@@ -587,6 +591,42 @@ pub struct Service {
     /// TCP MSS clamping on SYN and SYN-ACK; off when absent.
     #[serde(default)]
     pub mss_clamp: Option<MssClamp>,
+    /// Flow logs of this service's flows (exported as `gateway.flow_logs`
+    /// says); off when absent.
+    #[serde(default)]
+    pub flow_logs: Option<ServiceFlowLogs>,
+}
+
+/// `services[].flow_logs`: which of the service's flows are logged.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFlowLogs {
+    /// One flow in `sample` is logged (1 = every flow), picked by the flow
+    /// hash so that a logged flow has its start and its end record.
+    pub sample: u32,
+}
+
+/// `gateway.flow_logs`: where flow-log records go, and the datapath ring.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FlowLogExport {
+    /// IPFIX collector (`address:port`, UDP).
+    #[serde(default)]
+    pub ipfix: Option<SocketAddr>,
+    /// JSON-lines file (absolute path, appended to).
+    #[serde(default)]
+    pub json: Option<PathBuf>,
+    /// Size of the datapath's ring buffer in bytes: a power of two, at
+    /// least 4096 (restart only).
+    #[serde(default = "default_flow_log_ring_bytes")]
+    pub ring_bytes: u32,
+    /// IPFIX observation domain id.
+    #[serde(default)]
+    pub observation_domain: u32,
+}
+
+fn default_flow_log_ring_bytes() -> u32 {
+    plink_common::DEFAULT_FLOW_LOG_RING_BYTES
 }
 
 /// `mss_clamp` of a TCP service: the largest MSS option a SYN or SYN-ACK

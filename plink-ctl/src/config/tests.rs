@@ -734,3 +734,62 @@ fn announce_and_next_hop_errors_say_what_is_wrong() {
     let cfg = Config::parse(Path::new(FILE), &ok).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.announce.map(|a| a.metric), Some(4242));
 }
+
+#[test]
+fn flow_logs_are_per_service_with_a_gateway_exporter() {
+    let gw = "  state_dir: /var/lib/plink\n";
+    let with = |export: &str, sample: &str| {
+        let t = edit(gw, &format!("{gw}{export}"));
+        t.replacen(
+            "    protocol: tcp\n",
+            &format!("    protocol: tcp\n{sample}"),
+            1,
+        )
+    };
+    let cfg = Config::parse(Path::new(FILE), BASE).expect("valid");
+    assert_eq!(cfg.gateway.flow_logs, None, "off by default");
+    assert_eq!(cfg.services[0].flow_logs, None);
+
+    let text = with(
+        "  flow_logs: {ipfix: '198.51.100.50:4739', json: /var/log/plink/flows.jsonl}\n",
+        "    flow_logs: {sample: 10}\n",
+    );
+    let cfg = Config::parse(Path::new(FILE), &text).expect("valid");
+    let f = cfg.gateway.flow_logs.as_ref().expect("set");
+    assert_eq!(f.ipfix, Some("198.51.100.50:4739".parse().unwrap()));
+    assert_eq!(f.ring_bytes, plink_common::DEFAULT_FLOW_LOG_RING_BYTES);
+    assert_eq!(cfg.services[0].flow_logs.map(|f| f.sample), Some(10));
+
+    let text = with(
+        "  flow_logs: {ipfix: '198.51.100.50:4739'}\n",
+        "    flow_logs: {sample: 0}\n",
+    );
+    assert_error(
+        &errors(&text),
+        at(&text, "0}", 0),
+        "sample 0 is out of range",
+    );
+
+    let text = with("", "    flow_logs: {sample: 1}\n");
+    assert_error(
+        &errors(&text),
+        at(&text, "{sample: 1}", 0),
+        "set gateway.flow_logs",
+    );
+
+    let text = with("  flow_logs: {ring_bytes: 4096}\n", "");
+    assert_error(
+        &errors(&text),
+        at(&text, "{ring_bytes", 0),
+        "exports nowhere",
+    );
+
+    let text = with("  flow_logs: {json: flows.jsonl, ring_bytes: 5000}\n", "");
+    let diags = errors(&text);
+    assert_error(
+        &diags,
+        at(&text, "flows.jsonl", 0),
+        "not an absolute file path",
+    );
+    assert_error(&diags, at(&text, "5000", 0), "no ring size");
+}

@@ -259,6 +259,42 @@ fn gateway(cfg: &Config, p: &mut Problems) {
             ),
         );
     }
+    if let Some(f) = &g.flow_logs {
+        if f.ipfix.is_none() && f.json.is_none() {
+            p.push(
+                "gateway.flow_logs",
+                "exports nowhere: set ipfix (collector address:port) and/or json (a file path)",
+            );
+        }
+        if let Some(path) = &f.json
+            && (!path.is_absolute() || path.file_name().is_none())
+        {
+            p.push(
+                "gateway.flow_logs.json",
+                format!(
+                    "{:?} is not an absolute file path, e.g. /var/log/plink/flows.jsonl",
+                    path.display().to_string()
+                ),
+            );
+        }
+        if let Some(a) = f.ipfix
+            && (a.port() == 0 || a.ip().is_unspecified())
+        {
+            p.push(
+                "gateway.flow_logs.ipfix",
+                format!("{a} is no collector address: give address:port, e.g. 198.51.100.50:4739"),
+            );
+        }
+        if !f.ring_bytes.is_power_of_two() || !(4096..=1 << 30).contains(&f.ring_bytes) {
+            p.push(
+                "gateway.flow_logs.ring_bytes",
+                format!(
+                    "{} is no ring size: use a power of two from 4096 to 1073741824 bytes",
+                    f.ring_bytes
+                ),
+            );
+        }
+    }
 }
 
 /// Checks `announce` and the interfaces' next hops.
@@ -658,6 +694,24 @@ fn services(cfg: &Config, p: &mut Problems) {
                     ),
                 );
             }
+        }
+
+        if let Some(f) = s.flow_logs
+            && !(1..=u32::from(u16::MAX)).contains(&f.sample)
+        {
+            p.push(
+                format!("{path}.flow_logs.sample"),
+                format!(
+                    "sample {} is out of range: use 1 (every flow) to 65535 (one flow in 65535)",
+                    f.sample
+                ),
+            );
+        }
+        if s.flow_logs.is_some() && cfg.gateway.flow_logs.is_none() {
+            p.push(
+                format!("{path}.flow_logs"),
+                "flow logs of this service go nowhere: set gateway.flow_logs (ipfix and/or json)",
+            );
         }
 
         let m = s.maglev_table_size;

@@ -254,6 +254,13 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The forward entry of flow `k`, if any.
+    pub fn flow(&mut self, k: &CtFwdKey) -> anyhow::Result<Option<CtFwdValue>> {
+        let fwd: HashMap<_, CtFwdKey, CtFwdValue> =
+            HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
+        Ok(fwd.get(k, 0).ok())
+    }
+
     /// Removes every flow of `endpoint_id` (the endpoint was rejected or
     /// removed: set its state with `apply` first so no new flow appears).
     pub fn purge_endpoint(&mut self, endpoint_id: u32) -> anyhow::Result<GcReport> {
@@ -316,10 +323,21 @@ impl Dataplane {
         candidates: &[CtFwdKey],
         doomed: &mut impl FnMut(&CtFwdKey, &CtFwdValue, u64) -> bool,
     ) -> anyhow::Result<Removed> {
+        let flow_ends = self.flow_ends.clone();
+        let timeouts = self.global()?.timeouts;
         let mut freed_per_endpoint: BTreeMap<u32, u64> = BTreeMap::new();
         let mut fwd: HashMap<_, CtFwdKey, CtFwdValue> =
             HashMap::try_from(self.map_mut(map_names::CT_FWD)?)?;
         let swept = sweep_forward(&mut fwd, candidates, doomed)?;
+        // Logged flows get their end record (expired, or purged).
+        if let Some(sink) = &flow_ends {
+            let now = monotonic_ns();
+            for (k, v) in swept.gone.iter().chain(&swept.superseded) {
+                if crate::flowlog::logged(v) {
+                    sink.send(k, v, flow_expired(v, now, &timeouts));
+                }
+            }
+        }
         let mut out = Removed {
             flows: 0,
             superseded: !swept.superseded.is_empty(),

@@ -162,6 +162,8 @@ pub struct Sizes {
     pub conntrack: u32,
     /// Slots of the backend lookup table shared by all services.
     pub lb_table: u32,
+    /// Bytes of the flow-log ring buffer (a power of two, at least a page).
+    pub flow_log_ring: u32,
 }
 
 impl Default for Sizes {
@@ -169,6 +171,7 @@ impl Default for Sizes {
         Self {
             conntrack: plink_common::DEFAULT_CONNTRACK_ENTRIES,
             lb_table: plink_common::DEFAULT_LB_TABLE_ENTRIES,
+            flow_log_ring: plink_common::DEFAULT_FLOW_LOG_RING_BYTES,
         }
     }
 }
@@ -185,6 +188,8 @@ pub struct Dataplane {
     orphans_swept_at: Option<std::time::Instant>,
     /// Where the GC's sweep of the flow table is.
     gc_sweep: conntrack::GcSweep,
+    /// Where the end records of logged flows the controller removes go.
+    flow_ends: Option<crate::flowlog::EndSink>,
 }
 
 /// Where the XDP link of `ifname` is pinned.
@@ -368,6 +373,7 @@ impl Dataplane {
             loader.map_max_entries(name, sizes.conntrack);
         }
         loader.map_max_entries(map_names::LB_TABLE, sizes.lb_table);
+        loader.map_max_entries(map_names::FLOW_LOG, sizes.flow_log_ring);
         let ebpf = loader.load(object).context("loading the eBPF object")?;
         Ok(Self {
             ebpf,
@@ -375,7 +381,40 @@ impl Dataplane {
             written: spec::Written::default(),
             orphans_swept_at: None,
             gc_sweep: Default::default(),
+            flow_ends: None,
         })
+    }
+
+    /// Forwards the datapath's debug messages to the log and takes the
+    /// switch for them (`crate::dplog`).
+    pub fn start_datapath_log(&mut self) -> anyhow::Result<()> {
+        crate::dplog::start(&mut self.ebpf)
+    }
+
+    /// The flow-log ring buffer, taken out of the dataplane (its one reader).
+    pub fn take_flow_log_ring(&mut self) -> anyhow::Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let ring = self
+            .ebpf
+            .take_map(map_names::FLOW_LOG)
+            .context("the eBPF object has no FLOW_LOG map (or its reader took it)")?;
+        Ok(aya::maps::RingBuf::try_from(ring)?)
+    }
+
+    /// Starts the flow-log exporter on this dataplane's ring; the flows
+    /// the controller removes from then on get their end records.
+    pub fn start_flow_logs(
+        &mut self,
+        cfg: crate::flowlog::ExportConfig,
+    ) -> anyhow::Result<crate::flowlog::Exporter> {
+        let ring = self.take_flow_log_ring()?;
+        let lost = self
+            .ebpf
+            .take_map(map_names::FLOW_LOG_LOST)
+            .context("the eBPF object has no FLOW_LOG_LOST map")?;
+        let lost = aya::maps::PerCpuArray::try_from(lost)?;
+        let (exporter, sink) = crate::flowlog::start(ring, lost, cfg)?;
+        self.flow_ends = Some(sink);
+        Ok(exporter)
     }
 
     /// Loads both programs into the kernel (verifier) without attaching them.

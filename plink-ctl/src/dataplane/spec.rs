@@ -156,6 +156,8 @@ pub struct ServiceSpec {
     /// TCP MSS clamp on SYN and SYN-ACK: `plink_common::MSS_CLAMP_OFF`,
     /// `MSS_CLAMP_AUTO`, or the largest MSS let through.
     pub mss_clamp: u16,
+    /// Flow logs: 0 = off, N = one flow in N is logged.
+    pub flow_log_sample: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -646,7 +648,7 @@ impl Dataplane {
                     lb_size: size,
                     enabled: 1,
                     mss_clamp: s.mss_clamp,
-                    _pad: 0,
+                    flow_log_sample: s.flow_log_sample,
                 },
             );
         }
@@ -1029,6 +1031,7 @@ mod tests {
                 }],
                 lookup: vec![0, NO_BACKEND, 0],
                 mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
             }],
             backends: vec![BackendSpec {
                 id: 0,

@@ -66,7 +66,7 @@ pub struct Output {
     pub json: serde_json::Value,
 }
 
-const ROWS: [&str; 7] = [
+const ROWS: [&str; 9] = [
     "bench_fwd (minimal forwarder)",
     "forward established",
     "reverse established",
@@ -74,7 +74,11 @@ const ROWS: [&str; 7] = [
     "drop (no endpoint)",
     "drop (IPv6)",
     "drop (TCP without a flow)",
+    "forward established, flow logs on",
+    "reverse established, flow logs on",
 ];
+/// Endpoint port of the flow-logged service (every flow logged).
+const LOGGED_PORT: u16 = 54;
 
 struct Ifaces {
     c1: u32,
@@ -135,24 +139,47 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
             },
         ],
         timeouts: TimeoutSpec::default(),
-        services: vec![ServiceSpec {
-            id: 0,
-            nat: (0..8)
-                .map(|n| NatSpec {
-                    addr: Ipv4Addr::new(198, 19, 0, 200 + n),
+        services: vec![
+            ServiceSpec {
+                id: 0,
+                nat: (0..8)
+                    .map(|n| NatSpec {
+                        addr: Ipv4Addr::new(198, 19, 0, 200 + n),
+                        ports: 1024..=65535,
+                        draining: false,
+                    })
+                    .collect(),
+                lookup: vec![0],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
+            },
+            // The same service with every flow logged: the flow-logs rows.
+            ServiceSpec {
+                id: 1,
+                nat: vec![NatSpec {
+                    addr: Ipv4Addr::new(198, 19, 1, 200),
                     ports: 1024..=65535,
                     draining: false,
-                })
-                .collect(),
-            lookup: vec![0],
-            mss_clamp: plink_common::MSS_CLAMP_OFF,
-        }],
-        backends: vec![BackendSpec {
-            id: 0,
-            service_id: 0,
-            addr: BACKEND,
-            state: BackendState::Active,
-        }],
+                }],
+                lookup: vec![1],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 1,
+            },
+        ],
+        backends: vec![
+            BackendSpec {
+                id: 0,
+                service_id: 0,
+                addr: BACKEND,
+                state: BackendState::Active,
+            },
+            BackendSpec {
+                id: 1,
+                service_id: 1,
+                addr: BACKEND,
+                state: BackendState::Active,
+            },
+        ],
         endpoints: vec![
             EndpointSpec {
                 id: 0,
@@ -167,6 +194,25 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 state: EndpointState::Approved,
                 max_flows: 100_000_000,
                 new_flows_per_sec: 100_000_000,
+            },
+            EndpointSpec {
+                id: 2,
+                service_id: 1,
+                ports: vec![PortSpec {
+                    port: LOGGED_PORT,
+                    target_port: 5353,
+                }],
+                ..EndpointSpec {
+                    id: 0,
+                    network_id: 1,
+                    addr: ENDPOINT,
+                    service_id: 0,
+                    protocol: Protocol::Udp,
+                    ports: Vec::new(),
+                    state: EndpointState::Approved,
+                    max_flows: 100_000_000,
+                    new_flows_per_sec: 100_000_000,
+                }
             },
             // For the `TCP without a flow` row: an ACK that opens nothing.
             EndpointSpec {
@@ -268,6 +314,7 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         Sizes {
             conntrack: 1 << 20,
             lb_table: 1024,
+            ..Sizes::default()
         },
     )?;
     dp.apply(&spec(i))?;
@@ -290,6 +337,31 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         let nat = Ipv4Addr::new(o[26], o[27], o[28], o[29]);
         let nat_port = u16::from_be_bytes([o[34], o[35]]);
         rev.push(udp((BACKEND, 5353), (nat, nat_port), BACKEND_MAC, i.p0_mac));
+    }
+    // The same for flows of the flow-logged service (their start records
+    // fill part of the ring, which nobody reads here).
+    let logged_fwd: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|n| {
+            udp(
+                (CLIENT, 20_000 + n),
+                (ENDPOINT, LOGGED_PORT),
+                CLIENT_MAC,
+                i.c1_mac,
+            )
+        })
+        .collect();
+    let mut logged_rev = Vec::with_capacity(logged_fwd.len());
+    for f in &logged_fwd {
+        let r = plink_tests::golden::run(dp.program(prog_names::CONSUMER)?, i.c1, f)?;
+        ensure!(
+            r.verdict == verdict::REDIRECT,
+            "opening a logged flow: verdict {}",
+            r.verdict
+        );
+        let o = &r.output;
+        let nat = Ipv4Addr::new(o[26], o[27], o[28], o[29]);
+        let nat_port = u16::from_be_bytes([o[34], o[35]]);
+        logged_rev.push(udp((BACKEND, 5353), (nat, nat_port), BACKEND_MAC, i.p0_mac));
     }
     let ref_frames: Vec<Vec<u8>> = (0..FLOWS)
         .map(|n| udp((CLIENT, 20_000 + n), (BACKEND, 5353), CLIENT_MAC, i.c1_mac))
@@ -401,6 +473,31 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
             "drop: not every run counted as {r:?}"
         );
     }
+    // Established flows with flow logs on (their per-flow counters).
+    let d0 = drops(&mut dp)?;
+    let logged_created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
+        Ok(dp.counters(CounterKind::Endpoint, 2)?.flows_created)
+    };
+    let l0 = logged_created(&mut dp)?;
+    out.push(measure(
+        dp.program(prog_names::CONSUMER)?,
+        i.c1,
+        runs,
+        verdict::REDIRECT,
+        |n| pick(&logged_fwd, n),
+    )?);
+    out.push(measure(
+        dp.program(prog_names::PROVIDER)?,
+        i.p0,
+        runs,
+        verdict::REDIRECT,
+        |n| pick(&logged_rev, n),
+    )?);
+    ensure!(
+        logged_created(&mut dp)? == l0,
+        "logged established created flows"
+    );
+    ensure!(drops(&mut dp)? == d0, "logged established dropped packets");
     Ok(out)
 }
 
@@ -451,6 +548,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
                 "≤ 1.5× bench_fwd",
                 if ratio.median <= 1.5 { "yes" } else { "no" },
             ),
+            // The cost of flow logs: these rows against rows 1 and 2.
+            7 | 8 => ("reported (vs. the row without)", "—"),
             _ => ("—", "—"),
         };
         md.push_str(&format!(
@@ -468,9 +567,20 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
             "met": met,
         }));
     }
+    // Flow logs on ÷ off, per direction, within each round.
+    let mut flow_logs = Vec::new();
+    for (on, off, what) in [(7, 1, "forward"), (8, 2, "reverse")] {
+        let r: Vec<f64> = results.iter().map(|x| x[on].0 / x[off].0).collect();
+        let r = Spread::of(&r);
+        md.push_str(&format!(
+            "\nFlow logs on ÷ off, {what} established: {} (per-flow counters: two atomic adds per packet of a logged flow; other flows pay one flag test).",
+            r.fmt(1.0, 2)
+        ));
+        flow_logs.push(serde_json::json!({"direction": what, "ratio_on_to_off": r.json()}));
+    }
     md.push('\n');
     Ok(Output {
         markdown: md,
-        json: serde_json::json!({"runs_per_round": runs, "rounds": rounds, "rows": json_rows}),
+        json: serde_json::json!({"runs_per_round": runs, "rounds": rounds, "rows": json_rows, "flow_logs": flow_logs}),
     })
 }

@@ -136,6 +136,7 @@ fn golden_a_flow_opens_only_when_its_packet_leaves() {
         }],
         lookup: vec![4],
         mss_clamp: plink_common::MSS_CLAMP_OFF,
+        flow_log_sample: 0,
     });
     spec.backends.push(BackendSpec {
         id: 4,

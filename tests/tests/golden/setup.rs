@@ -189,18 +189,21 @@ pub fn spec(gw: &Gw) -> DataplaneSpec {
                 nat: vec![nat(NAT_TCP, 1024..=65535)],
                 lookup: vec![0, 1, 0, 1, 0, 1, 0],
                 mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
             },
             ServiceSpec {
                 id: 1,
                 nat: vec![nat(NAT_UDP, UDP_PORTS)],
                 lookup: vec![2],
                 mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
             },
             ServiceSpec {
                 id: 2,
                 nat: vec![nat(NAT_NONEIGH, 1024..=65535)],
                 lookup: vec![3],
                 mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
             },
         ],
         backends: vec![
