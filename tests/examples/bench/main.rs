@@ -18,6 +18,7 @@
 
 mod generator;
 mod live;
+mod memlat;
 mod perpacket;
 
 use std::{path::PathBuf, time::Duration};
