@@ -10,16 +10,16 @@
 //! [`desired`] is the pure part (unit-tested without root); [`RouteTable`]
 //! writes the kernel table as a diff over rtnetlink.
 
-use std::{
-    collections::BTreeSet,
-    io,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{collections::BTreeSet, io, net::Ipv4Addr};
 
 use anyhow::{Context as _, bail};
 
-use crate::{config::BackendState, model::Model, plan::Health};
+use crate::{
+    config::BackendState,
+    model::Model,
+    netlink::{NLMSG_ERROR, recv, request, send, socket},
+    plan::Health,
+};
 
 /// `rtm_protocol` of plink's routes, so that a dump finds exactly ours and
 /// `ip route show proto 245` shows them.
@@ -73,7 +73,6 @@ const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const RTA_DST: u16 = 1;
 const RTA_TABLE: u16 = 15;
@@ -120,64 +119,6 @@ fn route_message(kind: u16, flags: u16, table: u32, dst: Option<(Ipv4Addr, u32)>
     let len = m.len() as u32;
     m[0..4].copy_from_slice(&len.to_ne_bytes());
     m
-}
-
-fn socket() -> anyhow::Result<OwnedFd> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("netlink socket");
-    }
-    // SAFETY: fd is ours; closed when the OwnedFd drops.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn send(sock: &OwnedFd, msg: &[u8]) -> anyhow::Result<()> {
-    // SAFETY: sockaddr_nl is plain data; zero means "the kernel".
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: valid buffer and address.
-    let sent = unsafe {
-        libc::sendto(
-            sock.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error()).context("netlink send");
-    }
-    Ok(())
-}
-
-fn recv(sock: &OwnedFd, buf: &mut [u8]) -> anyhow::Result<usize> {
-    // SAFETY: valid buffer.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error()).context("netlink receive");
-    }
-    Ok(n as usize)
-}
-
-/// Sends one request with an ACK and returns the kernel's errno (0 = success).
-fn request(msg: &[u8]) -> anyhow::Result<i32> {
-    let sock = socket()?;
-    send(&sock, msg)?;
-    let mut buf = [0u8; 4096];
-    let n = recv(&sock, &mut buf)?;
-    if n < 20 || u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
-        bail!("unexpected netlink answer ({n} bytes)");
-    }
-    Ok(-i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]))
 }
 
 /// The /32 destination and metric of one rtnetlink route message, if it is

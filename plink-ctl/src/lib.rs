@@ -20,6 +20,7 @@ pub mod linkwatch;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod plan;
 pub mod state;
 

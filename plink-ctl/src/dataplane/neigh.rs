@@ -3,12 +3,13 @@
 //! link-layer address instead of returning NO_NEIGH. The controller creates
 //! one per backend (and next hop) on the provider interface.
 //!
-//! Plain rtnetlink over a raw socket: two small messages do not justify an
-//! async netlink stack.
+//! Plain rtnetlink over a raw socket ([`crate::netlink`]).
 
-use std::{io, net::Ipv4Addr, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
+use std::{io, net::Ipv4Addr};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+
+use crate::netlink::request;
 
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_DELNEIGH: u16 = 29;
@@ -16,7 +17,6 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
 const NDA_DST: u16 = 1;
 const NDA_FLAGS_EXT: u16 = 15;
 const NTF_EXT_MANAGED: u32 = 1;
@@ -54,53 +54,6 @@ fn message(kind: u16, flags: u16, ifindex: u32, addr: Ipv4Addr, managed: bool) -
     let len = m.len() as u32;
     m[0..4].copy_from_slice(&len.to_ne_bytes());
     m
-}
-
-/// Sends one request and returns the kernel's errno (0 = success).
-fn request(msg: &[u8]) -> anyhow::Result<i32> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("netlink socket");
-    }
-    // SAFETY: fd is ours; closed when `sock` drops.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_nl is plain data; zero means "the kernel".
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: valid buffer and address.
-    let sent = unsafe {
-        libc::sendto(
-            sock.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error()).context("netlink send");
-    }
-    let mut buf = [0u8; 4096];
-    // SAFETY: valid buffer.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error()).context("netlink receive");
-    }
-    let n = n as usize;
-    // nlmsghdr (16 bytes) + nlmsgerr { int error; ... }
-    if n < 20 || u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
-        bail!("unexpected netlink answer ({n} bytes)");
-    }
-    let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-    Ok(-err)
 }
 
 /// Creates a managed neighbour entry for `addr` on `ifindex` unless one exists.
