@@ -167,7 +167,28 @@ fn main() -> anyhow::Result<()> {
     }
 
     section("metrics (non-zero endpoint, NAT and drop series)");
-    let scrape = plink.scrape(&gw)?;
+    // The NAT-port gauges come from the GC's sweep (once a second): wait
+    // for the sweep that has seen the flows just listed.
+    let flows: u64 = lines
+        .last()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let ports_in_use = |scrape: &str| -> u64 {
+        scrape
+            .lines()
+            .filter(|l| l.starts_with("plink_nat_ports_in_use{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let scrape = netns::wait_for(
+        "the NAT-port gauges to count the flows",
+        std::time::Duration::from_secs(5),
+        || {
+            let scrape = plink.scrape(&gw)?;
+            Ok((ports_in_use(&scrape) >= flows).then_some(scrape))
+        },
+    )
+    .or_else(|_| plink.scrape(&gw))?;
     for line in scrape.lines() {
         let interesting = [
             "plink_endpoint_bytes_total",
