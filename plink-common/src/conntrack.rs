@@ -75,7 +75,14 @@ pub struct CtFwdValue {
     pub hop_mtu: u16,
     pub hop_smac: [u8; 6],
     pub hop_dmac: [u8; 6],
-    pub _pad2: [u8; 6],
+    /// PROXY protocol: the header's length (`ProxyHeader::len`) inserted in
+    /// front of the client's first byte; 0 = no header for this flow.
+    pub pp_len: u8,
+    pub _pad2: u8,
+    /// PROXY protocol: sequence number (host order) of the client's first
+    /// byte (its SYN's + 1); later client bytes are `pp_len` higher at the
+    /// backend, the backend's acknowledgements `pp_len` lower at the client.
+    pub pp_first_seq: u32,
     /// Per-flow counters, kept only for flows with [`flow_flags::LOGGED`]
     /// (their end record carries them; other flows never touch them).
     /// `in` = consumer → service, `out` = service → consumer; IP lengths.

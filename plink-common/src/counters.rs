@@ -140,9 +140,12 @@ drop_reasons! {
     OtherHost = 30 => "other_host",
     ReplyEndpointNotApproved = 31 => "reply_endpoint_not_approved",
     NatRetired = 32 => "nat_address_retired",
+    ProxySynData = 33 => "proxy_syn_data",
+    ProxyNoRoom = 34 => "proxy_no_room",
+    ProxyHeaderChanged = 35 => "proxy_header_changed",
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 36;
 }
 const _: () = assert!(DropReason::ALL.len() == DropReason::COUNT as usize);

@@ -11,10 +11,11 @@
 #![no_std]
 
 pub mod csum;
+pub mod proxy;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -76,6 +77,8 @@ pub mod map_names {
     pub const NAT_STATS: &str = "NAT_STATS";
     pub const DROPS: &str = "DROPS";
     pub const EP_DROPS: &str = "EP_DROPS";
+    /// PROXY protocol v2 headers, by endpoint id.
+    pub const PROXY_HEADERS: &str = "PROXY_HEADERS";
     /// Flow-log ring buffer (not pinned: a new controller reads a new ring).
     pub const FLOW_LOG: &str = "FLOW_LOG";
     /// Flow-log records lost to a full ring, per CPU (not pinned).
@@ -106,6 +109,7 @@ pub mod map_names {
         NAT_STATS,
         DROPS,
         EP_DROPS,
+        PROXY_HEADERS,
     ];
 }
 
@@ -172,6 +176,7 @@ mod pod {
     unsafe impl aya::Pod for EndpointGen {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for FlowLogRecord {}
+    unsafe impl aya::Pod for proxy::ProxyHeader {}
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use plink_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_FLOW_LOG_RING_BYTES, DEFAULT_LB_TABLE_ENTRIES, DropReason,
     EP_RECENT_FLOWS, EndpointGen, EndpointKey, EndpointValue, EpLimitState, GlobalConfig, IfStats,
     IfaceInfo, MAX_BACKENDS, MAX_ENDPOINTS, MAX_INTERFACES, MAX_NAT_COUNTERS, MAX_SERVICES,
-    NatAddrInfo, NatPortKey, NetAddrKey, ServiceConfig,
+    NatAddrInfo, NatPortKey, NetAddrKey, ServiceConfig, proxy::ProxyHeader,
 };
 
 /// Per-interface counters keyed by ifindex. The controller inserts a zeroed
@@ -107,6 +107,11 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::C
 #[map(name = "EP_DROPS")]
 pub static EP_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_ENDPOINTS * DropReason::COUNT, 0);
+
+/// PROXY protocol v2 header of each endpoint (`len` 0: none), written by the
+/// controller; `proxy.rs` inserts it in front of a flow's first client byte.
+#[map(name = "PROXY_HEADERS")]
+pub static PROXY_HEADERS: Array<ProxyHeader> = Array::with_max_entries(MAX_ENDPOINTS, 0);
 
 /// Per-CPU scratch areas of the slow paths, one per use (`scratch.rs`):
 /// working sets built here instead of on the 512-byte BPF stack.

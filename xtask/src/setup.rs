@@ -26,10 +26,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
     ("protobuf-compiler", "protoc"),
+    // protoc's well-known types (google/protobuf/*.proto) the etcd client's
+    // protos import: only a Recommends of protobuf-compiler.
+    ("libprotobuf-dev", "protoc"),
     // bgpd, bfdd and zebra for the fleet (announcement, BFD, the ECMP router).
     ("frr", "vtysh"),
     // A real IPFIX collector (nfcapd) and its reader for the flow-log tests.
     ("nfdump", "nfcapd"),
+    // A real PROXY protocol v2 parser as a backend (accept-proxy) for the
+    // proxy-protocol tests.
+    ("haproxy", "haproxy"),
 ];
 
 /// Prefix under which rustc's own libLLVM is linked for building bpf-linker.
