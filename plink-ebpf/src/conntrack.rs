@@ -97,7 +97,10 @@ fn create(
     v.hop_mtu = 0;
     v.hop_smac = [0; 6];
     v.hop_dmac = [0; 6];
-    v._pad2 = [0; 6];
+    // Set by `proxy::on_client_syn` for a PROXY protocol service.
+    v.pp_len = 0;
+    v._pad2 = 0;
+    v.pp_first_seq = 0;
     s.owner.fwd = *key;
     s.owner.key_hash = hash;
     s.owner.created_ns = now;
