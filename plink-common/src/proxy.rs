@@ -10,7 +10,6 @@
 //! client's bytes then keep their 16-bit word positions in the segment, so
 //! the TCP checksum is updated by adding the header's words, never
 //! recomputed over the payload.
-use super::*;
 
 /// The 12-byte signature every v2 header starts with.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -107,7 +106,7 @@ pub fn build_header(kind: LinkIdTlv, link_id: u32, name: &[u8]) -> Result<ProxyH
     b[12] = VERSION_PROXY;
     b[13] = FAMILY_TCP4;
     let mut at = FIXED_LEN;
-    let mut put_tlv = |b: &mut [u8; HEADER_MAX], at: &mut usize, ty: u8, value: &[&[u8]]| {
+    let put_tlv = |b: &mut [u8; HEADER_MAX], at: &mut usize, ty: u8, value: &[&[u8]]| {
         let n: usize = value.iter().map(|v| v.len()).sum();
         b[*at] = ty;
         b[*at + 1..*at + 3].copy_from_slice(&(n as u16).to_be_bytes());
