@@ -99,7 +99,11 @@ pub const AWS_NAME_MAX: usize = HEADER_MAX - FIXED_LEN - 4 - 6;
 
 /// The header for an endpoint with `link_id` (and `name`, for `aws`), its
 /// address bytes zero.
-pub fn build_header(kind: LinkIdTlv, link_id: u32, name: &[u8]) -> Result<ProxyHeader, HeaderError> {
+pub fn build_header(
+    kind: LinkIdTlv,
+    link_id: u32,
+    name: &[u8],
+) -> Result<ProxyHeader, HeaderError> {
     let mut h = ProxyHeader::default();
     let b = &mut h.bytes;
     b[..12].copy_from_slice(&SIGNATURE);
@@ -154,7 +158,7 @@ pub fn build_header(kind: LinkIdTlv, link_id: u32, name: &[u8]) -> Result<ProxyH
         let zeros = [0u8; 8];
         put_tlv(b, &mut at, tlv::NOOP, &[&zeros[..pad - 3]]);
     }
-    debug_assert!(at <= HEADER_MAX && at % 4 == 0);
+    debug_assert!(at <= HEADER_MAX && at.is_multiple_of(4));
     let rest = (at - ADDRS_OFF) as u16;
     b[14..16].copy_from_slice(&rest.to_be_bytes());
     h.len = at as u16;
@@ -264,7 +268,13 @@ mod tests {
             assert_eq!(backend_ack_to_client(ack_all, first, 44), seq);
         }
         // Part of the header acknowledged: nothing of the client's.
-        assert_eq!(backend_ack_to_client(first.wrapping_add(20), first, 44), first);
-        assert_eq!(backend_ack_to_client(first.wrapping_sub(1), first, 44), first.wrapping_sub(1));
+        assert_eq!(
+            backend_ack_to_client(first.wrapping_add(20), first, 44),
+            first
+        );
+        assert_eq!(
+            backend_ack_to_client(first.wrapping_sub(1), first, 44),
+            first.wrapping_sub(1)
+        );
     }
 }
