@@ -156,7 +156,11 @@ fn golden_proxy_header_and_sequence_shifts() {
                 n.c1,
                 data.build(),
                 Want::Redirect(to_backend(&grown)),
-            ),
+            )
+            .deltas([
+                (Counter::Service(0, Field::ProxyHeaders), 1),
+                (Counter::Endpoint(0, Field::ProxyHeaders), 1),
+            ]),
             consumer(
                 "retransmitted first segment: the same header again",
                 n.c1,
@@ -168,7 +172,8 @@ fn golden_proxy_header_and_sequence_shifts() {
                 n.c1,
                 more.build(),
                 Want::Redirect(to_backend(&more_out)),
-            ),
+            )
+            .deltas([(Counter::Service(0, Field::ProxyHeaders), 0)]),
             provider(
                 "fragmentation needed from a router: the quote's seq as the client sent it",
                 n.p0,
