@@ -147,9 +147,12 @@ drop_reasons! {
     ProxySynData = 33 => "proxy_syn_data",
     ProxyNoRoom = 34 => "proxy_no_room",
     ProxyHeaderChanged = 35 => "proxy_header_changed",
+    Ipv6ExtensionHeader = 36 => "ipv6_extension_header",
+    Ipv6AddressReserved = 37 => "ipv6_address_reserved",
+    NdNotOurs = 38 => "nd_not_ours",
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 39;
 }
 const _: () = assert!(DropReason::ALL.len() == DropReason::COUNT as usize);

@@ -79,6 +79,9 @@ pub mod map_names {
     pub const EP_DROPS: &str = "EP_DROPS";
     /// PROXY protocol v2 headers, by endpoint id.
     pub const PROXY_HEADERS: &str = "PROXY_HEADERS";
+    /// The IPv6 programs (`v6_prog` slots), filled by the controller after
+    /// loading; not pinned (program fds, filled again at every start).
+    pub const V6_PROGS: &str = "V6_PROGS";
     /// Flow-log ring buffer (not pinned: a new controller reads a new ring).
     pub const FLOW_LOG: &str = "FLOW_LOG";
     /// Flow-log records lost to a full ring, per CPU (not pinned).
@@ -122,10 +125,47 @@ pub mod prog_names {
     /// The minimal forwarder `cargo xtask bench` compares plink against;
     /// never attached by `plink-ctl`.
     pub const BENCH_FWD: &str = "plink_bench_fwd";
+    /// The IPv6 halves of the consumer and provider programs, reached by a
+    /// tail call (slot [`v6_prog::CONSUMER`] / [`v6_prog::PROVIDER`] of the
+    /// `V6_PROGS` program array) so that each has its own 512-byte stack and
+    /// verifier budget.
+    pub const CONSUMER6: &str = "plink_consumer6";
+    pub const PROVIDER6: &str = "plink_provider6";
 }
 
-/// An address: four words in network byte order. IPv4 is word 0, rest zero.
+/// Slots of the `V6_PROGS` program array (`map_names::V6_PROGS`).
+pub mod v6_prog {
+    pub const CONSUMER: u32 = 0;
+    pub const PROVIDER: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// An address: four words in network byte order (the bytes as on the
+/// wire). IPv4 is word 0 with the other words zero; IPv6 is all four.
+///
+/// The two cannot collide: an IPv6 address whose last 96 bits are zero has
+/// a zero interface identifier (a Subnet-Router anycast address, RFC 4291
+/// 2.6.1), never a host's; the controller refuses such addresses in its
+/// configuration and the datapath drops IPv6 packets from or to one
+/// ([`addr_is_ambiguous_v6`]), so an [`Addr`] names one family's address.
 pub type Addr = [u32; 4];
+
+/// The [`Addr`] of an IPv6 address given as its sixteen octets.
+#[inline(always)]
+pub const fn v6(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// Would this IPv6 address (as an [`Addr`]) read as an IPv4 one? See [`Addr`].
+#[inline(always)]
+pub const fn addr_is_ambiguous_v6(a: &Addr) -> bool {
+    a[1] == 0 && a[2] == 0 && a[3] == 0
+}
 
 /// The [`Addr`] of an IPv4 address given in network byte order.
 #[inline(always)]
