@@ -30,6 +30,30 @@ pub fn update32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// Checksum after data whose one's-complement word sum is `sum` (native
+/// 16-bit loads, unfolded) was added to the covered bytes.
+#[inline(always)]
+pub fn add(check: u16, sum: u32) -> u16 {
+    let mut s = (!check) as u64 + sum as u64;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// The word sum (unfolded) of 12 bytes as native 16-bit loads, e.g. the
+/// addresses and ports of a PROXY header.
+#[inline(always)]
+pub fn sum_words(b: &[u8; 12]) -> u32 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < 12 {
+        s += u16::from_ne_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    s
+}
+
 /// UDP over IPv4: a zero checksum means "none" and must stay zero; a computed
 /// zero is sent as 0xFFFF (RFC 768), its one's-complement twin.
 #[inline(always)]
@@ -45,6 +69,7 @@ pub fn udp_finish(original: u16, updated: u16) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     /// Full checksum over big-endian words, for comparison.
@@ -77,6 +102,25 @@ mod tests {
         data[5] = update16(bad, data[4], 0x3f11);
         data[4] = 0x3f11;
         assert_ne!(full(&data), 0);
+    }
+
+    #[test]
+    fn adding_words_matches_a_full_sum() {
+        let data = [0x4500u16, 0x0073, 0x1234, 0xfedc, 0x0001];
+        let c = full(&data);
+        let extra = [0xabcdu16, 0xffff, 0x0102, 0x8000, 0x7fff, 0x0];
+        let mut all = data.to_vec();
+        all.extend_from_slice(&extra);
+        let sum: u32 = extra.iter().map(|w| *w as u32).sum();
+        assert_eq!(add(c, sum), full(&all));
+        let bytes: [u8; 12] = core::array::from_fn(|i| (i * 37 + 5) as u8);
+        let words: std::vec::Vec<u16> = bytes
+            .chunks(2)
+            .map(|w| u16::from_ne_bytes([w[0], w[1]]))
+            .collect();
+        let mut with = data.to_vec();
+        with.extend_from_slice(&words);
+        assert_eq!(add(c, sum_words(&bytes)), full(&with));
     }
 
     #[test]

@@ -10,7 +10,6 @@
 //! client's bytes then keep their 16-bit word positions in the segment, so
 //! the TCP checksum is updated by adding the header's words, never
 //! recomputed over the payload.
-use super::*;
 
 /// The 12-byte signature every v2 header starts with.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -24,8 +23,10 @@ pub const ADDRS_OFF: usize = 16;
 /// Bytes of the fixed part: signature, version/command, family, length,
 /// the IPv4 addresses and ports.
 pub const FIXED_LEN: usize = ADDRS_OFF + 12;
-/// Largest header plink inserts (the fixed part and every TLV).
-pub const HEADER_MAX: usize = 120;
+/// Largest header plink inserts (the fixed part and every TLV): a multiple
+/// of 4 whose bits mask any multiple of 4 up to it (0x7c), so the datapath
+/// bounds a header's length with one AND.
+pub const HEADER_MAX: usize = 124;
 
 /// TLV types (proxy-protocol.txt 2.2.x and the clouds' own types).
 pub mod tlv {
@@ -71,7 +72,8 @@ pub struct ProxyHeader {
     pub sum: u32,
     pub bytes: [u8; HEADER_MAX],
 }
-const _: () = assert!(core::mem::size_of::<ProxyHeader>() == 128);
+const _: () = assert!(core::mem::size_of::<ProxyHeader>() == 132);
+const _: () = assert!(HEADER_MAX == 0x7c);
 
 impl Default for ProxyHeader {
     fn default() -> Self {
@@ -100,14 +102,18 @@ pub const AWS_NAME_MAX: usize = HEADER_MAX - FIXED_LEN - 4 - 6;
 
 /// The header for an endpoint with `link_id` (and `name`, for `aws`), its
 /// address bytes zero.
-pub fn build_header(kind: LinkIdTlv, link_id: u32, name: &[u8]) -> Result<ProxyHeader, HeaderError> {
+pub fn build_header(
+    kind: LinkIdTlv,
+    link_id: u32,
+    name: &[u8],
+) -> Result<ProxyHeader, HeaderError> {
     let mut h = ProxyHeader::default();
     let b = &mut h.bytes;
     b[..12].copy_from_slice(&SIGNATURE);
     b[12] = VERSION_PROXY;
     b[13] = FAMILY_TCP4;
     let mut at = FIXED_LEN;
-    let mut put_tlv = |b: &mut [u8; HEADER_MAX], at: &mut usize, ty: u8, value: &[&[u8]]| {
+    let put_tlv = |b: &mut [u8; HEADER_MAX], at: &mut usize, ty: u8, value: &[&[u8]]| {
         let n: usize = value.iter().map(|v| v.len()).sum();
         b[*at] = ty;
         b[*at + 1..*at + 3].copy_from_slice(&(n as u16).to_be_bytes());
@@ -265,7 +271,13 @@ mod tests {
             assert_eq!(backend_ack_to_client(ack_all, first, 44), seq);
         }
         // Part of the header acknowledged: nothing of the client's.
-        assert_eq!(backend_ack_to_client(first.wrapping_add(20), first, 44), first);
-        assert_eq!(backend_ack_to_client(first.wrapping_sub(1), first, 44), first.wrapping_sub(1));
+        assert_eq!(
+            backend_ack_to_client(first.wrapping_add(20), first, 44),
+            first
+        );
+        assert_eq!(
+            backend_ack_to_client(first.wrapping_sub(1), first, 44),
+            first.wrapping_sub(1)
+        );
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     config::{Config, ConfigError, Diagnostic},
     events::{self, Event, Events, Trigger},
     model::{EndpointModel, Model, ModelDiff, ModelError},
-    state::{self, EndpointIdentity, IdsExhausted, PersistedState, StateError, StateStore},
+    state::{self, EndpointIdentity, PersistedState, ReconcileError, StateError, StateStore},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,7 @@ pub enum ControllerError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
-    Ids(#[from] IdsExhausted),
+    Ids(#[from] ReconcileError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]

@@ -213,7 +213,7 @@ impl SharedStore {
 }
 
 fn decode(key: &str, value: &[u8]) -> Result<PersistedState, StoreError> {
-    let state: PersistedState = serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+    let mut state: PersistedState = serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         key: key.to_owned(),
         why: e.to_string(),
     })?;
@@ -223,6 +223,7 @@ fn decode(key: &str, value: &[u8]) -> Result<PersistedState, StoreError> {
             why,
         });
     }
+    state.version = crate::state::STATE_VERSION;
     Ok(state)
 }
 
@@ -400,6 +401,7 @@ pub fn same_shared(a: &PersistedState, b: &PersistedState) -> bool {
         && a.services == b.services
         && a.backends == b.backends
         && a.endpoints == b.endpoints
+        && a.link_ids == b.link_ids
         && a.decisions == b.decisions
 }
 
@@ -417,6 +419,10 @@ pub fn adds_to(folded: &PersistedState, base: &PersistedState) -> bool {
         || new_keys(&folded.services, &base.services)
         || new_keys(&folded.backends, &base.backends)
         || new_keys(&folded.endpoints, &base.endpoints)
+        || folded
+            .link_ids
+            .iter()
+            .any(|(k, _)| base.link_ids.get(k).is_none())
         || folded
             .decisions
             .keys()

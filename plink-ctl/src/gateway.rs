@@ -614,6 +614,7 @@ fn snapshot_from(
             connections: c.flows_created,
             refused_max_flows: c.refused_max_flows,
             refused_rate: c.refused_rate,
+            link_id: e.link_id,
         });
     }
     let in_use = &view.nat_in_use;
@@ -737,6 +738,7 @@ pub fn flow_row(
         tcp_state: f.tcp_state,
         ingress_ifindex: f.ingress_ifindex,
         expires_in_ms: u64::try_from(f.expires_in.as_millis()).unwrap_or(u64::MAX),
+        proxy_header_len: f.proxy_header_len,
     }
 }
 

@@ -571,7 +571,7 @@ fn print_action(r: Response) -> anyhow::Result<()> {
 }
 
 fn print_endpoints(list: &[EndpointModel]) {
-    let rows: Vec<[String; 9]> = list
+    let rows: Vec<[String; 10]> = list
         .iter()
         .map(|e| {
             let ports: Vec<String> = e.ports.iter().map(|p| p.port.to_string()).collect();
@@ -585,11 +585,18 @@ fn print_endpoints(list: &[EndpointModel]) {
                 e.state.to_string(),
                 e.reason.to_string(),
                 e.id.to_string(),
+                // The link id is what backends see only where the service
+                // sends PROXY protocol headers: `-` elsewhere.
+                match e.proxy_protocol {
+                    Some(tlv) => format!("{} ({tlv})", e.link_id),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
     let header = [
         "NAME", "TENANT", "NETWORK", "ADDRESS", "SERVICE", "PORTS", "STATE", "REASON", "ID",
+        "LINK ID",
     ];
     let mut widths = header.map(str::len);
     for row in &rows {

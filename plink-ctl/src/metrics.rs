@@ -39,6 +39,8 @@ pub struct EndpointSample {
     /// New flows refused by this endpoint's caps, by cap.
     pub refused_max_flows: u64,
     pub refused_rate: u64,
+    /// The endpoint's link id (what PROXY protocol headers carry).
+    pub link_id: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -211,6 +213,11 @@ pub fn render(s: &Snapshot) -> String {
         "Connection state of the endpoint (value 1; the state is in the label).",
         GAUGE,
     );
+    let mut ep_info = FamilyBuilder::new(
+        "plink_endpoint_info",
+        "The endpoint's link id, as its service's PROXY protocol headers carry it (value 1; the id is in the label).",
+        GAUGE,
+    );
     for e in &s.endpoints {
         let base = [
             ("endpoint", e.endpoint.as_str()),
@@ -237,12 +244,15 @@ pub fn render(s: &Snapshot) -> String {
             e.refused_rate as f64,
         );
         ep_state.sample(&[base[0], base[1], ("state", &e.state)], 1.0);
+        let link_id = e.link_id.to_string();
+        ep_info.sample(&[base[0], base[1], ("link_id", link_id.as_str())], 1.0);
     }
     push(ep_bytes);
     push(ep_packets);
     push(ep_conns);
     push(ep_refused);
     push(ep_state);
+    push(ep_info);
 
     let mut svc_bytes = FamilyBuilder::new(
         "plink_service_bytes_total",
@@ -610,6 +620,7 @@ mod tests {
                 packets_out: 2,
                 bytes_out: 1200,
                 connections: 1,
+                link_id: 7,
                 ..Default::default()
             }],
             services: vec![ServiceSample {
@@ -670,6 +681,7 @@ mod tests {
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"out\"} 1200",
             "plink_endpoint_connections_total{endpoint=\"orders-a\",service=\"orders\",protocol=\"tcp\"} 1",
             "plink_endpoint_state{endpoint=\"orders-a\",service=\"orders\",state=\"approved\"} 1",
+            "plink_endpoint_info{endpoint=\"orders-a\",service=\"orders\",link_id=\"7\"} 1",
             "plink_nat_ports_capacity{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 64512",
             "plink_nat_ports_in_use{service=\"orders\",nat_address=\"198.51.100.200\",protocol=\"tcp\"} 1",
             "plink_drops_total{reason=\"no_endpoint\"} 7",

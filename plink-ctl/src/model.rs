@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     approval::{ConnectionState, Reason},
     config::{
-        BackendState, Config, EndpointLimits, HealthCheck, MssClamp, PortRange, Protocol, Role,
-        Timeouts, XdpMode,
+        BackendState, Config, EndpointLimits, HealthCheck, LinkIdTlvKind, MssClamp, PortRange,
+        Protocol, Role, Timeouts, XdpMode,
     },
     state::{BackendKey, EndpointIdentity, PersistedState},
 };
@@ -98,6 +98,9 @@ pub struct ServiceModel {
     /// Flow logs: 0 = off, N = one flow in N (`flow_logs.sample`).
     #[serde(default)]
     pub flow_log_sample: u16,
+    /// PROXY protocol v2 headers with this link id TLV; `None`: off.
+    #[serde(default)]
+    pub proxy_protocol: Option<LinkIdTlvKind>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +134,14 @@ pub struct EndpointModel {
     pub state: ConnectionState,
     pub reason: Reason,
     pub limits: EndpointLimits,
+    /// The endpoint's link id (`link_id` in the config, else allocated):
+    /// what its service's PROXY protocol header carries.
+    #[serde(default)]
+    pub link_id: u32,
+    /// The service's PROXY protocol link id TLV, repeated for the header;
+    /// `None`: the service sends no header.
+    #[serde(default)]
+    pub proxy_protocol: Option<LinkIdTlvKind>,
 }
 
 impl EndpointModel {
@@ -243,6 +254,7 @@ impl Model {
                 flow_log_sample: s
                     .flow_logs
                     .map_or(0, |f| u16::try_from(f.sample).unwrap_or(u16::MAX)),
+                proxy_protocol: s.proxy_protocol.map(|p| p.link_id_tlv),
             };
             by_name.insert(s.name.as_str(), id);
             services.insert(id, model);
@@ -261,6 +273,10 @@ impl Model {
                 .decisions
                 .get(&identity)
                 .ok_or_else(|| missing("endpoint decision", &identity))?;
+            let link_id = state
+                .link_ids
+                .get(&identity)
+                .ok_or_else(|| missing("link", &identity))?;
             let service_id = *by_name
                 .get(e.service.as_str())
                 .ok_or_else(|| missing("service", &e.service))?;
@@ -281,6 +297,8 @@ impl Model {
                     state: decision.state,
                     reason: decision.reason,
                     limits: config.endpoint_limits(e),
+                    link_id,
+                    proxy_protocol: service.proxy_protocol,
                 },
             );
         }

@@ -459,6 +459,26 @@ pub fn plan(
             new_flows_per_sec: e.limits.new_flows_per_second,
         })
         .collect();
+    let mut proxy_headers = BTreeMap::new();
+    for e in model.endpoints.values() {
+        let Some(kind) = e.proxy_protocol else {
+            continue;
+        };
+        let header = kind
+            .kernel()
+            .ok_or_else(|| format!("link_id_tlv {kind} is no TLV type plink can send"))
+            .and_then(|k| {
+                plink_common::proxy::build_header(k, e.link_id, e.name.as_bytes())
+                    .map_err(|why| format!("{why:?}"))
+            })
+            .map_err(|why| {
+                PlanError::Invalid(format!(
+                    "endpoint {:?}: no PROXY protocol header: {why}",
+                    e.name
+                ))
+            })?;
+        proxy_headers.insert(e.id.0, header);
+    }
     let next_hops = model
         .interfaces
         .values()
@@ -472,6 +492,7 @@ pub fn plan(
         backends,
         endpoints,
         retired_nat,
+        proxy_headers,
     };
     spec.validate_within(&observed.capacities)
         .map_err(|e| PlanError::Invalid(format!("{e:#}")))?;

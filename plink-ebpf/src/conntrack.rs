@@ -14,8 +14,8 @@ use crate::{
     endpoint, flowlog, lb, limits,
     maps::{CT_FWD, CT_REV, EP_LIMITS, NAT_PORTS, SCRATCH_NEW_FLOW, SCRATCH_VICTIM, SERVICES},
     nat,
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, load},
-    stats,
+    parse::{IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, load},
+    proxy, stats,
     step::Step,
 };
 
@@ -54,6 +54,16 @@ fn create(
         .get(ep.service_id)
         .filter(|s| s.enabled != 0)
         .ok_or(Some(DropReason::ServiceMissing))?;
+    // A PROXY service's flow is never opened by a SYN carrying data: those
+    // bytes would reach the backend before the header (TCP Fast Open).
+    if key.proto == IPPROTO_TCP && proxy::header_len(ep.endpoint_id) != 0 {
+        let tot_len = load::<[u8; 2]>(ctx, IP_OFF + 2).map(u16::from_be_bytes);
+        match tot_len.and_then(|t| proxy::syn_payload(ctx, t)) {
+            Some(0) => {}
+            Some(_) => return Err(Some(DropReason::ProxySynData)),
+            None => return Err(Some(DropReason::Malformed)),
+        }
+    }
     let hash = flow_hash(key);
     let (backend_id, backend_addr) =
         lb::select_backend(svc, ep.service_id, hash).ok_or(Some(DropReason::NoBackend))?;
@@ -97,7 +107,10 @@ fn create(
     v.hop_mtu = 0;
     v.hop_smac = [0; 6];
     v.hop_dmac = [0; 6];
-    v._pad2 = [0; 6];
+    // Set by `proxy::on_client_syn` for a PROXY protocol service.
+    v.pp_len = 0;
+    v._pad2 = 0;
+    v.pp_first_seq = 0;
     s.owner.fwd = *key;
     s.owner.key_hash = hash;
     s.owner.created_ns = now;

@@ -22,6 +22,7 @@ use crate::{
         ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Flow, TCP_SYN, addressed_to_us, ether_type, parse_ipv4,
         store,
     },
+    proxy,
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
     step::{Step, step},
@@ -119,7 +120,7 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
     // Next hop, before any rewrite so that a drop leaves the packet
     // untouched: the cached one if current and the packet fits its MTU,
     // else a route lookup (which also answers "fragmentation needed").
-    if !hop_cached(v, g, &f) {
+    if !hop_cached(v, g, f.tot_len) {
         let mut hop = NextHop {
             src_be: m.src_be,
             dst_be: m.dst_be,
@@ -186,14 +187,14 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
         dmac: v.hop_dmac,
         ..m
     };
-    emit::<true>(ctx, &f, &nat, v, egress)
+    emit::<true>(ctx, &f, &key, &nat, v, egress)
 }
 
 /// Is the flow's cached next hop current (the provider side's routes and
 /// neighbours unchanged since) and does the packet fit its MTU?
 #[inline(always)]
-fn hop_cached(v: &CtFwdValue, g: &GlobalConfig, f: &Flow) -> bool {
-    v.hop_gen == g.hop_gen && v.hop_gen != 0 && f.tot_len <= v.hop_mtu
+fn hop_cached(v: &CtFwdValue, g: &GlobalConfig, out_len: u16) -> bool {
+    v.hop_gen == g.hop_gen && v.hop_gen != 0 && out_len <= v.hop_mtu
 }
 
 /// The fast path: an established flow of an unchanged, approved endpoint
@@ -215,10 +216,12 @@ fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) ->
     if flow_expired(v, now, &g.timeouts)
         || !endpoint::current(v)
         || f.ttl <= 1
-        || !hop_cached(v, g, f)
+        || !hop_cached(v, g, f.tot_len)
         // SYNs (MSS clamping) take the slow path: the option walk's stack
         // does not fit on top of this function's.
         || (f.proto == IPPROTO_TCP && f.tcp_flags & TCP_SYN != 0)
+        // So does the segment a PROXY header grows (its MTU check).
+        || (v.pp_len != 0 && proxy::growth(XdpContext { ctx: ctx.ctx }, proxy::Seg::of(f), v) != 0)
     {
         return Step::NEXT;
     }
@@ -244,7 +247,7 @@ fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) ->
             v.tcp_state = state;
         }
     }
-    Step::verdict(emit::<false>(&ctx, f, &nat, v, egress))
+    Step::verdict(emit::<false>(&ctx, f, key, &nat, v, egress))
 }
 
 /// Rewrites the packet with `nat`, counts it against the flow `v` and
@@ -254,15 +257,45 @@ fn established(ctx: XdpContext, f: &Flow, key: &CtFwdKey, v: *mut CtFwdValue) ->
 fn emit<const SYNS: bool>(
     ctx: &XdpContext,
     f: &Flow,
+    key: &CtFwdKey,
     nat: &Nat,
-    v: &CtFwdValue,
+    v: &mut CtFwdValue,
     egress: u32,
 ) -> u32 {
+    // PROXY protocol (slow path): a client SYN tells the flow where the
+    // client's bytes start; the segment that will carry the header must
+    // fit the next hop grown. Asked of the client's own segment, before
+    // the rewrite (a "fragmentation needed" quotes it).
+    if SYNS && (v.pp_len != 0 || f.tcp_flags & TCP_SYN != 0) && f.proto == IPPROTO_TCP {
+        let s = proxy::before_rewrite(XdpContext { ctx: ctx.ctx }, proxy::Seg::of(f), v);
+        if let Some(mtu) = s.other_code() {
+            return icmp::reply_error(
+                XdpContext { ctx: ctx.ctx },
+                icmp::FRAG_NEEDED,
+                mtu,
+                v.endpoint_id,
+            );
+        }
+        if !s.is_next() {
+            return s.finish(v.endpoint_id);
+        }
+    }
     if !rewrite(ctx, f, nat) {
         return drop(DropReason::Malformed, v.endpoint_id);
     }
+    if v.pp_len != 0 {
+        // The slow path may grow the segment; the fast path never does.
+        let s = if SYNS {
+            proxy::client_segment(XdpContext { ctx: ctx.ctx }, proxy::Seg::of(f), key, v)
+        } else {
+            proxy::shift_client_seq(ctx, v)
+        };
+        if !s.is_next() {
+            return s.finish(v.endpoint_id);
+        }
+    }
     if SYNS {
-        mss::on_syn(ctx, f, v.service_id, v.endpoint_id, egress, mss::IN);
+        mss::on_syn(ctx, f, v.service_id, v.endpoint_id, egress, mss::IN, 0);
     }
     stats::count_packet(v, f.tot_len as u64, false);
     if flowlog::logged(v) {

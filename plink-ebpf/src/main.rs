@@ -31,6 +31,7 @@ mod nat;
 mod parse;
 mod pmtu;
 mod provider;
+mod proxy;
 mod rewrite;
 mod scratch;
 mod stats;

@@ -1,6 +1,9 @@
 //! Every map the datapath uses, defined in one place. Sizes marked "sized at
 //! load" are overridden by the controller (`EbpfLoader::map_max_entries`).
-use crate::scratch::{IcmpWork, NewFlow, Victim};
+use crate::{
+    proxy::ProxyWork,
+    scratch::{IcmpWork, NewFlow, Victim},
+};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -120,6 +123,9 @@ pub static SCRATCH_NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entrie
 
 #[map(name = "SCRATCH_VICTIM")]
 pub static SCRATCH_VICTIM: PerCpuArray<Victim> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SCRATCH_PROXY")]
+pub static SCRATCH_PROXY: PerCpuArray<ProxyWork> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SCRATCH_ICMP")]
 pub static SCRATCH_ICMP: PerCpuArray<IcmpWork> = PerCpuArray::with_max_entries(1, 0);

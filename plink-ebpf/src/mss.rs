@@ -31,6 +31,9 @@ const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
 const OPT_MSS: u8 = 2;
 const OPT_MSS_LEN: u8 = 4;
+/// Smallest MSS a PROXY header's length is taken off (RFC 9293's floor for
+/// IPv4 is 536; below 64 a segment carries little more than headers).
+const MIN_MSS: u32 = 64;
 
 /// Direction of the segment, for the counters.
 pub const IN: u32 = 0;
@@ -47,14 +50,16 @@ pub fn on_syn(
     endpoint_id: u32,
     egress_ifindex: u32,
     dir: u32,
+    shrink: u8,
 ) {
     if f.proto == IPPROTO_TCP && f.tcp_flags & TCP_SYN != 0 {
+        // BPF functions take five arguments: direction and shrink share one.
         clamp(
             XdpContext { ctx: ctx.ctx },
             service_id,
             endpoint_id,
             egress_ifindex,
-            dir,
+            dir | (shrink as u32) << 8,
         );
     }
 }
@@ -74,15 +79,19 @@ fn device_mtu(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
 /// from the per-packet path. Never drops: a segment it cannot parse leaves
 /// unchanged (the endpoints' own MSS then applies).
 #[inline(never)]
-fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32, dir: u32) {
+fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32, how: u32) {
+    // `shrink`: a PROXY header's length, taken off whatever MSS is offered.
+    let (dir, shrink) = (how & 0xff, how >> 8);
     let Some(svc) = SERVICES.get(service_id) else {
         return;
     };
     let setting = svc.mss_clamp;
-    if setting == MSS_CLAMP_OFF {
+    if setting == MSS_CLAMP_OFF && shrink == 0 {
         return;
     }
-    let limit = if setting == MSS_CLAMP_AUTO {
+    let limit = if setting == MSS_CLAMP_OFF {
+        u32::MAX
+    } else if setting == MSS_CLAMP_AUTO {
         // Both interfaces the segment crosses: the peer's segments come
         // back the same way.
         match (device_mtu(&ctx, 0), device_mtu(&ctx, egress_ifindex)) {
@@ -134,11 +143,13 @@ fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32
         opts[(at + 2) & (OPT_BUF - 1)],
         opts[(at + 3) & (OPT_BUF - 1)],
     );
-    let mss = u16::from_be_bytes([hi, lo]);
-    if mss as u32 <= limit {
+    let mss = u16::from_be_bytes([hi, lo]) as u32;
+    let target = mss.min(limit).saturating_sub(shrink);
+    // Nothing to lower, or an offer too small to take a header off.
+    if target >= mss || target < MIN_MSS {
         return;
     }
-    let new = (limit as u16).to_be_bytes();
+    let new = (target as u16).to_be_bytes();
     // The checksum sums 16-bit words from the start of the TCP header (an
     // even offset in the frame): a value at an odd offset straddles two
     // words, and its bytes count swapped (RFC 1071 §2(B)).
@@ -166,7 +177,10 @@ fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32
     if rc != 0 || !store::<u16>(&ctx, TCP_CHECK, csum::update16(check, old_word, new_word)) {
         return;
     }
-    count(service_id, endpoint_id, dir);
+    // Counted when the service's clamp lowered it, not for the header alone.
+    if mss > limit {
+        count(service_id, endpoint_id, dir);
+    }
 }
 
 /// Offset of the MSS option (kind 2, length 4) in the first `len` bytes of

@@ -14,7 +14,7 @@ use crate::{
     maps::{CT_FWD, CT_REV, GLOBAL, INTERFACES, NAT_ADDRS},
     mss,
     parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4},
-    pmtu,
+    pmtu, proxy,
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
 };
@@ -132,6 +132,14 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     if !rewrite(ctx, &f, &nat) {
         return drop(DropReason::Malformed, endpoint_id);
     }
+    if v.pp_len != 0 {
+        let s = proxy::backend_segment(ctx, &f, v);
+        if !s.is_next() {
+            return s.finish(endpoint_id);
+        }
+    }
+    // A SYN-ACK of a PROXY flow offers `pp_len` less: the client's first
+    // segment grows by that much on its way to the backend.
     mss::on_syn(
         ctx,
         &f,
@@ -139,6 +147,7 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         endpoint_id,
         v.ingress_ifindex,
         mss::OUT,
+        v.pp_len,
     );
     stats::count_packet(v, f.tot_len as u64, true);
     if flowlog::logged(v) {

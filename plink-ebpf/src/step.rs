@@ -40,6 +40,12 @@ impl Step {
         Step(DROP_BASE + 0x1000 + code)
     }
 
+    /// The code of a [`Step::other`], if this is one.
+    #[inline(always)]
+    pub fn other_code(self) -> Option<u32> {
+        (self.0 >= DROP_BASE + 0x1000 && self.0 != u32::MAX).then(|| self.0 - DROP_BASE - 0x1000)
+    }
+
     #[inline(always)]
     pub fn is_next(self) -> bool {
         self.0 == u32::MAX

@@ -566,6 +566,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
         }],
         retired_nat: Default::default(),
         next_hops: Default::default(),
+        proxy_headers: Default::default(),
     };
     let sizes = Sizes {
         conntrack: 131_072,

@@ -95,6 +95,10 @@ pub struct FlowRow {
     pub tcp_state: u8,
     pub ingress_ifindex: u32,
     pub expires_in_ms: u64,
+    /// Bytes of the PROXY protocol header the flow carries (0: none; a
+    /// daemon without PROXY protocol sends no field).
+    #[serde(default)]
+    pub proxy_header_len: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

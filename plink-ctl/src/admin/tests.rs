@@ -667,6 +667,7 @@ impl crate::controller::DataplaneQueries for ManyFlows {
                 tcp_state: 3,
                 ingress_ifindex: 2,
                 expires_in_ms: 7_440_000,
+                proxy_header_len: 0,
             })?;
         }
         Ok(())

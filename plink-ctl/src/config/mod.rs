@@ -595,6 +595,116 @@ pub struct Service {
     /// says); off when absent.
     #[serde(default)]
     pub flow_logs: Option<ServiceFlowLogs>,
+    /// A PROXY protocol header in front of each flow's first client bytes
+    /// (TCP only); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `services[].proxy_protocol`: the backends learn each flow's client
+/// address and port and its endpoint's link id from a PROXY protocol header.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocol {
+    /// The protocol version; only 2 (the binary header) is supported,
+    /// `validate` says so for any other.
+    pub version: u64,
+    /// How the endpoint's link id is carried.
+    pub link_id_tlv: LinkIdTlvKind,
+}
+
+/// `proxy_protocol.link_id_tlv`: the TLV carrying the endpoint's link id,
+/// as one of the clouds writes it, or a custom type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkIdTlvKind {
+    /// Azure Private Link's 0xEE TLV (the link id, little-endian).
+    Azure,
+    /// AWS PrivateLink's 0xEA TLV (the endpoint's name as the id string).
+    Aws,
+    /// GCP Private Service Connect's 0xE0 TLV (the link id as 8 bytes).
+    Gcp,
+    /// A type of its own (`validate` checks 0xE0-0xEF), the link id as 4
+    /// bytes big-endian.
+    Custom(u64),
+}
+
+const LINK_ID_TLV_HINT: &str =
+    "write azure, aws, gcp, or a custom TLV type from 0xE0 to 0xEF (e.g. 0xE5)";
+
+impl LinkIdTlvKind {
+    /// The datapath's encoding; `None` for a custom type out of range
+    /// (which validation refuses).
+    pub fn kernel(self) -> Option<plink_common::proxy::LinkIdTlv> {
+        use plink_common::proxy::{LinkIdTlv, tlv};
+        Some(match self {
+            LinkIdTlvKind::Azure => LinkIdTlv::Azure,
+            LinkIdTlvKind::Aws => LinkIdTlv::Aws,
+            LinkIdTlvKind::Gcp => LinkIdTlv::Gcp,
+            LinkIdTlvKind::Custom(n) => {
+                let ty = u8::try_from(n).ok()?;
+                if !(tlv::CUSTOM_MIN..=tlv::CUSTOM_MAX).contains(&ty) {
+                    return None;
+                }
+                LinkIdTlv::Custom(ty)
+            }
+        })
+    }
+}
+
+impl fmt::Display for LinkIdTlvKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkIdTlvKind::Azure => f.write_str("azure"),
+            LinkIdTlvKind::Aws => f.write_str("aws"),
+            LinkIdTlvKind::Gcp => f.write_str("gcp"),
+            LinkIdTlvKind::Custom(n) => write!(f, "{n:#04X}"),
+        }
+    }
+}
+
+impl Serialize for LinkIdTlvKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for LinkIdTlvKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = LinkIdTlvKind;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("azure, aws, gcp, or a TLV type 0xE0-0xEF")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<LinkIdTlvKind, E> {
+                Ok(LinkIdTlvKind::Custom(n))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<LinkIdTlvKind, E> {
+                u64::try_from(n).map(LinkIdTlvKind::Custom).map_err(|_| {
+                    E::custom(format!("invalid link_id_tlv \"{n}\": {LINK_ID_TLV_HINT}"))
+                })
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LinkIdTlvKind, E> {
+                let t = v.trim();
+                let hex = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X"));
+                let parsed = match (t, hex) {
+                    ("azure", _) => Some(LinkIdTlvKind::Azure),
+                    ("aws", _) => Some(LinkIdTlvKind::Aws),
+                    ("gcp", _) => Some(LinkIdTlvKind::Gcp),
+                    (_, Some(h)) => u64::from_str_radix(h, 16).ok().map(LinkIdTlvKind::Custom),
+                    _ => t.parse().ok().map(LinkIdTlvKind::Custom),
+                };
+                parsed.ok_or_else(|| {
+                    E::custom(format!("invalid link_id_tlv {v:?}: {LINK_ID_TLV_HINT}"))
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `services[].flow_logs`: which of the service's flows are logged.
@@ -712,6 +822,10 @@ pub struct Endpoint {
     /// Cap on new flows per second; default `gateway.endpoint_defaults`.
     #[serde(default)]
     pub new_flows_per_second: Option<u32>,
+    /// The link id its service's PROXY protocol header carries (1 to
+    /// 4294967295, unique); unset: the one plink allocated and keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_id: Option<u64>,
 }
 
 /// Parses an IPv4 address with a message that says how to write one.

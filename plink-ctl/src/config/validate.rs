@@ -696,6 +696,38 @@ fn services(cfg: &Config, p: &mut Problems) {
             }
         }
 
+        if let Some(pp) = s.proxy_protocol {
+            let pp_path = format!("{path}.proxy_protocol");
+            if s.protocol != super::Protocol::Tcp {
+                p.push(
+                    pp_path.clone(),
+                    format!(
+                        "proxy_protocol applies to TCP only (the header goes in front of a TCP stream's first bytes) and this service is {}: remove it",
+                        s.protocol
+                    ),
+                );
+            }
+            if pp.version != 2 {
+                p.push(
+                    format!("{pp_path}.version"),
+                    format!(
+                        "PROXY protocol version {} is not supported: write `version: 2` (the binary header, which carries the link id TLV)",
+                        pp.version
+                    ),
+                );
+            }
+            if let super::LinkIdTlvKind::Custom(n) = pp.link_id_tlv
+                && pp.link_id_tlv.kernel().is_none()
+            {
+                p.push(
+                    format!("{pp_path}.link_id_tlv"),
+                    format!(
+                        "TLV type {n:#X} is not a custom type: use one from 0xE0 to 0xEF (PP2_TYPE_MIN_CUSTOM..PP2_TYPE_MAX_CUSTOM), or azure, aws or gcp"
+                    ),
+                );
+            }
+        }
+
         if let Some(f) = s.flow_logs
             && !(1..=u32::from(u16::MAX)).contains(&f.sample)
         {
@@ -738,6 +770,8 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
     let mut names: HashMap<&str, String> = HashMap::new();
     // (network, address, protocol, port) → path of the first endpoint using it.
     let mut listeners: HashMap<(&str, Ipv4Addr, super::Protocol, u16), String> = HashMap::new();
+    // Explicit link ids → path of the first endpoint setting it.
+    let mut link_ids: HashMap<u64, String> = HashMap::new();
     for (i, e) in cfg.endpoints.iter().enumerate() {
         let path = format!("endpoints[{i}]");
         check_name(p, format!("{path}.name"), "endpoint", &e.name);
@@ -772,6 +806,24 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
                 p.push(
                     format!("{path}.{field}"),
                     format!("{field} 0 would refuse every flow: use 1 or more, or leave it out for the gateway default"),
+                );
+            }
+        }
+        if let Some(id) = e.link_id {
+            let lp = format!("{path}.link_id");
+            if !(1..=u64::from(u32::MAX)).contains(&id) {
+                p.push(
+                    lp,
+                    format!(
+                        "link_id {id} is out of range: use 1 to 4294967295, or leave it out for the one plink allocates"
+                    ),
+                );
+            } else if let Some(first) = first_seen(&mut link_ids, id, &path) {
+                p.push(
+                    lp,
+                    format!(
+                        "link_id {id} is already {first}'s: link ids name one endpoint each, pick another (or leave it out for an allocated one)"
+                    ),
                 );
             }
         }
@@ -815,6 +867,19 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
                     ),
                 );
             }
+        }
+        if service.proxy_protocol.map(|pp| pp.link_id_tlv) == Some(super::LinkIdTlvKind::Aws)
+            && e.name.len() > plink_common::proxy::AWS_NAME_MAX
+        {
+            p.push(
+                format!("{path}.name"),
+                format!(
+                    "endpoint name {:?} is {} bytes, longer than the {} an `aws` link id TLV carries in plink's PROXY header: shorten it, or use another link_id_tlv",
+                    e.name,
+                    e.name.len(),
+                    plink_common::proxy::AWS_NAME_MAX
+                ),
+            );
         }
         for sp in &service.ports {
             let key = (e.network.as_str(), e.address, service.protocol, sp.port);

@@ -123,6 +123,9 @@ pub struct FlowEntry {
     pub ingress_ifindex: u32,
     /// Time left before the flow expires (zero if it already has).
     pub expires_in: Duration,
+    /// Bytes of the PROXY protocol header the flow puts in front of its
+    /// client's first bytes; 0: none.
+    pub proxy_header_len: u8,
 }
 
 fn ip(a: &plink_common::Addr) -> Ipv4Addr {
@@ -461,6 +464,7 @@ fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<Flo
                 tcp_state: v.tcp_state,
                 ingress_ifindex: v.ingress_ifindex,
                 expires_in: Duration::from_nanos(timeout.saturating_sub(age)),
+                proxy_header_len: v.pp_len,
             }
         })
         .collect()

@@ -22,8 +22,8 @@ use aya::{
 use plink_common::{
     Addr, BackendInfo, Counters, DropReason, EndpointGen, EndpointKey, EndpointValue, EpLimitState,
     GlobalConfig, IfaceInfo, MAX_NAT_SLOTS, NO_BACKEND, NatAddrInfo, NatSlot, NetAddrKey,
-    ServiceConfig, Timeouts, backend_state, ep_state, map_names, nat_addr_flags, nat_flags, role,
-    v4,
+    ServiceConfig, Timeouts, backend_state, ep_state, map_names, nat_addr_flags, nat_flags,
+    proxy::ProxyHeader, role, v4,
 };
 
 use super::Dataplane;
@@ -46,6 +46,10 @@ pub struct DataplaneSpec {
     /// consumer links. ARP is answered for them (`ARP_ENDPOINTS`); no
     /// traffic is addressed to them.
     pub next_hops: BTreeSet<(u32, Ipv4Addr)>,
+    /// `PROXY_HEADERS`: endpoint id → the PROXY protocol header its flows
+    /// carry (`proxy::build_header`), for the endpoints of services that
+    /// send one; every other slot is written empty (no header).
+    pub proxy_headers: BTreeMap<u32, ProxyHeader>,
 }
 
 /// The service slot a retired NAT address last had (for the record).
@@ -425,6 +429,20 @@ impl DataplaneSpec {
                 !nat_owner.contains_key(a),
                 "NAT address {a} is both retired and held by service {}",
                 nat_owner[a]
+            );
+        }
+        for (id, h) in &self.proxy_headers {
+            ensure!(
+                endpoints.contains(id),
+                "a PROXY header for endpoint id {id}, which no endpoint has"
+            );
+            let len = usize::from(h.len);
+            ensure!(
+                (plink_common::proxy::FIXED_LEN..=plink_common::proxy::HEADER_MAX).contains(&len)
+                    && len % 4 == 0,
+                "endpoint {id}: a PROXY header of {len} bytes (it needs a multiple of 4 from {} to {})",
+                plink_common::proxy::FIXED_LEN,
+                plink_common::proxy::HEADER_MAX
             );
         }
         let nat_entries = nat_owner.len() + self.retired_nat.len();
@@ -813,6 +831,9 @@ impl Dataplane {
         for id in fresh {
             self.zero_endpoint_slots(id)?;
         }
+        // Headers before ENDPOINTS: a new endpoint's first flow finds its
+        // header (the datapath reads it when a flow opens).
+        self.sync_proxy_headers(spec, true)?;
         let mut map: HashMap<_, EndpointKey, EndpointValue> =
             HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)?;
         sync_hash(&mut map, &desired)?;
@@ -849,6 +870,39 @@ impl Dataplane {
             }
         }
         self.written.endpoint_gens = Some(current);
+        // Emptied last: no flow of a removed endpoint, or of a service that
+        // turned PROXY protocol off, opens with a stale header meanwhile;
+        // and a reused id never inherits one.
+        self.sync_proxy_headers(spec, false)
+    }
+
+    /// Writes `PROXY_HEADERS` as `spec` has it: with `fill`, the slots that
+    /// get a header (or another one); without, the slots that get none.
+    /// Each slot written is read back and compared (the datapath copies
+    /// these bytes into flows, a torn or refused write must not pass).
+    fn sync_proxy_headers(&mut self, spec: &DataplaneSpec, fill: bool) -> anyhow::Result<()> {
+        let cached = self.written.proxy_headers.take();
+        let mut map: Array<_, ProxyHeader> =
+            Array::try_from(self.map_mut(map_names::PROXY_HEADERS)?)?;
+        let mut current = match cached {
+            Some(c) => c,
+            None => map.iter().collect::<Result<Vec<_>, _>>()?,
+        };
+        for (id, slot) in current.iter_mut().enumerate() {
+            let id = id as u32;
+            let want = spec.proxy_headers.get(&id).copied().unwrap_or_default();
+            if *slot == want || fill != (want.len != 0) {
+                continue;
+            }
+            map.set(id, want, 0)?;
+            let back = map.get(&id, 0)?;
+            ensure!(
+                back == want,
+                "PROXY_HEADERS[{id}] reads back other bytes than were written"
+            );
+            *slot = want;
+        }
+        self.written.proxy_headers = Some(current);
         Ok(())
     }
 
@@ -901,6 +955,8 @@ pub(crate) struct Written {
     backends: Option<Vec<BackendInfo>>,
     /// The whole EP_GEN array, read once like `backends`.
     endpoint_gens: Option<Vec<EndpointGen>>,
+    /// The whole PROXY_HEADERS array, read once like `backends`.
+    proxy_headers: Option<Vec<ProxyHeader>>,
     /// Lookup-table regions a service stopped using, and when. A program that
     /// read the old offset just before the flip may still read the region for
     /// a moment: it is not rewritten until `LB_QUIESCE` has passed.
@@ -1055,6 +1111,7 @@ mod tests {
             }],
             retired_nat: BTreeMap::new(),
             next_hops: BTreeSet::new(),
+            proxy_headers: BTreeMap::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! persists it atomically.
 
 mod ids;
+mod link_ids;
 pub mod store;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
@@ -10,6 +11,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::{Deserialize, Serialize};
 
 pub use ids::{IdTable, IdsExhausted};
+pub use link_ids::{LinkIdError, LinkIds};
 pub use store::{StateError, StateStore};
 
 use crate::{
@@ -18,11 +20,20 @@ use crate::{
 };
 
 /// Version of the state file's format; bumped on incompatible changes.
-/// Version 2 added `dataplane`; version 1 files are read as version 2
-/// without one.
-pub const STATE_VERSION: u32 = 2;
+/// Version 2 added `dataplane`, version 3 `link_ids`; older files are read
+/// as version 3 without them (the link ids are then allocated).
+pub const STATE_VERSION: u32 = 3;
 /// Older versions this build reads (and rewrites as `STATE_VERSION`).
-pub const STATE_VERSIONS_READ: &[u32] = &[1, 2];
+pub const STATE_VERSIONS_READ: &[u32] = &[1, 2, 3];
+
+/// Why a config cannot be folded into the state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Ids(#[from] IdsExhausted),
+    #[error(transparent)]
+    LinkIds(#[from] LinkIdError),
+}
 
 /// An endpoint's identity (SPEC §4): changing any of these makes a new
 /// endpoint, with a new id and no inherited decision. The tenant is not part
@@ -74,6 +85,9 @@ pub struct PersistedState {
     pub services: IdTable<String>,
     pub backends: IdTable<BackendKey>,
     pub endpoints: IdTable<EndpointIdentity>,
+    /// The endpoints' link ids (PROXY protocol), never reused.
+    #[serde(default)]
+    pub link_ids: LinkIds,
     /// Decisions of the endpoints in the config, by identity.
     #[serde(with = "decisions_as_list")]
     pub decisions: BTreeMap<EndpointIdentity, Decision>,
@@ -92,6 +106,7 @@ impl Default for PersistedState {
             services: IdTable::default(),
             backends: IdTable::default(),
             endpoints: IdTable::default(),
+            link_ids: LinkIds::default(),
             decisions: BTreeMap::new(),
             dataplane: None,
         }
@@ -99,9 +114,11 @@ impl Default for PersistedState {
 }
 
 impl PersistedState {
-    /// Checks a state read from the fleet store: this version, ids sound.
+    /// Checks a state read from the fleet store: a version this build
+    /// reads (an older one is taken as this one: a node upgraded first folds
+    /// its additions in), ids sound.
     pub fn check_shared(&self) -> Result<(), String> {
-        if self.version != STATE_VERSION {
+        if !STATE_VERSIONS_READ.contains(&self.version) {
             return Err(format!(
                 "format version {}, this plink-ctl writes {STATE_VERSION}: run the same plink-ctl version on every node",
                 self.version
@@ -119,6 +136,9 @@ impl PersistedState {
         self.endpoints
             .check()
             .map_err(|e| format!("endpoints: {e}"))?;
+        self.link_ids
+            .check()
+            .map_err(|e| format!("link_ids: {e}"))?;
         Ok(())
     }
 }
@@ -161,7 +181,10 @@ mod decisions_as_list {
 /// vanished ones released, initial decisions for new endpoints, kept ones
 /// re-judged against the reloaded visibility, decisions of endpoints no
 /// longer in the config dropped. Pure: the result depends on the inputs only.
-pub fn reconcile(config: &Config, prev: &PersistedState) -> Result<PersistedState, IdsExhausted> {
+pub fn reconcile(
+    config: &Config,
+    prev: &PersistedState,
+) -> Result<PersistedState, ReconcileError> {
     let mut next = prev.clone();
     next.generation = prev.generation + 1;
     let generation = next.generation;
@@ -192,6 +215,13 @@ pub fn reconcile(config: &Config, prev: &PersistedState) -> Result<PersistedStat
     let identities: Vec<EndpointIdentity> =
         config.endpoints.iter().map(EndpointIdentity::of).collect();
     next.endpoints.reconcile(&identities, generation)?;
+    // Validation keeps configured link ids within 1..=u32::MAX.
+    let configured = config
+        .endpoints
+        .iter()
+        .map(|e| e.link_id.and_then(|id| u32::try_from(id).ok()));
+    next.link_ids
+        .reconcile(identities.iter().zip(configured))?;
 
     let by_name: BTreeMap<&str, &crate::config::Service> = config
         .services

@@ -237,6 +237,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
         ],
         retired_nat: Default::default(),
         next_hops: Default::default(),
+        proxy_headers: Default::default(),
     }
 }
 
