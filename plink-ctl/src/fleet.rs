@@ -213,10 +213,11 @@ impl SharedStore {
 }
 
 fn decode(key: &str, value: &[u8]) -> Result<PersistedState, StoreError> {
-    let mut state: PersistedState = serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
-        key: key.to_owned(),
-        why: e.to_string(),
-    })?;
+    let mut state: PersistedState =
+        serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+            key: key.to_owned(),
+            why: e.to_string(),
+        })?;
     if let Err(why) = state.check_shared() {
         return Err(StoreError::Corrupt {
             key: key.to_owned(),

@@ -71,7 +71,7 @@ pub fn upload_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// A parsed PROXY v2 header, as the `ppp` crate read it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PpHeader {
     /// Total length on the wire (16 + the length field).
     pub len: usize,
@@ -122,7 +122,10 @@ pub enum Request {
     Eof,
     Get(usize),
     /// `PUT`: bytes received and their checksum.
-    Put { got: usize, fnv: u64 },
+    Put {
+        got: usize,
+        fnv: u64,
+    },
     /// An HTTP request line.
     Http(String),
     /// Anything else, or an error while reading it.
@@ -238,11 +241,17 @@ fn serve(stream: TcpStream, peer: SocketAddr, local_port: u16) -> PpRecord {
                     break (header, buf[h.len()..].to_vec());
                 }
                 Err(e) if ppp::PartialResult::is_incomplete(&e) => {}
-                Err(e) => bail!("not a PROXY v2 header ({e}): {:02x?}", &buf[..buf.len().min(64)]),
+                Err(e) => bail!(
+                    "not a PROXY v2 header ({e}): {:02x?}",
+                    &buf[..buf.len().min(64)]
+                ),
             }
             let n = stream.read(&mut chunk).context("reading the header")?;
             if n == 0 {
-                bail!("EOF within the header after {} bytes: {buf:02x?}", buf.len());
+                bail!(
+                    "EOF within the header after {} bytes: {buf:02x?}",
+                    buf.len()
+                );
             }
             buf.extend_from_slice(&chunk[..n]);
         };
@@ -480,7 +489,10 @@ pub fn put(host: &Host, dst: SocketAddrV4, n: usize, seed: u64) -> anyhow::Resul
 
 /// Connects from `host` and closes without sending a byte; returns the
 /// client's address and whatever the server answered before closing.
-pub fn connect_and_close(host: &Host, dst: SocketAddrV4) -> anyhow::Result<(SocketAddrV4, Vec<u8>)> {
+pub fn connect_and_close(
+    host: &Host,
+    dst: SocketAddrV4,
+) -> anyhow::Result<(SocketAddrV4, Vec<u8>)> {
     host.run_in(move || -> anyhow::Result<(SocketAddrV4, Vec<u8>)> {
         let mut s = connect(None, dst)?;
         let local = local_v4(&s)?;
@@ -622,8 +634,14 @@ backend relay
         let child = topo.child_mut(index);
         let lines = Arc::new(Mutex::new(Vec::new()));
         for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -672,6 +690,11 @@ backend relay
                     .find(|l| l.kind == kind && l.client == client))
             },
         )
-        .with_context(|| format!("haproxy's lines: {:#?}", self.lines.lock().map(|l| l.clone())))
+        .with_context(|| {
+            format!(
+                "haproxy's lines: {:#?}",
+                self.lines.lock().map(|l| l.clone())
+            )
+        })
     }
 }

@@ -194,7 +194,10 @@ mod tests {
         let mut t = LinkIds::default();
         // The order given (the YAML's) does not matter.
         t.reconcile([(&c, None), (&a, None), (&b, None)]).unwrap();
-        assert_eq!([t.get(&a), t.get(&b), t.get(&c)], [Some(1), Some(2), Some(3)]);
+        assert_eq!(
+            [t.get(&a), t.get(&b), t.get(&c)],
+            [Some(1), Some(2), Some(3)]
+        );
         let before = t.clone();
         t.reconcile([(&b, None), (&c, None), (&a, None)]).unwrap();
         assert_eq!(t, before, "reordering changes nothing");
@@ -214,14 +217,19 @@ mod tests {
         t.reconcile([(&a, Some(2)), (&b, None)]).unwrap();
         assert_eq!([t.get(&a), t.get(&b)], [Some(2), Some(1)]);
         // c would get 2 next: a holds it, so c gets 3.
-        t.reconcile([(&a, Some(2)), (&b, None), (&c, None)]).unwrap();
+        t.reconcile([(&a, Some(2)), (&b, None), (&c, None)])
+            .unwrap();
         assert_eq!(t.get(&c), Some(3));
         // The override goes: a keeps its id.
         t.reconcile([(&a, None), (&b, None), (&c, None)]).unwrap();
         assert_eq!(t.get(&a), Some(2));
         // Moving b to a chosen id frees nothing for reuse, moves nothing else.
-        t.reconcile([(&a, None), (&b, Some(77)), (&c, None)]).unwrap();
-        assert_eq!([t.get(&a), t.get(&b), t.get(&c)], [Some(2), Some(77), Some(3)]);
+        t.reconcile([(&a, None), (&b, Some(77)), (&c, None)])
+            .unwrap();
+        assert_eq!(
+            [t.get(&a), t.get(&b), t.get(&c)],
+            [Some(2), Some(77), Some(3)]
+        );
     }
 
     #[test]
@@ -239,7 +247,10 @@ mod tests {
                 holder: "a".into()
             }
         );
-        assert!(err.to_string().contains("give \"b\" another link_id"), "{err}");
+        assert!(
+            err.to_string().contains("give \"b\" another link_id"),
+            "{err}"
+        );
         // Both moved in one change is fine.
         t = before;
         t.reconcile([(&a, Some(5)), (&b, Some(1))]).unwrap();

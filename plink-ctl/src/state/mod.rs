@@ -181,10 +181,7 @@ mod decisions_as_list {
 /// vanished ones released, initial decisions for new endpoints, kept ones
 /// re-judged against the reloaded visibility, decisions of endpoints no
 /// longer in the config dropped. Pure: the result depends on the inputs only.
-pub fn reconcile(
-    config: &Config,
-    prev: &PersistedState,
-) -> Result<PersistedState, ReconcileError> {
+pub fn reconcile(config: &Config, prev: &PersistedState) -> Result<PersistedState, ReconcileError> {
     let mut next = prev.clone();
     next.generation = prev.generation + 1;
     let generation = next.generation;
@@ -220,8 +217,7 @@ pub fn reconcile(
         .endpoints
         .iter()
         .map(|e| e.link_id.and_then(|id| u32::try_from(id).ok()));
-    next.link_ids
-        .reconcile(identities.iter().zip(configured))?;
+    next.link_ids.reconcile(identities.iter().zip(configured))?;
 
     let by_name: BTreeMap<&str, &crate::config::Service> = config
         .services
