@@ -161,7 +161,7 @@ pub fn build_header(
         let zeros = [0u8; 8];
         put_tlv(b, &mut at, tlv::NOOP, &[&zeros[..pad - 3]]);
     }
-    debug_assert!(at <= HEADER_MAX && at % 4 == 0);
+    debug_assert!(at <= HEADER_MAX && at.is_multiple_of(4));
     let rest = (at - ADDRS_OFF) as u16;
     b[14..16].copy_from_slice(&rest.to_be_bytes());
     h.len = at as u16;

@@ -278,7 +278,7 @@ fn insert(ctx: XdpContext, key: &CtFwdKey, endpoint_id: u32, len: u32, tot_len: 
         return Step::drop(DropReason::Malformed);
     };
     let heads = L4_OFF + (doff >> 4) as usize * 4;
-    if heads < L4_OFF + 20 || heads > HEADS_MAX {
+    if !(L4_OFF + 20..=HEADS_MAX).contains(&heads) {
         return Step::drop(DropReason::Malformed);
     }
     // SAFETY: `heads` <= HEADS_MAX < the buffer; the helper checks the frame.
@@ -455,7 +455,8 @@ fn find_sack(opts: &[u8; OPT_BUF], len: usize) -> Option<(usize, usize)> {
         let olen = opts[(i + 1) & (OPT_BUF - 1)] as usize;
         if kind == OPT_SACK {
             let blocks = olen.wrapping_sub(2) / 8;
-            let valid = olen >= 10 && (olen - 2) % 8 == 0 && blocks <= 4 && i + olen <= len;
+            let valid =
+                olen >= 10 && (olen - 2).is_multiple_of(8) && blocks <= 4 && i + olen <= len;
             return valid.then_some((i, blocks));
         }
         if kind == OPT_END {

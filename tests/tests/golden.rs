@@ -47,6 +47,8 @@ mod mtu;
 mod parse;
 #[path = "golden/programs.rs"]
 mod programs;
+#[path = "golden/proxy.rs"]
+mod proxy;
 #[path = "golden/setup.rs"]
 mod setup;
 #[path = "golden/tcp.rs"]

@@ -256,6 +256,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
         ],
         retired_nat: Default::default(),
         next_hops: Default::default(),
+        proxy_headers: Default::default(),
     };
 
     // The dataplane lives on a thread inside the gateway namespace for the

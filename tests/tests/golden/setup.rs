@@ -215,6 +215,7 @@ pub fn spec(gw: &Gw) -> DataplaneSpec {
         endpoints,
         retired_nat: Default::default(),
         next_hops: Default::default(),
+        proxy_headers: Default::default(),
     }
 }
 

@@ -1,0 +1,283 @@
+//! PROXY protocol v2: the endpoint's header in front of the client's first
+//! byte, sequence and acknowledgement numbers (SACK edges included) moved
+//! by its length both ways, the SYN-ACK's MSS lowered by it, a SYN with
+//! data refused. Every expected frame is built from scratch (lengths and
+//! checksums computed anew), so an incremental update that went wrong
+//! shows as a byte difference.
+
+use plink_common::proxy::{ADDRS_OFF, LinkIdTlv, ProxyHeader, build_header};
+
+use super::{
+    mtu::{linux_syn_options, with_tcp_options},
+    *,
+};
+
+const LINK_ID: u32 = 0x0A0B_0C0D;
+
+fn proxied_spec(gw: &Gw, header: ProxyHeader) -> DataplaneSpec {
+    let mut s = spec(gw);
+    // Endpoint 0 (network 1) sends headers; endpoint 5 (network 2, same
+    // address, same service) does not: a per-endpoint setting.
+    s.proxy_headers.insert(0, header);
+    s
+}
+
+/// The header as the backend must read it for `client` → `ep`.
+fn header_for(h: &ProxyHeader, client: (Ipv4Addr, u16), ep: (Ipv4Addr, u16)) -> Vec<u8> {
+    let mut b = h.bytes[..h.len as usize].to_vec();
+    let a = &mut b[ADDRS_OFF..ADDRS_OFF + 12];
+    a[0..4].copy_from_slice(&client.0.octets());
+    a[4..8].copy_from_slice(&ep.0.octets());
+    a[8..10].copy_from_slice(&client.1.to_be_bytes());
+    a[10..12].copy_from_slice(&ep.1.to_be_bytes());
+    b
+}
+
+/// SACK option with one block, NOP-padded to 12 bytes.
+fn sack(left: u32, right: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 5, 10];
+    o.extend_from_slice(&left.to_be_bytes());
+    o.extend_from_slice(&right.to_be_bytes());
+    o
+}
+
+#[test]
+fn golden_proxy_header_and_sequence_shifts() {
+    let gw = gateway();
+    let h = build_header(LinkIdTlv::Azure, LINK_ID, b"").unwrap();
+    golden(&gw, proxied_spec(&gw, h), move |b, n, _| {
+        let TcpFlow {
+            client,
+            ep,
+            backend,
+            backend_mac,
+            nat,
+            syn,
+            ack,
+        } = tcp_flow(&n, 40100);
+        let len = h.len as u32;
+        let header = header_for(&h, client, ep);
+        assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        let to_backend =
+            |p: &Ipv4Packet| translated(p, n.p0_mac, (backend, 8080, backend_mac), nat);
+        let to_client = |p: &Ipv4Packet| untranslated(p, n.c1_mac, CLIENT_MAC, ep, client);
+        let first = syn.seq + 1;
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let n_req = request.len() as u32;
+
+        // The backend's SYN-ACK offers 1460; the client is told 1460 - len.
+        let mut synack =
+            Ipv4Packet::tcp((backend, 8080), nat, TCP_SYN | TCP_ACK).macs(backend_mac, n.p0_mac);
+        synack.seq = 5000;
+        synack.ack = first;
+        let synack_in = with_tcp_options(&synack.build(), &linux_syn_options(1460));
+        let synack_out =
+            with_tcp_options(&to_client(&synack), &linux_syn_options(1460 - len as u16));
+
+        let mut hs_ack = ack.clone();
+        hs_ack.seq = first;
+        hs_ack.ack = 5001;
+        let mut data = hs_ack.clone();
+        data.payload = request.clone();
+        let mut grown = data.clone();
+        grown.payload = [header.clone(), request.clone()].concat();
+        let mut more = hs_ack.clone();
+        more.seq = first + n_req;
+        more.payload = b"more bytes".to_vec();
+        let mut more_out = more.clone();
+        more_out.seq = first + n_req + len;
+
+        let reply_ack = |ack_no: u32| {
+            let mut r = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, n.p0_mac);
+            r.seq = 5001;
+            r.ack = ack_no;
+            r
+        };
+        let acked_all = reply_ack(first + len + n_req);
+        let mut acked_all_out = acked_all.clone();
+        acked_all_out.ack = first + n_req;
+        let inside_header = reply_ack(first + 10);
+        let mut inside_header_out = inside_header.clone();
+        inside_header_out.ack = first;
+        // The backend got the request and a later segment, not `more`.
+        let (l, r) = (first + len + n_req + 100, first + len + n_req + 200);
+        let sacked = with_tcp_options(&acked_all.build(), &sack(l, r));
+        let sacked_out = with_tcp_options(&to_client(&acked_all_out), &sack(l - len, r - len));
+
+        // A SYN with data (TCP Fast Open) for this endpoint opens nothing.
+        let mut syn_data = Ipv4Packet::tcp((CLIENT, 40101), ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
+        syn_data.payload = b"early".to_vec();
+
+        b.run(vec![
+            consumer("syn", n.c1, syn.build(), Want::Redirect(to_backend(&syn))).deltas(opens(0)),
+            provider(
+                "syn-ack: the MSS leaves room for the header",
+                n.p0,
+                synack_in,
+                Want::Redirect(synack_out),
+            ),
+            consumer(
+                "handshake ack: no byte of the client's yet, unchanged",
+                n.c1,
+                hs_ack.build(),
+                Want::Redirect(to_backend(&hs_ack)),
+            ),
+            consumer(
+                "first data segment: the header in front of it",
+                n.c1,
+                data.build(),
+                Want::Redirect(to_backend(&grown)),
+            ),
+            consumer(
+                "retransmitted first segment: the same header again",
+                n.c1,
+                data.build(),
+                Want::Redirect(to_backend(&grown)),
+            ),
+            consumer(
+                "later segment: its sequence number moved up",
+                n.c1,
+                more.build(),
+                Want::Redirect(to_backend(&more_out)),
+            ),
+            provider(
+                "backend ack of everything: moved down",
+                n.p0,
+                acked_all.build(),
+                Want::Redirect(to_client(&acked_all_out)),
+            ),
+            provider(
+                "backend ack inside the header: none of the client's bytes",
+                n.p0,
+                inside_header.build(),
+                Want::Redirect(to_client(&inside_header_out)),
+            ),
+            provider(
+                "sack edges moved down like acks",
+                n.p0,
+                sacked,
+                Want::Redirect(sacked_out),
+            ),
+            consumer(
+                "syn with data",
+                n.c1,
+                syn_data.build(),
+                Want::Drop(DropReason::ProxySynData),
+            )
+            .deltas([(Counter::Flows, 0), ep_drop(0, DropReason::ProxySynData)]),
+        ]);
+    });
+}
+
+/// A client that closes before sending anything: its FIN carries the
+/// header, so the backend still learns who connected. Endpoint 5 (network
+/// 2, no header) is untouched by endpoint 0's setting.
+#[test]
+fn golden_proxy_header_on_a_bare_fin_and_only_for_its_endpoint() {
+    let gw = gateway();
+    let h = build_header(LinkIdTlv::Aws, 0, b"vpce-0123456789abcdef0").unwrap();
+    golden(&gw, proxied_spec(&gw, h), move |b, n, _| {
+        let TcpFlow {
+            client,
+            ep,
+            backend,
+            backend_mac,
+            nat,
+            syn,
+            ..
+        } = tcp_flow(&n, 40200);
+        let header = header_for(&h, client, ep);
+        let to_backend =
+            |p: &Ipv4Packet| translated(p, n.p0_mac, (backend, 8080, backend_mac), nat);
+        let mut fin = Ipv4Packet::tcp(client, ep, TCP_FIN | TCP_ACK).macs(CLIENT_MAC, n.c1_mac);
+        fin.seq = syn.seq + 1;
+        let mut fin_out = fin.clone();
+        fin_out.payload = header;
+
+        // Network 2's flow to the same address and service: no header.
+        let key2 = fwd_key(2, client, ep, IPPROTO_TCP);
+        let (backend2, backend2_mac) = service0_backend(&key2);
+        let nat2 = (NAT_TCP, first_port(&key2, 1024..=65535));
+        let syn2 = Ipv4Packet::tcp(client, ep, TCP_SYN).macs(ROUTER_MAC, n.c2_mac);
+        let mut data2 = Ipv4Packet::tcp(client, ep, TCP_ACK).macs(ROUTER_MAC, n.c2_mac);
+        data2.seq = syn2.seq + 1;
+        data2.payload = b"no header here".to_vec();
+        let to_backend2 =
+            |p: &Ipv4Packet| translated(p, n.p0_mac, (backend2, 8080, backend2_mac), nat2);
+
+        b.run(vec![
+            consumer("syn", n.c1, syn.build(), Want::Redirect(to_backend(&syn))),
+            consumer(
+                "fin before any data: it carries the header",
+                n.c1,
+                fin.build(),
+                Want::Redirect(to_backend(&fin_out)),
+            ),
+            consumer(
+                "other endpoint's syn",
+                n.c2,
+                syn2.build(),
+                Want::Redirect(to_backend2(&syn2)),
+            ),
+            consumer(
+                "other endpoint's data: unchanged",
+                n.c2,
+                data2.build(),
+                Want::Redirect(to_backend2(&data2)),
+            ),
+        ]);
+    });
+}
+
+/// A first segment that fits the provider MTU but not with the header:
+/// fragmentation needed, with the MTU less the header, quoting the
+/// client's own segment; the segment that then fits grows and leaves.
+#[test]
+fn golden_proxy_first_segment_too_big_once_grown() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "p0", "mtu", "1000"]).unwrap();
+    let h = build_header(LinkIdTlv::Gcp, LINK_ID, b"").unwrap();
+    golden(&gw, proxied_spec(&gw, h), move |b, n, _| {
+        let TcpFlow {
+            client,
+            ep,
+            backend,
+            backend_mac,
+            nat,
+            syn,
+            ack,
+        } = tcp_flow(&n, 40300);
+        let len = h.len as usize;
+        let to_backend =
+            |p: &Ipv4Packet| translated(p, n.p0_mac, (backend, 8080, backend_mac), nat);
+        let mut big = ack.clone();
+        big.seq = syn.seq + 1;
+        big.payload = vec![b'x'; 1000 - 40];
+        let big_frame = big.build();
+        let mut fits = big.clone();
+        fits.payload = vec![b'y'; 1000 - 40 - len];
+        let mut fits_out = fits.clone();
+        fits_out.payload = [header_for(&h, client, ep), fits.payload.clone()].concat();
+        b.run(vec![
+            consumer("syn", n.c1, syn.build(), Want::Redirect(to_backend(&syn))),
+            consumer(
+                "1000 bytes, 1000 + header once grown",
+                n.c1,
+                &big_frame,
+                Want::Tx(error_reply(
+                    &big_frame,
+                    ICMP_DEST_UNREACH,
+                    ICMP_FRAG_NEEDED,
+                    (1000 - len) as u16,
+                    n.c1_mac,
+                )),
+            ),
+            consumer(
+                "the smaller segment grows to exactly 1000",
+                n.c1,
+                fits.build(),
+                Want::Redirect(to_backend(&fits_out)),
+            ),
+        ]);
+    });
+}
