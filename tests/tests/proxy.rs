@@ -189,9 +189,9 @@ struct Setup {
     _relay: PpBackend,
 }
 
-fn setup() -> Setup {
+fn setup(far: FarEnds) -> Setup {
     netns::require_root_and_tools();
-    let mut net = PrivateLink::build_with(FarEnds::Xdp).unwrap();
+    let mut net = PrivateLink::build_with(far).unwrap();
     for a in [HAPROXY, PP_BACKEND] {
         net.provider
             .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
@@ -271,9 +271,8 @@ fn header(r: &proxy::PpRecord) -> &PpHeader {
 /// address and the endpoint it came through; the ppp backend sees each
 /// endpoint's own link id. The service without proxy_protocol beside them
 /// gets no header.
-#[test]
-fn overlapping_consumers_each_send_their_own_header() {
-    let s = setup();
+fn overlapping_consumers_each_send_their_own_header(far: FarEnds) {
+    let s = setup(far);
     let (echo_b_id, web_b_id) = (link_id(&s, "echo-b"), link_id(&s, "web-b"));
     assert_eq!(link_id(&s, "echo-a"), ECHO_A_LINK_ID, "the configured id");
     assert_eq!(link_id(&s, "web-a"), WEB_A_LINK_ID, "the configured id");
@@ -365,9 +364,8 @@ fn overlapping_consumers_each_send_their_own_header() {
 
 /// The aws (0xEA: 0x01 + the endpoint's name), gcp (0xE0: 8-byte big-endian)
 /// and custom-type (4-byte big-endian) encodings, as the ppp backend reads them.
-#[test]
-fn aws_gcp_and_custom_tlvs() {
-    let s = setup();
+fn aws_gcp_and_custom_tlvs(far: FarEnds) {
+    let s = setup(far);
     let aws_id = link_id(&s, "echo-aws-a");
     assert_eq!(link_id(&s, "echo-gcp-b"), GCP_LINK_ID);
     let cases: [(&Host, Ipv4Addr, u16, u8, Vec<u8>); 3] = [
@@ -476,9 +474,8 @@ fn scrape_drops(s: &Setup) -> Vec<(String, u64)> {
         .collect()
 }
 
-#[test]
-fn two_mib_each_way_arrive_intact() {
-    let s = setup();
+fn two_mib_each_way_arrive_intact(far: FarEnds) {
+    let s = setup(far);
     transfers(&s, 7);
     for (reason, n) in scrape_drops(&s) {
         assert_eq!(n, 0, "{reason} drops");
@@ -491,9 +488,8 @@ fn two_mib_each_way_arrive_intact() {
 /// retransmissions of the first segment and SACK blocks cross the shifted
 /// sequence space. Data arrives intact and the clients never see a SACK
 /// block they must discard.
-#[test]
-fn two_mib_each_way_survive_loss_and_first_segment_retransmission() {
-    let s = setup();
+fn two_mib_each_way_survive_loss_and_first_segment_retransmission(far: FarEnds) {
+    let s = setup(far);
     // Warm up neighbours without loss.
     proxy::get(&s.net.consumer_a, None, SocketAddrV4::new(ECHO, 80), 10).unwrap();
     let p = &s.net.provider;
@@ -578,9 +574,8 @@ fn two_mib_each_way_survive_loss_and_first_segment_retransmission() {
 /// A client that connects and closes without a byte: the header goes in
 /// front of its FIN. The ppp backend reads a valid header, then EOF;
 /// HAProxy logs the connection with the client's address.
-#[test]
-fn a_client_closing_before_sending_still_sends_a_header() {
-    let s = setup();
+fn a_client_closing_before_sending_still_sends_a_header(far: FarEnds) {
+    let s = setup(far);
     let echo = SocketAddrV4::new(ECHO, 80);
     for host in [&s.net.consumer_a, &s.net.consumer_b] {
         let (local, answer) = proxy::connect_and_close(host, echo).unwrap();
@@ -605,9 +600,8 @@ fn a_client_closing_before_sending_still_sends_a_header() {
 /// header: plink drops it (`proxy_syn_data`); the client's retransmitted
 /// SYN carries no data, and the data that follows the handshake gets the
 /// header.
-#[test]
-fn a_syn_with_data_is_refused_and_the_retry_gets_a_header() {
-    let s = setup();
+fn a_syn_with_data_is_refused_and_the_retry_gets_a_header(far: FarEnds) {
+    let s = setup(far);
     let a = &s.net.consumer_a;
     a.sysctl("net.ipv4.tcp_fastopen", "5").unwrap();
     let before = Gateway::drops(&s.plink.scrape(&s.net.gw).unwrap(), "proxy_syn_data");
@@ -687,3 +681,12 @@ fn a_syn_with_data_is_refused_and_the_retry_gets_a_header() {
     assert_header(header(&r), local, dst, tlv::AZURE);
     assert_eq!(r.request, Request::Get(100));
 }
+
+plink_tests::on_both_far_ends!(
+    overlapping_consumers_each_send_their_own_header,
+    aws_gcp_and_custom_tlvs,
+    two_mib_each_way_arrive_intact,
+    two_mib_each_way_survive_loss_and_first_segment_retransmission,
+    a_client_closing_before_sending_still_sends_a_header,
+    a_syn_with_data_is_refused_and_the_retry_gets_a_header,
+);
