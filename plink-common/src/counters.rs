@@ -52,8 +52,11 @@ pub struct Counters {
     /// Fragmentation-needed errors sent to a backend about a reply too big
     /// for the consumer interface (the reply itself is not forwarded).
     pub frag_needed_to_backend: u64,
+    /// PROXY protocol headers inserted (first segments and their
+    /// retransmissions).
+    pub proxy_headers: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 88);
+const _: () = assert!(core::mem::size_of::<Counters>() == 96);
 
 impl Counters {
     /// Sums per-CPU values into one total.
@@ -71,6 +74,7 @@ impl Counters {
         self.frag_needed_to_backend = self
             .frag_needed_to_backend
             .wrapping_add(o.frag_needed_to_backend);
+        self.proxy_headers = self.proxy_headers.wrapping_add(o.proxy_headers);
     }
 }
 

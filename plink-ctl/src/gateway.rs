@@ -631,6 +631,7 @@ fn snapshot_from(
             mss_clamped_in: c.mss_clamped_in,
             mss_clamped_out: c.mss_clamped_out,
             frag_needed_to_backend: c.frag_needed_to_backend,
+            proxy_headers: c.proxy_headers,
         });
         for b in &svc.backends {
             let c = dp.counters(CounterKind::Backend, b.id.0)?;

@@ -148,6 +148,19 @@ impl Health for HealthMap {
 pub struct Probe {
     pub target: SocketAddrV4,
     pub check: HealthCheck,
+    /// The backend's port reads a PROXY protocol header first (its
+    /// service's `proxy_protocol`, the check on a target port): the probe
+    /// sends a LOCAL one, as a proxy's own health check does, so an
+    /// `accept-proxy` listener takes it instead of logging a bad client.
+    pub proxy_local: bool,
+}
+
+/// PROXY protocol v2 header with the LOCAL command and no addresses.
+pub fn proxy_local_header() -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..12].copy_from_slice(&plink_common::proxy::SIGNATURE);
+    h[12] = 0x20;
+    h
 }
 
 impl Probe {
@@ -164,6 +177,12 @@ impl Probe {
         let mut stream = TcpStream::connect(self.target)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        if self.proxy_local {
+            stream
+                .write_all(&proxy_local_header())
+                .await
+                .map_err(|e| format!("sending the PROXY header: {e}"))?;
+        }
         if self.check.kind == HealthCheckKind::Tcp {
             return Ok(());
         }
@@ -220,6 +239,8 @@ pub fn probes(model: &Model) -> BTreeMap<BackendId, Probe> {
             .port
             .or_else(|| svc.ports.first().map(|p| p.target_port))
             .unwrap_or(0);
+        let proxy_local =
+            svc.proxy_protocol.is_some() && svc.ports.iter().any(|p| p.target_port == port);
         for b in &svc.backends {
             if b.state == BackendState::Down {
                 continue;
@@ -229,6 +250,7 @@ pub fn probes(model: &Model) -> BTreeMap<BackendId, Probe> {
                 Probe {
                     target: SocketAddrV4::new(b.address, port),
                     check: check.clone(),
+                    proxy_local,
                 },
             );
         }
@@ -446,6 +468,41 @@ mod tests {
         addr
     }
 
+    /// A backend behind `accept-proxy`: it answers only a connection that
+    /// starts with a PROXY v2 header (parsed by the `ppp` crate), here LOCAL.
+    #[tokio::test]
+    async fn probes_of_a_proxy_protocol_backend_start_with_a_local_header() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 16];
+                if s.read_exact(&mut head).await.is_err() {
+                    continue;
+                }
+                let local = matches!(
+                    ppp::v2::Header::try_from(&head[..]),
+                    Ok(h) if h.command == ppp::v2::Command::Local
+                );
+                let status = if local { "200 OK" } else { "400 Bad" };
+                let mut rest = [0u8; 512];
+                let _ = s.read(&mut rest).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let probe = |proxy_local| Probe {
+            target: addr,
+            check: check(HealthCheckKind::Http),
+            proxy_local,
+        };
+        assert_eq!(probe(true).run().await, Ok(()));
+        assert_eq!(probe(false).run().await, Err("HTTP status 400".to_owned()));
+    }
+
     #[tokio::test]
     async fn probes_over_loopback() {
         let ok = http_server("200 OK").await;
@@ -454,6 +511,7 @@ mod tests {
         let http = |target| Probe {
             target,
             check: check(HealthCheckKind::Http),
+            proxy_local: false,
         };
         assert_eq!(http(ok).run().await, Ok(()));
         assert_eq!(http(moved).run().await, Ok(()));
@@ -461,6 +519,7 @@ mod tests {
         let tcp = Probe {
             target: ok,
             check: check(HealthCheckKind::Tcp),
+            proxy_local: false,
         };
         assert_eq!(tcp.run().await, Ok(()));
         // A closed port: connection refused.
@@ -474,6 +533,7 @@ mod tests {
         let err = Probe {
             target: closed,
             check: check(HealthCheckKind::Tcp),
+            proxy_local: false,
         }
         .run()
         .await

@@ -108,7 +108,8 @@ enum Command {
     /// effect on restart (sizes, paths, interfaces).
     Reload(AdminArgs),
     /// List the live flows with their NAT mapping: consumer network and
-    /// client, endpoint, NAT address and port, backend, time left.
+    /// client, endpoint, NAT address and port, backend, time left, and the
+    /// bytes of the PROXY protocol header a flow sends (`-`: none).
     Conntrack(AdminArgs),
     /// Take this node out of a fleet without breaking flows (docs/FLEET.md):
     /// withdraw every announced route, keep forwarding the flows the node
@@ -149,7 +150,8 @@ enum Command {
 #[derive(Subcommand)]
 enum EndpointsCommand {
     /// List every endpoint with its tenant, network, address, service,
-    /// connection state and the reason for it.
+    /// connection state and the reason for it, its id and, where its
+    /// service sends PROXY protocol headers, its link id and TLV.
     List(AdminArgs),
     /// Approve an endpoint: it starts passing traffic. Refused if its tenant
     /// is not in the service's visibility list, or if it was removed.
@@ -293,7 +295,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ("{\"data\":{\"flows\":[", "]}"),
                 || {
                     println!(
-                        "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>9}",
+                        "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>9} {:>5}",
                         "ENDPOINT",
                         "NETWORK",
                         "PROTO",
@@ -301,13 +303,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         "ENDPOINT ADDR",
                         "NAT",
                         "BACKEND",
-                        "EXPIRES"
+                        "EXPIRES",
+                        "PROXY"
                     )
                 },
                 |f: admin::FlowRow| {
                     shown += 1;
                     println!(
-                        "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>8}s",
+                        "{:<14} {:<9} {:<5} {:<21} {:<21} {:<21} {:<21} {:>8}s {:>5}",
                         f.endpoint.as_deref().unwrap_or("-"),
                         f.network.as_deref().unwrap_or("-"),
                         f.protocol,
@@ -315,7 +318,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         f.endpoint_address.to_string(),
                         f.nat.to_string(),
                         f.backend.to_string(),
-                        f.expires_in_ms / 1000
+                        f.expires_in_ms / 1000,
+                        match f.proxy_header_len {
+                            0 => "-".to_owned(),
+                            n => format!("{n}B"),
+                        }
                     );
                 },
             )

@@ -57,6 +57,8 @@ pub struct ServiceSample {
     /// Fragmentation-needed errors sent to backends about replies too big
     /// for the consumer interface.
     pub frag_needed_to_backend: u64,
+    /// PROXY protocol headers inserted in front of client bytes.
+    pub proxy_headers: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -279,7 +281,13 @@ pub fn render(s: &Snapshot) -> String {
         "Fragmentation-needed errors sent to backends about replies too big for the consumer interface.",
         COUNTER,
     );
+    let mut proxy_headers = FamilyBuilder::new(
+        "plink_service_proxy_headers_total",
+        "PROXY protocol v2 headers inserted in front of a flow's first client bytes (retransmissions of that segment included).",
+        COUNTER,
+    );
     for v in &s.services {
+        proxy_headers.sample(&[("service", &v.service)], v.proxy_headers as f64);
         for (dir, bytes, packets, clamped) in [
             ("in", v.bytes_in, v.packets_in, v.mss_clamped_in),
             ("out", v.bytes_out, v.packets_out, v.mss_clamped_out),
@@ -300,6 +308,7 @@ pub fn render(s: &Snapshot) -> String {
     push(nat_fail);
     push(mss_clamped);
     push(frag_needed);
+    push(proxy_headers);
 
     let mut be_bytes = FamilyBuilder::new(
         "plink_backend_bytes_total",

@@ -308,6 +308,9 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
         out_dst: client,
     };
     rewrite_error(ctx, &q, &t, tot_len, ep)?;
+    if v.pp_len != 0 && q.proto == IPPROTO_TCP {
+        unshift_quoted_seq(ctx, tot_len, v.pp_first_seq, v.pp_len as u32, ep)?;
+    }
     let Some(p) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return Err((DropReason::Malformed, ep));
     };
@@ -322,6 +325,44 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     }
     stats::count_packet(v, tot_len as u64, true);
     Ok(v.ingress_ifindex)
+}
+
+/// The quoted segment of a PROXY flow carries the backend's sequence
+/// number; the client matches an error to its own (Linux ignores one
+/// outside its send window), so it gets the client's number back, with
+/// the ICMP checksum and the quoted TCP checksum (when quoted) updated.
+#[inline(always)]
+fn unshift_quoted_seq(
+    ctx: &XdpContext,
+    tot_len: u16,
+    first: u32,
+    len: u32,
+    ep: u32,
+) -> Result<(), (DropReason, u32)> {
+    let malformed = (DropReason::Malformed, ep);
+    let (Some(raw), Some(ic)) = (load::<u32>(ctx, IN_L4 + 4), load::<u16>(ctx, ICMP_CHECK)) else {
+        return Err(malformed);
+    };
+    let seq = u32::from_be(raw);
+    let client = plink_common::proxy::backend_ack_to_client(seq, first, len);
+    if client == seq {
+        return Ok(());
+    }
+    let new = client.to_be();
+    let mut ic = csum::update32(ic, raw, new);
+    if IP_OFF + tot_len as usize >= IN_TCP_CHECK + 2
+        && let Some(old) = load::<u16>(ctx, IN_TCP_CHECK)
+    {
+        let l = csum::update32(old, raw, new);
+        ic = csum::update16(ic, old, l);
+        if !store::<u16>(ctx, IN_TCP_CHECK, l) {
+            return Err(malformed);
+        }
+    }
+    if !(store::<u32>(ctx, IN_L4 + 4, new) && store::<u16>(ctx, ICMP_CHECK, ic)) {
+        return Err(malformed);
+    }
+    Ok(())
 }
 
 /// [`reply_error`] kinds.

@@ -18,7 +18,7 @@ use plink_common::{
 };
 
 use crate::{
-    maps::{PROXY_HEADERS, SCRATCH_PROXY},
+    maps::{EP_STATS, PROXY_HEADERS, SCRATCH_PROXY, SVC_STATS},
     parse::{
         Flow, IP_LEN, IP_OFF, L4_OFF, TCP_ACK, TCP_CHECK, TCP_FIN, TCP_RST, TCP_SYN, load, store,
     },
@@ -209,15 +209,33 @@ pub fn client_segment(ctx: XdpContext, seg: Seg, key: &CtFwdKey, v: &CtFwdValue)
     let f = &fields(seg);
     let grow = growth_of(&ctx, f, v);
     if grow != 0 {
-        return insert(
+        let s = insert(
             XdpContext { ctx: ctx.ctx },
             key,
             v.endpoint_id,
             grow,
             f.tot_len as u32,
         );
+        if s.is_next() {
+            count_header(v.service_id, v.endpoint_id);
+        }
+        return s;
     }
     shift_client_seq(&ctx, v)
+}
+
+#[inline(always)]
+fn count_header(service_id: u32, endpoint_id: u32) {
+    for c in [
+        SVC_STATS.get_ptr_mut(service_id),
+        EP_STATS.get_ptr_mut(endpoint_id),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: per-CPU slot, no other writer on this CPU.
+        unsafe { (*c).proxy_headers += 1 };
+    }
 }
 
 /// A client segment that does not carry the header: its sequence number

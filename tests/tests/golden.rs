@@ -132,6 +132,7 @@ pub enum Field {
     MssClampedIn,
     MssClampedOut,
     FragNeededToBackend,
+    ProxyHeaders,
 }
 
 impl Counter {
@@ -147,6 +148,7 @@ impl Counter {
             Field::MssClampedIn => c.mss_clamped_in,
             Field::MssClampedOut => c.mss_clamped_out,
             Field::FragNeededToBackend => c.frag_needed_to_backend,
+            Field::ProxyHeaders => c.proxy_headers,
         };
         match self {
             Counter::Endpoint(id, f) => field(b.dp.counters(CounterKind::Endpoint, id).unwrap(), f),

@@ -793,3 +793,145 @@ fn flow_logs_are_per_service_with_a_gateway_exporter() {
     );
     assert_error(&diags, at(&text, "5000", 0), "no ring size");
 }
+
+/// Issue 18: `proxy_protocol` and `endpoints[].link_id`, each mistake at
+/// its value's line and column.
+#[test]
+fn proxy_protocol_and_link_ids_are_validated_where_they_are_written() {
+    let with = |block: &str| {
+        edit(
+            "    auto_approve: [tenant-a]\n",
+            &format!("    auto_approve: [tenant-a]\n    proxy_protocol:\n{block}"),
+        )
+    };
+    for (tlv, want) in [
+        ("azure", LinkIdTlvKind::Azure),
+        ("aws", LinkIdTlvKind::Aws),
+        ("gcp", LinkIdTlvKind::Gcp),
+        ("0xE5", LinkIdTlvKind::Custom(0xE5)),
+        ("\"0xef\"", LinkIdTlvKind::Custom(0xEF)),
+        ("224", LinkIdTlvKind::Custom(0xE0)),
+    ] {
+        let text = with(&format!("      version: 2\n      link_id_tlv: {tlv}\n"));
+        let cfg = Config::parse(Path::new(FILE), &text).unwrap_or_else(|e| panic!("{tlv}: {e}"));
+        let pp = cfg.services[0].proxy_protocol.expect("set");
+        assert_eq!((pp.version, pp.link_id_tlv), (2, want), "{tlv}");
+        assert!(pp.link_id_tlv.kernel().is_some(), "{tlv}");
+        assert_eq!(cfg.services[1].proxy_protocol, None, "off by default");
+    }
+
+    let text = with("      version: 1\n      link_id_tlv: azure\n");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].yaml_path, "services[0].proxy_protocol.version");
+    assert_error(
+        &d,
+        value_at(&text, "version: 1"),
+        "PROXY protocol version 1 is not supported: write `version: 2`",
+    );
+
+    let text = with("      version: 2\n      link_id_tlv: 0xD0\n");
+    assert_error(
+        &errors(&text),
+        value_at(&text, "link_id_tlv: 0xD0"),
+        "TLV type 0xD0 is not a custom type: use one from 0xE0 to 0xEF",
+    );
+
+    let text = with("      version: 2\n      link_id_tlv: azur\n");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_error(
+        &d,
+        value_at(&text, "link_id_tlv: azur"),
+        "invalid link_id_tlv \"azur\": write azure, aws, gcp, or a custom TLV type from 0xE0 to 0xEF",
+    );
+
+    let text = with("      link_id_tlv: azure\n");
+    assert!(
+        errors(&text)[0]
+            .message
+            .contains("missing field `version`; add it"),
+        "{:#?}",
+        errors(&text)
+    );
+
+    // UDP service.
+    let text = edit(
+        "    visibility: ['*']",
+        "    visibility: ['*']\n    proxy_protocol: {version: 2, link_id_tlv: gcp}",
+    );
+    let d = errors(&text);
+    assert_eq!(d[0].yaml_path, "services[1].proxy_protocol", "{d:#?}");
+    assert_error(
+        &d,
+        value_at(&text, "proxy_protocol: {"),
+        "proxy_protocol applies to TCP only",
+    );
+}
+
+#[test]
+fn an_endpoint_link_id_is_in_range_and_unique() {
+    let with = |a: &str, b: &str| {
+        edit(
+            "service: orders}\n  - {name: orders-b",
+            &format!("service: orders{a}}}\n  - {{name: orders-b"),
+        )
+        .replacen(
+            "192.0.2.50, service: orders}\n",
+            &format!("192.0.2.50, service: orders{b}}}\n"),
+            2,
+        )
+    };
+    let cfg = Config::parse(
+        Path::new(FILE),
+        &with(", link_id: 7", ", link_id: 4294967295"),
+    )
+    .unwrap();
+    assert_eq!(
+        [cfg.endpoints[0].link_id, cfg.endpoints[1].link_id],
+        [Some(7), Some(4_294_967_295)]
+    );
+    assert_eq!(
+        Config::parse(Path::new(FILE), BASE).unwrap().endpoints[0].link_id,
+        None
+    );
+
+    let text = with(", link_id: 7", ", link_id: 7");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].yaml_path, "endpoints[1].link_id");
+    let (line, column) = at(&text, "link_id: 7", 1);
+    assert_error(
+        &d,
+        (line, column + "link_id: ".len()),
+        "link_id 7 is already endpoints[0]'s",
+    );
+
+    for bad in ["0", "4294967296"] {
+        let text = with(&format!(", link_id: {bad}"), "");
+        assert_error(
+            &errors(&text),
+            value_at(&text, &format!("link_id: {bad}")),
+            &format!("link_id {bad} is out of range: use 1 to 4294967295"),
+        );
+    }
+}
+
+#[test]
+fn an_aws_link_id_carries_the_endpoint_name_which_must_fit() {
+    let long = "e".repeat(plink_common::proxy::AWS_NAME_MAX + 1);
+    let text = edit(
+        "    auto_approve: [tenant-a]\n",
+        "    auto_approve: [tenant-a]\n    proxy_protocol: {version: 2, link_id_tlv: aws}\n",
+    )
+    .replacen("name: orders-a", &format!("name: {long}"), 1);
+    let d = errors(&text);
+    assert_error(
+        &d,
+        value_at(&text, &format!("name: {long}")),
+        &format!(
+            "longer than the {} an `aws` link id TLV carries",
+            plink_common::proxy::AWS_NAME_MAX
+        ),
+    );
+}

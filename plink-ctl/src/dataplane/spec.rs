@@ -1138,6 +1138,34 @@ mod tests {
         assert!(err(|s| s.endpoints[0].service_id = 9).contains("unknown service"));
         assert!(err(|s| s.endpoints[0].id = MAX_ENDPOINTS).contains("endpoint id"));
         assert!(err(|s| s.backends.push(s.backends[0].clone())).contains("used twice"));
+        let header =
+            plink_common::proxy::build_header(plink_common::proxy::LinkIdTlv::Azure, 1, b"")
+                .unwrap();
+        let mut with_header = valid();
+        with_header.proxy_headers.insert(0, header);
+        with_header.validate().unwrap();
+        assert!(
+            err(|s| {
+                s.proxy_headers.insert(
+                    5,
+                    plink_common::proxy::build_header(plink_common::proxy::LinkIdTlv::Gcp, 1, b"")
+                        .unwrap(),
+                );
+            })
+            .contains("endpoint id 5, which no endpoint has")
+        );
+        assert!(
+            err(|s| {
+                s.proxy_headers.insert(
+                    0,
+                    plink_common::proxy::ProxyHeader {
+                        len: 30,
+                        ..Default::default()
+                    },
+                );
+            })
+            .contains("a PROXY header of 30 bytes")
+        );
     }
 
     #[test]

@@ -576,3 +576,86 @@ fn flows_are_allowed_only_by_the_desired_spec() {
         Some((backend_id, a(10)))
     );
 }
+
+/// Issue 18: every endpoint of a PROXY protocol service gets its header
+/// (its link id, or its name for `aws`) in PROXY_HEADERS; no other does,
+/// so the apply empties their slots.
+#[test]
+fn proxy_headers_follow_the_services_and_the_link_ids() {
+    use plink_common::proxy::{LinkIdTlv, build_header};
+    let headers = |model: &Model| -> BTreeMap<String, plink_common::proxy::ProxyHeader> {
+        let spec = plan(model, &host(), &AllHealthy).expect("plan");
+        spec.proxy_headers
+            .iter()
+            .map(|(id, h)| {
+                (
+                    model.endpoints[&crate::model::EndpointId(*id)].name.clone(),
+                    *h,
+                )
+            })
+            .collect()
+    };
+    let mut state = PersistedState::default();
+    let off = step(&mut state, BASE);
+    assert!(headers(&off).is_empty(), "off by default");
+
+    let azure = BASE.replacen(
+        "    auto_approve: [tenant-a]\n",
+        "    auto_approve: [tenant-a]\n    proxy_protocol: {version: 2, link_id_tlv: azure}\n",
+        1,
+    );
+    let model = step(&mut state, &azure);
+    let got = headers(&model);
+    let names: Vec<&str> = got.keys().map(String::as_str).collect();
+    assert_eq!(names, ["orders-a", "orders-b"], "billing sends none");
+    for (name, h) in &got {
+        let e = model.endpoint_by_name(name).unwrap();
+        assert_ne!(e.link_id, 0);
+        assert_eq!(
+            *h,
+            build_header(LinkIdTlv::Azure, e.link_id, b"").unwrap(),
+            "{name}"
+        );
+    }
+    assert_ne!(got["orders-a"], got["orders-b"], "each its own link id");
+
+    // A configured link id is the one sent; the endpoint id stays.
+    let pinned = azure.replacen(
+        "service: orders}",
+        "service: orders, link_id: 4000000000}",
+        1,
+    );
+    let before = model.endpoint_by_name("orders-a").unwrap().id;
+    let model = step(&mut state, &pinned);
+    let a = model.endpoint_by_name("orders-a").unwrap();
+    assert_eq!((a.id, a.link_id), (before, 4_000_000_000));
+    assert_eq!(
+        headers(&model)["orders-a"],
+        build_header(LinkIdTlv::Azure, 4_000_000_000, b"").unwrap()
+    );
+
+    // aws: the name; a custom type: that type.
+    for (tlv, kind) in [("aws", LinkIdTlv::Aws), ("0xE7", LinkIdTlv::Custom(0xE7))] {
+        let model = step(
+            &mut state,
+            &pinned.replacen("link_id_tlv: azure", &format!("link_id_tlv: {tlv}"), 1),
+        );
+        let b = model.endpoint_by_name("orders-b").unwrap();
+        assert_eq!(
+            headers(&model)["orders-b"],
+            build_header(kind, b.link_id, b"orders-b").unwrap(),
+            "{tlv}"
+        );
+    }
+
+    // Removed endpoint and service turned off: no header left in the spec.
+    let without_b = pinned.replacen(
+        "  - {name: orders-b, tenant: tenant-b, network: vnet-b, address: 192.0.2.50, service: orders}\n",
+        "",
+        1,
+    );
+    let model = step(&mut state, &without_b);
+    let names: Vec<String> = headers(&model).into_keys().collect();
+    assert_eq!(names, ["orders-a"]);
+    assert!(headers(&step(&mut state, BASE)).is_empty());
+}

@@ -245,3 +245,6 @@ pub fn reconcile(config: &Config, prev: &PersistedState) -> Result<PersistedStat
     next.decisions = decisions;
     Ok(next)
 }
+
+#[cfg(test)]
+mod tests;

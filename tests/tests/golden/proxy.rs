@@ -104,6 +104,35 @@ fn golden_proxy_header_and_sequence_shifts() {
         let sacked = with_tcp_options(&acked_all.build(), &sack(l, r));
         let sacked_out = with_tcp_options(&to_client(&acked_all_out), &sack(l - len, r - len));
 
+        // A router behind the gateway: fragmentation needed about `more`
+        // as the backend side carried it (seq moved up); the client must get
+        // its own seq back in the quote, or it ignores the error.
+        let router = Ipv4Addr::new(198, 51, 100, 254);
+        let more_sent = to_backend(&more_out);
+        let frag = icmp_error(
+            router,
+            NAT_TCP,
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            1400,
+            &more_sent[14..42],
+        )
+        .macs(backend_mac, n.p0_mac)
+        .build();
+        let mut more63 = more.clone();
+        more63.ttl = 63;
+        let more_as_sent = more63.build();
+        let mut frag_out = icmp_error(
+            EP_TCP,
+            CLIENT,
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            1400,
+            &more_as_sent[14..42],
+        );
+        frag_out.ttl = 63;
+        let frag_out = frag_out.macs(n.c1_mac, CLIENT_MAC).build();
+
         // A SYN with data (TCP Fast Open) for this endpoint opens nothing.
         let mut syn_data = Ipv4Packet::tcp((CLIENT, 40101), ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
         syn_data.payload = b"early".to_vec();
@@ -127,7 +156,11 @@ fn golden_proxy_header_and_sequence_shifts() {
                 n.c1,
                 data.build(),
                 Want::Redirect(to_backend(&grown)),
-            ),
+            )
+            .deltas([
+                (Counter::Service(0, Field::ProxyHeaders), 1),
+                (Counter::Endpoint(0, Field::ProxyHeaders), 1),
+            ]),
             consumer(
                 "retransmitted first segment: the same header again",
                 n.c1,
@@ -139,6 +172,13 @@ fn golden_proxy_header_and_sequence_shifts() {
                 n.c1,
                 more.build(),
                 Want::Redirect(to_backend(&more_out)),
+            )
+            .deltas([(Counter::Service(0, Field::ProxyHeaders), 0)]),
+            provider(
+                "fragmentation needed from a router: the quote's seq as the client sent it",
+                n.p0,
+                frag,
+                Want::Redirect(frag_out),
             ),
             provider(
                 "backend ack of everything: moved down",
