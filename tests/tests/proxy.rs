@@ -269,8 +269,9 @@ fn header(r: &proxy::PpRecord) -> &PpHeader {
 /// Both overlapping consumers at once, the same client address and port,
 /// to HAProxy and to the ppp backend: each backend learns the client's own
 /// address and the endpoint it came through; the ppp backend sees each
-/// endpoint's own link id. The service without proxy_protocol beside them
-/// gets no header.
+/// endpoint's own link id. conntrack shows the flows' header length, the
+/// client's MSS is lower by it, and the service without proxy_protocol
+/// beside them gets no header (and counts none).
 fn overlapping_consumers_each_send_their_own_header(far: FarEnds) {
     let s = setup(far);
     let (echo_b_id, web_b_id) = (link_id(&s, "echo-b"), link_id(&s, "web-b"));
@@ -347,6 +348,22 @@ fn overlapping_consumers_each_send_their_own_header(far: FarEnds) {
     want.sort();
     assert_eq!(seen, want, "each endpoint's link id, little-endian");
 
+    // The flows show their header's length (the gateway's own account).
+    let out = s.plink.ctl(&s.net.gw, &["conntrack", "--json"]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let flows = json["data"]["flows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let pp_len = header(&s.pp.records()[0]).len;
+    for ep in ["echo-a", "echo-b"] {
+        let f = flows
+            .iter()
+            .find(|f| f["endpoint"] == ep && f["client"] == "192.0.2.1:40001")
+            .unwrap_or_else(|| panic!("no {ep} flow in {out}"));
+        assert_eq!(f["proxy_header_len"], pp_len, "{f}");
+    }
+
     // The service without proxy_protocol: the harness's server would
     // answer garbage to a header in front of `GET`.
     let reply = servers::tcp_request(
@@ -359,6 +376,43 @@ fn overlapping_consumers_each_send_their_own_header(far: FarEnds) {
     assert_eq!(*reply.local.ip(), PLAIN_BACKEND);
     assert_eq!(*reply.peer.ip(), NAT_PLAIN);
     assert_eq!(reply.body_len, 64 * 1024);
+    assert_eq!(headers_inserted(&s, "plain"), 0);
+
+    // The backend's SYN-ACK MSS reaches the client lowered by the header,
+    // so a full segment plus the header still fits the backend's MSS.
+    let mss = |dst: SocketAddrV4| -> u32 {
+        s.net
+            .consumer_a
+            .run_in(move || -> anyhow::Result<u32> {
+                use std::os::fd::AsRawFd as _;
+                let stream =
+                    std::net::TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))?;
+                let mut v: libc::c_int = 0;
+                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: getsockopt into a c_int of the size given.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        stream.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_MAXSEG,
+                        (&mut v as *mut libc::c_int).cast(),
+                        &mut len,
+                    )
+                };
+                anyhow::ensure!(rc == 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+                Ok(v as u32)
+            })
+            .unwrap()
+            .unwrap()
+    };
+    let (plain_mss, echo_mss) = (mss(SocketAddrV4::new(PLAIN, 80)), mss(echo));
+    assert_eq!(
+        plain_mss - echo_mss,
+        pp_len as u32,
+        "MSS without a header {plain_mss}, with {echo_mss}"
+    );
+    assert!(headers_inserted(&s, "echo") >= 2);
+    assert!(headers_inserted(&s, "web") >= 2);
     let _ = NAT_WEB;
 }
 
@@ -466,6 +520,16 @@ fn transfers(s: &Setup, seed: u64) {
     }
 }
 
+/// plink_service_proxy_headers_total of `service`: headers inserted
+/// (first segments and their retransmissions).
+fn headers_inserted(s: &Setup, service: &str) -> u64 {
+    let scrape = s.plink.scrape(&s.net.gw).unwrap();
+    Gateway::sample(
+        &scrape,
+        &format!("plink_service_proxy_headers_total{{service=\"{service}\"}}"),
+    )
+}
+
 fn scrape_drops(s: &Setup) -> Vec<(String, u64)> {
     let scrape = s.plink.scrape(&s.net.gw).unwrap();
     ["proxy_syn_data", "proxy_no_room", "proxy_header_changed"]
@@ -477,6 +541,9 @@ fn scrape_drops(s: &Setup) -> Vec<(String, u64)> {
 fn two_mib_each_way_arrive_intact(far: FarEnds) {
     let s = setup(far);
     transfers(&s, 7);
+    // Two hosts × upload and download, to echo and through HAProxy.
+    assert!(headers_inserted(&s, "echo") >= 4);
+    assert!(headers_inserted(&s, "web") >= 4);
     for (reason, n) in scrape_drops(&s) {
         assert_eq!(n, 0, "{reason} drops");
     }
@@ -533,6 +600,7 @@ fn two_mib_each_way_survive_loss_and_first_segment_retransmission(far: FarEnds) 
 
     let retrans = |h: &Host| tcp_counter(h, "Tcp", "RetransSegs");
     let (ra, rb, rp) = (retrans(a), retrans(b), retrans(p));
+    let inserted0 = headers_inserted(&s, "echo") + headers_inserted(&s, "web");
     let discard = |h: &Host| tcp_counter(h, "TcpExt", "TCPSACKDiscard");
     let recoveries = |h: &Host| tcp_counter(h, "TcpExt", "TCPSackRecovery");
     let (da, db) = ((discard(a), recoveries(a)), (discard(b), recoveries(b)));
@@ -549,6 +617,12 @@ fn two_mib_each_way_survive_loss_and_first_segment_retransmission(far: FarEnds) 
     assert!(
         first_drops >= 4,
         "first segments with a header dropped once each: {first_drops}"
+    );
+    // Each dropped first segment was sent again, with the header again.
+    let inserted = headers_inserted(&s, "echo") + headers_inserted(&s, "web");
+    assert!(
+        inserted >= inserted0 + 8 + first_drops,
+        "headers inserted: {inserted0} before, {inserted} after 8 connections and {first_drops} lost first segments"
     );
     assert!(retrans(a) > ra, "vnet-a's client retransmitted");
     assert!(retrans(b) > rb, "vnet-b's client retransmitted");
