@@ -19,6 +19,9 @@
 //!   vnet-a 192.0.2.54:80        plain         198.51.100.10:8080        (none)
 //! ```
 //!
+//! With health checks on (one test), `web` has an http check and `echo` a
+//! tcp one: both start with a PROXY v2 LOCAL header.
+//!
 //! HAProxy's tcp frontend relays to the ppp backend's 127.0.0.1:9100 with
 //! its own v2 header, so the client address HAProxy parsed is checked by
 //! a second parser too. HAProxy 2.6 (Debian 12) has no sample fetch for
@@ -70,10 +73,22 @@ const NAT_PLAIN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 215);
 
 const BIG: usize = 2 << 20;
 
-fn service(name: &str, ports: &str, backend: Ipv4Addr, nat: u8, pp: Option<&str>) -> String {
+fn service(
+    name: &str,
+    ports: &str,
+    backend: Ipv4Addr,
+    nat: u8,
+    pp: Option<&str>,
+    health: Option<&str>,
+) -> String {
     let pp = pp
         .map(|kind| format!("    proxy_protocol: {{version: 2, link_id_tlv: {kind}}}\n"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + &health
+            .map(|h| {
+                format!("    health_check: {{{h}, interval: 300ms, timeout: 200ms, rise: 1}}\n")
+            })
+            .unwrap_or_default();
     format!(
         "  - name: {name}
     protocol: tcp
@@ -86,7 +101,10 @@ fn service(name: &str, ports: &str, backend: Ipv4Addr, nat: u8, pp: Option<&str>
     )
 }
 
-fn config(net: &PrivateLink) -> String {
+/// With `health`, `web` (HAProxy) has an http health check and `echo` (the
+/// ppp backend) a tcp one.
+fn config(net: &PrivateLink, health: bool) -> String {
+    let check = |c: &'static str| health.then_some(c);
     let gw = gateway::gateway_section(&net.topo).unwrap();
     let services = [
         service(
@@ -95,6 +113,7 @@ fn config(net: &PrivateLink) -> String {
             HAPROXY,
             210,
             Some("azure"),
+            check("type: http, path: /"),
         ),
         service(
             "echo",
@@ -102,6 +121,7 @@ fn config(net: &PrivateLink) -> String {
             PP_BACKEND,
             211,
             Some("azure"),
+            check("type: tcp"),
         ),
         service(
             "echo-aws",
@@ -109,6 +129,7 @@ fn config(net: &PrivateLink) -> String {
             PP_BACKEND,
             212,
             Some("aws"),
+            None,
         ),
         service(
             "echo-gcp",
@@ -116,6 +137,7 @@ fn config(net: &PrivateLink) -> String {
             PP_BACKEND,
             213,
             Some("gcp"),
+            None,
         ),
         service(
             "echo-custom",
@@ -123,12 +145,14 @@ fn config(net: &PrivateLink) -> String {
             PP_BACKEND,
             214,
             Some("0xE7"),
+            None,
         ),
         service(
             "plain",
             "{port: 80, target_port: 8080}",
             PLAIN_BACKEND,
             215,
+            None,
             None,
         ),
     ]
@@ -190,6 +214,10 @@ struct Setup {
 }
 
 fn setup(far: FarEnds) -> Setup {
+    setup_with(far, false)
+}
+
+fn setup_with(far: FarEnds, health: bool) -> Setup {
     netns::require_root_and_tools();
     let mut net = PrivateLink::build_with(far).unwrap();
     for a in [HAPROXY, PP_BACKEND] {
@@ -206,7 +234,7 @@ fn setup(far: FarEnds) -> Setup {
     let relay = PpBackend::start(&net.provider, *RELAY.ip(), &[RELAY.port()]).unwrap();
     let provider = net.provider.clone();
     let haproxy = Haproxy::start(&mut net.topo, &provider, HAPROXY, RELAY).unwrap();
-    let cfg = config(&net);
+    let cfg = config(&net, health);
     let gw = net.gw.clone();
     let plink = gateway::start(&mut net.topo, &gw, &cfg).unwrap();
     Setup {
@@ -754,6 +782,79 @@ fn a_syn_with_data_is_refused_and_the_retry_gets_a_header(far: FarEnds) {
     let r = s.pp.wait_record(ECHO_PORT, local).unwrap();
     assert_header(header(&r), local, dst, tlv::AZURE);
     assert_eq!(r.request, Request::Get(100));
+}
+
+/// Health checks of a proxy-protocol service start with a PROXY v2 LOCAL
+/// header (as a proxy's own checks do): HAProxy answers the http check
+/// without logging a bad header, the ppp backend reads LOCAL, both
+/// backends are up, and client flows still carry PROXY headers.
+#[test]
+fn health_checks_send_a_local_header() {
+    let s = setup_with(FarEnds::Xdp, true);
+    for backend in [
+        "web\",backend=\"198.51.100.30",
+        "echo\",backend=\"198.51.100.31",
+    ] {
+        let series = format!("plink_backend_up{{service=\"{backend}\"}} 1");
+        netns::wait_for(&series, Duration::from_secs(10), || {
+            Ok(s.plink
+                .scrape(&s.net.gw)?
+                .lines()
+                .any(|l| l == series)
+                .then_some(()))
+        })
+        .unwrap();
+    }
+    let local = netns::wait_for(
+        "a LOCAL header at the ppp backend",
+        Duration::from_secs(10),
+        || {
+            Ok(s.pp.records().into_iter().find(|r| {
+                r.local_port == ECHO_PORT
+                    && r.header
+                        .as_ref()
+                        .is_ok_and(|h| h.command == ppp::v2::Command::Local)
+            }))
+        },
+    )
+    .unwrap();
+    eprintln!("health check header: {:?}", local.header);
+    let bad: Vec<_> =
+        s.pp.records()
+            .into_iter()
+            .filter(|r| r.local_port == ECHO_PORT && r.header.is_err())
+            .collect();
+    assert!(bad.is_empty(), "checks without a valid header: {bad:?}");
+    let checks = netns::wait_for(
+        "HAProxy to log the http checks",
+        Duration::from_secs(10),
+        || {
+            let l: Vec<_> = s
+                .haproxy
+                .logs()
+                .into_iter()
+                .filter(|l| l.kind == "http")
+                .collect();
+            Ok((!l.is_empty()).then_some(l))
+        },
+    )
+    .unwrap();
+    assert!(
+        checks.iter().all(|l| l.field("st") == Some("200")),
+        "{checks:?}"
+    );
+    let errors: Vec<_> = s
+        .haproxy
+        .logs()
+        .into_iter()
+        .filter(|l| l.kind == "err")
+        .collect();
+    assert!(errors.is_empty(), "HAProxy saw bad connections: {errors:?}");
+
+    let echo = SocketAddrV4::new(ECHO, 80);
+    let reply = proxy::get(&s.net.consumer_a, None, echo, 100).unwrap();
+    let r = s.pp.wait_record(ECHO_PORT, reply.local).unwrap();
+    assert_header(header(&r), reply.local, echo, tlv::AZURE);
 }
 
 plink_tests::on_both_far_ends!(
