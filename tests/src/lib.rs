@@ -12,4 +12,5 @@ pub mod golden;
 pub mod netns;
 pub mod packet;
 pub mod privatelink;
+pub mod proxy;
 pub mod servers;

@@ -222,7 +222,8 @@ pub fn tcp_request(
     })?
 }
 
-fn connect_from(src: SocketAddrV4, dst: SocketAddrV4) -> anyhow::Result<TcpStream> {
+/// A TCP connection from the fixed `src` (address and port) to `dst`.
+pub fn connect_from(src: SocketAddrV4, dst: SocketAddrV4) -> anyhow::Result<TcpStream> {
     // std cannot bind before connect: use a raw socket for the fixed source port.
     // SAFETY: plain socket syscalls on a descriptor we own; errors are checked.
     unsafe {

@@ -175,15 +175,16 @@ fn main() -> anyhow::Result<()> {
         if settings.quick { " (--quick)" } else { "" }
     ));
 
-    // PLINK_BENCH_ONLY=perpacket|live runs one part (development only).
+    // PLINK_BENCH_ONLY=perpacket|live|scale runs one part, `proxy` only the
+    // per-packet proxy-protocol rows (development only).
     let only = std::env::var("PLINK_BENCH_ONLY").unwrap_or_default();
     let none = || perpacket::Output {
         markdown: String::new(),
         json: serde_json::Value::Null,
     };
-    let pp = if only.is_empty() || only == "perpacket" {
+    let pp = if only.is_empty() || only == "perpacket" || only == "proxy" {
         println!("\n=== per-packet cost (BPF_PROG_TEST_RUN)");
-        perpacket::run(&settings).context("per-packet benchmark")?
+        perpacket::run(&settings, only == "proxy").context("per-packet benchmark")?
     } else {
         none()
     };

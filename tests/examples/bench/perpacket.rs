@@ -27,7 +27,15 @@
 //!   EtherType); a TCP ACK to an approved endpoint without a flow (endpoint
 //!   hit, conntrack miss). The drop rows are a ladder: each adds a known
 //!   set of steps of the established path, so their differences say where
-//!   the established path's time goes.
+//!   the established path's time goes;
+//! - `TCP ... proxy protocol off / on` (issue 18): the same TCP segment
+//!   shapes (18 bytes of payload, no options) of 1,024 established flows
+//!   through two endpoints of one service, one sending PROXY v2 headers:
+//!   forward (a later client segment, its sequence number moved up when on),
+//!   reverse (the backend's segment, its ack moved down when on), and the
+//!   first data segment again (a retransmission: the header is inserted
+//!   with `xdp_adjust_head`). `PLINK_BENCH_ONLY=proxy` runs only these rows
+//!   and `bench_fwd`.
 
 use std::net::Ipv4Addr;
 
@@ -45,7 +53,7 @@ use plink_ctl::{
 use plink_tests::{
     golden::verdict,
     netns::{Host, Topology},
-    packet::{Ipv4Packet, TCP_ACK},
+    packet::{Ipv4Packet, TCP_ACK, TCP_SYN},
 };
 
 use crate::{Settings, Spread, generator::pin_thread};
@@ -66,7 +74,7 @@ pub struct Output {
     pub json: serde_json::Value,
 }
 
-const ROWS: [&str; 9] = [
+const ROWS: [&str; 14] = [
     "bench_fwd (minimal forwarder)",
     "forward established",
     "reverse established",
@@ -76,7 +84,19 @@ const ROWS: [&str; 9] = [
     "drop (TCP without a flow)",
     "forward established, flow logs on",
     "reverse established, flow logs on",
+    "TCP forward established, proxy protocol off",
+    "TCP forward established, proxy protocol on",
+    "TCP reverse established, proxy protocol off",
+    "TCP reverse established, proxy protocol on",
+    "TCP first data segment again, proxy protocol on (header inserted)",
 ];
+/// Index of the first proxy-protocol row.
+const PROXY_ROWS: usize = 9;
+/// Endpoint ports of the TCP rows: without and with PROXY headers.
+const TCP_PORT_OFF: u16 = 80;
+const TCP_PORT_ON: u16 = 81;
+/// Endpoint id of the proxy-protocol endpoint.
+const PROXY_ENDPOINT: u32 = 3;
 /// Endpoint port of the flow-logged service (every flow logged).
 const LOGGED_PORT: u16 = 54;
 
@@ -234,11 +254,164 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                     new_flows_per_sec: 100_000_000,
                 }
             },
+            // The proxy-protocol rows: TCP 81 of the same service, with
+            // a PROXY v2 header (Azure link id TLV, 36 bytes).
+            EndpointSpec {
+                id: PROXY_ENDPOINT,
+                protocol: Protocol::Tcp,
+                ports: vec![PortSpec {
+                    port: TCP_PORT_ON,
+                    target_port: 8081,
+                }],
+                ..EndpointSpec {
+                    id: 0,
+                    network_id: 1,
+                    addr: ENDPOINT,
+                    service_id: 0,
+                    protocol: Protocol::Udp,
+                    ports: Vec::new(),
+                    state: EndpointState::Approved,
+                    max_flows: 100_000_000,
+                    new_flows_per_sec: 100_000_000,
+                }
+            },
         ],
         retired_nat: Default::default(),
         next_hops: Default::default(),
-        proxy_headers: Default::default(),
+        proxy_headers: [(PROXY_ENDPOINT, proxy_header())].into_iter().collect(),
     }
+}
+
+fn proxy_header() -> plink_common::proxy::ProxyHeader {
+    plink_common::proxy::build_header(plink_common::proxy::LinkIdTlv::Azure, 0x0102_0304, b"")
+        .expect("an Azure header always fits")
+}
+
+/// TCP flags ACK|PSH.
+const TCP_PSH_ACK: u8 = TCP_ACK | 0x08;
+
+/// Frames of established TCP flows through the endpoint port `port`.
+struct TcpFrames {
+    /// A later client segment (18 bytes), per flow.
+    fwd: Vec<Vec<u8>>,
+    /// The backend's segment (18 bytes, acking everything), per flow.
+    rev: Vec<Vec<u8>>,
+    /// The client's first data segment (18 bytes), per flow.
+    first: Vec<Vec<u8>>,
+}
+
+/// Opens `FLOWS` TCP flows to `port` from client ports `base..`: SYN,
+/// SYN-ACK, ACK and the first data segment, each verdict checked, as a
+/// client and backend would; returns the frames the rows measure.
+fn tcp_flows(
+    dp: &mut Dataplane,
+    i: &Ifaces,
+    port: u16,
+    base: u16,
+    pp_len: u32,
+) -> anyhow::Result<TcpFrames> {
+    let mut out = TcpFrames {
+        fwd: Vec::new(),
+        rev: Vec::new(),
+        first: Vec::new(),
+    };
+    let isn = 1000u32;
+    let backend_isn = 5000u32;
+    let seg = |src, dst, flags, seq, ack, smac, dmac| {
+        let mut p = Ipv4Packet::tcp(src, dst, flags).macs(smac, dmac);
+        p.seq = seq;
+        p.ack = ack;
+        p
+    };
+    let step = |dp: &mut Dataplane, prog: &str, ifindex: u32, f: Vec<u8>, what: &str| {
+        let r = plink_tests::golden::run(dp.program(prog)?, ifindex, &f)?;
+        ensure!(
+            r.verdict == verdict::REDIRECT,
+            "opening a TCP flow to port {port}, {what}: verdict {}",
+            r.verdict
+        );
+        Ok::<_, anyhow::Error>(r.output)
+    };
+    for n in 0..FLOWS {
+        let client = (CLIENT, base + n);
+        let ep = (ENDPOINT, port);
+        let syn = seg(client, ep, TCP_SYN, isn, 0, CLIENT_MAC, i.c1_mac);
+        let o = step(dp, prog_names::CONSUMER, i.c1, syn.build(), "SYN")?;
+        let nat = (
+            Ipv4Addr::new(o[26], o[27], o[28], o[29]),
+            u16::from_be_bytes([o[34], o[35]]),
+        );
+        let backend = (BACKEND, u16::from_be_bytes([o[36], o[37]]));
+        let synack = seg(
+            backend,
+            nat,
+            TCP_SYN | TCP_ACK,
+            backend_isn,
+            isn + 1,
+            BACKEND_MAC,
+            i.p0_mac,
+        );
+        step(dp, prog_names::PROVIDER, i.p0, synack.build(), "SYN-ACK")?;
+        let ack = seg(
+            client,
+            ep,
+            TCP_ACK,
+            isn + 1,
+            backend_isn + 1,
+            CLIENT_MAC,
+            i.c1_mac,
+        );
+        step(dp, prog_names::CONSUMER, i.c1, ack.build(), "ACK")?;
+        let mut first = seg(
+            client,
+            ep,
+            TCP_PSH_ACK,
+            isn + 1,
+            backend_isn + 1,
+            CLIENT_MAC,
+            i.c1_mac,
+        );
+        first.payload = vec![0x5a; 18];
+        let o = step(dp, prog_names::CONSUMER, i.c1, first.build(), "first data")?;
+        ensure!(
+            o.len() == first.build().len() + pp_len as usize,
+            "first data segment to port {port}: {} bytes out, expected {} + {pp_len}",
+            o.len(),
+            first.build().len()
+        );
+        let mut later = first.clone();
+        later.seq = isn + 1 + 18;
+        let mut rev = seg(
+            backend,
+            nat,
+            TCP_PSH_ACK,
+            backend_isn + 1,
+            isn + 1 + pp_len + 36,
+            BACKEND_MAC,
+            i.p0_mac,
+        );
+        rev.payload = vec![0xa5; 18];
+        // What the rows measure: the client's sequence numbers moved up and
+        // the backend's acks moved down by the header's length (0 when off).
+        let o = step(dp, prog_names::CONSUMER, i.c1, later.build(), "later data")?;
+        let seq = u32::from_be_bytes([o[38], o[39], o[40], o[41]]);
+        ensure!(
+            seq == later.seq + pp_len,
+            "port {port}: later segment's seq {seq}, expected {} + {pp_len}",
+            later.seq
+        );
+        let o = step(dp, prog_names::PROVIDER, i.p0, rev.build(), "backend data")?;
+        let ack = u32::from_be_bytes([o[42], o[43], o[44], o[45]]);
+        ensure!(
+            ack == rev.ack - pp_len,
+            "port {port}: backend segment's ack {ack}, expected {} - {pp_len}",
+            rev.ack
+        );
+        out.fwd.push(later.build());
+        out.rev.push(rev.build());
+        out.first.push(first.build());
+    }
+    Ok(out)
 }
 
 /// 60-byte UDP frame (18 bytes of payload).
@@ -308,7 +481,12 @@ fn new_flow_frame(n: u32, c1_mac: [u8; 6]) -> Vec<u8> {
 
 /// One round: a fresh dataplane, 1,024 established flows, every row.
 /// Returns ns per packet (run-time stats) and per-call duration per row.
-fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, f64)>> {
+fn round(
+    i: &Ifaces,
+    runs: u32,
+    new_flow_base: u32,
+    proxy_only: bool,
+) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut dp = Dataplane::load_with(
         EBPF_OBJECT,
         None,
@@ -378,14 +556,6 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         })
         .collect();
 
-    let created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
-        Ok(dp.counters(CounterKind::Endpoint, 0)?.flows_created)
-    };
-    let drops =
-        |dp: &mut Dataplane| -> anyhow::Result<u64> { Ok(dp.drop_counts()?.values().sum()) };
-    let reason = |dp: &mut Dataplane, r: DropReason| -> anyhow::Result<u64> {
-        Ok(dp.drop_counts()?.get(&r).copied().unwrap_or(0))
-    };
     // A 60-byte IPv6 frame (header only): dropped right after the EtherType.
     let mut v6 = vec![0u8; 60];
     v6[..6].copy_from_slice(&i.c1_mac);
@@ -411,26 +581,73 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         verdict::REDIRECT,
         |n| pick(&ref_frames, n),
     )?);
+    if proxy_only {
+        out.extend(std::iter::repeat_n((f64::NAN, f64::NAN), PROXY_ROWS - 1));
+    } else {
+        other_rows(
+            &mut dp,
+            i,
+            runs,
+            new_flow_base,
+            &mut out,
+            &fwd,
+            &rev,
+            &logged_fwd,
+            &logged_rev,
+            &drop_frames,
+            &v6_frames,
+            &ack_frames,
+        )?;
+    }
+    proxy_rows(&mut dp, i, runs, &mut out)?;
+    Ok(out)
+}
+
+/// Rows 1 to 8: the UDP established paths, new flows, drops, flow logs.
+#[allow(clippy::too_many_arguments)]
+fn other_rows(
+    dp: &mut Dataplane,
+    i: &Ifaces,
+    runs: u32,
+    new_flow_base: u32,
+    out: &mut Vec<(f64, f64)>,
+    fwd: &[Vec<u8>],
+    rev: &[Vec<u8>],
+    logged_fwd: &[Vec<u8>],
+    logged_rev: &[Vec<u8>],
+    drop_frames: &[Vec<u8>],
+    v6_frames: &[Vec<u8>],
+    ack_frames: &[Vec<u8>],
+) -> anyhow::Result<()> {
+    let created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
+        Ok(dp.counters(CounterKind::Endpoint, 0)?.flows_created)
+    };
+    let drops =
+        |dp: &mut Dataplane| -> anyhow::Result<u64> { Ok(dp.drop_counts()?.values().sum()) };
+    let reason = |dp: &mut Dataplane, r: DropReason| -> anyhow::Result<u64> {
+        Ok(dp.drop_counts()?.get(&r).copied().unwrap_or(0))
+    };
+    let pick = |v: &[Vec<u8>], n: u32| std::borrow::Cow::Owned(v[n as usize % v.len()].clone());
     // Forward established: no flow created, nothing dropped.
-    let (c0, d0) = (created(&mut dp)?, drops(&mut dp)?);
+    let (c0, d0) = (created(dp)?, drops(dp)?);
     out.push(measure(
         dp.program(prog_names::CONSUMER)?,
         i.c1,
         runs,
         verdict::REDIRECT,
-        |n| pick(&fwd, n),
+        |n| pick(fwd, n),
     )?);
-    ensure!(created(&mut dp)? == c0, "forward established created flows");
-    ensure!(drops(&mut dp)? == d0, "forward established dropped packets");
+    ensure!(created(dp)? == c0, "forward established created flows");
+    ensure!(drops(dp)? == d0, "forward established dropped packets");
     // Reverse established.
     out.push(measure(
         dp.program(prog_names::PROVIDER)?,
         i.p0,
         runs,
         verdict::REDIRECT,
-        |n| pick(&rev, n),
+        |n| pick(rev, n),
     )?);
-    ensure!(drops(&mut dp)? == d0, "reverse established dropped packets");
+    ensure!(drops(dp)? == d0, "reverse established dropped packets");
     // New flows: every run creates exactly one.
     out.push(measure(
         dp.program(prog_names::CONSUMER)?,
@@ -440,28 +657,28 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
         |n| std::borrow::Cow::Owned(new_flow_frame(new_flow_base + n, i.c1_mac)),
     )?);
     ensure!(
-        created(&mut dp)? == c0 + u64::from(runs),
+        created(dp)? == c0 + u64::from(runs),
         "new flow: not every run created a flow"
     );
-    ensure!(drops(&mut dp)? == d0, "new flow dropped packets");
+    ensure!(drops(dp)? == d0, "new flow dropped packets");
     // Drops: every run counted under its reason.
-    let e0 = reason(&mut dp, DropReason::NoEndpoint)?;
+    let e0 = reason(dp, DropReason::NoEndpoint)?;
     out.push(measure(
         dp.program(prog_names::CONSUMER)?,
         i.c1,
         runs,
         verdict::DROP,
-        |n| pick(&drop_frames, n),
+        |n| pick(drop_frames, n),
     )?);
     ensure!(
-        reason(&mut dp, DropReason::NoEndpoint)? == e0 + u64::from(runs),
+        reason(dp, DropReason::NoEndpoint)? == e0 + u64::from(runs),
         "drop: not every run counted as no_endpoint"
     );
     for (frames, r) in [
-        (&v6_frames, DropReason::Ipv6),
-        (&ack_frames, DropReason::TcpNoFlow),
+        (v6_frames, DropReason::Ipv6),
+        (ack_frames, DropReason::TcpNoFlow),
     ] {
-        let before = reason(&mut dp, r)?;
+        let before = reason(dp, r)?;
         out.push(measure(
             dp.program(prog_names::CONSUMER)?,
             i.c1,
@@ -470,39 +687,81 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32) -> anyhow::Result<Vec<(f64, 
             |n| pick(frames, n),
         )?);
         ensure!(
-            reason(&mut dp, r)? == before + u64::from(runs),
+            reason(dp, r)? == before + u64::from(runs),
             "drop: not every run counted as {r:?}"
         );
     }
     // Established flows with flow logs on (their per-flow counters).
-    let d0 = drops(&mut dp)?;
+    let d0 = drops(dp)?;
     let logged_created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
         Ok(dp.counters(CounterKind::Endpoint, 2)?.flows_created)
     };
-    let l0 = logged_created(&mut dp)?;
+    let l0 = logged_created(dp)?;
     out.push(measure(
         dp.program(prog_names::CONSUMER)?,
         i.c1,
         runs,
         verdict::REDIRECT,
-        |n| pick(&logged_fwd, n),
+        |n| pick(logged_fwd, n),
     )?);
     out.push(measure(
         dp.program(prog_names::PROVIDER)?,
         i.p0,
         runs,
         verdict::REDIRECT,
-        |n| pick(&logged_rev, n),
+        |n| pick(logged_rev, n),
     )?);
     ensure!(
-        logged_created(&mut dp)? == l0,
+        logged_created(dp)? == l0,
         "logged established created flows"
     );
-    ensure!(drops(&mut dp)? == d0, "logged established dropped packets");
-    Ok(out)
+    ensure!(drops(dp)? == d0, "logged established dropped packets");
+    Ok(())
 }
 
-pub fn run(settings: &Settings) -> anyhow::Result<Output> {
+/// The proxy-protocol rows: TCP flows with and without headers, opened in
+/// this round's dataplane, then measured alike.
+fn proxy_rows(
+    dp: &mut Dataplane,
+    i: &Ifaces,
+    runs: u32,
+    out: &mut Vec<(f64, f64)>,
+) -> anyhow::Result<()> {
+    let pp_len = u32::from(proxy_header().len);
+    let off = tcp_flows(dp, i, TCP_PORT_OFF, 40_000, 0)?;
+    let on = tcp_flows(dp, i, TCP_PORT_ON, 42_000, pp_len)?;
+    let drops =
+        |dp: &mut Dataplane| -> anyhow::Result<u64> { Ok(dp.drop_counts()?.values().sum()) };
+    let created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
+        Ok(dp.counters(CounterKind::Endpoint, 1)?.flows_created
+            + dp.counters(CounterKind::Endpoint, PROXY_ENDPOINT)?
+                .flows_created)
+    };
+    let pick = |v: &[Vec<u8>], n: u32| std::borrow::Cow::Owned(v[n as usize % v.len()].clone());
+    let (d0, c0) = (drops(dp)?, created(dp)?);
+    for (prog, ifindex, frames) in [
+        (prog_names::CONSUMER, i.c1, &off.fwd),
+        (prog_names::CONSUMER, i.c1, &on.fwd),
+        (prog_names::PROVIDER, i.p0, &off.rev),
+        (prog_names::PROVIDER, i.p0, &on.rev),
+        (prog_names::CONSUMER, i.c1, &on.first),
+    ] {
+        out.push(measure(
+            dp.program(prog)?,
+            ifindex,
+            runs,
+            verdict::REDIRECT,
+            |n| pick(frames, n),
+        )?);
+    }
+    ensure!(drops(dp)? == d0, "the TCP rows dropped packets");
+    ensure!(created(dp)? == c0, "the TCP rows created flows");
+    Ok(())
+}
+
+/// All rows; with `proxy_only` (`PLINK_BENCH_ONLY=proxy`) `bench_fwd` and
+/// the proxy-protocol rows only.
+pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
     let (_topo, gw, ifaces) = build()?;
     let rounds = settings.rounds;
     let runs = settings.runs_per_round;
@@ -514,12 +773,13 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
             .map_err(|e| anyhow!("bpf_enable_stats(BPF_STATS_RUN_TIME): {e}"))?;
         let mut all = Vec::new();
         for r in 0..rounds {
-            let res = round(&ifaces, runs, 0)?;
+            let res = round(&ifaces, runs, 0, proxy_only)?;
             eprintln!(
                 "per-packet round {}: {}",
                 r + 1,
                 res.iter()
                     .zip(ROWS)
+                    .filter(|((ns, _), _)| ns.is_finite())
                     .map(|((ns, _), name)| format!("{name} {ns:.1} ns"))
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -544,6 +804,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
         let dur: Vec<f64> = results.iter().map(|r| r[k].1).collect();
         let ratio: Vec<f64> = results.iter().map(|r| r[k].0 / r[0].0).collect();
         let (ns, dur, ratio) = (Spread::of(&ns), Spread::of(&dur), Spread::of(&ratio));
+        if !ns.median.is_finite() {
+            // Not run (PLINK_BENCH_ONLY=proxy).
+            continue;
+        }
         let (target, met) = match k {
             1 | 2 => (
                 "≤ 1.5× bench_fwd",
@@ -551,6 +815,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
             ),
             // The cost of flow logs: these rows against rows 1 and 2.
             7 | 8 => ("reported (vs. the row without)", "—"),
+            PROXY_ROWS.. => ("reported (on ÷ off below)", "—"),
             _ => ("—", "—"),
         };
         md.push_str(&format!(
@@ -570,18 +835,44 @@ pub fn run(settings: &Settings) -> anyhow::Result<Output> {
     }
     // Flow logs on ÷ off, per direction, within each round.
     let mut flow_logs = Vec::new();
-    for (on, off, what) in [(7, 1, "forward"), (8, 2, "reverse")] {
+    if !proxy_only {
+        for (on, off, what) in [(7, 1, "forward"), (8, 2, "reverse")] {
+            let r: Vec<f64> = results.iter().map(|x| x[on].0 / x[off].0).collect();
+            let r = Spread::of(&r);
+            md.push_str(&format!(
+                "\nFlow logs on ÷ off, {what} established: {} (per-flow counters: two atomic adds per packet of a logged flow; other flows pay one flag test).",
+                r.fmt(1.0, 2)
+            ));
+            flow_logs.push(serde_json::json!({"direction": what, "ratio_on_to_off": r.json()}));
+        }
+    }
+    // Proxy protocol on ÷ off, same segment shapes, within each round.
+    let mut proxy = Vec::new();
+    let p = PROXY_ROWS;
+    for (on, off, what) in [
+        (
+            p + 1,
+            p,
+            "TCP forward established (sequence number moved up)",
+        ),
+        (p + 3, p + 2, "TCP reverse established (ack moved down)"),
+        (
+            p + 4,
+            p,
+            "TCP first data segment, header inserted, against a forward established segment without",
+        ),
+    ] {
         let r: Vec<f64> = results.iter().map(|x| x[on].0 / x[off].0).collect();
         let r = Spread::of(&r);
         md.push_str(&format!(
-            "\nFlow logs on ÷ off, {what} established: {} (per-flow counters: two atomic adds per packet of a logged flow; other flows pay one flag test).",
+            "\nProxy protocol on ÷ off, {what}: {}.",
             r.fmt(1.0, 2)
         ));
-        flow_logs.push(serde_json::json!({"direction": what, "ratio_on_to_off": r.json()}));
+        proxy.push(serde_json::json!({"path": what, "ratio_on_to_off": r.json()}));
     }
     md.push('\n');
     Ok(Output {
         markdown: md,
-        json: serde_json::json!({"runs_per_round": runs, "rounds": rounds, "rows": json_rows, "flow_logs": flow_logs}),
+        json: serde_json::json!({"runs_per_round": runs, "rounds": rounds, "rows": json_rows, "flow_logs": flow_logs, "proxy_protocol": proxy}),
     })
 }
