@@ -78,7 +78,8 @@ pub struct CtFwdValue {
     /// PROXY protocol: the header's length (`ProxyHeader::len`) inserted in
     /// front of the client's first byte; 0 = no header for this flow.
     pub pp_len: u8,
-    pub _pad2: u8,
+    /// PROXY protocol: [`proxy::pp_flags`] bits.
+    pub pp_flags: u8,
     /// PROXY protocol: sequence number (host order) of the client's first
     /// byte (its SYN's + 1); later client bytes are `pp_len` higher at the
     /// backend, the backend's acknowledgements `pp_len` lower at the client.

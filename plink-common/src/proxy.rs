@@ -183,13 +183,39 @@ pub fn ones_sum(bytes: &[u8]) -> u16 {
     sum as u16
 }
 
+/// Bits of `CtFwdValue::pp_flags`.
+pub mod pp_flags {
+    /// The header went out (in front of the first byte): its length is
+    /// fixed for the flow's life, and a stray SYN does not reset it.
+    pub const SENT: u8 = 1;
+    /// The client is more than [`super::PAST_AFTER`] bytes past its first
+    /// byte: from then on every client segment is after the first byte.
+    /// (Sequence numbers compare modulo 2^32; without this bit the
+    /// comparison with the first byte would turn around after 2 GiB.)
+    pub const PAST: u8 = 2;
+}
+
+/// Client bytes after which [`pp_flags::PAST`] is set: more than any TCP
+/// window (2^30 with the largest window scale), less than 2^31, where the
+/// signed comparison with the first byte would turn.
+pub const PAST_AFTER: u32 = 1 << 30;
+
+/// Is the client segment at `seq` far enough past the first byte to set
+/// [`pp_flags::PAST`]?
+#[inline(always)]
+pub fn crossed_past(seq: u32, first: u32) -> bool {
+    let d = seq.wrapping_sub(first);
+    d > PAST_AFTER && d < 1 << 31
+}
+
 /// Sequence number `seq` of a client segment, as the backend sees it: the
 /// header's `len` bytes sit in front of the client's first byte `first`,
 /// so everything after it moves up by `len`. The first byte itself keeps
 /// its number (the header is inserted in front of it, in that segment).
+/// `past`: [`pp_flags::PAST`] is set.
 #[inline(always)]
-pub fn client_seq_to_backend(seq: u32, first: u32, len: u32) -> u32 {
-    if (seq.wrapping_sub(first) as i32) > 0 {
+pub fn client_seq_to_backend(seq: u32, first: u32, len: u32, past: bool) -> u32 {
+    if past || (seq.wrapping_sub(first) as i32) > 0 {
         seq.wrapping_add(len)
     } else {
         seq
@@ -200,11 +226,14 @@ pub fn client_seq_to_backend(seq: u32, first: u32, len: u32) -> u32 {
 /// sees it: the header's bytes are taken back out. An ack inside the header
 /// (part of it received) acknowledges none of the client's bytes: `first`.
 #[inline(always)]
-pub fn backend_ack_to_client(ack: u32, first: u32, len: u32) -> u32 {
-    let past = ack.wrapping_sub(first) as i32;
-    if past <= 0 {
+pub fn backend_ack_to_client(ack: u32, first: u32, len: u32, past: bool) -> u32 {
+    if past {
+        return ack.wrapping_sub(len);
+    }
+    let after = ack.wrapping_sub(first) as i32;
+    if after <= 0 {
         ack
-    } else if past as u32 <= len {
+    } else if after as u32 <= len {
         first
     } else {
         ack.wrapping_sub(len)
@@ -260,24 +289,65 @@ mod tests {
     #[test]
     fn sequence_numbers_shift_around_the_first_byte() {
         let first = u32::MAX - 2; // wraps inside the window
-        assert_eq!(client_seq_to_backend(first, first, 44), first);
-        assert_eq!(client_seq_to_backend(first - 1, first, 44), first - 1);
-        assert_eq!(client_seq_to_backend(first.wrapping_add(10), first, 44), 51);
+        assert_eq!(client_seq_to_backend(first, first, 44, false), first);
+        assert_eq!(
+            client_seq_to_backend(first - 1, first, 44, false),
+            first - 1
+        );
+        assert_eq!(
+            client_seq_to_backend(first.wrapping_add(10), first, 44, false),
+            51
+        );
         for d in 0..200u32 {
             let seq = first.wrapping_add(d);
-            let b = client_seq_to_backend(seq, first, 44);
+            let b = client_seq_to_backend(seq, first, 44, false);
             // The backend acking what it got maps back to the client's seq.
             let ack_all = if d == 0 { b.wrapping_add(44) } else { b };
-            assert_eq!(backend_ack_to_client(ack_all, first, 44), seq);
+            assert_eq!(backend_ack_to_client(ack_all, first, 44, false), seq);
         }
         // Part of the header acknowledged: nothing of the client's.
         assert_eq!(
-            backend_ack_to_client(first.wrapping_add(20), first, 44),
+            backend_ack_to_client(first.wrapping_add(20), first, 44, false),
             first
         );
         assert_eq!(
-            backend_ack_to_client(first.wrapping_sub(1), first, 44),
+            backend_ack_to_client(first.wrapping_sub(1), first, 44, false),
             first.wrapping_sub(1)
+        );
+    }
+
+    /// A connection that uploads more than 2 GiB: once past 2^30 bytes the
+    /// flow is marked, and the shift holds at 2^31 and 2^32 and beyond,
+    /// where the signed comparison with the first byte turns around.
+    #[test]
+    fn the_shift_holds_past_two_and_four_gibibytes() {
+        let first = 0x1234_5678u32;
+        let len = 36;
+        let mut past = false;
+        let mut offset: u64 = 1;
+        // Walk the stream in 64 MiB steps (a window's worth at a time).
+        while offset < (5u64 << 30) {
+            let seq = first.wrapping_add(offset as u32);
+            if !past && crossed_past(seq, first) {
+                assert!(offset > PAST_AFTER as u64 && offset < 1 << 31);
+                past = true;
+            }
+            let b = client_seq_to_backend(seq, first, len, past);
+            assert_eq!(b, seq.wrapping_add(len), "offset {offset}");
+            assert_eq!(
+                backend_ack_to_client(b, first, len, past),
+                seq,
+                "offset {offset}"
+            );
+            offset += 64 << 20;
+        }
+        assert!(past);
+        // Without the mark, exactly what went wrong: unshifted after 2 GiB.
+        let at_2g = first.wrapping_add((1u32 << 31) + 10);
+        assert_eq!(client_seq_to_backend(at_2g, first, len, false), at_2g);
+        assert_eq!(
+            client_seq_to_backend(at_2g, first, len, true),
+            at_2g.wrapping_add(len)
         );
     }
 }

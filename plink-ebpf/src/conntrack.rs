@@ -109,7 +109,7 @@ fn create(
     v.hop_dmac = [0; 6];
     // Set by `proxy::on_client_syn` for a PROXY protocol service.
     v.pp_len = 0;
-    v._pad2 = 0;
+    v.pp_flags = 0;
     v.pp_first_seq = 0;
     s.owner.fwd = *key;
     s.owner.key_hash = hash;
@@ -235,8 +235,10 @@ pub fn entry_is(v: &CtFwdValue, key_hash: u32) -> bool {
 pub fn tcp_forward(state: u8, flags: u8) -> u8 {
     if flags & (TCP_FIN | TCP_RST) != 0 {
         tcp_state::CLOSING
-    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        // A new connection on a closing tuple reuses the mapping.
+    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && state != tcp_state::ESTABLISHED {
+        // A new connection on a closing tuple reuses the mapping. A stray SYN
+        // on an established one does not end it: the backend answers with a
+        // challenge ACK (RFC 5961) and the connection goes on.
         tcp_state::SYN_SENT
     } else if flags & TCP_ACK != 0 && state == tcp_state::SYN_RECV {
         tcp_state::ESTABLISHED

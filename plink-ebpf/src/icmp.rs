@@ -309,7 +309,14 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     };
     rewrite_error(ctx, &q, &t, tot_len, ep)?;
     if v.pp_len != 0 && q.proto == IPPROTO_TCP {
-        unshift_quoted_seq(ctx, tot_len, v.pp_first_seq, v.pp_len as u32, ep)?;
+        let past = v.pp_flags & plink_common::proxy::pp_flags::PAST != 0;
+        unshift_quoted_seq(
+            ctx,
+            tot_len,
+            v.pp_first_seq,
+            v.pp_len as u32 | (past as u32) << 8,
+            ep,
+        )?;
     }
     let Some(p) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return Err((DropReason::Malformed, ep));
@@ -331,25 +338,68 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
 /// number; the client matches an error to its own (Linux ignores one
 /// outside its send window), so it gets the client's number back, with
 /// the ICMP checksum and the quoted TCP checksum (when quoted) updated.
+/// Fragmentation needed about the segment that carried the header: the
+/// client's own segment was `len` smaller than the one the router refused,
+/// so the MTU it is told is `len` smaller too (else it would send the same
+/// segment again, grown to the same refused size). `len_past`: the
+/// header's length, and bit 8 = `pp_flags::PAST`.
 #[inline(always)]
 fn unshift_quoted_seq(
     ctx: &XdpContext,
     tot_len: u16,
     first: u32,
-    len: u32,
+    len_past: u32,
     ep: u32,
 ) -> Result<(), (DropReason, u32)> {
+    let (len, past) = (len_past & 0xff, len_past >> 8 != 0);
     let malformed = (DropReason::Malformed, ep);
-    let (Some(raw), Some(ic)) = (load::<u32>(ctx, IN_L4 + 4), load::<u16>(ctx, ICMP_CHECK)) else {
+    let (Some(raw), Some(ic), Some(kind)) = (
+        load::<u32>(ctx, IN_L4 + 4),
+        load::<u16>(ctx, ICMP_CHECK),
+        load::<[u8; 2]>(ctx, L4_OFF),
+    ) else {
         return Err(malformed);
     };
     let seq = u32::from_be(raw);
-    let client = plink_common::proxy::backend_ack_to_client(seq, first, len);
+    let mut ic = ic;
+    if !past && seq == first {
+        // The quote is the grown segment: its length as the client sent it.
+        let (Some(qlen_raw), Some(qcheck)) =
+            (load::<u16>(ctx, IN_IP + 2), load::<u16>(ctx, IN_CHECK))
+        else {
+            return Err(malformed);
+        };
+        let qlen = u16::from_be(qlen_raw);
+        if qlen as u32 > len + IP_LEN as u32 {
+            let own = (qlen - len as u16).to_be();
+            let new_qcheck = csum::update16(qcheck, qlen_raw, own);
+            ic = csum::update16(ic, qlen_raw, own);
+            ic = csum::update16(ic, qcheck, new_qcheck);
+            if !(store::<u16>(ctx, IN_IP + 2, own) && store::<u16>(ctx, IN_CHECK, new_qcheck)) {
+                return Err(malformed);
+            }
+        }
+        if kind == [icmp_type::DEST_UNREACH, icmp_type::CODE_FRAG_NEEDED]
+            && let Some(mtu_raw) = load::<u16>(ctx, L4_OFF + 6)
+        {
+            let mtu = u16::from_be(mtu_raw);
+            let lower = mtu.saturating_sub(len as u16).max(68).to_be();
+            ic = csum::update16(ic, mtu_raw, lower);
+            if !store::<u16>(ctx, L4_OFF + 6, lower) {
+                return Err(malformed);
+            }
+        }
+    }
+    let client = plink_common::proxy::backend_ack_to_client(seq, first, len, past);
     if client == seq {
-        return Ok(());
+        return if store::<u16>(ctx, ICMP_CHECK, ic) {
+            Ok(())
+        } else {
+            Err(malformed)
+        };
     }
     let new = client.to_be();
-    let mut ic = csum::update32(ic, raw, new);
+    ic = csum::update32(ic, raw, new);
     if IP_OFF + tot_len as usize >= IN_TCP_CHECK + 2
         && let Some(old) = load::<u16>(ctx, IN_TCP_CHECK)
     {

@@ -14,7 +14,10 @@ use aya_ebpf::{
 };
 use plink_common::{
     CtFwdKey, CtFwdValue, DropReason, IPPROTO_TCP, csum,
-    proxy::{ADDRS_OFF, HEADER_MAX, backend_ack_to_client, client_seq_to_backend},
+    proxy::{
+        ADDRS_OFF, HEADER_MAX, backend_ack_to_client, client_seq_to_backend, crossed_past, pp_flags,
+    },
+    tcp_state,
 };
 
 use crate::{
@@ -118,9 +121,6 @@ pub fn syn_payload(ctx: &XdpContext, tot_len: u16) -> Option<u32> {
     tcp_lengths(ctx, &f).map(|(_, p)| p)
 }
 
-/// A client SYN (no ACK) of a flow whose endpoint sends a PROXY header: the
-/// flow learns the header's length and where the client's bytes start. A SYN carrying data is dropped: its bytes would reach the
-/// backend before the header.
 /// The slow path's PROXY step for a client segment, before its rewrite:
 /// [`on_client_syn`], then whether the segment still fits its next hop once
 /// grown. `NEXT`, a drop, or `Step::other(mtu)`: answer "fragmentation
@@ -133,6 +133,14 @@ pub fn before_rewrite(ctx: XdpContext, seg: Seg, v: &mut CtFwdValue) -> Step {
     if !s.is_next() {
         return s;
     }
+    // Until the header went out no sequence number depends on its length:
+    // the setting as it is now (another encoding, or off) applies.
+    if v.pp_len != 0 && v.pp_flags & pp_flags::SENT == 0 {
+        let len = header_len(v.endpoint_id);
+        if len != v.pp_len {
+            v.pp_len = len;
+        }
+    }
     let grow = growth_of(&ctx, f, v);
     if grow == 0 || f.tot_len as u32 + grow <= v.hop_mtu as u32 {
         return Step::NEXT;
@@ -143,15 +151,26 @@ pub fn before_rewrite(ctx: XdpContext, seg: Seg, v: &mut CtFwdValue) -> Step {
     }
 }
 
+/// A client SYN (no ACK): the flow learns the header's length (0: none)
+/// and where the client's bytes start. A SYN carrying data is dropped: its
+/// bytes would reach the backend before the header. A stray SYN on an
+/// established flow that sent its header changes nothing (the backend
+/// answers it with a challenge ACK, RFC 5961, and the connection goes on).
 #[inline(always)]
 fn on_client_syn(ctx: &XdpContext, f: &SegFields, v: &mut CtFwdValue) -> Step {
     if f.proto != IPPROTO_TCP || f.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Step::NEXT;
+    }
+    if v.pp_flags & pp_flags::SENT != 0 && v.tcp_state == tcp_state::ESTABLISHED {
         return Step::NEXT;
     }
     // The setting as it is now: a SYN starts the byte stream afresh.
     let len = header_len(v.endpoint_id);
     if v.pp_len != len {
         v.pp_len = len;
+    }
+    if v.pp_flags != 0 {
+        v.pp_flags = 0;
     }
     if v.pp_len == 0 {
         return Step::NEXT;
@@ -182,7 +201,11 @@ pub fn growth(ctx: XdpContext, seg: Seg, v: &CtFwdValue) -> u32 {
 
 #[inline(always)]
 fn growth_of(ctx: &XdpContext, f: &SegFields, v: &CtFwdValue) -> u32 {
-    if v.pp_len == 0 || f.proto != IPPROTO_TCP || f.tcp_flags & (TCP_SYN | TCP_RST) != 0 {
+    if v.pp_len == 0
+        || v.pp_flags & pp_flags::PAST != 0
+        || f.proto != IPPROTO_TCP
+        || f.tcp_flags & (TCP_SYN | TCP_RST) != 0
+    {
         return 0;
     }
     let Some(s) = seq(ctx) else {
@@ -205,7 +228,7 @@ fn growth_of(ctx: &XdpContext, f: &SegFields, v: &CtFwdValue) -> u32 {
 /// leaves sequence numbers, flags and payload as they were): the header
 /// inserted, or the sequence number moved up.
 #[inline(never)]
-pub fn client_segment(ctx: XdpContext, seg: Seg, key: &CtFwdKey, v: &CtFwdValue) -> Step {
+pub fn client_segment(ctx: XdpContext, seg: Seg, key: &CtFwdKey, v: &mut CtFwdValue) -> Step {
     let f = &fields(seg);
     let grow = growth_of(&ctx, f, v);
     if grow != 0 {
@@ -217,6 +240,9 @@ pub fn client_segment(ctx: XdpContext, seg: Seg, key: &CtFwdKey, v: &CtFwdValue)
             f.tot_len as u32,
         );
         if s.is_next() {
+            if v.pp_flags & pp_flags::SENT == 0 {
+                v.pp_flags |= pp_flags::SENT;
+            }
             count_header(v.service_id, v.endpoint_id);
         }
         return s;
@@ -241,11 +267,15 @@ fn count_header(service_id: u32, endpoint_id: u32) {
 /// A client segment that does not carry the header: its sequence number
 /// as the backend counts (the established path, where [`growth`] is 0).
 #[inline(always)]
-pub fn shift_client_seq(ctx: &XdpContext, v: &CtFwdValue) -> Step {
+pub fn shift_client_seq(ctx: &XdpContext, v: &mut CtFwdValue) -> Step {
     let Some(s) = seq(ctx) else {
         return Step::drop(DropReason::Malformed);
     };
-    let moved = client_seq_to_backend(s, v.pp_first_seq, v.pp_len as u32);
+    let past = v.pp_flags & pp_flags::PAST != 0;
+    if !past && crossed_past(s, v.pp_first_seq) {
+        v.pp_flags |= pp_flags::PAST;
+    }
+    let moved = client_seq_to_backend(s, v.pp_first_seq, v.pp_len as u32, past);
     if moved != s && !rewrite_u32(ctx, TCP_SEQ, s, moved) {
         return Step::drop(DropReason::Malformed);
     }
@@ -362,15 +392,22 @@ pub fn backend_segment(ctx: &XdpContext, f: &Flow, v: &CtFwdValue) -> Step {
         return Step::NEXT;
     }
     let (first, len) = (v.pp_first_seq, v.pp_len as u32);
+    let past = v.pp_flags & pp_flags::PAST != 0;
     let Some(ack) = load::<u32>(ctx, TCP_ACK_NO).map(u32::from_be) else {
         return Step::drop(DropReason::Malformed);
     };
-    let moved = backend_ack_to_client(ack, first, len);
+    let moved = backend_ack_to_client(ack, first, len, past);
     if moved != ack && !rewrite_u32(ctx, TCP_ACK_NO, ack, moved) {
         return Step::drop(DropReason::Malformed);
     }
     match load::<u8>(ctx, TCP_DOFF) {
-        Some(d) if d >> 4 > 5 => sack(XdpContext { ctx: ctx.ctx }, first, len, f.tot_len as u32),
+        Some(d) if d >> 4 > 5 => sack(
+            XdpContext { ctx: ctx.ctx },
+            first,
+            len,
+            f.tot_len as u32,
+            past,
+        ),
         _ => Step::NEXT,
     }
 }
@@ -380,7 +417,7 @@ pub fn backend_segment(ctx: &XdpContext, f: &Flow, v: &CtFwdValue) -> Step {
 /// the difference of the option bytes before and after (their length is a
 /// multiple of 4, as `bpf_csum_diff` wants).
 #[inline(never)]
-fn sack(ctx: XdpContext, first: u32, len: u32, tot_len: u32) -> Step {
+fn sack(ctx: XdpContext, first: u32, len: u32, tot_len: u32, past: bool) -> Step {
     let Some(w) = SCRATCH_PROXY.get_ptr_mut(0) else {
         return Step::NEXT;
     };
@@ -418,7 +455,7 @@ fn sack(ctx: XdpContext, first: u32, len: u32, tot_len: u32) -> Step {
             let o = at + 2 + i * 8 + edge * 4;
             let b = |k: usize| w.opts_old[(o + k) & (OPT_BUF - 1)];
             let old = u32::from_be_bytes([b(0), b(1), b(2), b(3)]);
-            let new = backend_ack_to_client(old, first, len);
+            let new = backend_ack_to_client(old, first, len, past);
             if new != old {
                 changed = true;
                 for (k, byte) in new.to_be_bytes().into_iter().enumerate() {

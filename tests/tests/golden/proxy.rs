@@ -321,3 +321,199 @@ fn golden_proxy_first_segment_too_big_once_grown() {
         ]);
     });
 }
+
+/// What the review of the first version found, each as a case: a long
+/// upload (past 2^31 bytes the signed comparison with the first byte turns
+/// around), a stray SYN on an established flow, fragmentation needed about
+/// the grown segment, and the service's encoding changed between a
+/// connection's SYN and its first byte.
+#[test]
+fn golden_proxy_long_uploads_stray_syns_and_changes_before_the_first_byte() {
+    let gw = gateway();
+    let azure = build_header(LinkIdTlv::Azure, LINK_ID, b"").unwrap();
+    let aws = build_header(
+        LinkIdTlv::Aws,
+        0,
+        b"a-much-longer-endpoint-name-than-before",
+    )
+    .unwrap();
+    assert_ne!(azure.len, aws.len);
+    let later_spec = proxied_spec(&gw, aws);
+    golden(&gw, proxied_spec(&gw, azure), move |b, n, _| {
+        let TcpFlow {
+            client,
+            ep,
+            backend,
+            backend_mac,
+            nat,
+            syn,
+            ack,
+        } = tcp_flow(&n, 40400);
+        let len = azure.len as u32;
+        let to_backend =
+            |p: &Ipv4Packet| translated(p, n.p0_mac, (backend, 8080, backend_mac), nat);
+        let to_client = |p: &Ipv4Packet| untranslated(p, n.c1_mac, CLIENT_MAC, ep, client);
+        let first = syn.seq + 1;
+        let seg = |offset: u32, data: &[u8]| {
+            let mut p = ack.clone();
+            p.seq = first.wrapping_add(offset);
+            p.payload = data.to_vec();
+            p
+        };
+        let shifted = |p: &Ipv4Packet| {
+            let mut o = p.clone();
+            o.seq = o.seq.wrapping_add(len);
+            o
+        };
+        let data = seg(0, b"hello");
+        let mut grown = data.clone();
+        grown.payload = [header_for(&azure, client, ep), b"hello".to_vec()].concat();
+
+        // Fragmentation needed from a router about the grown segment: the
+        // client is told 1400 - len, the size its own segment must have.
+        let router = Ipv4Addr::new(198, 51, 100, 254);
+        let grown_sent = to_backend(&grown);
+        let frag = icmp_error(
+            router,
+            NAT_TCP,
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            1400,
+            &grown_sent[14..42],
+        )
+        .macs(backend_mac, n.p0_mac)
+        .build();
+        let mut data63 = data.clone();
+        data63.ttl = 63;
+        let data_as_sent = data63.build();
+        let mut frag_out = icmp_error(
+            EP_TCP,
+            CLIENT,
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            1400 - len,
+            &data_as_sent[14..42],
+        );
+        frag_out.ttl = 63;
+        let frag_out = frag_out.macs(n.c1_mac, CLIENT_MAC).build();
+
+        // A stray SYN (another sequence number) on the established flow.
+        let mut stray = syn.clone();
+        stray.seq = 777_777;
+        let after_stray = seg(5, b"still shifted");
+
+        // The upload passes 1 GiB, then 2 GiB and 4 GiB.
+        let gib1 = seg((1 << 30) + 100, b"x");
+        let gib2 = seg((1 << 31) + 100, b"y");
+        let gib4 = seg(((1u64 << 32) + 100) as u32, b"z");
+        let reply_ack = |ack_no: u32| {
+            let mut r = Ipv4Packet::tcp((backend, 8080), nat, TCP_ACK).macs(backend_mac, n.p0_mac);
+            r.seq = 5001;
+            r.ack = ack_no;
+            r
+        };
+        let ack_2g = reply_ack(first.wrapping_add((1u32 << 31) + 101 + len));
+        let mut ack_2g_out = ack_2g.clone();
+        ack_2g_out.ack = first.wrapping_add((1u32 << 31) + 101);
+
+        // A second connection whose service changes encoding (another
+        // header length) between its SYN and its first byte.
+        let TcpFlow {
+            client: client2,
+            ep: ep2,
+            backend: backend2,
+            backend_mac: backend2_mac,
+            nat: nat2,
+            syn: syn2,
+            ack: ack2,
+        } = tcp_flow(&n, 40401);
+        let to_backend2 =
+            |p: &Ipv4Packet| translated(p, n.p0_mac, (backend2, 8080, backend2_mac), nat2);
+        let mut data2 = ack2.clone();
+        data2.seq = syn2.seq + 1;
+        data2.payload = b"first".to_vec();
+        let mut grown2 = data2.clone();
+        grown2.payload = [header_for(&aws, client2, ep2), b"first".to_vec()].concat();
+
+        let mut synack =
+            Ipv4Packet::tcp((backend, 8080), nat, TCP_SYN | TCP_ACK).macs(backend_mac, n.p0_mac);
+        synack.seq = 5000;
+        synack.ack = first;
+        b.run(vec![
+            consumer("syn", n.c1, syn.build(), Want::Redirect(to_backend(&syn))),
+            provider(
+                "syn-ack (no MSS option: left alone)",
+                n.p0,
+                synack.build(),
+                Want::Redirect(to_client(&synack)),
+            ),
+            consumer(
+                "first segment (with the handshake's ack)",
+                n.c1,
+                data.build(),
+                Want::Redirect(to_backend(&grown)),
+            ),
+            provider(
+                "fragmentation needed about the grown segment: its MTU less the header",
+                n.p0,
+                frag,
+                Want::Redirect(frag_out),
+            ),
+            consumer(
+                "a stray SYN on the established flow passes, mapped like any client segment",
+                n.c1,
+                stray.build(),
+                Want::Redirect(to_backend(&shifted(&stray))),
+            ),
+            Step::expect("and the flow stays established", |b| {
+                let flows = b.dp.list_conntrack().unwrap();
+                assert!(flows.iter().all(|f| f.tcp_state == tcp_state::ESTABLISHED));
+            }),
+            consumer(
+                "and changed nothing: still shifted from the first byte",
+                n.c1,
+                after_stray.build(),
+                Want::Redirect(to_backend(&shifted(&after_stray))),
+            ),
+            consumer(
+                "past 1 GiB",
+                n.c1,
+                gib1.build(),
+                Want::Redirect(to_backend(&shifted(&gib1))),
+            ),
+            consumer(
+                "past 2 GiB: still shifted",
+                n.c1,
+                gib2.build(),
+                Want::Redirect(to_backend(&shifted(&gib2))),
+            ),
+            provider(
+                "an ack past 2 GiB: still moved down",
+                n.p0,
+                ack_2g.build(),
+                Want::Redirect(to_client(&ack_2g_out)),
+            ),
+            consumer(
+                "past 4 GiB, at the first byte's number again: shifted, no header",
+                n.c1,
+                gib4.build(),
+                Want::Redirect(to_backend(&shifted(&gib4))),
+            ),
+            consumer(
+                "second connection's syn",
+                n.c1,
+                syn2.build(),
+                Want::Redirect(to_backend2(&syn2)),
+            ),
+            Step::act("the service's link-id encoding changes", move |b| {
+                b.dp.apply(&later_spec).unwrap()
+            }),
+            consumer(
+                "its first byte gets the header as it is now",
+                n.c1,
+                data2.build(),
+                Want::Redirect(to_backend2(&grown2)),
+            ),
+        ]);
+    });
+}
