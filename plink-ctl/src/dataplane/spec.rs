@@ -828,12 +828,14 @@ impl Dataplane {
             .map(|e| e.id)
             .filter(|id| !known.contains(id))
             .collect();
-        for id in fresh {
-            self.zero_endpoint_slots(id)?;
+        for id in &fresh {
+            self.zero_endpoint_slots(*id)?;
         }
         // Headers before ENDPOINTS: a new endpoint's first flow finds its
-        // header (the datapath reads it when a flow opens).
-        self.sync_proxy_headers(spec, true)?;
+        // header (the datapath reads it when a flow opens); a new endpoint
+        // without one gets its slot emptied now too, should an apply that
+        // failed half way have left a removed endpoint's header in it.
+        self.sync_proxy_headers(spec, Some(&fresh))?;
         let mut map: HashMap<_, EndpointKey, EndpointValue> =
             HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)?;
         sync_hash(&mut map, &desired)?;
@@ -873,14 +875,19 @@ impl Dataplane {
         // Emptied last: no flow of a removed endpoint, or of a service that
         // turned PROXY protocol off, opens with a stale header meanwhile;
         // and a reused id never inherits one.
-        self.sync_proxy_headers(spec, false)
+        self.sync_proxy_headers(spec, None)
     }
 
-    /// Writes `PROXY_HEADERS` as `spec` has it: with `fill`, the slots that
-    /// get a header (or another one); without, the slots that get none.
+    /// Writes `PROXY_HEADERS` as `spec` has it: with `fill` (the endpoint
+    /// ids new in this apply), the slots that get a header (or another
+    /// one) and the new ids' slots; without, the slots that get none.
     /// Each slot written is read back and compared (the datapath copies
     /// these bytes into flows, a torn or refused write must not pass).
-    fn sync_proxy_headers(&mut self, spec: &DataplaneSpec, fill: bool) -> anyhow::Result<()> {
+    fn sync_proxy_headers(
+        &mut self,
+        spec: &DataplaneSpec,
+        fill: Option<&BTreeSet<u32>>,
+    ) -> anyhow::Result<()> {
         let cached = self.written.proxy_headers.take();
         let mut map: Array<_, ProxyHeader> =
             Array::try_from(self.map_mut(map_names::PROXY_HEADERS)?)?;
@@ -891,7 +898,11 @@ impl Dataplane {
         for (id, slot) in current.iter_mut().enumerate() {
             let id = id as u32;
             let want = spec.proxy_headers.get(&id).copied().unwrap_or_default();
-            if *slot == want || fill != (want.len != 0) {
+            let now = match fill {
+                Some(fresh) => want.len != 0 || fresh.contains(&id),
+                None => want.len == 0,
+            };
+            if *slot == want || !now {
                 continue;
             }
             map.set(id, want, 0)?;

@@ -35,6 +35,10 @@ pub struct LinkIds {
     assigned: BTreeMap<EndpointIdentity, u32>,
     /// The next id to allocate: allocated ids only grow.
     next: u32,
+    /// Ids at or above `next` that a configured `link_id` gave an endpoint:
+    /// allocation skips them even once that endpoint is gone (ids below
+    /// `next` are never allocated again anyway).
+    reserved: BTreeSet<u32>,
 }
 
 impl Default for LinkIds {
@@ -42,6 +46,7 @@ impl Default for LinkIds {
         Self {
             assigned: BTreeMap::new(),
             next: 1,
+            reserved: BTreeSet::new(),
         }
     }
 }
@@ -51,6 +56,8 @@ impl Default for LinkIds {
 struct Repr {
     assigned: Vec<Assigned>,
     next: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    reserved: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -81,6 +88,9 @@ impl LinkIds {
         for (k, explicit) in &live {
             if let Some(id) = explicit {
                 self.assigned.insert((*k).clone(), *id);
+                if *id >= self.next {
+                    self.reserved.insert(*id);
+                }
             }
         }
         // Configured ids are unique (validation), allocated ones skip every
@@ -111,12 +121,14 @@ impl LinkIds {
                     return Err(LinkIdError::Exhausted);
                 }
                 self.next = id + 1;
-                if !used.contains(&id) {
+                if !used.contains(&id) && !self.reserved.contains(&id) {
                     break id;
                 }
             };
             self.assigned.insert((*k).clone(), id);
         }
+        let next = self.next;
+        self.reserved.retain(|id| *id >= next);
         Ok(())
     }
 
@@ -147,6 +159,7 @@ impl Serialize for LinkIds {
                 .map(|(k, &id)| Assigned { key: k.clone(), id })
                 .collect(),
             next: self.next,
+            reserved: self.reserved.iter().copied().collect(),
         }
         .serialize(s)
     }
@@ -167,6 +180,7 @@ impl<'de> Deserialize<'de> for LinkIds {
         let ids = Self {
             assigned,
             next: r.next,
+            reserved: r.reserved.into_iter().collect(),
         };
         ids.check().map_err(serde::de::Error::custom)?;
         Ok(ids)
@@ -208,6 +222,27 @@ mod tests {
         assert_eq!(t.get(&b), Some(4));
         let json = serde_json::to_string(&t).unwrap();
         assert_eq!(serde_json::from_str::<LinkIds>(&json).unwrap(), t);
+    }
+
+    /// A configured id above the allocation point, whose endpoint then
+    /// goes: the id is still never allocated to another endpoint (a
+    /// backend's access rule for it must not admit someone else).
+    #[test]
+    fn a_configured_id_is_never_allocated_to_another_endpoint_after_it_goes() {
+        let (a, b) = (ep("a", 1), ep("b", 2));
+        let mut t = LinkIds::default();
+        t.reconcile([(&a, None), (&b, Some(3))]).unwrap();
+        assert_eq!([t.get(&a), t.get(&b)], [Some(1), Some(3)]);
+        t.reconcile([(&a, None)]).unwrap();
+        let t = serde_json::from_str::<LinkIds>(&serde_json::to_string(&t).unwrap()).unwrap();
+        let mut t = t;
+        let others: Vec<EndpointIdentity> = (10..14).map(|i| ep(&format!("n{i}"), i)).collect();
+        let mut live: Vec<(&EndpointIdentity, Option<u32>)> = vec![(&a, None)];
+        live.extend(others.iter().map(|e| (e, None)));
+        t.reconcile(live).unwrap();
+        let given: BTreeSet<u32> = others.iter().filter_map(|e| t.get(e)).collect();
+        assert_eq!(given.len(), others.len());
+        assert!(!given.contains(&3), "3 was b's: {given:?}");
     }
 
     #[test]
