@@ -411,7 +411,10 @@ fn flow(model: &Model, endpoint: &str, backend: Ipv4Addr) -> (CtFwdKey, CtFwdVal
         .expect("backend");
     let key = CtFwdKey {
         src_addr_be: v4([192, 0, 2, 1]),
-        dst_addr_be: v4(e.address.octets()),
+        dst_addr_be: match e.address {
+            IpAddr::V4(a) => v4(a.octets()),
+            IpAddr::V6(a) => plink_common::v6(a.octets()),
+        },
         network_id: e.network_id.0,
         src_port_be: 40000u16.to_be(),
         dst_port_be: 80u16.to_be(),
