@@ -713,8 +713,7 @@ pub fn flow_row(
     model: &Model,
     networks: &BTreeMap<u32, &String>,
 ) -> crate::admin::FlowRow {
-    use std::net::SocketAddrV4;
-    let at = |(a, p): (Ipv4Addr, u16)| SocketAddrV4::new(a, p);
+    let at = |(a, p): (Ipv4Addr, u16)| std::net::SocketAddr::new(a.into(), p);
     crate::admin::FlowRow {
         endpoint: model
             .endpoints
