@@ -1,5 +1,5 @@
 //! Route announcement through FRR (docs/FLEET.md): plink never speaks BGP.
-//! It keeps one blackhole /32 route per endpoint address it can serve in
+//! It keeps one blackhole /32 (IPv6: /128) route per endpoint address it can serve in
 //! the main table, with protocol [`RTPROT_PLINK`] and the metric of
 //! `announce.metric`; FRR's bgpd redistributes exactly those (`redistribute
 //! kernel route-map` matching the metric), setting the node's next hop on
@@ -10,7 +10,11 @@
 //! [`desired`] is the pure part (unit-tested without root); [`RouteTable`]
 //! writes the kernel table as a diff over rtnetlink.
 
-use std::{collections::BTreeSet, io, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -28,7 +32,7 @@ pub const RTPROT_PLINK: u8 = 245;
 /// The endpoint addresses to announce: an address is announced while one
 /// of its endpoints is approved and that endpoint's service has a backend
 /// that takes new flows (active and healthy); nothing while the node drains.
-pub fn desired(model: &Model, health: &dyn Health, draining: bool) -> BTreeSet<Ipv4Addr> {
+pub fn desired(model: &Model, health: &dyn Health, draining: bool) -> BTreeSet<IpAddr> {
     if draining {
         return BTreeSet::new();
     }
@@ -36,22 +40,23 @@ pub fn desired(model: &Model, health: &dyn Health, draining: bool) -> BTreeSet<I
         .endpoints
         .values()
         .filter(|e| e.passes_traffic())
-        .filter(|e| {
-            model.services.get(&e.service_id).is_some_and(|s| {
-                s.backends
-                    .iter()
-                    .any(|b| b.state == BackendState::Active && health.healthy(b.id))
-            })
+        .filter_map(|e| {
+            let s = model.services.get(&e.service_id)?;
+            s.backends
+                .iter()
+                .any(|b| b.state == BackendState::Active && health.healthy(b.id))
+                .then_some(())?;
+            // The address the datapath serves (of the service's family).
+            e.served_address(s.family)
         })
-        .map(|e| e.address)
         .collect()
 }
 
 /// What a sync changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RouteChanges {
-    pub added: Vec<Ipv4Addr>,
-    pub removed: Vec<Ipv4Addr>,
+    pub added: Vec<IpAddr>,
+    pub removed: Vec<IpAddr>,
 }
 
 /// plink's routes in one kernel routing table.
@@ -80,7 +85,15 @@ const RTA_PRIORITY: u16 = 6;
 const RTN_BLACKHOLE: u8 = 6;
 const RT_TABLE_UNSPEC: u8 = 0;
 
-fn route_message(kind: u16, flags: u16, table: u32, dst: Option<(Ipv4Addr, u32)>) -> Vec<u8> {
+/// A route message; `family` (AF_INET or AF_INET6) is the dump's when
+/// `dst` is `None`, else `dst`'s own.
+fn route_message(
+    kind: u16,
+    flags: u16,
+    table: u32,
+    family: u8,
+    dst: Option<(IpAddr, u32)>,
+) -> Vec<u8> {
     let mut m = Vec::with_capacity(44);
     m.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
     m.extend_from_slice(&kind.to_ne_bytes());
@@ -88,27 +101,26 @@ fn route_message(kind: u16, flags: u16, table: u32, dst: Option<(Ipv4Addr, u32)>
     m.extend_from_slice(&1u32.to_ne_bytes()); // seq
     m.extend_from_slice(&0u32.to_ne_bytes()); // pid
     // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-    let dst_len = if dst.is_some() { 32 } else { 0 };
+    let (family, dst_len) = match dst {
+        None => (family, 0),
+        Some((IpAddr::V4(_), _)) => (libc::AF_INET as u8, 32),
+        Some((IpAddr::V6(_), _)) => (libc::AF_INET6 as u8, 128),
+    };
     let (proto, kind_of) = if dst.is_some() {
         (RTPROT_PLINK, RTN_BLACKHOLE)
     } else {
         (0, 0)
     };
-    m.extend_from_slice(&[
-        libc::AF_INET as u8,
-        dst_len,
-        0,
-        0,
-        RT_TABLE_UNSPEC,
-        proto,
-        0,
-        kind_of,
-    ]);
+    m.extend_from_slice(&[family, dst_len, 0, 0, RT_TABLE_UNSPEC, proto, 0, kind_of]);
     m.extend_from_slice(&0u32.to_ne_bytes());
     if let Some((dst, metric)) = dst {
-        m.extend_from_slice(&8u16.to_ne_bytes());
+        let octets: Vec<u8> = match dst {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        m.extend_from_slice(&(4 + octets.len() as u16).to_ne_bytes());
         m.extend_from_slice(&RTA_DST.to_ne_bytes());
-        m.extend_from_slice(&dst.octets());
+        m.extend_from_slice(&octets);
         m.extend_from_slice(&8u16.to_ne_bytes());
         m.extend_from_slice(&RTA_PRIORITY.to_ne_bytes());
         m.extend_from_slice(&metric.to_ne_bytes());
@@ -121,17 +133,18 @@ fn route_message(kind: u16, flags: u16, table: u32, dst: Option<(Ipv4Addr, u32)>
     m
 }
 
-/// The /32 destination and metric of one rtnetlink route message, if it is
-/// one of plink's blackholes in `table`.
-fn parse_route(msg: &[u8], table: u32) -> Option<(Ipv4Addr, u32)> {
+/// The host destination (/32 or /128) and metric of one rtnetlink route
+/// message, if it is one of plink's blackholes in `table`.
+fn parse_route(msg: &[u8], table: u32) -> Option<(IpAddr, u32)> {
     // nlmsghdr (16) + rtmsg (12).
     let rt = msg.get(16..28)?;
     let (family, dst_len, rtm_table, proto, kind) = (rt[0], rt[1], rt[4], rt[5], rt[7]);
-    if family != libc::AF_INET as u8
-        || dst_len != 32
-        || proto != RTPROT_PLINK
-        || kind != RTN_BLACKHOLE
-    {
+    let host_len = match i32::from(family) {
+        libc::AF_INET => 32,
+        libc::AF_INET6 => 128,
+        _ => return None,
+    };
+    if dst_len != host_len || proto != RTPROT_PLINK || kind != RTN_BLACKHOLE {
         return None;
     }
     let mut table_of = u32::from(rtm_table);
@@ -146,7 +159,12 @@ fn parse_route(msg: &[u8], table: u32) -> Option<(Ipv4Addr, u32)> {
         }
         let value = &attrs[4..len];
         match (kind, value) {
-            (RTA_DST, [a, b, c, d]) => dst = Some(Ipv4Addr::new(*a, *b, *c, *d)),
+            (RTA_DST, [a, b, c, d]) => dst = Some(IpAddr::V4(Ipv4Addr::new(*a, *b, *c, *d))),
+            (RTA_DST, v6) if v6.len() == 16 => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(v6);
+                dst = Some(IpAddr::V6(Ipv6Addr::from(o)));
+            }
             (RTA_TABLE, [a, b, c, d]) => table_of = u32::from_ne_bytes([*a, *b, *c, *d]),
             (RTA_PRIORITY, [a, b, c, d]) => metric = u32::from_ne_bytes([*a, *b, *c, *d]),
             _ => {}
@@ -161,12 +179,18 @@ fn parse_route(msg: &[u8], table: u32) -> Option<(Ipv4Addr, u32)> {
 }
 
 impl RouteTable {
-    /// plink's routes in the table now, with their metrics.
-    pub fn list(&self) -> anyhow::Result<BTreeSet<(Ipv4Addr, u32)>> {
+    /// plink's routes in the table now (both families), with their metrics.
+    pub fn list(&self) -> anyhow::Result<BTreeSet<(IpAddr, u32)>> {
+        let mut out = self.list_family(libc::AF_INET as u8)?;
+        out.extend(self.list_family(libc::AF_INET6 as u8)?);
+        Ok(out)
+    }
+
+    fn list_family(&self, family: u8) -> anyhow::Result<BTreeSet<(IpAddr, u32)>> {
         let sock = socket()?;
         send(
             &sock,
-            &route_message(RTM_GETROUTE, NLM_F_DUMP, self.table, None),
+            &route_message(RTM_GETROUTE, NLM_F_DUMP, self.table, family, None),
         )?;
         let mut out = BTreeSet::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -205,33 +229,43 @@ impl RouteTable {
     }
 
     /// Makes plink's routes in the table exactly `want`, with `metric`.
-    pub fn sync(&self, want: &BTreeSet<Ipv4Addr>, metric: u32) -> anyhow::Result<RouteChanges> {
+    pub fn sync(&self, want: &BTreeSet<IpAddr>, metric: u32) -> anyhow::Result<RouteChanges> {
         let have = self.list()?;
-        let want: BTreeSet<(Ipv4Addr, u32)> = want.iter().map(|a| (*a, metric)).collect();
+        let want: BTreeSet<(IpAddr, u32)> = want.iter().map(|a| (*a, metric)).collect();
+        let host = |a: &IpAddr| if a.is_ipv4() { 32 } else { 128 };
         let mut changes = RouteChanges::default();
         for &(dst, metric) in want.difference(&have) {
             let msg = route_message(
                 RTM_NEWROUTE,
                 NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK,
                 self.table,
+                0,
                 Some((dst, metric)),
             );
             match request(&msg)? {
                 0 => changes.added.push(dst),
                 e => {
                     return Err(io::Error::from_raw_os_error(e)).with_context(|| {
-                        format!("adding the route {dst}/32 to table {}", self.table)
+                        format!(
+                            "adding the route {dst}/{} to table {}",
+                            host(&dst),
+                            self.table
+                        )
                     });
                 }
             }
         }
         for &(dst, metric) in have.difference(&want) {
-            let msg = route_message(RTM_DELROUTE, NLM_F_ACK, self.table, Some((dst, metric)));
+            let msg = route_message(RTM_DELROUTE, NLM_F_ACK, self.table, 0, Some((dst, metric)));
             match request(&msg)? {
                 0 | libc::ESRCH | libc::ENOENT => changes.removed.push(dst),
                 e => {
                     return Err(io::Error::from_raw_os_error(e)).with_context(|| {
-                        format!("removing the route {dst}/32 from table {}", self.table)
+                        format!(
+                            "removing the route {dst}/{} from table {}",
+                            host(&dst),
+                            self.table
+                        )
                     });
                 }
             }
@@ -285,7 +319,7 @@ endpoints:
         let m = model(CFG);
         let all = desired(&m, &crate::plan::AllHealthy, false);
         // `b` is pending (tenant-b is not auto-approved).
-        assert_eq!(all, BTreeSet::from([Ipv4Addr::new(192, 0, 2, 100)]));
+        assert_eq!(all, BTreeSet::from([IpAddr::from([192, 0, 2, 100])]));
         let ids: Vec<u32> = m
             .services
             .values()
@@ -308,14 +342,28 @@ endpoints:
             RTM_NEWROUTE,
             0,
             142,
-            Some((Ipv4Addr::new(192, 0, 2, 100), 4242)),
+            0,
+            Some((IpAddr::from([192, 0, 2, 100]), 4242)),
         );
         assert_eq!(
             parse_route(&msg, 142),
-            Some((Ipv4Addr::new(192, 0, 2, 100), 4242))
+            Some((IpAddr::from([192, 0, 2, 100]), 4242))
         );
         assert_eq!(parse_route(&msg, 143), None);
         msg[16 + 5] = 3; // proto boot: someone else's route
         assert_eq!(parse_route(&msg, 142), None);
+    }
+
+    #[test]
+    fn an_ipv6_route_is_a_blackhole_128() {
+        let dst: IpAddr = "2001:db8:c1::50".parse().unwrap();
+        let msg = route_message(RTM_NEWROUTE, 0, 254, 0, Some((dst, 4242)));
+        assert_eq!(msg[16], libc::AF_INET6 as u8, "family");
+        assert_eq!(msg[17], 128, "dst_len");
+        assert_eq!(msg[16 + 7], RTN_BLACKHOLE);
+        assert_eq!(parse_route(&msg, 254), Some((dst, 4242)));
+        let mut v4_len = msg.clone();
+        v4_len[17] = 32; // an IPv6 /32 is a prefix, not an endpoint's route
+        assert_eq!(parse_route(&v4_len, 254), None);
     }
 }

@@ -18,7 +18,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     fs::File,
     io::{self, Write as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -96,7 +96,7 @@ pub struct EndpointChange {
     pub tenant: Option<String>,
     pub service: String,
     pub network: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The state before; `None` for a new endpoint.
     pub from: Option<ConnectionState>,
     pub state: ConnectionState,
@@ -109,7 +109,7 @@ pub struct EndpointChange {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BackendRef {
     pub service: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
 /// One control-plane decision. Serialized as `"kind": "<variant>"` and
@@ -184,16 +184,16 @@ pub enum Event {
     },
     BackendDown {
         service: String,
-        address: Ipv4Addr,
+        address: IpAddr,
         /// The probed address and port.
-        target: SocketAddrV4,
+        target: SocketAddr,
         /// Why the last probe failed.
         error: Option<String>,
     },
     BackendUp {
         service: String,
-        address: Ipv4Addr,
-        target: SocketAddrV4,
+        address: IpAddr,
+        target: SocketAddr,
     },
     NatAddressAdded {
         service: String,

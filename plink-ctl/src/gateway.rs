@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use std::{
@@ -178,12 +178,13 @@ fn in_grace(
 /// Keeps the next hop of every backend resolved with a managed neighbour
 /// entry, so the datapath's FIB lookups find a neighbour (NO_NEIGH is a drop).
 /// Returns the next hops.
-pub fn manage_neighbours(provider: &str, addrs: &BTreeSet<Ipv4Addr>) -> BTreeSet<Ipv4Addr> {
+pub fn manage_neighbours(provider: &str, addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
     let mut hops = BTreeSet::new();
     for addr in addrs {
         let a = addr.to_string();
+        let family = if addr.is_ipv4() { "-4" } else { "-6" };
         let route = Command::new("ip")
-            .args(["-o", "-4", "route", "get", &a])
+            .args(["-o", family, "route", "get", &a])
             .output();
         // A backend behind a router: the router is the neighbour to keep.
         let hop = match route {
@@ -218,20 +219,17 @@ pub fn manage_neighbours(provider: &str, addrs: &BTreeSet<Ipv4Addr>) -> BTreeSet
 /// Waits (bounded) until the kernel has resolved `hops` on `provider`, so the
 /// first packets after start are not NO_NEIGH drops. Unresolved hops are
 /// logged: their backends answer once they appear.
-pub fn wait_for_neighbours(
-    provider: &str,
-    hops: &BTreeSet<Ipv4Addr>,
-    timeout: std::time::Duration,
-) {
+pub fn wait_for_neighbours(provider: &str, hops: &BTreeSet<IpAddr>, timeout: std::time::Duration) {
     let deadline = std::time::Instant::now() + timeout;
     loop {
+        // Both families: ARP and neighbour-discovery entries.
         let out = Command::new("ip")
-            .args(["-4", "neigh", "show", "dev", provider])
+            .args(["neigh", "show", "dev", provider])
             .output();
         let text = out
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        let unresolved: Vec<&Ipv4Addr> = hops
+        let unresolved: Vec<&IpAddr> = hops
             .iter()
             .filter(|h| {
                 !text.lines().any(|l| {
@@ -443,11 +441,11 @@ impl Gateway {
             });
         }
         if let Some(provider) = model.interfaces.values().find(|i| i.role == Role::Provider) {
-            let backends: BTreeSet<Ipv4Addr> = spec
+            let backends: BTreeSet<IpAddr> = spec
                 .backends
                 .iter()
                 .filter(|b| b.state != BackendState::Down)
-                .map(|b| b.addr)
+                .map(|b| b.addr.into())
                 .collect();
             let hops = manage_neighbours(&provider.name, &backends);
             if self.spec.is_none() {
@@ -715,8 +713,7 @@ pub fn flow_row(
     model: &Model,
     networks: &BTreeMap<u32, &String>,
 ) -> crate::admin::FlowRow {
-    use std::net::SocketAddrV4;
-    let at = |(a, p): (Ipv4Addr, u16)| SocketAddrV4::new(a, p);
+    let at = |(a, p): (Ipv4Addr, u16)| std::net::SocketAddr::new(a.into(), p);
     crate::admin::FlowRow {
         endpoint: model
             .endpoints

@@ -9,7 +9,7 @@ use std::{fmt, path::Path, process::Command};
 
 use serde::Serialize;
 
-use crate::config::{Config, Role, XdpMode};
+use crate::config::{Config, Family, Role, XdpMode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -150,6 +150,85 @@ fn check_kernel() -> Vec<Finding> {
 
 fn sysctl_conf(iface: &str, key: &str) -> Option<String> {
     read_trimmed(&format!("/proc/sys/net/ipv4/conf/{iface}/{key}"))
+}
+
+/// `net.ipv6.conf.<iface>.<key>`; `None` when the host has no IPv6 at all
+/// (`ipv6.disable=1`), as for an interface that does not exist.
+fn sysctl_conf6(iface: &str, key: &str) -> Option<String> {
+    read_trimmed(&format!("/proc/sys/net/ipv6/conf/{iface}/{key}"))
+}
+
+/// Does the config publish an IPv6 service?
+fn has_ipv6_service(config: &Config) -> bool {
+    config.services.iter().any(|s| s.family() == Family::Ipv6)
+}
+
+/// The IPv6 half of the forwarding contract, from the interface's
+/// `disable_ipv6` and `forwarding` sysctls (`None`: not readable, the
+/// host has no IPv6). A consumer interface passes nothing to the kernel:
+/// with IPv6 enabled the kernel gives it a link-local address and answers,
+/// solicits and takes router advertisements there, so it must have
+/// `disable_ipv6=1` (XDP still sees, answers and forwards every frame). The
+/// provider interface needs IPv6 on and forwarding on for an IPv6 service
+/// (the datapath's FIB lookups, neighbour discovery for backends).
+fn check_ipv6(
+    name: &str,
+    role: Role,
+    ipv6_service: bool,
+    disable_ipv6: Option<&str>,
+    forwarding: Option<&str>,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match role {
+        Role::Consumer => {
+            if disable_ipv6.is_some_and(|v| v != "1") {
+                out.push(finding(
+                    if ipv6_service { Severity::Fail } else { Severity::Warn },
+                    "consumer_ipv6",
+                    name,
+                    format!(
+                        "IPv6 is enabled on consumer interface {name}: the kernel gives it a link-local \
+                         address, answers and takes router advertisements there, so consumers reach the \
+                         gateway itself (XDP answers neighbour discovery for endpoints on its own); \
+                         `sysctl -w net.ipv6.conf.{name}.disable_ipv6=1`"
+                    ),
+                ));
+            }
+        }
+        Role::Provider if ipv6_service => match (disable_ipv6, forwarding) {
+            (None, _) => out.push(finding(
+                Severity::Fail,
+                "provider_forwarding6",
+                name,
+                format!(
+                    "the config has an IPv6 service but this host has no IPv6 on {name} \
+                     (booted with ipv6.disable=1?): enable IPv6, or take the IPv6 services out"
+                ),
+            )),
+            (Some("1"), _) => out.push(finding(
+                Severity::Fail,
+                "provider_forwarding6",
+                name,
+                format!(
+                    "IPv6 is disabled on provider interface {name}, which an IPv6 service's backends \
+                     are behind: `sysctl -w net.ipv6.conf.{name}.disable_ipv6=0`"
+                ),
+            )),
+            (_, f) if f != Some("1") => out.push(finding(
+                Severity::Fail,
+                "provider_forwarding6",
+                name,
+                format!(
+                    "IPv6 forwarding is off on provider interface {name}: the datapath's IPv6 FIB \
+                     lookups fail (fib_forwarding_disabled); `sysctl -w net.ipv6.conf.{name}.forwarding=1` \
+                     (with forwarding on the interface takes router advertisements only with accept_ra=2)"
+                ),
+            )),
+            _ => {}
+        },
+        Role::Provider => {}
+    }
+    out
 }
 
 /// Drivers known to run XDP in native (driver) mode.
@@ -313,15 +392,25 @@ fn check_interface(config: &Config, name: &str, role: Role) -> Vec<Finding> {
             }
         }
     }
+    out.extend(check_ipv6(
+        name,
+        role,
+        has_ipv6_service(config),
+        sysctl_conf6(name, "disable_ipv6").as_deref(),
+        sysctl_conf6(name, "forwarding").as_deref(),
+    ));
     out
 }
 
 /// Checks whose failure breaks the forwarding contract (SPEC §2): `run`
 /// refuses to start on them.
-pub const CONTRACT_CHECKS: [&str; 3] = [
+pub const CONTRACT_CHECKS: [&str; 5] = [
     "consumer_forwarding",
     "consumer_address",
     "provider_forwarding",
+    // Failures only with an IPv6 service (a warning otherwise).
+    "consumer_ipv6",
+    "provider_forwarding6",
 ];
 
 /// The failed findings that break the forwarding contract.
@@ -350,6 +439,55 @@ mod tests {
     fn kernel_version_parses() {
         let v = kernel_version().expect("a Linux host");
         assert!(v.0 >= 4);
+    }
+
+    #[test]
+    fn the_ipv6_contract_follows_the_services_family() {
+        let sev = |f: &[Finding]| f.iter().map(|f| (f.check, f.severity)).collect::<Vec<_>>();
+        // A consumer interface with IPv6 on: a failure once a service is
+        // IPv6, a warning before; with disable_ipv6=1 or no IPv6: fine.
+        assert_eq!(
+            sev(&check_ipv6(
+                "c1",
+                Role::Consumer,
+                true,
+                Some("0"),
+                Some("0")
+            )),
+            [("consumer_ipv6", Severity::Fail)]
+        );
+        assert_eq!(
+            sev(&check_ipv6(
+                "c1",
+                Role::Consumer,
+                false,
+                Some("0"),
+                Some("0")
+            )),
+            [("consumer_ipv6", Severity::Warn)]
+        );
+        assert!(check_ipv6("c1", Role::Consumer, true, Some("1"), Some("0")).is_empty());
+        assert!(check_ipv6("c1", Role::Consumer, true, None, None).is_empty());
+        // The provider interface of an IPv6 service: IPv6 on, forwarding on.
+        assert!(check_ipv6("p0", Role::Provider, true, Some("0"), Some("1")).is_empty());
+        let off = check_ipv6("p0", Role::Provider, true, Some("0"), Some("0"));
+        assert_eq!(sev(&off), [("provider_forwarding6", Severity::Fail)]);
+        assert!(
+            off[0].message.contains("net.ipv6.conf.p0.forwarding=1"),
+            "{}",
+            off[0].message
+        );
+        let disabled = check_ipv6("p0", Role::Provider, true, Some("1"), Some("1"));
+        assert!(disabled[0].message.contains("disable_ipv6=0"));
+        assert_eq!(
+            sev(&check_ipv6("p0", Role::Provider, true, None, None)),
+            [("provider_forwarding6", Severity::Fail)]
+        );
+        // No IPv6 service: the provider's IPv6 settings are not plink's.
+        assert!(check_ipv6("p0", Role::Provider, false, Some("1"), None).is_empty());
+        // Both IPv6 checks stop `run` when they fail.
+        let f = check_ipv6("c1", Role::Consumer, true, Some("0"), None);
+        assert_eq!(contract_violations(&f).len(), 1);
     }
 
     #[test]

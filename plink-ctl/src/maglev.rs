@@ -5,7 +5,7 @@
 //! listing order, so a restarted controller and the datapath always agree,
 //! and removing one backend moves only about `1/N` of the entries.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Default table size: a prime well above any realistic backend count.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
@@ -15,7 +15,7 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 pub struct MaglevBackend {
     /// Identity used for hashing: the backend address and target port, so a
     /// backend keeps its preferences whatever else changes.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// Relative share of the table; 0 means the backend gets no entry.
     pub weight: u32,
@@ -28,7 +28,7 @@ pub enum MaglevError {
     #[error("Maglev table size {size} must exceed the number of backends ({backends})")]
     TooSmall { size: u32, backends: usize },
     #[error("two backends share the identity {0}:{1}")]
-    Duplicate(Ipv4Addr, u16),
+    Duplicate(IpAddr, u16),
 }
 
 pub fn is_prime(n: u32) -> bool {
@@ -52,12 +52,13 @@ pub fn is_prime(n: u32) -> bool {
 /// and platforms (std's hashers promise neither).
 fn identity_hash(backend: &MaglevBackend, seed: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in backend
-        .address
-        .octets()
-        .iter()
-        .chain(backend.port.to_be_bytes().iter())
-    {
+    // An IPv4 backend hashes its 4 octets as before IPv6, so its tables
+    // (and every node's) stay what they were.
+    let octets: Vec<u8> = match backend.address {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    for b in octets.iter().chain(backend.port.to_be_bytes().iter()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -146,7 +147,7 @@ mod tests {
 
     fn backend(last: u8, weight: u32) -> MaglevBackend {
         MaglevBackend {
-            address: Ipv4Addr::new(198, 51, 100, last),
+            address: std::net::Ipv4Addr::new(198, 51, 100, last).into(),
             port: 8080,
             weight,
         }

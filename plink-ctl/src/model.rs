@@ -2,15 +2,18 @@
 //! and the persisted state, with the stable ids the maps are keyed by. Two
 //! models compare with `==`, and [`Model::diff`] says what a reload changes.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     approval::{ConnectionState, Reason},
     config::{
-        BackendState, Config, EndpointLimits, HealthCheck, LinkIdTlvKind, MssClamp, PortRange,
-        Protocol, Role, Timeouts, XdpMode,
+        BackendState, Config, EndpointLimits, Family, HealthCheck, LinkIdTlvKind, MssClamp,
+        PortRange, Protocol, Role, Timeouts, XdpMode,
     },
     state::{BackendKey, EndpointIdentity, PersistedState},
 };
@@ -87,6 +90,9 @@ pub struct ServiceModel {
     pub id: ServiceId,
     pub name: String,
     pub protocol: Protocol,
+    /// IPv4 or IPv6, as its backends and NAT addresses are.
+    #[serde(default = "ipv4")]
+    pub family: Family,
     pub ports: Vec<PortMap>,
     /// In config order.
     pub backends: Vec<BackendModel>,
@@ -106,15 +112,15 @@ pub struct ServiceModel {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendModel {
     pub id: BackendId,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub weight: u32,
     pub state: BackendState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NatModel {
-    /// At most 8, in config order.
-    pub addresses: Vec<Ipv4Addr>,
+    /// At most 8, in config order, all of the service's family.
+    pub addresses: Vec<IpAddr>,
     pub ports: PortRange,
 }
 
@@ -125,7 +131,10 @@ pub struct EndpointModel {
     pub tenant: String,
     pub network: String,
     pub network_id: NetworkId,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
+    /// A dual-stack endpoint's IPv6 address (same decision, caps, link id).
+    #[serde(default)]
+    pub address6: Option<IpAddr>,
     pub service: String,
     pub service_id: ServiceId,
     /// The service's protocol and ports, repeated for the endpoint table.
@@ -144,10 +153,26 @@ pub struct EndpointModel {
     pub proxy_protocol: Option<LinkIdTlvKind>,
 }
 
+fn ipv4() -> Family {
+    Family::Ipv4
+}
+
 impl EndpointModel {
     /// Only approved endpoints pass traffic.
     pub fn passes_traffic(&self) -> bool {
         self.state == ConnectionState::Approved
+    }
+
+    /// The endpoint's addresses: `address`, then a dual-stack `address6`.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(self.address6)
+    }
+
+    /// The address the datapath serves the endpoint on: the one of its
+    /// service's family. (The other one of a dual-stack endpoint needs
+    /// NAT64/NAT46, which validation refuses until the datapath has it.)
+    pub fn served_address(&self, family: Family) -> Option<IpAddr> {
+        self.addresses().find(|a| Family::of(a) == family)
     }
 }
 
@@ -235,6 +260,7 @@ impl Model {
                 id,
                 name: s.name.clone(),
                 protocol: s.protocol,
+                family: s.family(),
                 ports: s
                     .ports
                     .iter()
@@ -290,6 +316,7 @@ impl Model {
                     network: e.network.clone(),
                     network_id: network_id(&e.network)?,
                     address: e.address,
+                    address6: e.address6,
                     service: e.service.clone(),
                     service_id,
                     protocol: service.protocol,
@@ -331,7 +358,7 @@ impl Model {
                 .flat_map(|s| s.backends.iter().map(move |b| (b.id, (s.id, b.clone()))))
                 .collect()
         };
-        let nat = |m: &Model| -> BTreeMap<(ServiceId, Ipv4Addr), ()> {
+        let nat = |m: &Model| -> BTreeMap<(ServiceId, IpAddr), ()> {
             m.services
                 .values()
                 .flat_map(|s| s.nat.addresses.iter().map(move |a| ((s.id, *a), ())))
@@ -402,10 +429,10 @@ fn changes<K: Ord + Clone, T: Clone + PartialEq>(
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NatChanges {
-    pub added: Vec<(ServiceId, Ipv4Addr)>,
+    pub added: Vec<(ServiceId, IpAddr)>,
     /// Removed NAT addresses drain: no new flows, existing flows and their
     /// ARP answers kept until they expire (SPEC §4).
-    pub removed: Vec<(ServiceId, Ipv4Addr)>,
+    pub removed: Vec<(ServiceId, IpAddr)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use plink_common::{
@@ -152,11 +152,36 @@ pub enum PlanError {
         /// Draining addresses and the NAT ports their flows hold.
         draining: Vec<(Ipv4Addr, u64)>,
     },
+    #[error(
+        "{what} {addr} is IPv6 and this build's dataplane is IPv4 only: take the IPv6 service out of the config"
+    )]
+    Ipv6Dataplane { what: &'static str, addr: IpAddr },
+    #[error(
+        "endpoint {endpoint:?} has no address of its service's family ({family}): it needs NAT64/NAT46, which plink does not support yet"
+    )]
+    NoServedAddress {
+        endpoint: String,
+        family: crate::config::Family,
+    },
     #[error("building the Maglev table of service {service:?}: {why}")]
     Maglev { service: String, why: String },
     /// The spec breaks a map limit or an invariant (see `DataplaneSpec::validate_within`).
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The dataplane spec's address type. The model carries `IpAddr`; until
+/// the IPv6 datapath (its spec taking `IpAddr`) is merged, the plan
+/// converts at this one place, and an IPv6 address is a plan error.
+type SpecAddr = Ipv4Addr;
+
+/// A model address as the spec takes it (see [`SpecAddr`]); `what` names
+/// it in the error.
+fn spec_addr(what: &'static str, a: IpAddr) -> Result<SpecAddr, PlanError> {
+    match a {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(PlanError::Ipv6Dataplane { what, addr: a }),
+    }
 }
 
 fn draining_list(d: &[(Ipv4Addr, u64)]) -> String {
@@ -337,8 +362,14 @@ pub fn plan(
             .into_iter()
             .map(|i| candidates[i as usize].0.0)
             .collect();
+        let wanted = svc
+            .nat
+            .addresses
+            .iter()
+            .map(|&a| spec_addr("NAT address", a))
+            .collect::<Result<Vec<_>, _>>()?;
         let (nat, left) = nat_slots(
-            &svc.nat.addresses,
+            &wanted,
             (svc.nat.ports.first, svc.nat.ports.last),
             observed.nat_held.get(&svc.id.0).map(Vec::as_slice),
             &observed.nat_ports_in_use,
@@ -378,7 +409,7 @@ pub fn plan(
             backends.push(BackendSpec {
                 id: b.id.0,
                 service_id: svc.id.0,
-                addr: b.address,
+                addr: spec_addr("backend address", b.address)?,
                 state: match b.state {
                     CfgBackendState::Active if health.healthy(b.id) => BackendState::Active,
                     CfgBackendState::Active | CfgBackendState::Down => BackendState::Down,
@@ -429,13 +460,24 @@ pub fn plan(
     while retired_nat.len() > room {
         retired_nat.pop_last();
     }
-    let endpoints = model
-        .endpoints
-        .values()
-        .map(|e| EndpointSpec {
+    let mut endpoints = Vec::new();
+    for e in model.endpoints.values() {
+        // The address of the service's family; a dual-stack endpoint's
+        // other one would need NAT64/NAT46 (phase 2), validation refuses it.
+        let family = model
+            .services
+            .get(&e.service_id)
+            .map_or(crate::config::Family::Ipv4, |s| s.family);
+        let served = e
+            .served_address(family)
+            .ok_or_else(|| PlanError::NoServedAddress {
+                endpoint: e.name.clone(),
+                family,
+            })?;
+        endpoints.push(EndpointSpec {
             id: e.id.0,
             network_id: e.network_id.0,
-            addr: e.address,
+            addr: spec_addr("endpoint address", served)?,
             service_id: e.service_id.0,
             protocol: match e.protocol {
                 CfgProtocol::Tcp => Protocol::Tcp,
@@ -457,8 +499,8 @@ pub fn plan(
             },
             max_flows: e.limits.max_flows,
             new_flows_per_sec: e.limits.new_flows_per_second,
-        })
-        .collect();
+        });
+    }
     let mut proxy_headers = BTreeMap::new();
     for e in model.endpoints.values() {
         let Some(kind) = e.proxy_protocol else {

@@ -211,7 +211,7 @@ fn every_flow_goes_to_the_backend_the_userspace_table_predicts() {
     let backends: Vec<MaglevBackend> = weights
         .iter()
         .map(|(l, w)| MaglevBackend {
-            address: Ipv4Addr::new(198, 51, 100, *l),
+            address: Ipv4Addr::new(198, 51, 100, *l).into(),
             port: 5353,
             weight: *w,
         })
@@ -227,7 +227,7 @@ fn every_flow_goes_to_the_backend_the_userspace_table_predicts() {
         flows.len()
     );
     let network_id = flows[0]["network_id"].as_u64().unwrap() as u32;
-    let predict = |port: u16| -> Ipv4Addr {
+    let predict = |port: u16| -> std::net::IpAddr {
         let key = CtFwdKey {
             src_addr_be: v4(pl::CLIENT.octets()),
             dst_addr_be: v4(pl::DNS_ENDPOINT.octets()),

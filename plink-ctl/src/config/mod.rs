@@ -13,7 +13,7 @@ mod validate;
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -172,8 +172,8 @@ pub struct FleetNode {
 #[serde(deny_unknown_fields)]
 pub struct NodeNat {
     pub service: String,
-    #[serde(deserialize_with = "ipv4_list")]
-    pub addresses: Vec<Ipv4Addr>,
+    #[serde(deserialize_with = "ip_list")]
+    pub addresses: Vec<IpAddr>,
 }
 
 /// `fleet.nodes[].routing`: how the node is known to routers.
@@ -499,8 +499,8 @@ impl fmt::Display for BackendState {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
-    #[serde(deserialize_with = "ipv4")]
-    pub address: Ipv4Addr,
+    #[serde(deserialize_with = "ip")]
+    pub address: IpAddr,
     #[serde(default = "default_weight")]
     pub weight: u32,
     #[serde(default)]
@@ -516,8 +516,8 @@ fn default_weight() -> u32 {
 pub struct NatPool {
     /// Required for one gateway; left out in a fleet, where each node lists
     /// its own under `fleet.nodes[].nat`.
-    #[serde(default, deserialize_with = "ipv4_list")]
-    pub addresses: Vec<Ipv4Addr>,
+    #[serde(default, deserialize_with = "ip_list")]
+    pub addresses: Vec<IpAddr>,
     #[serde(default = "default_nat_ports")]
     pub ports: PortRange,
 }
@@ -813,8 +813,18 @@ pub struct Endpoint {
     pub name: String,
     pub tenant: String,
     pub network: String,
-    #[serde(deserialize_with = "ipv4")]
-    pub address: Ipv4Addr,
+    /// The endpoint's address, IPv4 or IPv6.
+    #[serde(deserialize_with = "ip")]
+    pub address: IpAddr,
+    /// A dual-stack endpoint's IPv6 address, beside an IPv4 `address`: one
+    /// endpoint (one decision, caps, link id) reachable on both. Parsed as
+    /// any family so that `validate` can say where an IPv4 one is wrong.
+    #[serde(
+        default,
+        deserialize_with = "ip_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub address6: Option<IpAddr>,
     pub service: String,
     /// Cap on live flows through this endpoint; default `gateway.endpoint_defaults`.
     #[serde(default)]
@@ -832,14 +842,28 @@ pub struct Endpoint {
 fn parse_ipv4<E: serde::de::Error>(s: &str) -> Result<Ipv4Addr, E> {
     s.trim().parse().map_err(|_| {
         E::custom(format!(
-            "invalid IPv4 address {s:?}: write four decimal numbers 0-255 separated by dots, e.g. 198.51.100.10 (IPv6 is not supported yet)"
+            "invalid IPv4 address {s:?}: write four decimal numbers 0-255 separated by dots, e.g. 198.51.100.10 (IPv6 is not supported here yet)"
         ))
     })
 }
 
-fn ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+/// Parses an IPv4 or IPv6 address with a message that says how to write one.
+fn parse_ip<E: serde::de::Error>(s: &str) -> Result<IpAddr, E> {
+    s.trim().parse().map_err(|_| {
+        E::custom(format!(
+            "invalid IP address {s:?}: write an IPv4 address (four decimal numbers 0-255 separated by dots, e.g. 198.51.100.10) or an IPv6 address (e.g. 2001:db8::10)"
+        ))
+    })
+}
+
+fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
     let s = String::deserialize(d)?;
-    parse_ipv4(&s)
+    parse_ip(&s)
+}
+
+fn ip_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_ip(&s).map(Some)
 }
 
 fn ipv4_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
@@ -847,16 +871,91 @@ fn ipv4_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Erro
     parse_ipv4(&s).map(Some)
 }
 
-fn ipv4_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error> {
-    // Each element goes through `parse_ipv4` for the helpful message; serde
+fn ip_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+    // Each element goes through `parse_ip` for the helpful message; serde
     // then reports the sequence's position, the validator cannot help here.
     let raw = Vec::<String>::deserialize(d)?;
     raw.iter()
         .enumerate()
-        .map(|(i, s)| {
-            parse_ipv4::<D::Error>(s).map_err(|e| D::Error::custom(format!("[{i}]: {e}")))
-        })
+        .map(|(i, s)| parse_ip::<D::Error>(s).map_err(|e| D::Error::custom(format!("[{i}]: {e}"))))
         .collect()
+}
+
+/// The address family of a service, set by its backends and NAT addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(a: &IpAddr) -> Family {
+        match a {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
+    }
+}
+
+impl Service {
+    /// The service's family: its first backend's (validation makes every
+    /// backend and NAT address agree), else its first NAT address's, else
+    /// IPv4.
+    pub fn family(&self) -> Family {
+        self.backends
+            .first()
+            .map(|b| b.address)
+            .or_else(|| self.nat.addresses.first().copied())
+            .map_or(Family::Ipv4, |a| Family::of(&a))
+    }
+}
+
+impl Endpoint {
+    /// The endpoint's addresses: `address`, then a dual-stack `address6`.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(self.address6)
+    }
+
+    /// The address this endpoint serves its service on: the one of the
+    /// service's family (phase 1 has no NAT64/NAT46, validation refuses the
+    /// other family).
+    pub fn address_for(&self, family: Family) -> Option<IpAddr> {
+        self.addresses().find(|a| Family::of(a) == family)
+    }
+}
+
+/// Why an IPv6 address cannot be a host's (an endpoint, backend or NAT
+/// address), or `None` if it can.
+pub fn v6_not_a_host(a: &Ipv6Addr) -> Option<&'static str> {
+    let s = a.segments();
+    Some(if a.is_unspecified() {
+        "the unspecified address"
+    } else if a.is_loopback() {
+        "the loopback address"
+    } else if a.is_multicast() {
+        "a multicast address"
+    } else if s[0] & 0xffc0 == 0xfe80 {
+        "a link-local address (fe80::/10), which names no host beyond one link"
+    } else if a.to_ipv4_mapped().is_some() {
+        "an IPv4-mapped address (::ffff:0:0/96): write the IPv4 address itself"
+    } else if s[..6].iter().all(|&w| w == 0) {
+        "an IPv4-compatible address (::/96, deprecated by RFC 4291): write the IPv4 address itself"
+    } else if s[2..].iter().all(|&w| w == 0) {
+        // plink-common `Addr`: such an address would read as an IPv4 one.
+        "a Subnet-Router anycast address (its last 96 bits are zero), never a host's"
+    } else {
+        return None;
+    })
 }
 
 impl Config {
@@ -1122,3 +1221,6 @@ mod tests;
 
 #[cfg(test)]
 mod fleet_tests;
+
+#[cfg(test)]
+mod ipv6_tests;

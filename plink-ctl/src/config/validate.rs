@@ -5,10 +5,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
-use super::{BackendState, Config, HealthCheckKind, Role};
+use super::{BackendState, Config, Family, HealthCheckKind, Role};
 
 /// The datapath's NAT pool holds at most this many addresses per service.
 pub const MAX_NAT_ADDRESSES: usize = 8;
@@ -64,6 +64,23 @@ fn check_unicast(p: &mut Problems, path: String, what: &str, a: Ipv4Addr) {
                 "{what} {a} is not a unicast address: use a host address such as 198.51.100.10"
             ),
         );
+    }
+}
+
+/// A host address of either family: an endpoint, backend or NAT address.
+fn check_host(p: &mut Problems, path: String, what: &str, a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => check_unicast(p, path, what, a),
+        IpAddr::V6(a) => {
+            if let Some(why) = super::v6_not_a_host(&a) {
+                p.push(
+                    path,
+                    format!(
+                        "{what} {a} is {why}: use a global or unique-local unicast address such as 2001:db8::10"
+                    ),
+                );
+            }
+        }
     }
 }
 
@@ -187,8 +204,10 @@ fn capacity(cfg: &Config, p: &mut Problems) {
     for (i, e) in cfg.endpoints.iter().enumerate() {
         let n = ports.get(e.service.as_str()).copied().unwrap_or(0) as u64;
         entries += n;
-        if n > 0 && addresses.insert((e.network.as_str(), e.address)) {
-            entries += 1;
+        for a in e.addresses() {
+            if n > 0 && addresses.insert((e.network.as_str(), a)) {
+                entries += 1;
+            }
         }
         if entries > u64::from(caps.endpoint_keys) {
             p.push(
@@ -342,7 +361,7 @@ fn announce(cfg: &Config, p: &mut Problems) {
         if let Some(e) = cfg
             .endpoints
             .iter()
-            .find(|e| e.network == net && e.address == nh)
+            .find(|e| e.network == net && e.addresses().any(|a| a == IpAddr::V4(nh)))
         {
             p.push(
                 path,
@@ -448,8 +467,8 @@ fn interfaces(cfg: &Config, p: &mut Problems) -> BTreeMap<String, String> {
 
 fn services(cfg: &Config, p: &mut Problems) {
     let mut names: HashMap<&str, String> = HashMap::new();
-    let mut nat_owner: HashMap<Ipv4Addr, String> = HashMap::new();
-    let backend_addrs: HashMap<Ipv4Addr, String> = cfg
+    let mut nat_owner: HashMap<IpAddr, String> = HashMap::new();
+    let backend_addrs: HashMap<IpAddr, String> = cfg
         .services
         .iter()
         .enumerate()
@@ -508,10 +527,32 @@ fn services(cfg: &Config, p: &mut Problems) {
                 "empty backend list: add at least one `{address: A.B.C.D}` (mark it `state: down` to keep it idle)",
             );
         }
-        let mut seen_backends: HashMap<Ipv4Addr, String> = HashMap::new();
+        // The service's family is its first address's; every other one
+        // must agree (a mixed service would need NAT46/64 per backend).
+        let family = s.family();
+        let family_from = if s.backends.is_empty() {
+            format!("{path}.nat.addresses[0]")
+        } else {
+            format!("{path}.backends[0].address")
+        };
+        let check_family = |p: &mut Problems, at: String, what: &str, a: IpAddr| {
+            if Family::of(&a) != family {
+                p.push(
+                    at,
+                    format!(
+                        "{what} {a} is {} but service {:?} is {family} (as {family_from} makes it): a service's backends and NAT addresses are all of one family; use {family} addresses here, or make a second service for {}",
+                        Family::of(&a),
+                        s.name,
+                        Family::of(&a)
+                    ),
+                );
+            }
+        };
+        let mut seen_backends: HashMap<IpAddr, String> = HashMap::new();
         for (j, b) in s.backends.iter().enumerate() {
             let bp = format!("{path}.backends[{j}]");
-            check_unicast(p, format!("{bp}.address"), "backend address", b.address);
+            check_host(p, format!("{bp}.address"), "backend address", b.address);
+            check_family(p, format!("{bp}.address"), "backend address", b.address);
             if let Some(first) = first_seen(&mut seen_backends, b.address, &bp) {
                 p.push(
                     format!("{bp}.address"),
@@ -561,7 +602,8 @@ fn services(cfg: &Config, p: &mut Problems) {
         }
         for (j, a) in nat.addresses.iter().enumerate() {
             let ap = format!("{path}.nat.addresses[{j}]");
-            check_unicast(p, ap.clone(), "NAT address", *a);
+            check_host(p, ap.clone(), "NAT address", *a);
+            check_family(p, ap.clone(), "NAT address", *a);
             if let Some(first) = first_seen(&mut nat_owner, *a, &ap) {
                 let same_service = first.starts_with(&format!("{path}."));
                 p.push(
@@ -698,6 +740,12 @@ fn services(cfg: &Config, p: &mut Problems) {
 
         if let Some(pp) = s.proxy_protocol {
             let pp_path = format!("{path}.proxy_protocol");
+            if family == Family::Ipv6 {
+                p.push(
+                    pp_path.clone(),
+                    "proxy_protocol is not supported on an IPv6 service yet (the datapath builds IPv4 headers only): remove it, or publish the service over IPv4",
+                );
+            }
             if s.protocol != super::Protocol::Tcp {
                 p.push(
                     pp_path.clone(),
@@ -769,7 +817,7 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
         cfg.services.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut names: HashMap<&str, String> = HashMap::new();
     // (network, address, protocol, port) → path of the first endpoint using it.
-    let mut listeners: HashMap<(&str, Ipv4Addr, super::Protocol, u16), String> = HashMap::new();
+    let mut listeners: HashMap<(&str, IpAddr, super::Protocol, u16), String> = HashMap::new();
     // Explicit link ids → path of the first endpoint setting it.
     let mut link_ids: HashMap<u64, String> = HashMap::new();
     for (i, e) in cfg.endpoints.iter().enumerate() {
@@ -785,7 +833,27 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
             );
         }
         check_name(p, format!("{path}.tenant"), "tenant", &e.tenant);
-        check_unicast(p, format!("{path}.address"), "endpoint address", e.address);
+        check_host(p, format!("{path}.address"), "endpoint address", e.address);
+        if let Some(a6) = e.address6 {
+            let ap = format!("{path}.address6");
+            check_host(p, ap.clone(), "endpoint address", a6);
+            if a6.is_ipv4() {
+                p.push(
+                    ap,
+                    format!(
+                        "address6 {a6} is IPv4: address6 is a dual-stack endpoint's IPv6 address; write an IPv6 address, or leave address6 out"
+                    ),
+                );
+            } else if e.address.is_ipv6() {
+                p.push(
+                    ap,
+                    format!(
+                        "the endpoint has two IPv6 addresses ({} and {a6}): a dual-stack endpoint has an IPv4 `address` and an IPv6 `address6`; make a second endpoint for the second IPv6 address",
+                        e.address
+                    ),
+                );
+            }
+        }
         if !consumer_networks.contains_key(&e.network) {
             let known: Vec<&str> = consumer_networks.keys().map(String::as_str).collect();
             p.push(
@@ -881,19 +949,67 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
                 ),
             );
         }
-        for sp in &service.ports {
-            let key = (e.network.as_str(), e.address, service.protocol, sp.port);
-            if let Some(first) = first_seen(&mut listeners, key, &path) {
-                p.push(
-                    format!("{path}.address"),
-                    format!(
-                        "{}:{}/{} in network {:?} is already taken by {first}: two endpoints in one network cannot share an address, protocol and port; pick another address",
-                        e.address, sp.port, service.protocol, e.network
-                    ),
-                );
-                break;
+        endpoint_family(p, &path, e, service);
+        for (field, addr) in [("address", Some(e.address)), ("address6", e.address6)] {
+            let Some(addr) = addr else { continue };
+            for sp in &service.ports {
+                let key = (e.network.as_str(), addr, service.protocol, sp.port);
+                if let Some(first) = first_seen(&mut listeners, key, &path) {
+                    let shown = match addr {
+                        IpAddr::V4(a) => format!("{a}:{}", sp.port),
+                        IpAddr::V6(a) => format!("[{a}]:{}", sp.port),
+                    };
+                    p.push(
+                        format!("{path}.{field}"),
+                        format!(
+                            "{shown}/{} in network {:?} is already taken by {first}: two endpoints in one network cannot share an address, protocol and port; pick another address",
+                            service.protocol, e.network
+                        ),
+                    );
+                    break;
+                }
             }
         }
+    }
+}
+
+/// Phase 1 of IPv6 translates within one family only: an endpoint serves
+/// its service on the address of the service's family, and an address of
+/// the other family (NAT64 for an IPv6 one in front of an IPv4 service,
+/// NAT46 the other way round) is refused.
+fn endpoint_family(p: &mut Problems, path: &str, e: &super::Endpoint, service: &super::Service) {
+    let family = service.family();
+    for (field, addr) in [("address", Some(e.address)), ("address6", e.address6)] {
+        let Some(addr) = addr else { continue };
+        if Family::of(&addr) == family {
+            continue;
+        }
+        let (nat, fix) = match (family, field) {
+            (Family::Ipv4, "address6") => (
+                "NAT64",
+                "remove address6 (the endpoint keeps its IPv4 address)".to_owned(),
+            ),
+            (Family::Ipv4, _) => (
+                "NAT64",
+                "give the endpoint an IPv4 address, or point it at an IPv6 service".to_owned(),
+            ),
+            (Family::Ipv6, _) if e.address6.is_some() => (
+                "NAT46",
+                "write the IPv6 address as `address` and leave address6 out".to_owned(),
+            ),
+            (Family::Ipv6, _) => (
+                "NAT46",
+                "give the endpoint an IPv6 address, or point it at an IPv4 service".to_owned(),
+            ),
+        };
+        p.push(
+            format!("{path}.{field}"),
+            format!(
+                "endpoint address {addr} is {} but service {:?} is {family}: reaching it across families needs {nat}, which plink does not support yet; {fix}",
+                Family::of(&addr),
+                service.name
+            ),
+        );
     }
 }
 
@@ -956,7 +1072,7 @@ fn fleet(cfg: &Config, p: &mut Problems) {
         .map(|(i, s)| (s.name.as_str(), i))
         .collect();
     let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
-    let backend_addrs: HashMap<Ipv4Addr, String> = cfg
+    let backend_addrs: HashMap<IpAddr, String> = cfg
         .services
         .iter()
         .enumerate()
@@ -969,7 +1085,7 @@ fn fleet(cfg: &Config, p: &mut Problems) {
         .collect();
     let mut names: HashMap<&str, String> = HashMap::new();
     // NAT address → (path, node, service) of its first owner.
-    let mut owner: HashMap<Ipv4Addr, (String, &str, &str)> = HashMap::new();
+    let mut owner: HashMap<IpAddr, (String, &str, &str)> = HashMap::new();
     let mut routing_ids: HashMap<(&str, Ipv4Addr), String> = HashMap::new();
     for (i, n) in f.nodes.iter().enumerate() {
         let path = format!("fleet.nodes[{i}]");
@@ -1042,7 +1158,23 @@ fn fleet(cfg: &Config, p: &mut Problems) {
             }
             for (k, a) in nat.addresses.iter().enumerate() {
                 let ap = format!("{np}.addresses[{k}]");
-                check_unicast(p, ap.clone(), "NAT address", *a);
+                check_host(p, ap.clone(), "NAT address", *a);
+                if let Some(svc) = services
+                    .get(nat.service.as_str())
+                    .map(|&i| &cfg.services[i])
+                    && Family::of(a) != svc.family()
+                {
+                    p.push(
+                        ap.clone(),
+                        format!(
+                            "NAT address {a} is {} but service {:?} is {} (by its backends): a service's backends and NAT addresses are all of one family; use {} addresses here",
+                            Family::of(a),
+                            svc.name,
+                            svc.family(),
+                            svc.family()
+                        ),
+                    );
+                }
                 if let Some(b) = backend_addrs.get(a) {
                     p.push(
                         ap.clone(),

@@ -8,7 +8,11 @@
 //! forward entry is read as it is deleted and judged again: a flow the
 //! datapath refreshed in between is put back ([`sweep_forward`]).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap};
@@ -112,6 +116,8 @@ impl GcSweep {
 pub struct FlowEntry {
     pub network_id: u32,
     pub protocol: u8,
+    // IPv4 until the IPv6 datapath (and its golden tests) switch these to
+    // `IpAddr` with [`ip_of`]; the admin API's `FlowRow` is `SocketAddr`.
     pub client: (Ipv4Addr, u16),
     pub endpoint: (Ipv4Addr, u16),
     pub nat: (Ipv4Addr, u16),
@@ -130,6 +136,21 @@ pub struct FlowEntry {
 
 fn ip(a: &plink_common::Addr) -> Ipv4Addr {
     Ipv4Addr::from(a[0].to_ne_bytes())
+}
+
+/// A map address as the address it names: IPv4 when words 1 to 3 are zero
+/// (an IPv6 address with a zero last 96 bits is never a host's, see
+/// [`plink_common::Addr`]), else IPv6.
+pub fn ip_of(a: &plink_common::Addr) -> IpAddr {
+    if plink_common::addr_is_ambiguous_v6(a) {
+        IpAddr::V4(ip(a))
+    } else {
+        let mut o = [0u8; 16];
+        for (chunk, w) in o.chunks_exact_mut(4).zip(a) {
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
 }
 
 impl Dataplane {
@@ -766,5 +787,21 @@ mod tests {
             Some(2000),
             "the new flow stays"
         );
+    }
+}
+
+#[cfg(test)]
+mod addr_tests {
+    use super::*;
+
+    #[test]
+    fn map_addresses_read_back_in_their_family() {
+        let v4: IpAddr = "198.51.100.10".parse().unwrap();
+        assert_eq!(ip_of(&plink_common::v4([198, 51, 100, 10])), v4);
+        let v6: Ipv6Addr = "2001:db8:100::10".parse().unwrap();
+        assert_eq!(ip_of(&plink_common::v6(v6.octets())), IpAddr::V6(v6));
+        // Only the first word set: IPv4 by the rule (such IPv6 addresses are refused).
+        let anycast: Ipv6Addr = "2001:db8::".parse().unwrap();
+        assert!(ip_of(&plink_common::v6(anycast.octets())).is_ipv4());
     }
 }

@@ -1,11 +1,15 @@
 //! Managed neighbour entries (kernel ≥ 5.16, `NTF_EXT_MANAGED`): the kernel
 //! keeps them resolved by itself, so `bpf_fib_lookup` finds the backend's
 //! link-layer address instead of returning NO_NEIGH. The controller creates
-//! one per backend (and next hop) on the provider interface.
+//! one per backend (and next hop) on the provider interface, IPv4 (ARP) or
+//! IPv6 (neighbour discovery) alike.
 //!
 //! Plain rtnetlink over a raw socket ([`crate::netlink`]).
 
-use std::{io, net::Ipv4Addr};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::Context as _;
 
@@ -30,22 +34,26 @@ pub enum NeighOutcome {
     Exists,
 }
 
-fn message(kind: u16, flags: u16, ifindex: u32, addr: Ipv4Addr, managed: bool) -> Vec<u8> {
-    let mut m = Vec::with_capacity(44);
+fn message(kind: u16, flags: u16, ifindex: u32, addr: IpAddr, managed: bool) -> Vec<u8> {
+    let (family, dst) = match addr {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let mut m = Vec::with_capacity(56);
     m.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
     m.extend_from_slice(&kind.to_ne_bytes());
     m.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // seq
     m.extend_from_slice(&0u32.to_ne_bytes()); // pid
     // struct ndmsg: family, pad, pad, ifindex, state (NUD_NONE), flags, type.
-    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    m.extend_from_slice(&[family, 0, 0, 0]);
     m.extend_from_slice(&(ifindex as i32).to_ne_bytes());
     m.extend_from_slice(&0u16.to_ne_bytes());
     m.extend_from_slice(&[0, 0]);
-    // NDA_DST
-    m.extend_from_slice(&8u16.to_ne_bytes());
+    // NDA_DST: 4 or 16 bytes, both a multiple of the 4-byte alignment.
+    m.extend_from_slice(&(4 + dst.len() as u16).to_ne_bytes());
     m.extend_from_slice(&NDA_DST.to_ne_bytes());
-    m.extend_from_slice(&addr.octets());
+    m.extend_from_slice(&dst);
     if managed {
         m.extend_from_slice(&8u16.to_ne_bytes());
         m.extend_from_slice(&NDA_FLAGS_EXT.to_ne_bytes());
@@ -57,7 +65,8 @@ fn message(kind: u16, flags: u16, ifindex: u32, addr: Ipv4Addr, managed: bool) -
 }
 
 /// Creates a managed neighbour entry for `addr` on `ifindex` unless one exists.
-pub fn ensure_managed(ifindex: u32, addr: Ipv4Addr) -> anyhow::Result<NeighOutcome> {
+pub fn ensure_managed(ifindex: u32, addr: impl Into<IpAddr>) -> anyhow::Result<NeighOutcome> {
+    let addr = addr.into();
     let msg = message(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, ifindex, addr, true);
     match request(&msg)? {
         0 => Ok(NeighOutcome::Created),
@@ -72,7 +81,8 @@ pub fn ensure_managed(ifindex: u32, addr: Ipv4Addr) -> anyhow::Result<NeighOutco
 }
 
 /// Removes the neighbour entry for `addr` on `ifindex` (a backend left the config).
-pub fn remove(ifindex: u32, addr: Ipv4Addr) -> anyhow::Result<()> {
+pub fn remove(ifindex: u32, addr: impl Into<IpAddr>) -> anyhow::Result<()> {
+    let addr = addr.into();
     match request(&message(RTM_DELNEIGH, 0, ifindex, addr, false))? {
         0 | libc::ENOENT => Ok(()),
         e => Err(io::Error::from_raw_os_error(e))
@@ -100,5 +110,41 @@ impl super::DataplaneSpec {
         out.sort();
         out.dedup();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_neighbour_is_af_inet6_with_a_16_byte_dst() {
+        let addr: IpAddr = "2001:db8:100::10".parse().unwrap();
+        let m = message(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_EXCL, 7, addr, true);
+        // nlmsghdr (16) + ndmsg (12) + NDA_DST (4 + 16) + NDA_FLAGS_EXT (8).
+        assert_eq!(m.len(), 56);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 56);
+        assert_eq!(m[16], libc::AF_INET6 as u8);
+        assert_eq!(i32::from_ne_bytes(m[20..24].try_into().unwrap()), 7);
+        assert_eq!(u16::from_ne_bytes([m[28], m[29]]), 20, "NDA_DST length");
+        assert_eq!(u16::from_ne_bytes([m[30], m[31]]), NDA_DST);
+        let IpAddr::V6(a) = addr else { unreachable!() };
+        assert_eq!(&m[32..48], &a.octets());
+        assert_eq!(u16::from_ne_bytes([m[50], m[51]]), NDA_FLAGS_EXT);
+        assert_eq!(
+            u32::from_ne_bytes(m[52..56].try_into().unwrap()),
+            NTF_EXT_MANAGED
+        );
+        // IPv4 is as it was: AF_INET, a 4-byte NDA_DST.
+        let m4 = message(
+            RTM_DELNEIGH,
+            0,
+            7,
+            Ipv4Addr::new(198, 51, 100, 10).into(),
+            false,
+        );
+        assert_eq!(m4.len(), 36);
+        assert_eq!(m4[16], libc::AF_INET as u8);
+        assert_eq!(&m4[32..36], &[198, 51, 100, 10]);
     }
 }

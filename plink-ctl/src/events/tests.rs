@@ -19,7 +19,7 @@ fn change(state: ConnectionState, reason: Reason, by: By) -> EndpointChange {
         tenant: Some("tenant-b".into()),
         service: "orders".into(),
         network: "vnet-b".into(),
-        address: Ipv4Addr::new(192, 0, 2, 50),
+        address: Ipv4Addr::new(192, 0, 2, 50).into(),
         from: Some(ConnectionState::Pending),
         state,
         reason: Some(reason),
@@ -51,7 +51,7 @@ fn a_record_is_one_line_with_stable_field_names() {
 /// One of every kind, for the checks below.
 fn one_of_each() -> Vec<Event> {
     let a = Ipv4Addr::new(198, 51, 100, 200);
-    let target = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 8080);
+    let target = std::net::SocketAddr::from(([198, 51, 100, 10], 8080));
     vec![
         Event::ControllerStarted {
             version: "0.1.0".into(),
@@ -71,7 +71,7 @@ fn one_of_each() -> Vec<Event> {
             purged_flows: BTreeMap::from([("endpoint_gone".to_owned(), 3)]),
             down_backends: vec![BackendRef {
                 service: "orders".into(),
-                address: *target.ip(),
+                address: target.ip(),
             }],
             draining_nat: vec![a],
             retired_nat: vec![],
@@ -119,13 +119,13 @@ fn one_of_each() -> Vec<Event> {
         Event::DataplaneInSync { apply_failures: 1 },
         Event::BackendDown {
             service: "orders".into(),
-            address: *target.ip(),
+            address: target.ip(),
             target,
             error: Some("connect: refused".into()),
         },
         Event::BackendUp {
             service: "orders".into(),
-            address: *target.ip(),
+            address: target.ip(),
             target,
         },
         Event::NatAddressAdded {

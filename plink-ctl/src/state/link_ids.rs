@@ -197,7 +197,8 @@ mod tests {
         EndpointIdentity {
             name: name.into(),
             network: "vnet-a".into(),
-            address: Ipv4Addr::new(192, 0, 2, last),
+            address: Ipv4Addr::new(192, 0, 2, last).into(),
+            address6: None,
             service: "web".into(),
         }
     }

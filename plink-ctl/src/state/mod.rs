@@ -6,7 +6,7 @@ mod ids;
 mod link_ids;
 pub mod store;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,11 +20,14 @@ use crate::{
 };
 
 /// Version of the state file's format; bumped on incompatible changes.
-/// Version 2 added `dataplane`, version 3 `link_ids`; older files are read
-/// as version 3 without them (the link ids are then allocated).
-pub const STATE_VERSION: u32 = 3;
+/// Version 2 added `dataplane`, version 3 `link_ids`, version 4 IPv6
+/// addresses and dual-stack identities (`address6`); older files are read
+/// as version 4 without them (the link ids are then allocated). An older
+/// plink-ctl would fail on an IPv6 address as on a corrupt file; the
+/// version makes it say that it is too old instead.
+pub const STATE_VERSION: u32 = 4;
 /// Older versions this build reads (and rewrites as `STATE_VERSION`).
-pub const STATE_VERSIONS_READ: &[u32] = &[1, 2, 3];
+pub const STATE_VERSIONS_READ: &[u32] = &[1, 2, 3, 4];
 
 /// Why a config cannot be folded into the state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,7 +46,13 @@ pub enum ReconcileError {
 pub struct EndpointIdentity {
     pub name: String,
     pub network: String,
-    pub address: Ipv4Addr,
+    /// An IPv4 address reads and writes as it did in format 3, so older
+    /// identities (and their ids, decisions and link ids) stay the same.
+    pub address: IpAddr,
+    /// A dual-stack endpoint's IPv6 address; absent (and not written) for
+    /// one address, so single-address identities keep their format-3 form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<IpAddr>,
     pub service: String,
 }
 
@@ -53,6 +62,7 @@ impl EndpointIdentity {
             name: e.name.clone(),
             network: e.network.clone(),
             address: e.address,
+            address6: e.address6,
             service: e.service.clone(),
         }
     }
@@ -63,7 +73,7 @@ impl EndpointIdentity {
 #[serde(deny_unknown_fields)]
 pub struct BackendKey {
     pub service: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
