@@ -65,7 +65,10 @@ fn predict(cfg: &Config, network_id: u32, client_port: u16) -> Ipv4Addr {
     let table = maglev::build_table(&backends, s.maglev_table_size).unwrap();
     let key = fwd_key(network_id, (CLIENT, client_port), (EP_TCP, 80), IPPROTO_TCP);
     let slot = flow_hash(&key) % s.maglev_table_size;
-    backends[table[slot as usize] as usize].address
+    match backends[table[slot as usize] as usize].address {
+        std::net::IpAddr::V4(a) => a,
+        other => panic!("the fleet's service is IPv4, not {other}"),
+    }
 }
 
 #[test]
