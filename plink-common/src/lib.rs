@@ -15,7 +15,7 @@ pub mod proxy;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;

@@ -40,7 +40,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    maps::{MapData, PerCpuHashMap, PerCpuValues, ProgramArray},
     programs::{
         Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
@@ -48,7 +48,7 @@ use aya::{
     },
     util::nr_cpus,
 };
-use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names};
+use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names, v6_prog};
 
 use crate::config::{Config, Role, XdpMode};
 
@@ -417,14 +417,40 @@ impl Dataplane {
         Ok(exporter)
     }
 
-    /// Loads both programs into the kernel (verifier) without attaching them.
+    /// Loads the programs into the kernel (verifier) without attaching
+    /// them: the consumer and provider programs, and their IPv6 halves,
+    /// which go into `V6_PROGS` (the IPv4 programs tail-call them; the map
+    /// is not pinned, so every start, adopting or not, fills it).
     pub fn load_programs(&mut self) -> anyhow::Result<()> {
-        for name in [prog_names::CONSUMER, prog_names::PROVIDER] {
+        for name in [
+            prog_names::CONSUMER,
+            prog_names::PROVIDER,
+            prog_names::CONSUMER6,
+            prog_names::PROVIDER6,
+        ] {
             let program = self.program(name)?;
             if program.fd().is_err() {
                 load_verified(program)
                     .with_context(|| format!("the kernel refused to load {name}"))?;
             }
+        }
+        let mut fds = Vec::new();
+        for (slot, name) in [
+            (v6_prog::CONSUMER, prog_names::CONSUMER6),
+            (v6_prog::PROVIDER, prog_names::PROVIDER6),
+        ] {
+            let fd = self
+                .program(name)?
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(Into::into))
+                .with_context(|| format!("the file descriptor of {name}"))?;
+            fds.push((slot, fd));
+        }
+        let mut slots = ProgramArray::try_from(self.map_mut(map_names::V6_PROGS)?)?;
+        for (slot, fd) in &fds {
+            slots
+                .set(*slot, fd, 0)
+                .with_context(|| format!("filling slot {slot} of {}", map_names::V6_PROGS))?;
         }
         Ok(())
     }
