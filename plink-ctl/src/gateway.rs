@@ -157,7 +157,9 @@ fn nat_view(spec: Option<&DataplaneSpec>, model: &Model) -> crate::events::NatVi
             } else {
                 &mut view.active
             };
-            set.insert((name.clone(), n.addr));
+            if let Some(a) = crate::dataplane::spec::v4_only(n.addr) {
+                set.insert((name.clone(), a));
+            }
         }
     }
     view.retired = spec.retired_nat.keys().copied().collect();
@@ -407,12 +409,13 @@ impl Gateway {
         // Drained backends that leave the config keep their flows.
         let kept =
             |id: u32, addr: Ipv4Addr| spec.backends.iter().any(|b| b.id == id && b.addr == addr);
+        let v4 = crate::dataplane::spec::v4_only;
         let leaving_drained: Vec<(u32, Ipv4Addr)> = match &self.spec {
             Some(old) => old
                 .backends
                 .iter()
                 .filter(|b| b.state == BackendState::Draining)
-                .map(|b| (b.id, b.addr))
+                .filter_map(|b| v4(b.addr).map(|a| (b.id, a)))
                 .collect(),
             // Adopting: what the pinned BACKENDS map says was draining.
             None => self.dp.draining_backends().unwrap_or_default(),
@@ -447,7 +450,7 @@ impl Gateway {
                 .backends
                 .iter()
                 .filter(|b| b.state != BackendState::Down)
-                .map(|b| b.addr)
+                .filter_map(|b| v4(b.addr))
                 .collect();
             let hops = manage_neighbours(&provider.name, &backends);
             if self.spec.is_none() {
@@ -662,7 +665,9 @@ fn snapshot_from(
                     service: svc.name.clone(),
                     nat_address: n.addr.to_string(),
                     protocol: name.to_owned(),
-                    ports_in_use: in_use.get(&(n.addr, number)).copied().unwrap_or(0),
+                    ports_in_use: crate::dataplane::spec::v4_only(n.addr)
+                        .and_then(|a| in_use.get(&(a, number)).copied())
+                        .unwrap_or(0),
                     ports_capacity: u64::from(*n.ports.end()) - u64::from(*n.ports.start()) + 1,
                 });
             }

@@ -1203,7 +1203,7 @@ fn adoption_event(
             .iter()
             .flat_map(|s| s.nat.iter())
             .filter(|n| n.draining && !n.addr.is_unspecified())
-            .map(|n| n.addr)
+            .filter_map(|n| dataplane::spec::v4_only(n.addr))
             .collect();
         retired_nat = spec.retired_nat.keys().copied().collect();
     }

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use plink_common::{
@@ -176,6 +176,12 @@ fn service_name(model: &Model, id: u32) -> String {
 }
 
 /// A service's NAT slots, and the addresses that left theirs (with the slot).
+/// A NAT slot's address as the planner keeps it: the model is IPv4 only
+/// (an IPv6 address, which it never plans, reads as unspecified).
+fn a4(n: &NatSpec) -> Ipv4Addr {
+    crate::dataplane::spec::v4_only(n.addr).unwrap_or(Ipv4Addr::UNSPECIFIED)
+}
+
 type NatSlots = (Vec<NatSpec>, Vec<(Ipv4Addr, u8)>);
 
 /// Keeps each NAT address in the slot it had, so counters and flows keyed by
@@ -200,16 +206,16 @@ fn nat_slots(
     for (i, n) in held.unwrap_or_default().iter().enumerate() {
         let slot = if n.addr.is_unspecified() {
             n.clone()
-        } else if wanted.contains(&n.addr) {
+        } else if wanted.contains(&a4(n)) {
             NatSpec {
                 addr: n.addr,
                 ports: ports.0..=ports.1,
                 draining: false,
             }
-        } else if n.draining && flows(&n.addr) == 0 {
-            left.push((n.addr, i as u8));
+        } else if n.draining && flows(&a4(n)) == 0 {
+            left.push((a4(n), i as u8));
             NatSpec {
-                addr: Ipv4Addr::UNSPECIFIED,
+                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 ports: n.ports.clone(),
                 draining: true,
             }
@@ -223,11 +229,11 @@ fn nat_slots(
         slots.push(slot);
     }
     for addr in wanted {
-        if slots.iter().any(|s| s.addr == *addr) {
+        if slots.iter().any(|s| s.addr == IpAddr::V4(*addr)) {
             continue;
         }
         let fresh = NatSpec {
-            addr: *addr,
+            addr: IpAddr::V4(*addr),
             ports: ports.0..=ports.1,
             draining: false,
         };
@@ -238,17 +244,17 @@ fn nat_slots(
         } else if let Some((i, slot)) = slots
             .iter_mut()
             .enumerate()
-            .find(|(_, s)| s.draining && flows(&s.addr) == 0)
+            .find(|(_, s)| s.draining && flows(&a4(s)) == 0)
         {
             // All slots taken: a draining address without flows (it became
             // draining in this very change) gives its slot up.
-            left.push((slot.addr, i as u8));
+            left.push((a4(slot), i as u8));
             *slot = fresh;
         } else {
             let draining = slots
                 .iter()
                 .filter(|s| s.draining && !s.addr.is_unspecified())
-                .map(|s| s.addr)
+                .map(a4)
                 .collect();
             return Err((*addr, draining));
         }
@@ -299,7 +305,7 @@ pub fn plan(
         for (i, n) in slots.iter().enumerate() {
             if !n.addr.is_unspecified() {
                 leaving.insert(
-                    n.addr,
+                    a4(n),
                     RetiredNat {
                         service_id: *id,
                         slot: i as u8,
@@ -378,7 +384,7 @@ pub fn plan(
             backends.push(BackendSpec {
                 id: b.id.0,
                 service_id: svc.id.0,
-                addr: b.address,
+                addr: IpAddr::V4(b.address),
                 state: match b.state {
                     CfgBackendState::Active if health.healthy(b.id) => BackendState::Active,
                     CfgBackendState::Active | CfgBackendState::Down => BackendState::Down,
@@ -391,30 +397,30 @@ pub fn plan(
     // no flow holds a port on it any more; otherwise the move must wait.
     let active: BTreeMap<Ipv4Addr, u32> = services
         .iter()
-        .flat_map(|s| s.nat.iter().filter(|n| !n.draining).map(|n| (n.addr, s.id)))
+        .flat_map(|s| s.nat.iter().filter(|n| !n.draining).map(|n| (a4(n), s.id)))
         .collect();
     for s in &mut services {
         for n in s.nat.iter_mut().filter(|n| n.draining) {
-            let Some(&to) = active.get(&n.addr) else {
+            let Some(&to) = active.get(&a4(n)) else {
                 continue;
             };
-            let flows = observed.nat_ports_in_use.get(&n.addr).copied().unwrap_or(0);
+            let flows = observed.nat_ports_in_use.get(&a4(n)).copied().unwrap_or(0);
             if flows > 0 {
                 return Err(PlanError::NatAddressDraining {
-                    addr: n.addr,
+                    addr: a4(n),
                     from: service_name(model, s.id),
                     to: service_name(model, to),
                     flows,
                 });
             }
-            n.addr = Ipv4Addr::UNSPECIFIED;
+            n.addr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         }
     }
     // Retired: what left a slot now, and what retired before and is still in
     // its grace, unless a service holds the address again.
     let held: BTreeSet<Ipv4Addr> = services
         .iter()
-        .flat_map(|s| s.nat.iter().map(|n| n.addr))
+        .flat_map(|s| s.nat.iter().map(a4))
         .filter(|a| !a.is_unspecified())
         .collect();
     let mut retired_nat = observed.nat_retired.clone();
@@ -435,7 +441,7 @@ pub fn plan(
         .map(|e| EndpointSpec {
             id: e.id.0,
             network_id: e.network_id.0,
-            addr: e.address,
+            addr: IpAddr::V4(e.address),
             service_id: e.service_id.0,
             protocol: match e.protocol {
                 CfgProtocol::Tcp => Protocol::Tcp,
@@ -583,7 +589,7 @@ impl FlowPolicy {
                     b.id,
                     (
                         b.service_id,
-                        plink_common::v4(b.addr.octets()),
+                        crate::dataplane::spec::addr(b.addr),
                         down.contains(&b.id),
                     ),
                 )

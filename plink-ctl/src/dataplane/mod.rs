@@ -682,7 +682,7 @@ impl Dataplane {
             let slots = svc.nat[..count]
                 .iter()
                 .map(|n| spec::NatSpec {
-                    addr: ip(&n.addr_be),
+                    addr: spec::ip_of(&n.addr_be),
                     ports: n.port_min..=n.port_max,
                     draining: n.flags & nat_flags::DRAINING != 0,
                 })

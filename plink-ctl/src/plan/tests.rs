@@ -84,7 +84,7 @@ fn nat_slots_stay_put_and_removed_addresses_drain() {
     // Remove the middle address, add a new one.
     let (next, left) =
         nat_slots(&[a(200), a(202), a(203)], (1024, 2047), Some(&first), &none).expect("slots");
-    let addrs: Vec<_> = next.iter().map(|n| (n.addr, n.draining)).collect();
+    let addrs: Vec<_> = next.iter().map(|n| (a4(n), n.draining)).collect();
     assert_eq!(
         addrs,
         vec![
@@ -116,7 +116,7 @@ fn a_draining_nat_address_leaves_only_once_its_last_flow_is_gone() {
         svc(spec, &model, "orders")
             .nat
             .iter()
-            .map(|n| (n.addr, n.draining))
+            .map(|n| (a4(n), n.draining))
             .collect()
     };
     assert_eq!(slots(&spec), vec![(a(200), false), (a(202), true)]);
@@ -158,7 +158,7 @@ fn a_draining_nat_address_leaves_only_once_its_last_flow_is_gone() {
     let slots: Vec<_> = svc(&spec, &back, "orders")
         .nat
         .iter()
-        .map(|n| (n.addr, n.draining))
+        .map(|n| (a4(n), n.draining))
         .collect();
     assert_eq!(slots, vec![(a(200), false), (a(202), false)]);
 }
@@ -190,12 +190,12 @@ fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
         orders,
         vec![
             NatSpec {
-                addr: a(202),
+                addr: a(202).into(),
                 ports: 1024..=2047,
                 draining: true,
             },
             NatSpec {
-                addr: a(200),
+                addr: a(200).into(),
                 ports: 1024..=65535,
                 draining: false,
             },
@@ -205,7 +205,7 @@ fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
     observed.nat_held.insert(
         40,
         vec![NatSpec {
-            addr: a(220),
+            addr: a(220).into(),
             ports: 1024..=65535,
             draining: false,
         }],
@@ -215,7 +215,7 @@ fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
     let slots: Vec<_> = svc(&spec, &model, "orders")
         .nat
         .iter()
-        .map(|n| (n.addr, n.ports.clone(), n.draining))
+        .map(|n| (a4(n), n.ports.clone(), n.draining))
         .collect();
     assert_eq!(
         slots,
@@ -260,7 +260,7 @@ fn a_draining_address_with_flows_is_never_replaced() {
         err,
         PlanError::NatSlotsFull {
             service: "orders".into(),
-            addr: a(220),
+            addr: a(220).into(),
             draining: vec![(a(217), 1)],
         }
     );
@@ -304,7 +304,7 @@ fn a_nat_address_moves_only_once_its_old_service_holds_no_port_on_it() {
     assert_eq!(
         err,
         PlanError::NatAddressDraining {
-            addr: a(200),
+            addr: a(200).into(),
             from: "orders".into(),
             to: "billing".into(),
             flows: 3
@@ -319,13 +319,13 @@ fn a_nat_address_moves_only_once_its_old_service_holds_no_port_on_it() {
     let orders: Vec<_> = svc(&spec, &model, "orders")
         .nat
         .iter()
-        .map(|n| (n.addr, n.draining))
+        .map(|n| (a4(n), n.draining))
         .collect();
     assert_eq!(orders, vec![(Ipv4Addr::UNSPECIFIED, true), (a(210), false)]);
     let billing: Vec<_> = svc(&spec, &model, "billing")
         .nat
         .iter()
-        .map(|n| (n.addr, n.draining))
+        .map(|n| (a4(n), n.draining))
         .collect();
     assert_eq!(billing, vec![(a(201), false), (a(200), false)]);
     spec.validate().expect("the moved spec can be written");

@@ -150,7 +150,7 @@ fn golden_draining_nat_and_caps_after_gc() {
 fn golden_a_retired_nat_address_drops_replies_and_is_not_announced() {
     let gw = gateway();
     let mut retired = spec(&gw);
-    retired.services[1].nat[0].addr = Ipv4Addr::UNSPECIFIED;
+    retired.services[1].nat[0].addr = Ipv4Addr::UNSPECIFIED.into();
     retired.services[1].nat[0].draining = true;
     retired.retired_nat.insert(
         NAT_UDP,

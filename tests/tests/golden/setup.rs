@@ -95,11 +95,16 @@ pub fn gateway() -> Gw {
     }
 }
 
-pub fn tcp_endpoint(id: u32, network_id: u32, addr: Ipv4Addr, service_id: u32) -> EndpointSpec {
+pub fn tcp_endpoint(
+    id: u32,
+    network_id: u32,
+    addr: impl Into<std::net::IpAddr>,
+    service_id: u32,
+) -> EndpointSpec {
     EndpointSpec {
         id,
         network_id,
-        addr,
+        addr: addr.into(),
         service_id,
         protocol: Protocol::Tcp,
         ports: vec![PortSpec {
@@ -115,14 +120,14 @@ pub fn tcp_endpoint(id: u32, network_id: u32, addr: Ipv4Addr, service_id: u32) -
 /// Service 0 (TCP 80→8080, backends 0 and 1), service 1 (UDP 53→5353,
 /// backend 2, ten NAT ports), service 2 (TCP, an unresolved backend).
 pub fn spec(gw: &Gw) -> DataplaneSpec {
-    let backend = |id, service_id, addr| BackendSpec {
+    let backend = |id, service_id, addr: Ipv4Addr| BackendSpec {
         id,
         service_id,
-        addr,
+        addr: addr.into(),
         state: BackendState::Active,
     };
-    let nat = |addr, ports| NatSpec {
-        addr,
+    let nat = |addr: Ipv4Addr, ports| NatSpec {
+        addr: addr.into(),
         ports,
         draining: false,
     };
