@@ -42,6 +42,7 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// ICMP types plink translates.
 pub mod icmp_type {

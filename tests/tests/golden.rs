@@ -39,6 +39,8 @@ mod fuzz;
 mod icmp;
 #[path = "golden/icmp_errors.rs"]
 mod icmp_errors;
+#[path = "golden/ipv6.rs"]
+mod ipv6;
 #[path = "golden/lifecycle.rs"]
 mod lifecycle;
 #[path = "golden/mtu.rs"]

@@ -468,7 +468,7 @@ impl DataplaneSpec {
                 );
             }
             if !e.ports.is_empty() {
-                echo.insert(endpoint_key(e, 0, plink_common::IPPROTO_ICMP));
+                echo.insert(endpoint_key(e, 0, echo_proto(e.addr)));
             }
             if e.state != EndpointState::Removed {
                 addresses.insert((e.network_id, e.addr));
@@ -539,6 +539,15 @@ impl DataplaneSpec {
 }
 
 /// The `ENDPOINTS` key of endpoint `e` at `port` for protocol `proto`.
+/// The protocol of an endpoint's echo entry: ICMP, or ICMPv6 for IPv6.
+fn echo_proto(a: IpAddr) -> u8 {
+    if a.is_ipv6() {
+        plink_common::IPPROTO_ICMPV6
+    } else {
+        plink_common::IPPROTO_ICMP
+    }
+}
+
 pub(crate) fn endpoint_key(e: &EndpointSpec, port: u16, proto: u8) -> EndpointKey {
     EndpointKey {
         network_id: e.network_id,
@@ -860,7 +869,7 @@ impl Dataplane {
                     network_id: e.network_id,
                     addr_be: addr(e.addr),
                     port_be: 0,
-                    proto: plink_common::IPPROTO_ICMP,
+                    proto: echo_proto(e.addr),
                     _pad: 0,
                 };
                 let value = EndpointValue {

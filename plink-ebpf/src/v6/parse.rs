@@ -5,7 +5,7 @@ use plink_common::{Addr, DropReason, IPPROTO_TCP, IPPROTO_UDP, addr_is_ambiguous
 
 use crate::parse::{ETH_LEN, load, ptr_at};
 
-pub const IPPROTO_ICMPV6: u8 = 58;
+pub use plink_common::IPPROTO_ICMPV6;
 pub const IP6_OFF: usize = ETH_LEN;
 pub const IP6_LEN: usize = 40;
 pub const L4_OFF: usize = IP6_OFF + IP6_LEN;

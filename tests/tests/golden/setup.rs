@@ -77,9 +77,25 @@ pub fn gateway() -> Gw {
     // bpf_fib_lookup refuses to route for an input device without forwarding;
     // consumer interfaces keep it off (the forwarding contract).
     host.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
+    // IPv6 on the provider side as well (golden/ipv6.rs): p0 forwards,
+    // the backend's neighbour is permanent. Test hosts start with IPv6
+    // off (tests/src/netns.rs); only p0 gets it.
+    host.sysctl("net.ipv6.conf.p0.disable_ipv6", "0").unwrap();
+    host.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:100::1/64",
+        "dev",
+        "p0",
+        "nodad",
+    ])
+    .unwrap();
+    host.sysctl("net.ipv6.conf.p0.forwarding", "1").unwrap();
     for (ip, mac) in [
         ("198.51.100.10", BACKEND10_MAC),
         ("198.51.100.11", BACKEND11_MAC),
+        ("2001:db8:100::10", BACKEND10_MAC),
     ] {
         host.neigh_permanent(ip, mac, "p0").unwrap();
     }
