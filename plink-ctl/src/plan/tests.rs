@@ -260,7 +260,7 @@ fn a_draining_address_with_flows_is_never_replaced() {
         err,
         PlanError::NatSlotsFull {
             service: "orders".into(),
-            addr: a(220).into(),
+            addr: a(220),
             draining: vec![(a(217), 1)],
         }
     );
@@ -304,7 +304,7 @@ fn a_nat_address_moves_only_once_its_old_service_holds_no_port_on_it() {
     assert_eq!(
         err,
         PlanError::NatAddressDraining {
-            addr: a(200).into(),
+            addr: a(200),
             from: "orders".into(),
             to: "billing".into(),
             flows: 3
