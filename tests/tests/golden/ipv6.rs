@@ -501,11 +501,29 @@ fn golden_ipv6_refused_frames() {
                 .build()[..60]
                 .to_vec(),
         ];
+        let before = b.dp.interface_stats().unwrap();
         for (i, f) in frames.iter().enumerate() {
             for ingress in [n.c1, n.c2] {
                 let run = b.raw(prog_names::CONSUMER, ingress, f);
-                assert_ne!(run.verdict, golden::verdict::PASS, "frame {i} passed");
+                assert_eq!(run.verdict, golden::verdict::DROP, "frame {i} dropped");
             }
+        }
+        // Counted once each: the frame by the IPv4 entry, the verdict by the
+        // IPv6 program it tail-called.
+        let after = b.dp.interface_stats().unwrap();
+        for ifindex in [n.c1, n.c2] {
+            let (a, z) = (after[&ifindex], before[&ifindex]);
+            let sent = frames.len() as u64;
+            assert_eq!(a.packets - z.packets, sent, "{ifindex}: frames counted");
+            assert_eq!(
+                a.ipv6_packets - z.ipv6_packets,
+                sent,
+                "{ifindex}: IPv6 frames"
+            );
+            assert_eq!(a.ipv4_packets, z.ipv4_packets, "{ifindex}: no IPv4 frame");
+            let verdicts: u64 = (0..5).map(|v| a.verdicts[v] - z.verdicts[v]).sum();
+            assert_eq!(verdicts, sent, "{ifindex}: one verdict per frame");
+            assert_eq!(a.verdicts[1] - z.verdicts[1], sent, "{ifindex}: drops");
         }
     });
 }
