@@ -720,8 +720,7 @@ pub fn flow_row(
     model: &Model,
     networks: &BTreeMap<u32, &String>,
 ) -> crate::admin::FlowRow {
-    use std::net::SocketAddrV4;
-    let at = |(a, p): (Ipv4Addr, u16)| SocketAddrV4::new(a, p);
+    let at = |(a, p): (std::net::IpAddr, u16)| std::net::SocketAddr::new(a, p);
     crate::admin::FlowRow {
         endpoint: model
             .endpoints
@@ -733,6 +732,7 @@ pub fn flow_row(
             plink_common::IPPROTO_TCP => "tcp",
             plink_common::IPPROTO_UDP => "udp",
             plink_common::IPPROTO_ICMP => "icmp",
+            plink_common::IPPROTO_ICMPV6 => "icmpv6",
             _ => "other",
         }
         .to_owned(),

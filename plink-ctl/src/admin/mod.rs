@@ -14,7 +14,7 @@
 pub mod client;
 pub mod server;
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -87,10 +87,10 @@ pub struct FlowRow {
     pub network_id: u32,
     /// `tcp`, `udp`, `icmp` or `other`.
     pub protocol: String,
-    pub client: SocketAddrV4,
-    pub endpoint_address: SocketAddrV4,
-    pub nat: SocketAddrV4,
-    pub backend: SocketAddrV4,
+    pub client: SocketAddr,
+    pub endpoint_address: SocketAddr,
+    pub nat: SocketAddr,
+    pub backend: SocketAddr,
     pub backend_id: u32,
     pub tcp_state: u8,
     pub ingress_ifindex: u32,

@@ -656,13 +656,15 @@ impl crate::controller::DataplaneQueries for ManyFlows {
                 network: Some("vnet-a".into()),
                 network_id: 1,
                 protocol: "tcp".into(),
-                client: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), (1024 + i % 60_000) as u16),
-                endpoint_address: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 50), 80),
+                client: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), (1024 + i % 60_000) as u16)
+                    .into(),
+                endpoint_address: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 50), 80).into(),
                 nat: SocketAddrV4::new(
                     Ipv4Addr::new(198, 51, 100, 200),
                     (20_000 + i % 10_000) as u16,
-                ),
-                backend: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 8080),
+                )
+                .into(),
+                backend: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 8080).into(),
                 backend_id: 0,
                 tcp_state: 3,
                 ingress_ifindex: 2,
@@ -702,7 +704,7 @@ fn a_conntrack_listing_of_any_size_streams_row_by_row() {
         match v.get("row") {
             Some(row) => {
                 let f: FlowRow = serde_json::from_value(row.clone()).expect("a typed flow row");
-                assert_eq!(f.nat.ip().octets(), [198, 51, 100, 200]);
+                assert_eq!(f.nat.ip(), std::net::Ipv4Addr::new(198, 51, 100, 200));
                 rows += 1;
             }
             None => break v,

@@ -8,7 +8,13 @@
 //! forward entry is read as it is deleted and judged again: a flow the
 //! datapath refreshed in between is put back ([`sweep_forward`]).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use super::spec::ip_of;
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap};
@@ -112,10 +118,10 @@ impl GcSweep {
 pub struct FlowEntry {
     pub network_id: u32,
     pub protocol: u8,
-    pub client: (Ipv4Addr, u16),
-    pub endpoint: (Ipv4Addr, u16),
-    pub nat: (Ipv4Addr, u16),
-    pub backend: (Ipv4Addr, u16),
+    pub client: (IpAddr, u16),
+    pub endpoint: (IpAddr, u16),
+    pub nat: (IpAddr, u16),
+    pub backend: (IpAddr, u16),
     pub endpoint_id: u32,
     pub service_id: u32,
     pub backend_id: u32,
@@ -454,10 +460,10 @@ fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<Flo
             FlowEntry {
                 network_id: k.network_id,
                 protocol: k.proto,
-                client: (ip(&k.src_addr_be), u16::from_be(k.src_port_be)),
-                endpoint: (ip(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
-                nat: (ip(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
-                backend: (ip(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
+                client: (ip_of(&k.src_addr_be), u16::from_be(k.src_port_be)),
+                endpoint: (ip_of(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
+                nat: (ip_of(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
+                backend: (ip_of(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
                 endpoint_id: v.endpoint_id,
                 service_id: v.service_id,
                 backend_id: v.backend_id,

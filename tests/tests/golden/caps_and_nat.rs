@@ -299,7 +299,7 @@ fn golden_expired_flows_free_their_nat_port_without_a_controller() {
             Step::expect("the expired flow is gone", |b| {
                 let flows = b.dp.list_conntrack().unwrap();
                 assert_eq!(flows.len(), 1, "the expired flow is gone: {flows:?}");
-                assert_eq!(flows[0].client, (CLIENT, 40002));
+                assert_eq!(flows[0].client, (CLIENT.into(), 40002));
                 assert_eq!(
                     b.dp.nat_ports_in_use().unwrap().values().sum::<u64>(),
                     1,

@@ -249,9 +249,16 @@ fn golden_ipv6_tcp_through_nat66() {
                 redirect6(translated6(&syn, n.p0_mac, backend, nat)),
             )
             .deltas(opens(EP_ID_TCP)),
-            Step::expect("the flow holds IPv6 addresses", move |b| {
+            Step::expect("the flow is listed with its IPv6 addresses", move |b| {
                 let flows = b.dp.list_conntrack().unwrap();
                 assert_eq!(flows.len(), 1, "one flow");
+                let f = &flows[0];
+                assert_eq!(f.client, (client.0.into(), client.1));
+                assert_eq!(f.endpoint, (ep.0.into(), ep.1));
+                assert_eq!(f.nat, (nat.0.into(), nat.1));
+                assert_eq!(f.backend, (backend.0.into(), backend.1));
+                assert_eq!(f.endpoint_id, EP_ID_TCP);
+                assert_eq!(f.tcp_state, tcp_state::SYN_SENT);
             }),
             provider(
                 "SYN-ACK back to the client",
