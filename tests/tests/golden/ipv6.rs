@@ -534,3 +534,75 @@ fn golden_ipv6_refused_frames() {
         }
     });
 }
+
+/// A controller that adopts pinned maps loads new programs and fills the
+/// new `V6_PROGS` (it is not pinned): IPv6 is handled again, and a flow
+/// opened before the restart keeps translating.
+#[test]
+fn golden_ipv6_after_an_adopting_load() {
+    let gw = gateway();
+    let spec = spec6(&gw);
+    let n = gw.ifs();
+    gw.host
+        .run_in(move || {
+            struct Unpin(std::path::PathBuf);
+            impl Drop for Unpin {
+                fn drop(&mut self) {
+                    let _ = std::fs::remove_dir_all(&self.0);
+                }
+            }
+            let root = std::path::PathBuf::from(format!(
+                "/sys/fs/bpf/plink-test/v6dp-{}",
+                std::process::id()
+            ));
+            let _unpin = Unpin(root.clone());
+            let sizes = Sizes {
+                conntrack: 1024,
+                lb_table: 1024,
+                ..Sizes::default()
+            };
+            let load = || {
+                let mut dp = Dataplane::load_with(EBPF_OBJECT, Some(&root), sizes).unwrap();
+                dp.apply(&spec).unwrap();
+                dp.load_programs().unwrap();
+                Bench { dp }
+            };
+            let client = (CLIENT6, 5001);
+            let ep = (EP6_UDP, 53);
+            let key = fwd_key6(client, ep, IPPROTO_UDP);
+            let nat = (NAT6_UDP, first_port(&key, UDP_PORTS));
+            let backend = (BACKEND6, 5353);
+            let q = Ipv6Packet::udp(client, ep, b"query").macs(CLIENT_MAC, n.c1_mac);
+            let r = Ipv6Packet::udp(backend, nat, b"answer").macs(BACKEND10_MAC, n.p0_mac);
+            let mut first = load();
+            first.run(vec![
+                consumer(
+                    "a UDP flow before the restart",
+                    n.c1,
+                    q.build(),
+                    redirect6(translated6(&q, n.p0_mac, backend, nat)),
+                )
+                .deltas(opens(EP_ID_UDP)),
+            ]);
+            drop(first);
+            let mut second = load();
+            second.run(vec![
+                consumer(
+                    "NS after the adopting load",
+                    n.c1,
+                    neighbor_solicitation(CLIENT_MAC, CLIENT6, EP6_UDP),
+                    tx6(neighbor_advertisement(
+                        n.c1_mac, EP6_UDP, CLIENT_MAC, CLIENT6, true,
+                    )),
+                ),
+                provider(
+                    "the reply of the flow opened before it",
+                    n.p0,
+                    r.build(),
+                    redirect6(untranslated6(&r, n.c1_mac, ep, client)),
+                ),
+                Step::count(Counter::Flows, 1),
+            ]);
+        })
+        .unwrap();
+}
