@@ -113,6 +113,8 @@ macro_rules! drop_reasons {
 drop_reasons! {
     Malformed = 0 => "malformed",
     UnsupportedEthertype = 1 => "unsupported_ethertype",
+    // IPv6 on a consumer interface while the IPv6 program's `V6_PROGS`
+    // slot is empty (a controller that did not fill it).
     Ipv6 = 2 => "ipv6",
     IpOptions = 3 => "ip_options",
     Fragment = 4 => "fragment",

@@ -30,6 +30,19 @@ pub fn update32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// Checksum after a 128-bit field (an IPv6 address as an `Addr`: four
+/// words as loaded from the packet) changed from `old` to `new`.
+#[inline(always)]
+pub fn update128(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut c = check;
+    let mut i = 0;
+    while i < 4 {
+        c = update32(c, old[i], new[i]);
+        i += 1;
+    }
+    c
+}
+
 /// Checksum after data whose one's-complement word sum is `sum` (native
 /// 16-bit loads, unfolded) was added to the covered bytes.
 #[inline(always)]
@@ -121,6 +134,30 @@ mod tests {
         let mut with = data.to_vec();
         with.extend_from_slice(&words);
         assert_eq!(add(c, sum_words(&bytes)), full(&with));
+    }
+
+    #[test]
+    fn update128_matches_a_full_sum() {
+        let mut data = [0x2001u16, 0x0db8, 0x00c1, 0, 0, 0, 0, 0x0001, 0x1234, 0];
+        let c = full(&data);
+        data[9] = c;
+        let word = |d: &[u16], i: usize| (u32::from(d[i]) << 16) | u32::from(d[i + 1]);
+        let old = [
+            word(&data, 0),
+            word(&data, 2),
+            word(&data, 4),
+            word(&data, 6),
+        ];
+        let new_words = [0x2001u16, 0x0db8, 0x0100, 0, 0, 0, 0xabcd, 0x0200];
+        data[..8].copy_from_slice(&new_words);
+        let new = [
+            word(&data, 0),
+            word(&data, 2),
+            word(&data, 4),
+            word(&data, 6),
+        ];
+        data[9] = update128(c, &old, &new);
+        assert_eq!(full(&data), 0);
     }
 
     #[test]

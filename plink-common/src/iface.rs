@@ -15,11 +15,13 @@ pub struct IfStats {
     pub ipv4_packets: u64,
     /// Frames that carried ARP.
     pub arp_packets: u64,
+    /// Frames that carried IPv6 (handled by the IPv6 programs).
+    pub ipv6_packets: u64,
     /// Frames by the verdict the program returned, indexed by `xdp_action`
     /// (names in [`XDP_VERDICT_NAMES`]); they add up to `packets`.
     pub verdicts: [u64; 5],
 }
-const _: () = assert!(core::mem::size_of::<IfStats>() == 72);
+const _: () = assert!(core::mem::size_of::<IfStats>() == 80);
 
 impl IfStats {
     /// Sums per-CPU values into one total.
@@ -28,6 +30,7 @@ impl IfStats {
         self.bytes = self.bytes.wrapping_add(other.bytes);
         self.ipv4_packets = self.ipv4_packets.wrapping_add(other.ipv4_packets);
         self.arp_packets = self.arp_packets.wrapping_add(other.arp_packets);
+        self.ipv6_packets = self.ipv6_packets.wrapping_add(other.ipv6_packets);
         for (mine, theirs) in self.verdicts.iter_mut().zip(other.verdicts) {
             *mine = mine.wrapping_add(theirs);
         }

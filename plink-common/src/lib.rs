@@ -15,7 +15,7 @@ pub mod proxy;
 
 /// Version of the map layout. Pins live under `/sys/fs/bpf/plink/v<LAYOUT_VERSION>/`
 /// so that an incompatible build never adopts maps it cannot read.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Maximum number of interfaces XDP may be attached to.
 pub const MAX_INTERFACES: u32 = 64;
@@ -42,6 +42,7 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// ICMP types plink translates.
 pub mod icmp_type {

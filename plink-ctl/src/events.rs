@@ -18,7 +18,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     fs::File,
     io::{self, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -144,8 +144,8 @@ pub enum Event {
         /// Backends the previous controller's health checks had taken down.
         down_backends: Vec<BackendRef>,
         /// NAT addresses adopted draining or retired.
-        draining_nat: Vec<Ipv4Addr>,
-        retired_nat: Vec<Ipv4Addr>,
+        draining_nat: Vec<IpAddr>,
+        retired_nat: Vec<IpAddr>,
     },
     EndpointCreated(EndpointChange),
     EndpointApproved(EndpointChange),
@@ -197,21 +197,21 @@ pub enum Event {
     },
     NatAddressAdded {
         service: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     NatAddressDraining {
         service: String,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     /// A drained NAT address holds no flow any more: late replies to it are
     /// dropped and ARP is no longer answered, for `grace_seconds`.
     NatAddressRetired {
-        address: Ipv4Addr,
+        address: IpAddr,
         grace_seconds: u64,
     },
     /// A retired address's grace ended: the gateway forgot it.
     NatAddressReleased {
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     /// The datapath refused new flows of an endpoint at its caps since the
     /// last such event (at most one per endpoint per `interval_seconds`).
@@ -725,15 +725,15 @@ pub fn endpoint_events(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatView {
     /// (service, address) taking new flows.
-    pub active: BTreeSet<(String, Ipv4Addr)>,
+    pub active: BTreeSet<(String, IpAddr)>,
     /// (service, address) draining.
-    pub draining: BTreeSet<(String, Ipv4Addr)>,
-    pub retired: BTreeSet<Ipv4Addr>,
+    pub draining: BTreeSet<(String, IpAddr)>,
+    pub retired: BTreeSet<IpAddr>,
 }
 
 /// The NAT address transitions from `old` to `new`.
 pub fn nat_events(old: &NatView, new: &NatView, grace: Duration) -> Vec<Event> {
-    let known = |v: &NatView, s: &String, a: &Ipv4Addr| {
+    let known = |v: &NatView, s: &String, a: &IpAddr| {
         v.active.contains(&(s.clone(), *a)) || v.draining.contains(&(s.clone(), *a))
     };
     let mut out = Vec::new();
@@ -759,7 +759,7 @@ pub fn nat_events(old: &NatView, new: &NatView, grace: Duration) -> Vec<Event> {
             grace_seconds: grace.as_secs(),
         });
     }
-    let in_use = |v: &NatView, a: &Ipv4Addr| {
+    let in_use = |v: &NatView, a: &IpAddr| {
         v.active.iter().chain(&v.draining).any(|(_, x)| x == a) || v.retired.contains(a)
     };
     for a in old.retired.iter() {

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use std::{
@@ -117,15 +117,15 @@ pub struct Gateway {
     /// next apply compares with the maps rather than with `spec`.
     maps_match_spec: bool,
     /// Drained backends that left the config, kept while flows use them.
-    retired_backends: BTreeSet<(u32, Ipv4Addr)>,
+    retired_backends: BTreeSet<(u32, IpAddr)>,
     /// Flows at the last GC sweep (gauges are served from it, not a scan per scrape).
     pub last_gc: GcReport,
     /// NAT ports held per NAT address at the last GC sweep.
-    pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    pub nat_in_use: BTreeMap<(IpAddr, u8), u64>,
     pub conntrack_capacity: u64,
     /// When each retired NAT address retired (an adopted one: when it was
     /// adopted, so its grace restarts rather than ends early).
-    retired_since: BTreeMap<Ipv4Addr, std::time::Instant>,
+    retired_since: BTreeMap<IpAddr, std::time::Instant>,
     /// How long a retired NAT address is kept: the longest flow timeout, so
     /// a late reply of any flow it carried is dropped, not passed.
     retired_grace: std::time::Duration,
@@ -404,8 +404,8 @@ impl Gateway {
         let spec = crate::plan::plan(model, &observed, health)?;
         // Drained backends that leave the config keep their flows.
         let kept =
-            |id: u32, addr: Ipv4Addr| spec.backends.iter().any(|b| b.id == id && b.addr == addr);
-        let leaving_drained: Vec<(u32, Ipv4Addr)> = match &self.spec {
+            |id: u32, addr: IpAddr| spec.backends.iter().any(|b| b.id == id && b.addr == addr);
+        let leaving_drained: Vec<(u32, IpAddr)> = match &self.spec {
             Some(old) => old
                 .backends
                 .iter()
@@ -508,7 +508,7 @@ impl Gateway {
 pub struct MetricsView {
     conntrack_entries: u64,
     conntrack_capacity: u64,
-    nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    nat_in_use: BTreeMap<(IpAddr, u8), u64>,
     /// NAT slots by service id, as applied.
     nat: BTreeMap<u32, Vec<crate::dataplane::NatSpec>>,
     /// Backends some lookup table names.
@@ -713,7 +713,7 @@ pub fn flow_row(
     model: &Model,
     networks: &BTreeMap<u32, &String>,
 ) -> crate::admin::FlowRow {
-    let at = |(a, p): (Ipv4Addr, u16)| std::net::SocketAddr::new(a.into(), p);
+    let at = |(a, p): (std::net::IpAddr, u16)| std::net::SocketAddr::new(a, p);
     crate::admin::FlowRow {
         endpoint: model
             .endpoints
@@ -725,6 +725,7 @@ pub fn flow_row(
             plink_common::IPPROTO_TCP => "tcp",
             plink_common::IPPROTO_UDP => "udp",
             plink_common::IPPROTO_ICMP => "icmp",
+            plink_common::IPPROTO_ICMPV6 => "icmpv6",
             _ => "other",
         }
         .to_owned(),

@@ -1306,6 +1306,7 @@ fn stats(config_path: PathBuf, json: bool) -> anyhow::Result<()> {
                     "bytes": s.bytes,
                     "ipv4_packets": s.ipv4_packets,
                     "arp_packets": s.arp_packets,
+                    "ipv6_packets": s.ipv6_packets,
                     "verdicts": plink_common::XDP_VERDICT_NAMES
                         .iter()
                         .zip(s.verdicts)
@@ -1317,13 +1318,14 @@ fn stats(config_path: PathBuf, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::json!({ "interfaces": rows }));
     } else {
         println!(
-            "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
             "INTERFACE",
             "IFINDEX",
             "PACKETS",
             "BYTES",
             "IPV4",
             "ARP",
+            "IPV6",
             "ABORTED",
             "DROP",
             "PASS",
@@ -1334,13 +1336,14 @@ fn stats(config_path: PathBuf, json: bool) -> anyhow::Result<()> {
             let name = dataplane::ifname(*index).unwrap_or_else(|| "?".into());
             let [aborted, drop, pass, tx, redirect] = s.verdicts;
             println!(
-                "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+                "{:<16} {:>8} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
                 name,
                 index,
                 s.packets,
                 s.bytes,
                 s.ipv4_packets,
                 s.arp_packets,
+                s.ipv6_packets,
                 aborted,
                 drop,
                 pass,

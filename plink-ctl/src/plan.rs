@@ -106,9 +106,9 @@ pub struct Observed {
     pub nat_held: BTreeMap<u32, Vec<NatSpec>>,
     /// Retired NAT addresses still in their grace period (the caller drops
     /// the ones whose grace ran out).
-    pub nat_retired: BTreeMap<Ipv4Addr, RetiredNat>,
+    pub nat_retired: BTreeMap<IpAddr, RetiredNat>,
     /// NAT ports held per NAT address (all protocols).
-    pub nat_ports_in_use: BTreeMap<Ipv4Addr, u64>,
+    pub nat_ports_in_use: BTreeMap<IpAddr, u64>,
     pub capacities: Capacities,
 }
 
@@ -137,7 +137,7 @@ pub enum PlanError {
         "NAT address {addr} cannot move to service {to:?}: service {from:?} still drains {flows} NAT port(s) on it (its flows keep the address until they expire). Give {to:?} another address, or move this one once {from:?}'s flows on it are gone (`plink-ctl conntrack` lists them)"
     )]
     NatAddressDraining {
-        addr: Ipv4Addr,
+        addr: IpAddr,
         from: String,
         to: String,
         flows: u64,
@@ -148,14 +148,10 @@ pub enum PlanError {
     )]
     NatSlotsFull {
         service: String,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         /// Draining addresses and the NAT ports their flows hold.
-        draining: Vec<(Ipv4Addr, u64)>,
+        draining: Vec<(IpAddr, u64)>,
     },
-    #[error(
-        "{what} {addr} is IPv6 and this build's dataplane is IPv4 only: take the IPv6 service out of the config"
-    )]
-    Ipv6Dataplane { what: &'static str, addr: IpAddr },
     #[error(
         "endpoint {endpoint:?} has no address of its service's family ({family}): it needs NAT64/NAT46, which plink does not support yet"
     )]
@@ -170,21 +166,7 @@ pub enum PlanError {
     Invalid(String),
 }
 
-/// The dataplane spec's address type. The model carries `IpAddr`; until
-/// the IPv6 datapath (its spec taking `IpAddr`) is merged, the plan
-/// converts at this one place, and an IPv6 address is a plan error.
-type SpecAddr = Ipv4Addr;
-
-/// A model address as the spec takes it (see [`SpecAddr`]); `what` names
-/// it in the error.
-fn spec_addr(what: &'static str, a: IpAddr) -> Result<SpecAddr, PlanError> {
-    match a {
-        IpAddr::V4(a) => Ok(a),
-        IpAddr::V6(_) => Err(PlanError::Ipv6Dataplane { what, addr: a }),
-    }
-}
-
-fn draining_list(d: &[(Ipv4Addr, u64)]) -> String {
+fn draining_list(d: &[(IpAddr, u64)]) -> String {
     let items: Vec<String> = d
         .iter()
         .map(|(a, n)| format!("{a}: {n} NAT port(s)"))
@@ -201,7 +183,9 @@ fn service_name(model: &Model, id: u32) -> String {
 }
 
 /// A service's NAT slots, and the addresses that left theirs (with the slot).
-type NatSlots = (Vec<NatSpec>, Vec<(Ipv4Addr, u8)>);
+/// A NAT slot's address as the planner keeps it: the model is IPv4 only
+/// (an IPv6 address, which it never plans, reads as unspecified).
+type NatSlots = (Vec<NatSpec>, Vec<(IpAddr, u8)>);
 
 /// Keeps each NAT address in the slot it had, so counters and flows keyed by
 /// slot survive reloads; addresses that left the config stay as draining
@@ -214,12 +198,12 @@ type NatSlots = (Vec<NatSpec>, Vec<(Ipv4Addr, u8)>);
 /// never replaced: `Err` names the wanted address that found no slot and
 /// the draining addresses in the way.
 fn nat_slots(
-    wanted: &[Ipv4Addr],
+    wanted: &[IpAddr],
     ports: (u16, u16),
     held: Option<&[NatSpec]>,
-    in_use: &BTreeMap<Ipv4Addr, u64>,
-) -> Result<NatSlots, (Ipv4Addr, Vec<Ipv4Addr>)> {
-    let flows = |a: &Ipv4Addr| in_use.get(a).copied().unwrap_or(0);
+    in_use: &BTreeMap<IpAddr, u64>,
+) -> Result<NatSlots, (IpAddr, Vec<IpAddr>)> {
+    let flows = |a: &IpAddr| in_use.get(a).copied().unwrap_or(0);
     let mut left = Vec::new();
     let mut slots: Vec<NatSpec> = Vec::new();
     for (i, n) in held.unwrap_or_default().iter().enumerate() {
@@ -234,7 +218,7 @@ fn nat_slots(
         } else if n.draining && flows(&n.addr) == 0 {
             left.push((n.addr, i as u8));
             NatSpec {
-                addr: Ipv4Addr::UNSPECIFIED,
+                addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 ports: n.ports.clone(),
                 draining: true,
             }
@@ -316,7 +300,7 @@ pub fn plan(
     };
     // NAT addresses that leave the slots they were held in (drained,
     // replaced, or their service is gone) stay in NAT_ADDRS as retired.
-    let mut leaving: BTreeMap<Ipv4Addr, RetiredNat> = BTreeMap::new();
+    let mut leaving: BTreeMap<IpAddr, RetiredNat> = BTreeMap::new();
     for (id, slots) in &observed.nat_held {
         if model.services.contains_key(&ServiceId(*id)) {
             continue;
@@ -362,12 +346,7 @@ pub fn plan(
             .into_iter()
             .map(|i| candidates[i as usize].0.0)
             .collect();
-        let wanted = svc
-            .nat
-            .addresses
-            .iter()
-            .map(|&a| spec_addr("NAT address", a))
-            .collect::<Result<Vec<_>, _>>()?;
+        let wanted = svc.nat.addresses.iter().copied().collect::<Vec<_>>();
         let (nat, left) = nat_slots(
             &wanted,
             (svc.nat.ports.first, svc.nat.ports.last),
@@ -409,7 +388,7 @@ pub fn plan(
             backends.push(BackendSpec {
                 id: b.id.0,
                 service_id: svc.id.0,
-                addr: spec_addr("backend address", b.address)?,
+                addr: b.address,
                 state: match b.state {
                     CfgBackendState::Active if health.healthy(b.id) => BackendState::Active,
                     CfgBackendState::Active | CfgBackendState::Down => BackendState::Down,
@@ -420,7 +399,7 @@ pub fn plan(
     }
     // A NAT address another service now wants leaves its draining slot, if
     // no flow holds a port on it any more; otherwise the move must wait.
-    let active: BTreeMap<Ipv4Addr, u32> = services
+    let active: BTreeMap<IpAddr, u32> = services
         .iter()
         .flat_map(|s| s.nat.iter().filter(|n| !n.draining).map(|n| (n.addr, s.id)))
         .collect();
@@ -438,12 +417,12 @@ pub fn plan(
                     flows,
                 });
             }
-            n.addr = Ipv4Addr::UNSPECIFIED;
+            n.addr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         }
     }
     // Retired: what left a slot now, and what retired before and is still in
     // its grace, unless a service holds the address again.
-    let held: BTreeSet<Ipv4Addr> = services
+    let held: BTreeSet<IpAddr> = services
         .iter()
         .flat_map(|s| s.nat.iter().map(|n| n.addr))
         .filter(|a| !a.is_unspecified())
@@ -477,7 +456,7 @@ pub fn plan(
         endpoints.push(EndpointSpec {
             id: e.id.0,
             network_id: e.network_id.0,
-            addr: spec_addr("endpoint address", served)?,
+            addr: served,
             service_id: e.service_id.0,
             protocol: match e.protocol {
                 CfgProtocol::Tcp => Protocol::Tcp,
@@ -579,14 +558,14 @@ pub struct FlowPolicy {
     backends: BTreeMap<u32, (u32, [u32; 4], bool)>,
     /// Backends removed from the config after being drained: their flows
     /// run out on their own.
-    retired: BTreeSet<(u32, Ipv4Addr)>,
+    retired: BTreeSet<(u32, IpAddr)>,
 }
 
 impl FlowPolicy {
     /// The policy of `spec` (as applied), with `model` saying which backends
     /// the config has `down` (a health-check failure keeps its flows) and
     /// `retired` the drained backends that left the config.
-    pub fn new(spec: &DataplaneSpec, model: &Model, retired: &BTreeSet<(u32, Ipv4Addr)>) -> Self {
+    pub fn new(spec: &DataplaneSpec, model: &Model, retired: &BTreeSet<(u32, IpAddr)>) -> Self {
         let mut endpoints = BTreeMap::new();
         for e in &spec.endpoints {
             let approved = e.state == EndpointState::Approved;
@@ -625,7 +604,7 @@ impl FlowPolicy {
                     b.id,
                     (
                         b.service_id,
-                        plink_common::v4(b.addr.octets()),
+                        crate::dataplane::spec::addr(b.addr),
                         down.contains(&b.id),
                     ),
                 )
@@ -665,15 +644,15 @@ impl FlowPolicy {
                 down.then_some(Stale::BackendDown)
             }
             _ => {
-                let addr = Ipv4Addr::from(v.backend_addr_be[0].to_ne_bytes());
+                let addr = crate::dataplane::spec::ip_of(&v.backend_addr_be);
                 (!self.retired.contains(&(v.backend_id, addr))).then_some(Stale::BackendGone)
             }
         }
     }
 
     /// Whether the flow is kept only because its backend is a retired one.
-    pub fn via_retired(&self, v: &CtFwdValue) -> Option<(u32, Ipv4Addr)> {
-        let addr = Ipv4Addr::from(v.backend_addr_be[0].to_ne_bytes());
+    pub fn via_retired(&self, v: &CtFwdValue) -> Option<(u32, IpAddr)> {
+        let addr = crate::dataplane::spec::ip_of(&v.backend_addr_be);
         self.retired
             .contains(&(v.backend_id, addr))
             .then_some((v.backend_id, addr))

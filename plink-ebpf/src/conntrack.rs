@@ -34,9 +34,15 @@ pub fn opens_flow(proto: u8, tcp_flags: u8) -> bool {
 /// Creates the flow `key` for endpoint `ep` (admitted by its caps) from the
 /// packet in `ctx`:
 /// `NEXT` (created), [`RACE_LOST`], or the drop (not yet counted).
+/// `V6`: an IPv6 flow (no PROXY protocol, whose checks read IPv4 headers).
 #[inline(never)]
-pub fn new_flow(ctx: XdpContext, key: &CtFwdKey, ep: &EndpointValue, now: u64) -> Step {
-    match create(&ctx, key, ep, now) {
+pub fn new_flow<const V6: bool>(
+    ctx: XdpContext,
+    key: &CtFwdKey,
+    ep: &EndpointValue,
+    now: u64,
+) -> Step {
+    match create::<V6>(&ctx, key, ep, now) {
         Ok(()) => Step::NEXT,
         Err(None) => RACE_LOST,
         Err(Some(r)) => Step::drop(r),
@@ -44,7 +50,7 @@ pub fn new_flow(ctx: XdpContext, key: &CtFwdKey, ep: &EndpointValue, now: u64) -
 }
 
 #[inline(always)]
-fn create(
+fn create<const V6: bool>(
     ctx: &XdpContext,
     key: &CtFwdKey,
     ep: &EndpointValue,
@@ -56,7 +62,7 @@ fn create(
         .ok_or(Some(DropReason::ServiceMissing))?;
     // A PROXY service's flow is never opened by a SYN carrying data: those
     // bytes would reach the backend before the header (TCP Fast Open).
-    if key.proto == IPPROTO_TCP && proxy::header_len(ep.endpoint_id) != 0 {
+    if !V6 && key.proto == IPPROTO_TCP && proxy::header_len(ep.endpoint_id) != 0 {
         let tot_len = load::<[u8; 2]>(ctx, IP_OFF + 2).map(u16::from_be_bytes);
         match tot_len.and_then(|t| proxy::syn_payload(ctx, t)) {
             Some(0) => {}

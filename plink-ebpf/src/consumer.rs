@@ -9,14 +9,14 @@
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use plink_common::{
     CtFwdKey, CtFwdValue, DropReason, GlobalConfig, IPPROTO_ICMP, IPPROTO_TCP, IfaceInfo,
-    flow_expired, flow_hash, icmp_type, last_seen_moved, role, tcp_state, v4_be,
+    flow_expired, flow_hash, icmp_type, last_seen_moved, role, tcp_state, v4_be, v6_prog,
 };
 
 use crate::{
     arp, conntrack, endpoint, flowlog,
     forward::{self, NextHop},
     icmp, limits,
-    maps::{CT_FWD, GLOBAL, INTERFACES, SCRATCH_ICMP},
+    maps::{CT_FWD, GLOBAL, INTERFACES, SCRATCH_ICMP, V6_PROGS},
     mss,
     parse::{
         ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Flow, TCP_SYN, addressed_to_us, ether_type, parse_ipv4,
@@ -41,7 +41,12 @@ pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
         }
         Some(ETH_P_IP) => ipv4(ctx, iface),
         Some(ETH_P_ARP) => arp::handle(XdpContext { ctx: ctx.ctx }, ifindex, role::CONSUMER as u32),
-        Some(ETH_P_IPV6) => drop(DropReason::Ipv6, NO_EP),
+        Some(ETH_P_IPV6) => {
+            // SAFETY: tail call into the IPv6 program; returns only when its
+            // slot is empty (a controller that did not fill it).
+            unsafe { V6_PROGS.tail_call(ctx, v6_prog::CONSUMER) };
+            drop(DropReason::Ipv6, NO_EP)
+        }
         Some(_) => drop(DropReason::UnsupportedEthertype, NO_EP),
         None => drop(DropReason::Malformed, NO_EP),
     }
@@ -358,7 +363,7 @@ fn open(
         stats::count_refusal(ep.endpoint_id, ep.service_id, r);
         return Err(drop(r, ep.endpoint_id));
     }
-    let created = conntrack::new_flow(XdpContext { ctx: ctx.ctx }, key, &ep, now);
+    let created = conntrack::new_flow::<false>(XdpContext { ctx: ctx.ctx }, key, &ep, now);
     let opened = if created.is_next() {
         Opened::Created
     } else if created == conntrack::RACE_LOST {

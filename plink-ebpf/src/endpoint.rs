@@ -15,11 +15,23 @@ use crate::{
 /// (counted against it).
 #[inline(always)]
 pub fn lookup(f: &Flow, key: &CtFwdKey) -> Result<EndpointValue, (Step, u32)> {
+    lookup_by(key, f.dport_be, f.proto)
+}
+
+/// [`lookup`] for a packet whose port and protocol are those of its key
+/// (IPv6: `v6::consumer`).
+#[inline(always)]
+pub fn lookup_key(key: &CtFwdKey) -> Result<EndpointValue, (Step, u32)> {
+    lookup_by(key, key.dst_port_be, key.proto)
+}
+
+#[inline(always)]
+fn lookup_by(key: &CtFwdKey, port_be: u16, proto: u8) -> Result<EndpointValue, (Step, u32)> {
     let ep_key = EndpointKey {
         network_id: key.network_id,
         addr_be: key.dst_addr_be,
-        port_be: f.dport_be,
-        proto: f.proto,
+        port_be,
+        proto,
         _pad: 0,
     };
     // SAFETY: map value copied out.

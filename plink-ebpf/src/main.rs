@@ -36,6 +36,7 @@ mod rewrite;
 mod scratch;
 mod stats;
 mod step;
+mod v6;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use plink_common::IfStats;
@@ -100,6 +101,7 @@ fn count_interface(ctx: &XdpContext) -> Option<(u32, *mut IfStats)> {
     match ether_type {
         Some(parse::ETH_P_IP) => s.ipv4_packets += 1,
         Some(parse::ETH_P_ARP) => s.arp_packets += 1,
+        Some(parse::ETH_P_IPV6) => s.ipv6_packets += 1,
         _ => {}
     }
     Some((ifindex, stats))

@@ -2,11 +2,11 @@
 //! load" are overridden by the controller (`EbpfLoader::map_max_entries`).
 use crate::{
     proxy::ProxyWork,
-    scratch::{IcmpWork, NewFlow, Victim},
+    scratch::{IcmpWork, NewFlow, Victim, Work6},
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use plink_common::{
     Addr, BackendInfo, Counters, CtFwdKey, CtFwdValue, CtOwner, CtRevKey,
@@ -129,6 +129,14 @@ pub static SCRATCH_PROXY: PerCpuArray<ProxyWork> = PerCpuArray::with_max_entries
 
 #[map(name = "SCRATCH_ICMP")]
 pub static SCRATCH_ICMP: PerCpuArray<IcmpWork> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SCRATCH_V6")]
+pub static SCRATCH_V6: PerCpuArray<Work6> = PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 programs, by `plink_common::v6_prog` slot: the IPv4 entry points
+/// tail-call them. Filled by the controller after loading; not pinned.
+#[map(name = "V6_PROGS")]
+pub static V6_PROGS: ProgramArray = ProgramArray::with_max_entries(plink_common::v6_prog::COUNT, 0);
 
 /// Flow-log records (`flowlog.rs`) for the controller. Sized at load
 /// (`gateway.flow_logs.ring_bytes`); not pinned.

@@ -6,14 +6,16 @@ use aya_ebpf::{
 };
 use plink_common::{
     CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, NatAddrInfo, flow_expired, icmp_type,
-    last_seen_moved, nat_addr_flags, role, v4_be,
+    last_seen_moved, nat_addr_flags, role, v4_be, v6_prog,
 };
 
 use crate::{
     arp, conntrack, endpoint, flowlog, forward, icmp,
-    maps::{CT_FWD, CT_REV, GLOBAL, INTERFACES, NAT_ADDRS},
+    maps::{CT_FWD, CT_REV, GLOBAL, INTERFACES, NAT_ADDRS, V6_PROGS},
     mss,
-    parse::{ETH_P_ARP, ETH_P_IP, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4},
+    parse::{
+        ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IP_DADDR, addressed_to_us, ether_type, load, parse_ipv4,
+    },
     pmtu, proxy,
     rewrite::{Nat, rewrite},
     stats::{self, NO_EP, drop},
@@ -35,6 +37,12 @@ pub fn handle(ctx: &XdpContext, ifindex: u32) -> u32 {
         }
         Some(ETH_P_IP) => ipv4(ctx),
         Some(ETH_P_ARP) => arp::handle(XdpContext { ctx: ctx.ctx }, ifindex, role::PROVIDER as u32),
+        Some(ETH_P_IPV6) => {
+            // SAFETY: tail call into the IPv6 program; returns only when its
+            // slot is empty: the kernel's, as before IPv6 was handled.
+            unsafe { V6_PROGS.tail_call(ctx, v6_prog::PROVIDER) };
+            xdp_action::XDP_PASS
+        }
         _ => xdp_action::XDP_PASS,
     }
 }

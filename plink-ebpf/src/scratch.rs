@@ -29,6 +29,20 @@ pub struct Victim {
     pub record: FlowLogRecord,
 }
 
+/// An IPv6 consumer packet as parsed, and its forward key (`v6::consumer`):
+/// kept off the stack the new-flow call chain needs.
+#[repr(C)]
+pub struct Work6 {
+    pub f: crate::v6::Flow6,
+    pub key: CtFwdKey,
+    /// The clock the packet's flow was opened at.
+    pub now: u64,
+    /// `v6::consumer::Opened` as u8.
+    pub opened: u8,
+    pub _pad: [u8; 3],
+    pub endpoint_id: u32,
+}
+
 /// ICMP error translation: the quoted packet's conntrack keys, and where a
 /// consumer-side error is routed to.
 #[repr(C)]

@@ -39,6 +39,8 @@ mod fuzz;
 mod icmp;
 #[path = "golden/icmp_errors.rs"]
 mod icmp_errors;
+#[path = "golden/ipv6.rs"]
+mod ipv6;
 #[path = "golden/lifecycle.rs"]
 mod lifecycle;
 #[path = "golden/mtu.rs"]
@@ -158,7 +160,7 @@ impl Counter {
             Counter::NatPorts(addr) => {
                 b.dp.nat_ports_in_use()
                     .unwrap()
-                    .get(&addr)
+                    .get(&addr.into())
                     .copied()
                     .unwrap_or(0)
             }
@@ -361,7 +363,12 @@ impl Bench {
                     assert_eq!(counter.read(self), value, "{counter:?}");
                 }
                 Step::Expect(Expect::NatPorts(addr, n)) => {
-                    let listed = self.dp.nat_ports_in_use().unwrap().get(&addr).copied();
+                    let listed = self
+                        .dp
+                        .nat_ports_in_use()
+                        .unwrap()
+                        .get(&addr.into())
+                        .copied();
                     assert_eq!(listed, n, "NAT ports in use on {addr}");
                 }
                 Step::Expect(Expect::That(_, check)) => check(self),

@@ -178,7 +178,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
     let ep = |id, network_id, service_id, protocol, port| EndpointSpec {
         id,
         network_id,
-        addr: EP,
+        addr: EP.into(),
         service_id,
         protocol,
         ports: vec![PortSpec {
@@ -215,7 +215,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
             ServiceSpec {
                 id: 0,
                 nat: vec![NatSpec {
-                    addr: NAT_A,
+                    addr: NAT_A.into(),
                     ports: 1024..=65535,
                     draining: false,
                 }],
@@ -226,7 +226,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
             ServiceSpec {
                 id: 1,
                 nat: vec![NatSpec {
-                    addr: NAT_B,
+                    addr: NAT_B.into(),
                     ports: 1024..=65535,
                     draining: false,
                 }],
@@ -239,13 +239,13 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
             BackendSpec {
                 id: 0,
                 service_id: 0,
-                addr: BACKEND_A,
+                addr: BACKEND_A.into(),
                 state: BackendState::Active,
             },
             BackendSpec {
                 id: 1,
                 service_id: 1,
-                addr: BACKEND_B,
+                addr: BACKEND_B.into(),
                 state: BackendState::Active,
             },
         ],

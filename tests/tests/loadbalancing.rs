@@ -534,7 +534,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
         services: vec![ServiceSpec {
             id: 0,
             nat: vec![NatSpec {
-                addr: Ipv4Addr::new(198, 51, 100, 200),
+                addr: Ipv4Addr::new(198, 51, 100, 200).into(),
                 ports: 1024..=65535,
                 draining: false,
             }],
@@ -546,14 +546,14 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
             .map(|id| BackendSpec {
                 id,
                 service_id: 0,
-                addr: backend_addr(id),
+                addr: backend_addr(id).into(),
                 state: BackendState::Active,
             })
             .collect(),
         endpoints: vec![EndpointSpec {
             id: 0,
             network_id: 1,
-            addr: endpoint,
+            addr: endpoint.into(),
             service_id: 0,
             protocol: Protocol::Udp,
             ports: vec![PortSpec {

@@ -8,11 +8,9 @@
 //! forward entry is read as it is deleted and judged again: a flow the
 //! datapath refreshed in between is put back ([`sweep_forward`]).
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+pub use super::spec::ip_of;
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap};
@@ -73,7 +71,7 @@ pub struct GcReport {
     pub remaining: u64,
     /// NAT ports held per (NAT address, protocol), one per flow, at the end
     /// of the last complete sweep (GC rounds only).
-    pub nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    pub nat_in_use: BTreeMap<(IpAddr, u8), u64>,
 }
 
 /// Batches of CT_FWD (4,096 flows each) one GC round reads: a table larger
@@ -90,10 +88,10 @@ const GC_BATCHES_PER_ROUND: usize = 32;
 pub(crate) struct GcSweep {
     cursor: Option<u64>,
     live: u64,
-    nat_in_use: BTreeMap<(Ipv4Addr, u8), u64>,
+    nat_in_use: BTreeMap<(IpAddr, u8), u64>,
     /// The last complete sweep's counts.
     remaining: u64,
-    nat_in_use_done: BTreeMap<(Ipv4Addr, u8), u64>,
+    nat_in_use_done: BTreeMap<(IpAddr, u8), u64>,
 }
 
 impl GcSweep {
@@ -101,7 +99,7 @@ impl GcSweep {
         self.live += 1;
         *self
             .nat_in_use
-            .entry((ip(&v.nat_addr_be), k.proto))
+            .entry((ip_of(&v.nat_addr_be), k.proto))
             .or_default() += 1;
     }
 
@@ -116,12 +114,10 @@ impl GcSweep {
 pub struct FlowEntry {
     pub network_id: u32,
     pub protocol: u8,
-    // IPv4 until the IPv6 datapath (and its golden tests) switch these to
-    // `IpAddr` with [`ip_of`]; the admin API's `FlowRow` is `SocketAddr`.
-    pub client: (Ipv4Addr, u16),
-    pub endpoint: (Ipv4Addr, u16),
-    pub nat: (Ipv4Addr, u16),
-    pub backend: (Ipv4Addr, u16),
+    pub client: (IpAddr, u16),
+    pub endpoint: (IpAddr, u16),
+    pub nat: (IpAddr, u16),
+    pub backend: (IpAddr, u16),
     pub endpoint_id: u32,
     pub service_id: u32,
     pub backend_id: u32,
@@ -132,25 +128,6 @@ pub struct FlowEntry {
     /// Bytes of the PROXY protocol header the flow puts in front of its
     /// client's first bytes; 0: none.
     pub proxy_header_len: u8,
-}
-
-fn ip(a: &plink_common::Addr) -> Ipv4Addr {
-    Ipv4Addr::from(a[0].to_ne_bytes())
-}
-
-/// A map address as the address it names: IPv4 when words 1 to 3 are zero
-/// (an IPv6 address with a zero last 96 bits is never a host's, see
-/// [`plink_common::Addr`]), else IPv6.
-pub fn ip_of(a: &plink_common::Addr) -> IpAddr {
-    if plink_common::addr_is_ambiguous_v6(a) {
-        IpAddr::V4(ip(a))
-    } else {
-        let mut o = [0u8; 16];
-        for (chunk, w) in o.chunks_exact_mut(4).zip(a) {
-            chunk.copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    }
 }
 
 impl Dataplane {
@@ -438,21 +415,19 @@ impl Dataplane {
         Ok(flow_entries(self.flows()?, &g))
     }
 
-    /// NAT ports in use per NAT address (host-order IPv4) and protocol
+    /// NAT ports in use per NAT address and protocol
     /// number: a port is unique per (address, protocol), so each protocol has
     /// the whole range.
-    pub fn nat_ports_in_use_by_protocol(
-        &mut self,
-    ) -> anyhow::Result<BTreeMap<(Ipv4Addr, u8), u64>> {
+    pub fn nat_ports_in_use_by_protocol(&mut self) -> anyhow::Result<BTreeMap<(IpAddr, u8), u64>> {
         let mut out = BTreeMap::new();
         self.walk(map_names::NAT_PORTS, |k: &NatPortKey, _: &CtOwner| {
-            *out.entry((ip(&k.addr_be), k.proto)).or_default() += 1;
+            *out.entry((ip_of(&k.addr_be), k.proto)).or_default() += 1;
         })?;
         Ok(out)
     }
 
-    /// NAT ports in use per NAT address (host-order IPv4), all protocols.
-    pub fn nat_ports_in_use(&mut self) -> anyhow::Result<BTreeMap<Ipv4Addr, u64>> {
+    /// NAT ports in use per NAT address, all protocols.
+    pub fn nat_ports_in_use(&mut self) -> anyhow::Result<BTreeMap<IpAddr, u64>> {
         let mut out = BTreeMap::new();
         for ((addr, _), n) in self.nat_ports_in_use_by_protocol()? {
             *out.entry(addr).or_default() += n;
@@ -475,10 +450,10 @@ fn flow_entries(flows: Vec<(CtFwdKey, CtFwdValue)>, g: &GlobalConfig) -> Vec<Flo
             FlowEntry {
                 network_id: k.network_id,
                 protocol: k.proto,
-                client: (ip(&k.src_addr_be), u16::from_be(k.src_port_be)),
-                endpoint: (ip(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
-                nat: (ip(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
-                backend: (ip(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
+                client: (ip_of(&k.src_addr_be), u16::from_be(k.src_port_be)),
+                endpoint: (ip_of(&k.dst_addr_be), u16::from_be(k.dst_port_be)),
+                nat: (ip_of(&v.nat_addr_be), u16::from_be(v.nat_port_be)),
+                backend: (ip_of(&v.backend_addr_be), u16::from_be(v.backend_port_be)),
                 endpoint_id: v.endpoint_id,
                 service_id: v.service_id,
                 backend_id: v.backend_id,
@@ -792,6 +767,8 @@ mod tests {
 
 #[cfg(test)]
 mod addr_tests {
+    use std::net::Ipv6Addr;
+
     use super::*;
 
     #[test]

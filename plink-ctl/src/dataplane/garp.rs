@@ -80,7 +80,9 @@ impl super::DataplaneSpec {
                         .endpoints
                         .iter()
                         .filter(|e| e.network_id == network_id && e.state != EndpointState::Removed)
-                        .map(|e| e.addr)
+                        // IPv6 addresses get no gratuitous ARP (unsolicited
+                        // neighbour advertisements are IPv6 phase 2).
+                        .filter_map(|e| super::spec::v4_only(e.addr))
                         .chain(
                             self.next_hops
                                 .iter()
@@ -91,7 +93,7 @@ impl super::DataplaneSpec {
                     InterfaceRole::Provider => self
                         .services
                         .iter()
-                        .flat_map(|s| s.nat.iter().map(|n| n.addr))
+                        .flat_map(|s| s.nat.iter().filter_map(|n| super::spec::v4_only(n.addr)))
                         .filter(|a| !a.is_unspecified())
                         .collect(),
                 };

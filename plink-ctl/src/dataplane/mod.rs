@@ -40,7 +40,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    maps::{MapData, PerCpuHashMap, PerCpuValues, ProgramArray},
     programs::{
         Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, PinnedLink},
@@ -48,14 +48,14 @@ use aya::{
     },
     util::nr_cpus,
 };
-use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names};
+use plink_common::{IfStats, LAYOUT_VERSION, map_names, prog_names, v6_prog};
 
 use crate::config::{Config, Role, XdpMode};
 
 /// NAT slots by service id, and retired NAT addresses, as the pins hold them.
 pub type PinnedNat = (
     BTreeMap<u32, Vec<spec::NatSpec>>,
-    BTreeMap<std::net::Ipv4Addr, spec::RetiredNat>,
+    BTreeMap<std::net::IpAddr, spec::RetiredNat>,
 );
 
 /// Directory holding this layout version's pins under the configured root.
@@ -417,14 +417,40 @@ impl Dataplane {
         Ok(exporter)
     }
 
-    /// Loads both programs into the kernel (verifier) without attaching them.
+    /// Loads the programs into the kernel (verifier) without attaching
+    /// them: the consumer and provider programs, and their IPv6 halves,
+    /// which go into `V6_PROGS` (the IPv4 programs tail-call them; the map
+    /// is not pinned, so every start, adopting or not, fills it).
     pub fn load_programs(&mut self) -> anyhow::Result<()> {
-        for name in [prog_names::CONSUMER, prog_names::PROVIDER] {
+        for name in [
+            prog_names::CONSUMER,
+            prog_names::PROVIDER,
+            prog_names::CONSUMER6,
+            prog_names::PROVIDER6,
+        ] {
             let program = self.program(name)?;
             if program.fd().is_err() {
                 load_verified(program)
                     .with_context(|| format!("the kernel refused to load {name}"))?;
             }
+        }
+        let mut fds = Vec::new();
+        for (slot, name) in [
+            (v6_prog::CONSUMER, prog_names::CONSUMER6),
+            (v6_prog::PROVIDER, prog_names::PROVIDER6),
+        ] {
+            let fd = self
+                .program(name)?
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(Into::into))
+                .with_context(|| format!("the file descriptor of {name}"))?;
+            fds.push((slot, fd));
+        }
+        let mut slots = ProgramArray::try_from(self.map_mut(map_names::V6_PROGS)?)?;
+        for (slot, fd) in &fds {
+            slots
+                .set(*slot, fd, 0)
+                .with_context(|| format!("filling slot {slot} of {}", map_names::V6_PROGS))?;
         }
         Ok(())
     }
@@ -643,7 +669,7 @@ impl Dataplane {
     /// from the pins: draining addresses outlive the controller).
     pub fn pinned_nat(&mut self) -> anyhow::Result<PinnedNat> {
         use plink_common::{NatAddrInfo, ServiceConfig, nat_addr_flags, nat_flags};
-        let ip = |a: &plink_common::Addr| std::net::Ipv4Addr::from(a[0].to_ne_bytes());
+        let ip = spec::ip_of;
         let services: aya::maps::Array<_, ServiceConfig> =
             aya::maps::Array::try_from(self.map_mut(map_names::SERVICES)?)?;
         let mut held = BTreeMap::new();
@@ -656,7 +682,7 @@ impl Dataplane {
             let slots = svc.nat[..count]
                 .iter()
                 .map(|n| spec::NatSpec {
-                    addr: ip(&n.addr_be),
+                    addr: spec::ip_of(&n.addr_be),
                     ports: n.port_min..=n.port_max,
                     draining: n.flags & nat_flags::DRAINING != 0,
                 })
@@ -683,15 +709,14 @@ impl Dataplane {
 
     /// Backends the maps record as draining, with their addresses (what an
     /// adopting start learns from the pins).
-    pub fn draining_backends(&mut self) -> anyhow::Result<Vec<(u32, std::net::Ipv4Addr)>> {
+    pub fn draining_backends(&mut self) -> anyhow::Result<Vec<(u32, std::net::IpAddr)>> {
         let map: aya::maps::Array<_, plink_common::BackendInfo> =
             aya::maps::Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
         let mut out = Vec::new();
         for (id, info) in map.iter().enumerate() {
             let info = info?;
             if info.enabled != 0 && info.state == plink_common::backend_state::DRAINING {
-                let addr = std::net::Ipv4Addr::from(info.addr_be[0].to_ne_bytes());
-                out.push((id as u32, addr));
+                out.push((id as u32, spec::ip_of(&info.addr_be)));
             }
         }
         Ok(out)

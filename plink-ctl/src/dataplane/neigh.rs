@@ -105,7 +105,8 @@ impl super::DataplaneSpec {
             .backends
             .iter()
             .filter(|b| b.state != super::BackendState::Down)
-            .map(|b| (provider.ifindex, b.addr))
+            // IPv6 backends' neighbours are not managed yet (IPv6 phase 2).
+            .filter_map(|b| super::spec::v4_only(b.addr).map(|a| (provider.ifindex, a)))
             .collect();
         out.sort();
         out.dedup();

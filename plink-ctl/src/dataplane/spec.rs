@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
     time::Duration,
 };
@@ -23,7 +23,7 @@ use plink_common::{
     Addr, BackendInfo, Counters, DropReason, EndpointGen, EndpointKey, EndpointValue, EpLimitState,
     GlobalConfig, IfaceInfo, MAX_NAT_SLOTS, NO_BACKEND, NatAddrInfo, NatSlot, NetAddrKey,
     ServiceConfig, Timeouts, backend_state, ep_state, map_names, nat_addr_flags, nat_flags,
-    proxy::ProxyHeader, role, v4,
+    proxy::ProxyHeader, role, v4, v6,
 };
 
 use super::Dataplane;
@@ -41,7 +41,7 @@ pub struct DataplaneSpec {
     /// NAT addresses that drained and left their service, kept in NAT_ADDRS
     /// for a grace period so late replies to them are dropped (and counted)
     /// rather than passed to the gateway's kernel; not announced by ARP.
-    pub retired_nat: BTreeMap<Ipv4Addr, RetiredNat>,
+    pub retired_nat: BTreeMap<IpAddr, RetiredNat>,
     /// (consumer network id, address): the node's BGP next hops on its
     /// consumer links. ARP is answered for them (`ARP_ENDPOINTS`); no
     /// traffic is addressed to them.
@@ -140,7 +140,8 @@ impl Protocol {
 /// A NAT source address of a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatSpec {
-    pub addr: Ipv4Addr,
+    /// IPv4 or IPv6, the family of the service's backends.
+    pub addr: IpAddr,
     /// Source ports handed to flows (host order, inclusive; 0 not allowed).
     pub ports: RangeInclusive<u16>,
     /// No new flows; existing flows and ARP stay until they expire.
@@ -175,7 +176,7 @@ pub enum BackendState {
 pub struct BackendSpec {
     pub id: u32,
     pub service_id: u32,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// For the record: which backends get new flows is decided by the lookup table.
     pub state: BackendState,
 }
@@ -199,7 +200,8 @@ pub struct PortSpec {
 pub struct EndpointSpec {
     pub id: u32,
     pub network_id: u32,
-    pub addr: Ipv4Addr,
+    /// IPv4 or IPv6, the family of its service (no NAT64 yet).
+    pub addr: IpAddr,
     pub service_id: u32,
     pub protocol: Protocol,
     pub ports: Vec<PortSpec>,
@@ -214,8 +216,41 @@ pub struct EndpointSpec {
     pub new_flows_per_sec: u32,
 }
 
-fn addr(a: Ipv4Addr) -> Addr {
-    v4(a.octets())
+/// The map encoding of an address (see `plink_common::Addr`).
+pub fn addr(a: IpAddr) -> Addr {
+    match a {
+        IpAddr::V4(a) => v4(a.octets()),
+        IpAddr::V6(a) => v6(a.octets()),
+    }
+}
+
+/// The address an `Addr` read from a map encodes: IPv4 when its last three
+/// words are zero (`plink_common::Addr`: no IPv6 address plink takes has).
+pub fn ip_of(a: &Addr) -> IpAddr {
+    if plink_common::addr_is_ambiguous_v6(a) {
+        IpAddr::V4(Ipv4Addr::from(a[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (chunk, w) in o.chunks_exact_mut(4).zip(a) {
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    }
+}
+
+/// The IPv4 address, for what is IPv4-only still (gratuitous ARP, managed
+/// neighbours, retired NAT addresses, the planner's NAT bookkeeping).
+pub fn v4_only(a: IpAddr) -> Option<Ipv4Addr> {
+    match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// An IPv6 address whose last 96 bits are zero: its `Addr` would read as
+/// an IPv4 one, and the datapath drops packets from or to it.
+pub fn ambiguous_v6(a: IpAddr) -> bool {
+    matches!(a, IpAddr::V6(_)) && plink_common::addr_is_ambiguous_v6(&addr(a))
 }
 
 /// The `EP_GEN` generation of endpoint `e`: a digest (FNV-1a) of what its
@@ -231,7 +266,12 @@ pub fn endpoint_gen_id(e: &EndpointSpec) -> u32 {
     };
     feed(&e.id.to_le_bytes());
     feed(&e.network_id.to_le_bytes());
-    feed(&e.addr.octets());
+    // IPv4 feeds its four octets, as before IPv6: generations (and flows)
+    // survive the upgrade.
+    match e.addr {
+        IpAddr::V4(a) => feed(&a.octets()),
+        IpAddr::V6(a) => feed(&a.octets()),
+    }
     feed(&e.service_id.to_le_bytes());
     feed(&[e.protocol.number()]);
     for p in &e.ports {
@@ -369,6 +409,48 @@ impl DataplaneSpec {
                 e.service_id
             );
         }
+        // One address family per service: its NAT addresses, backends and
+        // the endpoints pointing at it (NAT64 is not supported yet).
+        let mut family: BTreeMap<u32, (bool, String)> = BTreeMap::new();
+        let mut same_family = |service: u32, a: IpAddr, what: String| -> anyhow::Result<()> {
+            ensure!(
+                !ambiguous_v6(a),
+                "{what}: IPv6 address {a} has a zero interface identifier (its last 96 bits), which plink refuses: use another address"
+            );
+            let (v6, first) = family.entry(service).or_insert((a.is_ipv6(), what.clone()));
+            ensure!(
+                *v6 == a.is_ipv6(),
+                "service {service}: {what} is {} but {first} is {}: a service's NAT addresses, backends and endpoints must be one address family (NAT64 is not supported)",
+                if a.is_ipv6() { "IPv6" } else { "IPv4" },
+                if *v6 { "IPv6" } else { "IPv4" },
+            );
+            Ok(())
+        };
+        for s in &self.services {
+            for n in s.nat.iter().filter(|n| !n.addr.is_unspecified()) {
+                same_family(s.id, n.addr, format!("NAT address {}", n.addr))?;
+            }
+        }
+        for b in &self.backends {
+            same_family(
+                b.service_id,
+                b.addr,
+                format!("backend {} ({})", b.id, b.addr),
+            )?;
+        }
+        for e in &self.endpoints {
+            same_family(
+                e.service_id,
+                e.addr,
+                format!("endpoint {} ({})", e.id, e.addr),
+            )?;
+            ensure!(
+                !(e.addr.is_ipv6() && self.proxy_headers.contains_key(&e.id)),
+                "endpoint {} ({}): PROXY protocol headers are IPv4 only for now",
+                e.id,
+                e.addr
+            );
+        }
         // Entries of the hash maps: what `apply` will insert, counted and
         // checked for clashes before anything is written.
         let mut keys = BTreeSet::new();
@@ -386,7 +468,7 @@ impl DataplaneSpec {
                 );
             }
             if !e.ports.is_empty() {
-                echo.insert(endpoint_key(e, 0, plink_common::IPPROTO_ICMP));
+                echo.insert(endpoint_key(e, 0, echo_proto(e.addr)));
             }
             if e.state != EndpointState::Removed {
                 addresses.insert((e.network_id, e.addr));
@@ -394,7 +476,7 @@ impl DataplaneSpec {
         }
         for nh in &self.next_hops {
             ensure!(
-                addresses.insert(*nh),
+                addresses.insert((nh.0, IpAddr::V4(nh.1))),
                 "next hop {} in network {} is also an endpoint address",
                 nh.1,
                 nh.0
@@ -412,7 +494,7 @@ impl DataplaneSpec {
             addresses.len(),
             caps.endpoint_addresses
         );
-        let mut nat_owner: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        let mut nat_owner: BTreeMap<IpAddr, u32> = BTreeMap::new();
         for s in &self.services {
             for n in s.nat.iter().filter(|n| !n.addr.is_unspecified()) {
                 if let Some(other) = nat_owner.insert(n.addr, s.id) {
@@ -425,10 +507,11 @@ impl DataplaneSpec {
             }
         }
         for a in self.retired_nat.keys() {
+            let held = nat_owner.get(a);
             ensure!(
-                !nat_owner.contains_key(a),
+                held.is_none(),
                 "NAT address {a} is both retired and held by service {}",
-                nat_owner[a]
+                held.copied().unwrap_or_default()
             );
         }
         for (id, h) in &self.proxy_headers {
@@ -456,6 +539,15 @@ impl DataplaneSpec {
 }
 
 /// The `ENDPOINTS` key of endpoint `e` at `port` for protocol `proto`.
+/// The protocol of an endpoint's echo entry: ICMP, or ICMPv6 for IPv6.
+fn echo_proto(a: IpAddr) -> u8 {
+    if a.is_ipv6() {
+        plink_common::IPPROTO_ICMPV6
+    } else {
+        plink_common::IPPROTO_ICMP
+    }
+}
+
 pub(crate) fn endpoint_key(e: &EndpointSpec, port: u16, proto: u8) -> EndpointKey {
     EndpointKey {
         network_id: e.network_id,
@@ -777,7 +869,7 @@ impl Dataplane {
                     network_id: e.network_id,
                     addr_be: addr(e.addr),
                     port_be: 0,
-                    proto: plink_common::IPPROTO_ICMP,
+                    proto: echo_proto(e.addr),
                     _pad: 0,
                 };
                 let value = EndpointValue {
@@ -810,7 +902,7 @@ impl Dataplane {
             arp.insert(
                 NetAddrKey {
                     network_id: *network_id,
-                    addr_be: addr(*nh),
+                    addr_be: v4(nh.octets()),
                 },
                 1u32,
             );
@@ -1054,7 +1146,7 @@ mod tests {
                 ..e.clone()
             },
             EndpointSpec {
-                addr: Ipv4Addr::new(192, 0, 2, 99),
+                addr: Ipv4Addr::new(192, 0, 2, 99).into(),
                 ..e.clone()
             },
             EndpointSpec {
@@ -1092,7 +1184,7 @@ mod tests {
             services: vec![ServiceSpec {
                 id: 0,
                 nat: vec![NatSpec {
-                    addr: Ipv4Addr::new(198, 51, 100, 200),
+                    addr: Ipv4Addr::new(198, 51, 100, 200).into(),
                     ports: 1024..=65535,
                     draining: false,
                 }],
@@ -1103,13 +1195,13 @@ mod tests {
             backends: vec![BackendSpec {
                 id: 0,
                 service_id: 0,
-                addr: Ipv4Addr::new(198, 51, 100, 10),
+                addr: Ipv4Addr::new(198, 51, 100, 10).into(),
                 state: BackendState::Active,
             }],
             endpoints: vec![EndpointSpec {
                 id: 0,
                 network_id: 1,
-                addr: Ipv4Addr::new(192, 0, 2, 50),
+                addr: Ipv4Addr::new(192, 0, 2, 50).into(),
                 service_id: 0,
                 protocol: Protocol::Tcp,
                 ports: vec![PortSpec {
@@ -1149,6 +1241,24 @@ mod tests {
         assert!(err(|s| s.endpoints[0].service_id = 9).contains("unknown service"));
         assert!(err(|s| s.endpoints[0].id = MAX_ENDPOINTS).contains("endpoint id"));
         assert!(err(|s| s.backends.push(s.backends[0].clone())).contains("used twice"));
+        let mixed = err(|s| s.backends[0].addr = "2001:db8:100::10".parse().unwrap());
+        assert!(mixed.contains("one address family"), "{mixed}");
+        assert!(
+            err(|s| {
+                s.services[0].nat[0].addr = "2001:db8:100::200".parse().unwrap();
+                s.backends[0].addr = "2001:db8:100::10".parse().unwrap();
+            })
+            .contains("endpoint 0 (192.0.2.50) is IPv4")
+        );
+        assert!(
+            err(|s| s.endpoints[0].addr = "2001:db8::".parse().unwrap())
+                .contains("zero interface identifier")
+        );
+        let mut v6 = valid();
+        v6.services[0].nat[0].addr = "2001:db8:100::200".parse().unwrap();
+        v6.backends[0].addr = "2001:db8:100::10".parse().unwrap();
+        v6.endpoints[0].addr = "2001:db8:c1::50".parse().unwrap();
+        v6.validate().unwrap();
         let header =
             plink_common::proxy::build_header(plink_common::proxy::LinkIdTlv::Azure, 1, b"")
                 .unwrap();
@@ -1185,7 +1295,7 @@ mod tests {
         s.endpoints.push(EndpointSpec {
             id: 1,
             state: EndpointState::Removed,
-            addr: Ipv4Addr::new(192, 0, 2, 51),
+            addr: Ipv4Addr::new(192, 0, 2, 51).into(),
             ..s.endpoints[0].clone()
         });
         let plan = s.garp_plan();

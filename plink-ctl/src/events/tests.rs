@@ -1,7 +1,7 @@
 //! Event log tests: the record format is a public interface (field names,
 //! version, kinds), the sink follows rotation, the ring is bounded.
 
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
 use super::*;
 use crate::{
@@ -50,7 +50,7 @@ fn a_record_is_one_line_with_stable_field_names() {
 
 /// One of every kind, for the checks below.
 fn one_of_each() -> Vec<Event> {
-    let a = Ipv4Addr::new(198, 51, 100, 200);
+    let a = std::net::IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
     let target = std::net::SocketAddr::from(([198, 51, 100, 10], 8080));
     vec![
         Event::ControllerStarted {
@@ -439,13 +439,13 @@ fn endpoint_decisions_name_who_made_them() {
 fn view(active: &[(&str, [u8; 4])], draining: &[(&str, [u8; 4])], retired: &[[u8; 4]]) -> NatView {
     let set = |l: &[(&str, [u8; 4])]| {
         l.iter()
-            .map(|(s, a)| (s.to_string(), Ipv4Addr::from(*a)))
+            .map(|(s, a)| (s.to_string(), Ipv4Addr::from(*a).into()))
             .collect()
     };
     NatView {
         active: set(active),
         draining: set(draining),
-        retired: retired.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+        retired: retired.iter().map(|a| Ipv4Addr::from(*a).into()).collect(),
     }
 }
 

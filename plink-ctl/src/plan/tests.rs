@@ -36,8 +36,8 @@ endpoints:
   - {name: billing-b, tenant: tenant-b, network: vnet-b, address: 192.0.2.51, service: billing}
 ";
 
-fn a(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 51, 100, last)
+fn a(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, last))
 }
 
 fn step(state: &mut PersistedState, text: &str) -> Model {
@@ -112,7 +112,7 @@ fn a_draining_nat_address_leaves_only_once_its_last_flow_is_gone() {
     let model = step(&mut state, BASE);
     observed.nat_ports_in_use.insert(a(202), 1);
     let spec = plan(&model, &observed, &AllHealthy).expect("plan");
-    let slots = |spec: &DataplaneSpec| -> Vec<(Ipv4Addr, bool)> {
+    let slots = |spec: &DataplaneSpec| -> Vec<(IpAddr, bool)> {
         svc(spec, &model, "orders")
             .nat
             .iter()
@@ -131,7 +131,7 @@ fn a_draining_nat_address_leaves_only_once_its_last_flow_is_gone() {
     let spec = plan(&model, &observed, &AllHealthy).expect("plan");
     assert_eq!(
         slots(&spec),
-        vec![(a(200), false), (Ipv4Addr::UNSPECIFIED, true)]
+        vec![(a(200), false), (Ipv4Addr::UNSPECIFIED.into(), true)]
     );
     let orders = svc(&spec, &model, "orders").id;
     assert_eq!(
@@ -190,12 +190,12 @@ fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
         orders,
         vec![
             NatSpec {
-                addr: a(202),
+                addr: a(202).into(),
                 ports: 1024..=2047,
                 draining: true,
             },
             NatSpec {
-                addr: a(200),
+                addr: a(200).into(),
                 ports: 1024..=65535,
                 draining: false,
             },
@@ -205,7 +205,7 @@ fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
     observed.nat_held.insert(
         40,
         vec![NatSpec {
-            addr: a(220),
+            addr: a(220).into(),
             ports: 1024..=65535,
             draining: false,
         }],
@@ -321,7 +321,10 @@ fn a_nat_address_moves_only_once_its_old_service_holds_no_port_on_it() {
         .iter()
         .map(|n| (n.addr, n.draining))
         .collect();
-    assert_eq!(orders, vec![(Ipv4Addr::UNSPECIFIED, true), (a(210), false)]);
+    assert_eq!(
+        orders,
+        vec![(Ipv4Addr::UNSPECIFIED.into(), true), (a(210), false)]
+    );
     let billing: Vec<_> = svc(&spec, &model, "billing")
         .nat
         .iter()
@@ -402,7 +405,7 @@ fn build_capacities_match_the_ebpf_object() {
 }
 
 /// A flow of `endpoint` to `backend` as the datapath would have created it.
-fn flow(model: &Model, endpoint: &str, backend: Ipv4Addr) -> (CtFwdKey, CtFwdValue) {
+fn flow(model: &Model, endpoint: &str, backend: IpAddr) -> (CtFwdKey, CtFwdValue) {
     let e = model.endpoint_by_name(endpoint).expect("endpoint");
     let b = model.services[&e.service_id]
         .backends
@@ -422,7 +425,7 @@ fn flow(model: &Model, endpoint: &str, backend: Ipv4Addr) -> (CtFwdKey, CtFwdVal
         _pad: [0; 3],
     };
     let value = CtFwdValue {
-        backend_addr_be: v4(backend.octets()),
+        backend_addr_be: crate::dataplane::spec::addr(backend),
         backend_port_be: 8080u16.to_be(),
         endpoint_id: e.id.0,
         service_id: e.service_id.0,
@@ -435,7 +438,7 @@ fn flow(model: &Model, endpoint: &str, backend: Ipv4Addr) -> (CtFwdKey, CtFwdVal
 
 fn judge(
     model: &Model,
-    retired: &BTreeSet<(u32, Ipv4Addr)>,
+    retired: &BTreeSet<(u32, IpAddr)>,
     f: &(CtFwdKey, CtFwdValue),
 ) -> Option<Stale> {
     judge_with(model, retired, f, &AllHealthy)
@@ -443,7 +446,7 @@ fn judge(
 
 fn judge_with(
     model: &Model,
-    retired: &BTreeSet<(u32, Ipv4Addr)>,
+    retired: &BTreeSet<(u32, IpAddr)>,
     f: &(CtFwdKey, CtFwdValue),
     health: &dyn Health,
 ) -> Option<Stale> {
@@ -689,7 +692,7 @@ endpoints:
 ";
 
 #[test]
-fn an_ipv6_service_is_modelled_and_waits_for_the_ipv6_dataplane() {
+fn an_ipv6_service_is_modelled_and_planned_with_its_addresses() {
     let mut state = PersistedState::default();
     let m = step(&mut state, V6);
     let svc = m.services.values().next().unwrap();
@@ -703,11 +706,12 @@ fn an_ipv6_service_is_modelled_and_waits_for_the_ipv6_dataplane() {
     let e = m.endpoint_by_name("e6").unwrap();
     assert_eq!(e.served_address(svc.family), Some(six("2001:db8:c1::50")));
     assert!(e.passes_traffic());
-    // The spec is IPv4 only until the IPv6 datapath is merged: the plan
-    // says so instead of writing a wrong address (spec_addr).
-    let err = plan(&m, &host(), &AllHealthy).unwrap_err();
-    assert!(matches!(err, PlanError::Ipv6Dataplane { .. }), "{err}");
-    assert!(err.to_string().contains("IPv6"), "{err}");
+    // The spec carries the IPv6 addresses as they are.
+    let spec = plan(&m, &host(), &AllHealthy).expect("plan");
+    assert_eq!(spec.endpoints[0].addr, six("2001:db8:c1::50"));
+    assert_eq!(spec.services[0].nat[0].addr, six("2001:db8:100::200"));
+    assert!(spec.backends.iter().all(|b| b.addr.is_ipv6()));
+    spec.validate().expect("a valid IPv6 spec");
     // Maglev spreads over IPv6 backends like IPv4 ones.
     let table = maglev::build_table(
         &svc.backends

@@ -164,7 +164,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 id: 0,
                 nat: (0..8)
                     .map(|n| NatSpec {
-                        addr: Ipv4Addr::new(198, 19, 0, 200 + n),
+                        addr: Ipv4Addr::new(198, 19, 0, 200 + n).into(),
                         ports: 1024..=65535,
                         draining: false,
                     })
@@ -177,7 +177,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
             ServiceSpec {
                 id: 1,
                 nat: vec![NatSpec {
-                    addr: Ipv4Addr::new(198, 19, 1, 200),
+                    addr: Ipv4Addr::new(198, 19, 1, 200).into(),
                     ports: 1024..=65535,
                     draining: false,
                 }],
@@ -190,13 +190,13 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
             BackendSpec {
                 id: 0,
                 service_id: 0,
-                addr: BACKEND,
+                addr: BACKEND.into(),
                 state: BackendState::Active,
             },
             BackendSpec {
                 id: 1,
                 service_id: 1,
-                addr: BACKEND,
+                addr: BACKEND.into(),
                 state: BackendState::Active,
             },
         ],
@@ -204,7 +204,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
             EndpointSpec {
                 id: 0,
                 network_id: 1,
-                addr: ENDPOINT,
+                addr: ENDPOINT.into(),
                 service_id: 0,
                 protocol: Protocol::Udp,
                 ports: vec![PortSpec {
@@ -225,7 +225,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 ..EndpointSpec {
                     id: 0,
                     network_id: 1,
-                    addr: ENDPOINT,
+                    addr: ENDPOINT.into(),
                     service_id: 0,
                     protocol: Protocol::Udp,
                     ports: Vec::new(),
@@ -245,7 +245,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 ..EndpointSpec {
                     id: 0,
                     network_id: 1,
-                    addr: ENDPOINT,
+                    addr: ENDPOINT.into(),
                     service_id: 0,
                     protocol: Protocol::Udp,
                     ports: Vec::new(),
@@ -266,7 +266,7 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 ..EndpointSpec {
                     id: 0,
                     network_id: 1,
-                    addr: ENDPOINT,
+                    addr: ENDPOINT.into(),
                     service_id: 0,
                     protocol: Protocol::Udp,
                     ports: Vec::new(),

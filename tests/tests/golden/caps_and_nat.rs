@@ -150,10 +150,10 @@ fn golden_draining_nat_and_caps_after_gc() {
 fn golden_a_retired_nat_address_drops_replies_and_is_not_announced() {
     let gw = gateway();
     let mut retired = spec(&gw);
-    retired.services[1].nat[0].addr = Ipv4Addr::UNSPECIFIED;
+    retired.services[1].nat[0].addr = Ipv4Addr::UNSPECIFIED.into();
     retired.services[1].nat[0].draining = true;
     retired.retired_nat.insert(
-        NAT_UDP,
+        NAT_UDP.into(),
         RetiredNat {
             service_id: retired.services[1].id,
             slot: 0,
@@ -299,7 +299,7 @@ fn golden_expired_flows_free_their_nat_port_without_a_controller() {
             Step::expect("the expired flow is gone", |b| {
                 let flows = b.dp.list_conntrack().unwrap();
                 assert_eq!(flows.len(), 1, "the expired flow is gone: {flows:?}");
-                assert_eq!(flows[0].client, (CLIENT, 40002));
+                assert_eq!(flows[0].client, (CLIENT.into(), 40002));
                 assert_eq!(
                     b.dp.nat_ports_in_use().unwrap().values().sum::<u64>(),
                     1,

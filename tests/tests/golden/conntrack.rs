@@ -130,7 +130,7 @@ fn golden_a_flow_opens_only_when_its_packet_leaves() {
     spec.services.push(ServiceSpec {
         id: 3,
         nat: vec![NatSpec {
-            addr: Ipv4Addr::new(198, 51, 100, 203),
+            addr: Ipv4Addr::new(198, 51, 100, 203).into(),
             ports: 1024..=65535,
             draining: false,
         }],
@@ -141,7 +141,7 @@ fn golden_a_flow_opens_only_when_its_packet_leaves() {
     spec.backends.push(BackendSpec {
         id: 4,
         service_id: 3,
-        addr: Ipv4Addr::new(198, 18, 0, 1),
+        addr: Ipv4Addr::new(198, 18, 0, 1).into(),
         state: BackendState::Active,
     });
     spec.endpoints.push(EndpointSpec {

@@ -49,8 +49,8 @@ fn golden_icmp_echo() {
             Step::expect("the echo flow", move |b| {
                 let flows = b.dp.list_conntrack().unwrap();
                 assert_eq!(flows.len(), 1);
-                assert_eq!(flows[0].nat, (NAT_TCP, nat_id));
-                assert_eq!(flows[0].backend, (backend, 0));
+                assert_eq!(flows[0].nat, (NAT_TCP.into(), nat_id));
+                assert_eq!(flows[0].backend, (backend.into(), 0));
             }),
             provider(
                 "echo reply translated back",

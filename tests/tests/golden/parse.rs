@@ -42,10 +42,11 @@ fn golden_malformed_and_unsupported_frames() {
             ),
             refused("ip options", edit(|f| f[14] = 0x46), DropReason::IpOptions),
             refused("gre", edit(|f| f[23] = 47), DropReason::UnsupportedProtocol),
+            // The IPv6 program parses it: version 4 is no IPv6 header.
             refused(
-                "ipv6",
+                "ipv4 bytes under the ipv6 ethertype",
                 edit(|f| f[12..14].copy_from_slice(&[0x86, 0xdd])),
-                DropReason::Ipv6,
+                DropReason::Malformed,
             ),
             refused(
                 "vlan",

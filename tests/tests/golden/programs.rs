@@ -17,6 +17,8 @@ fn verified_program_sizes() {
     for name in [
         prog_names::CONSUMER,
         prog_names::PROVIDER,
+        prog_names::CONSUMER6,
+        prog_names::PROVIDER6,
         prog_names::BENCH_FWD,
     ] {
         let info = dp.program(name).unwrap().info().unwrap();

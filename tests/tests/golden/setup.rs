@@ -77,9 +77,25 @@ pub fn gateway() -> Gw {
     // bpf_fib_lookup refuses to route for an input device without forwarding;
     // consumer interfaces keep it off (the forwarding contract).
     host.sysctl("net.ipv4.conf.p0.forwarding", "1").unwrap();
+    // IPv6 on the provider side as well (golden/ipv6.rs): p0 forwards,
+    // the backend's neighbour is permanent. Test hosts start with IPv6
+    // off (tests/src/netns.rs); only p0 gets it.
+    host.sysctl("net.ipv6.conf.p0.disable_ipv6", "0").unwrap();
+    host.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:100::1/64",
+        "dev",
+        "p0",
+        "nodad",
+    ])
+    .unwrap();
+    host.sysctl("net.ipv6.conf.p0.forwarding", "1").unwrap();
     for (ip, mac) in [
         ("198.51.100.10", BACKEND10_MAC),
         ("198.51.100.11", BACKEND11_MAC),
+        ("2001:db8:100::10", BACKEND10_MAC),
     ] {
         host.neigh_permanent(ip, mac, "p0").unwrap();
     }
@@ -95,11 +111,16 @@ pub fn gateway() -> Gw {
     }
 }
 
-pub fn tcp_endpoint(id: u32, network_id: u32, addr: Ipv4Addr, service_id: u32) -> EndpointSpec {
+pub fn tcp_endpoint(
+    id: u32,
+    network_id: u32,
+    addr: impl Into<std::net::IpAddr>,
+    service_id: u32,
+) -> EndpointSpec {
     EndpointSpec {
         id,
         network_id,
-        addr,
+        addr: addr.into(),
         service_id,
         protocol: Protocol::Tcp,
         ports: vec![PortSpec {
@@ -115,14 +136,14 @@ pub fn tcp_endpoint(id: u32, network_id: u32, addr: Ipv4Addr, service_id: u32) -
 /// Service 0 (TCP 80→8080, backends 0 and 1), service 1 (UDP 53→5353,
 /// backend 2, ten NAT ports), service 2 (TCP, an unresolved backend).
 pub fn spec(gw: &Gw) -> DataplaneSpec {
-    let backend = |id, service_id, addr| BackendSpec {
+    let backend = |id, service_id, addr: Ipv4Addr| BackendSpec {
         id,
         service_id,
-        addr,
+        addr: addr.into(),
         state: BackendState::Active,
     };
-    let nat = |addr, ports| NatSpec {
-        addr,
+    let nat = |addr: Ipv4Addr, ports| NatSpec {
+        addr: addr.into(),
         ports,
         draining: false,
     };

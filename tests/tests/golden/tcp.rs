@@ -81,8 +81,12 @@ fn tcp_lifecycle(n: Ifs) -> Vec<Step> {
         Step::expect("the flow as predicted", move |b| {
             let flows = b.dp.list_conntrack().unwrap();
             assert_eq!(flows.len(), 1);
-            assert_eq!(flows[0].nat, nat, "NAT mapping as predicted");
-            assert_eq!(flows[0].backend, (backend, 8080));
+            assert_eq!(
+                flows[0].nat,
+                (nat.0.into(), nat.1),
+                "NAT mapping as predicted"
+            );
+            assert_eq!(flows[0].backend, (backend.into(), 8080));
             assert_eq!(flows[0].tcp_state, tcp_state::SYN_SENT);
             assert_eq!(flows[0].ingress_ifindex, c1);
         }),

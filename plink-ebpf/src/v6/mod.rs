@@ -1,0 +1,140 @@
+//! IPv6 (phase 1: NAT66 and neighbour discovery). The IPv4 entry points
+//! tail-call these programs (`V6_PROGS`) for EtherType 0x86dd, so each has
+//! its own stack and verifier budget. The interface's frame and byte counts
+//! were taken by the IPv4 entry before the tail call; the verdict is counted
+//! here (the IPv4 entry's count never runs after a tail call).
+mod consumer;
+mod nd;
+mod parse;
+mod provider;
+mod rewrite;
+
+pub use parse::Flow6;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action,
+    },
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    macros::xdp,
+    programs::XdpContext,
+};
+use plink_common::{Addr, DropReason, role};
+
+use crate::{
+    maps::{IF_STATS, INTERFACES},
+    step::Step,
+};
+
+/// IPv6 frames of consumer interfaces (tail call from `plink_consumer`).
+#[xdp]
+pub fn plink_consumer6(ctx: XdpContext) -> u32 {
+    let mut verdict = consumer::handle(XdpContext { ctx: ctx.ctx });
+    if verdict == consumer::FORWARD {
+        verdict = consumer::forward(&ctx);
+    }
+    if verdict == xdp_action::XDP_DROP && crate::debug::enabled() {
+        crate::debug::dropped(0);
+    }
+    count_verdict(&ctx, verdict)
+}
+
+/// IPv6 frames of the provider interface (tail call from `plink_provider`).
+#[xdp]
+pub fn plink_provider6(ctx: XdpContext) -> u32 {
+    let mut verdict = provider::handle(XdpContext { ctx: ctx.ctx });
+    if verdict == provider::REPLY {
+        verdict = provider::reply(XdpContext { ctx: ctx.ctx });
+    }
+    if verdict == xdp_action::XDP_DROP && crate::debug::enabled() {
+        crate::debug::dropped(1);
+    }
+    count_verdict(&ctx, verdict)
+}
+
+/// Counts the verdict against the ingress interface (its frame was counted
+/// by the IPv4 entry, which only tail-calls for registered interfaces).
+#[inline(always)]
+fn count_verdict(ctx: &XdpContext, verdict: u32) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    if let Some(s) = IF_STATS.get_ptr_mut(&ifindex) {
+        // SAFETY: per-CPU slot: plain adds are race-free.
+        let s = unsafe { &mut *s };
+        if let Some(c) = s.verdicts.get_mut(verdict as usize) {
+            *c += 1;
+        }
+    }
+    verdict
+}
+
+const AF_INET6: u8 = 10;
+
+/// An IPv6 route query (`forward::NextHop` for IPv6).
+pub struct NextHop6 {
+    pub src: Addr,
+    pub dst: Addr,
+    pub tot_len: u16,
+    pub provider_ifindex: u32,
+    /// Out: egress ifindex and link-layer addresses.
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// Out: the egress MTU (on success and on `FragNeeded`).
+    pub mtu: u16,
+}
+
+/// `forward::route` for IPv6: the route from `hop.src` to `hop.dst` as if
+/// the packet arrived on the provider interface; the egress must be a
+/// provider interface and the neighbour resolved.
+#[inline(never)]
+pub fn route6(ctx: &XdpContext, hop: &mut NextHop6) -> Step {
+    match lookup6(ctx, hop) {
+        Ok(()) => Step::NEXT,
+        Err(r) => Step::drop(r),
+    }
+}
+
+#[inline(always)]
+fn lookup6(ctx: &XdpContext, out: &mut NextHop6) -> Result<(), DropReason> {
+    // SAFETY: plain C struct, all-zero is a valid value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.__bindgen_anon_1.tot_len = out.tot_len;
+    p.ifindex = out.provider_ifindex;
+    p.__bindgen_anon_3.ipv6_src = out.src;
+    p.__bindgen_anon_4.ipv6_dst = out.dst;
+    // SAFETY: p is a valid bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx.cast(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(DropReason::FibNoNeigh),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: on FRAG_NEEDED the kernel wrote mtu_result over tot_len.
+            out.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            return Err(DropReason::FragNeeded);
+        }
+        BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(DropReason::FibForwardingDisabled),
+        _ => return Err(DropReason::FibFailed),
+    }
+    if p.ifindex != out.provider_ifindex {
+        // SAFETY: map value, read only.
+        match unsafe { INTERFACES.get(&p.ifindex) } {
+            Some(i) if i.role == role::PROVIDER => {}
+            _ => return Err(DropReason::FibNotProvider),
+        }
+    }
+    out.ifindex = p.ifindex;
+    // SAFETY: on success the kernel wrote the route's MTU over tot_len.
+    out.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+    out.smac = p.smac;
+    out.dmac = p.dmac;
+    Ok(())
+}
