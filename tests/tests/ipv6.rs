@@ -1,0 +1,455 @@
+//! IPv6 end to end (issue 19, phase 1: NAT66 and neighbour discovery in
+//! XDP): two consumer networks with the same IPv6 prefix and the same
+//! client address, each with its own endpoint at the same address; a
+//! routed client; a provider with IPv6 backends behind IPv6 NAT addresses.
+//!
+//! ```text
+//!   ca 2001:db8:c::1 ──── c1 ┐                       ┌ 2001:db8:100::10, ::11  orders6:8080
+//!        vnet-a              │                       │ 2001:db8:100::12        billing6:8080
+//!   cr 2001:db8:d::10 ─ ra ─ c3 ┤ gw ── p0 ── eth0 pv ┘
+//!   cb 2001:db8:c::1 ──── c2 ┘   2001:db8:100::254
+//!        vnet-b
+//! ```
+//! The endpoint 2001:db8:c::50 port 80 is `orders6` in vnet-a and
+//! `billing6` in vnet-b. The gateway's consumer interfaces have IPv6
+//! disabled (the forwarding contract): only XDP answers there.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use plink_tests::{
+    gateway::{self, Gateway},
+    netns::{self, Host, Topology},
+    on_both_far_ends,
+    privatelink::FarEnds,
+    servers::pattern_byte,
+};
+
+const ENDPOINT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0x50);
+const ORDERS_BACKENDS: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10),
+    Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x11),
+];
+const BILLING_BACKEND: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x12);
+const ORDERS_NAT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x200);
+const BILLING_NAT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x201);
+
+struct Net {
+    topo: Topology,
+    ca: Host,
+    cb: Host,
+    cr: Host,
+    gw: Host,
+    pv: Host,
+    _servers: Vec<Server>,
+}
+
+/// Turns IPv6 on for `dev` (test namespaces start with it off) and adds
+/// `addr` without duplicate address detection.
+fn addr6(host: &Host, addr: &str, dev: &str) -> anyhow::Result<()> {
+    host.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "0")?;
+    host.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"])
+        .map(|_| ())
+}
+
+fn build(far: FarEnds) -> anyhow::Result<Net> {
+    netns::require_root_and_tools();
+    let mut topo = Topology::new()?;
+    let ca = topo.host("ca")?;
+    let cb = topo.host("cb")?;
+    let ra = topo.host("ra")?;
+    let cr = topo.host("cr")?;
+    let gw = topo.host("gw")?;
+    let pv = topo.host("pv")?;
+    topo.link(&ca, "eth0", &gw, "c1")?;
+    topo.link(&cb, "eth0", &gw, "c2")?;
+    topo.link(&ra, "eth0", &gw, "c3")?;
+    topo.link(&cr, "eth0", &ra, "eth1")?;
+    topo.link(&gw, "p0", &pv, "eth0")?;
+    for c in [&ca, &cb] {
+        addr6(c, "2001:db8:c::1/64", "eth0")?;
+    }
+    addr6(&ra, "2001:db8:c::2/64", "eth0")?;
+    addr6(&ra, "2001:db8:d::1/64", "eth1")?;
+    ra.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    addr6(&cr, "2001:db8:d::10/64", "eth0")?;
+    cr.ip(&["-6", "route", "add", "default", "via", "2001:db8:d::1"])?;
+
+    // The gateway: IPv6 on the provider side only; consumer interfaces
+    // pass nothing to the kernel (no address, IPv6 off).
+    for c in ["c1", "c2", "c3"] {
+        gw.sysctl(&format!("net.ipv6.conf.{c}.disable_ipv6"), "1")?;
+    }
+    addr6(&gw, "2001:db8:100::254/64", "p0")?;
+    gw.sysctl("net.ipv6.conf.p0.forwarding", "1")?;
+    // `check --host` asks for IPv4 forwarding on the provider side whatever
+    // the services' family (a gateway is dual-stack).
+    gw.sysctl("net.ipv4.conf.p0.forwarding", "1")?;
+    for b in ORDERS_BACKENDS.iter().chain([&BILLING_BACKEND]) {
+        addr6(&pv, &format!("{b}/64"), "eth0")?;
+    }
+    for (host, dev) in [(&ca, "eth0"), (&cb, "eth0"), (&ra, "eth0"), (&pv, "eth0")] {
+        match far {
+            FarEnds::Xdp => topo.enable_napi(host, dev)?,
+            FarEnds::GroOnly => host
+                .exec("ethtool", &["-K", dev, "gro", "on"])
+                .map(|_| ())?,
+        }
+    }
+    let mut servers = Vec::new();
+    for b in ORDERS_BACKENDS.iter().chain([&BILLING_BACKEND]) {
+        servers.push(Server::start(&pv, SocketAddrV6::new(*b, 8080, 0, 0))?);
+    }
+    Ok(Net {
+        topo,
+        ca,
+        cb,
+        cr,
+        gw,
+        pv,
+        _servers: servers,
+    })
+}
+
+fn config(topo: &Topology) -> anyhow::Result<String> {
+    Ok(format!(
+        "{gw}\
+interfaces:
+  - {{name: c1, role: consumer, network: vnet-a}}
+  - {{name: c3, role: consumer, network: vnet-a}}
+  - {{name: c2, role: consumer, network: vnet-b}}
+  - {{name: p0, role: provider}}
+services:
+  - name: orders6
+    protocol: tcp
+    ports: [{{port: 80, target_port: 8080}}]
+    backends: [{{address: '{o0}'}}, {{address: '{o1}'}}]
+    nat: {{addresses: ['{orders_nat}']}}
+    visibility: ['*']
+    auto_approve: ['*']
+  - name: billing6
+    protocol: tcp
+    ports: [{{port: 80, target_port: 8080}}]
+    backends: [{{address: '{billing}'}}]
+    nat: {{addresses: ['{billing_nat}']}}
+    visibility: ['*']
+    auto_approve: ['*']
+endpoints:
+  - {{name: orders-a, tenant: tenant-a, network: vnet-a, address: '{ENDPOINT}', service: orders6}}
+  - {{name: billing-b, tenant: tenant-b, network: vnet-b, address: '{ENDPOINT}', service: billing6}}
+",
+        gw = gateway::gateway_section(topo)?,
+        o0 = ORDERS_BACKENDS[0],
+        o1 = ORDERS_BACKENDS[1],
+        billing = BILLING_BACKEND,
+        orders_nat = ORDERS_NAT,
+        billing_nat = BILLING_NAT,
+    ))
+}
+
+fn start(net: &mut Net) -> anyhow::Result<Gateway> {
+    let cfg = config(&net.topo)?;
+    let gw = net.gw.clone();
+    gateway::start(&mut net.topo, &gw, &cfg).context("starting plink")
+}
+
+/// A TCP server on an IPv6 address: a request line `GET n` is answered
+/// with `peer=P local=L` and `n` pattern bytes; `PUT n` is followed by `n`
+/// pattern bytes from the client, answered with `got n` once all arrived
+/// intact.
+struct Server {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    served: Arc<AtomicU64>,
+}
+
+impl Server {
+    fn start(host: &Host, bind: SocketAddrV6) -> anyhow::Result<Server> {
+        let listener = host
+            .run_in(move || TcpListener::bind(bind))?
+            .with_context(|| format!("binding {bind}"))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), served.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        n.fetch_add(1, Ordering::SeqCst);
+                        std::thread::spawn(move || {
+                            let _ = serve(stream, peer);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Server {
+            stop,
+            handle: Some(handle),
+            served,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve(stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let local = stream.local_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut stream = stream;
+    let (verb, n) = line.trim().split_once(' ').unwrap_or(("", "0"));
+    let n: usize = n.parse().unwrap_or(0);
+    if verb == "PUT" {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < n {
+            let k = reader.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            if buf[..k]
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b != pattern_byte(got + i))
+            {
+                stream.write_all(b"corrupted\n")?;
+                return Ok(());
+            }
+            got += k;
+        }
+        return stream.write_all(format!("got {got}\n").as_bytes());
+    }
+    stream.write_all(format!("peer={peer} local={local}\n").as_bytes())?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < n {
+        let len = chunk.len().min(n - sent);
+        for (i, b) in chunk[..len].iter_mut().enumerate() {
+            *b = pattern_byte(sent + i);
+        }
+        stream.write_all(&chunk[..len])?;
+        sent += len;
+    }
+    stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// What a download saw: the backend's view of the client (`peer`), which
+/// backend answered (`local`), and the body length (verified).
+#[derive(Debug)]
+struct Reply {
+    peer: SocketAddr,
+    local: SocketAddr,
+    body: usize,
+}
+
+fn connect(host: &Host, dst: SocketAddrV6) -> anyhow::Result<TcpStream> {
+    host.run_in(move || TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5)))?
+        .with_context(|| format!("connecting to {dst}"))
+}
+
+fn download(host: &Host, dst: SocketAddrV6, n: usize) -> anyhow::Result<Reply> {
+    let mut stream = connect(host, dst)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(format!("GET {n}\n").as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let parse = |key: &str| -> anyhow::Result<SocketAddr> {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .with_context(|| format!("no {key} in {line:?}"))?;
+        Ok(v.parse()?)
+    };
+    let (peer, local) = (parse("peer=")?, parse("local=")?);
+    let mut received = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let k = reader.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        if let Some(i) = (0..k).find(|i| buf[*i] != pattern_byte(received + i)) {
+            bail!("body byte {} corrupted", received + i);
+        }
+        received += k;
+    }
+    if received != n {
+        bail!("body has {received} bytes, expected {n}");
+    }
+    Ok(Reply {
+        peer,
+        local,
+        body: received,
+    })
+}
+
+fn upload(host: &Host, dst: SocketAddrV6, n: usize) -> anyhow::Result<()> {
+    let mut stream = connect(host, dst)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(format!("PUT {n}\n").as_bytes())?;
+    let body: Vec<u8> = (0..n).map(pattern_byte).collect();
+    stream.write_all(&body)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    if answer.trim() != format!("got {n}") {
+        bail!("the backend answered {answer:?} to a {n}-byte upload");
+    }
+    Ok(())
+}
+
+fn endpoint() -> SocketAddrV6 {
+    SocketAddrV6::new(ENDPOINT, 80, 0, 0)
+}
+
+fn ip_of(a: SocketAddr) -> std::net::IpAddr {
+    a.ip()
+}
+
+/// Both networks' clients (the same address) reach their own service
+/// through the same endpoint address; the backends see only NAT addresses.
+fn overlapping_ipv6_consumers_reach_their_own_services_through_nat66(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    let _plink = start(&mut net).unwrap();
+    let a = download(&net.ca, endpoint(), 1000).unwrap();
+    assert_eq!(ip_of(a.peer), ORDERS_NAT, "vnet-a's flow is NATed: {a:?}");
+    assert!(
+        ORDERS_BACKENDS.iter().any(|b| ip_of(a.local) == *b),
+        "{a:?}"
+    );
+    let b = download(&net.cb, endpoint(), 1000).unwrap();
+    assert_eq!(ip_of(b.peer), BILLING_NAT, "vnet-b's flow is NATed: {b:?}");
+    assert_eq!(ip_of(b.local), BILLING_BACKEND, "{b:?}");
+    assert_eq!(a.body + b.body, 2000);
+}
+
+/// 2 MiB each way through NAT66, from both networks.
+fn two_mib_each_way_through_nat66(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    let _plink = start(&mut net).unwrap();
+    for host in [&net.ca, &net.cb] {
+        let r = download(host, endpoint(), 2 << 20).unwrap();
+        assert_eq!(r.body, 2 << 20);
+        upload(host, endpoint(), 2 << 20).unwrap();
+    }
+}
+
+/// A client behind a router in vnet-a: the endpoint is on the router's
+/// link, neighbour discovery answered by XDP.
+fn a_routed_ipv6_client_reaches_its_endpoint(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    let _plink = start(&mut net).unwrap();
+    let r = download(&net.cr, endpoint(), 4096).unwrap();
+    assert_eq!(ip_of(r.peer), ORDERS_NAT, "{r:?}");
+}
+
+/// ping6 through the endpoint: echo requests open a flow to a backend
+/// and the replies come back translated.
+fn ping6_through_an_endpoint(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    let _plink = start(&mut net).unwrap();
+    let out = net
+        .ca
+        .exec(
+            "ping",
+            &[
+                "-6",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                &ENDPOINT.to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("3 received"), "{out}");
+}
+
+/// Probes from a consumer to the provider's own IPv6 addresses, sent
+/// straight to the gateway's MAC, never arrive: only endpoints are
+/// reachable.
+fn ipv6_probes_to_provider_addresses_never_arrive(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    let plink = start(&mut net).unwrap();
+    let gw_mac = netns::mac_text(net.gw.mac("c1").unwrap());
+    let before = Gateway::drops(&plink.scrape(&net.gw).unwrap(), "no_endpoint");
+    for target in [
+        ORDERS_BACKENDS[0],
+        ORDERS_NAT,
+        "2001:db8:100::254".parse().unwrap(),
+    ] {
+        net.ca
+            .ip(&[
+                "-6",
+                "route",
+                "replace",
+                &format!("{target}/128"),
+                "dev",
+                "eth0",
+            ])
+            .unwrap();
+        net.ca
+            .ip(&[
+                "-6",
+                "neigh",
+                "replace",
+                &target.to_string(),
+                "lladdr",
+                &gw_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+        let dst = SocketAddrV6::new(target, 8080, 0, 0);
+        let tried = net.ca.run_in(move || {
+            TcpStream::connect_timeout(&dst.into(), Duration::from_millis(500)).is_ok()
+        });
+        assert!(!tried.unwrap(), "{target} answered a consumer");
+    }
+    let served: u64 = net
+        ._servers
+        .iter()
+        .map(|s| s.served.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(served, 0, "a backend was reached without an endpoint");
+    let after = Gateway::drops(&plink.scrape(&net.gw).unwrap(), "no_endpoint");
+    assert!(
+        after > before,
+        "the probes were dropped as no_endpoint ({before} -> {after})"
+    );
+    let _ = &net.pv;
+}
+
+on_both_far_ends!(
+    overlapping_ipv6_consumers_reach_their_own_services_through_nat66,
+    two_mib_each_way_through_nat66,
+    a_routed_ipv6_client_reaches_its_endpoint,
+    ping6_through_an_endpoint,
+    ipv6_probes_to_provider_addresses_never_arrive,
+);
