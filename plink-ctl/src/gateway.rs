@@ -445,7 +445,7 @@ impl Gateway {
                 .backends
                 .iter()
                 .filter(|b| b.state != BackendState::Down)
-                .map(|b| b.addr.into())
+                .map(|b| b.addr)
                 .collect();
             let hops = manage_neighbours(&provider.name, &backends);
             if self.spec.is_none() {

@@ -346,9 +346,8 @@ pub fn plan(
             .into_iter()
             .map(|i| candidates[i as usize].0.0)
             .collect();
-        let wanted = svc.nat.addresses.iter().copied().collect::<Vec<_>>();
         let (nat, left) = nat_slots(
-            &wanted,
+            &svc.nat.addresses,
             (svc.nat.ports.first, svc.nat.ports.last),
             observed.nat_held.get(&svc.id.0).map(Vec::as_slice),
             &observed.nat_ports_in_use,

@@ -190,12 +190,12 @@ fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
         orders,
         vec![
             NatSpec {
-                addr: a(202).into(),
+                addr: a(202),
                 ports: 1024..=2047,
                 draining: true,
             },
             NatSpec {
-                addr: a(200).into(),
+                addr: a(200),
                 ports: 1024..=65535,
                 draining: false,
             },
@@ -205,7 +205,7 @@ fn draining_addresses_held_by_the_pins_keep_draining_after_a_restart() {
     observed.nat_held.insert(
         40,
         vec![NatSpec {
-            addr: a(220).into(),
+            addr: a(220),
             ports: 1024..=65535,
             draining: false,
         }],
