@@ -41,6 +41,11 @@ pub struct Work6 {
     pub opened: u8,
     pub _pad: [u8; 3],
     pub endpoint_id: u32,
+    /// An ICMPv6 error to answer the packet with (`v6::icmp`): its type
+    /// and MTU field, and the flow's service (provider side, for counting).
+    pub err_type: u32,
+    pub err_mtu: u32,
+    pub service_id: u32,
 }
 
 /// ICMP error translation: the quoted packet's conntrack keys, and where a

@@ -5,7 +5,8 @@
 //!
 //! Phase 1 of IPv6: no established fast path or cached next hop (every
 //! packet is looked up and routed), no MSS clamping, no PROXY protocol,
-//! no ICMPv6 errors (a packet that cannot be forwarded is a counted drop).
+//! no ICMPv6 errors from consumer-side routers. A packet that cannot be
+//! forwarded is answered (Packet Too Big, Time Exceeded: `v6::icmp`).
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use plink_common::{
     CtFwdKey, CtFwdValue, DropReason, EndpointValue, GlobalConfig, IPPROTO_TCP, flow_expired,
@@ -13,7 +14,7 @@ use plink_common::{
 };
 
 use super::{
-    NextHop6, nd,
+    ANSWER, NextHop6, icmp, nd,
     parse::{DstMac, ICMP6_ECHO_REQUEST, IPPROTO_ICMPV6, ND_NEIGHBOR_SOLICIT, dst_mac, parse_ipv6},
     rewrite::{Nat6, rewrite6},
     route6,
@@ -122,10 +123,13 @@ fn open_flow(ctx: XdpContext) -> u32 {
         Ok(ep) => ep,
         Err((s, id)) => return s.finish(id),
     };
-    // A packet that cannot be forwarded opens no flow (ICMPv6 time
-    // exceeded back to the consumer is phase 2).
+    // A packet that cannot be forwarded opens no flow: time exceeded comes
+    // back from the endpoint address (the consumer's view of the next hop).
     if w.f.hop <= 1 {
-        return drop(DropReason::TtlExceeded, ep.endpoint_id);
+        w.err_type = icmp::TIME_EXCEEDED;
+        w.err_mtu = 0;
+        w.endpoint_id = ep.endpoint_id;
+        return ANSWER;
     }
     let Some(g) = GLOBAL.get(0) else {
         return drop(DropReason::FibFailed, ep.endpoint_id);
@@ -182,6 +186,13 @@ fn emit_flow(ctx: XdpContext) -> u32 {
         // The packet does not leave: the flow it opened is not kept.
         if opened == Opened::Created as u8 {
             conntrack::release(key, endpoint_id);
+        }
+        if routed.reason() == Some(DropReason::FragNeeded) {
+            // Path MTU discovery: the consumer learns the provider side's
+            // MTU (Packet Too Big from the endpoint address).
+            w.err_type = icmp::PACKET_TOO_BIG;
+            w.err_mtu = hop.mtu as u32;
+            return ANSWER;
         }
         return routed.finish(endpoint_id);
     }

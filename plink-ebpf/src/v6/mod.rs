@@ -4,6 +4,7 @@
 //! were taken by the IPv4 entry before the tail call; the verdict is counted
 //! here (the IPv4 entry's count never runs after a tail call).
 mod consumer;
+mod icmp;
 mod nd;
 mod parse;
 mod provider;
@@ -23,7 +24,7 @@ use aya_ebpf::{
 use plink_common::{Addr, DropReason, role};
 
 use crate::{
-    maps::{IF_STATS, INTERFACES},
+    maps::{EP_STATS, IF_STATS, INTERFACES, SCRATCH_V6, SVC_STATS},
     step::Step,
 };
 
@@ -33,6 +34,9 @@ pub fn plink_consumer6(ctx: XdpContext) -> u32 {
     let mut verdict = consumer::handle(XdpContext { ctx: ctx.ctx });
     if verdict == consumer::FORWARD {
         verdict = consumer::forward(&ctx);
+    }
+    if verdict == ANSWER {
+        verdict = answer(XdpContext { ctx: ctx.ctx }, false);
     }
     if verdict == xdp_action::XDP_DROP && crate::debug::enabled() {
         crate::debug::dropped(0);
@@ -47,10 +51,49 @@ pub fn plink_provider6(ctx: XdpContext) -> u32 {
     if verdict == provider::REPLY {
         verdict = provider::reply(XdpContext { ctx: ctx.ctx });
     }
+    if verdict == ANSWER {
+        verdict = answer(XdpContext { ctx: ctx.ctx }, true);
+    }
     if verdict == xdp_action::XDP_DROP && crate::debug::enabled() {
         crate::debug::dropped(1);
     }
     count_verdict(&ctx, verdict)
+}
+
+/// A verdict of the steps: answer the packet (parsed into `SCRATCH_V6`)
+/// with the ICMPv6 error the scratch slot names. Sent from the top, so the
+/// error builder does not stack on the flow path's frames.
+pub const ANSWER: u32 = u32::MAX - 1;
+
+/// Sends the error the scratch slot describes; on the provider side a
+/// Packet Too Big to a backend counts as `frag_needed_to_backend`.
+#[inline(always)]
+fn answer(ctx: XdpContext, provider_side: bool) -> u32 {
+    let Some(w) = SCRATCH_V6.get_ptr(0) else {
+        return crate::stats::drop(DropReason::Malformed, crate::stats::NO_EP);
+    };
+    // SAFETY: this CPU's scratch slot, written by the steps before.
+    let (ty, mtu, tot_len, ep, svc) = unsafe {
+        let w = &*w;
+        (
+            w.err_type,
+            w.err_mtu,
+            w.f.tot_len as u32,
+            w.endpoint_id,
+            w.service_id,
+        )
+    };
+    let verdict = icmp::answer_error(ctx, ty, mtu, tot_len, ep);
+    if provider_side && ty == icmp::PACKET_TOO_BIG && verdict != xdp_action::XDP_DROP {
+        for c in [SVC_STATS.get_ptr_mut(svc), EP_STATS.get_ptr_mut(ep)]
+            .into_iter()
+            .flatten()
+        {
+            // SAFETY: per-CPU slot, no other writer on this CPU.
+            unsafe { (*c).frag_needed_to_backend += 1 };
+        }
+    }
+    verdict
 }
 
 /// Counts the verdict against the ingress interface (its frame was counted

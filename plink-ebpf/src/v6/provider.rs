@@ -2,7 +2,9 @@
 //! their consumer (NAT66 undone); neighbour solicitations for NAT addresses
 //! are answered; everything else is the gateway's own traffic and passes.
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::generated::{bpf_check_mtu, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
 };
 use plink_common::{
     Addr, CtRevKey, DropReason, IPPROTO_TCP, NatAddrInfo, flow_expired, last_seen_moved,
@@ -10,7 +12,7 @@ use plink_common::{
 };
 
 use super::{
-    nd,
+    ANSWER, icmp, nd,
     parse::{
         DstMac, ICMP6_ECHO_REPLY, IP6_DADDR, IPPROTO_ICMPV6, ND_NEIGHBOR_SOLICIT, dst_mac,
         parse_ipv6,
@@ -146,10 +148,22 @@ pub fn reply(ctx: XdpContext) -> u32 {
     if f.hop <= 1 {
         return drop(DropReason::TtlExceeded, endpoint_id);
     }
-    // Too big for the consumer interface: a counted drop (ICMPv6 packet
-    // too big to the backend is phase 2).
-    if !forward::fits_mtu(ctx, v.ingress_ifindex) {
-        return drop(DropReason::FragNeeded, endpoint_id);
+    // Too big for the consumer interface (the redirect would be dropped
+    // after XDP, invisibly): Packet Too Big to the backend from the NAT
+    // address, with the consumer interface's MTU (see `pmtu.rs`).
+    if let Some(mtu) = too_big(ctx, v.ingress_ifindex) {
+        if mtu == 0 {
+            return drop(DropReason::FragNeeded, endpoint_id);
+        }
+        // SAFETY: this CPU's scratch slot; `f` is not used after this.
+        unsafe {
+            let w = w.cast_mut();
+            (*w).err_type = icmp::PACKET_TOO_BIG;
+            (*w).err_mtu = mtu;
+            (*w).endpoint_id = endpoint_id;
+            (*w).service_id = v.service_id;
+        }
+        return ANSWER;
     }
     if last_seen_moved(v.last_seen_ns, now) {
         v.last_seen_ns = now;
@@ -168,6 +182,23 @@ pub fn reply(ctx: XdpContext) -> u32 {
         flowlog::count(v, f.tot_len as u64, true);
     }
     forward::redirect(v.ingress_ifindex, endpoint_id)
+}
+
+/// `bpf_check_mtu`'s answer for a frame larger than the device's MTU.
+const BPF_MTU_CHK_RET_FRAG_NEEDED: i64 = 1;
+
+/// `None` when the frame fits interface `ifindex`'s MTU; else that MTU
+/// (0 when the interface is gone).
+#[inline(always)]
+fn too_big(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
+    let mut mtu: u32 = 0;
+    // SAFETY: valid ctx and out pointer; 0 = check the frame as it is.
+    let rc = unsafe { bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu, 0, 0) };
+    match rc {
+        0 => None,
+        BPF_MTU_CHK_RET_FRAG_NEEDED => Some(mtu),
+        _ => Some(0),
+    }
 }
 
 /// The NAT address `dst`, if plink owns (or just retired) it.

@@ -141,6 +141,124 @@ fn tx6(want: Vec<u8>) -> Want {
     Want::Tx(want)
 }
 
+const ICMP6_PACKET_TOO_BIG: u8 = 2;
+const ICMP6_TIME_EXCEEDED: u8 = 3;
+
+/// The ICMPv6 error (code 0, `rest` the MTU field) the gateway answers
+/// `offending` with: from its destination to its source, out of the
+/// interface `gw_mac` it came in on, quoting as much of it as fits 1280
+/// bytes (RFC 4443 2.4 (c)), hop limit 64.
+fn icmp6_error(offending: &[u8], ty: u8, rest: u32, gw_mac: [u8; 6]) -> Vec<u8> {
+    let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&offending[at..at + 16]).unwrap());
+    let plen = u16::from_be_bytes([offending[18], offending[19]]) as usize;
+    let quote = &offending[14..14 + (40 + plen).min(1280 - 48)];
+    let mac: [u8; 6] = offending[6..12].try_into().unwrap();
+    Ipv6Packet::icmp(addr(38), addr(22), ty, 0, rest, quote)
+        .macs(gw_mac, mac)
+        .build()
+}
+
+/// A consumer packet too big for the provider route's MTU: Packet Too Big
+/// (with that MTU) from the endpoint address, quoting 1232 bytes; no flow
+/// is opened for it.
+#[test]
+fn golden_ipv6_packet_too_big_to_the_consumer() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "p0", "mtu", "1280"]).unwrap();
+    golden(&gw, spec6(&gw), |b, n, _| {
+        let client = (CLIENT6, 5000);
+        let ep = (EP6_UDP, 53);
+        let key = fwd_key6(client, ep, IPPROTO_UDP);
+        let nat = (NAT6_UDP, first_port(&key, UDP_PORTS));
+        let backend = (BACKEND6, 5353);
+        // 40 + 8 + 1232 = 1280 bytes of IPv6: fits exactly.
+        let fits = Ipv6Packet::udp(client, ep, &[7; 1232]).macs(CLIENT_MAC, n.c1_mac);
+        let big = Ipv6Packet::udp((CLIENT6, 5001), ep, &[7; 1233])
+            .macs(CLIENT_MAC, n.c1_mac)
+            .build();
+        let ptb = icmp6_error(&big, ICMP6_PACKET_TOO_BIG, 1280, n.c1_mac);
+        assert_eq!(ptb.len(), 14 + 1280, "the error is 1280 bytes of IPv6");
+        let tcp_big = {
+            let mut p = Ipv6Packet::tcp((CLIENT6, 40000), (EP6_TCP, 80), TCP_SYN)
+                .macs(CLIENT_MAC, n.c1_mac);
+            p.payload = vec![9; 1300];
+            p.build()
+        };
+        b.run(vec![
+            consumer(
+                "1280 bytes fit",
+                n.c1,
+                fits.build(),
+                redirect6(translated6(&fits, n.p0_mac, backend, nat)),
+            )
+            .deltas(opens(EP_ID_UDP)),
+            consumer(
+                "1281 bytes: packet too big, MTU 1280, from the endpoint address",
+                n.c1,
+                &big,
+                tx6(ptb),
+            )
+            .deltas([(Counter::Flows, 0)]),
+            consumer(
+                "a too-big TCP SYN: packet too big, no flow",
+                n.c1,
+                &tcp_big,
+                tx6(icmp6_error(&tcp_big, ICMP6_PACKET_TOO_BIG, 1280, n.c1_mac)),
+            )
+            .deltas([(Counter::Flows, 0)]),
+            Step::expect("only the flow of the packet that left is open", |b| {
+                assert_eq!(b.dp.list_conntrack().unwrap().len(), 1, "one flow");
+            }),
+        ]);
+    });
+}
+
+/// A reply too big for the consumer interface: Packet Too Big to the
+/// backend from the NAT address, with the consumer interface's MTU,
+/// quoting the reply as the backend sent it; the reply is not forwarded.
+#[test]
+fn golden_ipv6_packet_too_big_to_the_backend() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "c1", "mtu", "1280"]).unwrap();
+    golden(&gw, spec6(&gw), |b, n, _| {
+        let client = (CLIENT6, 5000);
+        let ep = (EP6_UDP, 53);
+        let key = fwd_key6(client, ep, IPPROTO_UDP);
+        let nat = (NAT6_UDP, first_port(&key, UDP_PORTS));
+        let backend = (BACKEND6, 5353);
+        let q = Ipv6Packet::udp(client, ep, b"q").macs(CLIENT_MAC, n.c1_mac);
+        let reply =
+            |len| Ipv6Packet::udp(backend, nat, &vec![7; len]).macs(BACKEND10_MAC, n.p0_mac);
+        let fits = reply(1232);
+        let too_big = reply(1233).build();
+        b.run(vec![
+            consumer(
+                "the UDP flow",
+                n.c1,
+                q.build(),
+                Want::Verdict(verdict::REDIRECT),
+            ),
+            provider(
+                "a 1280-byte reply fits",
+                n.p0,
+                fits.build(),
+                redirect6(untranslated6(&fits, n.c1_mac, ep, client)),
+            ),
+            provider(
+                "a 1281-byte reply: packet too big to the backend, MTU 1280",
+                n.p0,
+                &too_big,
+                tx6(icmp6_error(&too_big, ICMP6_PACKET_TOO_BIG, 1280, n.p0_mac)),
+            )
+            .deltas([
+                (Counter::Service(4, Field::FragNeededToBackend), 1),
+                (Counter::Endpoint(EP_ID_UDP, Field::FragNeededToBackend), 1),
+            ]),
+            Step::count(Counter::Endpoint(EP_ID_UDP, Field::PacketsOut), 1),
+        ]);
+    });
+}
+
 #[test]
 fn golden_ipv6_neighbour_discovery() {
     let gw = gateway();
@@ -286,11 +404,12 @@ fn golden_ipv6_tcp_through_nat66() {
                 redirect6(untranslated6(&reply, n.c1_mac, ep, client)),
             ),
             consumer(
-                "hop limit 1: ttl_exceeded",
+                "hop limit 1: time exceeded from the endpoint address, no flow",
                 n.c1,
                 hop1.build(),
-                Want::Drop(DropReason::TtlExceeded),
-            ),
+                tx6(icmp6_error(&hop1.build(), ICMP6_TIME_EXCEEDED, 0, n.c1_mac)),
+            )
+            .deltas([(Counter::Flows, 0)]),
             provider(
                 "a reply of no flow to a NAT address: reply_no_flow",
                 n.p0,
