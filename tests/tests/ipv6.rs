@@ -47,6 +47,7 @@ struct Net {
     topo: Topology,
     ca: Host,
     cb: Host,
+    ra: Host,
     cr: Host,
     gw: Host,
     pv: Host,
@@ -113,6 +114,7 @@ fn build(far: FarEnds) -> anyhow::Result<Net> {
         topo,
         ca,
         cb,
+        ra,
         cr,
         gw,
         pv,
@@ -356,6 +358,66 @@ fn two_mib_each_way_through_nat66(far: FarEnds) {
     }
 }
 
+/// Path MTU discovery through NAT66, consumer side: the gateway's route to
+/// the provider prefix has MTU 1400 while every link is 1500, so TCP's MSS
+/// does not help. The client's 1500-byte segments are answered with Packet
+/// Too Big from the endpoint address; it lowers its path MTU and the 2 MiB
+/// upload (and a download) complete.
+fn packet_too_big_to_the_client_for_a_small_provider_route(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    // The kernel's own route (metric 256) replaced, not shadowed; locked,
+    // as the FIB lookup honours a route's MTU only then.
+    net.gw
+        .ip(&[
+            "-6",
+            "route",
+            "replace",
+            "2001:db8:100::/64",
+            "dev",
+            "p0",
+            "metric",
+            "256",
+            "mtu",
+            "lock",
+            "1400",
+        ])
+        .unwrap();
+    let _plink = start(&mut net).unwrap();
+    upload(&net.ca, endpoint(), 2 << 20).unwrap();
+    let r = download(&net.ca, endpoint(), 2 << 20).unwrap();
+    assert_eq!(r.body, 2 << 20);
+    let route = net
+        .ca
+        .ip(&["-6", "route", "get", &ENDPOINT.to_string()])
+        .unwrap();
+    assert!(
+        route.contains("mtu 1400"),
+        "the client learnt the path MTU from the gateway: {route}"
+    );
+}
+
+/// Path MTU discovery through NAT66, backend side: the routed client's
+/// router links to the gateway at MTU 1400 (its own link is 1500, so it
+/// announces a 1440-byte MSS). The backend's 1500-byte replies are too big
+/// for the consumer interface: it gets Packet Too Big from the NAT address
+/// and the 2 MiB download completes; the upload too (the router tells the
+/// client).
+fn packet_too_big_to_the_backend_for_a_small_consumer_link(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    net.gw.ip(&["link", "set", "c3", "mtu", "1400"]).unwrap();
+    net.ra.ip(&["link", "set", "eth0", "mtu", "1400"]).unwrap();
+    let plink = start(&mut net).unwrap();
+    let r = download(&net.cr, endpoint(), 2 << 20).unwrap();
+    assert_eq!(r.body, 2 << 20);
+    upload(&net.cr, endpoint(), 2 << 20).unwrap();
+    let scrape = plink.scrape(&net.gw).unwrap();
+    let sent = Gateway::sample(
+        &scrape,
+        "plink_service_frag_needed_sent_total{service=\"orders6\"}",
+    );
+    assert!(sent > 0, "the backend was told the consumer MTU:\n{scrape}");
+}
+
 /// A client behind a router in vnet-a: the endpoint is on the router's
 /// link, neighbour discovery answered by XDP.
 fn a_routed_ipv6_client_reaches_its_endpoint(far: FarEnds) {
@@ -452,4 +514,6 @@ on_both_far_ends!(
     a_routed_ipv6_client_reaches_its_endpoint,
     ping6_through_an_endpoint,
     ipv6_probes_to_provider_addresses_never_arrive,
+    packet_too_big_to_the_client_for_a_small_provider_route,
+    packet_too_big_to_the_backend_for_a_small_consumer_link,
 );
