@@ -149,3 +149,179 @@ fn fold(mut s: u64) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s as u16
 }
+
+/// Offsets of an ICMPv6 error's quote: the IPv6 header plink sent and the
+/// first 8 transport bytes (ports, or echo type/code/checksum/identifier).
+const IN_IP: usize = QUOTE_OFF;
+const IN_SADDR: usize = IN_IP + 8;
+const IN_DADDR: usize = IN_IP + 24;
+const IN_L4: usize = IN_IP + IP6_LEN;
+const IN_UDP_CHECK: usize = IN_L4 + 6;
+const IN_TCP_CHECK: usize = IN_L4 + 16;
+const IN_ICMP_CHECK: usize = IN_L4 + 2;
+
+/// Is this ICMPv6 type an error that quotes a packet (destination
+/// unreachable, packet too big, time exceeded, parameter problem)?
+#[inline(always)]
+pub fn is_error(t: u8) -> bool {
+    (1..=4).contains(&t)
+}
+
+/// An ICMPv6 error from the provider side to a NAT address (parsed into
+/// the scratch slot) about a packet of a live flow: the quote becomes the
+/// packet as the client sent it (client → endpoint), the error goes from
+/// the endpoint address to the client, out of the flow's consumer
+/// interface (RFC 5508 §4.2, for NAT66). Errors do not refresh the flow.
+#[inline(never)]
+pub fn provider_error(ctx: XdpContext, tot_len: u32) -> u32 {
+    match translate(&ctx, tot_len as usize) {
+        Ok((ifindex, ep)) => crate::forward::redirect(ifindex, ep),
+        Err((r, ep)) => drop(r, ep),
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &XdpContext, tot_len: usize) -> Result<(u32, u32), (DropReason, u32)> {
+    use plink_common::{CtRevKey, IPPROTO_TCP, IPPROTO_UDP, csum, flow_expired};
+
+    use crate::{
+        maps::{CT_FWD, CT_REV, GLOBAL},
+        parse::store,
+        stats::NO_EP,
+    };
+    let malformed = (DropReason::Malformed, NO_EP);
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    if tot_len < IP6_LEN + 8 + IP6_LEN + 8 {
+        return Err(malformed);
+    }
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: offsets below IN_L4 + 8 are inside the checked region.
+    let (ver, proto, hop, out_src, out_dst, q_src, q_dst, l4, ic) = unsafe {
+        let a = |off: usize| p.add(off).cast::<Addr>().read_unaligned();
+        let h = |off: usize| p.add(off).cast::<u16>().read_unaligned();
+        (
+            *p.add(IN_IP) >> 4,
+            *p.add(IN_IP + 6),
+            *p.add(IP6_OFF + 7),
+            a(IP6_OFF + 8),
+            a(IP6_OFF + 24),
+            a(IN_SADDR),
+            a(IN_DADDR),
+            [h(IN_L4), h(IN_L4 + 2), h(IN_L4 + 4)],
+            h(L4_OFF + 2),
+        )
+    };
+    // The quote must be a packet plink sent from the NAT address the error
+    // is addressed to.
+    if ver != 6 || q_src != out_dst {
+        return Err(no_flow);
+    }
+    let (nat_port, backend_port) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (l4[0], l4[1]),
+        IPPROTO_ICMPV6 if l4[0].to_ne_bytes()[0] == super::parse::ICMP6_ECHO_REQUEST => (l4[2], 0),
+        _ => return Err(no_flow),
+    };
+    let rev = CtRevKey {
+        nat_addr_be: q_src,
+        backend_addr_be: q_dst,
+        nat_port_be: nat_port,
+        backend_port_be: backend_port,
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: map values, read only: an error does not refresh the flow.
+    let Some(owner) = (unsafe { CT_REV.get(&rev) }) else {
+        return Err(no_flow);
+    };
+    // SAFETY: as above.
+    let Some(v) = (unsafe { CT_FWD.get(&owner.fwd) }) else {
+        return Err(no_flow);
+    };
+    let ep = v.endpoint_id;
+    if v.nat_addr_be != q_src
+        || v.nat_port_be != nat_port
+        || v.backend_addr_be != q_dst
+        || v.backend_port_be != backend_port
+    {
+        return Err((DropReason::CtBroken, ep));
+    }
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    if flow_expired(v, now, &g.timeouts) || !crate::endpoint::current(v) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    if hop <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let (client, endpoint) = (owner.fwd.src_addr_be, owner.fwd.dst_addr_be);
+    let (client_port, endpoint_port) = (owner.fwd.src_port_be, owner.fwd.dst_port_be);
+    // The outer checksum covers the pseudo-header and every quoted byte.
+    let mut c = csum::update128(ic, &out_src, &endpoint);
+    c = csum::update128(c, &out_dst, &client);
+    c = csum::update128(c, &q_src, &client);
+    c = csum::update128(c, &q_dst, &endpoint);
+    let malformed = (DropReason::Malformed, ep);
+    // The quoted transport checksum (where quoted) follows its pseudo-header
+    // and ports, as Linux expects of a quote it matches to a socket.
+    let inner_off = match proto {
+        IPPROTO_TCP => IN_TCP_CHECK,
+        IPPROTO_UDP => IN_UDP_CHECK,
+        _ => IN_ICMP_CHECK,
+    };
+    let mut inner = None;
+    if IP6_OFF + tot_len >= inner_off + 2
+        && let Some(old) = load::<u16>(ctx, inner_off)
+    {
+        let mut l = csum::update128(old, &q_src, &client);
+        l = csum::update128(l, &q_dst, &endpoint);
+        if proto == IPPROTO_ICMPV6 {
+            l = csum::update16(l, l4[2], client_port);
+        } else {
+            l = csum::update16(l, l4[0], client_port);
+            l = csum::update16(l, l4[1], endpoint_port);
+            if proto == IPPROTO_UDP {
+                l = csum::udp_finish(old, l);
+            }
+        }
+        c = csum::update16(c, old, l);
+        inner = Some(l);
+    }
+    let stored = if proto == IPPROTO_ICMPV6 {
+        c = csum::update16(c, l4[2], client_port);
+        store::<u16>(ctx, IN_L4 + 4, client_port)
+    } else {
+        c = csum::update16(c, l4[0], client_port);
+        c = csum::update16(c, l4[1], endpoint_port);
+        store::<[u16; 2]>(ctx, IN_L4, [client_port, endpoint_port])
+    };
+    if !stored {
+        return Err(malformed);
+    }
+    if let Some(l) = inner
+        && !store::<u16>(ctx, inner_off, l)
+    {
+        return Err(malformed);
+    }
+    let ok = store::<Addr>(ctx, IN_SADDR, client)
+        && store::<Addr>(ctx, IN_DADDR, endpoint)
+        && store::<Addr>(ctx, IP6_OFF + 8, endpoint)
+        && store::<Addr>(ctx, IP6_OFF + 24, client)
+        && store::<u8>(ctx, IP6_OFF + 7, hop - 1)
+        && store::<u16>(ctx, L4_OFF + 2, c)
+        && store::<[u8; 6]>(ctx, 0, v.client_mac)
+        && store::<[u8; 6]>(ctx, 6, v.gw_mac);
+    if !ok {
+        return Err(malformed);
+    }
+    if !crate::forward::fits_mtu(ctx, v.ingress_ifindex) {
+        return Err((DropReason::FragNeeded, ep));
+    }
+    crate::stats::count_packet(v, tot_len as u64, true);
+    Ok((v.ingress_ifindex, ep))
+}

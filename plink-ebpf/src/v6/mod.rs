@@ -50,6 +50,12 @@ pub fn plink_provider6(ctx: XdpContext) -> u32 {
     let mut verdict = provider::handle(XdpContext { ctx: ctx.ctx });
     if verdict == provider::REPLY {
         verdict = provider::reply(XdpContext { ctx: ctx.ctx });
+    } else if verdict == provider::ERROR {
+        // SAFETY: this CPU's scratch slot, written by `handle`.
+        let tot_len = SCRATCH_V6
+            .get_ptr(0)
+            .map_or(0, |w| unsafe { (*w).f.tot_len } as u32);
+        verdict = icmp::provider_error(XdpContext { ctx: ctx.ctx }, tot_len);
     }
     if verdict == ANSWER {
         verdict = answer(XdpContext { ctx: ctx.ctx }, true);

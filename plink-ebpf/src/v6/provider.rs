@@ -30,6 +30,10 @@ use crate::{
 /// scratch slot): [`reply`] takes it on.
 pub const REPLY: u32 = u32::MAX;
 
+/// [`handle`]'s verdict for an ICMPv6 error to a NAT address (parsed into
+/// the scratch slot): `v6::icmp::provider_error` takes it on.
+pub const ERROR: u32 = u32::MAX - 2;
+
 /// Everything but replies: interface, MAC, parse, neighbour discovery, the
 /// gateway's own traffic. Returns the verdict, or [`REPLY`].
 // Out of line, as `reply`: each chain gets the 512-byte stack to itself.
@@ -82,7 +86,8 @@ pub fn handle(ctx: XdpContext) -> u32 {
             Some(n) if n.flags & nat_addr_flags::RETIRED != 0 => {
                 return drop(DropReason::NatRetired, NO_EP);
             }
-            // ICMPv6 errors about flows are phase 2.
+            // An error about a flow's packet: translated by `v6::icmp`.
+            Some(_) if icmp::is_error(f.tcp_flags) => return ERROR,
             Some(_) => return drop(DropReason::IcmpUnsupported, NO_EP),
         }
     }

@@ -259,6 +259,65 @@ fn golden_ipv6_packet_too_big_to_the_backend() {
     });
 }
 
+/// ICMPv6 errors from the provider side about a flow's packet: the quote
+/// is translated back (NAT address/port → client, backend → endpoint),
+/// the error goes from the endpoint address to the client; an error about
+/// no flow is dropped.
+#[test]
+fn golden_ipv6_provider_errors_about_a_flow() {
+    let gw = gateway();
+    golden(&gw, spec6(&gw), |b, n, _| {
+        let client = (CLIENT6, 5000);
+        let ep = (EP6_UDP, 53);
+        let key = fwd_key6(client, ep, IPPROTO_UDP);
+        let nat = (NAT6_UDP, first_port(&key, UDP_PORTS));
+        let backend = (BACKEND6, 5353);
+        let q = Ipv6Packet::udp(client, ep, b"query").macs(CLIENT_MAC, n.c1_mac);
+        let sent = translated6(&q, n.p0_mac, backend, nat);
+        // What the client sees quoted: its packet, hop limit as it arrived.
+        let mut own = q.clone();
+        own.hop -= 1;
+        let error = |ty, code, rest, quote: &[u8]| {
+            Ipv6Packet::icmp(BACKEND6, NAT6_UDP, ty, code, rest, quote)
+                .macs(BACKEND10_MAC, n.p0_mac)
+        };
+        let back = |ty, code, rest| {
+            let mut e = Ipv6Packet::icmp(EP6_UDP, CLIENT6, ty, code, rest, &own.build()[14..])
+                .macs(n.c1_mac, CLIENT_MAC);
+            e.hop = 63;
+            e.build()
+        };
+        let mut steps = vec![consumer(
+            "the UDP flow",
+            n.c1,
+            q.build(),
+            redirect6(sent.clone()),
+        )];
+        for (ty, code, rest, name) in [
+            (1u8, 4u8, 0u32, "port unreachable"),
+            (2, 0, 1280, "packet too big"),
+            (3, 0, 0, "time exceeded"),
+            (4, 0, 40, "parameter problem"),
+        ] {
+            steps.push(provider(
+                format!("{name}: translated back to the client"),
+                n.p0,
+                error(ty, code, rest, &sent[14..]).build(),
+                redirect6(back(ty, code, rest)),
+            ));
+        }
+        let mut other = sent.clone();
+        other[56..58].copy_from_slice(&999u16.to_be_bytes());
+        steps.push(provider(
+            "an error about no flow: icmp_error_no_flow",
+            n.p0,
+            error(1, 4, 0, &other[14..]).build(),
+            Want::Drop(DropReason::IcmpErrorNoFlow),
+        ));
+        b.run(steps);
+    });
+}
+
 #[test]
 fn golden_ipv6_neighbour_discovery() {
     let gw = gateway();
