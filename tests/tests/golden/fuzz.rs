@@ -850,7 +850,8 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
     check_counters(&mut b, &model, &ifstats0, drops0);
     let sent: u64 = model.verdicts.values().sum();
     eprintln!(
-        "{sent} frames in {:?}: {} forwarded, {} flows in the model; mutations by kind {kinds:?}",
+        "{sent} frames ({} templates) in {:?}: {} forwarded, {} flows in the model; mutations by kind {kinds:?}",
+        templates.len(),
         started.elapsed(),
         model.forwarded,
         model.fwd.len()
