@@ -403,6 +403,13 @@ pub fn l4_checksum6_ok(frame: &[u8]) -> bool {
     fold(l4_sum6(frame)) == 0xffff
 }
 
+/// How far the L4 checksum of an Ethernet/IPv6 frame is from the correct
+/// one (0 = valid), as [`l4_checksum_error`] for IPv4.
+pub fn l4_checksum6_error(frame: &[u8]) -> u16 {
+    let s = fold(l4_sum6(frame));
+    if s == 0xffff { 0 } else { s }
+}
+
 /// The solicited-node multicast address of `target` (RFC 4291 2.7.1) and
 /// its MAC (RFC 2464 7).
 pub fn solicited_node(target: Ipv6Addr) -> (Ipv6Addr, [u8; 6]) {

@@ -176,15 +176,21 @@ fn main() -> anyhow::Result<()> {
     ));
 
     // PLINK_BENCH_ONLY=perpacket|live|scale runs one part, `proxy` only the
-    // per-packet proxy-protocol rows (development only).
+    // per-packet proxy-protocol rows, `ipv6` only the per-packet established
+    // rows of both families (development only).
     let only = std::env::var("PLINK_BENCH_ONLY").unwrap_or_default();
     let none = || perpacket::Output {
         markdown: String::new(),
         json: serde_json::Value::Null,
     };
-    let pp = if only.is_empty() || only == "perpacket" || only == "proxy" {
+    let pp = if only.is_empty() || only == "perpacket" || only == "proxy" || only == "ipv6" {
         println!("\n=== per-packet cost (BPF_PROG_TEST_RUN)");
-        perpacket::run(&settings, only == "proxy").context("per-packet benchmark")?
+        let rows = match only.as_str() {
+            "proxy" => perpacket::Only::Proxy,
+            "ipv6" => perpacket::Only::Ipv6,
+            _ => perpacket::Only::All,
+        };
+        perpacket::run(&settings, rows).context("per-packet benchmark")?
     } else {
         none()
     };

@@ -23,8 +23,8 @@
 //!   miss, admission caps, Maglev, NAT port allocation, three inserts) and
 //!   then the whole forward path;
 //! - `drop`: plink_consumer, a packet to an address with no endpoint
-//!   (counted as `no_endpoint`); an IPv6 frame (dropped after the
-//!   EtherType); a TCP ACK to an approved endpoint without a flow (endpoint
+//!   (counted as `no_endpoint`); an IPv6 frame with a hop-by-hop header
+//!   (the tail call to the IPv6 program, dropped at its next header); a TCP ACK to an approved endpoint without a flow (endpoint
 //!   hit, conntrack miss). The drop rows are a ladder: each adds a known
 //!   set of steps of the established path, so their differences say where
 //!   the established path's time goes;
@@ -35,9 +35,14 @@
 //!   reverse (the backend's segment, its ack moved down when on), and the
 //!   first data segment again (a retransmission: the header is inserted
 //!   with `xdp_adjust_head`). `PLINK_BENCH_ONLY=proxy` runs only these rows
-//!   and `bench_fwd`.
+//!   and `bench_fwd`;
+//! - `IPv6 forward / reverse established` (issue 19): the UDP established
+//!   rows over IPv6 (NAT66; 80-byte frames for IPv4's 60, the same 18
+//!   bytes of payload), through the tail-called IPv6 programs.
+//!   `PLINK_BENCH_ONLY=ipv6` runs only these rows, the IPv4 established
+//!   rows they are compared with, and `bench_fwd`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
@@ -53,7 +58,7 @@ use plink_ctl::{
 use plink_tests::{
     golden::verdict,
     netns::{Host, Topology},
-    packet::{Ipv4Packet, TCP_ACK, TCP_SYN},
+    packet::{Ipv4Packet, Ipv6Packet, TCP_ACK, TCP_SYN},
 };
 
 use crate::{Settings, Spread, generator::pin_thread};
@@ -64,6 +69,11 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const NOT_AN_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 1);
+const ENDPOINT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x100);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+/// Endpoint id of the IPv6 endpoint (UDP 53, service 2).
+const ENDPOINT6_ID: u32 = 4;
 /// Established flows of the established rows.
 const FLOWS: u16 = 1024;
 /// CPU the measuring thread is pinned to.
@@ -74,13 +84,13 @@ pub struct Output {
     pub json: serde_json::Value,
 }
 
-const ROWS: [&str; 14] = [
+const ROWS: [&str; 16] = [
     "bench_fwd (minimal forwarder)",
     "forward established",
     "reverse established",
     "new flow",
     "drop (no endpoint)",
-    "drop (IPv6)",
+    "drop (IPv6 extension header)",
     "drop (TCP without a flow)",
     "forward established, flow logs on",
     "reverse established, flow logs on",
@@ -89,9 +99,23 @@ const ROWS: [&str; 14] = [
     "TCP reverse established, proxy protocol off",
     "TCP reverse established, proxy protocol on",
     "TCP first data segment again, proxy protocol on (header inserted)",
+    "IPv6 forward established",
+    "IPv6 reverse established",
 ];
 /// Index of the first proxy-protocol row.
 const PROXY_ROWS: usize = 9;
+/// Index of the first IPv6 row (after the five proxy-protocol rows).
+const IPV6_ROWS: usize = 14;
+
+/// Which rows a run measures (`PLINK_BENCH_ONLY`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    All,
+    /// `proxy`: bench_fwd and the proxy-protocol rows.
+    Proxy,
+    /// `ipv6`: bench_fwd, the IPv4 and IPv6 established rows.
+    Ipv6,
+}
 /// Endpoint ports of the TCP rows: without and with PROXY headers.
 const TCP_PORT_OFF: u16 = 80;
 const TCP_PORT_ON: u16 = 81;
@@ -119,6 +143,32 @@ fn build() -> anyhow::Result<(Topology, Host, Ifaces)> {
     // bpf_fib_lookup from an ingress device needs forwarding on it (the
     // minimal forwarder looks up from c1, plink from p0).
     gw.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+    // IPv6 on the provider side only (test hosts start with it off), as in
+    // the golden tests: p0 forwards (bpf_fib_lookup needs it), the IPv6
+    // backend's neighbour is permanent.
+    gw.sysctl("net.ipv6.conf.p0.disable_ipv6", "0")?;
+    gw.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:100::254/64",
+        "dev",
+        "p0",
+        "nodad",
+    ])?;
+    gw.sysctl("net.ipv6.conf.p0.forwarding", "1")?;
+    gw.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        &BACKEND6.to_string(),
+        "lladdr",
+        "02:00:00:00:01:10",
+        "dev",
+        "p0",
+        "nud",
+        "permanent",
+    ])?;
     gw.ip(&[
         "neigh",
         "replace",
@@ -185,6 +235,20 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 mss_clamp: plink_common::MSS_CLAMP_OFF,
                 flow_log_sample: 1,
             },
+            // The IPv6 rows: the same service shape over NAT66.
+            ServiceSpec {
+                id: 2,
+                nat: (0..8)
+                    .map(|n| NatSpec {
+                        addr: Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x200 + n).into(),
+                        ports: 1024..=65535,
+                        draining: false,
+                    })
+                    .collect(),
+                lookup: vec![2],
+                mss_clamp: plink_common::MSS_CLAMP_OFF,
+                flow_log_sample: 0,
+            },
         ],
         backends: vec![
             BackendSpec {
@@ -197,6 +261,12 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 id: 1,
                 service_id: 1,
                 addr: BACKEND.into(),
+                state: BackendState::Active,
+            },
+            BackendSpec {
+                id: 2,
+                service_id: 2,
+                addr: BACKEND6.into(),
                 state: BackendState::Active,
             },
         ],
@@ -274,6 +344,20 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                     max_flows: 100_000_000,
                     new_flows_per_sec: 100_000_000,
                 }
+            },
+            EndpointSpec {
+                id: ENDPOINT6_ID,
+                network_id: 1,
+                addr: ENDPOINT6.into(),
+                service_id: 2,
+                protocol: Protocol::Udp,
+                ports: vec![PortSpec {
+                    port: 53,
+                    target_port: 5353,
+                }],
+                state: EndpointState::Approved,
+                max_flows: 100_000_000,
+                new_flows_per_sec: 100_000_000,
             },
         ],
         retired_nat: Default::default(),
@@ -414,6 +498,13 @@ fn tcp_flows(
     Ok(out)
 }
 
+/// 80-byte IPv6 UDP frame (18 bytes of payload).
+fn udp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    Ipv6Packet::udp(src, dst, &[0x5a; 18])
+        .macs(smac, dmac)
+        .build()
+}
+
 /// 60-byte UDP frame (18 bytes of payload).
 fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
     Ipv4Packet::udp(src, dst, &[0x5a; 18])
@@ -481,12 +572,7 @@ fn new_flow_frame(n: u32, c1_mac: [u8; 6]) -> Vec<u8> {
 
 /// One round: a fresh dataplane, 1,024 established flows, every row.
 /// Returns ns per packet (run-time stats) and per-call duration per row.
-fn round(
-    i: &Ifaces,
-    runs: u32,
-    new_flow_base: u32,
-    proxy_only: bool,
-) -> anyhow::Result<Vec<(f64, f64)>> {
+fn round(i: &Ifaces, runs: u32, new_flow_base: u32, only: Only) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut dp = Dataplane::load_with(
         EBPF_OBJECT,
         None,
@@ -556,7 +642,8 @@ fn round(
         })
         .collect();
 
-    // A 60-byte IPv6 frame (header only): dropped right after the EtherType.
+    // A 60-byte IPv6 frame (header only, next header 0): the IPv6 program
+    // drops it as soon as it reads the next header (hop-by-hop options).
     let mut v6 = vec![0u8; 60];
     v6[..6].copy_from_slice(&i.c1_mac);
     v6[6..12].copy_from_slice(&CLIENT_MAC);
@@ -581,8 +668,11 @@ fn round(
         verdict::REDIRECT,
         |n| pick(&ref_frames, n),
     )?);
-    if proxy_only {
-        out.extend(std::iter::repeat_n((f64::NAN, f64::NAN), PROXY_ROWS - 1));
+    let not_run = |out: &mut Vec<(f64, f64)>, rows: usize| {
+        out.extend(std::iter::repeat_n((f64::NAN, f64::NAN), rows));
+    };
+    if only == Only::Proxy {
+        not_run(&mut out, PROXY_ROWS - 1);
     } else {
         other_rows(
             &mut dp,
@@ -597,13 +687,80 @@ fn round(
             &drop_frames,
             &v6_frames,
             &ack_frames,
+            only == Only::Ipv6,
         )?;
     }
-    proxy_rows(&mut dp, i, runs, &mut out)?;
+    if only == Only::Ipv6 {
+        not_run(&mut out, IPV6_ROWS - PROXY_ROWS);
+    } else {
+        proxy_rows(&mut dp, i, runs, &mut out)?;
+    }
+    if only == Only::Proxy {
+        not_run(&mut out, ROWS.len() - IPV6_ROWS);
+    } else {
+        ipv6_rows(&mut dp, i, runs, &mut out)?;
+    }
     Ok(out)
 }
 
-/// Rows 1 to 8: the UDP established paths, new flows, drops, flow logs.
+/// The IPv6 established rows: 1,024 UDP flows through NAT66, opened in
+/// this round's dataplane, then the client's packets and the backend's
+/// replies measured as the IPv4 established rows.
+fn ipv6_rows(
+    dp: &mut Dataplane,
+    i: &Ifaces,
+    runs: u32,
+    out: &mut Vec<(f64, f64)>,
+) -> anyhow::Result<()> {
+    let fwd: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|n| udp6((CLIENT6, 20_000 + n), (ENDPOINT6, 53), CLIENT_MAC, i.c1_mac))
+        .collect();
+    let mut rev = Vec::with_capacity(fwd.len());
+    for f in &fwd {
+        let r = plink_tests::golden::run(dp.program(prog_names::CONSUMER)?, i.c1, f)?;
+        ensure!(
+            r.verdict == verdict::REDIRECT,
+            "opening an IPv6 flow: verdict {}",
+            r.verdict
+        );
+        let o = &r.output;
+        let nat: [u8; 16] = o[22..38].try_into()?;
+        let nat_port = u16::from_be_bytes([o[54], o[55]]);
+        rev.push(udp6(
+            (BACKEND6, 5353),
+            (Ipv6Addr::from(nat), nat_port),
+            BACKEND_MAC,
+            i.p0_mac,
+        ));
+    }
+    let created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
+        Ok(dp
+            .counters(CounterKind::Endpoint, ENDPOINT6_ID)?
+            .flows_created)
+    };
+    let drops =
+        |dp: &mut Dataplane| -> anyhow::Result<u64> { Ok(dp.drop_counts()?.values().sum()) };
+    let pick = |v: &[Vec<u8>], n: u32| std::borrow::Cow::Owned(v[n as usize % v.len()].clone());
+    let (c0, d0) = (created(dp)?, drops(dp)?);
+    for (prog, ifindex, frames) in [
+        (prog_names::CONSUMER, i.c1, &fwd),
+        (prog_names::PROVIDER, i.p0, &rev),
+    ] {
+        out.push(measure(
+            dp.program(prog)?,
+            ifindex,
+            runs,
+            verdict::REDIRECT,
+            |n| pick(frames, n),
+        )?);
+    }
+    ensure!(created(dp)? == c0, "IPv6 established created flows");
+    ensure!(drops(dp)? == d0, "IPv6 established dropped packets");
+    Ok(())
+}
+
+/// Rows 1 to 8: the UDP established paths, new flows, drops, flow logs;
+/// with `established_only` rows 1 and 2 only (the others not run).
 #[allow(clippy::too_many_arguments)]
 fn other_rows(
     dp: &mut Dataplane,
@@ -618,6 +775,7 @@ fn other_rows(
     drop_frames: &[Vec<u8>],
     v6_frames: &[Vec<u8>],
     ack_frames: &[Vec<u8>],
+    established_only: bool,
 ) -> anyhow::Result<()> {
     let created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
         Ok(dp.counters(CounterKind::Endpoint, 0)?.flows_created)
@@ -648,6 +806,10 @@ fn other_rows(
         |n| pick(rev, n),
     )?);
     ensure!(drops(dp)? == d0, "reverse established dropped packets");
+    if established_only {
+        out.extend(std::iter::repeat_n((f64::NAN, f64::NAN), PROXY_ROWS - 3));
+        return Ok(());
+    }
     // New flows: every run creates exactly one.
     out.push(measure(
         dp.program(prog_names::CONSUMER)?,
@@ -675,7 +837,7 @@ fn other_rows(
         "drop: not every run counted as no_endpoint"
     );
     for (frames, r) in [
-        (v6_frames, DropReason::Ipv6),
+        (v6_frames, DropReason::Ipv6ExtensionHeader),
         (ack_frames, DropReason::TcpNoFlow),
     ] {
         let before = reason(dp, r)?;
@@ -759,9 +921,8 @@ fn proxy_rows(
     Ok(())
 }
 
-/// All rows; with `proxy_only` (`PLINK_BENCH_ONLY=proxy`) `bench_fwd` and
-/// the proxy-protocol rows only.
-pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
+/// All rows, or those `only` names (`PLINK_BENCH_ONLY=proxy|ipv6`).
+pub fn run(settings: &Settings, only: Only) -> anyhow::Result<Output> {
     let (_topo, gw, ifaces) = build()?;
     let rounds = settings.rounds;
     let runs = settings.runs_per_round;
@@ -773,7 +934,7 @@ pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
             .map_err(|e| anyhow!("bpf_enable_stats(BPF_STATS_RUN_TIME): {e}"))?;
         let mut all = Vec::new();
         for r in 0..rounds {
-            let res = round(&ifaces, runs, 0, proxy_only)?;
+            let res = round(&ifaces, runs, 0, only)?;
             eprintln!(
                 "per-packet round {}: {}",
                 r + 1,
@@ -805,7 +966,7 @@ pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
         let ratio: Vec<f64> = results.iter().map(|r| r[k].0 / r[0].0).collect();
         let (ns, dur, ratio) = (Spread::of(&ns), Spread::of(&dur), Spread::of(&ratio));
         if !ns.median.is_finite() {
-            // Not run (PLINK_BENCH_ONLY=proxy).
+            // Not run (PLINK_BENCH_ONLY=proxy or ipv6).
             continue;
         }
         let (target, met) = match k {
@@ -815,6 +976,7 @@ pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
             ),
             // The cost of flow logs: these rows against rows 1 and 2.
             7 | 8 => ("reported (vs. the row without)", "—"),
+            IPV6_ROWS.. => ("reported (IPv6 ÷ IPv4 below)", "—"),
             PROXY_ROWS.. => ("reported (on ÷ off below)", "—"),
             _ => ("—", "—"),
         };
@@ -835,7 +997,7 @@ pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
     }
     // Flow logs on ÷ off, per direction, within each round.
     let mut flow_logs = Vec::new();
-    if !proxy_only {
+    if only == Only::All {
         for (on, off, what) in [(7, 1, "forward"), (8, 2, "reverse")] {
             let r: Vec<f64> = results.iter().map(|x| x[on].0 / x[off].0).collect();
             let r = Spread::of(&r);
@@ -849,19 +1011,24 @@ pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
     // Proxy protocol on ÷ off, same segment shapes, within each round.
     let mut proxy = Vec::new();
     let p = PROXY_ROWS;
-    for (on, off, what) in [
-        (
-            p + 1,
-            p,
-            "TCP forward established (sequence number moved up)",
-        ),
-        (p + 3, p + 2, "TCP reverse established (ack moved down)"),
-        (
-            p + 4,
-            p,
-            "TCP first data segment, header inserted, against a forward established segment without",
-        ),
-    ] {
+    let proxy_pairs = if only == Only::Ipv6 {
+        &[][..]
+    } else {
+        &[
+            (
+                p + 1,
+                p,
+                "TCP forward established (sequence number moved up)",
+            ),
+            (p + 3, p + 2, "TCP reverse established (ack moved down)"),
+            (
+                p + 4,
+                p,
+                "TCP first data segment, header inserted, against a forward established segment without",
+            ),
+        ][..]
+    };
+    for &(on, off, what) in proxy_pairs {
         let r: Vec<f64> = results.iter().map(|x| x[on].0 / x[off].0).collect();
         let r = Spread::of(&r);
         md.push_str(&format!(
@@ -870,9 +1037,29 @@ pub fn run(settings: &Settings, proxy_only: bool) -> anyhow::Result<Output> {
         ));
         proxy.push(serde_json::json!({"path": what, "ratio_on_to_off": r.json()}));
     }
+    // IPv6 ÷ IPv4, established, per direction, within each round.
+    let mut ipv6 = Vec::new();
+    if only != Only::Proxy {
+        let notes = [
+            "; the IPv6 forward path has no cached next hop yet: an endpoint lookup and a FIB lookup per packet",
+            "",
+        ];
+        for ((v6, v4, what), note) in [(IPV6_ROWS, 1, "forward"), (IPV6_ROWS + 1, 2, "reverse")]
+            .into_iter()
+            .zip(notes)
+        {
+            let r: Vec<f64> = results.iter().map(|x| x[v6].0 / x[v4].0).collect();
+            let r = Spread::of(&r);
+            md.push_str(&format!(
+                "\nIPv6 ÷ IPv4, {what} established: {} (UDP, 80- vs. 60-byte frames{note}).",
+                r.fmt(1.0, 2)
+            ));
+            ipv6.push(serde_json::json!({"direction": what, "ratio_ipv6_to_ipv4": r.json()}));
+        }
+    }
     md.push('\n');
     Ok(Output {
         markdown: md,
-        json: serde_json::json!({"runs_per_round": runs, "rounds": rounds, "rows": json_rows, "flow_logs": flow_logs, "proxy_protocol": proxy}),
+        json: serde_json::json!({"runs_per_round": runs, "rounds": rounds, "rows": json_rows, "flow_logs": flow_logs, "proxy_protocol": proxy, "ipv6": ipv6}),
     })
 }

@@ -1,58 +1,113 @@
 //! Packet fuzzing through BPF_PROG_TEST_RUN: random frames, mutated valid
 //! frames (bytes, header fields, IP options, fragments, TCP data offset,
-//! forged or cut ICMP error quotes, replies to flows that do not exist) and
-//! every truncation of every template. A model of the flows the programs
-//! opened checks each verdict:
+//! forged or cut ICMP error quotes, replies to flows that do not exist; for
+//! IPv6 the version and traffic class, payload length, next header and
+//! extension headers, reserved interface identifiers, hop limit) and every
+//! truncation of every template, IPv4 and IPv6 (flows through NAT66,
+//! neighbour solicitations for endpoint and NAT addresses, duplicate address
+//! detection, extension headers, reserved addresses). A model of the flows
+//! the programs opened checks each verdict:
 //!
 //! - the verdict is a valid one, never XDP_ABORTED; a consumer interface
 //!   never passes a frame to the host;
 //! - a frame redirected to the provider belongs to an approved endpoint's
 //!   service (a backend of that service, its target port, one of its NAT
-//!   addresses and ports) or is an ICMP error about one of the model's flows;
+//!   addresses and ports, the endpoint's address family) or is an ICMP error
+//!   about one of the model's flows;
 //! - a frame redirected to a consumer is the reverse of one of the model's
 //!   flows, out of that flow's interface to that flow's client;
-//! - a forwarded frame keeps its length and the (in)validity of its IP and L4
-//!   checksums; a frame the gateway answers itself goes back to its sender
-//!   with valid checksums;
+//! - a forwarded frame keeps its length and the (in)validity of its IPv4
+//!   header and L4 checksums (for IPv6, the L4 checksum over the IPv6
+//!   pseudo-header, and every IPv6 header field but the addresses and the hop
+//!   limit); it is plain IPv4 without options or fragments, or IPv6 without
+//!   extension headers;
+//! - a frame the gateway answers itself goes back to its sender with valid
+//!   checksums; for IPv6 that is a neighbour advertisement answering a
+//!   solicitation for one of the ingress network's endpoint addresses (NAT
+//!   addresses on the provider), to all nodes for duplicate address
+//!   detection;
 //! - per interface, the programs' verdict counters add up to the frames sent
 //!   and match the verdicts the test saw; drop reasons add up to the drops.
 //!
 //! The suite runs a seeded 50,000 rounds; `cargo xtask fuzz` runs 1,000,000
 //! (`PLINK_FUZZ_PACKETS`).
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+};
 
 use plink_common::XDP_VERDICT_NAMES;
-use plink_tests::packet::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ip_checksum_error};
+use plink_tests::packet::{
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST, IPPROTO_ICMPV6,
+    Ipv6Packet, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_ROUTER_SOLICIT, fix_checksums6,
+    ip_checksum_error, l4_checksum6_error, neighbor_advertisement, neighbor_solicitation,
+};
 
-use super::*;
+use super::{
+    ipv6::{
+        BACKEND6, CLIENT6, EP6_PENDING, EP6_REJECTED, EP6_TCP, EP6_UDP, GW_P0_6, NAT6_TCP, OTHER6,
+        RESERVED6, ip6, spec6,
+    },
+    *,
+};
 
 /// The forward key of a flow: (network, protocol, client, client port or
 /// echo id, endpoint, endpoint port or 0 for echo).
-type FwdKey = (u32, u8, Ipv4Addr, u16, Ipv4Addr, u16);
+type FwdKey = (u32, u8, IpAddr, u16, IpAddr, u16);
 /// The reverse key: (protocol, backend, backend port or 0, NAT address, NAT
 /// port or echo id).
-type RevKey = (u8, Ipv4Addr, u16, Ipv4Addr, u16);
+type RevKey = (u8, IpAddr, u16, IpAddr, u16);
 
 #[derive(Clone, Debug)]
 struct Flow {
     consumer_if: u32,
     /// Source MACs the client used on this flow's forwarded frames.
     client_macs: Vec<[u8; 6]>,
-    nat: (Ipv4Addr, u16),
-    backend: (Ipv4Addr, u16),
+    nat: (IpAddr, u16),
+    backend: (IpAddr, u16),
 }
 
-/// The addresses and ports of a TCP, UDP or ICMP echo header at `ip` (an
-/// IPv4 header without options): (protocol, src, src port, dst, dst port),
-/// with an echo request's id as its source port and a reply's as its
-/// destination port. None for anything else.
-fn ports(ip: &[u8]) -> Option<(u8, Ipv4Addr, u16, Ipv4Addr, u16)> {
+const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+/// Next-header values of IPv6 extension headers (RFC 8200 4, RFC 7045).
+const EXTENSION_HEADERS: [u8; 9] = [0, 43, 44, 60, 51, 50, 135, 139, 140];
+/// An all-nodes destination MAC (33:33::1), where DAD answers go.
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+
+fn is_ipv6(frame: &[u8]) -> bool {
+    frame.len() >= 54 && frame[12..14] == ETH_P_IPV6
+}
+
+fn ip6_at(b: &[u8], at: usize) -> Ipv6Addr {
+    let o: [u8; 16] = b[at..at + 16].try_into().unwrap();
+    Ipv6Addr::from(o)
+}
+
+/// The addresses and ports of a TCP, UDP or ICMP(v6) echo header at `ip`
+/// (an IPv4 header without options, or an IPv6 header followed directly by
+/// L4): (protocol, src, src port, dst, dst port), with an echo request's id
+/// as its source port and a reply's as its destination port. None for
+/// anything else.
+fn ports(ip: &[u8]) -> Option<(u8, IpAddr, u16, IpAddr, u16)> {
+    if ip.len() >= 48 && ip[0] >> 4 == 6 {
+        let (src, dst) = (ip6_at(ip, 8).into(), ip6_at(ip, 24).into());
+        let a = u16::from_be_bytes([ip[40], ip[41]]);
+        let b = u16::from_be_bytes([ip[42], ip[43]]);
+        let id = u16::from_be_bytes([ip[44], ip[45]]);
+        return match ip[6] {
+            IPPROTO_TCP | IPPROTO_UDP => Some((ip[6], src, a, dst, b)),
+            IPPROTO_ICMPV6 if ip[40] == ICMP6_ECHO_REQUEST => {
+                Some((IPPROTO_ICMPV6, src, id, dst, 0))
+            }
+            IPPROTO_ICMPV6 if ip[40] == ICMP6_ECHO_REPLY => Some((IPPROTO_ICMPV6, src, 0, dst, id)),
+            _ => None,
+        };
+    }
     if ip.len() < 28 || ip[0] != 0x45 {
         return None;
     }
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).into();
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).into();
     let a = u16::from_be_bytes([ip[20], ip[21]]);
     let b = u16::from_be_bytes([ip[22], ip[23]]);
     let id = u16::from_be_bytes([ip[24], ip[25]]);
@@ -64,13 +119,37 @@ fn ports(ip: &[u8]) -> Option<(u8, Ipv4Addr, u16, Ipv4Addr, u16)> {
     }
 }
 
-/// The quoted IP header of an ICMP error frame, if the frame is one.
+/// (source, destination) of an IPv4 or IPv6 frame the caller checked.
+fn addrs(frame: &[u8]) -> (IpAddr, IpAddr) {
+    if is_ipv6(frame) {
+        (ip6_at(frame, 22).into(), ip6_at(frame, 38).into())
+    } else {
+        let a = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+        (a(26).into(), a(30).into())
+    }
+}
+
+/// The quoted IP header of an ICMP or ICMPv6 error frame, if the frame is
+/// one. (The IPv6 programs drop ICMPv6 errors in phase 2's absence; were one
+/// forwarded, it must be about a flow as an IPv4 one.)
 fn icmp_error_quote(frame: &[u8]) -> Option<&[u8]> {
+    if is_ipv6(frame) {
+        let is_error =
+            frame.len() >= 62 && frame[20] == IPPROTO_ICMPV6 && (1..=4).contains(&frame[54]);
+        return is_error.then(|| &frame[62..]);
+    }
     let is_error = frame.len() >= 14 + 28
         && frame[12..14] == [8, 0]
         && frame[23] == IPPROTO_ICMP
         && matches!(frame[34], 3 | 4 | 5 | 11 | 12);
     is_error.then(|| &frame[42..])
+}
+
+/// IPv6 the programs may forward: no extension header, TCP, UDP or ICMPv6.
+fn is_plain_ipv6(frame: &[u8]) -> bool {
+    is_ipv6(frame)
+        && frame[14] >> 4 == 6
+        && matches!(frame[20], IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6)
 }
 
 fn is_plain_ipv4(frame: &[u8]) -> bool {
@@ -86,6 +165,19 @@ fn mac(frame: &[u8], at: usize) -> [u8; 6] {
 
 /// Recomputes the checksums of a frame whose headers make that possible.
 fn try_fix_checksums(f: &mut [u8]) {
+    if is_ipv6(f) {
+        let plen = usize::from(u16::from_be_bytes([f[18], f[19]]));
+        let l4_min = match f[20] {
+            IPPROTO_TCP => 20,
+            IPPROTO_UDP => 8,
+            IPPROTO_ICMPV6 => 4,
+            _ => return,
+        };
+        if plen >= l4_min && 54 + plen <= f.len() {
+            fix_checksums6(f);
+        }
+        return;
+    }
     if f.len() < 34 || f[12..14] != [8, 0] {
         return;
     }
@@ -108,12 +200,16 @@ struct Checker<'a> {
     c2: u32,
     p0: u32,
     macs: HashMap<u32, [u8; 6]>,
-    backend_macs: HashMap<Ipv4Addr, [u8; 6]>,
+    backend_macs: HashMap<IpAddr, [u8; 6]>,
     fwd: HashMap<FwdKey, Flow>,
     rev: HashMap<RevKey, FwdKey>,
     /// Verdicts seen, by (ifindex, verdict).
     verdicts: BTreeMap<(u32, u32), u64>,
     forwarded: u64,
+    /// IPv6 frames forwarded to the provider and to a consumer.
+    forwarded6: [u64; 2],
+    /// Neighbour advertisements sent, by the consumer and provider programs.
+    advertised: [u64; 2],
 }
 
 impl Checker<'_> {
@@ -132,6 +228,7 @@ impl Checker<'_> {
                 assert!(!consumer, "{what}: a consumer interface passed a frame");
                 assert_eq!(o, f, "{what}: a passed frame changed");
             }
+            verdict::TX if is_ipv6(f) => self.answered6(what, consumer, ifindex, f, o),
             verdict::TX => {
                 // ARP answers the request's sender hardware address.
                 let sender = if f[12..14] == [8, 6] {
@@ -149,6 +246,35 @@ impl Checker<'_> {
                     assert!(ip_checksum_ok(o), "{what}: answer's IP checksum");
                     assert!(l4_checksum_ok(o), "{what}: answer's L4 checksum");
                     assert_eq!(o[30..34], f[26..30], "{what}: answer to another address");
+                }
+            }
+            verdict::REDIRECT if is_ipv6(f) => {
+                self.forwarded += 1;
+                self.forwarded6[usize::from(!consumer)] += 1;
+                assert!(
+                    is_plain_ipv6(f) && is_plain_ipv6(o),
+                    "{what}: forwarded IPv6 with an extension header, or not as IPv6"
+                );
+                assert_eq!(o.len(), f.len(), "{what}: length kept");
+                assert_eq!(
+                    o[21],
+                    f[21].wrapping_sub(1),
+                    "{what}: hop limit decremented"
+                );
+                assert_eq!(
+                    o[14..21],
+                    f[14..21],
+                    "{what}: version, class, flow label, length, next header kept"
+                );
+                assert_eq!(
+                    l4_checksum6_error(o),
+                    l4_checksum6_error(f),
+                    "{what}: L4 checksum (in)validity kept"
+                );
+                if consumer {
+                    self.forwarded_to_provider(what, ifindex, f, o);
+                } else {
+                    self.forwarded_to_consumer(what, f, o);
                 }
             }
             verdict::REDIRECT => {
@@ -184,6 +310,81 @@ impl Checker<'_> {
         }
     }
 
+    /// An IPv6 frame the gateway answered itself: only a neighbour
+    /// advertisement for one of its addresses, answering a solicitation.
+    fn answered6(&mut self, what: &str, consumer: bool, ifindex: u32, f: &[u8], o: &[u8]) {
+        assert!(
+            o.len() >= 86 && o[12..14] == ETH_P_IPV6 && o[20] == IPPROTO_ICMPV6,
+            "{what}: answered with something else than ICMPv6"
+        );
+        let plen = usize::from(u16::from_be_bytes([o[18], o[19]]));
+        assert!(54 + plen <= o.len(), "{what}: answer's payload length");
+        assert!(
+            l4_checksum6_error(o) == 0,
+            "{what}: answer's ICMPv6 checksum"
+        );
+        assert_eq!(
+            mac(o, 6),
+            self.macs[&ifindex],
+            "{what}: answer not from the ingress interface"
+        );
+        assert_eq!(f[20], IPPROTO_ICMPV6, "{what}: answered a non-ICMPv6 frame");
+        assert_eq!(
+            f[54], ND_NEIGHBOR_SOLICIT,
+            "{what}: answered no solicitation"
+        );
+        assert_eq!(
+            o[54], ND_NEIGHBOR_ADVERT,
+            "{what}: answered with no advertisement"
+        );
+        assert_eq!(o[21], 255, "{what}: advertisement's hop limit");
+        let (src, dst) = addrs(o);
+        let (solicitor, _) = addrs(f);
+        // Duplicate address detection (from ::) is answered to all nodes.
+        if solicitor == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+            assert_eq!(
+                mac(o, 0),
+                ALL_NODES_MAC,
+                "{what}: DAD answer not to all nodes"
+            );
+            assert_eq!(
+                dst,
+                IpAddr::V6(super::ipv6::ALL_NODES),
+                "{what}: DAD answer"
+            );
+        } else {
+            assert_eq!(mac(o, 0), mac(f, 6), "{what}: answer not to the sender");
+            assert_eq!(dst, solicitor, "{what}: answer to another address");
+        }
+        let target = IpAddr::V6(ip6_at(o, 62));
+        assert_eq!(src, target, "{what}: advertised from another address");
+        assert_eq!(
+            target,
+            IpAddr::V6(ip6_at(f, 62)),
+            "{what}: advertised another target than solicited"
+        );
+        let mut tlla = vec![2, 1];
+        tlla.extend_from_slice(&self.macs[&ifindex]);
+        assert_eq!(o[78..86], tlla[..], "{what}: target link-layer option");
+        let ours = if consumer {
+            let network = self.network(ifindex);
+            self.spec
+                .endpoints
+                .iter()
+                .any(|e| e.network_id == network && e.addr == target)
+        } else {
+            self.spec
+                .services
+                .iter()
+                .any(|s| s.nat.iter().any(|n| n.addr == target))
+        };
+        assert!(
+            ours,
+            "{what}: advertised {target}, none of this interface's"
+        );
+        self.advertised[usize::from(!consumer)] += 1;
+    }
+
     fn forwarded_to_provider(&mut self, what: &str, ifindex: u32, f: &[u8], o: &[u8]) {
         let network = self.network(ifindex);
         assert_eq!(mac(o, 6), self.macs[&self.p0], "{what}: not out of p0");
@@ -196,16 +397,9 @@ impl Checker<'_> {
                 .fwd
                 .get(&key)
                 .unwrap_or_else(|| panic!("{what}: forwarded an error about no flow {key:?}"));
-            assert_eq!(
-                o[30..34],
-                flow.backend.0.octets(),
-                "{what}: error to another backend"
-            );
-            assert_eq!(
-                o[26..30],
-                flow.nat.0.octets(),
-                "{what}: error from another NAT address"
-            );
+            let (src, dst) = addrs(o);
+            assert_eq!(dst, flow.backend.0, "{what}: error to another backend");
+            assert_eq!(src, flow.nat.0, "{what}: error from another NAT address");
             return;
         }
         let (proto, client, cport, ep_addr, eport) =
@@ -221,7 +415,7 @@ impl Checker<'_> {
                 e.network_id == network
                     && e.addr == ep_addr
                     && match proto {
-                        IPPROTO_ICMP => true,
+                        IPPROTO_ICMP | IPPROTO_ICMPV6 => true,
                         p => {
                             let want = if p == IPPROTO_TCP {
                                 Protocol::Tcp
@@ -246,7 +440,7 @@ impl Checker<'_> {
                 .any(|b| b.service_id == service && b.addr == backend),
             "{what}: {backend} is no backend of service {service}"
         );
-        if proto != IPPROTO_ICMP {
+        if proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6 {
             let target = endpoint.ports.iter().find(|m| m.port == eport).unwrap();
             assert_eq!(bport, target.target_port, "{what}: target port");
         }
@@ -321,8 +515,9 @@ impl Checker<'_> {
             flow.client_macs.contains(&mac(o, 0)),
             "{what}: to a MAC the client never used"
         );
-        assert_eq!(o[30..34], client.octets(), "{what}: to another address");
-        assert_eq!(o[26..30], ep.octets(), "{what}: from another address");
+        let (src, dst) = addrs(o);
+        assert_eq!(dst, client, "{what}: to another address");
+        assert_eq!(src, ep, "{what}: from another address");
         if !inner_out {
             let (_, src, sport, dst, dport) = ports(&o[14..]).unwrap();
             assert_eq!(
@@ -337,7 +532,12 @@ impl Checker<'_> {
 #[test]
 fn golden_fuzz_keeps_the_invariants() {
     let gw = gateway();
-    let mut spec = spec(&gw);
+    // The IPv6 spec of golden/ipv6.rs (services 3 and 4 behind IPv6
+    // endpoints in network 1), plus network 2 reusing network 1's IPv6 TCP
+    // endpoint address: overlapping IPv6 consumers through NAT66.
+    let mut spec = spec6(&gw);
+    spec.endpoints.push(tcp_endpoint(13, 2, EP6_TCP, 3));
+    spec.validate().expect("the fuzz spec is valid");
     // MSS clamping on, so that mutated TCP options and data offsets go
     // through the option walk and its checksum update too.
     spec.services[0].mss_clamp = 1200;
@@ -357,11 +557,17 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         c2,
         p0,
         macs: macs.clone(),
-        backend_macs: HashMap::from([(BACKEND10, BACKEND10_MAC), (BACKEND11, BACKEND11_MAC)]),
+        backend_macs: HashMap::from([
+            (BACKEND10.into(), BACKEND10_MAC),
+            (BACKEND11.into(), BACKEND11_MAC),
+            (BACKEND6.into(), BACKEND10_MAC),
+        ]),
         fwd: HashMap::new(),
         rev: HashMap::new(),
         verdicts: BTreeMap::new(),
         forwarded: 0,
+        forwarded6: [0; 2],
+        advertised: [0; 2],
     };
     let ifstats0 = b.dp.interface_stats().unwrap();
     let drops0: u64 = b.drops().values().sum();
@@ -393,9 +599,46 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         assert_eq!(run.verdict, verdict::REDIRECT, "setup flow opened");
         opened.push(run.output);
     }
+    // The same over IPv6, the TCP one from both networks (the same client
+    // and endpoint addresses).
+    for (ifindex, frame) in [
+        (
+            c1,
+            Ipv6Packet::tcp((CLIENT6, 40000), (EP6_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c1,
+            Ipv6Packet::udp((CLIENT6, 5000), (EP6_UDP, 53), b"query").macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c1,
+            Ipv6Packet::echo(CLIENT6, EP6_TCP, true, 0x77, 1).macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c2,
+            Ipv6Packet::tcp((CLIENT6, 40000), (EP6_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c2_mac),
+        ),
+    ] {
+        let f = frame.build();
+        let run = b.raw(prog_names::CONSUMER, ifindex, &f);
+        model.check("setup", prog_names::CONSUMER, ifindex, &f, &run);
+        assert_eq!(run.verdict, verdict::REDIRECT, "setup flow opened");
+        opened.push(run.output);
+    }
     // A backend's answer to each forwarded frame.
     let answer = |sent: &[u8]| -> Vec<u8> {
         let (proto, nat, nport, backend, bport) = ports(&sent[14..]).unwrap();
+        if let (IpAddr::V6(backend), IpAddr::V6(nat)) = (backend, nat) {
+            let p = match proto {
+                IPPROTO_TCP => Ipv6Packet::tcp((backend, bport), (nat, nport), TCP_SYN | TCP_ACK),
+                IPPROTO_UDP => Ipv6Packet::udp((backend, bport), (nat, nport), b"answer"),
+                _ => Ipv6Packet::echo(backend, nat, false, nport, 1),
+            };
+            return p.macs(mac(sent, 0), p0_mac).build();
+        }
+        let (IpAddr::V4(backend), IpAddr::V4(nat)) = (backend, nat) else {
+            panic!("a flow across address families");
+        };
         let p = match proto {
             IPPROTO_TCP => Ipv4Packet::tcp((backend, bport), (nat, nport), TCP_SYN | TCP_ACK),
             IPPROTO_UDP => Ipv4Packet::udp((backend, bport), (nat, nport), b"answer"),
@@ -404,11 +647,31 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         p.macs(mac(sent, 0), p0_mac).build()
     };
     let mut templates: Vec<(&str, u32, Vec<u8>)> = Vec::new();
-    for sent in &opened {
+    for sent in opened.iter().filter(|s| is_ipv6(s)) {
+        templates.push((prog_names::PROVIDER, p0, answer(sent)));
+        // An ICMPv6 time exceeded about the forwarded frame, from a router.
+        let router = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0xfe]);
+        let nat = ip6_at(sent, 22);
+        templates.push((
+            prog_names::PROVIDER,
+            p0,
+            Ipv6Packet::icmp(router, nat, 3, 0, 0, &sent[14..62])
+                .macs(mac(sent, 0), p0_mac)
+                .build(),
+        ));
+        // A reply to a flow that does not exist (another NAT port or id).
+        let mut stray = answer(sent);
+        let at = if stray[20] == IPPROTO_ICMPV6 { 58 } else { 56 };
+        stray[at] ^= 0x5a;
+        try_fix_checksums(&mut stray);
+        templates.push((prog_names::PROVIDER, p0, stray));
+    }
+    for sent in opened.iter().filter(|s| !is_ipv6(s)) {
         templates.push((prog_names::PROVIDER, p0, answer(sent)));
         // An ICMP error about the forwarded frame, from a router.
         let router = Ipv4Addr::new(198, 51, 100, 254);
         let nat = Ipv4Addr::new(sent[26], sent[27], sent[28], sent[29]);
+        // (sent is IPv4 here: the IPv6 ones were handled above.)
         templates.push((
             prog_names::PROVIDER,
             p0,
@@ -478,6 +741,7 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
     ] {
         templates.push((prog_names::CONSUMER, ifindex, frame));
     }
+    templates.extend(ipv6_templates(c1, c2, p0, macs));
     templates.push((
         prog_names::PROVIDER,
         p0,
@@ -526,7 +790,9 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
     let mut kinds = [0u64; 8];
     for round in 0..rounds {
         let (prog, ifindex, f) = if rnd().is_multiple_of(10) {
-            // Random bytes; half of them look like IPv4 to get deeper.
+            // Random bytes; a third of them look like IPv4 and a third like
+            // IPv6 (TCP, UDP or ICMPv6, often the right length) to get
+            // deeper.
             let ifindex = [c1, c2, p0][(rnd() % 3) as usize];
             let prog = if ifindex == p0 {
                 prog_names::PROVIDER
@@ -535,9 +801,20 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
             };
             let len = 14 + (rnd() % 140) as usize;
             let mut f: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
-            if rnd().is_multiple_of(2) && len > 14 {
-                f[12..14].copy_from_slice(&[8, 0]);
-                f[14] = 0x45;
+            match rnd() % 3 {
+                0 if len > 14 => {
+                    f[12..14].copy_from_slice(&[8, 0]);
+                    f[14] = 0x45;
+                }
+                1 if len > 54 => {
+                    f[12..14].copy_from_slice(&ETH_P_IPV6);
+                    f[14] = 0x60;
+                    f[20] = [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6][(rnd() % 3) as usize];
+                    if rnd().is_multiple_of(2) {
+                        f[18..20].copy_from_slice(&(len as u16 - 54).to_be_bytes());
+                    }
+                }
+                _ => {}
             }
             kinds[0] += 1;
             (prog, ifindex, f)
@@ -573,7 +850,8 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
     check_counters(&mut b, &model, &ifstats0, drops0);
     let sent: u64 = model.verdicts.values().sum();
     eprintln!(
-        "{sent} frames in {:?}: {} forwarded, {} flows in the model; mutations by kind {kinds:?}",
+        "{sent} frames ({} templates) in {:?}: {} forwarded, {} flows in the model; mutations by kind {kinds:?}",
+        templates.len(),
         started.elapsed(),
         model.forwarded,
         model.fwd.len()
@@ -584,16 +862,136 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
             XDP_VERDICT_NAMES[*v as usize]
         );
     }
+    eprintln!(
+        "  IPv6: {:?} forwarded (to provider, to consumer), {:?} advertisements (consumer, provider)",
+        model.forwarded6, model.advertised
+    );
     assert!(
         model.forwarded > rounds / 100,
         "enough frames stayed forwardable ({})",
         model.forwarded
+    );
+    // The IPv6 paths were reached both ways, and ND on both sides.
+    assert!(
+        model.forwarded6.iter().all(|&n| n > rounds / 1000),
+        "enough IPv6 frames forwarded each way ({:?})",
+        model.forwarded6
+    );
+    assert!(
+        model.advertised.iter().all(|&n| n > 0),
+        "neighbour advertisements on both sides ({:?})",
+        model.advertised
     );
     let clamped =
         b.dp.counters(CounterKind::Service, 0)
             .unwrap()
             .mss_clamped_in;
     assert!(clamped > 0, "some SYNs went through MSS clamping");
+}
+
+/// The IPv6 templates besides the replies: flows to IPv6 endpoints (data of
+/// the open TCP flow, new ones, to endpoints not approved, to no endpoint),
+/// reserved addresses, extension headers, trailing Ethernet padding, neighbour
+/// solicitations (for endpoint addresses, a NAT address, another address,
+/// duplicate address detection), other ND and ICMPv6 messages, and the
+/// gateway's own IPv6 traffic on the provider side.
+fn ipv6_templates(
+    c1: u32,
+    c2: u32,
+    p0: u32,
+    macs: &HashMap<u32, [u8; 6]>,
+) -> Vec<(&'static str, u32, Vec<u8>)> {
+    let on = |ifindex: u32, p: Ipv6Packet| (ifindex, p.macs(CLIENT_MAC, macs[&ifindex]).build());
+    let syn = |sport: u16, dst: Ipv6Addr| Ipv6Packet::tcp((CLIENT6, sport), (dst, 80), TCP_SYN);
+    let query = |sport: u16| Ipv6Packet::udp((CLIENT6, sport), (EP6_UDP, 53), b"query");
+    let mut data = Ipv6Packet::tcp((CLIENT6, 40000), (EP6_TCP, 80), TCP_ACK);
+    data.payload = b"payload!".to_vec();
+    // An extension header of type `nh` (8 bytes, a PadN option: valid for
+    // hop-by-hop and destination options) before the UDP header.
+    let with_extension = |nh: u8| {
+        let mut f = query(5003).macs(CLIENT_MAC, macs[&c1]).build();
+        let plen = u16::from_be_bytes([f[18], f[19]]) + 8;
+        f[18..20].copy_from_slice(&plen.to_be_bytes());
+        f[20] = nh;
+        f.splice(54..54, [IPPROTO_UDP, 0, 1, 4, 0, 0, 0, 0]);
+        (c1, f)
+    };
+    let mut padded = query(5004).macs(CLIENT_MAC, macs[&c1]).build();
+    padded.extend_from_slice(&[0; 12]);
+    let reply_seen = Ipv6Packet::tcp((EP6_TCP, 80), (CLIENT6, 40000), TCP_SYN | TCP_ACK).build();
+    let out = vec![
+        on(c1, data),
+        on(c1, syn(40001, EP6_TCP)),
+        on(c1, query(5000)),
+        on(c1, query(5001)),
+        on(c1, Ipv6Packet::echo(CLIENT6, EP6_TCP, true, 0x78, 1)),
+        on(c1, Ipv6Packet::echo(CLIENT6, EP6_UDP, true, 0x79, 1)),
+        on(c1, syn(40002, EP6_PENDING)),
+        on(c1, syn(40003, EP6_REJECTED)),
+        on(c1, syn(40004, OTHER6)),
+        on(c1, syn(40005, RESERVED6)),
+        on(
+            c1,
+            Ipv6Packet::tcp((RESERVED6, 40006), (EP6_TCP, 80), TCP_SYN),
+        ),
+        (c1, padded),
+        with_extension(0),
+        with_extension(43),
+        with_extension(44),
+        with_extension(60),
+        // A client's ICMPv6 error about a reply it got.
+        on(
+            c1,
+            Ipv6Packet::icmp(CLIENT6, EP6_TCP, 1, 4, 0, &reply_seen[14..74]),
+        ),
+        (c1, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP6_TCP)),
+        (c1, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP6_PENDING)),
+        (c1, neighbor_solicitation(CLIENT_MAC, CLIENT6, OTHER6)),
+        (
+            c1,
+            neighbor_solicitation(CLIENT_MAC, Ipv6Addr::UNSPECIFIED, EP6_UDP),
+        ),
+        (
+            c1,
+            neighbor_advertisement(CLIENT_MAC, CLIENT6, macs[&c1], EP6_TCP, false),
+        ),
+        (
+            c1,
+            Ipv6Packet::icmp(
+                CLIENT6,
+                ip6([0xff02, 0, 0, 0, 0, 0, 0, 2]),
+                ND_ROUTER_SOLICIT,
+                0,
+                0,
+                &[],
+            )
+            .macs(CLIENT_MAC, [0x33, 0x33, 0, 0, 0, 2])
+            .build(),
+        ),
+        on(c2, syn(40010, EP6_TCP)),
+        on(c2, query(5000)),
+        (c2, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP6_TCP)),
+        (c2, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP6_UDP)),
+    ];
+    let mut templates: Vec<_> = out
+        .into_iter()
+        .map(|(i, f)| (prog_names::CONSUMER, i, f))
+        .collect();
+    let p0_mac = macs[&p0];
+    for f in [
+        neighbor_solicitation(BACKEND10_MAC, BACKEND6, NAT6_TCP),
+        neighbor_solicitation(BACKEND10_MAC, Ipv6Addr::UNSPECIFIED, NAT6_TCP),
+        neighbor_solicitation(BACKEND10_MAC, BACKEND6, GW_P0_6),
+        Ipv6Packet::udp((BACKEND6, 9000), (GW_P0_6, 9000), b"to the host")
+            .macs(BACKEND10_MAC, p0_mac)
+            .build(),
+        Ipv6Packet::echo(BACKEND6, NAT6_TCP, true, 9, 1)
+            .macs(BACKEND10_MAC, p0_mac)
+            .build(),
+    ] {
+        templates.push((prog_names::PROVIDER, p0, f));
+    }
+    templates
 }
 
 /// Verdict counters per interface add up to the frames sent and match the
@@ -643,6 +1041,9 @@ fn check_counters(
 
 /// One mutation of a frame of kind 1..=7.
 fn mutate(f: &mut Vec<u8>, kind: usize, rnd: &mut impl FnMut() -> u64) {
+    if is_ipv6(f) {
+        return mutate6(f, kind, rnd);
+    }
     let ipv4 = f.len() >= 34 && f[12..14] == [8, 0];
     match kind {
         // IHL
@@ -687,6 +1088,72 @@ fn mutate(f: &mut Vec<u8>, kind: usize, rnd: &mut impl FnMut() -> u64) {
         }
         // TTL near its end.
         7 if ipv4 => f[22] = (rnd() % 3) as u8,
+        // Any byte.
+        _ => {
+            let i = (rnd() % f.len() as u64) as usize;
+            f[i] = rnd() as u8;
+        }
+    }
+}
+
+/// One mutation of an IPv6 frame of kind 1..=7 (as [`mutate`]).
+fn mutate6(f: &mut Vec<u8>, kind: usize, rnd: &mut impl FnMut() -> u64) {
+    match kind {
+        // Version and traffic class: another version, or another class.
+        2 => {
+            f[14] = if rnd().is_multiple_of(2) {
+                rnd() as u8
+            } else {
+                0x60 | (rnd() as u8 & 0x0f)
+            }
+        }
+        // Payload length: anything, or off by a little.
+        3 => {
+            let plen = u16::from_be_bytes([f[18], f[19]]);
+            let new = if rnd().is_multiple_of(2) {
+                rnd() as u16
+            } else {
+                plen.wrapping_add((rnd() % 9) as u16).wrapping_sub(4)
+            };
+            f[18..20].copy_from_slice(&new.to_be_bytes());
+        }
+        // Next header: an extension header's, another protocol, anything.
+        4 => {
+            f[20] = match rnd() % 3 {
+                0 => EXTENSION_HEADERS[(rnd() % EXTENSION_HEADERS.len() as u64) as usize],
+                1 => [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6, IPPROTO_ICMP][(rnd() % 4) as usize],
+                _ => rnd() as u8,
+            }
+        }
+        // An extension header inserted (lengths kept consistent), or an
+        // address's interface identifier zeroed (reserved: it would read as
+        // IPv4), or the source made unspecified (as DAD).
+        5 => match rnd() % 4 {
+            0 | 1 => {
+                let nh = EXTENSION_HEADERS[(rnd() % EXTENSION_HEADERS.len() as u64) as usize];
+                f.splice(54..54, [f[20], 0, 1, 4, 0, 0, 0, 0]);
+                f[20] = nh;
+                let plen = u16::from_be_bytes([f[18], f[19]]).wrapping_add(8);
+                f[18..20].copy_from_slice(&plen.to_be_bytes());
+            }
+            2 => {
+                let at = if rnd().is_multiple_of(2) { 30 } else { 46 };
+                f[at..at + 8].fill(0);
+            }
+            _ => f[22..38].fill(0),
+        },
+        // TCP data offset, or a byte of the L4 header or payload (ICMPv6
+        // type and code, ND target and options, ports).
+        6 if f.len() > 54 => {
+            if f[20] == IPPROTO_TCP && f.len() >= 67 {
+                f[66] = (rnd() as u8) & 0xf0 | (f[66] & 0x0f);
+            } else {
+                let i = 54 + (rnd() % (f.len() as u64 - 54)) as usize;
+                f[i] = rnd() as u8;
+            }
+        }
+        // Hop limit near its end, or just below ND's 255.
+        7 => f[21] = [0, 1, 2, 254, 255][(rnd() % 5) as usize],
         // Any byte.
         _ => {
             let i = (rnd() % f.len() as u64) as usize;

@@ -13,23 +13,23 @@ use plink_tests::packet::{
 
 use super::*;
 
-const fn ip6(s: [u16; 8]) -> Ipv6Addr {
+pub(super) const fn ip6(s: [u16; 8]) -> Ipv6Addr {
     Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
 }
 
-const CLIENT6: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 1]);
-const EP6_TCP: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x50]);
-const EP6_UDP: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x51]);
-const EP6_PENDING: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x52]);
-const EP6_REJECTED: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x53]);
-const OTHER6: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x99]);
+pub(super) const CLIENT6: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 1]);
+pub(super) const EP6_TCP: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x50]);
+pub(super) const EP6_UDP: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x51]);
+pub(super) const EP6_PENDING: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x52]);
+pub(super) const EP6_REJECTED: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x53]);
+pub(super) const OTHER6: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x99]);
 /// Zero interface identifier: its `Addr` would read as IPv4 (32.1.13.184).
-const RESERVED6: Ipv6Addr = ip6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0]);
-const GW_P0_6: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1]);
-const BACKEND6: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10]);
-const NAT6_TCP: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x200]);
-const NAT6_UDP: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x201]);
-const ALL_NODES: Ipv6Addr = ip6([0xff02, 0, 0, 0, 0, 0, 0, 1]);
+pub(super) const RESERVED6: Ipv6Addr = ip6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0]);
+pub(super) const GW_P0_6: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1]);
+pub(super) const BACKEND6: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10]);
+pub(super) const NAT6_TCP: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x200]);
+pub(super) const NAT6_UDP: Ipv6Addr = ip6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x201]);
+pub(super) const ALL_NODES: Ipv6Addr = ip6([0xff02, 0, 0, 0, 0, 0, 0, 1]);
 
 /// Endpoint ids of the IPv6 endpoints added to the common spec.
 const EP_ID_TCP: u32 = 9;
@@ -40,7 +40,7 @@ const EP_ID_REJECTED: u32 = 12;
 /// The common spec plus IPv6 services 3 (TCP 80→8080) and 4 (UDP
 /// 53→5353), one backend each (2001:db8:100::10), and their endpoints in
 /// network 1.
-fn spec6(gw: &Gw) -> DataplaneSpec {
+pub(super) fn spec6(gw: &Gw) -> DataplaneSpec {
     let mut s = spec(gw);
     for (id, nat, ports) in [(3, NAT6_TCP, 1024..=65535), (4, NAT6_UDP, UDP_PORTS)] {
         s.services.push(ServiceSpec {
