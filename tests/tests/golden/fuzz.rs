@@ -328,6 +328,11 @@ impl Checker<'_> {
             self.macs[&ifindex],
             "{what}: answer not from the ingress interface"
         );
+        // ICMPv6 errors of the gateway's own (packet too big, time
+        // exceeded) answer any frame of a flow; checked on their own.
+        if (1..=4).contains(&o[54]) {
+            return self.error6(what, consumer, ifindex, f, o);
+        }
         assert_eq!(f[20], IPPROTO_ICMPV6, "{what}: answered a non-ICMPv6 frame");
         assert_eq!(
             f[54], ND_NEIGHBOR_SOLICIT,
@@ -383,6 +388,50 @@ impl Checker<'_> {
             "{what}: advertised {target}, none of this interface's"
         );
         self.advertised[usize::from(!consumer)] += 1;
+    }
+
+    /// An ICMPv6 error the gateway sent about the frame `f` (RFC 4443):
+    /// back to its sender, from the address it was sent to (one of this
+    /// interface's: an endpoint of the network, or a NAT address), no
+    /// larger than 1280 bytes, quoting `f` as it came; time exceeded only
+    /// for a hop limit of 1 or less.
+    fn error6(&mut self, what: &str, consumer: bool, ifindex: u32, f: &[u8], o: &[u8]) {
+        assert!(o.len() <= 14 + 1280, "{what}: ICMPv6 error over 1280 bytes");
+        assert!(
+            matches!(o[54], 2 | 3),
+            "{what}: the gateway sent ICMPv6 error type {}",
+            o[54]
+        );
+        if o[54] == 3 {
+            assert!(f[21] <= 1, "{what}: time exceeded for hop limit {}", f[21]);
+        }
+        let (src, dst) = addrs(o);
+        let (fsrc, fdst) = addrs(f);
+        assert_eq!(dst, fsrc, "{what}: error not to the sender");
+        assert_eq!(src, fdst, "{what}: error not from the address sent to");
+        assert_eq!(
+            mac(o, 0),
+            mac(f, 6),
+            "{what}: error not to the sender's MAC"
+        );
+        let quote = &o[62..];
+        assert!(
+            !quote.is_empty() && f.len() >= 14 + quote.len() && quote == &f[14..14 + quote.len()],
+            "{what}: the error does not quote the frame as it came"
+        );
+        let ours = if consumer {
+            let network = self.network(ifindex);
+            self.spec
+                .endpoints
+                .iter()
+                .any(|e| e.network_id == network && e.addr == src)
+        } else {
+            self.spec
+                .services
+                .iter()
+                .any(|s| s.nat.iter().any(|n| n.addr == src))
+        };
+        assert!(ours, "{what}: error from {src}, none of this interface's");
     }
 
     fn forwarded_to_provider(&mut self, what: &str, ifindex: u32, f: &[u8], o: &[u8]) {
