@@ -271,6 +271,25 @@ fn proxy_protocol_is_ipv4_only() {
     );
 }
 
+/// Flow-log records carry IPv4 addresses: an IPv6 service's would be wrong.
+#[test]
+fn flow_logs_are_ipv4_only() {
+    let text = edit(
+        "    nat: {addresses: [2001:db8:100::200, 2001:db8:100::201]}\n",
+        "    nat: {addresses: [2001:db8:100::200, 2001:db8:100::201]}\n    flow_logs: {sample: 1}\n",
+    );
+    let d = errors(&text);
+    let v6 = d
+        .iter()
+        .find(|d| {
+            d.message
+                .contains("flow logs are not supported on an IPv6 service")
+        })
+        .unwrap_or_else(|| panic!("{d:#?}"));
+    assert_eq!(v6.yaml_path, "services[1].flow_logs");
+    assert_eq!((v6.line, v6.column), at(&text, "{sample: 1}"));
+}
+
 #[test]
 fn a_malformed_address_names_both_families() {
     let text = edit("2001:db8:c1::50", "2001:db8:c1:::50");

@@ -787,6 +787,12 @@ fn services(cfg: &Config, p: &mut Problems) {
                 ),
             );
         }
+        if s.flow_logs.is_some() && family == Family::Ipv6 {
+            p.push(
+                format!("{path}.flow_logs"),
+                "flow logs are not supported on an IPv6 service yet (the records and the IPFIX template carry IPv4 addresses): remove flow_logs from this service",
+            );
+        }
         if s.flow_logs.is_some() && cfg.gateway.flow_logs.is_none() {
             p.push(
                 format!("{path}.flow_logs"),
