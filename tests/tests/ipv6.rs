@@ -508,6 +508,58 @@ fn ipv6_probes_to_provider_addresses_never_arrive(far: FarEnds) {
     let _ = &net.pv;
 }
 
+/// At start the gateway announces its IPv6 endpoint and NAT addresses with
+/// unsolicited neighbour advertisements (Override set): a consumer and a
+/// provider host that cached a wrong link-layer address for them (a
+/// gateway replaced, a NIC swapped) relearn the gateway's at once instead
+/// of waiting for their neighbour entry to time out.
+#[test]
+fn neighbours_relearn_the_gateway_from_unsolicited_advertisements() {
+    let mut net = build(FarEnds::Xdp).unwrap();
+    let stale = "02:00:00:00:de:ad";
+    let cached = [
+        (net.ca.clone(), ENDPOINT, net.gw.mac("c1").unwrap()),
+        (net.pv.clone(), ORDERS_NAT, net.gw.mac("p0").unwrap()),
+    ];
+    for (host, addr, _) in &cached {
+        host.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            stale,
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ])
+        .unwrap();
+        let before = host
+            .ip(&["-6", "neigh", "show", &addr.to_string(), "dev", "eth0"])
+            .unwrap();
+        assert!(before.contains(stale), "{before}");
+    }
+    let _plink = start(&mut net).unwrap();
+    for (host, addr, mac) in &cached {
+        let want = netns::mac_text(*mac);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = host
+                .ip(&["-6", "neigh", "show", &addr.to_string(), "dev", "eth0"])
+                .unwrap();
+            if now.contains(&want) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr}: still {now:?}, want lladdr {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 on_both_far_ends!(
     overlapping_ipv6_consumers_reach_their_own_services_through_nat66,
     two_mib_each_way_through_nat66,

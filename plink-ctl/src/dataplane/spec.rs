@@ -238,7 +238,7 @@ pub fn ip_of(a: &Addr) -> IpAddr {
     }
 }
 
-/// The IPv4 address, for what is IPv4-only still (gratuitous ARP, managed
+/// The IPv4 address, for what is IPv4-only still (managed
 /// neighbours, retired NAT addresses, the planner's NAT bookkeeping).
 pub fn v4_only(a: IpAddr) -> Option<Ipv4Addr> {
     match a {
@@ -1301,10 +1301,13 @@ mod tests {
         let plan = s.garp_plan();
         assert_eq!(
             plan[0].2,
-            vec![Ipv4Addr::new(192, 0, 2, 50)],
+            vec![IpAddr::from(Ipv4Addr::new(192, 0, 2, 50))],
             "removed endpoints are not announced"
         );
-        assert_eq!(plan[1].2, vec![Ipv4Addr::new(198, 51, 100, 200)]);
+        assert_eq!(
+            plan[1].2,
+            vec![IpAddr::from(Ipv4Addr::new(198, 51, 100, 200))]
+        );
         assert_eq!(
             s.managed_neighbours(),
             vec![(3, Ipv4Addr::new(198, 51, 100, 10))]
