@@ -14,11 +14,13 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-/// rtnetlink multicast groups: link, neighbour and IPv4 route changes
-/// (`RTNLGRP_LINK`, `RTNLGRP_NEIGH`, `RTNLGRP_IPV4_ROUTE`).
+/// rtnetlink multicast groups: link, neighbour (both families) and IPv4
+/// and IPv6 route changes (`RTNLGRP_LINK`, `RTNLGRP_NEIGH`,
+/// `RTNLGRP_IPV4_ROUTE`, `RTNLGRP_IPV6_ROUTE`).
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
 
 /// What happened to an interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,7 +37,7 @@ pub enum LinkEvent {
         addr: String,
         lladdr: Option<Vec<u8>>,
     },
-    /// An IPv4 route was added or deleted.
+    /// An IPv4 or IPv6 route was added or deleted.
     Route,
 }
 
@@ -92,6 +94,7 @@ impl LinkEvents {
         socket.add_membership(RTNLGRP_LINK)?;
         socket.add_membership(RTNLGRP_NEIGH)?;
         socket.add_membership(RTNLGRP_IPV4_ROUTE)?;
+        socket.add_membership(RTNLGRP_IPV6_ROUTE)?;
         Ok(Self { socket })
     }
 

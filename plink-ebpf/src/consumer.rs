@@ -198,7 +198,7 @@ fn ipv4(ctx: &XdpContext, iface: Option<IfaceInfo>) -> u32 {
 /// Is the flow's cached next hop current (the provider side's routes and
 /// neighbours unchanged since) and does the packet fit its MTU?
 #[inline(always)]
-fn hop_cached(v: &CtFwdValue, g: &GlobalConfig, out_len: u16) -> bool {
+pub fn hop_cached(v: &CtFwdValue, g: &GlobalConfig, out_len: u16) -> bool {
     v.hop_gen == g.hop_gen && v.hop_gen != 0 && out_len <= v.hop_mtu
 }
 

@@ -3,10 +3,13 @@
 //! and routed to the provider side; everything else is dropped with a
 //! reason (never XDP_PASS, as for IPv4).
 //!
-//! Phase 1 of IPv6: no established fast path or cached next hop (every
-//! packet is looked up and routed), no MSS clamping, no PROXY protocol,
-//! no ICMPv6 errors from consumer-side routers. A packet that cannot be
-//! forwarded is answered (Packet Too Big, Time Exceeded: `v6::icmp`).
+//! As for IPv4, conntrack comes first: an established flow of an unchanged,
+//! approved endpoint whose cached next hop is current is rewritten and
+//! redirected with no endpoint or route lookup ([`established`]); every
+//! other packet takes the slow path (endpoint, open, route, which caches
+//! the next hop in the flow). No PROXY protocol for IPv6. A packet that
+//! cannot be forwarded is answered (Packet Too Big, Time Exceeded:
+//! `v6::icmp`).
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use plink_common::{
     CtFwdKey, CtFwdValue, DropReason, EndpointValue, GlobalConfig, IPPROTO_TCP, flow_expired,
@@ -98,11 +101,79 @@ pub fn handle(ctx: XdpContext) -> u32 {
 /// or created), then the route, the rewrite and the redirect.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> u32 {
+    let v = established(XdpContext { ctx: ctx.ctx });
+    if v != FORWARD {
+        return v;
+    }
     let v = open_flow(XdpContext { ctx: ctx.ctx });
     if v != FORWARD {
         return v;
     }
     emit_flow(XdpContext { ctx: ctx.ctx })
+}
+
+/// The fast path (the IPv4 consumer's `established`): an established IPv6
+/// flow (NAT66) of an unchanged, approved endpoint whose cached next hop is
+/// current and fits the packet is rewritten and redirected with no endpoint
+/// or route lookup. Returns the verdict, or [`FORWARD`] (nothing changed)
+/// for the slow path.
+#[inline(never)]
+fn established(ctx: XdpContext) -> u32 {
+    let Some(w) = work() else {
+        return FORWARD;
+    };
+    let Some(v) = CT_FWD.get_ptr_mut(&w.key) else {
+        return FORWARD;
+    };
+    let Some(g) = GLOBAL.get(0) else {
+        return FORWARD;
+    };
+    // SAFETY: map value pointer; benign races as in the IPv4 path.
+    let v = unsafe { &mut *v };
+    let f = &w.f;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if flow_expired(v, now, &g.timeouts)
+        || !endpoint::current(v)
+        || f.hop <= 1
+        || !crate::consumer::hop_cached(v, g, f.tot_len)
+        // SYNs take the slow path (as for IPv4).
+        || (f.proto == IPPROTO_TCP && f.tcp_flags & crate::parse::TCP_SYN != 0)
+        // Only NAT66 flows: their backend is IPv6 (`Addr`).
+        || v.backend_addr_be[1] | v.backend_addr_be[2] | v.backend_addr_be[3] == 0
+    {
+        return FORWARD;
+    }
+    // Read first, check second (see the IPv4 consumer).
+    let nat = Nat6 {
+        src: v.nat_addr_be,
+        dst: v.backend_addr_be,
+        sport_be: v.nat_port_be,
+        dport_be: v.backend_port_be,
+        smac: v.hop_smac,
+        dmac: v.hop_dmac,
+    };
+    let egress = v.hop_ifindex;
+    if !conntrack::entry_is(v, flow_hash(&w.key)) {
+        return FORWARD;
+    }
+    if last_seen_moved(v.last_seen_ns, now) {
+        v.last_seen_ns = now;
+    }
+    if f.proto == IPPROTO_TCP {
+        let state = conntrack::tcp_forward(v.tcp_state, f.tcp_flags);
+        if state != v.tcp_state {
+            v.tcp_state = state;
+        }
+    }
+    if !rewrite6(&ctx, f, &nat) {
+        return drop(DropReason::Malformed, v.endpoint_id);
+    }
+    stats::count_packet(v, f.tot_len as u64, false);
+    if flowlog::logged(v) {
+        flowlog::count(v, f.tot_len as u64, false);
+    }
+    forward::redirect(egress, v.endpoint_id)
 }
 
 /// The scratch slot `handle` filled.
@@ -196,6 +267,14 @@ fn emit_flow(ctx: XdpContext) -> u32 {
         }
         return routed.finish(endpoint_id);
     }
+    // The next hop, cached for the fast path: the generation last, so a
+    // reader that sees it sees the hop it names.
+    v.hop_ifindex = hop.ifindex;
+    v.hop_mtu = hop.mtu;
+    v.hop_smac = hop.smac;
+    v.hop_dmac = hop.dmac;
+    // SAFETY: writing a field of the map value we hold.
+    unsafe { core::ptr::write_volatile(&raw mut v.hop_gen, g.hop_gen) };
     let fresh = opened != Opened::No as u8;
     if fresh || last_seen_moved(v.last_seen_ns, now) {
         v.last_seen_ns = now;

@@ -784,3 +784,71 @@ fn golden_ipv6_after_an_adopting_load() {
         })
         .unwrap();
 }
+
+/// The IPv6 established fast path, as for IPv4: the flow caches its next
+/// hop, so a neighbour that moves is followed only once the hop generation
+/// moves (the controller moves it on neighbour, route and link events); an
+/// endpoint rejected without a purge cuts its flows in the datapath itself.
+#[test]
+fn golden_ipv6_established_flows_use_the_cached_next_hop() {
+    let gw = gateway();
+    golden(&gw, spec6(&gw), |b, n, spec| {
+        let client = (CLIENT6, 40100);
+        let ep = (EP6_TCP, 80);
+        let key = fwd_key6(client, ep, IPPROTO_TCP);
+        let nat = (NAT6_TCP, first_port(&key, 1024..=65535));
+        let backend = (BACKEND6, 8080);
+        let syn = Ipv6Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
+        let ack = Ipv6Packet::tcp(client, ep, TCP_ACK).macs(CLIENT_MAC, n.c1_mac);
+        let moved: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x78];
+        let to = |p: &Ipv6Packet, mac: [u8; 6]| {
+            let mut t = translated6(p, n.p0_mac, backend, nat);
+            t[0..6].copy_from_slice(&mac);
+            redirect6(t)
+        };
+        let rejected = {
+            let mut s = spec.clone();
+            s.endpoints
+                .iter_mut()
+                .filter(|e| e.id == EP_ID_TCP)
+                .for_each(|e| e.state = EndpointState::Rejected);
+            s
+        };
+        b.run(vec![
+            consumer("syn", n.c1, syn.build(), to(&syn, BACKEND10_MAC)).deltas(opens(EP_ID_TCP)),
+            consumer("established", n.c1, ack.build(), to(&ack, BACKEND10_MAC)),
+            Step::act("the backend's neighbour entry moves", move |_| {
+                let status = std::process::Command::new("ip")
+                    .args(["-6", "neigh", "replace", &BACKEND6.to_string(), "lladdr"])
+                    .arg("02:00:00:00:01:78")
+                    .args(["dev", "p0", "nud", "permanent"])
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "ip -6 neigh replace");
+            }),
+            consumer(
+                "cached next hop: no route lookup",
+                n.c1,
+                ack.build(),
+                to(&ack, BACKEND10_MAC),
+            ),
+            Step::act("the hop generation moves", |b| b.dp.bump_hop_gen().unwrap()),
+            consumer(
+                "next hop looked up again after the generation moved",
+                n.c1,
+                ack.build(),
+                to(&ack, moved),
+            ),
+            consumer("and cached again", n.c1, ack.build(), to(&ack, moved))
+                .deltas([(Counter::Flows, 0)]),
+            Step::Apply(rejected),
+            consumer(
+                "a rejected endpoint's flow, without a purge",
+                n.c1,
+                ack.build(),
+                Want::Drop(DropReason::EndpointRejected),
+            ),
+            Step::count(Counter::Endpoint(EP_ID_TCP, Field::PacketsIn), 5),
+        ]);
+    });
+}
