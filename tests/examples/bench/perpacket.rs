@@ -1041,7 +1041,7 @@ pub fn run(settings: &Settings, only: Only) -> anyhow::Result<Output> {
     let mut ipv6 = Vec::new();
     if only != Only::Proxy {
         let notes = [
-            "; the IPv6 forward path has no cached next hop yet: an endpoint lookup and a FIB lookup per packet",
+            "; both families' forward paths read the flow's cached next hop",
             "",
         ];
         for ((v6, v4, what), note) in [(IPV6_ROWS, 1, "forward"), (IPV6_ROWS + 1, 2, "reverse")]
