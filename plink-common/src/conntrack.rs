@@ -53,6 +53,8 @@ pub struct CtFwdValue {
     /// [`tcp_state`] constant (TCP), 0 otherwise.
     pub tcp_state: u8,
     pub nat_slot: u8,
+    /// The protocol of the reverse entry and NAT port: the key's, except
+    /// for a NAT64 echo flow (ICMP, 1, where the key has ICMPv6).
     pub proto: u8,
     /// [`flow_flags`] bits (0 before flow logs existed).
     pub flags: u8,
@@ -99,6 +101,11 @@ pub mod flow_flags {
     /// The flow is flow-logged (its service samples flow logs and the flow
     /// hash picked it): start and end records, per-flow counters.
     pub const LOGGED: u8 = 1;
+    /// A stateful NAT64 flow (RFC 6146 style): an IPv6 consumer key in
+    /// front of an IPv4 backend and NAT address. The reverse entry and NAT
+    /// port are IPv4 ones (an echo flow's protocol is ICMP, 1, in the value,
+    /// ICMPv6 in the key), and replies are translated back to IPv6.
+    pub const NAT64: u8 = 2;
 }
 
 /// Key of `CT_REV`: a reply as the backend sends it, seen from the NAT side.

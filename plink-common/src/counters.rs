@@ -152,9 +152,13 @@ drop_reasons! {
     Ipv6ExtensionHeader = 36 => "ipv6_extension_header",
     Ipv6AddressReserved = 37 => "ipv6_address_reserved",
     NdNotOurs = 38 => "nd_not_ours",
+    // A NAT64 reply in UDP over IPv4 without a checksum: IPv6 requires one
+    // and XDP cannot sum a payload of any length (RFC 7915 5.1.1 allows
+    // dropping it).
+    Nat64UdpNoChecksum = 39 => "nat64_udp_no_checksum",
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 39;
+    pub const COUNT: u32 = 40;
 }
 const _: () = assert!(DropReason::ALL.len() == DropReason::COUNT as usize);

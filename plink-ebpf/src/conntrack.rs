@@ -7,7 +7,8 @@
 //! removes what it inserted, so a lost race leaves nothing behind.
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use plink_common::{
-    CtFwdKey, CtFwdValue, CtRevKey, DropReason, EndpointValue, IPPROTO_TCP, flow_hash, tcp_state,
+    Addr, CtFwdKey, CtFwdValue, CtRevKey, DropReason, EndpointValue, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, flow_flags, flow_hash, tcp_state,
 };
 
 use crate::{
@@ -77,6 +78,14 @@ fn create<const V6: bool>(
     else {
         return Err(Some(DropReason::Malformed));
     };
+    // NAT64: an IPv6 key (`V6`) whose backend is IPv4. Its reverse entry
+    // and NAT port are IPv4's, so an echo flow takes ICMP's id space.
+    let nat64 = V6 && is_v4(&backend_addr);
+    let proto = if nat64 && key.proto == IPPROTO_ICMPV6 {
+        IPPROTO_ICMP
+    } else {
+        key.proto
+    };
     let s = SCRATCH_NEW_FLOW
         .get_ptr_mut(0)
         .ok_or(Some(DropReason::ConntrackFull))?;
@@ -93,14 +102,14 @@ fn create<const V6: bool>(
     v.service_id = ep.service_id;
     v.backend_id = backend_id;
     v.last_seen_ns = now;
-    v.proto = key.proto;
+    v.proto = proto;
     v.tcp_state = if key.proto == IPPROTO_TCP {
         tcp_state::SYN_SENT
     } else {
         0
     };
-    // Set by `flowlog::fresh` once the packet is known to leave.
-    v.flags = 0;
+    // LOGGED is set by `flowlog::fresh` once the packet is known to leave.
+    v.flags = if nat64 { flow_flags::NAT64 } else { 0 };
     v.log_packets_in = 0;
     v.log_bytes_in = 0;
     v.log_packets_out = 0;
@@ -120,7 +129,7 @@ fn create<const V6: bool>(
     s.owner.fwd = *key;
     s.owner.key_hash = hash;
     s.owner.created_ns = now;
-    nat::alloc_nat_port(svc, hash, key.proto, now, s).map_err(|r| {
+    nat::alloc_nat_port(svc, hash, proto, now, s).map_err(|r| {
         if r == DropReason::NatPortsExhausted {
             stats::count_refusal(ep.endpoint_id, ep.service_id, r);
         }
@@ -156,6 +165,13 @@ fn create<const V6: bool>(
     }
     // Counted as created by the caller, once the packet is known to leave.
     Ok(())
+}
+
+/// Is `a` an IPv4 address (word 0 only; the IPv6 parser refuses
+/// addresses that would read so)?
+#[inline(always)]
+pub fn is_v4(a: &Addr) -> bool {
+    a[1] | a[2] | a[3] == 0
 }
 
 /// Removes the flow this CPU's [`new_flow`] just created for `key` (its

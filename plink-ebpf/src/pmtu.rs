@@ -16,23 +16,26 @@ use crate::{
 /// `bpf_check_mtu`'s answer for a frame larger than the device's MTU.
 const BPF_MTU_CHK_RET_FRAG_NEEDED: i64 = 1;
 
-/// If the frame in `ctx` does not fit the MTU of the flow's consumer
-/// interface `ifindex`, answers it (or counts its drop) and returns the XDP
-/// action; `None` when it fits.
+/// If the frame in `ctx`, grown by `growth` bytes on the way (NAT64), does
+/// not fit the MTU of the flow's consumer interface `ifindex`, answers it
+/// (or counts its drop) and returns the XDP action; `None` when it fits.
 #[inline(always)]
 pub fn reply_too_big(
     ctx: &XdpContext,
     ifindex: u32,
     service_id: u32,
     endpoint_id: u32,
+    growth: u32,
 ) -> Option<u32> {
     let mut mtu: u32 = 0;
-    // SAFETY: valid ctx and out pointer; 0 = check the frame as it is. The
+    // SAFETY: valid ctx and out pointer; the frame as it will leave. The
     // helper writes the device's MTU into `mtu` whatever the outcome.
-    let rc = unsafe { bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu, 0, 0) };
+    let rc = unsafe { bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu, growth as i32, 0) };
     if rc == 0 {
         return None;
     }
+    // The backend's packets may be this big (before they grow).
+    let mtu = mtu.saturating_sub(growth);
     if rc != BPF_MTU_CHK_RET_FRAG_NEEDED || mtu == 0 {
         // The interface is gone: nothing to tell the backend.
         return Some(drop(DropReason::FragNeeded, endpoint_id));

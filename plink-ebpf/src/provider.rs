@@ -5,8 +5,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use plink_common::{
-    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, NatAddrInfo, flow_expired, icmp_type,
-    last_seen_moved, nat_addr_flags, role, v4_be, v6_prog,
+    CtRevKey, DropReason, IPPROTO_ICMP, IPPROTO_TCP, NatAddrInfo, flow_expired, flow_flags,
+    icmp_type, last_seen_moved, nat_addr_flags, role, v4_be, v6_prog,
 };
 
 use crate::{
@@ -123,7 +123,12 @@ fn ipv4(ctx: &XdpContext) -> u32 {
     if f.ttl <= 1 {
         return drop(DropReason::TtlExceeded, endpoint_id);
     }
-    if let Some(action) = pmtu::reply_too_big(ctx, v.ingress_ifindex, v.service_id, endpoint_id) {
+    // A NAT64 reply grows by the IPv6 header's extra bytes on the way.
+    let nat64 = v.flags & flow_flags::NAT64 != 0;
+    let growth = if nat64 { crate::v6::nat64::GROWTH } else { 0 };
+    if let Some(action) =
+        pmtu::reply_too_big(ctx, v.ingress_ifindex, v.service_id, endpoint_id, growth)
+    {
         return action;
     }
     // Only a packet that leaves refreshes the flow and moves its TCP state,
@@ -136,6 +141,9 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         if state != v.tcp_state {
             v.tcp_state = state;
         }
+    }
+    if nat64 {
+        return crate::v6::nat64::reply(XdpContext { ctx: ctx.ctx }, &f, v, fwd);
     }
     if !rewrite(ctx, &f, &nat) {
         return drop(DropReason::Malformed, endpoint_id);

@@ -95,11 +95,11 @@ pub(crate) struct GcSweep {
 }
 
 impl GcSweep {
-    fn count_live(&mut self, k: &CtFwdKey, v: &CtFwdValue) {
+    fn count_live(&mut self, v: &CtFwdValue) {
         self.live += 1;
         *self
             .nat_in_use
-            .entry((ip_of(&v.nat_addr_be), k.proto))
+            .entry((ip_of(&v.nat_addr_be), v.proto))
             .or_default() += 1;
     }
 
@@ -178,7 +178,7 @@ impl Dataplane {
             if doomed(k, v, now) {
                 candidates.push(*k);
             } else {
-                sweep.count_live(k, v);
+                sweep.count_live(v);
             }
         };
         let walked = {
@@ -212,8 +212,8 @@ impl Dataplane {
                 return Err(e);
             }
         };
-        for (k, v) in &removed.kept {
-            sweep.count_live(k, v);
+        for (_, v) in &removed.kept {
+            sweep.count_live(v);
         }
         if walked != super::batch::Walked::More {
             sweep.finish();
@@ -353,13 +353,13 @@ impl Dataplane {
         let gone = swept.gone;
         let mut rev: HashMap<_, CtRevKey, CtOwner> =
             HashMap::try_from(self.map_mut(map_names::CT_REV)?)?;
-        for (k, v) in &gone {
-            let _ = rev.remove(&rev_key(k, v));
+        for (_, v) in &gone {
+            let _ = rev.remove(&rev_key(v));
         }
         let mut ports: HashMap<_, NatPortKey, CtOwner> =
             HashMap::try_from(self.map_mut(map_names::NAT_PORTS)?)?;
-        for (k, v) in &gone {
-            let _ = ports.remove(&port_key(k, v));
+        for (_, v) in &gone {
+            let _ = ports.remove(&port_key(v));
         }
         // Live-flow accounting for the max-flows cap (the datapath adds, we
         // subtract; one writer per map).
@@ -379,7 +379,7 @@ impl Dataplane {
         let mut owned: std::collections::HashMap<CtFwdKey, (CtRevKey, NatPortKey)> =
             std::collections::HashMap::new();
         self.walk(map_names::CT_FWD, |k: &CtFwdKey, v: &CtFwdValue| {
-            owned.insert(*k, (rev_key(k, v), port_key(k, v)));
+            owned.insert(*k, (rev_key(v), port_key(v)));
         })?;
         let now = monotonic_ns();
         let old = |o: &CtOwner| now.saturating_sub(o.created_ns) > grace;
@@ -622,22 +622,23 @@ fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn rev_key(k: &CtFwdKey, v: &CtFwdValue) -> CtRevKey {
+fn rev_key(v: &CtFwdValue) -> CtRevKey {
     CtRevKey {
         nat_addr_be: v.nat_addr_be,
         backend_addr_be: v.backend_addr_be,
         nat_port_be: v.nat_port_be,
         backend_port_be: v.backend_port_be,
-        proto: k.proto,
+        // The value's: a NAT64 echo flow's entries are ICMP ones.
+        proto: v.proto,
         _pad: [0; 3],
     }
 }
 
-fn port_key(k: &CtFwdKey, v: &CtFwdValue) -> NatPortKey {
+fn port_key(v: &CtFwdValue) -> NatPortKey {
     NatPortKey {
         addr_be: v.nat_addr_be,
         port_be: v.nat_port_be,
-        proto: k.proto,
+        proto: v.proto,
         _pad: 0,
     }
 }

@@ -13,11 +13,11 @@
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use plink_common::{
     CtFwdKey, CtFwdValue, DropReason, EndpointValue, GlobalConfig, IPPROTO_TCP, flow_expired,
-    flow_hash, last_seen_moved, role, tcp_state,
+    flow_flags, flow_hash, last_seen_moved, role, tcp_state,
 };
 
 use super::{
-    ANSWER, NextHop6, icmp, nd,
+    ANSWER, Flow6, NextHop6, icmp, nd,
     parse::{DstMac, ICMP6_ECHO_REQUEST, IPPROTO_ICMPV6, ND_NEIGHBOR_SOLICIT, dst_mac, parse_ipv6},
     rewrite::{Nat6, rewrite6},
     route6,
@@ -32,6 +32,11 @@ use crate::{
 /// [`handle`]'s verdict for a packet of an endpoint flow, parsed into this
 /// CPU's `SCRATCH_V6`: [`forward`] takes it on.
 pub const FORWARD: u32 = u32::MAX;
+
+/// [`forward`]'s verdict for a packet of a NAT64 flow (its backend is
+/// IPv4), open and parsed into this CPU's `SCRATCH_V6`: `v6::nat64` takes
+/// it on.
+pub const NAT64: u32 = u32::MAX - 3;
 
 /// Everything but the flow: interface, MAC, parse, neighbour discovery.
 /// Returns the verdict, or [`FORWARD`].
@@ -252,6 +257,9 @@ fn emit_flow(ctx: XdpContext) -> u32 {
     if v.endpoint_id != endpoint_id || !conntrack::entry_is(v, flow_hash(key)) {
         return drop(DropReason::CtBroken, endpoint_id);
     }
+    if v.flags & flow_flags::NAT64 != 0 {
+        return NAT64;
+    }
     let routed = route6(&ctx, &mut hop);
     if !routed.is_next() {
         // The packet does not leave: the flow it opened is not kept.
@@ -275,24 +283,7 @@ fn emit_flow(ctx: XdpContext) -> u32 {
     v.hop_dmac = hop.dmac;
     // SAFETY: writing a field of the map value we hold.
     unsafe { core::ptr::write_volatile(&raw mut v.hop_gen, g.hop_gen) };
-    let fresh = opened != Opened::No as u8;
-    if fresh || last_seen_moved(v.last_seen_ns, now) {
-        v.last_seen_ns = now;
-    }
-    if f.proto == IPPROTO_TCP {
-        let state = if fresh {
-            tcp_state::SYN_SENT
-        } else {
-            conntrack::tcp_forward(v.tcp_state, f.tcp_flags)
-        };
-        if state != v.tcp_state {
-            v.tcp_state = state;
-        }
-    }
-    if fresh {
-        stats::count_flow_created(v);
-        flowlog::fresh(key, v, opened == Opened::Restarted as u8, now);
-    }
+    commit(v, f, key, opened, now);
     let nat = Nat6 {
         src: hop.src,
         dst: hop.dst,
@@ -311,10 +302,34 @@ fn emit_flow(ctx: XdpContext) -> u32 {
     forward::redirect(hop.ifindex, endpoint_id)
 }
 
+/// What a packet that leaves does to its open flow (`opened`, an
+/// [`Opened`]): last seen, TCP state, and a fresh flow's count and log.
+#[inline(always)]
+pub fn commit(v: &mut CtFwdValue, f: &Flow6, key: &CtFwdKey, opened: u8, now: u64) {
+    let fresh = opened != Opened::No as u8;
+    if fresh || last_seen_moved(v.last_seen_ns, now) {
+        v.last_seen_ns = now;
+    }
+    if f.proto == IPPROTO_TCP {
+        let state = if fresh {
+            tcp_state::SYN_SENT
+        } else {
+            conntrack::tcp_forward(v.tcp_state, f.tcp_flags)
+        };
+        if state != v.tcp_state {
+            v.tcp_state = state;
+        }
+    }
+    if fresh {
+        stats::count_flow_created(v);
+        flowlog::fresh(key, v, opened == Opened::Restarted as u8, now);
+    }
+}
+
 /// What a consumer packet did to conntrack (as in the IPv4 consumer).
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-enum Opened {
+pub enum Opened {
     No,
     Created,
     Restarted,

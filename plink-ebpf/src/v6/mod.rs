@@ -1,10 +1,11 @@
-//! IPv6 (phase 1: NAT66 and neighbour discovery). The IPv4 entry points
+//! IPv6: NAT66, NAT64 (`nat64`) and neighbour discovery. The IPv4 entry points
 //! tail-call these programs (`V6_PROGS`) for EtherType 0x86dd, so each has
 //! its own stack and verifier budget. The interface's frame and byte counts
 //! were taken by the IPv4 entry before the tail call; the verdict is counted
 //! here (the IPv4 entry's count never runs after a tail call).
 mod consumer;
 mod icmp;
+pub mod nat64;
 mod nd;
 mod parse;
 mod provider;
@@ -34,6 +35,9 @@ pub fn plink_consumer6(ctx: XdpContext) -> u32 {
     let mut verdict = consumer::handle(XdpContext { ctx: ctx.ctx });
     if verdict == consumer::FORWARD {
         verdict = consumer::forward(&ctx);
+    }
+    if verdict == consumer::NAT64 {
+        verdict = nat64::forward(XdpContext { ctx: ctx.ctx });
     }
     if verdict == ANSWER {
         verdict = answer(XdpContext { ctx: ctx.ctx }, false);

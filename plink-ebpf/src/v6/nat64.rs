@@ -1,0 +1,370 @@
+//! Stateful NAT64 (RFC 6146 style; header translation per RFC 7915): an
+//! IPv6 consumer reaches an IPv4 service through the endpoint's IPv6
+//! address. The flow is an IPv6 key in front of an IPv4 NAT address and
+//! backend (`flow_flags::NAT64`, set by `conntrack::new_flow`).
+//!
+//! Forward, the packet becomes IPv4 from the NAT address to the backend:
+//! the 40-byte IPv6 header gives way to a 20-byte IPv4 one at the head of
+//! the frame, the transport header stays where it is. Back, the IPv4 reply
+//! becomes IPv6 from the endpoint address to the client. Checksums are
+//! updated incrementally: the TCP and UDP pseudo-headers of both families
+//! sum the same length and protocol words, so only the addresses change;
+//! ICMPv6 covers a pseudo-header that ICMP does not, so it leaves or joins
+//! the sum, with the echo type.
+//!
+//! Not translated (yet): ICMP errors about a NAT64 flow's packets (dropped
+//! as `icmp_unsupported`), IPv4 fragments (the parser refuses them), the
+//! established fast path (every NAT64 packet looks up its route). The IPv4
+//! header is sent with Don't Fragment and identification 0 (RFC 6864).
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use plink_common::{
+    Addr, CtFwdKey, CtFwdValue, DropReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    csum, flow_hash, icmp_type, v4_be,
+};
+
+use super::{
+    ANSWER, Flow6, icmp,
+    parse::{ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST},
+};
+use crate::{
+    conntrack, flowlog,
+    forward::{self, NextHop},
+    maps::{CT_FWD, GLOBAL, SCRATCH_V6},
+    parse::{self as p4, Flow, IP_OFF, load, ptr_at, store},
+    stats::{self, NO_EP, drop},
+};
+
+/// An IPv4 header is this much shorter than an IPv6 one: what a packet
+/// shrinks by on its way to the backend and grows by on its way back.
+pub const GROWTH: u32 = (super::parse::IP6_LEN - p4::IP_LEN) as u32;
+
+/// The open NAT64 flow's consumer packet (parsed into `SCRATCH_V6` by
+/// `v6::consumer`): IPv4 route, flow state, translation, redirect.
+#[inline(never)]
+pub fn forward(ctx: XdpContext) -> u32 {
+    let Some(w) = SCRATCH_V6.get_ptr_mut(0) else {
+        return drop(DropReason::Malformed, NO_EP);
+    };
+    // SAFETY: this CPU's scratch slot; XDP runs to completion.
+    let w = unsafe { &mut *w };
+    let (f, key, now, endpoint_id, opened) = (&w.f, &w.key, w.now, w.endpoint_id, w.opened);
+    let Some(v) = CT_FWD.get_ptr_mut(key) else {
+        return drop(DropReason::CtBroken, endpoint_id);
+    };
+    let Some(g) = GLOBAL.get(0) else {
+        return drop(DropReason::FibFailed, endpoint_id);
+    };
+    // SAFETY: map value pointer; benign races as in the IPv4 path.
+    let v = unsafe { &mut *v };
+    // Read first, check second (see the IPv4 consumer).
+    let mut hop = NextHop {
+        src_be: v.nat_addr_be[0],
+        dst_be: v.backend_addr_be[0],
+        tot_len: f.tot_len.wrapping_sub(GROWTH as u16),
+        provider_ifindex: g.provider_ifindex,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        mtu: 0,
+    };
+    let (sport_be, dport_be) = (v.nat_port_be, v.backend_port_be);
+    if v.endpoint_id != endpoint_id || !conntrack::entry_is(v, flow_hash(key)) {
+        return drop(DropReason::CtBroken, endpoint_id);
+    }
+    let routed = forward::route(&ctx, &mut hop);
+    if !routed.is_next() {
+        // The packet does not leave: the flow it opened is not kept.
+        if opened == super::consumer::Opened::Created as u8 {
+            conntrack::release(key, endpoint_id);
+        }
+        if routed.reason() == Some(DropReason::FragNeeded) {
+            // The consumer learns the IPv4 path's MTU as an IPv6 one.
+            w.err_type = icmp::PACKET_TOO_BIG;
+            w.err_mtu = hop.mtu as u32 + GROWTH;
+            return ANSWER;
+        }
+        return routed.finish(endpoint_id);
+    }
+    super::consumer::commit(v, f, key, opened, now);
+    let out = To4 {
+        src_be: hop.src_be,
+        dst_be: hop.dst_be,
+        sport_be,
+        dport_be,
+        smac: hop.smac,
+        dmac: hop.dmac,
+    };
+    if !to_v4(&ctx, f, &out) {
+        return drop(DropReason::Malformed, endpoint_id);
+    }
+    stats::count_packet(v, f.tot_len as u64, false);
+    if flowlog::logged(v) {
+        flowlog::count(v, f.tot_len as u64, false);
+    }
+    forward::redirect(hop.ifindex, endpoint_id)
+}
+
+/// The IPv4 packet's new addresses, ports (raw) and link-layer addresses.
+struct To4 {
+    src_be: u32,
+    dst_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// IPv6 (parsed as `f`, hop limit > 1) → IPv4 in place. False if the frame
+/// could not be resized (never for a parsed packet).
+#[inline(always)]
+fn to_v4(ctx: &XdpContext, f: &Flow6, n: &To4) -> bool {
+    use super::parse::{ICMP6_CHECK, IP6_OFF, TCP_CHECK, UDP_CHECK};
+    let Some(vtc) = load::<[u8; 2]>(ctx, IP6_OFF) else {
+        return false;
+    };
+    let tos = (vtc[0] << 4) | (vtc[1] >> 4);
+    let check_off6 = match f.proto {
+        IPPROTO_TCP => TCP_CHECK,
+        IPPROTO_UDP => UDP_CHECK,
+        _ => ICMP6_CHECK,
+    };
+    let Some(check) = load::<u16>(ctx, check_off6) else {
+        return false;
+    };
+    let icmp = f.proto == IPPROTO_ICMPV6;
+    let plen = f.tot_len.wrapping_sub(super::parse::IP6_LEN as u16);
+    // ICMP has no pseudo-header: the addresses leave the sum.
+    let (src, dst) = if icmp {
+        ([0; 4], [0; 4])
+    } else {
+        (v4_be(n.src_be), v4_be(n.dst_be))
+    };
+    let mut c = csum::update128(check, &f.src, &src);
+    c = csum::update128(c, &f.dst, &dst);
+    let (proto, ty) = if icmp {
+        let (ty6, ty4) = if f.tcp_flags == ICMP6_ECHO_REQUEST {
+            (ICMP6_ECHO_REQUEST, icmp_type::ECHO_REQUEST)
+        } else {
+            (ICMP6_ECHO_REPLY, icmp_type::ECHO_REPLY)
+        };
+        c = csum::update16(c, plen.to_be(), 0);
+        c = csum::update16(c, u16::from_ne_bytes([0, IPPROTO_ICMPV6]), 0);
+        c = csum::update16(
+            c,
+            u16::from_ne_bytes([ty6, 0]),
+            u16::from_ne_bytes([ty4, 0]),
+        );
+        let (old_id, new_id) = (f.sport_be | f.dport_be, n.sport_be | n.dport_be);
+        c = csum::update16(c, old_id, new_id);
+        (IPPROTO_ICMP, ty4)
+    } else {
+        c = csum::update16(c, f.sport_be, n.sport_be);
+        c = csum::update16(c, f.dport_be, n.dport_be);
+        if f.proto == IPPROTO_UDP {
+            c = csum::udp_finish(check, c);
+        }
+        (f.proto, 0)
+    };
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), GROWTH as i32) } != 0 {
+        return false;
+    }
+    let Some(p) = ptr_at::<[u8; p4::L4_OFF + 8]>(ctx, 0) else {
+        return false;
+    };
+    let p = p.cast::<u8>();
+    let tot = (plen.wrapping_add(p4::IP_LEN as u16)).to_be_bytes();
+    let mut ip: [u8; p4::IP_LEN] = [
+        0x45,
+        tos,
+        tot[0],
+        tot[1],
+        0,
+        0,
+        0x40,
+        0,
+        f.hop - 1,
+        proto,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    ip[12..16].copy_from_slice(&n.src_be.to_ne_bytes());
+    ip[16..20].copy_from_slice(&n.dst_be.to_ne_bytes());
+    let ip_check = header_checksum(&ip).to_ne_bytes();
+    ip[10] = ip_check[0];
+    ip[11] = ip_check[1];
+    // SAFETY: every offset is inside the checked L4_OFF + 8 bytes.
+    unsafe {
+        p.cast::<[u8; 6]>().write_unaligned(n.dmac);
+        p.add(6).cast::<[u8; 6]>().write_unaligned(n.smac);
+        p.add(12).cast::<[u8; 2]>().write_unaligned([0x08, 0x00]);
+        p.add(IP_OFF).cast::<[u8; p4::IP_LEN]>().write_unaligned(ip);
+        if icmp {
+            p.add(p4::L4_OFF).write(ty);
+            p.add(p4::ICMP_ID)
+                .cast::<u16>()
+                .write_unaligned(n.sport_be | n.dport_be);
+            p.add(p4::ICMP_CHECK).cast::<u16>().write_unaligned(c);
+        } else {
+            p.add(p4::L4_OFF)
+                .cast::<[u16; 2]>()
+                .write_unaligned([n.sport_be, n.dport_be]);
+            if f.proto == IPPROTO_UDP {
+                p.add(p4::UDP_CHECK).cast::<u16>().write_unaligned(c);
+            }
+        }
+    }
+    f.proto != IPPROTO_TCP || store::<u16>(ctx, p4::TCP_CHECK, c)
+}
+
+/// The IPv4 header checksum of `ip` (its checksum field zero).
+#[inline(always)]
+fn header_checksum(ip: &[u8; p4::IP_LEN]) -> u16 {
+    let mut s: u32 = 0;
+    let mut i = 0;
+    while i < p4::IP_LEN {
+        s += u16::from_ne_bytes([ip[i], ip[i + 1]]) as u32;
+        i += 2;
+    }
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// A NAT64 flow's IPv4 reply (parsed as `f`; the provider checked the
+/// flow, its endpoint, the TTL and the consumer interface's MTU for the
+/// grown packet, and moved the flow's state): translated to IPv6 from the
+/// endpoint address to the client and redirected to the consumer.
+#[inline(never)]
+pub fn reply(ctx: XdpContext, f: &Flow, v: &CtFwdValue, fwd: &CtFwdKey) -> u32 {
+    let endpoint_id = v.endpoint_id;
+    let back = To6 {
+        src: fwd.dst_addr_be,
+        dst: fwd.src_addr_be,
+        sport_be: fwd.dst_port_be,
+        dport_be: fwd.src_port_be,
+        smac: v.gw_mac,
+        dmac: v.client_mac,
+    };
+    if let Err(r) = to_v6(&ctx, f, &back) {
+        return drop(r, endpoint_id);
+    }
+    stats::count_packet(v, f.tot_len as u64, true);
+    if flowlog::logged(v) {
+        flowlog::count(v, f.tot_len as u64, true);
+    }
+    forward::redirect(v.ingress_ifindex, endpoint_id)
+}
+
+/// The IPv6 packet's new addresses, ports (raw) and link-layer addresses.
+struct To6 {
+    src: Addr,
+    dst: Addr,
+    sport_be: u16,
+    dport_be: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// IPv4 (parsed as `f`: no options, no fragment, TTL > 1) → IPv6 in place.
+#[inline(always)]
+fn to_v6(ctx: &XdpContext, f: &Flow, n: &To6) -> Result<(), DropReason> {
+    use super::parse::{ICMP6_CHECK, ICMP6_ID, IP6_OFF, L4_OFF, TCP_CHECK, UDP_CHECK};
+    let Some(tos) = load::<u8>(ctx, IP_OFF + 1) else {
+        return Err(DropReason::Malformed);
+    };
+    let check_off4 = match f.proto {
+        IPPROTO_TCP => p4::TCP_CHECK,
+        IPPROTO_UDP => p4::UDP_CHECK,
+        _ => p4::ICMP_CHECK,
+    };
+    let Some(check) = load::<u16>(ctx, check_off4) else {
+        return Err(DropReason::Malformed);
+    };
+    let icmp = f.proto == IPPROTO_ICMP;
+    if f.proto == IPPROTO_UDP && check == 0 {
+        return Err(DropReason::Nat64UdpNoChecksum);
+    }
+    let plen = f.tot_len.wrapping_sub(p4::IP_LEN as u16);
+    let (src, dst) = if icmp {
+        ([0; 4], [0; 4])
+    } else {
+        (v4_be(f.src_be), v4_be(f.dst_be))
+    };
+    // ICMPv6 covers a pseudo-header: the addresses, length and next header
+    // join the sum.
+    let mut c = csum::update128(check, &src, &n.src);
+    c = csum::update128(c, &dst, &n.dst);
+    let proto = if icmp {
+        c = csum::update16(c, 0, plen.to_be());
+        c = csum::update16(c, 0, u16::from_ne_bytes([0, IPPROTO_ICMPV6]));
+        c = csum::update16(
+            c,
+            u16::from_ne_bytes([icmp_type::ECHO_REPLY, 0]),
+            u16::from_ne_bytes([ICMP6_ECHO_REPLY, 0]),
+        );
+        c = csum::update16(c, f.sport_be | f.dport_be, n.sport_be | n.dport_be);
+        IPPROTO_ICMPV6
+    } else {
+        c = csum::update16(c, f.sport_be, n.sport_be);
+        c = csum::update16(c, f.dport_be, n.dport_be);
+        if f.proto == IPPROTO_UDP {
+            c = csum::udp_finish(check, c);
+        }
+        f.proto
+    };
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(GROWTH as i32)) } != 0 {
+        return Err(DropReason::Malformed);
+    }
+    let Some(p) = ptr_at::<[u8; L4_OFF + 8]>(ctx, 0) else {
+        return Err(DropReason::Malformed);
+    };
+    let p = p.cast::<u8>();
+    let len = plen.to_be_bytes();
+    let head: [u8; 8] = [
+        0x60 | (tos >> 4),
+        tos << 4,
+        0,
+        0,
+        len[0],
+        len[1],
+        proto,
+        f.ttl - 1,
+    ];
+    // SAFETY: every offset is inside the checked L4_OFF + 8 bytes.
+    unsafe {
+        p.cast::<[u8; 6]>().write_unaligned(n.dmac);
+        p.add(6).cast::<[u8; 6]>().write_unaligned(n.smac);
+        p.add(12).cast::<[u8; 2]>().write_unaligned([0x86, 0xdd]);
+        p.add(IP6_OFF).cast::<[u8; 8]>().write_unaligned(head);
+        p.add(IP6_OFF + 8).cast::<Addr>().write_unaligned(n.src);
+        p.add(IP6_OFF + 24).cast::<Addr>().write_unaligned(n.dst);
+        if icmp {
+            p.add(L4_OFF).write(ICMP6_ECHO_REPLY);
+            p.add(ICMP6_ID)
+                .cast::<u16>()
+                .write_unaligned(n.sport_be | n.dport_be);
+            p.add(ICMP6_CHECK).cast::<u16>().write_unaligned(c);
+        } else {
+            p.add(L4_OFF)
+                .cast::<[u16; 2]>()
+                .write_unaligned([n.sport_be, n.dport_be]);
+            if f.proto == IPPROTO_UDP {
+                p.add(UDP_CHECK).cast::<u16>().write_unaligned(c);
+            }
+        }
+    }
+    if f.proto == IPPROTO_TCP && !store::<u16>(ctx, TCP_CHECK, c) {
+        return Err(DropReason::Malformed);
+    }
+    Ok(())
+}
