@@ -14,3 +14,4 @@ pub mod packet;
 pub mod privatelink;
 pub mod proxy;
 pub mod servers;
+pub mod streams;

@@ -45,6 +45,8 @@ mod ipv6;
 mod lifecycle;
 #[path = "golden/mtu.rs"]
 mod mtu;
+#[path = "golden/nat64.rs"]
+mod nat64;
 #[path = "golden/parse.rs"]
 mod parse;
 #[path = "golden/programs.rs"]

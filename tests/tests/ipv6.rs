@@ -15,23 +15,18 @@
 //! disabled (the forwarding contract): only XDP answers there.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use plink_tests::{
     gateway::{self, Gateway},
     netns::{self, Host, Topology},
     on_both_far_ends,
     privatelink::FarEnds,
-    servers::pattern_byte,
+    streams::{self, StreamServer},
 };
 
 const ENDPOINT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0x50);
@@ -51,7 +46,7 @@ struct Net {
     cr: Host,
     gw: Host,
     pv: Host,
-    _servers: Vec<Server>,
+    _servers: Vec<StreamServer>,
 }
 
 /// Turns IPv6 on for `dev` (test namespaces start with it off) and adds
@@ -108,7 +103,10 @@ fn build(far: FarEnds) -> anyhow::Result<Net> {
     }
     let mut servers = Vec::new();
     for b in ORDERS_BACKENDS.iter().chain([&BILLING_BACKEND]) {
-        servers.push(Server::start(&pv, SocketAddrV6::new(*b, 8080, 0, 0))?);
+        servers.push(StreamServer::start(
+            &pv,
+            SocketAddrV6::new(*b, 8080, 0, 0).into(),
+        )?);
     }
     Ok(Net {
         topo,
@@ -164,166 +162,8 @@ fn start(net: &mut Net) -> anyhow::Result<Gateway> {
     gateway::start(&mut net.topo, &gw, &cfg).context("starting plink")
 }
 
-/// A TCP server on an IPv6 address: a request line `GET n` is answered
-/// with `peer=P local=L` and `n` pattern bytes; `PUT n` is followed by `n`
-/// pattern bytes from the client, answered with `got n` once all arrived
-/// intact.
-struct Server {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-    served: Arc<AtomicU64>,
-}
-
-impl Server {
-    fn start(host: &Host, bind: SocketAddrV6) -> anyhow::Result<Server> {
-        let listener = host
-            .run_in(move || TcpListener::bind(bind))?
-            .with_context(|| format!("binding {bind}"))?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let (s, n) = (stop.clone(), served.clone());
-        let handle = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        n.fetch_add(1, Ordering::SeqCst);
-                        std::thread::spawn(move || {
-                            let _ = serve(stream, peer);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Ok(Server {
-            stop,
-            handle: Some(handle),
-            served,
-        })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn serve(stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let local = stream.local_addr()?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut stream = stream;
-    let (verb, n) = line.trim().split_once(' ').unwrap_or(("", "0"));
-    let n: usize = n.parse().unwrap_or(0);
-    if verb == "PUT" {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut got = 0;
-        while got < n {
-            let k = reader.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            if buf[..k]
-                .iter()
-                .enumerate()
-                .any(|(i, b)| *b != pattern_byte(got + i))
-            {
-                stream.write_all(b"corrupted\n")?;
-                return Ok(());
-            }
-            got += k;
-        }
-        return stream.write_all(format!("got {got}\n").as_bytes());
-    }
-    stream.write_all(format!("peer={peer} local={local}\n").as_bytes())?;
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut sent = 0;
-    while sent < n {
-        let len = chunk.len().min(n - sent);
-        for (i, b) in chunk[..len].iter_mut().enumerate() {
-            *b = pattern_byte(sent + i);
-        }
-        stream.write_all(&chunk[..len])?;
-        sent += len;
-    }
-    stream.shutdown(std::net::Shutdown::Write)
-}
-
-/// What a download saw: the backend's view of the client (`peer`), which
-/// backend answered (`local`), and the body length (verified).
-#[derive(Debug)]
-struct Reply {
-    peer: SocketAddr,
-    local: SocketAddr,
-    body: usize,
-}
-
-fn connect(host: &Host, dst: SocketAddrV6) -> anyhow::Result<TcpStream> {
-    host.run_in(move || TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5)))?
-        .with_context(|| format!("connecting to {dst}"))
-}
-
-fn download(host: &Host, dst: SocketAddrV6, n: usize) -> anyhow::Result<Reply> {
-    let mut stream = connect(host, dst)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    stream.write_all(format!("GET {n}\n").as_bytes())?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let parse = |key: &str| -> anyhow::Result<SocketAddr> {
-        let v = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .with_context(|| format!("no {key} in {line:?}"))?;
-        Ok(v.parse()?)
-    };
-    let (peer, local) = (parse("peer=")?, parse("local=")?);
-    let mut received = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let k = reader.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        if let Some(i) = (0..k).find(|i| buf[*i] != pattern_byte(received + i)) {
-            bail!("body byte {} corrupted", received + i);
-        }
-        received += k;
-    }
-    if received != n {
-        bail!("body has {received} bytes, expected {n}");
-    }
-    Ok(Reply {
-        peer,
-        local,
-        body: received,
-    })
-}
-
-fn upload(host: &Host, dst: SocketAddrV6, n: usize) -> anyhow::Result<()> {
-    let mut stream = connect(host, dst)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    stream.write_all(format!("PUT {n}\n").as_bytes())?;
-    let body: Vec<u8> = (0..n).map(pattern_byte).collect();
-    stream.write_all(&body)?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    if answer.trim() != format!("got {n}") {
-        bail!("the backend answered {answer:?} to a {n}-byte upload");
-    }
-    Ok(())
-}
-
-fn endpoint() -> SocketAddrV6 {
-    SocketAddrV6::new(ENDPOINT, 80, 0, 0)
+fn endpoint() -> SocketAddr {
+    SocketAddrV6::new(ENDPOINT, 80, 0, 0).into()
 }
 
 fn ip_of(a: SocketAddr) -> std::net::IpAddr {
@@ -335,13 +175,13 @@ fn ip_of(a: SocketAddr) -> std::net::IpAddr {
 fn overlapping_ipv6_consumers_reach_their_own_services_through_nat66(far: FarEnds) {
     let mut net = build(far).unwrap();
     let _plink = start(&mut net).unwrap();
-    let a = download(&net.ca, endpoint(), 1000).unwrap();
+    let a = streams::download(&net.ca, endpoint(), 1000).unwrap();
     assert_eq!(ip_of(a.peer), ORDERS_NAT, "vnet-a's flow is NATed: {a:?}");
     assert!(
         ORDERS_BACKENDS.iter().any(|b| ip_of(a.local) == *b),
         "{a:?}"
     );
-    let b = download(&net.cb, endpoint(), 1000).unwrap();
+    let b = streams::download(&net.cb, endpoint(), 1000).unwrap();
     assert_eq!(ip_of(b.peer), BILLING_NAT, "vnet-b's flow is NATed: {b:?}");
     assert_eq!(ip_of(b.local), BILLING_BACKEND, "{b:?}");
     assert_eq!(a.body + b.body, 2000);
@@ -352,9 +192,9 @@ fn two_mib_each_way_through_nat66(far: FarEnds) {
     let mut net = build(far).unwrap();
     let _plink = start(&mut net).unwrap();
     for host in [&net.ca, &net.cb] {
-        let r = download(host, endpoint(), 2 << 20).unwrap();
+        let r = streams::download(host, endpoint(), 2 << 20).unwrap();
         assert_eq!(r.body, 2 << 20);
-        upload(host, endpoint(), 2 << 20).unwrap();
+        streams::upload(host, endpoint(), 2 << 20).unwrap();
     }
 }
 
@@ -383,8 +223,8 @@ fn packet_too_big_to_the_client_for_a_small_provider_route(far: FarEnds) {
         ])
         .unwrap();
     let _plink = start(&mut net).unwrap();
-    upload(&net.ca, endpoint(), 2 << 20).unwrap();
-    let r = download(&net.ca, endpoint(), 2 << 20).unwrap();
+    streams::upload(&net.ca, endpoint(), 2 << 20).unwrap();
+    let r = streams::download(&net.ca, endpoint(), 2 << 20).unwrap();
     assert_eq!(r.body, 2 << 20);
     let route = net
         .ca
@@ -407,9 +247,9 @@ fn packet_too_big_to_the_backend_for_a_small_consumer_link(far: FarEnds) {
     net.gw.ip(&["link", "set", "c3", "mtu", "1400"]).unwrap();
     net.ra.ip(&["link", "set", "eth0", "mtu", "1400"]).unwrap();
     let plink = start(&mut net).unwrap();
-    let r = download(&net.cr, endpoint(), 2 << 20).unwrap();
+    let r = streams::download(&net.cr, endpoint(), 2 << 20).unwrap();
     assert_eq!(r.body, 2 << 20);
-    upload(&net.cr, endpoint(), 2 << 20).unwrap();
+    streams::upload(&net.cr, endpoint(), 2 << 20).unwrap();
     let scrape = plink.scrape(&net.gw).unwrap();
     let sent = Gateway::sample(
         &scrape,
@@ -423,7 +263,7 @@ fn packet_too_big_to_the_backend_for_a_small_consumer_link(far: FarEnds) {
 fn a_routed_ipv6_client_reaches_its_endpoint(far: FarEnds) {
     let mut net = build(far).unwrap();
     let _plink = start(&mut net).unwrap();
-    let r = download(&net.cr, endpoint(), 4096).unwrap();
+    let r = streams::download(&net.cr, endpoint(), 4096).unwrap();
     assert_eq!(ip_of(r.peer), ORDERS_NAT, "{r:?}");
 }
 

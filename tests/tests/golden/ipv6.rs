@@ -148,7 +148,7 @@ const ICMP6_TIME_EXCEEDED: u8 = 3;
 /// `offending` with: from its destination to its source, out of the
 /// interface `gw_mac` it came in on, quoting as much of it as fits 1280
 /// bytes (RFC 4443 2.4 (c)), hop limit 64.
-fn icmp6_error(offending: &[u8], ty: u8, rest: u32, gw_mac: [u8; 6]) -> Vec<u8> {
+pub(super) fn icmp6_error(offending: &[u8], ty: u8, rest: u32, gw_mac: [u8; 6]) -> Vec<u8> {
     let addr = |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&offending[at..at + 16]).unwrap());
     let plen = u16::from_be_bytes([offending[18], offending[19]]) as usize;
     let quote = &offending[14..14 + (40 + plen).min(1280 - 48)];
