@@ -38,6 +38,10 @@ pub const FORWARD: u32 = u32::MAX;
 /// it on.
 pub const NAT64: u32 = u32::MAX - 3;
 
+/// [`handle`]'s verdict for an ICMPv6 error (parsed into the scratch
+/// slot): `v6::icmp::consumer_error` takes it on.
+pub const ERROR: u32 = u32::MAX - 2;
+
 /// Everything but the flow: interface, MAC, parse, neighbour discovery.
 /// Returns the verdict, or [`FORWARD`].
 // Out of line, as the steps of `forward`: each call chain (this one, the
@@ -83,8 +87,11 @@ pub fn handle(ctx: XdpContext) -> u32 {
         if multicast {
             return drop(DropReason::OtherHost, NO_EP);
         }
+        if icmp::is_error(f.tcp_flags) {
+            // From a consumer-side router, about a reply.
+            return ERROR;
+        }
         if f.tcp_flags != ICMP6_ECHO_REQUEST {
-            // ICMPv6 errors from consumer-side routers are phase 2.
             return drop(DropReason::IcmpUnsupported, NO_EP);
         }
     } else if multicast {

@@ -325,3 +325,201 @@ fn translate(ctx: &XdpContext, tot_len: usize) -> Result<(u32, u32), (DropReason
     crate::stats::count_packet(v, tot_len as u64, true);
     Ok((v.ingress_ifindex, ep))
 }
+
+/// An ICMPv6 error a consumer-side router sent to an endpoint address
+/// (parsed into the scratch slot) about a reply of a live NAT66 flow, e.g.
+/// Packet Too Big on the way to a client behind it: the quote becomes the
+/// reply as its backend sent it (backend → NAT address/port), the error
+/// goes from the NAT address to the backend, routed on the provider side
+/// (RFC 5508 §4.2, for NAT66). The flow key includes the ingress network,
+/// so a consumer reaches only its own flows. Errors do not refresh flows.
+// Inlined into the program, so that the translation and the route each
+// have the stack to themselves.
+#[inline(always)]
+pub fn consumer_error(ctx: XdpContext, tot_len: u32) -> u32 {
+    if let Err((r, ep)) = consumer_translate(&ctx, tot_len as usize) {
+        return drop(r, ep);
+    }
+    route_error(ctx, tot_len)
+}
+
+/// Routes the error [`consumer_translate`] rewrote to the flow's backend.
+#[inline(never)]
+fn route_error(ctx: XdpContext, tot_len: u32) -> u32 {
+    use super::{NextHop6, route6};
+    use crate::maps::{CT_FWD, GLOBAL, SCRATCH_ICMP};
+    // The flow `consumer_translate` found (its key in the scratch slot).
+    let (Some(s), Some(g)) = (SCRATCH_ICMP.get_ptr(0), GLOBAL.get(0)) else {
+        return drop(DropReason::IcmpErrorNoFlow, crate::stats::NO_EP);
+    };
+    // SAFETY: this CPU's slot; map value read only.
+    let Some(v) = (unsafe { CT_FWD.get(&(*s).fwd) }) else {
+        return drop(DropReason::IcmpErrorNoFlow, crate::stats::NO_EP);
+    };
+    let mut next = NextHop6 {
+        src: v.nat_addr_be,
+        dst: v.backend_addr_be,
+        tot_len: tot_len as u16,
+        provider_ifindex: g.provider_ifindex,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        mtu: 0,
+    };
+    let ep = v.endpoint_id;
+    let routed = route6(&ctx, &mut next);
+    if !routed.is_next() {
+        return routed.finish(ep);
+    }
+    let ok = crate::parse::store::<[u8; 6]>(&ctx, 0, next.dmac)
+        && crate::parse::store::<[u8; 6]>(&ctx, 6, next.smac);
+    if !ok {
+        return drop(DropReason::Malformed, ep);
+    }
+    crate::stats::count_packet(v, tot_len as u64, false);
+    crate::forward::redirect(next.ifindex, ep)
+}
+
+/// The translation of [`consumer_error`], in place but for the MACs; the
+/// flow's key is left in `SCRATCH_ICMP`.
+#[inline(never)]
+fn consumer_translate(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReason, u32)> {
+    use plink_common::{IPPROTO_TCP, IPPROTO_UDP, csum, flow_expired, flow_flags};
+
+    use crate::{
+        maps::{CT_FWD, GLOBAL, INTERFACES, SCRATCH_ICMP},
+        parse::store,
+        stats::NO_EP,
+    };
+    let malformed = (DropReason::Malformed, NO_EP);
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    if tot_len < IP6_LEN + 8 + IP6_LEN + 8 {
+        return Err(malformed);
+    }
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: map value, read only.
+    let Some(network_id) = (unsafe { INTERFACES.get(&ifindex) }).map(|i| i.network_id) else {
+        return Err(no_flow);
+    };
+    let Some(p) = ptr_at::<[u8; IN_L4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: offsets below IN_L4 + 8 are inside the checked region.
+    let (ver, proto, hop, out_src, out_dst, q_src, q_dst, l4, ic) = unsafe {
+        let a = |off: usize| p.add(off).cast::<Addr>().read_unaligned();
+        let h = |off: usize| p.add(off).cast::<u16>().read_unaligned();
+        (
+            *p.add(IN_IP) >> 4,
+            *p.add(IN_IP + 6),
+            *p.add(IP6_OFF + 7),
+            a(IP6_OFF + 8),
+            a(IP6_OFF + 24),
+            a(IN_SADDR),
+            a(IN_DADDR),
+            [h(IN_L4), h(IN_L4 + 2), h(IN_L4 + 4)],
+            h(L4_OFF + 2),
+        )
+    };
+    // The quote must be a reply plink sent from the endpoint address the
+    // error is addressed to.
+    if ver != 6 || q_src != out_dst {
+        return Err(no_flow);
+    }
+    // (client port, endpoint port) as the forward key has them.
+    let (client_port, endpoint_port) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (l4[1], l4[0]),
+        IPPROTO_ICMPV6 if l4[0].to_ne_bytes()[0] == super::parse::ICMP6_ECHO_REPLY => (l4[2], 0),
+        _ => return Err(no_flow),
+    };
+    // The key is built in the per-CPU scratch slot: the stack is short.
+    let Some(s) = SCRATCH_ICMP.get_ptr_mut(0) else {
+        return Err(no_flow);
+    };
+    // SAFETY: this CPU's slot; XDP runs to completion.
+    let key = unsafe { &mut (*s).fwd };
+    key.src_addr_be = q_dst;
+    key.dst_addr_be = q_src;
+    key.network_id = network_id;
+    key.src_port_be = client_port;
+    key.dst_port_be = endpoint_port;
+    key.proto = proto;
+    key._pad = [0; 3];
+    // SAFETY: map value, read only: an error does not refresh the flow.
+    let Some(v) = (unsafe { CT_FWD.get(key) }) else {
+        return Err(no_flow);
+    };
+    let ep = v.endpoint_id;
+    // A NAT64 flow's error would have to become ICMP: not done yet.
+    if v.flags & flow_flags::NAT64 != 0 {
+        return Err((DropReason::IcmpUnsupported, ep));
+    }
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    if flow_expired(v, now, &g.timeouts) || !crate::endpoint::current(v) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    if hop <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let (nat, backend) = (&v.nat_addr_be, &v.backend_addr_be);
+    let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);
+    // The outer checksum covers the pseudo-header and every quoted byte.
+    let mut c = csum::update128(ic, &out_src, nat);
+    c = csum::update128(c, &out_dst, backend);
+    c = csum::update128(c, &q_src, backend);
+    c = csum::update128(c, &q_dst, nat);
+    let malformed = (DropReason::Malformed, ep);
+    let inner_off = match proto {
+        IPPROTO_TCP => IN_TCP_CHECK,
+        IPPROTO_UDP => IN_UDP_CHECK,
+        _ => IN_ICMP_CHECK,
+    };
+    let mut inner = None;
+    if IP6_OFF + tot_len >= inner_off + 2
+        && let Some(old) = load::<u16>(ctx, inner_off)
+    {
+        let mut l = csum::update128(old, &q_src, backend);
+        l = csum::update128(l, &q_dst, nat);
+        if proto == IPPROTO_ICMPV6 {
+            l = csum::update16(l, l4[2], nat_port);
+        } else {
+            l = csum::update16(l, l4[0], backend_port);
+            l = csum::update16(l, l4[1], nat_port);
+            if proto == IPPROTO_UDP {
+                l = csum::udp_finish(old, l);
+            }
+        }
+        c = csum::update16(c, old, l);
+        inner = Some(l);
+    }
+    let stored = if proto == IPPROTO_ICMPV6 {
+        c = csum::update16(c, l4[2], nat_port);
+        store::<u16>(ctx, IN_L4 + 4, nat_port)
+    } else {
+        c = csum::update16(c, l4[0], backend_port);
+        c = csum::update16(c, l4[1], nat_port);
+        store::<[u16; 2]>(ctx, IN_L4, [backend_port, nat_port])
+    };
+    if !stored {
+        return Err(malformed);
+    }
+    if let Some(l) = inner
+        && !store::<u16>(ctx, inner_off, l)
+    {
+        return Err(malformed);
+    }
+    let ok = store::<Addr>(ctx, IN_SADDR, *backend)
+        && store::<Addr>(ctx, IN_DADDR, *nat)
+        && store::<Addr>(ctx, IP6_OFF + 8, *nat)
+        && store::<Addr>(ctx, IP6_OFF + 24, *backend)
+        && store::<u8>(ctx, IP6_OFF + 7, hop - 1)
+        && store::<u16>(ctx, L4_OFF + 2, c);
+    if !ok {
+        return Err(malformed);
+    }
+    Ok(())
+}

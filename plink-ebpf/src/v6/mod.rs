@@ -35,6 +35,8 @@ pub fn plink_consumer6(ctx: XdpContext) -> u32 {
     let mut verdict = consumer::handle(XdpContext { ctx: ctx.ctx });
     if verdict == consumer::FORWARD {
         verdict = consumer::forward(&ctx);
+    } else if verdict == consumer::ERROR {
+        verdict = icmp::consumer_error(XdpContext { ctx: ctx.ctx }, scratch_tot_len());
     }
     if verdict == consumer::NAT64 {
         verdict = nat64::forward(XdpContext { ctx: ctx.ctx });
@@ -55,11 +57,7 @@ pub fn plink_provider6(ctx: XdpContext) -> u32 {
     if verdict == provider::REPLY {
         verdict = provider::reply(XdpContext { ctx: ctx.ctx });
     } else if verdict == provider::ERROR {
-        // SAFETY: this CPU's scratch slot, written by `handle`.
-        let tot_len = SCRATCH_V6
-            .get_ptr(0)
-            .map_or(0, |w| unsafe { (*w).f.tot_len } as u32);
-        verdict = icmp::provider_error(XdpContext { ctx: ctx.ctx }, tot_len);
+        verdict = icmp::provider_error(XdpContext { ctx: ctx.ctx }, scratch_tot_len());
     }
     if verdict == ANSWER {
         verdict = answer(XdpContext { ctx: ctx.ctx }, true);
@@ -68,6 +66,16 @@ pub fn plink_provider6(ctx: XdpContext) -> u32 {
         crate::debug::dropped(1);
     }
     count_verdict(&ctx, verdict)
+}
+
+/// The IPv6 length of the packet `handle` parsed into this CPU's scratch
+/// slot.
+#[inline(always)]
+fn scratch_tot_len() -> u32 {
+    // SAFETY: this CPU's scratch slot, written by `handle`.
+    SCRATCH_V6
+        .get_ptr(0)
+        .map_or(0, |w| unsafe { (*w).f.tot_len } as u32)
 }
 
 /// A verdict of the steps: answer the packet (parsed into `SCRATCH_V6`)
