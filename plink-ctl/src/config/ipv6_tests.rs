@@ -321,7 +321,7 @@ fn proxy_protocol_and_flow_logs_are_refused_through_nat64() {
         &text,
         "services[0].proxy_protocol",
         "{version: 2, link_id_tlv: azure}",
-        "proxy_protocol is not supported through NAT64 yet and endpoints[0] \"e4\" (2001:db8:c1::60) reaches this IPv4 service on an IPv6 address (the IPv6 datapath builds no PROXY header): remove proxy_protocol, or the endpoint's IPv6 address",
+        "proxy_protocol is not supported through NAT64 yet, and endpoints[0] \"e4\" reaches this IPv4 service on IPv6 address 2001:db8:c1::60 (the IPv6 datapath builds no PROXY header): remove proxy_protocol, or the endpoint's IPv6 address",
     );
     assert_eq!(errors(&text).len(), 1);
     // Without the IPv6 address the same service is fine.
@@ -349,7 +349,7 @@ fn proxy_protocol_and_flow_logs_are_refused_through_nat64() {
     assert_eq!((nat64.line, nat64.column), at(&text, "{sample: 1}"));
     assert!(
         nat64.message.contains(
-            "endpoints[0] \"e4\" (2001:db8:c1::61) reaches this IPv4 service on an IPv6 address"
+            "endpoints[0] \"e4\" reaches this IPv4 service on IPv6 address 2001:db8:c1::61"
         ),
         "{}",
         nat64.message

@@ -768,7 +768,12 @@ fn services(cfg: &Config, p: &mut Problems) {
             .filter(|_| family == Family::Ipv4)
             .find_map(|(j, e)| {
                 let a = e.addresses().find(IpAddr::is_ipv6)?;
-                (e.service == s.name).then(|| format!("endpoints[{j}] {:?} ({a})", e.name))
+                (e.service == s.name).then(|| {
+                    format!(
+                        "endpoints[{j}] {:?} reaches this IPv4 service on IPv6 address {a}",
+                        e.name
+                    )
+                })
             });
         if let Some(pp) = s.proxy_protocol {
             let pp_path = format!("{path}.proxy_protocol");
@@ -782,7 +787,7 @@ fn services(cfg: &Config, p: &mut Problems) {
                 p.push(
                     pp_path.clone(),
                     format!(
-                        "proxy_protocol is not supported through NAT64 yet and {e} reaches this IPv4 service on an IPv6 address (the IPv6 datapath builds no PROXY header): remove proxy_protocol, or the endpoint's IPv6 address"
+                        "proxy_protocol is not supported through NAT64 yet, and {e} (the IPv6 datapath builds no PROXY header): remove proxy_protocol, or the endpoint's IPv6 address"
                     ),
                 );
             }
@@ -837,7 +842,7 @@ fn services(cfg: &Config, p: &mut Problems) {
             p.push(
                 format!("{path}.flow_logs"),
                 format!(
-                    "flow logs are not supported through NAT64 yet and {e} reaches this IPv4 service on an IPv6 address (the IPv6 datapath logs no flows, the IPFIX template carries IPv4 addresses): remove flow_logs from this service, or the endpoint's IPv6 address"
+                    "flow logs are not supported through NAT64 yet, and {e} (the IPv6 datapath logs no flows, the IPFIX template carries IPv4 addresses): remove flow_logs from this service, or the endpoint's IPv6 address"
                 ),
             );
         }
