@@ -40,14 +40,20 @@ pub fn desired(model: &Model, health: &dyn Health, draining: bool) -> BTreeSet<I
         .endpoints
         .values()
         .filter(|e| e.passes_traffic())
-        .filter_map(|e| {
-            let s = model.services.get(&e.service_id)?;
-            s.backends
+        .flat_map(|e| {
+            let Some(s) = model.services.get(&e.service_id) else {
+                return Vec::new();
+            };
+            if !s
+                .backends
                 .iter()
                 .any(|b| b.state == BackendState::Active && health.healthy(b.id))
-                .then_some(())?;
-            // The address the datapath serves (of the service's family).
-            e.served_address(s.family)
+            {
+                return Vec::new();
+            }
+            // The addresses the datapath serves: an IPv6 one of an IPv4
+            // service (NAT64) draws traffic like the IPv4 one.
+            e.served_addresses(s.family)
         })
         .collect()
 }
@@ -333,6 +339,28 @@ endpoints:
         assert!(
             desired(&m, &crate::plan::AllHealthy, true).is_empty(),
             "draining: withdrawn"
+        );
+    }
+
+    #[test]
+    fn a_nat64_address_is_announced_beside_the_ipv4_one() {
+        let m = model(&CFG.replace(
+            "address: 192.0.2.100, service: orders}",
+            "address: 192.0.2.100, address6: '2001:db8:c1::100', service: orders}",
+        ));
+        let six: IpAddr = "2001:db8:c1::100".parse().unwrap();
+        assert_eq!(
+            desired(&m, &crate::plan::AllHealthy, false),
+            BTreeSet::from([IpAddr::from([192, 0, 2, 100]), six])
+        );
+        // An IPv6 address alone in front of the IPv4 service.
+        let m = model(&CFG.replace(
+            "address: 192.0.2.100, service: orders}",
+            "address: '2001:db8:c1::100', service: orders}",
+        ));
+        assert_eq!(
+            desired(&m, &crate::plan::AllHealthy, false),
+            BTreeSet::from([six])
         );
     }
 

@@ -586,7 +586,11 @@ fn print_endpoints(list: &[EndpointModel]) {
                 e.name.clone(),
                 e.tenant.clone(),
                 e.network.clone(),
-                e.address.to_string(),
+                // Both of a dual-stack endpoint's.
+                e.addresses()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 e.service.clone(),
                 format!("{}/{}", e.protocol, ports.join(",")),
                 e.state.to_string(),

@@ -168,11 +168,12 @@ impl EndpointModel {
         std::iter::once(self.address).chain(self.address6)
     }
 
-    /// The address the datapath serves the endpoint on: the one of its
-    /// service's family. (The other one of a dual-stack endpoint needs
-    /// NAT64/NAT46, which validation refuses until the datapath has it.)
-    pub fn served_address(&self, family: Family) -> Option<IpAddr> {
-        self.addresses().find(|a| Family::of(a) == family)
+    /// The addresses the datapath serves the endpoint on, for its service's
+    /// `family`: both of a dual-stack endpoint of an IPv4 service (the IPv6
+    /// one through NAT64), IPv6 ones only for an IPv6 service (NAT46 is
+    /// refused by validation). `address` first.
+    pub fn served_addresses(&self, family: Family) -> Vec<IpAddr> {
+        crate::config::served(self.addresses(), family)
     }
 }
 

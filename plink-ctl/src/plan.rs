@@ -60,10 +60,10 @@ pub struct HostInterface {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub interfaces: u32,
-    /// `ENDPOINTS`: one entry per endpoint port, plus one echo entry per
-    /// endpoint address.
+    /// `ENDPOINTS`: one entry per endpoint address and port, plus one echo
+    /// entry per endpoint address (a dual-stack NAT64 endpoint has two).
     pub endpoint_keys: u32,
-    /// `ARP_ENDPOINTS`: one per endpoint address.
+    /// `ARP_ENDPOINTS`: one per endpoint address, and per next hop.
     pub endpoint_addresses: u32,
     /// Endpoint ids are `0..endpoints` (per-endpoint arrays).
     pub endpoints: u32,
@@ -153,7 +153,7 @@ pub enum PlanError {
         draining: Vec<(IpAddr, u64)>,
     },
     #[error(
-        "endpoint {endpoint:?} has no address of its service's family ({family}): it needs NAT64/NAT46, which plink does not support yet"
+        "endpoint {endpoint:?} has no address its {family} service is served on: an IPv4 endpoint address in front of an IPv6 service needs NAT46, which plink does not support"
     )]
     NoServedAddress {
         endpoint: String,
@@ -440,22 +440,25 @@ pub fn plan(
     }
     let mut endpoints = Vec::new();
     for e in model.endpoints.values() {
-        // The address of the service's family; a dual-stack endpoint's
-        // other one would need NAT64/NAT46 (phase 2), validation refuses it.
+        // Every address the endpoint is served on: an IPv4 service's
+        // endpoint may have an IPv6 one (NAT64), beside its IPv4 one or
+        // alone; an IPv6 service's only IPv6 (NAT46 is refused).
         let family = model
             .services
             .get(&e.service_id)
             .map_or(crate::config::Family::Ipv4, |s| s.family);
-        let served = e
-            .served_address(family)
-            .ok_or_else(|| PlanError::NoServedAddress {
+        let served = e.served_addresses(family);
+        let Some(&addr) = served.first() else {
+            return Err(PlanError::NoServedAddress {
                 endpoint: e.name.clone(),
                 family,
-            })?;
+            });
+        };
         endpoints.push(EndpointSpec {
             id: e.id.0,
             network_id: e.network_id.0,
-            addr: served,
+            addr,
+            addr6: served.get(1).copied(),
             service_id: e.service_id.0,
             protocol: match e.protocol {
                 CfgProtocol::Tcp => Protocol::Tcp,
@@ -565,27 +568,33 @@ impl FlowPolicy {
     /// the config has `down` (a health-check failure keeps its flows) and
     /// `retired` the drained backends that left the config.
     pub fn new(spec: &DataplaneSpec, model: &Model, retired: &BTreeSet<(u32, IpAddr)>) -> Self {
+        use crate::dataplane::spec::{echo_proto, endpoint_key};
         let mut endpoints = BTreeMap::new();
         for e in &spec.endpoints {
             let approved = e.state == EndpointState::Approved;
-            for p in &e.ports {
-                let key = crate::dataplane::spec::endpoint_key(e, p.port, e.protocol.number());
-                endpoints.insert(key, (e.id, e.service_id, p.target_port, approved));
+            for a in e.addresses() {
+                for p in &e.ports {
+                    let key = endpoint_key(e, a, p.port, e.protocol.number());
+                    endpoints.insert(key, (e.id, e.service_id, p.target_port, approved));
+                }
             }
         }
         // Echo: the approved endpoint with the lowest id at an address owns it
-        // (as `apply_endpoints` writes it).
+        // (as `apply_endpoints` writes it), keyed ICMPv6 at an IPv6 address
+        // (NAT66 and NAT64 alike: the flow key is the consumer's packet's).
         for e in &spec.endpoints {
             if e.ports.is_empty() {
                 continue;
             }
-            let key = crate::dataplane::spec::endpoint_key(e, 0, IPPROTO_ICMP);
             let approved = e.state == EndpointState::Approved;
-            let replace = endpoints
-                .get(&key)
-                .is_none_or(|&(_, _, _, was)| !was && approved);
-            if replace {
-                endpoints.insert(key, (e.id, e.service_id, 0, approved));
+            for a in e.addresses() {
+                let key = endpoint_key(e, a, 0, echo_proto(a));
+                let replace = endpoints
+                    .get(&key)
+                    .is_none_or(|&(_, _, _, was)| !was && approved);
+                if replace {
+                    endpoints.insert(key, (e.id, e.service_id, 0, approved));
+                }
             }
         }
         let down: BTreeSet<u32> = model
@@ -635,7 +644,9 @@ impl FlowPolicy {
         if !approved {
             return Some(Stale::NotApproved);
         }
-        if k.proto != IPPROTO_ICMP && u16::from_be(v.backend_port_be) != target_port {
+        // An echo flow's backend "port" is its echo id, no target port.
+        let echo = k.proto == IPPROTO_ICMP || k.proto == plink_common::IPPROTO_ICMPV6;
+        if !echo && u16::from_be(v.backend_port_be) != target_port {
             return Some(Stale::TargetPortChanged);
         }
         match self.backends.get(&v.backend_id) {

@@ -179,6 +179,7 @@ fn overlapping_consumers_reach_their_services_over_xdp() {
         id,
         network_id,
         addr: EP.into(),
+        addr6: None,
         service_id,
         protocol,
         ports: vec![PortSpec {

@@ -554,6 +554,7 @@ fn every_choice_comes_from_one_generation_while_the_table_is_rewritten() {
             id: 0,
             network_id: 1,
             addr: endpoint.into(),
+            addr6: None,
             service_id: 0,
             protocol: Protocol::Udp,
             ports: vec![PortSpec {

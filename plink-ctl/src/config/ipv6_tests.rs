@@ -1,6 +1,6 @@
-//! IPv6 in the config (issue 19, phase 1: NAT66): families of services and
-//! endpoints, dual-stack endpoints, addresses no host has. Every error is
-//! checked at its line and column.
+//! IPv6 in the config (issue 19: NAT66, then NAT64): families of services
+//! and endpoints, dual-stack endpoints, addresses no host has. Every error
+//! is checked at its line and column.
 
 use std::{
     net::{IpAddr, Ipv6Addr},
@@ -125,17 +125,18 @@ fn a_service_mixing_families_is_refused() {
 }
 
 #[test]
-fn an_ipv6_endpoint_of_an_ipv4_service_needs_nat64() {
+fn an_ipv6_endpoint_of_an_ipv4_service_is_served_through_nat64() {
     let text = edit(
         "address: 192.0.2.50, service: web4",
         "address: 2001:db8:c1::51, service: web4",
     );
-    assert_error(
-        &text,
-        "endpoints[0].address",
-        "2001:db8:c1::51",
-        "is IPv6 but service \"web4\" is IPv4: reaching it across families needs NAT64, which plink does not support yet",
+    let cfg = Config::parse(Path::new(FILE), &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.endpoints[0].address, v6("2001:db8:c1::51"));
+    assert_eq!(
+        cfg.endpoints[0].served_addresses(cfg.services[0].family()),
+        [v6("2001:db8:c1::51")]
     );
+    // The other way round, NAT46, is refused where the address is.
     let text = edit(
         "address: 2001:db8:c1::50, service: web6",
         "address: 192.0.2.51, service: web6",
@@ -144,25 +145,27 @@ fn an_ipv6_endpoint_of_an_ipv4_service_needs_nat64() {
         &text,
         "endpoints[1].address",
         "192.0.2.51",
-        "needs NAT46, which plink does not support yet",
+        "endpoint address 192.0.2.51 is IPv4 but service \"web6\" is IPv6: reaching it across families needs NAT46, which plink does not support yet; give the endpoint an IPv6 address, or point it at an IPv4 service",
     );
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "only the address is wrong: {d:#?}");
 }
 
 #[test]
-fn a_dual_stack_endpoint_serves_its_services_family_only() {
-    // The IPv6 half of an endpoint of an IPv4 service needs NAT64.
+fn a_dual_stack_endpoint_of_an_ipv4_service_is_served_on_both_and_nat46_is_refused() {
+    // The IPv6 half of an endpoint of an IPv4 service is served through NAT64.
     let text = edit(
         "address: 192.0.2.50, service: web4",
         "address: 192.0.2.50, address6: 2001:db8:c1::60, service: web4",
     );
-    assert_error(
-        &text,
-        "endpoints[0].address6",
-        "2001:db8:c1::60",
-        "needs NAT64, which plink does not support yet; remove address6",
+    let cfg = Config::parse(Path::new(FILE), &text).unwrap_or_else(|e| panic!("{e}"));
+    let e = &cfg.endpoints[0];
+    assert_eq!(
+        e.served_addresses(Family::Ipv4),
+        [IpAddr::from([192, 0, 2, 50]), v6("2001:db8:c1::60")]
     );
-    let d = errors(&text);
-    assert_eq!(d.len(), 1, "only address6 is wrong: {d:#?}");
+    // An IPv6 service is served on the IPv6 address only.
+    assert_eq!(e.served_addresses(Family::Ipv6), [v6("2001:db8:c1::60")]);
     // The IPv4 half of an endpoint of an IPv6 service needs NAT46.
     let text = edit(
         "address: 2001:db8:c1::50, service: web6",
@@ -173,6 +176,19 @@ fn a_dual_stack_endpoint_serves_its_services_family_only() {
         "endpoints[1].address",
         "192.0.2.60",
         "needs NAT46, which plink does not support yet; write the IPv6 address as `address`",
+    );
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "only the IPv4 address is wrong: {d:#?}");
+    // A NAT64 address clashes with another endpoint's like any address.
+    let text = edit(
+        "address: 192.0.2.50, service: web4",
+        "address: 192.0.2.50, address6: 2001:db8:c1::50, service: web4",
+    );
+    assert_error(
+        &text,
+        "endpoints[1].address",
+        "2001:db8:c1::50, service: web6",
+        "[2001:db8:c1::50]:80/tcp in network \"vnet-a\" is already taken by endpoints[0]",
     );
     // address6 must be IPv6, and beside an IPv4 address.
     let text = edit(
@@ -288,6 +304,83 @@ fn flow_logs_are_ipv4_only() {
         .unwrap_or_else(|| panic!("{d:#?}"));
     assert_eq!(v6.yaml_path, "services[1].flow_logs");
     assert_eq!((v6.line, v6.column), at(&text, "{sample: 1}"));
+}
+
+/// NAT64 flows take the IPv6 datapath, which has neither PROXY protocol
+/// headers nor flow logs yet: an IPv4 service with an IPv6 endpoint address
+/// refuses both, at the service's setting, naming the endpoint.
+#[test]
+fn proxy_protocol_and_flow_logs_are_refused_through_nat64() {
+    let nat64 = "address: 192.0.2.50, address6: 2001:db8:c1::60, service: web4";
+    let text = edit(
+        "    nat: {addresses: [198.51.100.200]}\n",
+        "    nat: {addresses: [198.51.100.200]}\n    proxy_protocol: {version: 2, link_id_tlv: azure}\n",
+    )
+    .replacen("address: 192.0.2.50, service: web4", nat64, 1);
+    assert_error(
+        &text,
+        "services[0].proxy_protocol",
+        "{version: 2, link_id_tlv: azure}",
+        "proxy_protocol is not supported through NAT64 yet, and endpoints[0] \"e4\" reaches this IPv4 service on IPv6 address 2001:db8:c1::60 (the IPv6 datapath builds no PROXY header): remove proxy_protocol, or the endpoint's IPv6 address",
+    );
+    assert_eq!(errors(&text).len(), 1);
+    // Without the IPv6 address the same service is fine.
+    let plain = text.replacen(nat64, "address: 192.0.2.50, service: web4", 1);
+    Config::parse(Path::new(FILE), &plain).unwrap_or_else(|e| panic!("{e}"));
+
+    let text = edit(
+        "    nat: {addresses: [198.51.100.200]}\n",
+        "    nat: {addresses: [198.51.100.200]}\n    flow_logs: {sample: 1}\n",
+    )
+    .replacen(
+        "address: 192.0.2.50, service: web4",
+        "address: 2001:db8:c1::61, service: web4",
+        1,
+    );
+    let d = errors(&text);
+    let nat64 = d
+        .iter()
+        .find(|d| {
+            d.message
+                .contains("flow logs are not supported through NAT64")
+        })
+        .unwrap_or_else(|| panic!("{d:#?}"));
+    assert_eq!(nat64.yaml_path, "services[0].flow_logs");
+    assert_eq!((nat64.line, nat64.column), at(&text, "{sample: 1}"));
+    assert!(
+        nat64.message.contains(
+            "endpoints[0] \"e4\" reaches this IPv4 service on IPv6 address 2001:db8:c1::61"
+        ),
+        "{}",
+        nat64.message
+    );
+    assert!(nat64.message.contains("remove flow_logs from this service"));
+}
+
+/// Both addresses of a dual-stack endpoint take a neighbour-table entry and
+/// their own endpoint-table entries.
+#[test]
+fn a_dual_stack_endpoints_addresses_count_against_the_tables() {
+    let endpoints: String = (0..2049)
+        .map(|n| {
+            format!(
+                "  - {{name: d{n}, tenant: t, network: vnet-a, address: 198.18.{}.{}, address6: '2001:db8:c1::1:{n:x}', service: web4}}\n",
+                n / 250,
+                n % 250 + 1
+            )
+        })
+        .collect();
+    let head = BASE.split("endpoints:\n").next().unwrap_or_default();
+    let text = format!("{head}endpoints:\n{endpoints}");
+    let d = errors(&text);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].yaml_path, "endpoints[2048]");
+    assert_eq!((d[0].line, d[0].column), at(&text, "{name: d2048,"));
+    assert!(
+        d[0].message.contains("the neighbour table is full here"),
+        "{}",
+        d[0].message
+    );
 }
 
 #[test]

@@ -926,12 +926,20 @@ impl Endpoint {
         std::iter::once(self.address).chain(self.address6)
     }
 
-    /// The address this endpoint serves its service on: the one of the
-    /// service's family (phase 1 has no NAT64/NAT46, validation refuses the
-    /// other family).
-    pub fn address_for(&self, family: Family) -> Option<IpAddr> {
-        self.addresses().find(|a| Family::of(a) == family)
+    /// The addresses this endpoint is served on, for a service of `family`:
+    /// every address in front of an IPv4 service (an IPv6 one through
+    /// NAT64), only IPv6 ones in front of an IPv6 service (NAT46 is refused).
+    pub fn served_addresses(&self, family: Family) -> Vec<IpAddr> {
+        served(self.addresses(), family)
     }
+}
+
+/// The addresses of `addresses` an endpoint serves a service of `family`
+/// on (see [`Endpoint::served_addresses`]).
+pub fn served(addresses: impl Iterator<Item = IpAddr>, family: Family) -> Vec<IpAddr> {
+    addresses
+        .filter(|a| family == Family::Ipv4 || Family::of(a) == Family::Ipv6)
+        .collect()
 }
 
 /// Why an IPv6 address cannot be a host's (an endpoint, backend or NAT

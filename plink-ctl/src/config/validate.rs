@@ -4,7 +4,7 @@
 //! collected, not just the first.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -193,18 +193,19 @@ fn capacity(cfg: &Config, p: &mut Problems) {
             ),
         );
     }
-    // The endpoint table: one entry per endpoint port, one per address (echo).
+    // The endpoint table: one entry per endpoint address and port (a
+    // dual-stack NAT64 endpoint has its ports at both), one per address (echo).
     let ports: HashMap<&str, usize> = cfg
         .services
         .iter()
         .map(|s| (s.name.as_str(), s.ports.len()))
         .collect();
-    let mut addresses = std::collections::HashSet::new();
+    let mut addresses = HashSet::new();
     let mut entries: u64 = 0;
     for (i, e) in cfg.endpoints.iter().enumerate() {
         let n = ports.get(e.service.as_str()).copied().unwrap_or(0) as u64;
-        entries += n;
         for a in e.addresses() {
+            entries += n;
             if n > 0 && addresses.insert((e.network.as_str(), a)) {
                 entries += 1;
             }
@@ -213,8 +214,28 @@ fn capacity(cfg: &Config, p: &mut Problems) {
             p.push(
                 format!("endpoints[{i}]"),
                 format!(
-                    "the endpoint table is full here: endpoints need one entry per service port plus one per address, and it holds {}; remove endpoints or service ports",
+                    "the endpoint table is full here: endpoints need one entry per address and service port, plus one per address for echo, and it holds {}; remove endpoints or service ports",
                     caps.endpoint_keys
+                ),
+            );
+            break;
+        }
+    }
+    // The ARP/neighbour table: one entry per endpoint address (both of a
+    // dual-stack NAT64 endpoint), plus the consumer links' next hops.
+    let mut neighbours: HashSet<(&str, IpAddr)> = cfg
+        .interfaces
+        .iter()
+        .filter_map(|i| Some((i.network.as_deref()?, IpAddr::V4(i.next_hop?))))
+        .collect();
+    for (i, e) in cfg.endpoints.iter().enumerate() {
+        neighbours.extend(e.addresses().map(|a| (e.network.as_str(), a)));
+        if neighbours.len() as u64 > u64::from(caps.endpoint_addresses) {
+            p.push(
+                format!("endpoints[{i}]"),
+                format!(
+                    "the neighbour table is full here: it holds {} endpoint addresses (a dual-stack endpoint's two count) and next hops; remove endpoints or their address6",
+                    caps.endpoint_addresses
                 ),
             );
             break;
@@ -738,12 +759,36 @@ fn services(cfg: &Config, p: &mut Problems) {
             }
         }
 
+        // An endpoint reaching this IPv4 service on an IPv6 address: its
+        // flows go through NAT64, in the IPv6 datapath.
+        let nat64 = cfg
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|_| family == Family::Ipv4)
+            .find_map(|(j, e)| {
+                let a = e.addresses().find(IpAddr::is_ipv6)?;
+                (e.service == s.name).then(|| {
+                    format!(
+                        "endpoints[{j}] {:?} reaches this IPv4 service on IPv6 address {a}",
+                        e.name
+                    )
+                })
+            });
         if let Some(pp) = s.proxy_protocol {
             let pp_path = format!("{path}.proxy_protocol");
             if family == Family::Ipv6 {
                 p.push(
                     pp_path.clone(),
                     "proxy_protocol is not supported on an IPv6 service yet (the datapath builds IPv4 headers only): remove it, or publish the service over IPv4",
+                );
+            }
+            if let Some(e) = &nat64 {
+                p.push(
+                    pp_path.clone(),
+                    format!(
+                        "proxy_protocol is not supported through NAT64 yet, and {e} (the IPv6 datapath builds no PROXY header): remove proxy_protocol, or the endpoint's IPv6 address"
+                    ),
                 );
             }
             if s.protocol != super::Protocol::Tcp {
@@ -791,6 +836,14 @@ fn services(cfg: &Config, p: &mut Problems) {
             p.push(
                 format!("{path}.flow_logs"),
                 "flow logs are not supported on an IPv6 service yet (the records and the IPFIX template carry IPv4 addresses): remove flow_logs from this service",
+            );
+        }
+        if let (Some(_), Some(e)) = (s.flow_logs, &nat64) {
+            p.push(
+                format!("{path}.flow_logs"),
+                format!(
+                    "flow logs are not supported through NAT64 yet, and {e} (the IPv6 datapath logs no flows, the IPFIX template carries IPv4 addresses): remove flow_logs from this service, or the endpoint's IPv6 address"
+                ),
             );
         }
         if s.flow_logs.is_some() && cfg.gateway.flow_logs.is_none() {
@@ -979,44 +1032,28 @@ fn endpoints(cfg: &Config, consumer_networks: &BTreeMap<String, String>, p: &mut
     }
 }
 
-/// Phase 1 of IPv6 translates within one family only: an endpoint serves
-/// its service on the address of the service's family, and an address of
-/// the other family (NAT64 for an IPv6 one in front of an IPv4 service,
-/// NAT46 the other way round) is refused.
+/// An endpoint's address and its service's family. An IPv6 address in
+/// front of an IPv4 service (`address` alone, or a dual-stack `address6`
+/// beside an IPv4 `address`) is served through NAT64, RFC 7915: the backend
+/// sees the service's IPv4 NAT address. An IPv4 address in front of an IPv6
+/// service would need NAT46, which the datapath does not have: refused.
+/// (`address6` is IPv6 or already refused, so only `address` can be IPv4.)
 fn endpoint_family(p: &mut Problems, path: &str, e: &super::Endpoint, service: &super::Service) {
-    let family = service.family();
-    for (field, addr) in [("address", Some(e.address)), ("address6", e.address6)] {
-        let Some(addr) = addr else { continue };
-        if Family::of(&addr) == family {
-            continue;
-        }
-        let (nat, fix) = match (family, field) {
-            (Family::Ipv4, "address6") => (
-                "NAT64",
-                "remove address6 (the endpoint keeps its IPv4 address)".to_owned(),
-            ),
-            (Family::Ipv4, _) => (
-                "NAT64",
-                "give the endpoint an IPv4 address, or point it at an IPv6 service".to_owned(),
-            ),
-            (Family::Ipv6, _) if e.address6.is_some() => (
-                "NAT46",
-                "write the IPv6 address as `address` and leave address6 out".to_owned(),
-            ),
-            (Family::Ipv6, _) => (
-                "NAT46",
-                "give the endpoint an IPv6 address, or point it at an IPv4 service".to_owned(),
-            ),
-        };
-        p.push(
-            format!("{path}.{field}"),
-            format!(
-                "endpoint address {addr} is {} but service {:?} is {family}: reaching it across families needs {nat}, which plink does not support yet; {fix}",
-                Family::of(&addr),
-                service.name
-            ),
-        );
+    if service.family() != Family::Ipv6 || e.address.is_ipv6() {
+        return;
     }
+    let fix = if e.address6.is_some() {
+        "write the IPv6 address as `address` and leave address6 out"
+    } else {
+        "give the endpoint an IPv6 address, or point it at an IPv4 service"
+    };
+    p.push(
+        format!("{path}.address"),
+        format!(
+            "endpoint address {} is IPv4 but service {:?} is IPv6: reaching it across families needs NAT46, which plink does not support yet; {fix}",
+            e.address, service.name
+        ),
+    );
 }
 
 /// `fleet`: node names, each node's own NAT addresses (one entry per

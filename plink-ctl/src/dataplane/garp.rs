@@ -123,7 +123,8 @@ pub fn announce(ifindex: u32, mac: [u8; 6], addrs: &[IpAddr]) -> anyhow::Result<
 
 impl super::DataplaneSpec {
     /// What to announce: per interface, (ifindex, MAC, addresses) — endpoint
-    /// addresses of each consumer network on its interfaces, NAT addresses on
+    /// addresses of each consumer network on its interfaces (a NAT64
+    /// endpoint's IPv6 one too), NAT addresses on
     /// the provider interface.
     pub fn garp_plan(&self) -> Vec<(u32, [u8; 6], Vec<IpAddr>)> {
         use super::{EndpointState, InterfaceRole};
@@ -135,7 +136,7 @@ impl super::DataplaneSpec {
                         .endpoints
                         .iter()
                         .filter(|e| e.network_id == network_id && e.state != EndpointState::Removed)
-                        .map(|e| e.addr)
+                        .flat_map(|e| e.addresses())
                         .chain(
                             self.next_hops
                                 .iter()

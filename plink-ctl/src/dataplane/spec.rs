@@ -200,8 +200,15 @@ pub struct PortSpec {
 pub struct EndpointSpec {
     pub id: u32,
     pub network_id: u32,
-    /// IPv4 or IPv6, the family of its service (no NAT64 yet).
+    /// IPv4 or IPv6: of its service's family, or IPv6 in front of an IPv4
+    /// service (NAT64). An IPv4 address in front of an IPv6 service (NAT46)
+    /// is refused.
     pub addr: IpAddr,
+    /// A dual-stack endpoint's IPv6 address, served for its IPv4 service
+    /// through NAT64 beside an IPv4 `addr`: the same endpoint (id, state,
+    /// caps, counters) on a second address, with its own ENDPOINTS keys,
+    /// echo key (ICMPv6) and neighbour-discovery entry.
+    pub addr6: Option<IpAddr>,
     pub service_id: u32,
     pub protocol: Protocol,
     pub ports: Vec<PortSpec>,
@@ -214,6 +221,13 @@ pub struct EndpointSpec {
     pub max_flows: u32,
     /// New flows per second allowed; 0 = unlimited.
     pub new_flows_per_sec: u32,
+}
+
+impl EndpointSpec {
+    /// The addresses the endpoint is served on: `addr`, then `addr6`.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.addr).chain(self.addr6)
+    }
 }
 
 /// The map encoding of an address (see `plink_common::Addr`).
@@ -267,10 +281,14 @@ pub fn endpoint_gen_id(e: &EndpointSpec) -> u32 {
     feed(&e.id.to_le_bytes());
     feed(&e.network_id.to_le_bytes());
     // IPv4 feeds its four octets, as before IPv6: generations (and flows)
-    // survive the upgrade.
-    match e.addr {
-        IpAddr::V4(a) => feed(&a.octets()),
-        IpAddr::V6(a) => feed(&a.octets()),
+    // survive the upgrade. A NAT64 `addr6` is fed only when there is one,
+    // for the same reason; its flows' replies come from it, so a change
+    // moves the generation.
+    for a in e.addresses() {
+        match a {
+            IpAddr::V4(a) => feed(&a.octets()),
+            IpAddr::V6(a) => feed(&a.octets()),
+        }
     }
     feed(&e.service_id.to_le_bytes());
     feed(&[e.protocol.number()]);
@@ -409,8 +427,7 @@ impl DataplaneSpec {
                 e.service_id
             );
         }
-        // One address family per service: its NAT addresses, backends and
-        // the endpoints pointing at it (NAT64 is not supported yet).
+        // One address family per service: its NAT addresses and backends.
         let mut family: BTreeMap<u32, (bool, String)> = BTreeMap::new();
         let mut same_family = |service: u32, a: IpAddr, what: String| -> anyhow::Result<()> {
             ensure!(
@@ -420,7 +437,7 @@ impl DataplaneSpec {
             let (v6, first) = family.entry(service).or_insert((a.is_ipv6(), what.clone()));
             ensure!(
                 *v6 == a.is_ipv6(),
-                "service {service}: {what} is {} but {first} is {}: a service's NAT addresses, backends and endpoints must be one address family (NAT64 is not supported)",
+                "service {service}: {what} is {} but {first} is {}: a service's NAT addresses and backends must be one address family",
                 if a.is_ipv6() { "IPv6" } else { "IPv4" },
                 if *v6 { "IPv6" } else { "IPv4" },
             );
@@ -438,60 +455,57 @@ impl DataplaneSpec {
                 format!("backend {} ({})", b.id, b.addr),
             )?;
         }
+        // Endpoint addresses are of their service's family, or IPv6 in
+        // front of an IPv4 service (NAT64: the datapath translates). A
+        // service without NAT address or backend has no family to check
+        // against, and no flow to translate.
         for e in &self.endpoints {
-            same_family(
-                e.service_id,
-                e.addr,
-                format!("endpoint {} ({})", e.id, e.addr),
-            )?;
-            ensure!(
-                !(e.addr.is_ipv6() && self.proxy_headers.contains_key(&e.id)),
-                "endpoint {} ({}): PROXY protocol headers are IPv4 only for now",
-                e.id,
-                e.addr
-            );
-        }
-        // Entries of the hash maps: what `apply` will insert, counted and
-        // checked for clashes before anything is written.
-        let mut keys = BTreeSet::new();
-        let mut echo = BTreeSet::new();
-        let mut addresses = BTreeSet::new();
-        for e in &self.endpoints {
-            for p in &e.ports {
+            for a in e.addresses() {
                 ensure!(
-                    keys.insert(endpoint_key(e, p.port, e.protocol.number())),
-                    "two endpoints claim {}:{} ({:?}) in network {}",
-                    e.addr,
-                    p.port,
-                    e.protocol,
-                    e.network_id
+                    !ambiguous_v6(a),
+                    "endpoint {} ({a}): IPv6 address {a} has a zero interface identifier (its last 96 bits), which plink refuses: use another address",
+                    e.id
+                );
+                if let Some((true, first)) = family.get(&e.service_id) {
+                    ensure!(
+                        a.is_ipv6(),
+                        "service {}: endpoint {} ({a}) is IPv4 but {first} is IPv6: an IPv4 endpoint address in front of an IPv6 service needs NAT46, which plink does not support",
+                        e.service_id,
+                        e.id
+                    );
+                }
+            }
+            if let Some(a6) = e.addr6 {
+                ensure!(
+                    a6.is_ipv6() && e.addr.is_ipv4(),
+                    "endpoint {}: addr6 {a6} beside addr {}: addr6 is a dual-stack endpoint's IPv6 address, beside an IPv4 addr",
+                    e.id,
+                    e.addr
                 );
             }
-            if !e.ports.is_empty() {
-                echo.insert(endpoint_key(e, 0, echo_proto(e.addr)));
-            }
-            if e.state != EndpointState::Removed {
-                addresses.insert((e.network_id, e.addr));
-            }
-        }
-        for nh in &self.next_hops {
             ensure!(
-                addresses.insert((nh.0, IpAddr::V4(nh.1))),
-                "next hop {} in network {} is also an endpoint address",
-                nh.1,
-                nh.0
+                !(e.addresses().any(|a| a.is_ipv6()) && self.proxy_headers.contains_key(&e.id)),
+                "endpoint {} ({}): PROXY protocol headers are IPv4 only for now (the IPv6 datapath, NAT64 included, sends none)",
+                e.id,
+                e.addresses()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
-        let entries = keys.len() + echo.len();
+        // Entries of the hash maps: what `apply` will insert, checked for
+        // clashes and counted before anything is written.
+        let entries = self.endpoint_entries()?;
         ensure!(
-            entries as u64 <= u64::from(caps.endpoint_keys),
-            "the endpoints need {entries} endpoint-table entries (one per endpoint port, one per endpoint address for echo), the table holds {}: remove endpoints or service ports",
+            entries.endpoints.len() as u64 <= u64::from(caps.endpoint_keys),
+            "the endpoints need {} endpoint-table entries (one per endpoint address and port, one per endpoint address for echo), the table holds {}: remove endpoints or service ports",
+            entries.endpoints.len(),
             caps.endpoint_keys
         );
         ensure!(
-            addresses.len() as u64 <= u64::from(caps.endpoint_addresses),
+            entries.neighbours.len() as u64 <= u64::from(caps.endpoint_addresses),
             "{} endpoint addresses, the ARP table holds {}",
-            addresses.len(),
+            entries.neighbours.len(),
             caps.endpoint_addresses
         );
         let mut nat_owner: BTreeMap<IpAddr, u32> = BTreeMap::new();
@@ -538,9 +552,10 @@ impl DataplaneSpec {
     }
 }
 
-/// The `ENDPOINTS` key of endpoint `e` at `port` for protocol `proto`.
-/// The protocol of an endpoint's echo entry: ICMP, or ICMPv6 for IPv6.
-fn echo_proto(a: IpAddr) -> u8 {
+/// The protocol of an endpoint address's echo entry: ICMP, or ICMPv6 for
+/// an IPv6 address (whatever the service's family: a NAT64 consumer pings
+/// with ICMPv6).
+pub(crate) fn echo_proto(a: IpAddr) -> u8 {
     if a.is_ipv6() {
         plink_common::IPPROTO_ICMPV6
     } else {
@@ -548,13 +563,91 @@ fn echo_proto(a: IpAddr) -> u8 {
     }
 }
 
-pub(crate) fn endpoint_key(e: &EndpointSpec, port: u16, proto: u8) -> EndpointKey {
+/// The `ENDPOINTS` key of endpoint `e` at its address `a`, at `port` for
+/// protocol `proto`.
+pub(crate) fn endpoint_key(e: &EndpointSpec, a: IpAddr, port: u16, proto: u8) -> EndpointKey {
     EndpointKey {
         network_id: e.network_id,
-        addr_be: addr(e.addr),
+        addr_be: addr(a),
         port_be: port.to_be(),
         proto,
         _pad: 0,
+    }
+}
+
+/// What [`DataplaneSpec::endpoint_entries`] computes for `apply`.
+#[derive(Debug, Default, PartialEq)]
+pub struct EndpointEntries {
+    /// `ENDPOINTS`: one entry per endpoint address and port, one echo entry
+    /// per endpoint address.
+    pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
+    /// `ARP_ENDPOINTS`: the addresses ARP and neighbour discovery answer
+    /// for (endpoints' but removed ones', and the next hops).
+    pub neighbours: BTreeMap<NetAddrKey, u32>,
+}
+
+impl DataplaneSpec {
+    /// The endpoint entries `apply` writes, for every address an endpoint
+    /// is served on (a dual-stack NAT64 endpoint's two alike); an error if
+    /// two endpoints claim one key, or a next hop is an endpoint address.
+    pub fn endpoint_entries(&self) -> anyhow::Result<EndpointEntries> {
+        let mut out = EndpointEntries::default();
+        for e in &self.endpoints {
+            let value = |target_port: u16| EndpointValue {
+                endpoint_id: e.id,
+                service_id: e.service_id,
+                target_port_be: target_port.to_be(),
+                state: endpoint_state(e.state),
+                _pad: 0,
+                max_flows: e.max_flows,
+                new_flows_per_sec: e.new_flows_per_sec,
+            };
+            for a in e.addresses() {
+                for p in &e.ports {
+                    let key = endpoint_key(e, a, p.port, e.protocol.number());
+                    if out.endpoints.insert(key, value(p.target_port)).is_some() {
+                        bail!(
+                            "two endpoints claim {} ({:?}) in network {}",
+                            std::net::SocketAddr::new(a, p.port),
+                            e.protocol,
+                            e.network_id
+                        );
+                    }
+                }
+                // Echo ("port" 0) is answered at every endpoint address,
+                // whatever its service's protocol, with the endpoint's state
+                // and caps. Where endpoints share an address the approved one
+                // with the lowest id owns echo (spec endpoints are sorted by id).
+                if !e.ports.is_empty() {
+                    let key = endpoint_key(e, a, 0, echo_proto(a));
+                    let v = value(0);
+                    let replace = out.endpoints.get(&key).is_none_or(|old| {
+                        old.state != ep_state::APPROVED && v.state == ep_state::APPROVED
+                    });
+                    if replace {
+                        out.endpoints.insert(key, v);
+                    }
+                }
+                if e.state != EndpointState::Removed {
+                    let key = NetAddrKey {
+                        network_id: e.network_id,
+                        addr_be: addr(a),
+                    };
+                    out.neighbours.insert(key, 1);
+                }
+            }
+        }
+        for (network_id, nh) in &self.next_hops {
+            let key = NetAddrKey {
+                network_id: *network_id,
+                addr_be: v4(nh.octets()),
+            };
+            ensure!(
+                out.neighbours.insert(key, 1).is_none(),
+                "next hop {nh} in network {network_id} is also an endpoint address"
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -829,85 +922,12 @@ impl Dataplane {
     }
 
     fn apply_endpoints(&mut self, spec: &DataplaneSpec) -> anyhow::Result<()> {
-        let mut desired = BTreeMap::new();
-        let mut arp = BTreeMap::new();
-        let mut echo: BTreeMap<EndpointKey, EndpointValue> = BTreeMap::new();
-        for e in &spec.endpoints {
-            for p in &e.ports {
-                let key = EndpointKey {
-                    network_id: e.network_id,
-                    addr_be: addr(e.addr),
-                    port_be: p.port.to_be(),
-                    proto: e.protocol.number(),
-                    _pad: 0,
-                };
-                let value = EndpointValue {
-                    endpoint_id: e.id,
-                    service_id: e.service_id,
-                    target_port_be: p.target_port.to_be(),
-                    state: endpoint_state(e.state),
-                    _pad: 0,
-                    max_flows: e.max_flows,
-                    new_flows_per_sec: e.new_flows_per_sec,
-                };
-                if desired.insert(key, value).is_some() {
-                    bail!(
-                        "two endpoints claim {}:{} ({:?}) in network {}",
-                        e.addr,
-                        p.port,
-                        e.protocol,
-                        e.network_id
-                    );
-                }
-            }
-            // Echo (ICMP, "port" 0) is answered by every endpoint address, whatever
-            // its service's protocol, with the endpoint's state and caps. Where
-            // endpoints share an address the approved one with the lowest id
-            // owns echo (spec endpoints are sorted by id).
-            if !e.ports.is_empty() {
-                let key = EndpointKey {
-                    network_id: e.network_id,
-                    addr_be: addr(e.addr),
-                    port_be: 0,
-                    proto: echo_proto(e.addr),
-                    _pad: 0,
-                };
-                let value = EndpointValue {
-                    endpoint_id: e.id,
-                    service_id: e.service_id,
-                    target_port_be: 0,
-                    state: endpoint_state(e.state),
-                    _pad: 0,
-                    max_flows: e.max_flows,
-                    new_flows_per_sec: e.new_flows_per_sec,
-                };
-                let replace = echo.get(&key).is_none_or(|v| {
-                    v.state != ep_state::APPROVED && value.state == ep_state::APPROVED
-                });
-                if replace {
-                    echo.insert(key, value);
-                }
-            }
-            if e.state != EndpointState::Removed {
-                arp.insert(
-                    NetAddrKey {
-                        network_id: e.network_id,
-                        addr_be: addr(e.addr),
-                    },
-                    1u32,
-                );
-            }
-        }
-        for (network_id, nh) in &spec.next_hops {
-            arp.insert(
-                NetAddrKey {
-                    network_id: *network_id,
-                    addr_be: v4(nh.octets()),
-                },
-                1u32,
-            );
-        }
-        desired.extend(echo);
+        // Every served address's entries are desired (a NAT64 endpoint's
+        // IPv6 one too): whatever else the maps hold is deleted.
+        let EndpointEntries {
+            endpoints: desired,
+            neighbours: arp,
+        } = spec.endpoint_entries()?;
         let map: HashMap<_, EndpointKey, EndpointValue> =
             HashMap::try_from(self.map_mut(map_names::ENDPOINTS)?)?;
         let known: BTreeSet<u32> = map
@@ -1149,6 +1169,15 @@ mod tests {
                 addr: Ipv4Addr::new(192, 0, 2, 99).into(),
                 ..e.clone()
             },
+            // A NAT64 address added, or another one: replies come from it.
+            EndpointSpec {
+                addr6: Some("2001:db8:c1::50".parse().unwrap()),
+                ..e.clone()
+            },
+            EndpointSpec {
+                addr6: Some("2001:db8:c1::51".parse().unwrap()),
+                ..e.clone()
+            },
             EndpointSpec {
                 ports: vec![PortSpec {
                     port: 80,
@@ -1160,6 +1189,18 @@ mod tests {
         for c in &changed {
             assert_ne!(endpoint_gen_id(c), same, "{c:?}");
         }
+        assert_ne!(endpoint_gen_id(&changed[4]), endpoint_gen_id(&changed[5]));
+        // Without addr6 the value is the one before NAT64 (an upgrade keeps
+        // flows): id, network, address octets, service, protocol, ports.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in [0u8, 0, 0, 0, 1, 0, 0, 0, 192, 0, 2, 50, 0, 0, 0, 0, 6]
+            .into_iter()
+            .chain(80u16.to_le_bytes())
+            .chain(8080u16.to_le_bytes())
+        {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        assert_eq!(same, h.max(1));
         assert_eq!(next_hop_gen(u32::MAX), 1, "the hop generation skips 0");
         assert_eq!(next_hop_gen(0), 1);
     }
@@ -1202,6 +1243,7 @@ mod tests {
                 id: 0,
                 network_id: 1,
                 addr: Ipv4Addr::new(192, 0, 2, 50).into(),
+                addr6: None,
                 service_id: 0,
                 protocol: Protocol::Tcp,
                 ports: vec![PortSpec {
@@ -1289,6 +1331,164 @@ mod tests {
         );
     }
 
+    /// `valid()` with its endpoint dual-stack: 192.0.2.50 and, for the IPv4
+    /// service through NAT64, 2001:db8:c1::50.
+    fn nat64() -> DataplaneSpec {
+        let mut s = valid();
+        s.endpoints[0].addr6 = Some("2001:db8:c1::50".parse().unwrap());
+        s
+    }
+
+    #[test]
+    fn validate_accepts_nat64_and_refuses_nat46() {
+        nat64()
+            .validate()
+            .expect("dual stack in front of an IPv4 service");
+        let mut alone = valid();
+        alone.endpoints[0].addr = "2001:db8:c1::50".parse().unwrap();
+        alone.validate().expect("an IPv6 address alone: NAT64 too");
+        let err = |f: fn(&mut DataplaneSpec)| {
+            let mut s = nat64();
+            f(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        // NAT46: an IPv4 endpoint address in front of an IPv6 service.
+        let nat46 = err(|s| {
+            s.services[0].nat[0].addr = "2001:db8:100::200".parse().unwrap();
+            s.backends[0].addr = "2001:db8:100::10".parse().unwrap();
+        });
+        assert!(
+            nat46.contains(
+                "endpoint 0 (192.0.2.50) is IPv4 but NAT address 2001:db8:100::200 is IPv6"
+            ),
+            "{nat46}"
+        );
+        assert!(nat46.contains("needs NAT46"), "{nat46}");
+        // The NAT address and backends still agree among themselves.
+        let mixed = err(|s| s.backends[0].addr = "2001:db8:100::10".parse().unwrap());
+        assert!(mixed.contains("one address family"), "{mixed}");
+        // addr6 is the IPv6 address beside an IPv4 addr.
+        let v4 = err(|s| s.endpoints[0].addr6 = Some(Ipv4Addr::new(192, 0, 2, 51).into()));
+        assert!(
+            v4.contains("addr6 192.0.2.51 beside addr 192.0.2.50"),
+            "{v4}"
+        );
+        let two = err(|s| s.endpoints[0].addr = "2001:db8:c1::51".parse().unwrap());
+        assert!(two.contains("beside an IPv4 addr"), "{two}");
+        let zero = err(|s| s.endpoints[0].addr6 = Some("2001:db8::".parse().unwrap()));
+        assert!(zero.contains("zero interface identifier"), "{zero}");
+        // No PROXY header through NAT64.
+        let pp = err(|s| {
+            s.proxy_headers.insert(
+                0,
+                plink_common::proxy::build_header(plink_common::proxy::LinkIdTlv::Azure, 1, b"")
+                    .unwrap(),
+            );
+        });
+        assert!(
+            pp.contains(
+                "endpoint 0 (192.0.2.50, 2001:db8:c1::50): PROXY protocol headers are IPv4 only"
+            ),
+            "{pp}"
+        );
+        // Another endpoint on the NAT64 address and port clashes.
+        let clash = err(|s| {
+            let other = EndpointSpec {
+                id: 1,
+                addr: "2001:db8:c1::50".parse().unwrap(),
+                addr6: None,
+                ..s.endpoints[0].clone()
+            };
+            s.endpoints.push(other);
+        });
+        assert!(
+            clash.contains("two endpoints claim [2001:db8:c1::50]:80 (Tcp) in network 1"),
+            "{clash}"
+        );
+    }
+
+    #[test]
+    fn every_served_address_gets_its_keys_echo_and_neighbour_entry() {
+        let s = nat64();
+        let e = &s.endpoints[0];
+        let four: IpAddr = Ipv4Addr::new(192, 0, 2, 50).into();
+        let six: IpAddr = "2001:db8:c1::50".parse().unwrap();
+        let entries = s.endpoint_entries().expect("entries");
+        let value = |target_port: u16| EndpointValue {
+            endpoint_id: 0,
+            service_id: 0,
+            target_port_be: target_port.to_be(),
+            state: ep_state::APPROVED,
+            _pad: 0,
+            max_flows: 0,
+            new_flows_per_sec: 0,
+        };
+        let tcp = plink_common::IPPROTO_TCP;
+        let want: BTreeMap<EndpointKey, EndpointValue> = [
+            (endpoint_key(e, four, 80, tcp), value(8080)),
+            (
+                endpoint_key(e, four, 0, plink_common::IPPROTO_ICMP),
+                value(0),
+            ),
+            (endpoint_key(e, six, 80, tcp), value(8080)),
+            // The IPv6 address's echo is ICMPv6, in front of an IPv4 service too.
+            (
+                endpoint_key(e, six, 0, plink_common::IPPROTO_ICMPV6),
+                value(0),
+            ),
+        ]
+        .into();
+        assert_eq!(entries.endpoints, want);
+        let neighbour = |a| NetAddrKey {
+            network_id: 1,
+            addr_be: addr(a),
+        };
+        assert_eq!(
+            entries.neighbours,
+            BTreeMap::from([(neighbour(four), 1), (neighbour(six), 1)])
+        );
+        // The table counts both addresses' entries.
+        let caps = crate::plan::Capacities {
+            endpoint_keys: 3,
+            ..crate::plan::Capacities::BUILD
+        };
+        let full = s.validate_within(&caps).unwrap_err().to_string();
+        assert!(full.contains("need 4 endpoint-table entries"), "{full}");
+        let caps = crate::plan::Capacities {
+            endpoint_addresses: 1,
+            ..crate::plan::Capacities::BUILD
+        };
+        let full = s.validate_within(&caps).unwrap_err().to_string();
+        assert!(full.contains("2 endpoint addresses"), "{full}");
+        // A removed endpoint keeps its keys (its state drops the flows) but
+        // neither address is answered for.
+        let mut removed = nat64();
+        removed.endpoints[0].state = EndpointState::Removed;
+        let entries = removed.endpoint_entries().expect("entries");
+        assert_eq!(entries.endpoints.len(), 4);
+        assert!(entries.neighbours.is_empty());
+        // A next hop (IPv4) on the endpoint's IPv4 address is still refused.
+        let mut hop = nat64();
+        hop.next_hops.insert((1, Ipv4Addr::new(192, 0, 2, 50)));
+        let err = hop.validate().unwrap_err().to_string();
+        assert!(err.contains("is also an endpoint address"), "{err}");
+        // Echo at a shared IPv6 address: the approved endpoint owns it.
+        let mut shared = nat64();
+        shared.endpoints[0].state = EndpointState::Pending;
+        shared.endpoints.push(EndpointSpec {
+            id: 1,
+            addr: six,
+            addr6: None,
+            protocol: Protocol::Udp,
+            ..valid().endpoints[0].clone()
+        });
+        let entries = shared.endpoint_entries().expect("entries");
+        let echo6 = endpoint_key(e, six, 0, plink_common::IPPROTO_ICMPV6);
+        assert_eq!(entries.endpoints[&echo6].endpoint_id, 1);
+        let echo4 = endpoint_key(e, four, 0, plink_common::IPPROTO_ICMP);
+        assert_eq!(entries.endpoints[&echo4].endpoint_id, 0);
+    }
+
     #[test]
     fn garp_plan_and_managed_neighbours_follow_the_spec() {
         let mut s = valid();
@@ -1314,6 +1514,16 @@ mod tests {
         );
         s.backends[0].state = BackendState::Down;
         assert!(s.managed_neighbours().is_empty());
+        // A NAT64 address is announced (a neighbour advertisement) beside
+        // the IPv4 one.
+        let plan = nat64().garp_plan();
+        assert_eq!(
+            plan[0].2,
+            vec![
+                IpAddr::from(Ipv4Addr::new(192, 0, 2, 50)),
+                "2001:db8:c1::50".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

@@ -666,8 +666,8 @@ fn proxy_headers_follow_the_services_and_the_link_ids() {
     assert!(headers(&step(&mut state, BASE)).is_empty());
 }
 
-/// A config past serde only: phase 1 validation refuses the dual-stack
-/// endpoints these tests need, the model and plan must still handle them.
+/// A config past serde only: validation refuses what these tests need
+/// (NAT46), the model and plan must still handle it.
 fn unvalidated(state: &mut PersistedState, text: &str) -> Model {
     let c: Config = serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
     *state = reconcile(&c, state).expect("ids");
@@ -704,7 +704,7 @@ fn an_ipv6_service_is_modelled_and_planned_with_its_addresses() {
     );
     assert_eq!(svc.nat.addresses, [six("2001:db8:100::200")]);
     let e = m.endpoint_by_name("e6").unwrap();
-    assert_eq!(e.served_address(svc.family), Some(six("2001:db8:c1::50")));
+    assert_eq!(e.served_addresses(svc.family), [six("2001:db8:c1::50")]);
     assert!(e.passes_traffic());
     // The spec carries the IPv6 addresses as they are.
     let spec = plan(&m, &host(), &AllHealthy).expect("plan");
@@ -730,39 +730,89 @@ fn an_ipv6_service_is_modelled_and_planned_with_its_addresses() {
 }
 
 #[test]
-fn a_dual_stack_endpoint_is_one_endpoint_served_on_its_services_family() {
+fn a_dual_stack_endpoint_of_an_ipv4_service_is_one_endpoint_served_on_both_addresses() {
     let text = BASE.replace(
         "address: 192.0.2.51, service: billing}",
         "address: 192.0.2.51, address6: '2001:db8:c2::51', service: billing}",
     );
     let mut state = PersistedState::default();
-    let m = unvalidated(&mut state, &text);
+    let m = step(&mut state, &text);
     let e = m.endpoint_by_name("billing-b").unwrap();
+    let six: IpAddr = "2001:db8:c2::51".parse().unwrap();
     assert_eq!(e.address, IpAddr::from([192, 0, 2, 51]));
-    assert_eq!(e.address6, Some("2001:db8:c2::51".parse().unwrap()));
+    assert_eq!(e.address6, Some(six));
     // One identity: one id, one decision, one link id for both addresses.
     assert_eq!(state.endpoints.iter().count(), 3);
     assert_eq!(state.decisions.len(), 3);
+    let family = m.services[&e.service_id].family;
+    assert_eq!(
+        e.served_addresses(family),
+        [IpAddr::from([192, 0, 2, 51]), six]
+    );
     let spec = plan(&m, &host(), &AllHealthy).unwrap_or_else(|e| panic!("{e}"));
-    let served: Vec<_> = spec
-        .endpoints
-        .iter()
-        .filter(|s| s.id == e.id.0)
-        .map(|s| s.addr)
-        .collect();
-    // Only the IPv4 address reaches the (IPv4) service: the IPv6 one needs
-    // NAT64, phase 2.
-    assert_eq!(served, [Ipv4Addr::new(192, 0, 2, 51)]);
-    // An endpoint with no address of its service's family is a plan error,
-    // never a silently unserved endpoint.
+    let served: Vec<_> = spec.endpoints.iter().filter(|s| s.id == e.id.0).collect();
+    // One spec endpoint, the IPv6 address beside the IPv4 one (NAT64).
+    assert_eq!(served.len(), 1);
+    assert_eq!(served[0].addr, IpAddr::from([192, 0, 2, 51]));
+    assert_eq!(served[0].addr6, Some(six));
+    spec.validate().expect("a valid NAT64 spec");
+    // An IPv6 address alone in front of the IPv4 service: NAT64 too.
     let text = BASE.replace(
         "address: 192.0.2.51, service: billing}",
         "address: '2001:db8:c2::51', service: billing}",
     );
+    let m = step(&mut PersistedState::default(), &text);
+    let spec = plan(&m, &host(), &AllHealthy).unwrap_or_else(|e| panic!("{e}"));
+    let e = m.endpoint_by_name("billing-b").unwrap();
+    let s = spec.endpoints.iter().find(|s| s.id == e.id.0).unwrap();
+    assert_eq!((s.addr, s.addr6), (six, None));
+    assert!(spec.backends.iter().all(|b| b.addr.is_ipv4()));
+    spec.validate().expect("a valid NAT64 spec");
+}
+
+#[test]
+fn an_ipv4_endpoint_of_an_ipv6_service_is_a_plan_error() {
+    // NAT46, which validation refuses: never a silently unserved endpoint.
+    let text = V6.replace("address: 2001:db8:c1::50", "address: 192.0.2.50");
     let m = unvalidated(&mut PersistedState::default(), &text);
     let err = plan(&m, &host(), &AllHealthy).unwrap_err();
     assert!(
-        matches!(err, PlanError::NoServedAddress { ref endpoint, .. } if endpoint == "billing-b"),
+        matches!(err, PlanError::NoServedAddress { ref endpoint, .. } if endpoint == "e6"),
         "{err}"
     );
+    assert!(err.to_string().contains("needs NAT46"), "{err}");
+}
+
+/// NAT64 flows (and NAT66 ones) are keyed by the consumer's IPv6 packet:
+/// the policy knows the IPv6 address's port and ICMPv6 echo keys, or it
+/// would purge those flows after every apply.
+#[test]
+fn flows_at_a_nat64_address_are_allowed_like_the_ipv4_ones() {
+    let text = BASE.replace(
+        "address: 192.0.2.51, service: billing}",
+        "address: 192.0.2.51, address6: '2001:db8:c2::51', service: billing}",
+    );
+    let none = BTreeSet::new();
+    let mut state = PersistedState::default();
+    let model = step(&mut state, &text);
+    let v4_flow = flow(&model, "billing-b", a(12));
+    assert_eq!(judge(&model, &none, &v4_flow), None);
+    let six: IpAddr = "2001:db8:c2::51".parse().unwrap();
+    let mut tcp6 = v4_flow;
+    tcp6.0.src_addr_be = crate::dataplane::spec::addr("2001:db8:c2::99".parse().unwrap());
+    tcp6.0.dst_addr_be = crate::dataplane::spec::addr(six);
+    assert_eq!(judge(&model, &none, &tcp6), None, "TCP at the IPv6 address");
+    let mut echo6 = tcp6;
+    echo6.0.proto = plink_common::IPPROTO_ICMPV6;
+    echo6.0.dst_port_be = 0;
+    echo6.0.src_port_be = 77u16.to_be();
+    echo6.1.proto = plink_common::IPPROTO_ICMP;
+    echo6.1.backend_port_be = 77u16.to_be();
+    assert_eq!(judge(&model, &none, &echo6), None, "ICMPv6 echo");
+    // The address taken away: its flows go. address6 is part of the
+    // endpoint's identity, so the IPv4 address is a new endpoint's now.
+    let model = step(&mut state, BASE);
+    assert_eq!(judge(&model, &none, &tcp6), Some(Stale::NoEndpoint));
+    assert_eq!(judge(&model, &none, &echo6), Some(Stale::NoEndpoint));
+    assert_eq!(judge(&model, &none, &v4_flow), Some(Stale::Repointed));
 }

@@ -121,6 +121,7 @@ pub fn tcp_endpoint(
         id,
         network_id,
         addr: addr.into(),
+        addr6: None,
         service_id,
         protocol: Protocol::Tcp,
         ports: vec![PortSpec {
