@@ -258,6 +258,49 @@ fn packet_too_big_to_the_backend_for_a_small_consumer_link(far: FarEnds) {
     assert!(sent > 0, "the backend was told the consumer MTU:\n{scrape}");
 }
 
+/// Path MTU discovery through NAT66 behind a consumer-side router: the
+/// router's route to the routed client has MTU 1400 (every link is 1500,
+/// so the client announces a 1440-byte MSS). The backend's 1500-byte
+/// replies reach the router, which sends Packet Too Big to the endpoint
+/// address; the gateway translates it for the backend (from the NAT
+/// address), which lowers its path MTU, and the 2 MiB download completes.
+fn packet_too_big_from_a_consumer_router_reaches_the_backend(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    net.ra
+        .ip(&[
+            "-6",
+            "route",
+            "replace",
+            "2001:db8:d::/64",
+            "dev",
+            "eth1",
+            "metric",
+            "256",
+            "mtu",
+            "lock",
+            "1400",
+        ])
+        .unwrap();
+    let _plink = start(&mut net).unwrap();
+    let r = streams::download(&net.cr, endpoint(), 2 << 20).unwrap();
+    assert_eq!(r.body, 2 << 20);
+    let route = net
+        .pv
+        .ip(&[
+            "-6",
+            "route",
+            "get",
+            &ORDERS_NAT.to_string(),
+            "from",
+            &ip_of(r.local).to_string(),
+        ])
+        .unwrap();
+    assert!(
+        route.contains("mtu 1400"),
+        "the backend learnt the path MTU from the router's error: {route}"
+    );
+}
+
 /// A client behind a router in vnet-a: the endpoint is on the router's
 /// link, neighbour discovery answered by XDP.
 fn a_routed_ipv6_client_reaches_its_endpoint(far: FarEnds) {
@@ -408,4 +451,5 @@ on_both_far_ends!(
     ipv6_probes_to_provider_addresses_never_arrive,
     packet_too_big_to_the_client_for_a_small_provider_route,
     packet_too_big_to_the_backend_for_a_small_consumer_link,
+    packet_too_big_from_a_consumer_router_reaches_the_backend,
 );

@@ -318,6 +318,75 @@ fn golden_ipv6_provider_errors_about_a_flow() {
     });
 }
 
+/// ICMPv6 errors from a consumer-side router about a flow's reply (a
+/// client behind it on a smaller link): the quote becomes the reply as the
+/// backend sent it (backend → NAT address/port), the error goes from the
+/// NAT address to the backend on the provider side. Only the network the
+/// flow belongs to reaches it.
+#[test]
+fn golden_ipv6_consumer_router_errors_about_a_reply() {
+    let gw = gateway();
+    golden(&gw, spec6(&gw), |b, n, _| {
+        let router = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 2]);
+        let client = (CLIENT6, 5000);
+        let ep = (EP6_UDP, 53);
+        let key = fwd_key6(client, ep, IPPROTO_UDP);
+        let nat = (NAT6_UDP, first_port(&key, UDP_PORTS));
+        let backend = (BACKEND6, 5353);
+        let q = Ipv6Packet::udp(client, ep, b"query").macs(ROUTER_MAC, n.c1_mac);
+        let reply = Ipv6Packet::udp(backend, nat, &[5; 300]).macs(BACKEND10_MAC, n.p0_mac);
+        let seen = untranslated6(&reply, n.c1_mac, ep, client);
+        // What the router quotes has the gateway's hop limit; so does the
+        // quote the backend gets back.
+        let mut as_sent = reply.clone();
+        as_sent.hop -= 1;
+        let as_sent = as_sent.build();
+        let ptb = |from, to, quote: &[u8]| Ipv6Packet::icmp(from, to, 2, 0, 1280, quote);
+        let mut want = ptb(NAT6_UDP, BACKEND6, &as_sent[14..]).macs(n.p0_mac, BACKEND10_MAC);
+        want.hop = 63;
+        let mut other_ep = seen.clone();
+        other_ep[22..38].copy_from_slice(&EP6_TCP.octets());
+        b.run(vec![
+            consumer(
+                "the UDP flow, via the router",
+                n.c1,
+                q.build(),
+                Want::Verdict(verdict::REDIRECT),
+            ),
+            provider(
+                "its reply",
+                n.p0,
+                reply.build(),
+                Want::Verdict(verdict::REDIRECT),
+            ),
+            consumer(
+                "packet too big from the router: to the backend from the NAT address",
+                n.c1,
+                ptb(router, EP6_UDP, &seen[14..])
+                    .macs(ROUTER_MAC, n.c1_mac)
+                    .build(),
+                redirect6(want.build()),
+            ),
+            consumer(
+                "the same error from the other network: icmp_error_no_flow",
+                n.c2,
+                ptb(router, EP6_UDP, &seen[14..])
+                    .macs(ROUTER_MAC, n.c2_mac)
+                    .build(),
+                Want::Drop(DropReason::IcmpErrorNoFlow),
+            ),
+            consumer(
+                "an error quoting another endpoint than it is sent to",
+                n.c1,
+                ptb(router, EP6_UDP, &other_ep[14..])
+                    .macs(ROUTER_MAC, n.c1_mac)
+                    .build(),
+                Want::Drop(DropReason::IcmpErrorNoFlow),
+            ),
+        ]);
+    });
+}
+
 #[test]
 fn golden_ipv6_neighbour_discovery() {
     let gw = gateway();
