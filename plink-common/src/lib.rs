@@ -132,13 +132,18 @@ pub mod prog_names {
     /// verifier budget.
     pub const CONSUMER6: &str = "plink_consumer6";
     pub const PROVIDER6: &str = "plink_provider6";
+    /// ICMP errors about NAT64 flows' packets, translated to ICMPv6: a
+    /// tail call of `plink_provider` (slot [`v6_prog::NAT64_ERROR`]) for
+    /// a stack of its own.
+    pub const NAT64_ERROR: &str = "plink_nat64_error";
 }
 
 /// Slots of the `V6_PROGS` program array (`map_names::V6_PROGS`).
 pub mod v6_prog {
     pub const CONSUMER: u32 = 0;
     pub const PROVIDER: u32 = 1;
-    pub const COUNT: u32 = 2;
+    pub const NAT64_ERROR: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// An address: four words in network byte order (the bytes as on the

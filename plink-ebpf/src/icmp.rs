@@ -55,10 +55,15 @@ pub fn is_error(t: u8) -> bool {
 #[inline(never)]
 pub fn provider_error(ctx: XdpContext, tot_len: u32) -> u32 {
     match translate(&ctx, tot_len as u16) {
+        Ok(NAT64_FLOW) => crate::v6::nat64::ICMP_ERROR,
         Ok(ifindex) => forward::redirect(ifindex, NO_EP),
         Err((r, ep)) => drop(r, ep),
     }
 }
+
+/// `translate`'s answer for an error about a NAT64 flow's packet (no
+/// interface has this index).
+const NAT64_FLOW: u32 = u32::MAX;
 
 /// The quoted packet of an ICMP error, as read (one bounds check).
 struct Quote {
@@ -288,12 +293,12 @@ fn translate(ctx: &XdpContext, tot_len: u16) -> Result<u32, (DropReason, u32)> {
     let Some(v) = (unsafe { CT_FWD.get(&owner.fwd) }) else {
         return Err(no_flow);
     };
-    // A NAT64 flow's error would have to become ICMPv6 (RFC 7915 4.2):
-    // not done yet. (Volatile: LLVM folded a plain read into the quote's
-    // rewrite below in a way the verifier refused.)
+    // A NAT64 flow's error becomes ICMPv6 (`v6::nat64::provider_error`).
+    // (Volatile: LLVM folded a plain read into the quote's rewrite below
+    // in a way the verifier refused.)
     // SAFETY: reading a field of the map value we hold.
     if unsafe { core::ptr::read_volatile(&v.flags) } & flow_flags::NAT64 != 0 {
-        return Err((DropReason::IcmpUnsupported, v.endpoint_id));
+        return Ok(NAT64_FLOW);
     }
     if v.nat_addr_be[0] != q.src
         || v.nat_port_be != nat_port

@@ -65,7 +65,14 @@ fn ipv4(ctx: &XdpContext) -> u32 {
             Some(_) => {}
         }
         if icmp::is_error(f.tcp_flags) {
-            return icmp::provider_error(XdpContext { ctx: ctx.ctx }, f.tot_len as u32);
+            let v = icmp::provider_error(XdpContext { ctx: ctx.ctx }, f.tot_len as u32);
+            if v == crate::v6::nat64::ICMP_ERROR {
+                // SAFETY: tail call into the NAT64 error program (its own
+                // stack); returns only when its slot is empty.
+                unsafe { V6_PROGS.tail_call(ctx, v6_prog::NAT64_ERROR) };
+                return drop(DropReason::IcmpUnsupported, NO_EP);
+            }
+            return v;
         }
         return drop(DropReason::IcmpUnsupported, NO_EP);
     }

@@ -153,6 +153,43 @@ fn two_mib_each_way_through_nat64(far: FarEnds) {
     );
 }
 
+/// Path MTU discovery through NAT64: the gateway's IPv4 route to the
+/// provider prefix has MTU 1400 while every link is 1500. The client's
+/// 1500-byte IPv6 segments (1480 as IPv4) are answered with Packet Too Big
+/// carrying 1420 (the IPv4 MTU plus the 20 bytes IPv6 adds); the client
+/// lowers its path MTU and the 2 MiB upload completes.
+fn packet_too_big_through_nat64_for_a_small_ipv4_route(far: FarEnds) {
+    let mut net = build(far).unwrap();
+    net.gw
+        .ip(&[
+            "route",
+            "replace",
+            "198.51.100.0/24",
+            "dev",
+            "p0",
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            "198.51.100.254",
+            "mtu",
+            "lock",
+            "1400",
+        ])
+        .unwrap();
+    let _plink = start(&mut net).unwrap();
+    streams::upload(&net.ca, endpoint6(), 2 << 20).unwrap();
+    let route = net
+        .ca
+        .ip(&["-6", "route", "get", &ENDPOINT6.to_string()])
+        .unwrap();
+    assert!(
+        route.contains("mtu 1420"),
+        "the client learnt the translated path MTU from the gateway: {route}"
+    );
+}
+
 /// ping6 to a NAT64 endpoint: ICMPv6 echo becomes ICMP echo to a backend
 /// and the replies come back as ICMPv6.
 fn ping6_through_a_nat64_endpoint(far: FarEnds) {
@@ -201,6 +238,7 @@ fn a_dual_stack_endpoint_serves_both_families_under_one_approval(far: FarEnds) {
 
 on_both_far_ends!(
     two_mib_each_way_through_nat64,
+    packet_too_big_through_nat64_for_a_small_ipv4_route,
     ping6_through_a_nat64_endpoint,
     a_dual_stack_endpoint_serves_both_families_under_one_approval,
 );

@@ -427,6 +427,7 @@ impl Dataplane {
             prog_names::PROVIDER,
             prog_names::CONSUMER6,
             prog_names::PROVIDER6,
+            prog_names::NAT64_ERROR,
         ] {
             let program = self.program(name)?;
             if program.fd().is_err() {
@@ -438,6 +439,7 @@ impl Dataplane {
         for (slot, name) in [
             (v6_prog::CONSUMER, prog_names::CONSUMER6),
             (v6_prog::PROVIDER, prog_names::PROVIDER6),
+            (v6_prog::NAT64_ERROR, prog_names::NAT64_ERROR),
         ] {
             let fd = self
                 .program(name)?

@@ -68,6 +68,20 @@ pub fn plink_provider6(ctx: XdpContext) -> u32 {
     count_verdict(&ctx, verdict)
 }
 
+/// ICMP errors from the provider side about NAT64 flows' packets (tail
+/// call from `plink_provider`, which parsed the frame and found the flow):
+/// translated to ICMPv6 for the client (`nat64::provider_error`).
+#[xdp]
+pub fn plink_nat64_error(ctx: XdpContext) -> u32 {
+    let tot_len =
+        crate::parse::load::<[u8; 2]>(&ctx, crate::parse::IP_OFF + 2).map_or(0, u16::from_be_bytes);
+    let verdict = nat64::provider_error(XdpContext { ctx: ctx.ctx }, tot_len as u32);
+    if verdict == xdp_action::XDP_DROP && crate::debug::enabled() {
+        crate::debug::dropped(1);
+    }
+    count_verdict(&ctx, verdict)
+}
+
 /// The IPv6 length of the packet `handle` parsed into this CPU's scratch
 /// slot.
 #[inline(always)]

@@ -368,3 +368,282 @@ fn to_v6(ctx: &XdpContext, f: &Flow, n: &To6) -> Result<(), DropReason> {
     }
     Ok(())
 }
+
+/// [`crate::icmp::provider_error`]'s verdict for an ICMP error about a
+/// NAT64 flow's packet: [`provider_error`] takes it on.
+pub const ICMP_ERROR: u32 = u32::MAX - 5;
+
+/// Offsets in an IPv4 ICMP error frame: the outer header, the ICMP
+/// header, the quoted (inner) IPv4 header, the quoted transport header.
+const OUT_ICMP: usize = p4::L4_OFF;
+const IN_IP4: usize = OUT_ICMP + 8;
+const IN_L4_4: usize = IN_IP4 + p4::IP_LEN;
+/// The same in the translated ICMPv6 error frame.
+const OUT_ICMP6: usize = super::parse::L4_OFF;
+const IN_IP6: usize = OUT_ICMP6 + 8;
+const IN_L4_6: usize = IN_IP6 + super::parse::IP6_LEN;
+/// The translated error grows by twice the header difference: outer and
+/// quoted header.
+const ERROR_GROWTH: usize = 2 * GROWTH as usize;
+/// An ICMPv6 error must not exceed the minimum IPv6 MTU (RFC 4443 2.4 (c)).
+const MAX_ERROR6: usize = 1280;
+
+/// An ICMP error from the provider side to a NAT address about a NAT64
+/// flow's packet (the IPv4 provider parsed it: `tot_len` bytes of IPv4)
+/// becomes the ICMPv6 error the client would get from the endpoint
+/// address (RFC 7915 4.2): type and code mapped, Packet Too Big with the
+/// IPv4 MTU + 20, the quote translated back to the client's IPv6 packet.
+/// Only TCP and UDP quotes; errors that RFC 7915 does not map (parameter
+/// problem, unknown codes), echo quotes and errors whose translation would
+/// exceed 1280 bytes are dropped as `icmp_unsupported`.
+#[inline(never)]
+pub fn provider_error(ctx: XdpContext, tot_len: u32) -> u32 {
+    match error_to_v6(&ctx, tot_len as usize) {
+        Ok((ifindex, ep)) => forward::redirect(ifindex, ep),
+        Err((r, ep)) => drop(r, ep),
+    }
+}
+
+/// One's-complement word sum (unfolded) of an `Addr`.
+#[inline(always)]
+fn addr_sum(a: &Addr) -> u32 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        s += (a[i] & 0xffff) + (a[i] >> 16);
+        i += 1;
+    }
+    s
+}
+
+/// RFC 7915 4.2: the ICMPv6 type, code and 4-byte rest (raw) of an ICMPv4
+/// error; `None` for what is not translated.
+#[inline(always)]
+fn map_error(ty: u8, code: u8, rest_be: u32) -> Option<(u8, u8, u32)> {
+    match (ty, code) {
+        (icmp_type::DEST_UNREACH, 0 | 1 | 5..=8 | 11 | 12) => Some((1, 0, 0)),
+        (icmp_type::DEST_UNREACH, 9 | 10 | 13 | 15) => Some((1, 1, 0)),
+        (icmp_type::DEST_UNREACH, 3) => Some((1, 4, 0)),
+        // Protocol unreachable: parameter problem, pointing at next header.
+        (icmp_type::DEST_UNREACH, 2) => Some((4, 1, 6u32.to_be())),
+        (icmp_type::DEST_UNREACH, icmp_type::CODE_FRAG_NEEDED) => {
+            let mtu = u32::from_be(rest_be) & 0xffff;
+            // A router that sends no MTU (RFC 1191 predecessors): no
+            // number to translate.
+            if mtu == 0 {
+                return None;
+            }
+            Some((2, 0, (mtu + GROWTH).to_be()))
+        }
+        (icmp_type::TIME_EXCEEDED, 0 | 1) => Some((3, code, 0)),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn error_to_v6(ctx: &XdpContext, tot_len: usize) -> Result<(u32, u32), (DropReason, u32)> {
+    use crate::maps::{CT_REV, SCRATCH_ICMP};
+    let malformed = (DropReason::Malformed, NO_EP);
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    let unsupported = (DropReason::IcmpUnsupported, NO_EP);
+    // The quote holds the inner header and 8 transport bytes.
+    if tot_len < p4::IP_LEN + 8 + p4::IP_LEN + 8 {
+        return Err(malformed);
+    }
+    if tot_len + ERROR_GROWTH > MAX_ERROR6 {
+        return Err(unsupported);
+    }
+    let Some(p) = ptr_at::<[u8; IN_L4_4 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: every offset is inside the checked IN_L4_4 + 8 bytes.
+    let (ttl, ty, code, ic, rest, vihl, q_tos, q_len, q_ttl, q_proto, q_src, q_dst, ports) = unsafe {
+        let h = |off: usize| p.add(off).cast::<u16>().read_unaligned();
+        let w = |off: usize| p.add(off).cast::<u32>().read_unaligned();
+        (
+            *p.add(p4::IP_TTL),
+            *p.add(OUT_ICMP),
+            *p.add(OUT_ICMP + 1),
+            h(OUT_ICMP + 2),
+            w(OUT_ICMP + 4),
+            *p.add(IN_IP4),
+            *p.add(IN_IP4 + 1),
+            u16::from_be(h(IN_IP4 + 2)),
+            *p.add(IN_IP4 + 8),
+            *p.add(IN_IP4 + 9),
+            w(IN_IP4 + 12),
+            w(IN_IP4 + 16),
+            [h(IN_L4_4), h(IN_L4_4 + 2)],
+        )
+    };
+    if vihl != 0x45 || !(q_proto == IPPROTO_TCP || q_proto == IPPROTO_UDP) {
+        return Err(unsupported);
+    }
+    let Some((ty6, code6, rest6)) = map_error(ty, code, rest) else {
+        return Err(unsupported);
+    };
+    // The flow whose packet is quoted (NAT address/port → backend), keyed
+    // in the scratch slot: the stack is short here.
+    let Some(s) = SCRATCH_ICMP.get_ptr_mut(0) else {
+        return Err(no_flow);
+    };
+    // SAFETY: this CPU's slot; XDP runs to completion.
+    let rev = unsafe { &mut (*s).rev };
+    rev.nat_addr_be = v4_be(q_src);
+    rev.backend_addr_be = v4_be(q_dst);
+    rev.nat_port_be = ports[0];
+    rev.backend_port_be = ports[1];
+    rev.proto = q_proto;
+    rev._pad = [0; 3];
+    // SAFETY: map values, read only: an error does not refresh the flow.
+    let Some(owner) = (unsafe { CT_REV.get(rev) }) else {
+        return Err(no_flow);
+    };
+    // SAFETY: as above.
+    let Some(v) = (unsafe { CT_FWD.get(&owner.fwd) }) else {
+        return Err(no_flow);
+    };
+    let ep = v.endpoint_id;
+    if v.flags & plink_common::flow_flags::NAT64 == 0
+        || v.nat_addr_be[0] != q_src
+        || v.nat_port_be != ports[0]
+        || v.backend_addr_be[0] != q_dst
+        || v.backend_port_be != ports[1]
+    {
+        return Err((DropReason::CtBroken, ep));
+    }
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    if plink_common::flow_expired(v, now, &g.timeouts) || !crate::endpoint::current(v) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    if ttl <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let fwd = &owner.fwd;
+    let (client, endpoint) = (&fwd.src_addr_be, &fwd.dst_addr_be);
+    let (client_port, endpoint_port) = (fwd.src_port_be, fwd.dst_port_be);
+    // The ICMPv6 length: the ICMP message, its quoted header 20 bytes longer.
+    let plen6 = tot_len - p4::IP_LEN + GROWTH as usize;
+    let q_plen = q_len.wrapping_sub(p4::IP_LEN as u16);
+    let q_head = [
+        0x60 | (q_tos >> 4),
+        q_tos << 4,
+        0,
+        0,
+        (q_plen >> 8) as u8,
+        q_plen as u8,
+        q_proto,
+        q_ttl,
+    ];
+    // The quoted transport checksum, where quoted, follows its
+    // pseudo-header (IPv4 NAT → backend to IPv6 client → endpoint) and
+    // ports, as the client's stack expects of a quote it matches.
+    let inner_off4 = if q_proto == IPPROTO_TCP {
+        IN_L4_4 + 16
+    } else {
+        IN_L4_4 + 6
+    };
+    let inner = if p4::IP_OFF + tot_len >= inner_off4 + 2 {
+        load::<u16>(ctx, inner_off4)
+    } else {
+        None
+    };
+    // The new checksum, from the old one: data removed (as complements)
+    // and data added, in one sum (RFC 1624).
+    let mut sum: u32 = 0;
+    let mut q4 = [0u16; 10];
+    // SAFETY: the quoted IPv4 header is inside the checked region.
+    unsafe {
+        let mut i = 0;
+        while i < 10 {
+            q4[i] = p.add(IN_IP4 + 2 * i).cast::<u16>().read_unaligned();
+            i += 1;
+        }
+    }
+    for w in q4 {
+        sum += (!w) as u32;
+    }
+    sum += (!u16::from_ne_bytes([ty, code])) as u32 + u16::from_ne_bytes([ty6, code6]) as u32;
+    sum += (!(rest as u16)) as u32 + (!((rest >> 16) as u16)) as u32;
+    sum += (rest6 & 0xffff) + (rest6 >> 16);
+    // Pseudo-header: both addresses, the length, the next header (58).
+    sum += addr_sum(endpoint) + addr_sum(client);
+    sum += (plen6 as u16).to_be() as u32 + u16::from_ne_bytes([0, IPPROTO_ICMPV6]) as u32;
+    // The quoted IPv6 header.
+    let mut i = 0;
+    while i < 8 {
+        sum += u16::from_ne_bytes([q_head[i], q_head[i + 1]]) as u32;
+        i += 2;
+    }
+    sum += addr_sum(client) + addr_sum(endpoint);
+    // Quoted ports and transport checksum.
+    sum += (!ports[0]) as u32 + (!ports[1]) as u32 + client_port as u32 + endpoint_port as u32;
+    let new_inner = inner.map(|l| {
+        let mut n = csum::update128(l, &v4_be(q_src), client);
+        n = csum::update128(n, &v4_be(q_dst), endpoint);
+        n = csum::update16(n, ports[0], client_port);
+        n = csum::update16(n, ports[1], endpoint_port);
+        if q_proto == IPPROTO_UDP {
+            n = csum::udp_finish(l, n);
+        }
+        n
+    });
+    if let (Some(l), Some(n)) = (inner, new_inner) {
+        sum += (!l) as u32 + n as u32;
+    }
+    let c = csum::add(ic, sum);
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(ERROR_GROWTH as i32)) } != 0 {
+        return Err(malformed);
+    }
+    let Some(p) = ptr_at::<[u8; IN_L4_6 + 4]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    let len = (plen6 as u16).to_be_bytes();
+    // SAFETY: every offset is inside the checked IN_L4_6 + 4 bytes.
+    unsafe {
+        p.cast::<[u8; 6]>().write_unaligned(v.client_mac);
+        p.add(6).cast::<[u8; 6]>().write_unaligned(v.gw_mac);
+        p.add(12).cast::<[u8; 2]>().write_unaligned([0x86, 0xdd]);
+        p.add(IP_OFF).cast::<[u8; 8]>().write_unaligned([
+            0x60,
+            0,
+            0,
+            0,
+            len[0],
+            len[1],
+            IPPROTO_ICMPV6,
+            ttl - 1,
+        ]);
+        p.add(IP_OFF + 8).cast::<Addr>().write_unaligned(*endpoint);
+        p.add(IP_OFF + 24).cast::<Addr>().write_unaligned(*client);
+        p.add(OUT_ICMP6)
+            .cast::<[u8; 2]>()
+            .write_unaligned([ty6, code6]);
+        p.add(OUT_ICMP6 + 2).cast::<u16>().write_unaligned(c);
+        p.add(OUT_ICMP6 + 4).cast::<u32>().write_unaligned(rest6);
+        p.add(IN_IP6).cast::<[u8; 8]>().write_unaligned(q_head);
+        p.add(IN_IP6 + 8).cast::<Addr>().write_unaligned(*client);
+        p.add(IN_IP6 + 24).cast::<Addr>().write_unaligned(*endpoint);
+        p.add(IN_L4_6)
+            .cast::<[u16; 2]>()
+            .write_unaligned([client_port, endpoint_port]);
+    }
+    if let Some(n) = new_inner {
+        let off6 = inner_off4 + ERROR_GROWTH;
+        if !store::<u16>(ctx, off6, n) {
+            return Err(malformed);
+        }
+    }
+    if !forward::fits_mtu(ctx, v.ingress_ifindex) {
+        return Err((DropReason::FragNeeded, ep));
+    }
+    stats::count_packet(v, tot_len as u64, true);
+    Ok((v.ingress_ifindex, ep))
+}

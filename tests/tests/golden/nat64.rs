@@ -154,14 +154,27 @@ fn golden_nat64_tcp_udp_and_echo() {
         let mut pong_back = as_v6(&pong, (EP64_TCP, 0), (CLIENT6, 0)).macs(n.c1_mac, CLIENT_MAC);
         pong_back.seq = ((id as u32) << 16) | 7;
 
-        // An IPv4 error about the TCP flow's packet: not translated yet.
+        // IPv4 errors about the TCP flow's packet (as the gateway sent it)
+        // become ICMPv6 errors from the endpoint address, quoting the
+        // client's own IPv6 packet (hop limit as the gateway sent it).
         let sent = as_v4(&syn, nat, backend)
             .macs(n.p0_mac, backend_mac)
             .build();
-        let unreachable = Ipv4Packet::icmp(backend_addr, NAT_TCP, 3, 3, 0, &sent[14..14 + 28])
-            .macs(backend_mac, n.p0_mac)
-            .build();
-
+        let mut own = syn.clone();
+        own.hop -= 1;
+        let own = own.build();
+        let router4 = Ipv4Addr::new(198, 51, 100, 1);
+        let error4 = |ty, code, rest, quoted: usize| {
+            Ipv4Packet::icmp(router4, NAT_TCP, ty, code, rest, &sent[14..14 + quoted])
+                .macs(backend_mac, n.p0_mac)
+                .build()
+        };
+        let error6 = |ty, code, rest, quoted: usize| {
+            let mut e = Ipv6Packet::icmp(EP64_TCP, CLIENT6, ty, code, rest, &own[14..14 + quoted])
+                .macs(n.c1_mac, CLIENT_MAC);
+            e.hop = 63;
+            redirect6(e.build())
+        };
         b.run(vec![
             consumer(
                 "IPv6 SYN: IPv4 from the NAT address to the backend",
@@ -252,13 +265,32 @@ fn golden_nat64_tcp_udp_and_echo() {
                 redirect6(pong_back.build()),
             ),
             provider(
-                "an ICMP error about a NAT64 flow: icmp_unsupported",
+                "port unreachable: ICMPv6 port unreachable, 8 quoted bytes",
                 n.p0,
-                unreachable,
+                error4(3, 3, 0, 28),
+                error6(1, 4, 0, 48),
+            ),
+            provider(
+                "frag needed, MTU 1400: packet too big, MTU 1420, the TCP checksum quoted",
+                n.p0,
+                error4(3, 4, 1400, 40),
+                error6(2, 0, 1420, 60),
+            ),
+            provider(
+                "time exceeded: ICMPv6 time exceeded",
+                n.p0,
+                error4(11, 0, 0, 28),
+                error6(3, 0, 0, 48),
+            ),
+            provider(
+                "parameter problem (no RFC 7915 mapping here): icmp_unsupported",
+                n.p0,
+                error4(12, 0, 0, 28),
                 Want::Drop(DropReason::IcmpUnsupported),
             ),
             Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsIn), 3),
-            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsOut), 3),
+            // SYN-ACK, reply data, echo reply and the three translated errors.
+            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsOut), 6),
             Step::count(Counter::Endpoint(EP_ID_UDP64, Field::PacketsOut), 1),
         ]);
     });

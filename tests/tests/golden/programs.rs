@@ -19,6 +19,7 @@ fn verified_program_sizes() {
         prog_names::PROVIDER,
         prog_names::CONSUMER6,
         prog_names::PROVIDER6,
+        prog_names::NAT64_ERROR,
         prog_names::BENCH_FWD,
     ] {
         let info = dp.program(name).unwrap().info().unwrap();
