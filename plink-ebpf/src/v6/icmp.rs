@@ -337,10 +337,15 @@ fn translate(ctx: &XdpContext, tot_len: usize) -> Result<(u32, u32), (DropReason
 // have the stack to themselves.
 #[inline(always)]
 pub fn consumer_error(ctx: XdpContext, tot_len: u32) -> u32 {
-    if let Err((r, ep)) = consumer_translate(&ctx, tot_len as usize) {
-        return drop(r, ep);
+    match consumer_translate(&ctx, tot_len as usize) {
+        Err((r, ep)) => drop(r, ep),
+        // A NAT64 flow's: the error becomes ICMP for its IPv4 backend.
+        Ok(true) => match super::nat64::consumer_error(&ctx, tot_len as usize) {
+            Err((r, ep)) => drop(r, ep),
+            Ok(()) => super::nat64::route_error(ctx, tot_len),
+        },
+        Ok(false) => route_error(ctx, tot_len),
     }
-    route_error(ctx, tot_len)
 }
 
 /// Routes the error [`consumer_translate`] rewrote to the flow's backend.
@@ -381,9 +386,10 @@ fn route_error(ctx: XdpContext, tot_len: u32) -> u32 {
 }
 
 /// The translation of [`consumer_error`], in place but for the MACs; the
-/// flow's key is left in `SCRATCH_ICMP`.
+/// flow's key is left in `SCRATCH_ICMP`. `Ok(true)`: the flow is a NAT64
+/// one, nothing was changed (`v6::nat64::consumer_error` translates).
 #[inline(never)]
-fn consumer_translate(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReason, u32)> {
+fn consumer_translate(ctx: &XdpContext, tot_len: usize) -> Result<bool, (DropReason, u32)> {
     use plink_common::{IPPROTO_TCP, IPPROTO_UDP, csum, flow_expired, flow_flags};
 
     use crate::{
@@ -450,9 +456,8 @@ fn consumer_translate(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReaso
         return Err(no_flow);
     };
     let ep = v.endpoint_id;
-    // A NAT64 flow's error would have to become ICMP: not done yet.
     if v.flags & flow_flags::NAT64 != 0 {
-        return Err((DropReason::IcmpUnsupported, ep));
+        return Ok(true);
     }
     let Some(g) = GLOBAL.get(0) else {
         return Err((DropReason::IcmpErrorNoFlow, ep));
@@ -521,5 +526,5 @@ fn consumer_translate(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReaso
     if !ok {
         return Err(malformed);
     }
-    Ok(())
+    Ok(false)
 }

@@ -647,3 +647,259 @@ fn error_to_v6(ctx: &XdpContext, tot_len: usize) -> Result<(u32, u32), (DropReas
     stats::count_packet(v, tot_len as u64, true);
     Ok((v.ingress_ifindex, ep))
 }
+
+/// One's-complement sum (unfolded) of the complements of an `Addr`'s
+/// words: adding it removes the address from a sum.
+#[inline(always)]
+fn addr_neg_sum(a: &Addr) -> u32 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        s += (!(a[i] as u16)) as u32 + (!((a[i] >> 16) as u16)) as u32;
+        i += 1;
+    }
+    s
+}
+
+/// RFC 7915 5.2: the ICMP type, code and the MTU (frag needed) of an
+/// ICMPv6 error; `None` for what is not translated.
+#[inline(always)]
+fn map_error6(ty: u8, code: u8, rest_be: u32) -> Option<(u8, u8, u16)> {
+    match (ty, code) {
+        (1, 0 | 2 | 3) => Some((icmp_type::DEST_UNREACH, 1, 0)),
+        (1, 1) => Some((icmp_type::DEST_UNREACH, 10, 0)),
+        (1, 4) => Some((icmp_type::DEST_UNREACH, 3, 0)),
+        (2, 0) => {
+            let mtu = u32::from_be(rest_be)
+                .saturating_sub(GROWTH)
+                .clamp(68, 0xffff);
+            Some((
+                icmp_type::DEST_UNREACH,
+                icmp_type::CODE_FRAG_NEEDED,
+                mtu as u16,
+            ))
+        }
+        (3, 0 | 1) => Some((icmp_type::TIME_EXCEEDED, code, 0)),
+        // Unrecognised next header: protocol unreachable.
+        (4, 1) => Some((icmp_type::DEST_UNREACH, 2, 0)),
+        _ => None,
+    }
+}
+
+/// An ICMPv6 error from a consumer-side router about a NAT64 flow's reply
+/// (`v6::icmp::consumer_error` found the flow, its key in `SCRATCH_ICMP`)
+/// becomes the ICMP error its IPv4 backend would get from the NAT address
+/// (RFC 7915 5.2), quoting the reply as the backend sent it; the frame
+/// shrinks by 40 bytes. [`route_error`] sends it.
+#[inline(never)]
+pub fn consumer_error(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReason, u32)> {
+    use super::parse::{IP6_LEN, IP6_OFF};
+    use crate::maps::SCRATCH_ICMP;
+    let malformed = (DropReason::Malformed, NO_EP);
+    let no_flow = (DropReason::IcmpErrorNoFlow, NO_EP);
+    let Some(s) = SCRATCH_ICMP.get_ptr(0) else {
+        return Err(no_flow);
+    };
+    // SAFETY: this CPU's slot, the key the caller looked the flow up by.
+    let key = unsafe { &(*s).fwd };
+    // SAFETY: map value, read only: an error does not refresh the flow.
+    let Some(v) = (unsafe { CT_FWD.get(key) }) else {
+        return Err(no_flow);
+    };
+    let ep = v.endpoint_id;
+    let unsupported = (DropReason::IcmpUnsupported, ep);
+    if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
+        return Err(unsupported);
+    }
+    let Some(g) = GLOBAL.get(0) else {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    if plink_common::flow_expired(v, now, &g.timeouts) || !crate::endpoint::current(v) {
+        return Err((DropReason::IcmpErrorNoFlow, ep));
+    }
+    let Some(p) = ptr_at::<[u8; IN_L4_6 + 8]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    // SAFETY: every offset is inside the checked IN_L4_6 + 8 bytes.
+    let (hop, ty, code, ic, rest, q_head, ports) = unsafe {
+        let h = |off: usize| p.add(off).cast::<u16>().read_unaligned();
+        (
+            *p.add(IP6_OFF + 7),
+            *p.add(OUT_ICMP6),
+            *p.add(OUT_ICMP6 + 1),
+            h(OUT_ICMP6 + 2),
+            p.add(OUT_ICMP6 + 4).cast::<u32>().read_unaligned(),
+            p.add(IN_IP6).cast::<[u16; 4]>().read_unaligned(),
+            [h(IN_L4_6), h(IN_L4_6 + 2)],
+        )
+    };
+    if hop <= 1 {
+        return Err((DropReason::TtlExceeded, ep));
+    }
+    let Some((ty4, code4, mtu4)) = map_error6(ty, code, rest) else {
+        return Err(unsupported);
+    };
+    let (nat, backend) = (v.nat_addr_be[0], v.backend_addr_be[0]);
+    let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);
+    // The quoted reply as the endpoint sent it: endpoint → client.
+    let (endpoint, client) = (&key.dst_addr_be, &key.src_addr_be);
+    let plen6 = tot_len - IP6_LEN;
+    let qh = q_head.map(u16::to_ne_bytes);
+    let q_tos = (qh[0][0] << 4) | (qh[0][1] >> 4);
+    let q_plen = u16::from_be_bytes(qh[2]);
+    let (q_proto, q_hop) = (qh[3][0], qh[3][1]);
+    // The quoted transport checksum, where quoted.
+    let inner_off6 = if q_proto == IPPROTO_TCP {
+        IN_L4_6 + 16
+    } else {
+        IN_L4_6 + 6
+    };
+    let inner = if IP6_OFF + tot_len >= inner_off6 + 2 {
+        load::<u16>(ctx, inner_off6)
+    } else {
+        None
+    };
+    let new_inner = inner.map(|l| {
+        let mut n = csum::update128(l, endpoint, &v4_be(backend));
+        n = csum::update128(n, client, &v4_be(nat));
+        n = csum::update16(n, ports[0], backend_port);
+        n = csum::update16(n, ports[1], nat_port);
+        if q_proto == IPPROTO_UDP {
+            n = csum::udp_finish(l, n);
+        }
+        n
+    });
+    // Everything ICMPv6 sums that ICMP does not, removed (as complements):
+    // the pseudo-header, the type, the rest, the quoted IPv6 header; the
+    // ICMP words added once written below.
+    let Some(outer) = load::<[Addr; 2]>(ctx, IP6_OFF + 8) else {
+        return Err(malformed);
+    };
+    let mut sum: u32 = addr_neg_sum(&outer[0]) + addr_neg_sum(&outer[1]);
+    sum += (!(plen6 as u16).to_be()) as u32 + (!u16::from_ne_bytes([0, IPPROTO_ICMPV6])) as u32;
+    sum += (!u16::from_ne_bytes([ty, code])) as u32 + u16::from_ne_bytes([ty4, code4]) as u32;
+    sum += (!(rest as u16)) as u32 + (!((rest >> 16) as u16)) as u32;
+    sum += mtu4.to_be() as u32;
+    for w in q_head {
+        sum += (!w) as u32;
+    }
+    sum += addr_neg_sum(endpoint) + addr_neg_sum(client);
+    sum += (!ports[0]) as u32 + (!ports[1]) as u32 + backend_port as u32 + nat_port as u32;
+    if let (Some(l), Some(n)) = (inner, new_inner) {
+        sum += (!l) as u32 + n as u32;
+    }
+    // SAFETY: plain helper call; packet pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), ERROR_GROWTH as i32) } != 0 {
+        return Err(malformed);
+    }
+    let Some(p) = ptr_at::<[u8; IN_L4_4 + 4]>(ctx, 0) else {
+        return Err(malformed);
+    };
+    let p = p.cast::<u8>();
+    let tot4 = (plen6 as u16).to_be_bytes();
+    let qlen4 = q_plen.wrapping_add(p4::IP_LEN as u16).to_be_bytes();
+    let mtu = mtu4.to_be_bytes();
+    // SAFETY: every offset is inside the checked IN_L4_4 + 4 bytes.
+    unsafe {
+        p.add(12).cast::<[u8; 2]>().write_unaligned([0x08, 0x00]);
+        p.add(IP_OFF).cast::<[u8; 12]>().write_unaligned([
+            0x45,
+            0,
+            tot4[0],
+            tot4[1],
+            0,
+            0,
+            // DF, as the gateway's own errors (`icmp::reply_error`).
+            0x40,
+            0,
+            hop - 1,
+            IPPROTO_ICMP,
+            0,
+            0,
+        ]);
+        p.add(IP_OFF + 12).cast::<u32>().write_unaligned(nat);
+        p.add(IP_OFF + 16).cast::<u32>().write_unaligned(backend);
+        p.add(OUT_ICMP)
+            .cast::<[u8; 8]>()
+            .write_unaligned([ty4, code4, 0, 0, 0, 0, mtu[0], mtu[1]]);
+        p.add(IN_IP4).cast::<[u8; 12]>().write_unaligned([
+            0x45, q_tos, qlen4[0], qlen4[1], 0, 0, 0x40, 0, q_hop, q_proto, 0, 0,
+        ]);
+        p.add(IN_IP4 + 12).cast::<u32>().write_unaligned(backend);
+        p.add(IN_IP4 + 16).cast::<u32>().write_unaligned(nat);
+        p.add(IN_L4_4)
+            .cast::<[u16; 2]>()
+            .write_unaligned([backend_port, nat_port]);
+        let words = |from: usize| {
+            let mut s: u32 = 0;
+            let mut i = 0;
+            while i < 10 {
+                s += p.add(from + 2 * i).cast::<u16>().read_unaligned() as u32;
+                i += 1;
+            }
+            s
+        };
+        let fold = |mut s: u32| {
+            s = (s & 0xffff) + (s >> 16);
+            s = (s & 0xffff) + (s >> 16);
+            s as u16
+        };
+        let outer_check = !fold(words(IP_OFF));
+        p.add(IP_OFF + 10)
+            .cast::<u16>()
+            .write_unaligned(outer_check);
+        let quoted_check = !fold(words(IN_IP4));
+        p.add(IN_IP4 + 10)
+            .cast::<u16>()
+            .write_unaligned(quoted_check);
+        // The quoted IPv4 header, checksum included, joins the ICMP sum.
+        sum += words(IN_IP4);
+        p.add(OUT_ICMP + 2)
+            .cast::<u16>()
+            .write_unaligned(csum::add(ic, sum));
+    }
+    if let Some(n) = new_inner
+        && !store::<u16>(ctx, inner_off6 - ERROR_GROWTH, n)
+    {
+        return Err(malformed);
+    }
+    Ok(())
+}
+
+/// Routes the ICMP error [`consumer_error`] built to the flow's backend
+/// (NAT address → backend, on the provider side) and sends it.
+#[inline(never)]
+pub fn route_error(ctx: XdpContext, tot_len6: u32) -> u32 {
+    use crate::maps::SCRATCH_ICMP;
+    let (Some(s), Some(g)) = (SCRATCH_ICMP.get_ptr(0), GLOBAL.get(0)) else {
+        return drop(DropReason::IcmpErrorNoFlow, NO_EP);
+    };
+    // SAFETY: this CPU's slot; map value read only.
+    let Some(v) = (unsafe { CT_FWD.get(&(*s).fwd) }) else {
+        return drop(DropReason::IcmpErrorNoFlow, NO_EP);
+    };
+    let tot_len4 = tot_len6 - super::parse::IP6_LEN as u32;
+    let mut hop = NextHop {
+        src_be: v.nat_addr_be[0],
+        dst_be: v.backend_addr_be[0],
+        tot_len: tot_len4 as u16,
+        provider_ifindex: g.provider_ifindex,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        mtu: 0,
+    };
+    let ep = v.endpoint_id;
+    let routed = forward::route(&ctx, &mut hop);
+    if !routed.is_next() {
+        return routed.finish(ep);
+    }
+    if !(store::<[u8; 6]>(&ctx, 0, hop.dmac) && store::<[u8; 6]>(&ctx, 6, hop.smac)) {
+        return drop(DropReason::Malformed, ep);
+    }
+    stats::count_packet(v, tot_len4 as u64, false);
+    forward::redirect(hop.ifindex, ep)
+}

@@ -175,6 +175,36 @@ fn golden_nat64_tcp_udp_and_echo() {
             e.hop = 63;
             redirect6(e.build())
         };
+        // ICMPv6 errors from a consumer-side router about the SYN-ACK as
+        // the client got it become ICMP errors to the backend from the NAT
+        // address, quoting the SYN-ACK as the backend sent it.
+        let router6 = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 2]);
+        let seen = as_v6(&synack, ep, client)
+            .macs(n.c1_mac, CLIENT_MAC)
+            .build();
+        let mut synack_sent = synack.clone();
+        synack_sent.ttl -= 1;
+        synack_sent.ip_id = 0;
+        let synack_sent = synack_sent.build();
+        let error6_in = |ty, code, rest, quoted: usize| {
+            Ipv6Packet::icmp(router6, EP64_TCP, ty, code, rest, &seen[14..14 + quoted])
+                .macs(CLIENT_MAC, n.c1_mac)
+                .build()
+        };
+        let error4_out = |ty, code, rest, quoted: usize| {
+            let mut e = Ipv4Packet::icmp(
+                NAT_TCP,
+                backend_addr,
+                ty,
+                code,
+                rest,
+                &synack_sent[14..14 + quoted],
+            )
+            .macs(n.p0_mac, backend_mac);
+            e.ttl = 63;
+            e.ip_id = 0;
+            redirect4(e.build())
+        };
         b.run(vec![
             consumer(
                 "IPv6 SYN: IPv4 from the NAT address to the backend",
@@ -206,6 +236,30 @@ fn golden_nat64_tcp_udp_and_echo() {
                         .macs(n.c1_mac, CLIENT_MAC)
                         .build(),
                 ),
+            ),
+            consumer(
+                "packet too big (1280) from a consumer router: frag needed (1260) to the backend",
+                n.c1,
+                error6_in(2, 0, 1280, 60),
+                error4_out(3, 4, 1260, 40),
+            ),
+            consumer(
+                "port unreachable from a consumer router, 8 quoted bytes",
+                n.c1,
+                error6_in(1, 4, 0, 48),
+                error4_out(3, 3, 0, 28),
+            ),
+            consumer(
+                "hop limit exceeded from a consumer router: time exceeded",
+                n.c1,
+                error6_in(3, 0, 0, 48),
+                error4_out(11, 0, 0, 28),
+            ),
+            consumer(
+                "parameter problem (erroneous header, not translated): icmp_unsupported",
+                n.c1,
+                error6_in(4, 0, 8, 48),
+                Want::Drop(DropReason::IcmpUnsupported),
             ),
             consumer(
                 "IPv6 data",
@@ -288,7 +342,8 @@ fn golden_nat64_tcp_udp_and_echo() {
                 error4(12, 0, 0, 28),
                 Want::Drop(DropReason::IcmpUnsupported),
             ),
-            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsIn), 3),
+            // SYN, data, echo request and the three translated errors.
+            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsIn), 6),
             // SYN-ACK, reply data, echo reply and the three translated errors.
             Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsOut), 6),
             Step::count(Counter::Endpoint(EP_ID_UDP64, Field::PacketsOut), 1),
