@@ -145,14 +145,19 @@ fn established(ctx: XdpContext) -> u32 {
     let f = &w.f;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A NAT64 flow's packet leaves as IPv4, 20 bytes shorter.
+    let nat64 = v.flags & flow_flags::NAT64 != 0;
+    let out_len = if nat64 {
+        f.tot_len.wrapping_sub(super::nat64::GROWTH as u16)
+    } else {
+        f.tot_len
+    };
     if flow_expired(v, now, &g.timeouts)
         || !endpoint::current(v)
         || f.hop <= 1
-        || !crate::consumer::hop_cached(v, g, f.tot_len)
+        || !crate::consumer::hop_cached(v, g, out_len)
         // SYNs take the slow path (as for IPv4).
         || (f.proto == IPPROTO_TCP && f.tcp_flags & crate::parse::TCP_SYN != 0)
-        // Only NAT66 flows: their backend is IPv6 (`Addr`).
-        || v.backend_addr_be[1] | v.backend_addr_be[2] | v.backend_addr_be[3] == 0
     {
         return FORWARD;
     }
@@ -178,7 +183,12 @@ fn established(ctx: XdpContext) -> u32 {
             v.tcp_state = state;
         }
     }
-    if !rewrite6(&ctx, f, &nat) {
+    let rewritten = if nat64 {
+        super::nat64::rewrite_cached(&ctx, f, &nat)
+    } else {
+        rewrite6(&ctx, f, &nat)
+    };
+    if !rewritten {
         return drop(DropReason::Malformed, v.endpoint_id);
     }
     stats::count_packet(v, f.tot_len as u64, false);

@@ -12,10 +12,11 @@
 //! ICMPv6 covers a pseudo-header that ICMP does not, so it leaves or joins
 //! the sum, with the echo type.
 //!
-//! Not translated (yet): ICMP errors about a NAT64 flow's packets (dropped
-//! as `icmp_unsupported`), IPv4 fragments (the parser refuses them), the
-//! established fast path (every NAT64 packet looks up its route). The IPv4
-//! header is sent with Don't Fragment and identification 0 (RFC 6864).
+//! ICMP errors about a flow's packets are translated both ways
+//! ([`provider_error`], [`consumer_error`]); established flows take the fast
+//! path with the cached next hop ([`rewrite_cached`]). Not translated:
+//! IPv4 fragments (the parser refuses them), echo quotes. The IPv4 header
+//! is sent with Don't Fragment and identification 0 (RFC 6864).
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use plink_common::{
     Addr, CtFwdKey, CtFwdValue, DropReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
@@ -85,6 +86,14 @@ pub fn forward(ctx: XdpContext) -> u32 {
         }
         return routed.finish(endpoint_id);
     }
+    // The next hop, cached for the fast path (`v6::consumer::established`):
+    // the generation last, so a reader that sees it sees the hop it names.
+    v.hop_ifindex = hop.ifindex;
+    v.hop_mtu = hop.mtu;
+    v.hop_smac = hop.smac;
+    v.hop_dmac = hop.dmac;
+    // SAFETY: writing a field of the map value we hold.
+    unsafe { core::ptr::write_volatile(&raw mut v.hop_gen, g.hop_gen) };
     super::consumer::commit(v, f, key, opened, now);
     let out = To4 {
         src_be: hop.src_be,
@@ -102,6 +111,22 @@ pub fn forward(ctx: XdpContext) -> u32 {
         flowlog::count(v, f.tot_len as u64, false);
     }
     forward::redirect(hop.ifindex, endpoint_id)
+}
+
+/// The fast path's translation of an established NAT64 flow's packet,
+/// from the flow's mapping and cached next hop (`nat`: the IPv4 NAT
+/// address and backend in word 0 of its addresses).
+#[inline(always)]
+pub fn rewrite_cached(ctx: &XdpContext, f: &Flow6, nat: &super::rewrite::Nat6) -> bool {
+    let out = To4 {
+        src_be: nat.src[0],
+        dst_be: nat.dst[0],
+        sport_be: nat.sport_be,
+        dport_be: nat.dport_be,
+        smac: nat.smac,
+        dmac: nat.dmac,
+    };
+    to_v4(ctx, f, &out)
 }
 
 /// The IPv4 packet's new addresses, ports (raw) and link-layer addresses.

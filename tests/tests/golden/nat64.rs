@@ -427,3 +427,66 @@ fn golden_nat64_path_mtu_counts_the_header_difference() {
         ]);
     });
 }
+
+/// Established NAT64 flows take the fast path: the next hop the first
+/// packet's route lookup cached is used until the hop generation moves
+/// (a neighbour change alone does not reach them), as for IPv4 and NAT66;
+/// a rejected endpoint's flow is cut without a purge.
+#[test]
+fn golden_nat64_established_flows_use_the_cached_next_hop() {
+    let gw = gateway();
+    golden(&gw, spec64(&gw), |b, n, spec| {
+        let client = (CLIENT6, 5100);
+        let ep = (EP64_UDP, 53);
+        let key = fwd_key64(client, ep, IPPROTO_UDP);
+        let nat = (NAT_UDP, first_port(&key, UDP_PORTS));
+        let backend = (BACKEND10, 5353);
+        let q = Ipv6Packet::udp(client, ep, b"query").macs(CLIENT_MAC, n.c1_mac);
+        let moved: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x78];
+        let to = |mac: [u8; 6]| redirect4(as_v4(&q, nat, backend).macs(n.p0_mac, mac).build());
+        let rejected = {
+            let mut s = spec.clone();
+            s.endpoints
+                .iter_mut()
+                .filter(|e| e.id == EP_ID_UDP64)
+                .for_each(|e| e.state = EndpointState::Rejected);
+            s
+        };
+        b.run(vec![
+            consumer("the first packet", n.c1, q.build(), to(BACKEND10_MAC))
+                .deltas(opens(EP_ID_UDP64)),
+            consumer("established", n.c1, q.build(), to(BACKEND10_MAC)),
+            Step::act("the backend's neighbour entry moves", move |_| {
+                let status = std::process::Command::new("ip")
+                    .args(["neigh", "replace", &BACKEND10.to_string(), "lladdr"])
+                    .arg("02:00:00:00:01:78")
+                    .args(["dev", "p0", "nud", "permanent"])
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "ip neigh replace");
+            }),
+            consumer(
+                "cached next hop: no route lookup",
+                n.c1,
+                q.build(),
+                to(BACKEND10_MAC),
+            ),
+            Step::act("the hop generation moves", |b| b.dp.bump_hop_gen().unwrap()),
+            consumer(
+                "next hop looked up again after the generation moved",
+                n.c1,
+                q.build(),
+                to(moved),
+            ),
+            consumer("and cached again", n.c1, q.build(), to(moved)).deltas([(Counter::Flows, 0)]),
+            Step::Apply(rejected),
+            consumer(
+                "a rejected endpoint's flow, without a purge",
+                n.c1,
+                q.build(),
+                Want::Drop(DropReason::EndpointRejected),
+            ),
+            Step::count(Counter::Endpoint(EP_ID_UDP64, Field::PacketsIn), 5),
+        ]);
+    });
+}
