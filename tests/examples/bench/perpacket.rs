@@ -38,8 +38,11 @@
 //!   and `bench_fwd`;
 //! - `IPv6 forward / reverse established` (issue 19): the UDP established
 //!   rows over IPv6 (NAT66; 80-byte frames for IPv4's 60, the same 18
-//!   bytes of payload), through the tail-called IPv6 programs.
-//!   `PLINK_BENCH_ONLY=ipv6` runs only these rows, the IPv4 established
+//!   bytes of payload), through the tail-called IPv6 programs;
+//! - `NAT64 forward / reverse established`: the same over NAT64 (an IPv6
+//!   endpoint of the IPv4 service: 80-byte IPv6 frames out as 60-byte
+//!   IPv4 ones, and back). `PLINK_BENCH_ONLY=ipv6` runs only these rows,
+//!   the IPv6 ones, the IPv4 established
 //!   rows they are compared with, and `bench_fwd`.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -74,6 +77,9 @@ const ENDPOINT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x100
 const BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
 /// Endpoint id of the IPv6 endpoint (UDP 53, service 2).
 const ENDPOINT6_ID: u32 = 4;
+/// The NAT64 endpoint: an IPv6 address of the IPv4 service 0 (UDP 53).
+const ENDPOINT64: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x101);
+const ENDPOINT64_ID: u32 = 5;
 /// Established flows of the established rows.
 const FLOWS: u16 = 1024;
 /// CPU the measuring thread is pinned to.
@@ -84,7 +90,7 @@ pub struct Output {
     pub json: serde_json::Value,
 }
 
-const ROWS: [&str; 16] = [
+const ROWS: [&str; 18] = [
     "bench_fwd (minimal forwarder)",
     "forward established",
     "reverse established",
@@ -101,6 +107,8 @@ const ROWS: [&str; 16] = [
     "TCP first data segment again, proxy protocol on (header inserted)",
     "IPv6 forward established",
     "IPv6 reverse established",
+    "NAT64 forward established",
+    "NAT64 reverse established",
 ];
 /// Index of the first proxy-protocol row.
 const PROXY_ROWS: usize = 9;
@@ -355,6 +363,22 @@ fn spec(i: &Ifaces) -> DataplaneSpec {
                 addr: ENDPOINT6.into(),
                 addr6: None,
                 service_id: 2,
+                protocol: Protocol::Udp,
+                ports: vec![PortSpec {
+                    port: 53,
+                    target_port: 5353,
+                }],
+                state: EndpointState::Approved,
+                max_flows: 100_000_000,
+                new_flows_per_sec: 100_000_000,
+            },
+            // The NAT64 rows: IPv6 in front of the IPv4 service 0.
+            EndpointSpec {
+                id: ENDPOINT64_ID,
+                network_id: 1,
+                addr: ENDPOINT64.into(),
+                addr6: None,
+                service_id: 0,
                 protocol: Protocol::Udp,
                 ports: vec![PortSpec {
                     port: 53,
@@ -703,22 +727,30 @@ fn round(i: &Ifaces, runs: u32, new_flow_base: u32, only: Only) -> anyhow::Resul
     if only == Only::Proxy {
         not_run(&mut out, ROWS.len() - IPV6_ROWS);
     } else {
-        ipv6_rows(&mut dp, i, runs, &mut out)?;
+        ipv6_rows(&mut dp, i, runs, &mut out, false)?;
+        ipv6_rows(&mut dp, i, runs, &mut out, true)?;
     }
     Ok(out)
 }
 
-/// The IPv6 established rows: 1,024 UDP flows through NAT66, opened in
-/// this round's dataplane, then the client's packets and the backend's
-/// replies measured as the IPv4 established rows.
+/// The IPv6 established rows: 1,024 UDP flows through NAT66 (or, `nat64`,
+/// through NAT64 to the IPv4 service), opened in this round's dataplane,
+/// then the client's packets and the backend's replies measured as the
+/// IPv4 established rows.
 fn ipv6_rows(
     dp: &mut Dataplane,
     i: &Ifaces,
     runs: u32,
     out: &mut Vec<(f64, f64)>,
+    nat64: bool,
 ) -> anyhow::Result<()> {
+    let (endpoint, endpoint_id) = if nat64 {
+        (ENDPOINT64, ENDPOINT64_ID)
+    } else {
+        (ENDPOINT6, ENDPOINT6_ID)
+    };
     let fwd: Vec<Vec<u8>> = (0..FLOWS)
-        .map(|n| udp6((CLIENT6, 20_000 + n), (ENDPOINT6, 53), CLIENT_MAC, i.c1_mac))
+        .map(|n| udp6((CLIENT6, 20_000 + n), (endpoint, 53), CLIENT_MAC, i.c1_mac))
         .collect();
     let mut rev = Vec::with_capacity(fwd.len());
     for f in &fwd {
@@ -729,18 +761,30 @@ fn ipv6_rows(
             r.verdict
         );
         let o = &r.output;
-        let nat: [u8; 16] = o[22..38].try_into()?;
-        let nat_port = u16::from_be_bytes([o[54], o[55]]);
-        rev.push(udp6(
-            (BACKEND6, 5353),
-            (Ipv6Addr::from(nat), nat_port),
-            BACKEND_MAC,
-            i.p0_mac,
-        ));
+        if nat64 {
+            // The translated packet: IPv4 from the NAT address.
+            let nat: [u8; 4] = o[26..30].try_into()?;
+            let nat_port = u16::from_be_bytes([o[34], o[35]]);
+            rev.push(udp(
+                (BACKEND, 5353),
+                (Ipv4Addr::from(nat), nat_port),
+                BACKEND_MAC,
+                i.p0_mac,
+            ));
+        } else {
+            let nat: [u8; 16] = o[22..38].try_into()?;
+            let nat_port = u16::from_be_bytes([o[54], o[55]]);
+            rev.push(udp6(
+                (BACKEND6, 5353),
+                (Ipv6Addr::from(nat), nat_port),
+                BACKEND_MAC,
+                i.p0_mac,
+            ));
+        }
     }
     let created = |dp: &mut Dataplane| -> anyhow::Result<u64> {
         Ok(dp
-            .counters(CounterKind::Endpoint, ENDPOINT6_ID)?
+            .counters(CounterKind::Endpoint, endpoint_id)?
             .flows_created)
     };
     let drops =
@@ -759,8 +803,14 @@ fn ipv6_rows(
             |n| pick(frames, n),
         )?);
     }
-    ensure!(created(dp)? == c0, "IPv6 established created flows");
-    ensure!(drops(dp)? == d0, "IPv6 established dropped packets");
+    ensure!(
+        created(dp)? == c0,
+        "IPv6 established created flows (NAT64: {nat64})"
+    );
+    ensure!(
+        drops(dp)? == d0,
+        "IPv6 established dropped packets (NAT64: {nat64})"
+    );
     Ok(())
 }
 
@@ -981,6 +1031,7 @@ pub fn run(settings: &Settings, only: Only) -> anyhow::Result<Output> {
             ),
             // The cost of flow logs: these rows against rows 1 and 2.
             7 | 8 => ("reported (vs. the row without)", "—"),
+            k if k >= IPV6_ROWS + 2 => ("reported (NAT64 ÷ IPv4 below)", "—"),
             IPV6_ROWS.. => ("reported (IPv6 ÷ IPv4 below)", "—"),
             PROXY_ROWS.. => ("reported (on ÷ off below)", "—"),
             _ => ("—", "—"),
@@ -1060,6 +1111,15 @@ pub fn run(settings: &Settings, only: Only) -> anyhow::Result<Output> {
                 r.fmt(1.0, 2)
             ));
             ipv6.push(serde_json::json!({"direction": what, "ratio_ipv6_to_ipv4": r.json()}));
+        }
+        for (v64, v4, what) in [(IPV6_ROWS + 2, 1, "forward"), (IPV6_ROWS + 3, 2, "reverse")] {
+            let r: Vec<f64> = results.iter().map(|x| x[v64].0 / x[v4].0).collect();
+            let r = Spread::of(&r);
+            md.push_str(&format!(
+                "\nNAT64 ÷ IPv4, {what} established: {} (UDP; the header translated, the frame 20 bytes shorter or longer).",
+                r.fmt(1.0, 2)
+            ));
+            ipv6.push(serde_json::json!({"direction": what, "nat64": true, "ratio_nat64_to_ipv4": r.json()}));
         }
     }
     md.push('\n');
