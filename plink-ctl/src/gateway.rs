@@ -674,6 +674,9 @@ fn snapshot_from(
         snap.interfaces.push(metrics::InterfaceSample {
             interface,
             verdicts: stats.verdicts,
+            ipv4: stats.ipv4_packets,
+            ipv6: stats.ipv6_packets,
+            arp: stats.arp_packets,
         });
     }
     for iface in model.interfaces.values() {

@@ -98,6 +98,11 @@ pub struct InterfaceSample {
     pub interface: String,
     /// Indexed like `plink_common::XDP_VERDICT_NAMES`.
     pub verdicts: [u64; 5],
+    /// Frames by EtherType family: IPv4, IPv6, ARP (others are the rest
+    /// of the verdicts' sum).
+    pub ipv4: u64,
+    pub ipv6: u64,
+    pub arp: u64,
 }
 
 /// Drops attributed to an endpoint (the packet matched it), by reason.
@@ -491,6 +496,17 @@ pub fn render(s: &Snapshot) -> String {
         }
     }
     push(if_packets);
+    let mut if_families = FamilyBuilder::new(
+        "plink_interface_frames_total",
+        "Frames plink's XDP program saw on the interface, by family (ipv4, ipv6, arp; other EtherTypes are the rest of plink_interface_xdp_packets_total).",
+        COUNTER,
+    );
+    for i in &s.interfaces {
+        for (family, n) in [("ipv4", i.ipv4), ("ipv6", i.ipv6), ("arp", i.arp)] {
+            if_families.sample(&[("interface", &i.interface), ("family", family)], n as f64);
+        }
+    }
+    push(if_families);
 
     // Empty families would print HELP/TYPE with no samples; leave them out.
     families.retain(|f| !f.get_metric().is_empty());
@@ -670,6 +686,9 @@ mod tests {
             interfaces: vec![InterfaceSample {
                 interface: "c1".into(),
                 verdicts: [0, 4, 0, 1, 9],
+                ipv4: 8,
+                ipv6: 5,
+                arp: 1,
             }],
             dataplane_in_sync: false,
             apply_failures: 2,
@@ -687,6 +706,9 @@ mod tests {
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"in\"} 300",
             "plink_interface_xdp_packets_total{interface=\"c1\",verdict=\"redirect\"} 9",
             "plink_interface_xdp_packets_total{interface=\"c1\",verdict=\"aborted\"} 0",
+            "plink_interface_frames_total{interface=\"c1\",family=\"ipv6\"} 5",
+            "plink_interface_frames_total{interface=\"c1\",family=\"ipv4\"} 8",
+            "plink_interface_frames_total{interface=\"c1\",family=\"arp\"} 1",
             "plink_endpoint_bytes_total{endpoint=\"orders-a\",service=\"orders\",direction=\"out\"} 1200",
             "plink_endpoint_connections_total{endpoint=\"orders-a\",service=\"orders\",protocol=\"tcp\"} 1",
             "plink_endpoint_state{endpoint=\"orders-a\",service=\"orders\",state=\"approved\"} 1",

@@ -151,6 +151,16 @@ fn two_mib_each_way_through_nat64(far: FarEnds) {
         bytes_out > 2 << 20,
         "the endpoint's bytes out count the download:\n{scrape}"
     );
+    // The families differ on the two sides: IPv6 frames on the consumer
+    // interface, IPv4 ones on the provider interface.
+    let frames = |i: &str, f: &str| {
+        Gateway::sample(
+            &scrape,
+            &format!("plink_interface_frames_total{{interface=\"{i}\",family=\"{f}\"}}"),
+        )
+    };
+    assert!(frames("c1", "ipv6") > 1000, "consumer side IPv6:\n{scrape}");
+    assert!(frames("p0", "ipv4") > 1000, "provider side IPv4:\n{scrape}");
 }
 
 /// Path MTU discovery through NAT64: the gateway's IPv4 route to the
