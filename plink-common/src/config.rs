@@ -182,6 +182,8 @@ pub const MSS_CLAMP_OFF: u16 = 0;
 pub const MSS_CLAMP_AUTO: u16 = u16::MAX;
 /// IPv4 and TCP headers without options: MTU - MSS.
 pub const TCP_IPV4_HEADERS: u16 = 40;
+/// IPv6 and TCP headers without options or extension headers.
+pub const TCP_IPV6_HEADERS: u16 = 60;
 
 /// Backend states (`BackendInfo::state`); the lookup table only names active
 /// backends, the state is for the record and for the controller.

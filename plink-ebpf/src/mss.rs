@@ -4,6 +4,8 @@
 //! incrementally (RFC 1624), so a valid checksum stays valid and an invalid
 //! one stays invalid by the same amount.
 //!
+//! IPv4 and IPv6 segments alike (NAT66 and NAT64 flows too: `auto` counts
+//! IPv6's 60 bytes of headers where a segment or its peer's crosses IPv6).
 //! Both ends then send segments that fit the smaller MTU without relying on
 //! ICMP: what operators want when a consumer network sits behind a tunnel
 //! that drops or never sends fragmentation-needed errors.
@@ -11,7 +13,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_check_mtu, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::XdpContext,
 };
-use plink_common::{IPPROTO_TCP, MSS_CLAMP_AUTO, MSS_CLAMP_OFF, TCP_IPV4_HEADERS, csum};
+use plink_common::{
+    IPPROTO_TCP, MSS_CLAMP_AUTO, MSS_CLAMP_OFF, TCP_IPV4_HEADERS, TCP_IPV6_HEADERS, csum,
+};
 
 use crate::{
     maps::{EP_STATS, SERVICES, SVC_STATS},
@@ -39,6 +43,15 @@ const MIN_MSS: u32 = 64;
 pub const IN: u32 = 0;
 pub const OUT: u32 = 1;
 
+/// The segment's headers as it leaves: IPv4 (offsets of `parse`) or IPv6
+/// (`v6::parse`, no extension headers).
+pub const V4: u32 = 0;
+pub const V6: u32 = 1 << 16;
+/// `auto` takes IPv6's 60 bytes of headers off the MTU (instead of 40):
+/// an IPv6 segment, or a NAT64 one whose peer's segments cross an IPv6
+/// link.
+pub const AUTO_V6: u32 = 1 << 17;
+
 /// Clamps the MSS if `f` (already rewritten in `ctx`) is a TCP segment with
 /// SYN set; `egress_ifindex` is where it leaves. The cheap flag test stays
 /// inline; the option walk is out of line, run for SYNs only.
@@ -52,14 +65,38 @@ pub fn on_syn(
     dir: u32,
     shrink: u8,
 ) {
-    if f.proto == IPPROTO_TCP && f.tcp_flags & TCP_SYN != 0 {
-        // BPF functions take five arguments: direction and shrink share one.
+    on_tcp_syn(
+        ctx,
+        f.proto,
+        f.tcp_flags,
+        service_id,
+        endpoint_id,
+        egress_ifindex,
+        dir | (shrink as u32) << 8,
+    );
+}
+
+/// [`on_syn`] by protocol and flags; `how`: the direction, a PROXY
+/// header's length << 8, and [`V6`] / [`AUTO_V6`].
+#[inline(always)]
+pub fn on_tcp_syn(
+    ctx: &XdpContext,
+    proto: u8,
+    tcp_flags: u8,
+    service_id: u32,
+    endpoint_id: u32,
+    egress_ifindex: u32,
+    how: u32,
+) {
+    if proto == IPPROTO_TCP && tcp_flags & TCP_SYN != 0 {
+        // BPF functions take five arguments: direction, shrink and family
+        // share one.
         clamp(
             XdpContext { ctx: ctx.ctx },
             service_id,
             endpoint_id,
             egress_ifindex,
-            dir | (shrink as u32) << 8,
+            how,
         );
     }
 }
@@ -81,7 +118,19 @@ fn device_mtu(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
 #[inline(never)]
 fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32, how: u32) {
     // `shrink`: a PROXY header's length, taken off whatever MSS is offered.
-    let (dir, shrink) = (how & 0xff, how >> 8);
+    let (dir, shrink) = (how & 0xff, (how >> 8) & 0xff);
+    let v6 = how & V6 != 0;
+    // Where the TCP header is, and how long the IP header before it.
+    let (l4_off, ip_len) = if v6 {
+        (crate::v6::L4_OFF6, 40)
+    } else {
+        (L4_OFF, IP_LEN)
+    };
+    let headers = if v6 || how & AUTO_V6 != 0 {
+        TCP_IPV6_HEADERS
+    } else {
+        TCP_IPV4_HEADERS
+    } as u32;
     let Some(svc) = SERVICES.get(service_id) else {
         return;
     };
@@ -95,7 +144,7 @@ fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32
         // Both interfaces the segment crosses: the peer's segments come
         // back the same way.
         match (device_mtu(&ctx, 0), device_mtu(&ctx, egress_ifindex)) {
-            (Some(a), Some(b)) => a.min(b).saturating_sub(TCP_IPV4_HEADERS as u32),
+            (Some(a), Some(b)) => a.min(b).saturating_sub(headers),
             _ => return,
         }
     } else {
@@ -104,15 +153,18 @@ fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32
     if limit == 0 {
         return;
     }
-    let (Some(doff), Some(tot_len)) = (
-        load::<u8>(&ctx, L4_OFF + 12),
-        load::<[u8; 2]>(&ctx, IP_OFF + 2),
+    // The IP packet's length: IPv4's total length, or IPv6's payload
+    // length plus its header.
+    let (Some(doff), Some(len_field)) = (
+        load::<u8>(&ctx, l4_off + 12),
+        load::<[u8; 2]>(&ctx, if v6 { IP_OFF + 4 } else { IP_OFF + 2 }),
     ) else {
         return;
     };
+    let ip_total = u16::from_be_bytes(len_field) as usize + if v6 { ip_len } else { 0 };
     let hdr_len = (doff >> 4) as usize * 4;
     // Options must be inside the IP packet, not Ethernet padding after it.
-    if hdr_len <= TCP_LEN || IP_LEN + hdr_len > u16::from_be_bytes(tot_len) as usize {
+    if hdr_len <= TCP_LEN || ip_len + hdr_len > ip_total {
         return;
     }
     let opt_len = hdr_len - TCP_LEN;
@@ -128,7 +180,7 @@ fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32
     let rc = unsafe {
         bpf_xdp_load_bytes(
             ctx.ctx,
-            (L4_OFF + TCP_LEN) as u32,
+            (l4_off + TCP_LEN) as u32,
             opts.as_mut_ptr().cast(),
             opt_len as u32,
         )
@@ -161,7 +213,8 @@ fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32
             u16::from_ne_bytes([new[1], new[0]]),
         )
     };
-    let Some(check) = load::<u16>(&ctx, TCP_CHECK) else {
+    let check_off = l4_off + (TCP_CHECK - L4_OFF);
+    let Some(check) = load::<u16>(&ctx, check_off) else {
         return;
     };
     let mut value = new;
@@ -169,12 +222,12 @@ fn clamp(ctx: XdpContext, service_id: u32, endpoint_id: u32, egress_ifindex: u32
     let rc = unsafe {
         bpf_xdp_store_bytes(
             ctx.ctx,
-            (L4_OFF + TCP_LEN + at + 2) as u32,
+            (l4_off + TCP_LEN + at + 2) as u32,
             value.as_mut_ptr().cast(),
             2,
         )
     };
-    if rc != 0 || !store::<u16>(&ctx, TCP_CHECK, csum::update16(check, old_word, new_word)) {
+    if rc != 0 || !store::<u16>(&ctx, check_off, csum::update16(check, old_word, new_word)) {
         return;
     }
     // Counted when the service's clamp lowered it, not for the header alone.

@@ -150,7 +150,20 @@ fn ipv4(ctx: &XdpContext) -> u32 {
         }
     }
     if nat64 {
-        return crate::v6::nat64::reply(XdpContext { ctx: ctx.ctx }, &f, v, fwd);
+        let verdict = crate::v6::nat64::reply(XdpContext { ctx: ctx.ctx }, &f, v, fwd);
+        if verdict == xdp_action::XDP_REDIRECT {
+            // An IPv6 segment now (the redirect leaves once this returns).
+            mss::on_tcp_syn(
+                ctx,
+                f.proto,
+                f.tcp_flags,
+                v.service_id,
+                endpoint_id,
+                v.ingress_ifindex,
+                mss::OUT | mss::V6,
+            );
+        }
+        return verdict;
     }
     if !rewrite(ctx, &f, &nat) {
         return drop(DropReason::Malformed, endpoint_id);

@@ -312,6 +312,15 @@ fn emit_flow(ctx: XdpContext) -> u32 {
     if !rewrite6(&ctx, f, &nat) {
         return drop(DropReason::Malformed, endpoint_id);
     }
+    crate::mss::on_tcp_syn(
+        &ctx,
+        f.proto,
+        f.tcp_flags,
+        v.service_id,
+        endpoint_id,
+        hop.ifindex,
+        crate::mss::IN | crate::mss::V6,
+    );
     stats::count_packet(v, f.tot_len as u64, false);
     if flowlog::logged(v) {
         flowlog::count(v, f.tot_len as u64, false);

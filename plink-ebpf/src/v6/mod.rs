@@ -11,7 +11,7 @@ mod parse;
 mod provider;
 mod rewrite;
 
-pub use parse::Flow6;
+pub use parse::{Flow6, L4_OFF as L4_OFF6};
 
 use aya_ebpf::{
     bindings::{

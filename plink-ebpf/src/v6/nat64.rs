@@ -106,6 +106,16 @@ pub fn forward(ctx: XdpContext) -> u32 {
     if !to_v4(&ctx, f, &out) {
         return drop(DropReason::Malformed, endpoint_id);
     }
+    // An IPv4 segment now; the backend's answers reach the client as IPv6.
+    crate::mss::on_tcp_syn(
+        &ctx,
+        f.proto,
+        f.tcp_flags,
+        v.service_id,
+        endpoint_id,
+        hop.ifindex,
+        crate::mss::IN | crate::mss::V4 | crate::mss::AUTO_V6,
+    );
     stats::count_packet(v, f.tot_len as u64, false);
     if flowlog::logged(v) {
         flowlog::count(v, f.tot_len as u64, false);
@@ -267,7 +277,8 @@ fn header_checksum(ip: &[u8; p4::IP_LEN]) -> u16 {
 /// A NAT64 flow's IPv4 reply (parsed as `f`; the provider checked the
 /// flow, its endpoint, the TTL and the consumer interface's MTU for the
 /// grown packet, and moved the flow's state): translated to IPv6 from the
-/// endpoint address to the client and redirected to the consumer.
+/// endpoint address to the client and redirected to the consumer. (The
+/// caller clamps a SYN-ACK's MSS: one frame less on the stack here.)
 #[inline(never)]
 pub fn reply(ctx: XdpContext, f: &Flow, v: &CtFwdValue, fwd: &CtFwdKey) -> u32 {
     let endpoint_id = v.endpoint_id;

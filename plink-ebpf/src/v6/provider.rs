@@ -182,6 +182,15 @@ pub fn reply(ctx: XdpContext) -> u32 {
     if !rewrite6(ctx, f, &nat) {
         return drop(DropReason::Malformed, endpoint_id);
     }
+    crate::mss::on_tcp_syn(
+        ctx,
+        f.proto,
+        f.tcp_flags,
+        v.service_id,
+        endpoint_id,
+        v.ingress_ifindex,
+        crate::mss::OUT | crate::mss::V6,
+    );
     stats::count_packet(v, f.tot_len as u64, true);
     if flowlog::logged(v) {
         flowlog::count(v, f.tot_len as u64, true);

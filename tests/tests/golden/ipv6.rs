@@ -387,6 +387,95 @@ fn golden_ipv6_consumer_router_errors_about_a_reply() {
     });
 }
 
+/// `frame` (Ethernet/IPv6/TCP without options) with TCP options `opts`
+/// after the 20-byte header, lengths and checksum fixed.
+pub(super) fn with_tcp_options6(frame: &[u8], opts: &[u8]) -> Vec<u8> {
+    assert_eq!(opts.len() % 4, 0, "options fill whole words");
+    let mut f = frame[..74].to_vec();
+    f.extend_from_slice(opts);
+    f.extend_from_slice(&frame[74..]);
+    f[66] = (((20 + opts.len()) / 4) << 4) as u8;
+    let plen = u16::from_be_bytes([f[18], f[19]]) + opts.len() as u16;
+    f[18..20].copy_from_slice(&plen.to_be_bytes());
+    plink_tests::packet::fix_checksums6(&mut f);
+    f
+}
+
+/// MSS clamping over NAT66: a SYN's and a SYN-ACK's MSS option above the
+/// service's clamp is lowered (checksum over the IPv6 pseudo-header kept
+/// valid) and counted; `auto` takes IPv6's 60 bytes of headers off the
+/// smaller MTU.
+#[test]
+fn golden_ipv6_mss_clamp_on_syn_and_syn_ack() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "c1", "mtu", "1400"]).unwrap();
+    let mut s = spec6(&gw);
+    for svc in s.services.iter_mut().filter(|svc| svc.id == 3) {
+        svc.mss_clamp = 1200;
+    }
+    golden(&gw, s, |b, n, spec| {
+        let opts = super::mtu::linux_syn_options;
+        let backend = (BACKEND6, 8080);
+        let flow = |port: u16| {
+            let client = (CLIENT6, port);
+            let ep = (EP6_TCP, 80);
+            let key = fwd_key6(client, ep, IPPROTO_TCP);
+            let nat = (NAT6_TCP, first_port(&key, 1024..=65535));
+            (client, ep, nat)
+        };
+        let syn = |port: u16, mss: u16, out: u16| {
+            let (client, ep, nat) = flow(port);
+            let p = Ipv6Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
+            let want = translated6(&p, n.p0_mac, backend, nat);
+            (
+                with_tcp_options6(&p.build(), &opts(mss)),
+                with_tcp_options6(&want, &opts(out)),
+            )
+        };
+        let syn_ack = |port: u16, mss: u16, out: u16| {
+            let (client, ep, nat) = flow(port);
+            let p = Ipv6Packet::tcp(backend, nat, TCP_SYN | TCP_ACK).macs(BACKEND10_MAC, n.p0_mac);
+            let want = untranslated6(&p, n.c1_mac, ep, client);
+            (
+                with_tcp_options6(&p.build(), &opts(mss)),
+                with_tcp_options6(&want, &opts(out)),
+            )
+        };
+        let mut auto = spec.clone();
+        for svc in auto.services.iter_mut().filter(|svc| svc.id == 3) {
+            svc.mss_clamp = plink_common::MSS_CLAMP_AUTO;
+        }
+        let (s1, w1) = syn(42000, 1460, 1200);
+        let (a1, x1) = syn_ack(42000, 1460, 1200);
+        let (s2, w2) = syn(42001, 1100, 1100);
+        let (s3, w3) = syn(42002, 1460, 1340);
+        let (a3, x3) = syn_ack(42002, 1460, 1340);
+        b.run(vec![
+            consumer("SYN with MSS 1460, clamp 1200", n.c1, s1, redirect6(w1))
+                .deltas([(Counter::Service(3, Field::MssClampedIn), 1)]),
+            provider("SYN-ACK with MSS 1460, clamp 1200", n.p0, a1, redirect6(x1))
+                .deltas([(Counter::Service(3, Field::MssClampedOut), 1)]),
+            consumer(
+                "SYN with MSS 1100, below the clamp: unchanged",
+                n.c1,
+                s2,
+                redirect6(w2),
+            )
+            .deltas([(Counter::Service(3, Field::MssClampedIn), 0)]),
+            Step::Apply(auto),
+            consumer(
+                "auto: c1's MTU 1400 less 60 bytes of IPv6 and TCP headers",
+                n.c1,
+                s3,
+                redirect6(w3),
+            )
+            .deltas([(Counter::Service(3, Field::MssClampedIn), 1)]),
+            provider("auto on the SYN-ACK", n.p0, a3, redirect6(x3))
+                .deltas([(Counter::Service(3, Field::MssClampedOut), 1)]),
+        ]);
+    });
+}
+
 #[test]
 fn golden_ipv6_neighbour_discovery() {
     let gw = gateway();

@@ -490,3 +490,76 @@ fn golden_nat64_established_flows_use_the_cached_next_hop() {
         ]);
     });
 }
+
+/// MSS clamping through NAT64: the SYN leaves as IPv4 with its MSS
+/// clamped, the SYN-ACK comes back as IPv6 with its MSS clamped; `auto`
+/// takes 60 bytes of headers off the smaller MTU both ways (the client's
+/// side is IPv6).
+#[test]
+fn golden_nat64_mss_clamp_on_syn_and_syn_ack() {
+    let gw = gateway();
+    gw.host.ip(&["link", "set", "c1", "mtu", "1400"]).unwrap();
+    let mut s = spec64(&gw);
+    s.services[0].mss_clamp = 1200;
+    golden(&gw, s, |b, n, spec| {
+        let opts = super::mtu::linux_syn_options;
+        let flow = |port: u16| {
+            let client = (CLIENT6, port);
+            let ep = (EP64_TCP, 80);
+            let key = fwd_key64(client, ep, IPPROTO_TCP);
+            let (backend, mac) = service0_backend(&key);
+            let nat = (NAT_TCP, first_port(&key, 1024..=65535));
+            (client, ep, nat, (backend, 8080), mac)
+        };
+        let syn = |port: u16, mss: u16, out: u16| {
+            let (client, ep, nat, backend, mac) = flow(port);
+            let p = Ipv6Packet::tcp(client, ep, TCP_SYN).macs(CLIENT_MAC, n.c1_mac);
+            let want = as_v4(&p, nat, backend).macs(n.p0_mac, mac).build();
+            (
+                super::ipv6::with_tcp_options6(&p.build(), &opts(mss)),
+                super::mtu::with_tcp_options(&want, &opts(out)),
+            )
+        };
+        let syn_ack = |port: u16, mss: u16, out: u16| {
+            let (client, ep, nat, backend, mac) = flow(port);
+            let p = Ipv4Packet::tcp(backend, nat, TCP_SYN | TCP_ACK).macs(mac, n.p0_mac);
+            let want = as_v6(&p, ep, client).macs(n.c1_mac, CLIENT_MAC).build();
+            (
+                super::mtu::with_tcp_options(&p.build(), &opts(mss)),
+                super::ipv6::with_tcp_options6(&want, &opts(out)),
+            )
+        };
+        let mut auto = spec.clone();
+        auto.services[0].mss_clamp = plink_common::MSS_CLAMP_AUTO;
+        let (s1, w1) = syn(43000, 1460, 1200);
+        let (a1, x1) = syn_ack(43000, 1460, 1200);
+        let (s3, w3) = syn(43002, 1460, 1340);
+        let (a3, x3) = syn_ack(43002, 1460, 1340);
+        b.run(vec![
+            consumer(
+                "IPv6 SYN with MSS 1460, clamp 1200: IPv4 SYN with 1200",
+                n.c1,
+                s1,
+                redirect4(w1),
+            )
+            .deltas([(Counter::Service(0, Field::MssClampedIn), 1)]),
+            provider(
+                "IPv4 SYN-ACK with MSS 1460: IPv6 SYN-ACK with 1200",
+                n.p0,
+                a1,
+                redirect6(x1),
+            )
+            .deltas([(Counter::Service(0, Field::MssClampedOut), 1)]),
+            Step::Apply(auto),
+            consumer(
+                "auto: c1's MTU 1400 less 60 bytes (the client's side is IPv6)",
+                n.c1,
+                s3,
+                redirect4(w3),
+            )
+            .deltas([(Counter::Service(0, Field::MssClampedIn), 1)]),
+            provider("auto on the SYN-ACK", n.p0, a3, redirect6(x3))
+                .deltas([(Counter::Service(0, Field::MssClampedOut), 1)]),
+        ]);
+    });
+}
