@@ -41,6 +41,22 @@ fn main() -> anyhow::Result<()> {
         c.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"])?;
         topo.enable_napi(c, "eth0")?;
     }
+    // Consumer A is dual stack (orders-a has an IPv6 address: NAT64).
+    ca.sysctl("net.ipv6.conf.eth0.disable_ipv6", "0")?;
+    ca.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:c::1/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    // The gateway's consumer interfaces take no IPv6 themselves: XDP
+    // answers neighbour discovery for the endpoint address.
+    for c in ["c1", "c2"] {
+        gw.sysctl(&format!("net.ipv6.conf.{c}.disable_ipv6"), "1")?;
+    }
     gw.ip(&["addr", "add", "198.51.100.254/24", "dev", "p0"])?;
     gw.sysctl("net.ipv4.conf.all.forwarding", "1")?;
     for c in ["c1", "c2"] {
@@ -112,6 +128,16 @@ fn main() -> anyhow::Result<()> {
         let (status, body) = servers::http_get(&ca, orders, "/")?;
         print!("  {status}: {body}");
     }
+
+    section(
+        "consumer A over IPv6 -> [2001:db8:c::50]:80 (orders-a's address6: NAT64 to the IPv4 backends)",
+    );
+    let orders6: std::net::SocketAddr = "[2001:db8:c::50]:80".parse()?;
+    let r = plink_tests::streams::download(&ca, orders6, 64 << 10)?;
+    println!(
+        "  {} bytes from backend {}, which saw the IPv4 NAT address {}",
+        r.body, r.local, r.peer
+    );
 
     section("consumer B (vnet-b) -> http://192.0.2.50/ (orders-b, pending)");
     match servers::http_get(&cb, orders, "/") {
