@@ -301,6 +301,53 @@ fn packet_too_big_from_a_consumer_router_reaches_the_backend(far: FarEnds) {
     );
 }
 
+/// Health checks reach IPv6 backends: a third orders6 backend with an
+/// address but no server fails its TCP check and is taken out; its
+/// metric says so, the live ones stay up, and every new flow reaches a
+/// live backend.
+fn health_checks_take_a_dead_ipv6_backend_out(far: FarEnds) {
+    const DEAD: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x13);
+    let mut net = build(far).unwrap();
+    addr6(&net.pv, &format!("{DEAD}/64"), "eth0").unwrap();
+    let cfg = config(&net.topo)
+        .unwrap()
+        .replace(
+            &format!("backends: [{{address: '{}'}}, {{address: '{}'}}]", ORDERS_BACKENDS[0], ORDERS_BACKENDS[1]),
+            &format!(
+                "backends: [{{address: '{}'}}, {{address: '{}'}}, {{address: '{DEAD}'}}]\n    health_check: {{type: tcp, interval: 300ms, timeout: 200ms, rise: 1, fall: 1}}",
+                ORDERS_BACKENDS[0], ORDERS_BACKENDS[1]
+            ),
+        );
+    assert!(
+        cfg.contains(&DEAD.to_string()),
+        "the config names the dead backend"
+    );
+    let gw = net.gw.clone();
+    let plink = gateway::start(&mut net.topo, &gw, &cfg).unwrap();
+    let up = |scrape: &str, b: Ipv6Addr| {
+        Gateway::sample(
+            scrape,
+            &format!("plink_backend_up{{service=\"orders6\",backend=\"{b}\"}}"),
+        )
+    };
+    netns::wait_for(
+        "the dead IPv6 backend to be taken out",
+        Duration::from_secs(10),
+        || {
+            let scrape = plink.scrape(&net.gw)?;
+            Ok(
+                (up(&scrape, DEAD) == 0 && ORDERS_BACKENDS.iter().all(|b| up(&scrape, *b) == 1))
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap();
+    for _ in 0..20 {
+        let r = streams::download(&net.ca, endpoint(), 1000).unwrap();
+        assert_ne!(ip_of(r.local), DEAD, "{r:?}");
+    }
+}
+
 /// A client behind a router in vnet-a: the endpoint is on the router's
 /// link, neighbour discovery answered by XDP.
 fn a_routed_ipv6_client_reaches_its_endpoint(far: FarEnds) {
@@ -452,4 +499,5 @@ on_both_far_ends!(
     packet_too_big_to_the_client_for_a_small_provider_route,
     packet_too_big_to_the_backend_for_a_small_consumer_link,
     packet_too_big_from_a_consumer_router_reaches_the_backend,
+    health_checks_take_a_dead_ipv6_backend_out,
 );
