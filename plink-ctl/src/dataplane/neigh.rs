@@ -6,10 +6,7 @@
 //!
 //! Plain rtnetlink over a raw socket ([`crate::netlink`]).
 
-use std::{
-    io,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{io, net::IpAddr};
 
 use anyhow::Context as _;
 
@@ -93,7 +90,7 @@ pub fn remove(ifindex: u32, addr: impl Into<IpAddr>) -> anyhow::Result<()> {
 impl super::DataplaneSpec {
     /// Backend addresses whose neighbours the provider interface must keep
     /// resolved: every backend that is not down.
-    pub fn managed_neighbours(&self) -> Vec<(u32, Ipv4Addr)> {
+    pub fn managed_neighbours(&self) -> Vec<(u32, IpAddr)> {
         let Some(provider) = self
             .interfaces
             .iter()
@@ -101,12 +98,14 @@ impl super::DataplaneSpec {
         else {
             return Vec::new();
         };
-        let mut out: Vec<(u32, Ipv4Addr)> = self
+        // Both families: ARP entries for IPv4 backends, neighbour discovery
+        // for IPv6 ones (the controller's `gateway::manage_neighbours`
+        // resolves the next hop of each the same way).
+        let mut out: Vec<(u32, IpAddr)> = self
             .backends
             .iter()
             .filter(|b| b.state != super::BackendState::Down)
-            // IPv6 backends' neighbours are not managed yet (IPv6 phase 2).
-            .filter_map(|b| super::spec::v4_only(b.addr).map(|a| (provider.ifindex, a)))
+            .map(|b| (provider.ifindex, b.addr))
             .collect();
         out.sort();
         out.dedup();
@@ -141,7 +140,7 @@ mod tests {
             RTM_DELNEIGH,
             0,
             7,
-            Ipv4Addr::new(198, 51, 100, 10).into(),
+            std::net::Ipv4Addr::new(198, 51, 100, 10).into(),
             false,
         );
         assert_eq!(m4.len(), 36);

@@ -1510,7 +1510,19 @@ mod tests {
         );
         assert_eq!(
             s.managed_neighbours(),
-            vec![(3, Ipv4Addr::new(198, 51, 100, 10))]
+            vec![(3, IpAddr::from(Ipv4Addr::new(198, 51, 100, 10)))]
+        );
+        // An IPv6 backend's neighbour is managed too.
+        let mut both = s.clone();
+        let six: IpAddr = "2001:db8:100::10".parse().unwrap();
+        both.backends.push(BackendSpec {
+            id: 9,
+            addr: six,
+            ..both.backends[0].clone()
+        });
+        assert_eq!(
+            both.managed_neighbours(),
+            vec![(3, IpAddr::from(Ipv4Addr::new(198, 51, 100, 10))), (3, six)]
         );
         s.backends[0].state = BackendState::Down;
         assert!(s.managed_neighbours().is_empty());

@@ -81,32 +81,40 @@ fn managed_neighbours_are_created_once_and_removed() {
     use plink_ctl::dataplane::neigh::{self, NeighOutcome};
     let gw = gateway();
     let p0 = gw.p0;
-    let backend = Ipv4Addr::new(198, 51, 100, 77);
-    let outcomes = gw
-        .host
-        .run_in(move || -> anyhow::Result<Vec<NeighOutcome>> {
-            Ok(vec![
-                neigh::ensure_managed(p0, backend)?,
-                neigh::ensure_managed(p0, backend)?,
-            ])
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(outcomes, vec![NeighOutcome::Created, NeighOutcome::Exists]);
-    let shown = gw.host.ip(&["neigh", "show", "198.51.100.77"]).unwrap();
-    assert!(shown.contains("managed"), "{shown:?}");
-    gw.host
-        .run_in(move || -> anyhow::Result<()> {
-            neigh::remove(p0, backend)?;
-            neigh::remove(p0, backend)
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        gw.host
-            .ip(&["neigh", "show", "198.51.100.77"])
+    // Both families: an ARP entry and a neighbour-discovery one.
+    for backend in [
+        std::net::IpAddr::from(Ipv4Addr::new(198, 51, 100, 77)),
+        "2001:db8:100::77".parse().unwrap(),
+    ] {
+        let outcomes = gw
+            .host
+            .run_in(move || -> anyhow::Result<Vec<NeighOutcome>> {
+                Ok(vec![
+                    neigh::ensure_managed(p0, backend)?,
+                    neigh::ensure_managed(p0, backend)?,
+                ])
+            })
             .unwrap()
-            .trim(),
-        ""
-    );
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![NeighOutcome::Created, NeighOutcome::Exists],
+            "{backend}"
+        );
+        let show = |gw: &Gw| {
+            gw.host
+                .ip(&["neigh", "show", &backend.to_string(), "dev", "p0"])
+                .unwrap()
+        };
+        let shown = show(&gw);
+        assert!(shown.contains("managed"), "{backend}: {shown:?}");
+        gw.host
+            .run_in(move || -> anyhow::Result<()> {
+                neigh::remove(p0, backend)?;
+                neigh::remove(p0, backend)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(show(&gw).trim(), "", "{backend} removed");
+    }
 }
