@@ -191,11 +191,7 @@ fn established(ctx: XdpContext) -> u32 {
     if !rewritten {
         return drop(DropReason::Malformed, v.endpoint_id);
     }
-    stats::count_packet(v, f.tot_len as u64, false);
-    if flowlog::logged(v) {
-        flowlog::count(v, f.tot_len as u64, false);
-    }
-    forward::redirect(egress, v.endpoint_id)
+    leave(v, f.tot_len, egress, v.endpoint_id)
 }
 
 /// The scratch slot `handle` filled.
@@ -292,14 +288,7 @@ fn emit_flow(ctx: XdpContext) -> u32 {
         }
         return routed.finish(endpoint_id);
     }
-    // The next hop, cached for the fast path: the generation last, so a
-    // reader that sees it sees the hop it names.
-    v.hop_ifindex = hop.ifindex;
-    v.hop_mtu = hop.mtu;
-    v.hop_smac = hop.smac;
-    v.hop_dmac = hop.dmac;
-    // SAFETY: writing a field of the map value we hold.
-    unsafe { core::ptr::write_volatile(&raw mut v.hop_gen, g.hop_gen) };
+    cache_hop(v, g.hop_gen, hop.ifindex, hop.mtu, hop.smac, hop.dmac);
     commit(v, f, key, opened, now);
     let nat = Nat6 {
         src: hop.src,
@@ -321,11 +310,37 @@ fn emit_flow(ctx: XdpContext) -> u32 {
         hop.ifindex,
         crate::mss::IN | crate::mss::V6,
     );
-    stats::count_packet(v, f.tot_len as u64, false);
+    leave(v, f.tot_len, hop.ifindex, endpoint_id)
+}
+
+/// Caches a flow's next hop for the fast path ([`established`]): the
+/// generation last, so a reader that sees it sees the hop it names.
+#[inline(always)]
+pub fn cache_hop(
+    v: &mut CtFwdValue,
+    hop_gen: u32,
+    ifindex: u32,
+    mtu: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+) {
+    v.hop_ifindex = ifindex;
+    v.hop_mtu = mtu;
+    v.hop_smac = smac;
+    v.hop_dmac = dmac;
+    // SAFETY: writing a field of the map value we hold.
+    unsafe { core::ptr::write_volatile(&raw mut v.hop_gen, hop_gen) };
+}
+
+/// A consumer packet of flow `v` (`tot_len` bytes as it came) leaves by
+/// `egress`: counted (and flow-logged) and redirected.
+#[inline(always)]
+pub fn leave(v: &CtFwdValue, tot_len: u16, egress: u32, endpoint_id: u32) -> u32 {
+    stats::count_packet(v, tot_len as u64, false);
     if flowlog::logged(v) {
-        flowlog::count(v, f.tot_len as u64, false);
+        flowlog::count(v, tot_len as u64, false);
     }
-    forward::redirect(hop.ifindex, endpoint_id)
+    forward::redirect(egress, endpoint_id)
 }
 
 /// What a packet that leaves does to its open flow (`opened`, an

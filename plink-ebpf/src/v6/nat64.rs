@@ -86,14 +86,8 @@ pub fn forward(ctx: XdpContext) -> u32 {
         }
         return routed.finish(endpoint_id);
     }
-    // The next hop, cached for the fast path (`v6::consumer::established`):
-    // the generation last, so a reader that sees it sees the hop it names.
-    v.hop_ifindex = hop.ifindex;
-    v.hop_mtu = hop.mtu;
-    v.hop_smac = hop.smac;
-    v.hop_dmac = hop.dmac;
-    // SAFETY: writing a field of the map value we hold.
-    unsafe { core::ptr::write_volatile(&raw mut v.hop_gen, g.hop_gen) };
+    // Cached for the fast path (`v6::consumer::established`).
+    super::consumer::cache_hop(v, g.hop_gen, hop.ifindex, hop.mtu, hop.smac, hop.dmac);
     super::consumer::commit(v, f, key, opened, now);
     let out = To4 {
         src_be: hop.src_be,
@@ -116,11 +110,7 @@ pub fn forward(ctx: XdpContext) -> u32 {
         hop.ifindex,
         crate::mss::IN | crate::mss::V4 | crate::mss::AUTO_V6,
     );
-    stats::count_packet(v, f.tot_len as u64, false);
-    if flowlog::logged(v) {
-        flowlog::count(v, f.tot_len as u64, false);
-    }
-    forward::redirect(hop.ifindex, endpoint_id)
+    super::consumer::leave(v, f.tot_len, hop.ifindex, endpoint_id)
 }
 
 /// The fast path's translation of an established NAT64 flow's packet,
