@@ -158,32 +158,123 @@ fn sysctl_conf6(iface: &str, key: &str) -> Option<String> {
     read_trimmed(&format!("/proc/sys/net/ipv6/conf/{iface}/{key}"))
 }
 
-/// Does the config publish an IPv6 service?
+/// Does the config publish an IPv6 service? Only those route IPv6 on the
+/// provider side (NAT66): an IPv4 service's backends are IPv4, also when
+/// consumers reach it over IPv6 through NAT64.
 fn has_ipv6_service(config: &Config) -> bool {
     config.services.iter().any(|s| s.family() == Family::Ipv6)
 }
 
-/// The IPv6 half of the forwarding contract, from the interface's
-/// `disable_ipv6` and `forwarding` sysctls (`None`: not readable, the
-/// host has no IPv6). A consumer interface passes nothing to the kernel:
-/// with IPv6 enabled the kernel gives it a link-local address and answers,
-/// solicits and takes router advertisements there, so it must have
-/// `disable_ipv6=1` (XDP still sees, answers and forwards every frame). The
-/// provider interface needs IPv6 on and forwarding on for an IPv6 service
-/// (the datapath's FIB lookups, neighbour discovery for backends).
-fn check_ipv6(
-    name: &str,
-    role: Role,
+/// Does the config publish an IPv4 service (NAT64 ones included)?
+fn has_ipv4_service(config: &Config) -> bool {
+    config.services.iter().any(|s| s.family() == Family::Ipv4)
+}
+
+/// Do consumers reach the gateway over IPv6? An IPv6 service, or any
+/// endpoint with an IPv6 address: an IPv4 service's endpoint may have one
+/// (`address` IPv6, or a dual-stack `address6`), served through NAT64.
+fn serves_ipv6(config: &Config) -> bool {
+    has_ipv6_service(config)
+        || config
+            .endpoints
+            .iter()
+            .any(|e| e.addresses().any(|a| a.is_ipv6()))
+}
+
+/// What the config asks of the host, by address family and side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Families {
+    /// Some service is IPv4: the provider side routes IPv4.
+    ipv4_service: bool,
+    /// Some service is IPv6: the provider side routes IPv6.
     ipv6_service: bool,
-    disable_ipv6: Option<&str>,
+    /// Consumers reach the gateway over IPv6 ([`serves_ipv6`]): what the
+    /// consumer-side IPv6 checks go by.
+    serves_ipv6: bool,
+}
+
+impl Families {
+    fn of(config: &Config) -> Families {
+        Families {
+            ipv4_service: has_ipv4_service(config),
+            ipv6_service: has_ipv6_service(config),
+            serves_ipv6: serves_ipv6(config),
+        }
+    }
+}
+
+/// The provider interface's `net.ipv4.conf.<if>.forwarding`: on, for the
+/// datapath's IPv4 FIB lookups. When every service is IPv6 (NAT66 only) the
+/// IPv4 datapath never routes (no IPv4 backend, and an IPv6 service's
+/// endpoints are IPv6: NAT46 is refused), so off is only a warning: an IPv4
+/// service added later by a reload, which does not run these checks, would
+/// need it. No service at all is not "all IPv6": nothing says which family
+/// comes, so IPv4 forwarding stays required as it always was.
+fn check_provider_forwarding(
+    name: &str,
+    families: Families,
     forwarding: Option<&str>,
-) -> Vec<Finding> {
+) -> Option<Finding> {
+    if forwarding == Some("1") {
+        return None;
+    }
+    let fix = format!("`sysctl -w net.ipv4.conf.{name}.forwarding=1`");
+    Some(if families.ipv6_service && !families.ipv4_service {
+        finding(
+            Severity::Warn,
+            "provider_forwarding",
+            name,
+            format!(
+                "IPv4 forwarding is off on provider interface {name}: fine while every service is \
+                 IPv6 (the IPv4 datapath never routes), but an IPv4 service added later (NAT64 \
+                 included) fails its FIB lookups (fib_forwarding_disabled) and a reload does not \
+                 run this check; {fix}"
+            ),
+        )
+    } else {
+        finding(
+            Severity::Fail,
+            "provider_forwarding",
+            name,
+            format!(
+                "IPv4 forwarding is off on provider interface {name}: the datapath's FIB \
+                 lookups fail (fib_forwarding_disabled); {fix}"
+            ),
+        )
+    })
+}
+
+/// An interface's `net.ipv6.conf.<if>.*` sysctls the IPv6 checks read;
+/// `None`: not readable (the host has no IPv6).
+#[derive(Debug, Clone, Copy, Default)]
+struct Ipv6Sysctls<'a> {
+    disable_ipv6: Option<&'a str>,
+    forwarding: Option<&'a str>,
+    accept_ra: Option<&'a str>,
+}
+
+/// The IPv6 half of the forwarding contract, from the interface's IPv6
+/// sysctls. A consumer interface passes nothing to the kernel: with IPv6
+/// enabled the kernel gives it a link-local address and answers, solicits
+/// and takes router advertisements there, so it must have `disable_ipv6=1`
+/// (XDP still sees, answers and forwards every frame); both consumer checks
+/// fail once consumers reach the gateway over IPv6 (an IPv6 service or an
+/// IPv6 endpoint address), and warn before. The provider interface needs
+/// IPv6 on and forwarding on for an IPv6 service (the datapath's FIB
+/// lookups, neighbour discovery for backends); NAT64 alone does not, its
+/// backends are IPv4.
+fn check_ipv6(name: &str, role: Role, families: Families, s: Ipv6Sysctls<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
     match role {
         Role::Consumer => {
-            if disable_ipv6.is_some_and(|v| v != "1") {
+            if s.disable_ipv6.is_some_and(|v| v != "1") {
+                let severity = if families.serves_ipv6 {
+                    Severity::Fail
+                } else {
+                    Severity::Warn
+                };
                 out.push(finding(
-                    if ipv6_service { Severity::Fail } else { Severity::Warn },
+                    severity,
                     "consumer_ipv6",
                     name,
                     format!(
@@ -193,9 +284,25 @@ fn check_ipv6(
                          `sysctl -w net.ipv6.conf.{name}.disable_ipv6=1`"
                     ),
                 ));
+                // accept_ra=1 takes RAs only while the interface does not
+                // forward, 2 always; either way one toggle away.
+                if let Some(ra) = s.accept_ra.filter(|v| *v != "0") {
+                    out.push(finding(
+                        severity,
+                        "consumer_accept_ra",
+                        name,
+                        format!(
+                            "consumer interface {name} accepts router advertisements (accept_ra={ra}; \
+                             1 takes them while IPv6 forwarding is off there): any consumer can install \
+                             routes, a default route and addresses on the gateway itself; disable IPv6 \
+                             there (recommended): `sysctl -w net.ipv6.conf.{name}.disable_ipv6=1`, or at \
+                             least `sysctl -w net.ipv6.conf.{name}.accept_ra=0`"
+                        ),
+                    ));
+                }
             }
         }
-        Role::Provider if ipv6_service => match (disable_ipv6, forwarding) {
+        Role::Provider if families.ipv6_service => match (s.disable_ipv6, s.forwarding) {
             (None, _) => out.push(finding(
                 Severity::Fail,
                 "provider_forwarding6",
@@ -222,6 +329,17 @@ fn check_ipv6(
                     "IPv6 forwarding is off on provider interface {name}: the datapath's IPv6 FIB \
                      lookups fail (fib_forwarding_disabled); `sysctl -w net.ipv6.conf.{name}.forwarding=1` \
                      (with forwarding on the interface takes router advertisements only with accept_ra=2)"
+                ),
+            )),
+            // Forwarding on: accept_ra=1 now ignores router advertisements.
+            _ if s.accept_ra == Some("1") => out.push(finding(
+                Severity::Warn,
+                "provider_accept_ra",
+                name,
+                format!(
+                    "IPv6 forwarding is on for provider interface {name} and accept_ra=1, so the kernel \
+                     ignores router advertisements there: if the provider side's IPv6 routes (the \
+                     default route) come from RAs, they expire; `sysctl -w net.ipv6.conf.{name}.accept_ra=2`"
                 ),
             )),
             _ => {}
@@ -255,6 +373,7 @@ const NATIVE_XDP_DRIVERS: &[&str] = &[
 
 fn check_interface(config: &Config, name: &str, role: Role) -> Vec<Finding> {
     let mut out = Vec::new();
+    let families = Families::of(config);
     let Some(link) = output("ip", &["-o", "link", "show", "dev", name]) else {
         out.push(finding(
             Severity::Fail,
@@ -369,17 +488,11 @@ fn check_interface(config: &Config, name: &str, role: Role) -> Vec<Finding> {
             }
         }
         Role::Provider => {
-            if forwarding.as_deref() != Some("1") {
-                out.push(finding(
-                    Severity::Fail,
-                    "provider_forwarding",
-                    name,
-                    format!(
-                        "IPv4 forwarding is off on provider interface {name}: the datapath's FIB \
-                         lookups fail (fib_forwarding_disabled); `sysctl -w net.ipv4.conf.{name}.forwarding=1`"
-                    ),
-                ));
-            }
+            out.extend(check_provider_forwarding(
+                name,
+                families,
+                forwarding.as_deref(),
+            ));
             if sysctl_conf(name, "rp_filter").as_deref() == Some("1") {
                 out.push(finding(
                     Severity::Warn,
@@ -392,24 +505,34 @@ fn check_interface(config: &Config, name: &str, role: Role) -> Vec<Finding> {
             }
         }
     }
+    let disable_ipv6 = sysctl_conf6(name, "disable_ipv6");
+    let forwarding6 = sysctl_conf6(name, "forwarding");
+    let accept_ra = sysctl_conf6(name, "accept_ra");
     out.extend(check_ipv6(
         name,
         role,
-        has_ipv6_service(config),
-        sysctl_conf6(name, "disable_ipv6").as_deref(),
-        sysctl_conf6(name, "forwarding").as_deref(),
+        families,
+        Ipv6Sysctls {
+            disable_ipv6: disable_ipv6.as_deref(),
+            forwarding: forwarding6.as_deref(),
+            accept_ra: accept_ra.as_deref(),
+        },
     ));
     out
 }
 
 /// Checks whose failure breaks the forwarding contract (SPEC §2): `run`
 /// refuses to start on them.
-pub const CONTRACT_CHECKS: [&str; 5] = [
+pub const CONTRACT_CHECKS: [&str; 6] = [
     "consumer_forwarding",
     "consumer_address",
+    // A warning only when every service is IPv6.
     "provider_forwarding",
-    // Failures only with an IPv6 service (a warning otherwise).
+    // Failures only when consumers reach the gateway over IPv6 (an IPv6
+    // service or endpoint address; a warning otherwise).
     "consumer_ipv6",
+    "consumer_accept_ra",
+    // Only with an IPv6 service.
     "provider_forwarding6",
 ];
 
@@ -441,53 +564,270 @@ mod tests {
         assert!(v.0 >= 4);
     }
 
+    fn sev(f: &[Finding]) -> Vec<(&'static str, Severity)> {
+        f.iter().map(|f| (f.check, f.severity)).collect()
+    }
+
+    /// IPv6 sysctls: disable_ipv6, forwarding, accept_ra.
+    fn v6<'a>(
+        disable_ipv6: Option<&'a str>,
+        forwarding: Option<&'a str>,
+        accept_ra: Option<&'a str>,
+    ) -> Ipv6Sysctls<'a> {
+        Ipv6Sysctls {
+            disable_ipv6,
+            forwarding,
+            accept_ra,
+        }
+    }
+
+    const V4: Families = Families {
+        ipv4_service: true,
+        ipv6_service: false,
+        serves_ipv6: false,
+    };
+    /// An IPv4 service with NAT64 endpoints.
+    const NAT64: Families = Families {
+        ipv4_service: true,
+        ipv6_service: false,
+        serves_ipv6: true,
+    };
+    const V6: Families = Families {
+        ipv4_service: false,
+        ipv6_service: true,
+        serves_ipv6: true,
+    };
+
     #[test]
     fn the_ipv6_contract_follows_the_services_family() {
-        let sev = |f: &[Finding]| f.iter().map(|f| (f.check, f.severity)).collect::<Vec<_>>();
-        // A consumer interface with IPv6 on: a failure once a service is
-        // IPv6, a warning before; with disable_ipv6=1 or no IPv6: fine.
+        // A consumer interface with IPv6 on: a failure once consumers reach
+        // the gateway over IPv6, a warning before; with disable_ipv6=1 or no
+        // IPv6: fine.
+        let on = v6(Some("0"), Some("0"), Some("0"));
+        for fam in [V6, NAT64] {
+            assert_eq!(
+                sev(&check_ipv6("c1", Role::Consumer, fam, on)),
+                [("consumer_ipv6", Severity::Fail)]
+            );
+        }
         assert_eq!(
-            sev(&check_ipv6(
-                "c1",
-                Role::Consumer,
-                true,
-                Some("0"),
-                Some("0")
-            )),
-            [("consumer_ipv6", Severity::Fail)]
-        );
-        assert_eq!(
-            sev(&check_ipv6(
-                "c1",
-                Role::Consumer,
-                false,
-                Some("0"),
-                Some("0")
-            )),
+            sev(&check_ipv6("c1", Role::Consumer, V4, on)),
             [("consumer_ipv6", Severity::Warn)]
         );
-        assert!(check_ipv6("c1", Role::Consumer, true, Some("1"), Some("0")).is_empty());
-        assert!(check_ipv6("c1", Role::Consumer, true, None, None).is_empty());
+        let off = v6(Some("1"), Some("0"), Some("1"));
+        assert!(check_ipv6("c1", Role::Consumer, V6, off).is_empty());
+        assert!(check_ipv6("c1", Role::Consumer, V6, v6(None, None, None)).is_empty());
         // The provider interface of an IPv6 service: IPv6 on, forwarding on.
-        assert!(check_ipv6("p0", Role::Provider, true, Some("0"), Some("1")).is_empty());
-        let off = check_ipv6("p0", Role::Provider, true, Some("0"), Some("0"));
+        let p0 = |s| check_ipv6("p0", Role::Provider, V6, s);
+        assert!(p0(v6(Some("0"), Some("1"), Some("2"))).is_empty());
+        let off = p0(v6(Some("0"), Some("0"), Some("1")));
         assert_eq!(sev(&off), [("provider_forwarding6", Severity::Fail)]);
         assert!(
             off[0].message.contains("net.ipv6.conf.p0.forwarding=1"),
             "{}",
             off[0].message
         );
-        let disabled = check_ipv6("p0", Role::Provider, true, Some("1"), Some("1"));
+        let disabled = p0(v6(Some("1"), Some("1"), None));
         assert!(disabled[0].message.contains("disable_ipv6=0"));
         assert_eq!(
-            sev(&check_ipv6("p0", Role::Provider, true, None, None)),
+            sev(&p0(v6(None, None, None))),
             [("provider_forwarding6", Severity::Fail)]
         );
         // No IPv6 service: the provider's IPv6 settings are not plink's.
-        assert!(check_ipv6("p0", Role::Provider, false, Some("1"), None).is_empty());
+        assert!(check_ipv6("p0", Role::Provider, V4, v6(Some("1"), None, None)).is_empty());
         // Both IPv6 checks stop `run` when they fail.
-        let f = check_ipv6("c1", Role::Consumer, true, Some("0"), None);
+        let f = check_ipv6("c1", Role::Consumer, V6, v6(Some("0"), None, None));
         assert_eq!(contract_violations(&f).len(), 1);
+    }
+
+    #[test]
+    fn nat64_endpoints_need_no_provider_ipv6() {
+        // NAT64: the backends are IPv4, so an IPv6-less provider is fine,
+        // while the consumer side already counts as IPv6.
+        for fam in [V4, NAT64] {
+            for s in [
+                v6(None, None, None),
+                v6(Some("1"), Some("0"), Some("1")),
+                v6(Some("0"), Some("0"), Some("1")),
+            ] {
+                assert!(check_ipv6("p0", Role::Provider, fam, s).is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn consumer_accept_ra_follows_what_consumers_reach() {
+        let c1 = |fam, s| check_ipv6("c1", Role::Consumer, fam, s);
+        // IPv6 on and RAs taken (1: while not forwarding, 2: always).
+        for ra in ["1", "2"] {
+            let s = v6(Some("0"), Some("0"), Some(ra));
+            for fam in [V6, NAT64] {
+                assert_eq!(
+                    sev(&c1(fam, s)),
+                    [
+                        ("consumer_ipv6", Severity::Fail),
+                        ("consumer_accept_ra", Severity::Fail)
+                    ]
+                );
+            }
+            let f = c1(V4, s);
+            assert_eq!(
+                sev(&f),
+                [
+                    ("consumer_ipv6", Severity::Warn),
+                    ("consumer_accept_ra", Severity::Warn)
+                ]
+            );
+            let msg = &f[1].message;
+            assert!(msg.contains(&format!("accept_ra={ra}")), "{msg}");
+            assert!(
+                msg.contains("sysctl -w net.ipv6.conf.c1.accept_ra=0")
+                    && msg.contains("sysctl -w net.ipv6.conf.c1.disable_ipv6=1"),
+                "{msg}"
+            );
+        }
+        // accept_ra=0, unreadable, or IPv6 off there: no RA finding.
+        for s in [
+            v6(Some("0"), Some("0"), Some("0")),
+            v6(Some("0"), Some("0"), None),
+        ] {
+            assert_eq!(sev(&c1(V6, s)), [("consumer_ipv6", Severity::Fail)]);
+        }
+        assert!(c1(V6, v6(Some("1"), Some("0"), Some("2"))).is_empty());
+        assert!(c1(V6, v6(None, None, None)).is_empty());
+        // A failing accept_ra stops `run` too.
+        let f = c1(NAT64, v6(Some("0"), None, Some("1")));
+        assert_eq!(contract_violations(&f).len(), 2);
+    }
+
+    #[test]
+    fn provider_accept_ra_warns_only_when_forwarding_ignores_ras() {
+        let p0 = |fam, s| check_ipv6("p0", Role::Provider, fam, s);
+        let f = p0(V6, v6(Some("0"), Some("1"), Some("1")));
+        assert_eq!(sev(&f), [("provider_accept_ra", Severity::Warn)]);
+        assert!(
+            f[0].message
+                .contains("sysctl -w net.ipv6.conf.p0.accept_ra=2"),
+            "{}",
+            f[0].message
+        );
+        assert!(contract_violations(&f).is_empty());
+        // accept_ra 0 or 2, or unreadable: nothing; forwarding off is the
+        // forwarding failure alone; without an IPv6 service nothing.
+        for ra in [Some("0"), Some("2"), None] {
+            assert!(p0(V6, v6(Some("0"), Some("1"), ra)).is_empty());
+        }
+        assert_eq!(
+            sev(&p0(V6, v6(Some("0"), Some("0"), Some("1")))),
+            [("provider_forwarding6", Severity::Fail)]
+        );
+        assert!(p0(NAT64, v6(Some("0"), Some("1"), Some("1"))).is_empty());
+    }
+
+    #[test]
+    fn provider_ipv4_forwarding_is_needed_unless_every_service_is_ipv6() {
+        assert_eq!(check_provider_forwarding("p0", V4, Some("1")), None);
+        // Any IPv4 service (NAT64's included), or none at all: a failure.
+        let none = Families::default();
+        let both = Families {
+            ipv4_service: true,
+            ..V6
+        };
+        for fam in [V4, NAT64, both, none] {
+            for fwd in [Some("0"), None] {
+                let f = check_provider_forwarding("p0", fam, fwd).expect("a finding");
+                assert_eq!(
+                    (f.check, f.severity),
+                    ("provider_forwarding", Severity::Fail)
+                );
+                assert!(
+                    f.message
+                        .contains("sysctl -w net.ipv4.conf.p0.forwarding=1"),
+                    "{}",
+                    f.message
+                );
+            }
+        }
+        // Only IPv6 services: the IPv4 datapath never routes, a warning
+        // that does not stop `run`.
+        let f = check_provider_forwarding("p0", V6, Some("0")).expect("a finding");
+        assert_eq!(
+            (f.check, f.severity),
+            ("provider_forwarding", Severity::Warn)
+        );
+        assert!(
+            f.message
+                .contains("sysctl -w net.ipv4.conf.p0.forwarding=1"),
+            "{}",
+            f.message
+        );
+        assert!(contract_violations(std::slice::from_ref(&f)).is_empty());
+        assert_eq!(check_provider_forwarding("p0", V6, Some("1")), None);
+    }
+
+    #[test]
+    fn families_of_a_config() {
+        const HEAD: &str = "\
+interfaces:
+  - {name: c1, role: consumer, network: vnet-a}
+  - {name: p0, role: provider}
+services:
+";
+        const WEB4: &str = "  - name: web4
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: 198.51.100.10}]
+    nat: {addresses: [198.51.100.200]}
+    visibility: ['*']
+";
+        const WEB6: &str = "  - name: web6
+    protocol: tcp
+    ports: [{port: 80, target_port: 8080}]
+    backends: [{address: '2001:db8:100::10'}]
+    nat: {addresses: ['2001:db8:100::200']}
+    visibility: ['*']
+";
+        let families = |services: &str, endpoints: &[&str]| {
+            let mut text = format!("{HEAD}{services}");
+            if !endpoints.is_empty() {
+                text.push_str("endpoints:\n");
+                for (i, e) in endpoints.iter().enumerate() {
+                    text.push_str(&format!(
+                        "  - {{name: e{i}, tenant: t, network: vnet-a, {e}}}\n"
+                    ));
+                }
+            }
+            let config = Config::parse(Path::new("/etc/plink/hostcheck.yaml"), &text)
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            Families::of(&config)
+        };
+        assert_eq!(families(WEB4, &["address: 192.0.2.50, service: web4"]), V4);
+        // NAT64: an IPv6 endpoint address, or a dual-stack address6, in
+        // front of an IPv4 service; the provider side stays IPv4.
+        assert_eq!(
+            families(WEB4, &["address: '2001:db8:c1::50', service: web4"]),
+            NAT64
+        );
+        assert_eq!(
+            families(
+                WEB4,
+                &["address: 192.0.2.50, address6: '2001:db8:c1::60', service: web4"]
+            ),
+            NAT64
+        );
+        // NAT66 only, with or without endpoints.
+        assert_eq!(
+            families(WEB6, &["address: '2001:db8:c1::50', service: web6"]),
+            V6
+        );
+        assert_eq!(families(WEB6, &[]), V6);
+        assert_eq!(
+            families(&format!("{WEB4}{WEB6}"), &[]),
+            Families {
+                ipv4_service: true,
+                ..V6
+            }
+        );
     }
 
     #[test]
