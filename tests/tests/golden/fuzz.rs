@@ -3,24 +3,37 @@
 //! forged or cut ICMP error quotes, replies to flows that do not exist; for
 //! IPv6 the version and traffic class, payload length, next header and
 //! extension headers, reserved interface identifiers, hop limit) and every
-//! truncation of every template, IPv4 and IPv6 (flows through NAT66,
-//! neighbour solicitations for endpoint and NAT addresses, duplicate address
-//! detection, extension headers, reserved addresses). A model of the flows
-//! the programs opened checks each verdict:
+//! truncation of every template, IPv4 and IPv6 (flows through NAT66 and
+//! NAT64, neighbour solicitations for endpoint and NAT addresses, duplicate
+//! address detection, extension headers, reserved addresses; ICMP errors
+//! both ways, translated between the families for NAT64). A model of the
+//! flows the programs opened checks each verdict:
 //!
 //! - the verdict is a valid one, never XDP_ABORTED; a consumer interface
 //!   never passes a frame to the host;
 //! - a frame redirected to the provider belongs to an approved endpoint's
 //!   service (a backend of that service, its target port, one of its NAT
-//!   addresses and ports, the endpoint's address family) or is an ICMP error
-//!   about one of the model's flows;
+//!   addresses and ports, the endpoint's address family or, for an IPv6
+//!   endpoint of an IPv4 service, IPv4: NAT64) or is an ICMP error about
+//!   one of the model's flows, quoting the flow's packet as the backend
+//!   sent it;
 //! - a frame redirected to a consumer is the reverse of one of the model's
-//!   flows, out of that flow's interface to that flow's client;
+//!   flows, out of that flow's interface to that flow's client (IPv6 for a
+//!   NAT64 flow), an ICMP error quoting the client's own packet;
 //! - a forwarded frame keeps its length and the (in)validity of its IPv4
 //!   header and L4 checksums (for IPv6, the L4 checksum over the IPv6
 //!   pseudo-header, and every IPv6 header field but the addresses and the hop
 //!   limit); it is plain IPv4 without options or fragments, or IPv6 without
 //!   extension headers;
+//! - a frame translated between the families (NAT64, RFC 7915) is 20 bytes
+//!   shorter or longer (40 for an ICMP error: outer and quoted header), its
+//!   TTL or hop limit one less, its traffic class or TOS carried over, an
+//!   IPv4 header with a valid checksum, DF and identification 0; its L4
+//!   checksum exactly as (in)valid as it came, over each side's own
+//!   pseudo-header (none for ICMP); an ICMP error's type and code mapped as
+//!   RFC 7915 4.2 and 5.2 say, its quote translated too (header rebuilt,
+//!   the quoted transport checksum as (in)valid as it came when the whole
+//!   packet is quoted, the other quoted bytes unchanged);
 //! - a frame the gateway answers itself goes back to its sender with valid
 //!   checksums; for IPv6 that is a neighbour advertisement answering a
 //!   solicitation for one of the ingress network's endpoint addresses (NAT
@@ -30,7 +43,7 @@
 //!   and match the verdicts the test saw; drop reasons add up to the drops.
 //!
 //! The suite runs a seeded 50,000 rounds; `cargo xtask fuzz` runs 1,000,000
-//! (`PLINK_FUZZ_PACKETS`).
+//! (`PLINK_FUZZ_PACKETS`); `PLINK_FUZZ_SEED` picks another seed.
 
 use std::{
     collections::HashMap,
@@ -58,6 +71,41 @@ type FwdKey = (u32, u8, IpAddr, u16, IpAddr, u16);
 /// The reverse key: (protocol, backend, backend port or 0, NAT address, NAT
 /// port or echo id).
 type RevKey = (u8, IpAddr, u16, IpAddr, u16);
+
+/// NAT64 endpoints (IPv6 addresses in front of the common spec's IPv4
+/// services): TCP 80 (service 0) and UDP 53 (service 1) in network 1, a
+/// pending one; and a dual-stack TCP endpoint in network 2 (service 0) on
+/// `EP_DUAL4` and `EP64_DUAL`.
+const EP64_TCP: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x64]);
+const EP64_UDP: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x65]);
+const EP64_DUAL: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x66]);
+const EP64_PENDING: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 0x67]);
+const EP_DUAL4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 64);
+/// A router on the consumer side, sending ICMPv6 errors about replies.
+const ROUTER6: Ipv6Addr = ip6([0x2001, 0xdb8, 0xc1, 0, 0, 0, 0, 2]);
+
+/// The NAT64 endpoints added to the fuzz spec.
+fn nat64_endpoints() -> [EndpointSpec; 4] {
+    [
+        tcp_endpoint(20, 1, EP64_TCP, 0),
+        EndpointSpec {
+            protocol: Protocol::Udp,
+            ports: vec![PortSpec {
+                port: 53,
+                target_port: 5353,
+            }],
+            ..tcp_endpoint(21, 1, EP64_UDP, 1)
+        },
+        EndpointSpec {
+            state: EndpointState::Pending,
+            ..tcp_endpoint(22, 1, EP64_PENDING, 0)
+        },
+        EndpointSpec {
+            addr6: Some(EP64_DUAL.into()),
+            ..tcp_endpoint(23, 2, EP_DUAL4, 0)
+        },
+    ]
+}
 
 #[derive(Clone, Debug)]
 struct Flow {
@@ -130,8 +178,7 @@ fn addrs(frame: &[u8]) -> (IpAddr, IpAddr) {
 }
 
 /// The quoted IP header of an ICMP or ICMPv6 error frame, if the frame is
-/// one. (The IPv6 programs drop ICMPv6 errors in phase 2's absence; were one
-/// forwarded, it must be about a flow as an IPv4 one.)
+/// one (up to the frame's end: Ethernet padding included).
 fn icmp_error_quote(frame: &[u8]) -> Option<&[u8]> {
     if is_ipv6(frame) {
         let is_error =
@@ -194,6 +241,149 @@ fn try_fix_checksums(f: &mut [u8]) {
     }
 }
 
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// `b[from..to]`, or a panic naming the case.
+fn span<'a>(what: &str, b: &'a [u8], from: usize, to: usize) -> &'a [u8] {
+    b.get(from..to)
+        .unwrap_or_else(|| panic!("{what}: {from}..{to} past the frame's {} bytes", b.len()))
+}
+
+/// The traffic class of the IPv6 header at `ip`.
+fn traffic_class(ip: &[u8]) -> u8 {
+    (ip[0] << 4) | (ip[1] >> 4)
+}
+
+/// The ICMP echo type of an ICMPv6 echo type (RFC 7915 4.2, 5.2).
+fn echo6_to_4(ty6: u8) -> Option<u8> {
+    match ty6 {
+        ICMP6_ECHO_REQUEST => Some(ICMP_ECHO_REQUEST),
+        ICMP6_ECHO_REPLY => Some(ICMP_ECHO_REPLY),
+        _ => None,
+    }
+}
+
+/// The provider interface's MTU, IPv4 (veth's default: the fuzz leaves
+/// it).
+const PROVIDER_MTU: u32 = 1500;
+
+/// RFC 7915 4.2: the ICMPv6 error (type, code, 4-byte rest) an ICMP error
+/// about a NAT64 flow's packet becomes; None where it is dropped (unknown
+/// codes, a frag needed without MTU; parameter problem, whose pointer
+/// mapping the datapath does not do: were one translated, this table would
+/// need it). Packet Too Big carries the advertised MTU + 20, no more than
+/// the IPv6 next hop's MTU (`mtu6`) or the IPv4 one's + 20 (without
+/// `mtu6`: uncapped, what the datapath does).
+fn icmp4_to_6(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8, u32)> {
+    Some(match (ty, code) {
+        (ICMP_DEST_UNREACH, 0 | 1 | 5..=8 | 11 | 12) => (1, 0, 0),
+        (ICMP_DEST_UNREACH, 9 | 10 | 13 | 15) => (1, 1, 0),
+        // Protocol unreachable: parameter problem at the next header.
+        (ICMP_DEST_UNREACH, 2) => (4, 1, 6),
+        (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) => (1, 4, 0),
+        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) if rest & 0xffff != 0 => {
+            let advertised = (rest & 0xffff) + 20;
+            let mtu = match mtu6 {
+                Some(m) => advertised.min(m).min(PROVIDER_MTU + 20),
+                None => advertised,
+            };
+            (2, 0, mtu)
+        }
+        (ICMP_TIME_EXCEEDED, 0 | 1) => (3, code, 0),
+        _ => return None,
+    })
+}
+
+/// RFC 7915 5.2: the ICMP error (type, code, 4-byte rest) an ICMPv6 error
+/// about a NAT64 flow's reply becomes; None where it is dropped (parameter
+/// problem but for an unrecognised next header: as in [`icmp4_to_6`]).
+/// Frag needed carries the advertised MTU - 20, no more than the IPv4 next
+/// hop's MTU or the IPv6 one's (`mtu6`) - 20 (without `mtu6`: no more than
+/// its 16 bits hold, what the datapath does), and no less than IPv4's
+/// minimum of 68.
+fn icmp6_to_4(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8, u32)> {
+    Some(match (ty, code) {
+        (1, 0 | 2 | 3) => (ICMP_DEST_UNREACH, 1, 0),
+        (1, 1) => (ICMP_DEST_UNREACH, 10, 0),
+        (1, 4) => (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0),
+        (2, 0) => {
+            let advertised = rest.saturating_sub(20);
+            let mtu = match mtu6 {
+                Some(m) => advertised.min(PROVIDER_MTU).min(m - 20),
+                None => advertised.min(0xffff),
+            };
+            let mtu = mtu.max(68);
+            (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)
+        }
+        (3, 0 | 1) => (ICMP_TIME_EXCEEDED, code, 0),
+        (4, 1) => (ICMP_DEST_UNREACH, 2, 0),
+        _ => return None,
+    })
+}
+
+/// The quote of a translated ICMP error against the quote it came with:
+/// `q6` the IPv6 one, `q4` the IPv4 one (each as long as its error's IP
+/// length says); `rebuilt4` when the IPv4 header is the datapath's own
+/// (IPv6 → IPv4), else the IPv6 one is. Header fields carried over, the
+/// transport bytes past the ports unchanged but for the checksum, which,
+/// when the whole packet is quoted, is exactly as (in)valid as it came
+/// over each side's pseudo-header. TCP and UDP quotes only.
+fn quote6_as_4(what: &str, q6: &[u8], q4: &[u8], rebuilt4: bool) {
+    assert!(
+        q4.len() >= 28 && q6.len() == q4.len() + 20,
+        "{what}: quotes of {} (IPv6) and {} (IPv4) bytes",
+        q6.len(),
+        q4.len()
+    );
+    assert_eq!(q4[0], 0x45, "{what}: quoted IPv4 header with options");
+    assert_eq!(q6[0] >> 4, 6, "{what}: quoted IPv6 version");
+    if rebuilt4 {
+        assert_eq!(q4[4..8], [0, 0, 0x40, 0], "{what}: quoted id 0, DF");
+        assert_eq!(
+            plink_tests::packet::checksum(&q4[..20]),
+            0,
+            "{what}: quoted IPv4 header checksum"
+        );
+    } else {
+        assert_eq!(q6[1] & 0x0f, 0, "{what}: quoted flow label 0");
+        assert_eq!(q6[2..4], [0, 0], "{what}: quoted flow label 0");
+    }
+    assert_eq!(traffic_class(q6), q4[1], "{what}: quoted traffic class");
+    assert_eq!(
+        be16(q6, 4).wrapping_add(20),
+        be16(q4, 2),
+        "{what}: quoted lengths"
+    );
+    assert_eq!(q6[6], q4[9], "{what}: quoted protocol");
+    assert_eq!(q6[7], q4[8], "{what}: quoted hop limit and TTL");
+    let check = match q4[9] {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        p => panic!("{what}: a quote of protocol {p} translated"),
+    };
+    let (l6, l4) = (&q6[40..], &q4[20..]);
+    for i in (4..l4.len()).filter(|&i| i != check && i != check + 1) {
+        assert_eq!(l6[i], l4[i], "{what}: quoted transport byte {i} changed");
+    }
+    let whole = usize::from(be16(q4, 2));
+    let no_checksum = q4[9] == IPPROTO_UDP && l4[6..8] == [0, 0];
+    if whole <= q4.len() && whole >= 20 + check + 2 && !no_checksum {
+        let frame4 = [&[0u8; 14][..], &q4[..whole]].concat();
+        let frame6 = [&[0u8; 14][..], &q6[..whole + 20]].concat();
+        assert_eq!(
+            l4_checksum6_error(&frame6),
+            l4_checksum_error(&frame4),
+            "{what}: quoted transport checksum (in)validity kept"
+        );
+    }
+}
+
 struct Checker<'a> {
     spec: &'a DataplaneSpec,
     c1: u32,
@@ -203,6 +393,8 @@ struct Checker<'a> {
     backend_macs: HashMap<IpAddr, [u8; 6]>,
     fwd: HashMap<FwdKey, Flow>,
     rev: HashMap<RevKey, FwdKey>,
+    /// The consumer interfaces' MTU (veth's default: the fuzz leaves it).
+    consumer_mtu: u32,
     /// Verdicts seen, by (ifindex, verdict).
     verdicts: BTreeMap<(u32, u32), u64>,
     forwarded: u64,
@@ -210,6 +402,13 @@ struct Checker<'a> {
     forwarded6: [u64; 2],
     /// Neighbour advertisements sent, by the consumer and provider programs.
     advertised: [u64; 2],
+    /// NAT64 translations: IPv6 → IPv4 and IPv4 → IPv6 packets, then ICMP
+    /// errors the same two ways.
+    translated: [u64; 4],
+    /// Translated errors whose MTU the datapath did not cap by the links'
+    /// MTUs (IPv6 → IPv4, IPv4 → IPv6), and the first of each.
+    uncapped: [u64; 2],
+    uncapped_first: [Option<String>; 2],
 }
 
 impl Checker<'_> {
@@ -247,6 +446,10 @@ impl Checker<'_> {
                     assert!(l4_checksum_ok(o), "{what}: answer's L4 checksum");
                     assert_eq!(o[30..34], f[26..30], "{what}: answer to another address");
                 }
+            }
+            // Another family out than in: NAT64.
+            verdict::REDIRECT if o.len() >= 14 && o[12..14] != f[12..14] => {
+                self.translated(what, consumer, ifindex, f, o)
             }
             verdict::REDIRECT if is_ipv6(f) => {
                 self.forwarded += 1;
@@ -376,7 +579,7 @@ impl Checker<'_> {
             self.spec
                 .endpoints
                 .iter()
-                .any(|e| e.network_id == network && e.addr == target)
+                .any(|e| e.network_id == network && e.addresses().any(|a| a == target))
         } else {
             self.spec
                 .services
@@ -424,7 +627,7 @@ impl Checker<'_> {
             self.spec
                 .endpoints
                 .iter()
-                .any(|e| e.network_id == network && e.addr == src)
+                .any(|e| e.network_id == network && e.addresses().any(|a| a == src))
         } else {
             self.spec
                 .services
@@ -432,6 +635,168 @@ impl Checker<'_> {
                 .any(|s| s.nat.iter().any(|n| n.addr == src))
         };
         assert!(ours, "{what}: error from {src}, none of this interface's");
+    }
+
+    /// Counts a translated error whose MTU is not capped by the links'.
+    fn uncapped_mtu(&mut self, way: usize, what: &str, o: &[u8]) {
+        self.uncapped[way] += 1;
+        self.uncapped_first[way].get_or_insert_with(|| format!("{what} -> {}", hex(o)));
+    }
+
+    /// A frame NAT64 translated (RFC 7915): IPv6 from a consumer to IPv4
+    /// towards a backend, or an IPv4 reply back to IPv6; ICMP errors both
+    /// ways. Header fields and checksums here, the flow model after.
+    fn translated(&mut self, what: &str, consumer: bool, ifindex: u32, f: &[u8], o: &[u8]) {
+        self.forwarded += 1;
+        let error = icmp_error_quote(f).is_some();
+        if is_ipv6(f) {
+            // IPv6 → IPv4: a consumer's packet (or its ICMPv6 error about a
+            // reply) towards the provider; never NAT46 the other way.
+            assert!(consumer, "{what}: IPv6 from the provider side left as IPv4");
+            assert!(
+                is_plain_ipv6(f) && is_plain_ipv4(o),
+                "{what}: translated IPv6 with an extension header, or not to plain IPv4"
+            );
+            assert_eq!(o[22], f[21].wrapping_sub(1), "{what}: TTL = hop limit - 1");
+            assert_eq!(ip_checksum_error(o), 0, "{what}: translated IP checksum");
+            assert_eq!(o[18..22], [0, 0, 0x40, 0], "{what}: identification 0, DF");
+            let plen = be16(f, 18);
+            if error {
+                assert_eq!(o.len() + 40, f.len(), "{what}: error 40 bytes shorter");
+                assert_eq!(be16(o, 16), plen, "{what}: total length");
+                assert_eq!(o[23], IPPROTO_ICMP, "{what}: ICMPv6 error as ICMP");
+                let got = Some((o[34], o[35], be32(o, 38)));
+                let (ty, code, rest) = (f[54], f[55], be32(f, 58));
+                if got != icmp6_to_4(ty, code, rest, Some(self.consumer_mtu)) {
+                    // KNOWN DEVIATION (reported, datapath not ours to
+                    // change): Packet Too Big's MTU - 20 is not capped by
+                    // the links' MTUs (RFC 7915 5.2 "minimum(...)"), so a
+                    // forged one larger than any link passes uncapped.
+                    assert_eq!(
+                        got,
+                        icmp6_to_4(ty, code, rest, None),
+                        "{what}: ICMPv6 error {ty}/{code} mapped as RFC 7915 5.2"
+                    );
+                    self.uncapped_mtu(0, what, o);
+                }
+                assert_eq!(
+                    l4_checksum_error(o),
+                    l4_checksum6_error(f),
+                    "{what}: ICMP checksum (in)validity kept (ICMPv6 pseudo-header out)"
+                );
+                let q6 = span(what, f, 62, 54 + usize::from(plen));
+                let q4 = span(what, o, 42, 14 + usize::from(be16(o, 16)));
+                quote6_as_4(what, q6, q4, true);
+                self.translated[2] += 1;
+            } else {
+                assert_eq!(o.len() + 20, f.len(), "{what}: 20 bytes shorter");
+                assert_eq!(be16(o, 16), plen + 20, "{what}: total length");
+                assert_eq!(
+                    o[15],
+                    traffic_class(&f[14..]),
+                    "{what}: TOS = traffic class"
+                );
+                let proto = if f[20] == IPPROTO_ICMPV6 {
+                    IPPROTO_ICMP
+                } else {
+                    f[20]
+                };
+                assert_eq!(o[23], proto, "{what}: protocol");
+                if proto == IPPROTO_ICMP {
+                    assert_eq!(
+                        Some(o[34]),
+                        echo6_to_4(f[54]),
+                        "{what}: echo type translated"
+                    );
+                }
+                assert_eq!(
+                    l4_checksum_error(o),
+                    l4_checksum6_error(f),
+                    "{what}: L4 checksum (in)validity kept across the translation"
+                );
+                self.translated[0] += 1;
+            }
+            return self.forwarded_to_provider(what, ifindex, f, o);
+        }
+        // IPv4 → IPv6: a NAT64 flow's reply (or an ICMP error about its
+        // packet) towards the client.
+        assert!(
+            !consumer,
+            "{what}: IPv4 from a consumer left as IPv6 (NAT46)"
+        );
+        assert!(
+            is_plain_ipv4(f) && is_plain_ipv6(o),
+            "{what}: translated IPv4 with options or fragments, or not to plain IPv6"
+        );
+        assert_eq!(o[14] >> 4, 6, "{what}: IPv6 version");
+        assert_eq!(o[21], f[22].wrapping_sub(1), "{what}: hop limit = TTL - 1");
+        let tot = be16(f, 16);
+        if error {
+            assert_eq!(o.len(), f.len() + 40, "{what}: error 40 bytes longer");
+            assert_eq!(be16(o, 18), tot, "{what}: payload length");
+            assert_eq!(o[20], IPPROTO_ICMPV6, "{what}: ICMP error as ICMPv6");
+            assert!(
+                40 + usize::from(tot) <= 1280,
+                "{what}: a translated ICMPv6 error over 1280 bytes"
+            );
+            let got = Some((o[54], o[55], be32(o, 58)));
+            let (ty, code, rest) = (f[34], f[35], be32(f, 38));
+            if got != icmp4_to_6(ty, code, rest, Some(self.consumer_mtu)) {
+                // KNOWN DEVIATION (reported): as above, frag needed's MTU
+                // + 20 is not capped by the links' MTUs (RFC 7915 4.2).
+                assert_eq!(
+                    got,
+                    icmp4_to_6(ty, code, rest, None),
+                    "{what}: ICMP error {ty}/{code} mapped as RFC 7915 4.2"
+                );
+                self.uncapped_mtu(1, what, o);
+            }
+            assert_eq!(
+                l4_checksum6_error(o),
+                l4_checksum_error(f),
+                "{what}: ICMPv6 checksum (in)validity kept (ICMPv6 pseudo-header in)"
+            );
+            let q4 = span(what, f, 42, 14 + usize::from(tot));
+            let q6 = span(what, o, 62, 54 + usize::from(tot));
+            quote6_as_4(what, q6, q4, false);
+            self.translated[3] += 1;
+        } else {
+            assert_eq!(o.len(), f.len() + 20, "{what}: 20 bytes longer");
+            assert_eq!(be16(o, 18) + 20, tot, "{what}: payload length");
+            assert_eq!(
+                traffic_class(&o[14..]),
+                f[15],
+                "{what}: traffic class = TOS"
+            );
+            assert_eq!(o[15] & 0x0f, 0, "{what}: flow label 0");
+            assert_eq!(o[16..18], [0, 0], "{what}: flow label 0");
+            let proto = if f[23] == IPPROTO_ICMP {
+                IPPROTO_ICMPV6
+            } else {
+                f[23]
+            };
+            assert_eq!(o[20], proto, "{what}: next header");
+            if proto == IPPROTO_ICMPV6 {
+                assert_eq!(
+                    echo6_to_4(o[54]),
+                    Some(f[34]),
+                    "{what}: echo type translated"
+                );
+            }
+            // IPv6 requires a UDP checksum: one the IPv4 reply did not
+            // carry cannot be carried over incrementally.
+            assert!(
+                !(f[23] == IPPROTO_UDP && f[40..42] == [0, 0]),
+                "{what}: a UDP reply without checksum translated"
+            );
+            assert_eq!(
+                l4_checksum6_error(o),
+                l4_checksum_error(f),
+                "{what}: L4 checksum (in)validity kept across the translation"
+            );
+            self.translated[1] += 1;
+        }
+        self.forwarded_to_consumer(what, f, o)
     }
 
     fn forwarded_to_provider(&mut self, what: &str, ifindex: u32, f: &[u8], o: &[u8]) {
@@ -449,11 +814,20 @@ impl Checker<'_> {
             let (src, dst) = addrs(o);
             assert_eq!(dst, flow.backend.0, "{what}: error to another backend");
             assert_eq!(src, flow.nat.0, "{what}: error from another NAT address");
+            // The quote is the reply as the backend sent it.
+            let quoted = icmp_error_quote(o).and_then(ports);
+            assert_eq!(
+                quoted.map(|(_, s, sp, d, dp)| (s, sp, d, dp)),
+                Some((flow.backend.0, flow.backend.1, flow.nat.0, flow.nat.1)),
+                "{what}: the error does not quote the backend's packet"
+            );
             return;
         }
         let (proto, client, cport, ep_addr, eport) =
             ports(&f[14..]).unwrap_or_else(|| panic!("{what}: forwarded an unknown protocol"));
-        let (_, nat, nport, backend, bport) =
+        // The protocol out (ICMP for a NAT64 flow's ICMPv6 echo) keys the
+        // reverse direction.
+        let (proto_out, nat, nport, backend, bport) =
             ports(&o[14..]).unwrap_or_else(|| panic!("{what}: output unparsable"));
         // The endpoint the frame was addressed to, approved, on its network.
         let endpoint = self
@@ -462,7 +836,7 @@ impl Checker<'_> {
             .iter()
             .find(|e| {
                 e.network_id == network
-                    && e.addr == ep_addr
+                    && e.addresses().any(|a| a == ep_addr)
                     && match proto {
                         IPPROTO_ICMP | IPPROTO_ICMPV6 => true,
                         p => {
@@ -507,7 +881,7 @@ impl Checker<'_> {
         );
         // The model: a new mapping for a known key replaces the old one.
         let key = (network, proto, client, cport, ep_addr, eport);
-        let rev = (proto, backend, bport, nat, nport);
+        let rev = (proto_out, backend, bport, nat, nport);
         let client_mac = mac(f, 6);
         let flow = self.fwd.entry(key).or_insert_with(|| Flow {
             consumer_if: ifindex,
@@ -517,7 +891,7 @@ impl Checker<'_> {
         });
         if flow.nat != (nat, nport) || flow.backend != (backend, bport) {
             let old = (
-                proto,
+                proto_out,
                 flow.backend.0,
                 flow.backend.1,
                 flow.nat.0,
@@ -567,7 +941,15 @@ impl Checker<'_> {
         let (src, dst) = addrs(o);
         assert_eq!(dst, client, "{what}: to another address");
         assert_eq!(src, ep, "{what}: from another address");
-        if !inner_out {
+        if inner_out {
+            // The quote is the client's own packet.
+            let quoted = icmp_error_quote(o).and_then(ports);
+            assert_eq!(
+                quoted.map(|(_, s, sp, d, dp)| (s, sp, d, dp)),
+                Some((client, cport, ep, eport)),
+                "{what}: the error does not quote the client's packet"
+            );
+        } else {
             let (_, src, sport, dst, dport) = ports(&o[14..]).unwrap();
             assert_eq!(
                 (src, sport, dst, dport),
@@ -586,6 +968,9 @@ fn golden_fuzz_keeps_the_invariants() {
     // endpoint address: overlapping IPv6 consumers through NAT66.
     let mut spec = spec6(&gw);
     spec.endpoints.push(tcp_endpoint(13, 2, EP6_TCP, 3));
+    // NAT64: IPv6 endpoints of the IPv4 services 0 and 1 in network 1, a
+    // dual-stack one (IPv4 and IPv6 address) of service 0 in network 2.
+    spec.endpoints.extend(nat64_endpoints());
     spec.validate().expect("the fuzz spec is valid");
     // MSS clamping on, so that mutated TCP options and data offsets go
     // through the option walk and its checksum update too.
@@ -613,10 +998,14 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         ]),
         fwd: HashMap::new(),
         rev: HashMap::new(),
+        consumer_mtu: 1500,
         verdicts: BTreeMap::new(),
         forwarded: 0,
         forwarded6: [0; 2],
         advertised: [0; 2],
+        translated: [0; 4],
+        uncapped: [0; 2],
+        uncapped_first: [None, None],
     };
     let ifstats0 = b.dp.interface_stats().unwrap();
     let drops0: u64 = b.drops().values().sum();
@@ -640,6 +1029,11 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         (
             c2,
             Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c2_mac),
+        ),
+        // The dual-stack endpoint's IPv4 address.
+        (
+            c2,
+            Ipv4Packet::tcp((CLIENT, 40001), (EP_DUAL4, 80), TCP_SYN).macs(CLIENT_MAC, c2_mac),
         ),
     ] {
         let f = frame.build();
@@ -673,6 +1067,34 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         model.check("setup", prog_names::CONSUMER, ifindex, &f, &run);
         assert_eq!(run.verdict, verdict::REDIRECT, "setup flow opened");
         opened.push(run.output);
+    }
+    // NAT64 flows, IPv6 in front and IPv4 behind: TCP, UDP and echo in
+    // network 1, TCP to the dual-stack endpoint's IPv6 address in network 2.
+    let mut opened64 = Vec::new();
+    for (ifindex, frame) in [
+        (
+            c1,
+            Ipv6Packet::tcp((CLIENT6, 40000), (EP64_TCP, 80), TCP_SYN).macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c1,
+            Ipv6Packet::udp((CLIENT6, 5000), (EP64_UDP, 53), b"query").macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c1,
+            Ipv6Packet::echo(CLIENT6, EP64_TCP, true, 0x77, 1).macs(CLIENT_MAC, c1_mac),
+        ),
+        (
+            c2,
+            Ipv6Packet::tcp((CLIENT6, 40000), (EP64_DUAL, 80), TCP_SYN).macs(CLIENT_MAC, c2_mac),
+        ),
+    ] {
+        let f = frame.build();
+        let run = b.raw(prog_names::CONSUMER, ifindex, &f);
+        model.check("setup", prog_names::CONSUMER, ifindex, &f, &run);
+        assert_eq!(run.verdict, verdict::REDIRECT, "setup NAT64 flow opened");
+        assert!(!is_ipv6(&run.output), "setup NAT64 flow leaves as IPv4");
+        opened64.push((ifindex, run.output));
     }
     // A backend's answer to each forwarded frame.
     let answer = |sent: &[u8]| -> Vec<u8> {
@@ -734,6 +1156,99 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         try_fix_checksums(&mut stray);
         templates.push((prog_names::PROVIDER, p0, stray));
     }
+    // NAT64: the backend's answers and ICMP errors about what it was sent;
+    // the consumer side's routers' ICMPv6 errors about the answers as the
+    // client got them (each answer goes through once here to get those).
+    for (consumer_if, sent) in &opened64 {
+        let reply = answer(sent);
+        templates.push((prog_names::PROVIDER, p0, reply.clone()));
+        let run = b.raw(prog_names::PROVIDER, p0, &reply);
+        model.check("setup: NAT64 reply", prog_names::PROVIDER, p0, &reply, &run);
+        assert_eq!(
+            run.verdict,
+            verdict::REDIRECT,
+            "setup NAT64 reply forwarded"
+        );
+        let seen = run.output;
+        assert!(is_ipv6(&seen), "setup NAT64 reply arrives as IPv6");
+        let (proto, nat, nport, backend, bport) = ports(&sent[14..]).unwrap();
+        let (IpAddr::V4(nat), IpAddr::V4(backend)) = (nat, backend) else {
+            panic!("a NAT64 flow to an IPv6 backend");
+        };
+        // A reply to a flow that does not exist (another NAT port or id).
+        let mut stray = reply.clone();
+        stray[if proto == IPPROTO_ICMP { 38 } else { 36 }] ^= 0x5a;
+        try_fix_checksums(&mut stray);
+        templates.push((prog_names::PROVIDER, p0, stray));
+        if proto == IPPROTO_UDP {
+            // No UDP checksum: IPv6 needs one (dropped).
+            let mut none = reply.clone();
+            none[40..42].copy_from_slice(&[0, 0]);
+            templates.push((prog_names::PROVIDER, p0, none));
+        }
+        if proto == IPPROTO_TCP && *consumer_if == c1 {
+            let mut data = Ipv4Packet::tcp((backend, bport), (nat, nport), TCP_ACK);
+            data.payload = b"reply data!".to_vec();
+            templates.push((
+                prog_names::PROVIDER,
+                p0,
+                data.macs(mac(sent, 0), p0_mac).build(),
+            ));
+        }
+        let router = Ipv4Addr::new(198, 51, 100, 254);
+        let error4 = |ty, code, rest, quoted: usize| {
+            Ipv4Packet::icmp(router, nat, ty, code, rest, &sent[14..14 + quoted])
+                .macs(mac(sent, 0), p0_mac)
+                .build()
+        };
+        let ep = ip6_at(&seen, 22);
+        let error6 = |ty, code, rest, quoted: usize| {
+            Ipv6Packet::icmp(ROUTER6, ep, ty, code, rest, &seen[14..14 + quoted])
+                .macs(ROUTER_MAC, macs[consumer_if])
+                .build()
+        };
+        let (whole4, whole6) = (sent.len() - 14, seen.len() - 14);
+        let (errors4, errors6) = match proto {
+            IPPROTO_TCP if *consumer_if == c1 => (
+                vec![
+                    error4(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 28),
+                    error4(ICMP_DEST_UNREACH, 1, 0, 28),
+                    error4(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1400, whole4),
+                    error4(ICMP_TIME_EXCEEDED, 0, 0, 28),
+                ],
+                vec![
+                    error6(2, 0, 1280, whole6),
+                    error6(1, 4, 0, 48),
+                    error6(3, 0, 0, 48),
+                ],
+            ),
+            IPPROTO_TCP => (
+                vec![
+                    error4(ICMP_DEST_UNREACH, 13, 0, 28),
+                    error4(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1280, whole4),
+                ],
+                vec![error6(2, 0, 1400, whole6), error6(1, 3, 0, 48)],
+            ),
+            IPPROTO_UDP => (
+                vec![
+                    error4(ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, whole4),
+                    error4(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1400, 28),
+                ],
+                vec![error6(1, 4, 0, whole6)],
+            ),
+            // Errors quoting an echo (not translated: dropped).
+            _ => (
+                vec![error4(ICMP_DEST_UNREACH, 1, 0, 28)],
+                vec![error6(1, 0, 0, 48)],
+            ),
+        };
+        for e in errors4 {
+            templates.push((prog_names::PROVIDER, p0, e));
+        }
+        for e in errors6 {
+            templates.push((prog_names::CONSUMER, *consumer_if, e));
+        }
+    }
     let mut data = Ipv4Packet::tcp((CLIENT, 40000), (EP_TCP, 80), TCP_ACK).macs(CLIENT_MAC, c1_mac);
     data.payload = b"payload!".to_vec();
     // What the client got from the endpoint, quoted in its own error.
@@ -791,6 +1306,7 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         templates.push((prog_names::CONSUMER, ifindex, frame));
     }
     templates.extend(ipv6_templates(c1, c2, p0, macs));
+    templates.extend(nat64_templates(c1, c2, macs));
     templates.push((
         prog_names::PROVIDER,
         p0,
@@ -823,8 +1339,14 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         }
     }
 
-    // xorshift64: reproducible without a dependency.
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    // xorshift64: reproducible without a dependency; `PLINK_FUZZ_SEED`
+    // (nonzero) explores another sequence.
+    let mut seed: u64 = std::env::var("PLINK_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s| s != 0)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    eprintln!("seed {seed}");
     let mut rnd = move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -899,8 +1421,9 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
     check_counters(&mut b, &model, &ifstats0, drops0);
     let sent: u64 = model.verdicts.values().sum();
     eprintln!(
-        "{sent} frames ({} templates) in {:?}: {} forwarded, {} flows in the model; mutations by kind {kinds:?}",
+        "{sent} frames ({} templates, {} IPv6) in {:?}: {} forwarded, {} flows in the model; mutations by kind {kinds:?}",
         templates.len(),
+        templates.iter().filter(|(_, _, t)| is_ipv6(t)).count(),
         started.elapsed(),
         model.forwarded,
         model.fwd.len()
@@ -930,6 +1453,28 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         model.advertised.iter().all(|&n| n > 0),
         "neighbour advertisements on both sides ({:?})",
         model.advertised
+    );
+    eprintln!(
+        "  NAT64: {:?} translated (IPv6 to IPv4, IPv4 to IPv6; errors the same)",
+        model.translated
+    );
+    eprintln!(
+        "  NAT64 errors with an MTU the links' do not cap (RFC 7915 deviation): {:?}",
+        model.uncapped
+    );
+    for first in model.uncapped_first.iter().flatten() {
+        eprintln!("    first: {first}");
+    }
+    // NAT64 was reached both ways, for packets and for ICMP errors.
+    assert!(
+        model.translated[..2].iter().all(|&n| n > rounds / 1000),
+        "enough NAT64 packets translated each way ({:?})",
+        model.translated
+    );
+    assert!(
+        model.translated[2..].iter().all(|&n| n > 0),
+        "ICMP errors translated each way ({:?})",
+        model.translated
     );
     let clamped =
         b.dp.counters(CounterKind::Service, 0)
@@ -1041,6 +1586,75 @@ fn ipv6_templates(
         templates.push((prog_names::PROVIDER, p0, f));
     }
     templates
+}
+
+/// The NAT64 templates besides the replies and errors: flows to the NAT64
+/// endpoints (data of the open flows, new ones, TCP with the options Linux
+/// sends, UDP, echo), to the pending one, to another network's or a UDP
+/// endpoint, the dual-stack endpoint on both its addresses, neighbour
+/// solicitations and ARP for them in their network and the other.
+fn nat64_templates(
+    c1: u32,
+    c2: u32,
+    macs: &HashMap<u32, [u8; 6]>,
+) -> Vec<(&'static str, u32, Vec<u8>)> {
+    let on = |ifindex: u32, p: Ipv6Packet| (ifindex, p.macs(CLIENT_MAC, macs[&ifindex]).build());
+    let on4 = |ifindex: u32, p: Ipv4Packet| (ifindex, p.macs(CLIENT_MAC, macs[&ifindex]).build());
+    let syn = |sport: u16, dst: Ipv6Addr| Ipv6Packet::tcp((CLIENT6, sport), (dst, 80), TCP_SYN);
+    let query = |sport: u16, dst: Ipv6Addr| Ipv6Packet::udp((CLIENT6, sport), (dst, 53), b"query");
+    let data = |dst: Ipv6Addr| {
+        let mut d = Ipv6Packet::tcp((CLIENT6, 40000), (dst, 80), TCP_ACK);
+        d.payload = b"payload!".to_vec();
+        d
+    };
+    // A SYN with the options Linux sends (MSS first).
+    let mut with_options = syn(40022, EP64_TCP).macs(CLIENT_MAC, macs[&c1]).build();
+    let opts = super::mtu::linux_syn_options(1440);
+    with_options.splice(74..74, opts.iter().copied());
+    with_options[66] = (((20 + opts.len()) / 4) << 4) as u8;
+    let plen = u16::from_be_bytes([with_options[18], with_options[19]]) + opts.len() as u16;
+    with_options[18..20].copy_from_slice(&plen.to_be_bytes());
+    fix_checksums6(&mut with_options);
+    let out = vec![
+        on(c1, data(EP64_TCP)),
+        on(c1, syn(40021, EP64_TCP)),
+        (c1, with_options),
+        on(c1, query(5000, EP64_UDP)),
+        on(c1, query(5011, EP64_UDP)),
+        on(c1, Ipv6Packet::echo(CLIENT6, EP64_TCP, true, 0x78, 1)),
+        on(c1, Ipv6Packet::echo(CLIENT6, EP64_UDP, true, 0x79, 1)),
+        on(c1, syn(40023, EP64_PENDING)),
+        // Network 2's endpoint; TCP to a UDP endpoint.
+        on(c1, syn(40024, EP64_DUAL)),
+        on(
+            c1,
+            Ipv6Packet::tcp((CLIENT6, 40025), (EP64_UDP, 53), TCP_SYN),
+        ),
+        (c1, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP64_TCP)),
+        (c1, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP64_PENDING)),
+        (c1, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP64_DUAL)),
+        (
+            c1,
+            neighbor_solicitation(CLIENT_MAC, Ipv6Addr::UNSPECIFIED, EP64_UDP),
+        ),
+        on(c2, data(EP64_DUAL)),
+        on(c2, syn(40001, EP64_DUAL)),
+        on(c2, Ipv6Packet::echo(CLIENT6, EP64_DUAL, true, 0x7a, 1)),
+        // UDP to the TCP endpoint; network 1's endpoint.
+        on(c2, query(5012, EP64_DUAL)),
+        on(c2, syn(40026, EP64_TCP)),
+        on4(
+            c2,
+            Ipv4Packet::tcp((CLIENT, 40002), (EP_DUAL4, 80), TCP_SYN),
+        ),
+        on4(c2, Ipv4Packet::echo(CLIENT, EP_DUAL4, true, 0x7b, 1)),
+        (c2, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP64_DUAL)),
+        (c2, neighbor_solicitation(CLIENT_MAC, CLIENT6, EP64_TCP)),
+        (c2, arp_request(CLIENT_MAC, CLIENT, EP_DUAL4)),
+    ];
+    out.into_iter()
+        .map(|(i, f)| (prog_names::CONSUMER, i, f))
+        .collect()
 }
 
 /// Verdict counters per interface add up to the frames sent and match the
