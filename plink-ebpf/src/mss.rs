@@ -105,7 +105,7 @@ pub fn on_tcp_syn(
 /// if the device is gone. `bpf_check_mtu` writes the device MTU whatever
 /// the check's outcome.
 #[inline(always)]
-fn device_mtu(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
+pub fn device_mtu(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
     let mut mtu: u32 = 0;
     // SAFETY: valid ctx and out pointer; flags 0.
     let rc = unsafe { bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu, 0, 0) };

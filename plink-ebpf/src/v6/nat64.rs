@@ -550,6 +550,20 @@ fn error_to_v6(ctx: &XdpContext, tot_len: usize) -> Result<(u32, u32), (DropReas
     if ttl <= 1 {
         return Err((DropReason::TtlExceeded, ep));
     }
+    // RFC 7915 4.2: Packet Too Big carries the smallest of the ICMP MTU
+    // + 20, the consumer link's MTU and the provider link's MTU + 20.
+    let rest6 = if ty6 == 2 {
+        let mut mtu = u32::from_be(rest6);
+        if let Some(m) = crate::mss::device_mtu(ctx, v.ingress_ifindex) {
+            mtu = mtu.min(m);
+        }
+        if let Some(m) = crate::mss::device_mtu(ctx, 0) {
+            mtu = mtu.min(m + GROWTH);
+        }
+        mtu.to_be()
+    } else {
+        rest6
+    };
     let fwd = &owner.fwd;
     let (client, endpoint) = (&fwd.src_addr_be, &fwd.dst_addr_be);
     let (client_port, endpoint_port) = (fwd.src_port_be, fwd.dst_port_be);
@@ -767,6 +781,20 @@ pub fn consumer_error(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReaso
     }
     let Some((ty4, code4, mtu4)) = map_error6(ty, code, rest) else {
         return Err(unsupported);
+    };
+    // RFC 7915 5.2: frag needed carries the smallest of the ICMPv6 MTU
+    // - 20, the provider link's MTU and the consumer link's MTU - 20.
+    let mtu4 = if code4 == icmp_type::CODE_FRAG_NEEDED && ty4 == icmp_type::DEST_UNREACH {
+        let mut mtu = mtu4 as u32;
+        if let Some(m) = crate::mss::device_mtu(ctx, g.provider_ifindex) {
+            mtu = mtu.min(m);
+        }
+        if let Some(m) = crate::mss::device_mtu(ctx, 0) {
+            mtu = mtu.min(m.saturating_sub(GROWTH));
+        }
+        mtu.max(68) as u16
+    } else {
+        mtu4
     };
     let (nat, backend) = (v.nat_addr_be[0], v.backend_addr_be[0]);
     let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);

@@ -279,7 +279,7 @@ const PROVIDER_MTU: u32 = 1500;
 /// mapping the datapath does not do: were one translated, this table would
 /// need it). Packet Too Big carries the advertised MTU + 20, no more than
 /// the IPv6 next hop's MTU (`mtu6`) or the IPv4 one's + 20 (without
-/// `mtu6`: uncapped, what the datapath does).
+/// `mtu6`: uncapped).
 fn icmp4_to_6(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8, u32)> {
     Some(match (ty, code) {
         (ICMP_DEST_UNREACH, 0 | 1 | 5..=8 | 11 | 12) => (1, 0, 0),
@@ -305,7 +305,7 @@ fn icmp4_to_6(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8,
 /// problem but for an unrecognised next header: as in [`icmp4_to_6`]).
 /// Frag needed carries the advertised MTU - 20, no more than the IPv4 next
 /// hop's MTU or the IPv6 one's (`mtu6`) - 20 (without `mtu6`: no more than
-/// its 16 bits hold, what the datapath does), and no less than IPv4's
+/// its 16 bits hold), and no less than IPv4's
 /// minimum of 68.
 fn icmp6_to_4(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8, u32)> {
     Some(match (ty, code) {
@@ -405,10 +405,6 @@ struct Checker<'a> {
     /// NAT64 translations: IPv6 → IPv4 and IPv4 → IPv6 packets, then ICMP
     /// errors the same two ways.
     translated: [u64; 4],
-    /// Translated errors whose MTU the datapath did not cap by the links'
-    /// MTUs (IPv6 → IPv4, IPv4 → IPv6), and the first of each.
-    uncapped: [u64; 2],
-    uncapped_first: [Option<String>; 2],
 }
 
 impl Checker<'_> {
@@ -637,12 +633,6 @@ impl Checker<'_> {
         assert!(ours, "{what}: error from {src}, none of this interface's");
     }
 
-    /// Counts a translated error whose MTU is not capped by the links'.
-    fn uncapped_mtu(&mut self, way: usize, what: &str, o: &[u8]) {
-        self.uncapped[way] += 1;
-        self.uncapped_first[way].get_or_insert_with(|| format!("{what} -> {}", hex(o)));
-    }
-
     /// A frame NAT64 translated (RFC 7915): IPv6 from a consumer to IPv4
     /// towards a backend, or an IPv4 reply back to IPv6; ICMP errors both
     /// ways. Header fields and checksums here, the flow model after.
@@ -667,18 +657,11 @@ impl Checker<'_> {
                 assert_eq!(o[23], IPPROTO_ICMP, "{what}: ICMPv6 error as ICMP");
                 let got = Some((o[34], o[35], be32(o, 38)));
                 let (ty, code, rest) = (f[54], f[55], be32(f, 58));
-                if got != icmp6_to_4(ty, code, rest, Some(self.consumer_mtu)) {
-                    // KNOWN DEVIATION (reported, datapath not ours to
-                    // change): Packet Too Big's MTU - 20 is not capped by
-                    // the links' MTUs (RFC 7915 5.2 "minimum(...)"), so a
-                    // forged one larger than any link passes uncapped.
-                    assert_eq!(
-                        got,
-                        icmp6_to_4(ty, code, rest, None),
-                        "{what}: ICMPv6 error {ty}/{code} mapped as RFC 7915 5.2"
-                    );
-                    self.uncapped_mtu(0, what, o);
-                }
+                assert_eq!(
+                    got,
+                    icmp6_to_4(ty, code, rest, Some(self.consumer_mtu)),
+                    "{what}: ICMPv6 error {ty}/{code} mapped as RFC 7915 5.2 (MTU capped by the links')"
+                );
                 assert_eq!(
                     l4_checksum_error(o),
                     l4_checksum6_error(f),
@@ -741,16 +724,11 @@ impl Checker<'_> {
             );
             let got = Some((o[54], o[55], be32(o, 58)));
             let (ty, code, rest) = (f[34], f[35], be32(f, 38));
-            if got != icmp4_to_6(ty, code, rest, Some(self.consumer_mtu)) {
-                // KNOWN DEVIATION (reported): as above, frag needed's MTU
-                // + 20 is not capped by the links' MTUs (RFC 7915 4.2).
-                assert_eq!(
-                    got,
-                    icmp4_to_6(ty, code, rest, None),
-                    "{what}: ICMP error {ty}/{code} mapped as RFC 7915 4.2"
-                );
-                self.uncapped_mtu(1, what, o);
-            }
+            assert_eq!(
+                got,
+                icmp4_to_6(ty, code, rest, Some(self.consumer_mtu)),
+                "{what}: ICMP error {ty}/{code} mapped as RFC 7915 4.2 (MTU capped by the links')"
+            );
             assert_eq!(
                 l4_checksum6_error(o),
                 l4_checksum_error(f),
@@ -1004,8 +982,6 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         forwarded6: [0; 2],
         advertised: [0; 2],
         translated: [0; 4],
-        uncapped: [0; 2],
-        uncapped_first: [None, None],
     };
     let ifstats0 = b.dp.interface_stats().unwrap();
     let drops0: u64 = b.drops().values().sum();
@@ -1458,13 +1434,6 @@ fn fuzz_in_gateway(spec: &DataplaneSpec, c1: u32, c2: u32, p0: u32, macs: &HashM
         "  NAT64: {:?} translated (IPv6 to IPv4, IPv4 to IPv6; errors the same)",
         model.translated
     );
-    eprintln!(
-        "  NAT64 errors with an MTU the links' do not cap (RFC 7915 deviation): {:?}",
-        model.uncapped
-    );
-    for first in model.uncapped_first.iter().flatten() {
-        eprintln!("    first: {first}");
-    }
     // NAT64 was reached both ways, for packets and for ICMP errors.
     assert!(
         model.translated[..2].iter().all(|&n| n > rounds / 1000),
