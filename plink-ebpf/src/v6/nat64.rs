@@ -462,6 +462,23 @@ fn map_error(ty: u8, code: u8, rest_be: u32) -> Option<(u8, u8, u32)> {
             Some((2, 0, (mtu + GROWTH).to_be()))
         }
         (icmp_type::TIME_EXCEEDED, 0 | 1) => Some((3, code, 0)),
+        // Pointer indicates the error, or bad length: erroneous header
+        // field, the pointer moved to the IPv6 field (RFC 7915 figure 3).
+        (icmp_type::PARAMETER_PROBLEM, 0 | 2) => {
+            let pointer6 = match u32::from_be(rest_be) >> 24 {
+                0 => 0,
+                1 => 1,
+                2 | 3 => 4,
+                8 => 7,
+                9 => 6,
+                12..=15 => 8,
+                16..=19 => 24,
+                // Identification, flags, fragment offset, checksum: no
+                // IPv6 field (RFC 7915: silently dropped).
+                _ => return None,
+            };
+            Some((4, 0, u32::to_be(pointer6)))
+        }
         _ => None,
     }
 }
@@ -701,10 +718,12 @@ fn addr_neg_sum(a: &Addr) -> u32 {
     s
 }
 
-/// RFC 7915 5.2: the ICMP type, code and the MTU (frag needed) of an
-/// ICMPv6 error; `None` for what is not translated.
+/// RFC 7915 5.2: the ICMP type, code and 4-byte rest (host order: its
+/// bytes are `to_be_bytes()`; the MTU of frag needed, the pointer of
+/// parameter problem) of an ICMPv6 error; `None` for what is not
+/// translated.
 #[inline(always)]
-fn map_error6(ty: u8, code: u8, rest_be: u32) -> Option<(u8, u8, u16)> {
+fn map_error6(ty: u8, code: u8, rest_be: u32) -> Option<(u8, u8, u32)> {
     match (ty, code) {
         (1, 0 | 2 | 3) => Some((icmp_type::DEST_UNREACH, 1, 0)),
         (1, 1) => Some((icmp_type::DEST_UNREACH, 10, 0)),
@@ -713,13 +732,25 @@ fn map_error6(ty: u8, code: u8, rest_be: u32) -> Option<(u8, u8, u16)> {
             let mtu = u32::from_be(rest_be)
                 .saturating_sub(GROWTH)
                 .clamp(68, 0xffff);
-            Some((
-                icmp_type::DEST_UNREACH,
-                icmp_type::CODE_FRAG_NEEDED,
-                mtu as u16,
-            ))
+            Some((icmp_type::DEST_UNREACH, icmp_type::CODE_FRAG_NEEDED, mtu))
         }
         (3, 0 | 1) => Some((icmp_type::TIME_EXCEEDED, code, 0)),
+        // Erroneous header field: the pointer moved to the IPv4 field
+        // (RFC 7915 figure 6), in the rest's first byte.
+        (4, 0) => {
+            let pointer4: u32 = match u32::from_be(rest_be) {
+                0 => 0,
+                1 => 1,
+                4 | 5 => 2,
+                6 => 9,
+                7 => 8,
+                8..=23 => 12,
+                24..=39 => 16,
+                // The flow label, or past the header: no IPv4 field.
+                _ => return None,
+            };
+            Some((icmp_type::PARAMETER_PROBLEM, 0, pointer4 << 24))
+        }
         // Unrecognised next header: protocol unreachable.
         (4, 1) => Some((icmp_type::DEST_UNREACH, 2, 0)),
         _ => None,
@@ -779,22 +810,22 @@ pub fn consumer_error(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReaso
     if hop <= 1 {
         return Err((DropReason::TtlExceeded, ep));
     }
-    let Some((ty4, code4, mtu4)) = map_error6(ty, code, rest) else {
+    let Some((ty4, code4, rest4)) = map_error6(ty, code, rest) else {
         return Err(unsupported);
     };
     // RFC 7915 5.2: frag needed carries the smallest of the ICMPv6 MTU
     // - 20, the provider link's MTU and the consumer link's MTU - 20.
-    let mtu4 = if code4 == icmp_type::CODE_FRAG_NEEDED && ty4 == icmp_type::DEST_UNREACH {
-        let mut mtu = mtu4 as u32;
+    let rest4 = if code4 == icmp_type::CODE_FRAG_NEEDED && ty4 == icmp_type::DEST_UNREACH {
+        let mut mtu = rest4;
         if let Some(m) = crate::mss::device_mtu(ctx, g.provider_ifindex) {
             mtu = mtu.min(m);
         }
         if let Some(m) = crate::mss::device_mtu(ctx, 0) {
             mtu = mtu.min(m.saturating_sub(GROWTH));
         }
-        mtu.max(68) as u16
+        mtu.max(68)
     } else {
-        mtu4
+        rest4
     };
     let (nat, backend) = (v.nat_addr_be[0], v.backend_addr_be[0]);
     let (nat_port, backend_port) = (v.nat_port_be, v.backend_port_be);
@@ -836,7 +867,8 @@ pub fn consumer_error(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReaso
     sum += (!(plen6 as u16).to_be()) as u32 + (!u16::from_ne_bytes([0, IPPROTO_ICMPV6])) as u32;
     sum += (!u16::from_ne_bytes([ty, code])) as u32 + u16::from_ne_bytes([ty4, code4]) as u32;
     sum += (!(rest as u16)) as u32 + (!((rest >> 16) as u16)) as u32;
-    sum += mtu4.to_be() as u32;
+    let rest4 = rest4.to_be();
+    sum += (rest4 & 0xffff) + (rest4 >> 16);
     for w in q_head {
         sum += (!w) as u32;
     }
@@ -855,7 +887,7 @@ pub fn consumer_error(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReaso
     let p = p.cast::<u8>();
     let tot4 = (plen6 as u16).to_be_bytes();
     let qlen4 = q_plen.wrapping_add(p4::IP_LEN as u16).to_be_bytes();
-    let mtu = mtu4.to_be_bytes();
+    let r = rest4.to_ne_bytes();
     // SAFETY: every offset is inside the checked IN_L4_4 + 4 bytes.
     unsafe {
         p.add(12).cast::<[u8; 2]>().write_unaligned([0x08, 0x00]);
@@ -878,7 +910,7 @@ pub fn consumer_error(ctx: &XdpContext, tot_len: usize) -> Result<(), (DropReaso
         p.add(IP_OFF + 16).cast::<u32>().write_unaligned(backend);
         p.add(OUT_ICMP)
             .cast::<[u8; 8]>()
-            .write_unaligned([ty4, code4, 0, 0, 0, 0, mtu[0], mtu[1]]);
+            .write_unaligned([ty4, code4, 0, 0, r[0], r[1], r[2], r[3]]);
         p.add(IN_IP4).cast::<[u8; 12]>().write_unaligned([
             0x45, q_tos, qlen4[0], qlen4[1], 0, 0, 0x40, 0, q_hop, q_proto, 0, 0,
         ]);

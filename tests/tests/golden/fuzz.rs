@@ -275,9 +275,8 @@ const PROVIDER_MTU: u32 = 1500;
 
 /// RFC 7915 4.2: the ICMPv6 error (type, code, 4-byte rest) an ICMP error
 /// about a NAT64 flow's packet becomes; None where it is dropped (unknown
-/// codes, a frag needed without MTU; parameter problem, whose pointer
-/// mapping the datapath does not do: were one translated, this table would
-/// need it). Packet Too Big carries the advertised MTU + 20, no more than
+/// codes, a frag needed without MTU, a parameter problem pointing at a
+/// field IPv6 does not have). Packet Too Big carries the advertised MTU + 20, no more than
 /// the IPv6 next hop's MTU (`mtu6`) or the IPv4 one's + 20 (without
 /// `mtu6`: uncapped).
 fn icmp4_to_6(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8, u32)> {
@@ -296,13 +295,29 @@ fn icmp4_to_6(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8,
             (2, 0, mtu)
         }
         (ICMP_TIME_EXCEEDED, 0 | 1) => (3, code, 0),
+        // Parameter problem (pointer, bad length): erroneous header field
+        // at the IPv6 field the pointer moves to (RFC 7915 figure 3).
+        (12, 0 | 2) => {
+            let pointer = match rest >> 24 {
+                0 => 0,
+                1 => 1,
+                2 | 3 => 4,
+                8 => 7,
+                9 => 6,
+                12..=15 => 8,
+                16..=19 => 24,
+                _ => return None,
+            };
+            (4, 0, pointer)
+        }
         _ => return None,
     })
 }
 
 /// RFC 7915 5.2: the ICMP error (type, code, 4-byte rest) an ICMPv6 error
-/// about a NAT64 flow's reply becomes; None where it is dropped (parameter
-/// problem but for an unrecognised next header: as in [`icmp4_to_6`]).
+/// about a NAT64 flow's reply becomes; None where it is dropped (a
+/// parameter problem pointing at a field IPv4 does not have, or of another
+/// code than 0 and 1).
 /// Frag needed carries the advertised MTU - 20, no more than the IPv4 next
 /// hop's MTU or the IPv6 one's (`mtu6`) - 20 (without `mtu6`: no more than
 /// its 16 bits hold), and no less than IPv4's
@@ -322,6 +337,21 @@ fn icmp6_to_4(ty: u8, code: u8, rest: u32, mtu6: Option<u32>) -> Option<(u8, u8,
             (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)
         }
         (3, 0 | 1) => (ICMP_TIME_EXCEEDED, code, 0),
+        // Erroneous header field: the pointer moves to the IPv4 field
+        // (RFC 7915 figure 6), in the first byte.
+        (4, 0) => {
+            let pointer: u32 = match rest {
+                0 => 0,
+                1 => 1,
+                4 | 5 => 2,
+                6 => 9,
+                7 => 8,
+                8..=23 => 12,
+                24..=39 => 16,
+                _ => return None,
+            };
+            (12, 0, pointer << 24)
+        }
         (4, 1) => (ICMP_DEST_UNREACH, 2, 0),
         _ => return None,
     })

@@ -256,9 +256,15 @@ fn golden_nat64_tcp_udp_and_echo() {
                 error4_out(11, 0, 0, 28),
             ),
             consumer(
-                "parameter problem (erroneous header, not translated): icmp_unsupported",
+                "parameter problem at the source address: at IPv4's (RFC 7915 figure 6)",
                 n.c1,
                 error6_in(4, 0, 8, 48),
+                error4_out(12, 0, 12 << 24, 28),
+            ),
+            consumer(
+                "parameter problem at the flow label (no IPv4 field): icmp_unsupported",
+                n.c1,
+                error6_in(4, 0, 2, 48),
                 Want::Drop(DropReason::IcmpUnsupported),
             ),
             consumer(
@@ -337,15 +343,21 @@ fn golden_nat64_tcp_udp_and_echo() {
                 error6(3, 0, 0, 48),
             ),
             provider(
-                "parameter problem (no RFC 7915 mapping here): icmp_unsupported",
+                "parameter problem at the protocol byte: at the next header (RFC 7915 figure 3)",
                 n.p0,
-                error4(12, 0, 0, 28),
+                error4(12, 0, 9 << 24, 28),
+                error6(4, 0, 6, 48),
+            ),
+            provider(
+                "parameter problem at the identification (no IPv6 field): icmp_unsupported",
+                n.p0,
+                error4(12, 0, 4 << 24, 28),
                 Want::Drop(DropReason::IcmpUnsupported),
             ),
-            // SYN, data, echo request and the three translated errors.
-            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsIn), 6),
-            // SYN-ACK, reply data, echo reply and the three translated errors.
-            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsOut), 6),
+            // SYN, data, echo request and the four translated errors.
+            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsIn), 7),
+            // SYN-ACK, reply data, echo reply and the four translated errors.
+            Step::count(Counter::Endpoint(EP_ID_TCP64, Field::PacketsOut), 7),
             Step::count(Counter::Endpoint(EP_ID_UDP64, Field::PacketsOut), 1),
         ]);
     });
