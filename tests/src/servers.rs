@@ -124,6 +124,12 @@ fn serve_tcp(stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
         .unwrap_or(0);
     let mut stream = stream;
     stream.write_all(format!("peer={peer} local={local}\n").as_bytes())?;
+    send_pattern(&mut stream, n)
+}
+
+/// Writes `n` pattern bytes ([`pattern_byte`]) to `stream` and closes its
+/// write side: the body every GET answer carries.
+pub fn send_pattern(stream: &mut TcpStream, n: usize) -> std::io::Result<()> {
     let mut chunk = vec![0u8; 64 * 1024];
     let mut sent = 0;
     while sent < n {

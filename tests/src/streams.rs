@@ -100,17 +100,7 @@ fn serve(stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
         return stream.write_all(format!("got {got}\n").as_bytes());
     }
     stream.write_all(format!("peer={peer} local={local}\n").as_bytes())?;
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut sent = 0;
-    while sent < n {
-        let len = chunk.len().min(n - sent);
-        for (i, b) in chunk[..len].iter_mut().enumerate() {
-            *b = pattern_byte(sent + i);
-        }
-        stream.write_all(&chunk[..len])?;
-        sent += len;
-    }
-    stream.shutdown(std::net::Shutdown::Write)
+    crate::servers::send_pattern(&mut stream, n)
 }
 
 /// What a download saw: the backend's view of the client (`peer`), which
