@@ -9,6 +9,7 @@
 pub mod fleet;
 pub mod gateway;
 pub mod golden;
+pub mod logs;
 pub mod netns;
 pub mod packet;
 pub mod privatelink;

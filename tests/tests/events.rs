@@ -59,11 +59,8 @@ fn check_envelope(v: &Value) -> anyhow::Result<()> {
 }
 
 fn read_log(path: &Path) -> anyhow::Result<Vec<Value>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse_records(&text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
-    }
+    let lines = plink_tests::logs::read_complete_lines(path)?;
+    parse_records(&lines.join("\n"))
 }
 
 fn is(v: &Value, kind: &str, subject: &str) -> bool {

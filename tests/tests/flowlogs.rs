@@ -33,9 +33,9 @@ fn require_nfdump() {
 }
 
 fn read_json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
+    plink_tests::logs::read_complete_lines(path)
         .unwrap_or_default()
-        .lines()
+        .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
         .collect()
 }
