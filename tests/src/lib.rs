@@ -7,6 +7,7 @@
 //! - [`fleet`]: several gateways behind an ECMP router, announced by FRR.
 
 pub mod fleet;
+pub mod flowlogs;
 pub mod gateway;
 pub mod golden;
 pub mod logs;

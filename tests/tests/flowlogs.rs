@@ -5,9 +5,10 @@
 //! lines file; a flood of new flows beyond a small ring counts the records
 //! it lost and forwards every packet.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, path::Path, process::Command, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use plink_tests::{
+    flowlogs::{Collector, read_json_lines, u},
     gateway::Gateway,
     netns::{self, wait_for},
     packet::Ipv4Packet,
@@ -19,78 +20,18 @@ use serde_json::Value;
 const COLLECTOR: &str = "198.51.100.10";
 const COLLECTOR_PORT: u16 = 4739;
 
-fn require_nfdump() {
-    for tool in ["nfcapd", "nfdump"] {
-        assert!(
-            Command::new("which")
-                .arg(tool)
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false),
-            "`{tool}` is missing: run `cargo xtask setup` (installs Debian's nfdump)"
-        );
-    }
-}
-
-fn read_json_lines(path: &Path) -> Vec<Value> {
-    plink_tests::logs::read_complete_lines(path)
-        .unwrap_or_default()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
-}
-
-/// nfdump's JSON output (1.7: one object per flow, in an array).
-fn nfdump_records(dir: &Path) -> Vec<Value> {
-    let out = Command::new("nfdump")
-        .args(["-R"])
-        .arg(dir)
-        .args(["-o", "json"])
-        .output()
-        .expect("running nfdump");
-    assert!(
-        out.status.success(),
-        "nfdump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("nfdump -o json printed no JSON ({e}): {text}"));
-    v.as_array().cloned().unwrap_or_default()
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-        .unwrap_or(0)
-}
-
 #[test]
 fn flows_reach_nfcapd_with_their_nat_mapping_and_byte_counts() {
     netns::require_root_and_tools();
-    require_nfdump();
     let mut net = PrivateLink::build().unwrap();
-    let store = net.topo.scratch_dir().unwrap().join("nfcapd");
-    std::fs::create_dir_all(&store).unwrap();
     let json = net.topo.scratch_dir().unwrap().join("flows.jsonl");
     let provider = net.provider.clone();
-    let collector = net
-        .topo
-        .spawn(
-            &provider,
-            "nfcapd",
-            &[
-                "-w",
-                store.to_str().unwrap(),
-                "-b",
-                COLLECTOR,
-                "-p",
-                &COLLECTOR_PORT.to_string(),
-                "-t",
-                "3600",
-            ],
-        )
-        .unwrap();
+    let collector = Collector::start(
+        &mut net.topo,
+        &provider,
+        format!("{COLLECTOR}:{COLLECTOR_PORT}").parse().unwrap(),
+    )
+    .unwrap();
     let plink = net
         .start_plink_with(&pl::Options {
             gateway_extra: format!(
@@ -197,13 +138,7 @@ fn flows_reach_nfcapd_with_their_nat_mapping_and_byte_counts() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let out = net.topo.stop(collector).unwrap();
-    let stored = nfdump_records(&store);
-    assert!(
-        !stored.is_empty(),
-        "nfcapd stored nothing; its stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stored = collector.stop(&mut net.topo).unwrap();
     eprintln!("first nfdump record: {}", stored[0]);
     let ends_json: BTreeMap<(String, u16), &Value> = ends
         .iter()

@@ -835,14 +835,14 @@ fn services(cfg: &Config, p: &mut Problems) {
         if s.flow_logs.is_some() && family == Family::Ipv6 {
             p.push(
                 format!("{path}.flow_logs"),
-                "flow logs are not supported on an IPv6 service yet (the records and the IPFIX template carry IPv4 addresses): remove flow_logs from this service",
+                "flow logs are not supported on an IPv6 service yet (the IPv6 records are not yet checked end to end against a collector): remove flow_logs from this service",
             );
         }
         if let (Some(_), Some(e)) = (s.flow_logs, &nat64) {
             p.push(
                 format!("{path}.flow_logs"),
                 format!(
-                    "flow logs are not supported through NAT64 yet, and {e} (the IPv6 datapath logs no flows, the IPFIX template carries IPv4 addresses): remove flow_logs from this service, or the endpoint's IPv6 address"
+                    "flow logs are not supported through NAT64 yet, and {e} (the IPv6 records are not yet checked end to end against a collector): remove flow_logs from this service, or the endpoint's IPv6 address"
                 ),
             );
         }

@@ -1,22 +1,35 @@
-//! IPFIX (RFC 7011) encoding of flow records: one template of IANA
-//! information elements, including the NAT ones of RFC 8158, chosen among
-//! those nfdump's `nfcapd` (1.7) stores: postNATSourceIPv4Address (225) and
-//! postNAPTSourceTransportPort (227) as its "xlate src", 226 / 228 as
-//! "xlate dst", natEvent (230), octet and packet delta counts each way
-//! (1 / 2 in, 23 / 24 out), flowStart/EndMilliseconds, flowEndReason and
-//! ingressVRFID (the consumer network id).
+//! IPFIX (RFC 7011) encoding of flow records: three templates of IANA
+//! information elements, one per address-family pair, including the NAT
+//! ones of RFC 8158 that nfdump's `nfcapd` (1.7) stores:
+//! postNATSourceIPv4Address (225) and postNAPTSourceTransportPort (227) as
+//! its "xlate src", 226 / 228 as "xlate dst", natEvent (230), octet and
+//! packet delta counts each way (1 / 2 in, 23 / 24 out),
+//! flowStart/EndMilliseconds, flowEndReason and ingressVRFID (the
+//! consumer network id). NAT66 records carry the IPv6 post-NAT elements
+//! (281 / 282), which nfcapd 1.7 does not store (it keeps the rest).
+use std::net::{IpAddr, SocketAddr};
+
 use super::{FlowEvent, FlowKind};
 
-/// Template id of plink's flow records (data set id).
+/// Template (data set) id of IPv4 flows (NAT44).
 pub const TEMPLATE_ID: u16 = 256;
+/// Template id of IPv6 flows to IPv6 backends (NAT66).
+pub const TEMPLATE_ID_NAT66: u16 = 257;
+/// Template id of IPv6 flows to IPv4 backends (NAT64).
+pub const TEMPLATE_ID_NAT64: u16 = 258;
 /// Largest message: fits a 1500-byte MTU with IPv4 and UDP headers.
 pub const DEFAULT_MTU: usize = 1400;
 const MESSAGE_HEADER: usize = 16;
 const SET_HEADER: usize = 4;
 
-/// natEvent values (IANA "natEvent" registry, RFC 8158).
+/// natEvent values (IANA "natEvent" registry, RFC 8158). The registry has
+/// no NAT66 session events: NAT66 flows use the generic create / delete.
+pub const NAT_CREATE: u8 = 1;
+pub const NAT_DELETE: u8 = 2;
 pub const NAT44_SESSION_CREATE: u8 = 4;
 pub const NAT44_SESSION_DELETE: u8 = 5;
+pub const NAT64_SESSION_CREATE: u8 = 6;
+pub const NAT64_SESSION_DELETE: u8 = 7;
 
 /// flowEndReason values (IANA).
 pub mod end_reason {
@@ -25,7 +38,7 @@ pub mod end_reason {
     pub const FORCED_END: u8 = 4;
 }
 
-/// The template's fields: (information element id, length).
+/// The IPv4 template's fields: (information element id, length).
 pub const FIELDS: &[(u16, u16)] = &[
     (8, 4),   // sourceIPv4Address: the client
     (7, 2),   // sourceTransportPort
@@ -48,7 +61,86 @@ pub const FIELDS: &[(u16, u16)] = &[
     (323, 8), // observationTimeMilliseconds: when the event happened
 ];
 
-/// Bytes of one data record.
+/// NAT66: the IPv4 template with IPv6 addresses on both sides.
+pub const FIELDS_NAT66: &[(u16, u16)] = &with_addresses(16, 16);
+/// NAT64: IPv6 consumer side, IPv4 NAT address and backend.
+pub const FIELDS_NAT64: &[(u16, u16)] = &with_addresses(16, 4);
+
+/// [`FIELDS`] with the consumer-side addresses `pre` bytes long and the
+/// provider-side ones `post` bytes (16: the IPv6 elements).
+const fn with_addresses(pre: u16, post: u16) -> [(u16, u16); FIELDS.len()] {
+    let mut f = [(0u16, 0u16); FIELDS.len()];
+    let mut i = 0;
+    while i < FIELDS.len() {
+        f[i] = match (FIELDS[i].0, pre, post) {
+            (8, 16, _) => (27, 16),    // sourceIPv6Address
+            (12, 16, _) => (28, 16),   // destinationIPv6Address
+            (225, _, 16) => (281, 16), // postNATSourceIPv6Address
+            (226, _, 16) => (282, 16), // postNATDestinationIPv6Address
+            _ => FIELDS[i],
+        };
+        i += 1;
+    }
+    f
+}
+
+/// One of the three templates, picked by a record's address families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Template {
+    Nat44,
+    Nat66,
+    Nat64,
+}
+
+impl Template {
+    pub const ALL: [Template; 3] = [Template::Nat44, Template::Nat66, Template::Nat64];
+
+    pub fn of(r: &FlowEvent) -> Self {
+        match (r.client, r.backend) {
+            (SocketAddr::V4(_), _) => Template::Nat44,
+            (SocketAddr::V6(_), SocketAddr::V6(_)) => Template::Nat66,
+            (SocketAddr::V6(_), SocketAddr::V4(_)) => Template::Nat64,
+        }
+    }
+
+    pub fn id(self) -> u16 {
+        match self {
+            Template::Nat44 => TEMPLATE_ID,
+            Template::Nat66 => TEMPLATE_ID_NAT66,
+            Template::Nat64 => TEMPLATE_ID_NAT64,
+        }
+    }
+
+    pub fn from_id(id: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.id() == id)
+    }
+
+    pub fn fields(self) -> &'static [(u16, u16)] {
+        match self {
+            Template::Nat44 => FIELDS,
+            Template::Nat66 => FIELDS_NAT66,
+            Template::Nat64 => FIELDS_NAT64,
+        }
+    }
+
+    /// Bytes of one data record.
+    pub fn record_len(self) -> usize {
+        self.fields().iter().map(|(_, l)| usize::from(*l)).sum()
+    }
+
+    fn nat_event(self, kind: FlowKind) -> u8 {
+        match (self, kind) {
+            (Template::Nat44, FlowKind::Start) => NAT44_SESSION_CREATE,
+            (Template::Nat44, FlowKind::End) => NAT44_SESSION_DELETE,
+            (Template::Nat66, FlowKind::Start) => NAT_CREATE,
+            (Template::Nat66, FlowKind::End) => NAT_DELETE,
+            (Template::Nat64, FlowKind::Start) => NAT64_SESSION_CREATE,
+            (Template::Nat64, FlowKind::End) => NAT64_SESSION_DELETE,
+        }
+    }
+}
+
+/// Bytes of one IPv4 data record.
 pub const RECORD_LEN: usize = {
     let mut n = 0;
     let mut i = 0;
@@ -84,17 +176,23 @@ impl Encoder {
         }
     }
 
-    /// The template set (set id 2) with plink's one template.
+    /// The template set (set id 2) with plink's three templates.
     pub fn template_set() -> Vec<u8> {
-        let mut b = Vec::with_capacity(SET_HEADER + 4 + FIELDS.len() * 4);
-        let len = SET_HEADER + 4 + FIELDS.len() * 4;
+        let len = SET_HEADER
+            + Template::ALL
+                .iter()
+                .map(|t| 4 + t.fields().len() * 4)
+                .sum::<usize>();
+        let mut b = Vec::with_capacity(len);
         b.extend_from_slice(&2u16.to_be_bytes());
         b.extend_from_slice(&(len as u16).to_be_bytes());
-        b.extend_from_slice(&TEMPLATE_ID.to_be_bytes());
-        b.extend_from_slice(&(FIELDS.len() as u16).to_be_bytes());
-        for (id, l) in FIELDS {
-            b.extend_from_slice(&id.to_be_bytes());
-            b.extend_from_slice(&l.to_be_bytes());
+        for t in Template::ALL {
+            b.extend_from_slice(&t.id().to_be_bytes());
+            b.extend_from_slice(&(t.fields().len() as u16).to_be_bytes());
+            for (id, l) in t.fields() {
+                b.extend_from_slice(&id.to_be_bytes());
+                b.extend_from_slice(&l.to_be_bytes());
+            }
         }
         b
     }
@@ -113,52 +211,63 @@ impl Encoder {
         }
         let mut rest = records;
         while !rest.is_empty() || template.is_some() {
-            let t = template.take().unwrap_or_default();
-            let room = self
-                .mtu
-                .saturating_sub(MESSAGE_HEADER + t.len() + SET_HEADER);
-            let n = (room / RECORD_LEN).max(1).min(rest.len());
-            let (now, later) = rest.split_at(n);
-            rest = later;
             let mut m = Vec::with_capacity(self.mtu);
             m.extend_from_slice(&10u16.to_be_bytes());
             m.extend_from_slice(&0u16.to_be_bytes()); // length, below
             m.extend_from_slice(&now_secs.to_be_bytes());
             m.extend_from_slice(&self.sequence.to_be_bytes());
             m.extend_from_slice(&self.domain.to_be_bytes());
-            m.extend_from_slice(&t);
-            if !now.is_empty() {
-                let len = SET_HEADER + now.len() * RECORD_LEN;
-                m.extend_from_slice(&TEMPLATE_ID.to_be_bytes());
+            debug_assert_eq!(m.len(), MESSAGE_HEADER);
+            m.extend_from_slice(&template.take().unwrap_or_default());
+            let mut sent = 0;
+            // One data set per run of records of the same template, while
+            // the message has room (at least one record per message).
+            while let Some(first) = rest.first() {
+                let t = Template::of(first);
+                let run = rest.iter().take_while(|r| Template::of(r) == t).count();
+                let room = self.mtu.saturating_sub(m.len() + SET_HEADER) / t.record_len();
+                let n = if sent == 0 { room.max(1) } else { room }.min(run);
+                if n == 0 {
+                    break;
+                }
+                let (now, later) = rest.split_at(n);
+                rest = later;
+                let len = SET_HEADER + n * t.record_len();
+                m.extend_from_slice(&t.id().to_be_bytes());
                 m.extend_from_slice(&(len as u16).to_be_bytes());
                 for r in now {
-                    data_record(&mut m, r);
+                    data_record(&mut m, t, r);
                 }
+                sent += n;
             }
             let len = m.len() as u16;
             m[2..4].copy_from_slice(&len.to_be_bytes());
-            self.sequence = self.sequence.wrapping_add(now.len() as u32);
+            self.sequence = self.sequence.wrapping_add(sent as u32);
             out.push(m);
         }
         out
     }
 }
 
-fn data_record(m: &mut Vec<u8>, r: &FlowEvent) {
+fn put_addr(m: &mut Vec<u8>, a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => m.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => m.extend_from_slice(&a.octets()),
+    }
+}
+
+fn data_record(m: &mut Vec<u8>, t: Template, r: &FlowEvent) {
     let start = m.len();
-    m.extend_from_slice(&r.client.ip().octets());
+    put_addr(m, r.client.ip());
     m.extend_from_slice(&r.client.port().to_be_bytes());
-    m.extend_from_slice(&r.endpoint.ip().octets());
+    put_addr(m, r.endpoint.ip());
     m.extend_from_slice(&r.endpoint.port().to_be_bytes());
     m.push(r.proto);
-    m.extend_from_slice(&r.nat.ip().octets());
+    put_addr(m, r.nat.ip());
     m.extend_from_slice(&r.nat.port().to_be_bytes());
-    m.extend_from_slice(&r.backend.ip().octets());
+    put_addr(m, r.backend.ip());
     m.extend_from_slice(&r.backend.port().to_be_bytes());
-    m.push(match r.kind {
-        FlowKind::Start => NAT44_SESSION_CREATE,
-        FlowKind::End => NAT44_SESSION_DELETE,
-    });
+    m.push(t.nat_event(r.kind));
     m.extend_from_slice(&r.network_id.to_be_bytes());
     m.extend_from_slice(&r.start_ms.to_be_bytes());
     m.extend_from_slice(&r.end_ms.to_be_bytes());
@@ -168,7 +277,7 @@ fn data_record(m: &mut Vec<u8>, r: &FlowEvent) {
     m.extend_from_slice(&r.packets_out.to_be_bytes());
     m.push(r.reason.map_or(0, |x| x.ipfix()));
     m.extend_from_slice(&r.time_ms.to_be_bytes());
-    debug_assert_eq!(m.len() - start, RECORD_LEN);
+    debug_assert_eq!(m.len() - start, t.record_len());
 }
 
 #[cfg(test)]

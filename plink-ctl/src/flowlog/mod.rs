@@ -8,7 +8,7 @@ pub mod ipfix;
 use std::{
     collections::HashMap,
     io::Write,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     sync::{
@@ -77,10 +77,12 @@ pub struct FlowEvent {
     pub network_id: u32,
     pub endpoint_id: u32,
     pub service_id: u32,
-    pub client: SocketAddrV4,
-    pub endpoint: SocketAddrV4,
-    pub nat: SocketAddrV4,
-    pub backend: SocketAddrV4,
+    /// Client and endpoint address: IPv4 or IPv6 (the consumer's family).
+    pub client: SocketAddr,
+    pub endpoint: SocketAddr,
+    /// NAT address and backend: the service's family (IPv4 for NAT64).
+    pub nat: SocketAddr,
+    pub backend: SocketAddr,
     /// When the flow opened (the end's start, if this controller saw it).
     pub start_ms: u64,
     /// Its last packet (end), or its first (start).
@@ -93,12 +95,8 @@ pub struct FlowEvent {
     pub bytes_out: u64,
 }
 
-fn v4(a: &plink_common::Addr) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from_be(a[0]))
-}
-
-fn sa(a: &plink_common::Addr, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(v4(a), u16::from_be(port_be))
+fn sa(a: &plink_common::Addr, port_be: u16) -> SocketAddr {
+    SocketAddr::new(crate::dataplane::spec::ip_of(a), u16::from_be(port_be))
 }
 
 /// CLOCK_MONOTONIC nanoseconds → UNIX milliseconds, given both clocks now.
@@ -340,8 +338,8 @@ fn records_in(m: &[u8]) -> u64 {
         if len < 4 {
             break;
         }
-        if id == ipfix::TEMPLATE_ID {
-            n += ((len - 4) / ipfix::RECORD_LEN) as u64;
+        if let Some(t) = ipfix::Template::from_id(id) {
+            n += ((len - 4) / t.record_len()) as u64;
         }
         at += len;
     }
@@ -404,6 +402,7 @@ fn json_line(r: &FlowEvent) -> JsonLine<'_> {
             6 => "tcp",
             17 => "udp",
             1 => "icmp",
+            58 => "icmpv6",
             _ => "other",
         },
         network_id: r.network_id,
@@ -423,7 +422,7 @@ fn json_line(r: &FlowEvent) -> JsonLine<'_> {
 }
 
 /// Flow identity for matching an end record with its start.
-type FlowId = (u32, SocketAddrV4, SocketAddrV4, u8);
+type FlowId = (u32, SocketAddr, SocketAddr, u8);
 
 fn id(r: &FlowEvent) -> FlowId {
     (r.network_id, r.client, r.endpoint, r.proto)
