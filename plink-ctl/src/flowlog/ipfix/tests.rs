@@ -34,6 +34,28 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
+/// Checks each message: within the MTU, sets that tile it exactly, data
+/// sets of whole records, and a sequence number counting the data records
+/// of the messages before. Returns the data records of all of them.
+fn check_messages(msgs: &[Vec<u8>]) -> u32 {
+    let mut seen = 0u32;
+    for m in msgs {
+        assert!(m.len() <= DEFAULT_MTU, "{} bytes", m.len());
+        assert_eq!(u32_at(m, 8), seen, "sequence = data records before");
+        let mut at = 16;
+        while at < m.len() {
+            let (id, len) = (u16_at(m, at), u16_at(m, at + 2) as usize);
+            if let Some(t) = Template::from_id(id) {
+                assert_eq!((len - 4) % t.record_len(), 0);
+                seen += ((len - 4) / t.record_len()) as u32;
+            }
+            at += len;
+        }
+        assert_eq!(at, m.len());
+    }
+    seen
+}
+
 #[test]
 fn record_length_is_the_sum_of_the_template_fields() {
     assert_eq!(RECORD_LEN, 87);
@@ -121,22 +143,7 @@ fn messages_fit_the_mtu_and_sequence_numbers_count_data_records() {
     let recs: Vec<FlowEvent> = (0..100).map(|i| event(i, FlowKind::Start)).collect();
     let msgs = e.encode(100, &recs);
     assert!(msgs.len() > 1);
-    let mut seen = 0u32;
-    for m in &msgs {
-        assert!(m.len() <= DEFAULT_MTU, "{} bytes", m.len());
-        assert_eq!(u32_at(m, 8), seen, "sequence = data records before");
-        let mut at = 16;
-        while at < m.len() {
-            let (id, len) = (u16_at(m, at), u16_at(m, at + 2) as usize);
-            if id == TEMPLATE_ID {
-                assert_eq!((len - 4) % RECORD_LEN, 0);
-                seen += ((len - 4) / RECORD_LEN) as u32;
-            }
-            at += len;
-        }
-        assert_eq!(at, m.len());
-    }
-    assert_eq!(seen, 100);
+    assert_eq!(check_messages(&msgs), 100);
     // The next message goes on from there, without the template (not due).
     let next = e.encode(130, &recs[..1]);
     assert_eq!(u32_at(&next[0], 8), 100);
@@ -231,20 +238,5 @@ fn mixed_families_fit_the_mtu_and_count_every_record() {
         .collect();
     let mut e = Encoder::new(1);
     let msgs = e.encode(100, &recs);
-    let mut seen = 0u32;
-    for m in &msgs {
-        assert!(m.len() <= DEFAULT_MTU, "{} bytes", m.len());
-        assert_eq!(u32_at(m, 8), seen, "sequence = data records before");
-        let mut at = 16;
-        while at < m.len() {
-            let (id, len) = (u16_at(m, at), u16_at(m, at + 2) as usize);
-            if let Some(t) = Template::from_id(id) {
-                assert_eq!((len - 4) % t.record_len(), 0);
-                seen += ((len - 4) / t.record_len()) as u32;
-            }
-            at += len;
-        }
-        assert_eq!(at, m.len());
-    }
-    assert_eq!(seen, 90);
+    assert_eq!(check_messages(&msgs), 90);
 }
